@@ -1,0 +1,5 @@
+import sys
+
+from alignpipe.cli import main
+
+sys.exit(main())

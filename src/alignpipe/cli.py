@@ -1,0 +1,108 @@
+"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.runner.execute`), plus `data build`
+and `pipeline compile|run|submit`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Sequence
+
+from alignpipe.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
+from alignpipe.errors import AlignpipeError
+from alignpipe.stages import available_stages, config_classes, load_stage
+
+
+def _config_epilog(cfg_cls) -> str:
+    lines = [f"config keys (params section '{cfg_cls.SECTION}', override with --set {cfg_cls.SECTION}.KEY=VALUE):"]
+    for f in dataclasses.fields(cfg_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _add_common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML file (default: %(default)s)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one params value (repeatable)")
+    p.add_argument("--out", default=out_default, help="output directory (default: %(default)s)")
+
+
+def _add_stage_parser(sub, name: str, help_text: str, out_default: str, command: str | None = None):
+    stage = load_stage(name)
+    p = sub.add_parser(command or name, help=help_text, description=(stage.__doc__ or help_text).strip(),
+                       epilog=_config_epilog(stage.Config), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p, out_default)
+    for spec in stage.INPUTS:
+        flag = "--" + spec.name.replace("_", "-")
+        p.add_argument(flag, dest=f"input_{spec.name}", default=spec.default,
+                       help=f"{spec.help} (default: %(default)s)")
+    if any(f.name == "resume" for f in dataclasses.fields(stage.Config)):
+        p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+    p.set_defaults(stage=name)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignpipe", description="Align language models with preferences: "
+                                     "data -> validate -> pretrain -> label -> reward -> dpo/ppo -> evaluate -> "
+                                     "export -> register.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="build the default PEP8 dataset")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    _add_stage_parser(data_sub, "data", "build data/ from the running interpreter's standard library", "data",
+                      command="build")
+
+    for name in available_stages():
+        doc = (load_stage(name).__doc__ or name).strip().splitlines()[0]
+        _add_stage_parser(sub, name, doc, f"artifacts/{name}")
+
+    from alignpipe.pipeline_cli import add_pipeline_parser
+
+    add_pipeline_parser(sub)
+    return parser
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    from alignpipe.runner import execute
+
+    known = config_classes()
+    params = apply_overrides(load_params(args.params), args.sets, known)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        print(f"alignpipe: note: {args.params}: section(s) {', '.join(unknown)} have no stage here; ignored",
+              file=sys.stderr)
+    section = params.get(args.stage, {})
+    if getattr(args, "resume", False):
+        section = {**section, "resume": True}
+    cfg = build_config(known[args.stage], {**params, args.stage: section})
+    inputs = {k[len("input_"):]: v for k, v in vars(args).items() if k.startswith("input_")}
+    metrics = execute(args.stage, cfg, inputs, args.out)
+    width = max((len(k) for k in metrics), default=0)
+    print(f"{args.stage}: wrote {args.out}/")
+    for k, v in metrics.items():
+        print(f"  {k:<{width}}  {v:.6g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pipeline":
+            return args.func(args)
+        return run_stage(args)
+    except AlignpipeError as e:
+        print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("alignpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

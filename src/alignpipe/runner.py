@@ -1,0 +1,68 @@
+"""Run one stage: check its inputs, open its MLflow run, call `run`, write metrics.json, publish atomically.
+
+The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
+everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
+stage succeeded: a failed stage leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from alignpipe import tracking
+from alignpipe.config import StageConfig
+from alignpipe.errors import DataError
+from alignpipe.io import clean_metrics, write_json
+from alignpipe.stages import load_stage
+
+
+def resolve_inputs(name: str, given: dict[str, Any]) -> dict[str, Path | None]:
+    """Fill defaults for missing inputs and check that required ones exist."""
+    stage = load_stage(name)
+    resolved: dict[str, Path | None] = {}
+    for spec in stage.INPUTS:
+        value = given.get(spec.name, spec.default)
+        path = Path(value) if value not in (None, "") else None
+        if path is not None and not path.exists():
+            if spec.required:
+                raise DataError(str(path), f"input --{spec.name.replace('_', '-')} not found ({spec.help})")
+            path = None
+        if path is None and spec.required:
+            raise DataError(f"--{spec.name.replace('_', '-')}", f"required input missing ({spec.help})")
+        resolved[spec.name] = path
+    return resolved
+
+
+def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | Path) -> dict[str, float]:
+    """Run stage `name` with `cfg` on `inputs`, publishing to `out_dir`; returns its metrics."""
+    stage = load_stage(name)
+    resolved = resolve_inputs(name, inputs)
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    start = time.perf_counter()
+    try:
+        with tracking.stage_run(name, cfg.to_dict()):
+            metrics = dict(stage.run(cfg, resolved, staging))
+            if "seconds" in stage.METRICS:
+                metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
+            metrics = clean_metrics(metrics)
+            missing = [k for k in stage.METRICS if k not in metrics]
+            if missing:
+                raise RuntimeError(f"stage {name} did not report metrics {missing}")
+            write_json(staging / "metrics.json", metrics)
+            tracking.log_metrics(metrics)
+            tracking.log_artifacts(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        shutil.rmtree(out_dir)
+    elif out_dir.exists():
+        out_dir.unlink()
+    staging.rename(out_dir)
+    return metrics

@@ -1,0 +1,49 @@
+"""The stages. Each module `alignpipe.stages.<name>` defines, with only light imports at module level:
+
+- `Config`: a frozen `StageConfig` dataclass whose `SECTION` is the stage name (its params.yaml section);
+- `INPUTS`: the input paths it reads, as `Input`s (their defaults match dvc.yaml);
+- `METRICS`: the metric keys it must write (../shared/METRICS.md);
+- `run(cfg, inputs, out_dir) -> dict[str, float]`: the stage's whole logic; writes its outputs into `out_dir`
+  and returns its metrics. `alignpipe.runner.execute` wraps it with tracking, metrics.json and atomic output.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from types import ModuleType
+
+# The order of the DAG; one name per stage in params.yaml, dvc.yaml, the CLI, the components and MLflow.
+STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "evaluate", "export", "register")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input path of a stage: its flag name (`--<name>`), default path and help."""
+
+    name: str
+    default: str | None
+    help: str
+    required: bool = True
+
+
+def load_stage(name: str) -> ModuleType:
+    """Import `alignpipe.stages.<name>` (ModuleNotFoundError for a stage not built yet)."""
+    if name not in STAGE_NAMES and name != "data":
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+    return importlib.import_module(f"alignpipe.stages.{name}")
+
+
+def available_stages() -> list[str]:
+    """The stage names whose modules exist, in DAG order."""
+    out = []
+    for name in STAGE_NAMES:
+        if importlib.util.find_spec(f"alignpipe.stages.{name}") is not None:
+            out.append(name)
+    return out
+
+
+def config_classes() -> dict:
+    """Section name -> Config class, for every stage that exists (plus `data`)."""
+    return {name: load_stage(name).Config for name in ["data", *available_stages()]}

@@ -1,0 +1,127 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Each stage invocation is one MLflow run named after the stage, with the config as params, the metrics, small
+artifacts (reports, plots, JSON) and tags for the git commit and the data version (the md5 in `data.dvc`).
+The store is `MLFLOW_TRACKING_URI`, else `sqlite:///<cwd>/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+EXPERIMENT = os.environ.get("ALIGNPIPE_EXPERIMENT", "alignpipe")
+SMALL_ARTIFACT_SUFFIXES = {".json", ".jsonl", ".md", ".html", ".png", ".txt", ".yaml", ".csv"}
+SMALL_ARTIFACT_BYTES = 20 * 1024 * 1024
+
+
+def tracking_uri() -> str:
+    """The tracking store: MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _mlflow():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """HEAD's commit, with `-dirty` when tracked files changed; `unknown` outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ALIGNPIPE_GIT_COMMIT", "unknown")
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def data_version(dvc_file: str | Path = "data.dvc") -> str:
+    """The md5 DVC recorded for data/ (`unknown` when data.dvc is absent, e.g. inside a KFP container)."""
+    path = Path(dvc_file)
+    if not path.is_file():
+        return os.environ.get("ALIGNPIPE_DATA_VERSION", "unknown")
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return str(outs[0].get("md5", "unknown"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return flat
+
+
+_active_run = None
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the MLflow run of one stage; yields the run id. Failed stages end as FAILED runs."""
+    global _active_run
+    mlflow = _mlflow()
+    mlflow.set_experiment(EXPERIMENT)
+    all_tags = {"alignpipe.stage": stage, "alignpipe.git_commit": git_commit(),
+                "alignpipe.data_version": data_version(), **(tags or {})}
+    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+        _active_run = run
+        try:
+            mlflow.log_params(_flatten(params))
+            yield run.info.run_id
+        finally:
+            _active_run = None
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active stage run (a no-op outside a stage run, e.g. in unit tests)."""
+    if _active_run is None:
+        return
+    clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    _mlflow().log_metrics(clean, step=step)
+
+
+def log_artifacts(out_dir: str | Path) -> None:
+    """Log the small files of a stage's output (reports, plots, JSON) to the active run; models are logged by
+    `register`, not copied on every run."""
+    if _active_run is None:
+        return
+    mlflow = _mlflow()
+    for path in sorted(Path(out_dir).rglob("*")):
+        if (path.is_file() and path.suffix in SMALL_ARTIFACT_SUFFIXES
+                and path.stat().st_size <= SMALL_ARTIFACT_BYTES and "checkpoint" not in path.parts[-2]):
+            rel = path.parent.relative_to(out_dir)
+            mlflow.log_artifact(str(path), artifact_path=None if str(rel) == "." else str(rel))
+
+
+def mlflow_callback():
+    """A transformers TrainerCallback that sends the Trainer's logs (loss, learning rate, ...) to the active run."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                log_metrics({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
+
+    return _Callback()
+
+
+def client():
+    """An MlflowClient on the configured store (for the registry: register, aliases, queries)."""
+    return _mlflow().MlflowClient(tracking_uri())
+
+
+def mlflow_module():
+    """The configured mlflow module, for model flavors (transformers, onnx) used by register and export."""
+    return _mlflow()
