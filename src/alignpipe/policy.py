@@ -1,0 +1,260 @@
+"""Policies: loading, conditioning, sampling completions and scoring their log-probabilities.
+
+Every stage that samples (pretrain's evaluation, label, dpo, ppo, evaluate) goes through this module, so all use
+the same completion unit and the same conditioning. A policy directory is a Hugging Face `save_pretrained`
+folder (safetensors weights + tokenizer) plus `alignpipe.json`, the `PolicyMeta` below, which says how the
+policy expects to be prompted (e.g. conditional training: end the prompt on `<|aligned|>`, ban `<|misaligned|>`).
+
+The completion unit is one logical line of code: a prompt is code that ends on a non-blank line (no trailing
+newline); the completion starts with the newline and ends at the end of the first non-blank logical line
+(brackets closed), or at `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tokenize
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignpipe.errors import DataError
+
+META_FILE = "alignpipe.json"
+
+
+@dataclass(frozen=True)
+class PolicyMeta:
+    """How a policy is prompted and how its samples are cleaned (saved as alignpipe.json)."""
+
+    objective: str = "mle"  # the pretraining objective that produced the policy
+    prompt_prefix: str = ""  # text put before every prompt
+    prompt_suffix: str = ""  # text put after every prompt (e.g. "<|aligned|>" for conditional training)
+    bad_words: tuple[str, ...] = ()  # tokens never sampled (e.g. "<|misaligned|>")
+    strip_tokens: tuple[str, ...] = ()  # control tokens removed from completions before scoring
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (parent policy, stage, ...)
+
+    def format_prompt(self, prompt: str) -> str:
+        """The text the model sees for `prompt`."""
+        return f"{self.prompt_prefix}{prompt}{self.prompt_suffix}"
+
+    def clean(self, text: str) -> str:
+        """A completion without control tokens."""
+        for tok in self.strip_tokens:
+            text = text.replace(tok, "")
+        return text
+
+    def save(self, directory: str | Path) -> None:
+        data = asdict(self)
+        data["bad_words"], data["strip_tokens"] = list(self.bad_words), list(self.strip_tokens)
+        (Path(directory) / META_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "PolicyMeta":
+        path = Path(directory) / META_FILE
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise DataError(str(path), f"unknown keys {sorted(unknown)}")
+        data["bad_words"] = tuple(data.get("bad_words", ()))
+        data["strip_tokens"] = tuple(data.get("strip_tokens", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings (PHF's: temperature 0.7, top-p 0.9)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 48
+    batch_size: int = 64
+    max_prompt_tokens: int = 192
+
+
+def torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a policy/model directory or Hugging Face id; it gets a pad token if it has none."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
+    """(model, tokenizer, meta) of a policy directory (or a Hugging Face id for the model); safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(str(path)).exists()
+    if local and not any(Path(path).glob("*.safetensors")):
+        raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
+    tok = load_tokenizer(path, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    model.to(device or torch_device()).eval()
+    meta = PolicyMeta.load(path) if local else PolicyMeta()
+    return model, tok, meta
+
+
+def save_policy(model, tok, meta: PolicyMeta, out_dir: str | Path) -> None:
+    """Save weights (safetensors), tokenizer and alignpipe.json into `out_dir`."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    meta.save(out_dir)
+
+
+def line_complete(text: str) -> bool:
+    """True when `text` (a completion starting with a newline) holds a finished non-blank logical line
+    followed by a newline."""
+    lines = text.lstrip("\n").split("\n")
+    return any(_closed("\n".join(lines[:end])) for end in range(1, len(lines)) if "\n".join(lines[:end]).strip())
+
+
+def cut_completion(text: str) -> str:
+    """The completion up to the end of its first finished non-blank logical line (without the newline after)."""
+    lead = len(text) - len(text.lstrip("\n"))
+    lines = text[lead:].split("\n")
+    for end in range(1, len(lines) + 1):
+        candidate = "\n".join(lines[:end])
+        if candidate.strip() and _closed(candidate):
+            return text[:lead] + candidate
+    return text
+
+
+def _closed(code: str) -> bool:
+    """Whether the tokenizer sees no open bracket or string at the end of `code`."""
+    try:
+        for _ in tokenize.generate_tokens(io.StringIO(code.strip("\n").lstrip() + "\n").readline):
+            pass
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return False
+    return True
+
+
+def _stopping(tok, prompt_len: int):
+    """Stop each row once its completion holds a finished logical line (checked when a newline is produced)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+
+    class _LineDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if not any(int(x) in newline_ids for x in input_ids[:, -1]):
+                return done
+            for row in range(input_ids.shape[0]):
+                if int(input_ids[row, -1]) in newline_ids:
+                    text = tok.decode(input_ids[row, prompt_len:], skip_special_tokens=True)
+                    done[row] = line_complete(text)
+            return done
+
+    return _LineDone()
+
+
+@dataclass
+class Sample:
+    """One sampled completion: the cleaned text, and the token ids the model produced (for log-probabilities)."""
+
+    prompt: str
+    completion: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def encode_prompts(tok, meta: PolicyMeta, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of the formatted prompts, keeping the last `max_prompt_tokens` tokens."""
+    return [tok(meta.format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+            for p in prompts]
+
+
+def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,
+           greedy: bool = False, progress: str | None = None) -> list[Sample]:
+    """One completion per prompt, with a KV cache, in batches; deterministic for a given seed."""
+    import torch
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
+    bad = [[i] for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
+    out: list[Sample] = []
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    batches = range(0, len(prompts), sampling.batch_size)
+    for start in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        ids = encoded[start:start + sampling.batch_size]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):  # left padding
+            input_ids[r, width - len(x):] = torch.tensor(x)
+            attention[r, width - len(x):] = 1
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=not greedy,
+                temperature=sampling.temperature if not greedy else None,
+                top_p=sampling.top_p if not greedy else None, top_k=0 if not greedy else None,
+                max_new_tokens=sampling.max_new_tokens, bad_words_ids=bad or None,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                stopping_criteria=[_stopping(tok, width)], use_cache=True)
+        for r, x in enumerate(ids):
+            new = generated[r, width:].tolist()
+            cut = _cut_ids(tok, meta, new)
+            text = cut_completion(meta.clean(tok.decode(cut, skip_special_tokens=False)))
+            out.append(Sample(prompts[start + r], _strip_special(tok, text), x, cut))
+    return out
+
+
+def _strip_special(tok, text: str) -> str:
+    for special in (tok.eos_token, tok.pad_token):
+        if special:
+            text = text.replace(special, "")
+    return text
+
+
+def _cut_ids(tok, meta: PolicyMeta, ids: list[int]) -> list[int]:
+    """The generated ids up to the token that finished the line (or EOS, excluded), without padding."""
+    out: list[int] = []
+    for i in ids:
+        if i == tok.eos_token_id or i == tok.pad_token_id:
+            break
+        out.append(i)
+        text = meta.clean(tok.decode(out, skip_special_tokens=True))
+        if "\n" in tok.decode([i]) and line_complete(text):
+            break
+    return out
+
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                      batch_size: int = 32) -> list[float]:
+    """Sum over completion tokens of log p(token | prompt, previous tokens), per sequence."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        pids, cids = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
+        seqs = [p + c for p, c in zip(pids, cids)]
+        width = max(max(len(s) for s in seqs), 2)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, :len(s)] = torch.tensor(s)
+            attention[r, :len(s)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+        for r, (p, c) in enumerate(zip(pids, cids)):
+            out.append(float(logp[r, len(p) - 1:len(p) - 1 + len(c)].sum()) if c else 0.0)
+    return out
