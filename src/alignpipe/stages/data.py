@@ -3,7 +3,8 @@
 Deterministic: files are read in sorted order, split train/val/test by a hash of their path, cut into chunks
 at top-level statement boundaries and scored with the PHF PEP8 oracle (pycodestyle violations per character,
 and per line so later stages can score segments). Held-out prompts (code prefixes whose next line starts a
-one-line statement) come from the test split. A user corpus (`data.corpus`, JSONL with "text") replaces the stdlib.
+one-line statement) come from the test split, training prompts (for label, dpo, ppo) from the train split.
+A user corpus (`--corpus`, JSONL with "text") replaces the stdlib.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Config(StageConfig):
     prompt_lines: int = field(8, "lines of code shown to the model in each held-out prompt")
     max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this")
     n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
+    n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
     seed: int = field(0, "salt of the split and prompt-selection hashes")
 
     def __post_init__(self):
@@ -48,6 +50,7 @@ class Config(StageConfig):
         self.check(0 < self.test_frac < 0.5, "test_frac", "must be in (0, 0.5)")
         self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
         self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
+        self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
 
 
 def _hash01(key: str, seed: int) -> float:
@@ -161,7 +164,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.scoring import line_violations
 
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    candidates: list[dict] = []
+    candidates: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     n_files = 0
     docs = list(_documents(cfg, inputs.get("corpus")))
     for rel, text in tqdm(docs, desc="data: scoring files", unit="file", mininterval=2):
@@ -180,13 +183,16 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                 "violations": sum(counts), "violations_per_char": sum(counts) / len(chunk),
                 "line_violations": counts,
             })
-        if split == "test":
-            candidates.extend(_prompt_candidates(rel, text, lines, cfg))
-    candidates.sort(key=lambda r: _hash01(r["source"], cfg.seed + 1))
-    prompts = sorted(candidates[:cfg.n_prompts], key=lambda r: r["source"])
+        if split != "val":
+            candidates[split].extend(_prompt_candidates(rel, text, lines, cfg))
 
+    def pick(rows: list[dict], n: int) -> list[dict]:
+        return sorted(sorted(rows, key=lambda r: _hash01(r["source"], cfg.seed + 1))[:n], key=lambda r: r["source"])
+
+    prompts = pick(candidates["test"], cfg.n_prompts)
     files = {f"{name}.jsonl": rows for name, rows in splits.items()}
     files["prompts.jsonl"] = prompts
+    files["train_prompts.jsonl"] = pick(candidates["train"], cfg.n_train_prompts)
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     scores = [r["violations_per_char"] for r in splits["train"]]
@@ -209,6 +215,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     return {
         "n_train_chunks": len(splits["train"]), "n_val_chunks": len(splits["val"]),
         "n_test_chunks": len(splits["test"]), "n_prompts": len(prompts),
+        "n_train_prompts": len(files["train_prompts.jsonl"]),
         "corpus_mb": round(total_chars / 1e6, 3),
         "mean_violations_per_char": round(manifest["train_scores"]["mean_violations_per_char"], 8),
     }
