@@ -11,7 +11,7 @@ from typing import Sequence
 
 from alignpipe.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
 from alignpipe.errors import AlignpipeError
-from alignpipe.stages import available_stages, config_classes, load_stage
+from alignpipe.stages import STAGE_HELP, available_stages, config_classes, load_stage
 
 
 def _config_epilog(cfg_cls) -> str:
@@ -44,20 +44,26 @@ def _add_stage_parser(sub, name: str, help_text: str, out_default: str, command:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; only the `chosen` command's stage module is imported (others get a one-line entry)."""
     parser = argparse.ArgumentParser(prog="alignpipe", description="Align language models with preferences: "
                                      "data -> validate -> pretrain -> label -> reward -> dpo/ppo -> evaluate -> "
                                      "export -> register.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="build the default PEP8 dataset")
+    data = sub.add_parser("data", help=STAGE_HELP["data"])
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    _add_stage_parser(data_sub, "data", "build data/ from the running interpreter's standard library", "data",
-                      command="build")
+    if chosen == "data":
+        _add_stage_parser(data_sub, "data", "build data/ from the running interpreter's standard library", "data",
+                          command="build")
+    else:
+        data_sub.add_parser("build", help="build data/ from the running interpreter's standard library")
 
     for name in available_stages():
-        doc = (load_stage(name).__doc__ or name).strip().splitlines()[0]
-        _add_stage_parser(sub, name, doc, f"artifacts/{name}")
+        if name == chosen:
+            _add_stage_parser(sub, name, STAGE_HELP[name], f"artifacts/{name}")
+        else:
+            sub.add_parser(name, help=STAGE_HELP[name])
 
     from alignpipe.pipeline_cli import add_pipeline_parser
 
@@ -90,7 +96,8 @@ def run_stage(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         if args.command == "pipeline":

@@ -11,11 +11,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
 # The order of the DAG; one name per stage in params.yaml, dvc.yaml, the CLI, the components and MLflow.
 STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "evaluate", "export", "register")
+
+# One line per stage for `alignpipe --help` (the stage modules are imported only when their command runs).
+STAGE_HELP = {
+    "data": "build the default PEP8 dataset (data build)",
+    "validate": "check corpus and preference files with Great Expectations suites",
+    "pretrain": "pretrain with human preferences (PHF objectives: mle, filter, conditional, ...)",
+    "label": "RLAIF: sample completion pairs and let a judge label them",
+    "reward": "train a reward model on preference pairs (TRL RewardTrainer)",
+    "dpo": "direct preference optimisation against a frozen reference (TRL DPOTrainer)",
+    "ppo": "PPO against the reward model with a KL penalty to the reference",
+    "evaluate": "compare every candidate policy on held-out prompts",
+    "export": "export the policy and reward model to ONNX, checked against PyTorch",
+    "register": "register the best candidate in the MLflow registry behind a quality gate",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,24 @@ def available_stages() -> list[str]:
     return out
 
 
-def config_classes() -> dict:
+class ConfigClasses(Mapping):
+    """Section name -> Config class for every stage that exists (plus `data`), importing a module on first use."""
+
+    def __init__(self):
+        self._names = ["data", *available_stages()]
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(name)
+        return load_stage(name).Config
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def config_classes() -> ConfigClasses:
     """Section name -> Config class, for every stage that exists (plus `data`)."""
-    return {name: load_stage(name).Config for name in ["data", *available_stages()]}
+    return ConfigClasses()
