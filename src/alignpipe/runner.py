@@ -48,7 +48,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     try:
         with tracking.stage_run(name, cfg.to_dict()):
             metrics = dict(stage.run(cfg, resolved, staging))
-            if "seconds" in stage.METRICS:
+            if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
             missing = [k for k in stage.METRICS if k not in metrics]

@@ -1,0 +1,45 @@
+# alignpipe: `make run` sets up .venv and runs the default pipeline end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PARAMS ?= params.yaml
+
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup data run test status images clean
+
+# torch first: the CPU wheel (a plain `torch` requirement would pull a CUDA build of several GB).
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Build data/ when it is missing, and track it with DVC (data.dvc holds its md5: the data version).
+data: setup
+	@if [ ! -d data ]; then alignpipe data build --params $(PARAMS) --out data; fi
+	dvc add -q data
+
+run: data
+	@start=$$(date +%s); dvc repro; status=$$?; \
+	  echo; echo "== dvc repro finished in $$(( $$(date +%s) - start )) s (exit $$status)"; exit $$status
+	@$(BIN)/python -m alignpipe.report
+	@echo; echo "Results: artifacts/<stage>/ (metrics.json in each); 'dvc metrics show' prints them all."
+	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
+
+status: setup
+	dvc status
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf artifacts checkpoints .tmp

@@ -1,0 +1,32 @@
+"""Summary printed at the end of `make run`: each stage's time and headline metrics, and how to serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignpipe.stages import STAGE_NAMES
+
+
+def main(artifacts: str = "artifacts") -> None:
+    print(f"{'stage':<10} {'seconds':>8}  headline metrics")
+    total = 0.0
+    for name in STAGE_NAMES:
+        path = Path(artifacts) / name / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        seconds = metrics.get("seconds", 0.0)
+        total += seconds
+        headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "seconds" and "/" not in k)
+        print(f"{name:<10} {seconds:>8.1f}  {headline[:150]}")
+    print(f"{'total':<10} {total:>8.1f}")
+    record = Path(artifacts) / "register" / "registered.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        print(f"\nServe the champion: mlflow models serve -m models:/{info.get('policy_name', 'alignpipe-policy')}"
+              "@champion --env-manager local -p 5001")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Test environment: offline, no telemetry, MLflow and temp files inside a per-test temp dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # for `import tiny`
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """Each test gets its own MLflow store and TMPDIR under pytest's temp dir (cleaned by pytest)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small dataset built by the real data stage from the stdlib `email` package."""
+    import tiny
+
+    return tiny.make_data(tmp_path_factory.mktemp("data"))
