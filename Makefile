@@ -39,7 +39,7 @@ status: setup
 	dvc status
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
 
 clean:
 	rm -rf artifacts checkpoints .tmp

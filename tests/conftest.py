@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,9 +17,21 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session")
+def _mlflow_template_db(tmp_path_factory):
+    """An empty, migrated MLflow sqlite store, made once (migrations take seconds) and copied per test."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    return db
+
+
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path, monkeypatch):
+def _isolated_env(tmp_path, monkeypatch, _mlflow_template_db):
     """Each test gets its own MLflow store and TMPDIR under pytest's temp dir (cleaned by pytest)."""
+    if not _mlflow_template_db.exists():
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(f"sqlite:///{_mlflow_template_db}").search_experiments()
+    shutil.copy(_mlflow_template_db, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tmp = tmp_path / "tmp"
     tmp.mkdir()

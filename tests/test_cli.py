@@ -1,0 +1,45 @@
+"""The CLI: --help everywhere, clear one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignpipe.cli import main
+from alignpipe.stages import available_stages
+
+
+@pytest.mark.parametrize("argv", [[], ["data", "build"], ["pipeline"], *[[s] for s in available_stages()]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: alignpipe" in out
+    if argv and argv[0] in available_stages():
+        assert "--out" in out and "--params" in out and f"--set {argv[0]}.KEY=VALUE" in out
+
+
+def test_unknown_set_key_names_it(tmp_path, capsys):
+    code = main(["data", "build", "--out", str(tmp_path / "d"), "--set", "data.n_promptz=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.n_promptz: unknown key" in err and "n_prompts" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_value_and_missing_params_file(tmp_path, capsys):
+    assert main(["data", "build", "--out", str(tmp_path / "d"), "--set", "data.n_prompts=-1"]) == 2
+    assert "data.n_prompts must be >= 1, got -1" in capsys.readouterr().err
+    assert main(["data", "build", "--params", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: params file not found" in capsys.readouterr().err
+
+
+def test_bad_user_corpus_is_one_line_exit_1(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "x = 1\\n"}\n{"text": \n')
+    code = main(["data", "build", "--out", str(tmp_path / "d"), "--corpus", str(corpus)])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert f"{corpus}:2: not a JSON line" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.partial"))

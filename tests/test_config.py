@@ -1,0 +1,95 @@
+"""Typed configs: params sections, --set overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import pytest
+
+from alignpipe.config import StageConfig, apply_overrides, build_config, field, load_params
+from alignpipe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Demo(StageConfig):
+    SECTION: ClassVar[str] = "demo"
+
+    lr: float = field(1e-3, "learning rate")
+    steps: int = field(10, "steps")
+    objective: Literal["mle", "conditional"] = field("mle", "objective")
+    model: str | None = field(None, "model id")
+    flags: list[str] = field(["a"], "flags")
+    bf16: bool = field(True, "bf16")
+
+    def __post_init__(self):
+        self.check(self.lr > 0, "lr", "must be > 0")
+
+
+def test_defaults_and_types():
+    cfg = Demo.from_dict({"lr": 1, "steps": 3, "objective": "conditional", "flags": ["x", "y"]})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert (cfg.steps, cfg.objective, cfg.flags, cfg.model, cfg.bf16) == (3, "conditional", ["x", "y"], None, True)
+    with pytest.raises(Exception):
+        cfg.lr = 2.0  # frozen
+
+
+@pytest.mark.parametrize("values, key, words", [
+    ({"lrr": 1}, "demo.lrr", "unknown key; allowed keys: bf16, flags, lr, model, objective, steps"),
+    ({"steps": 1.5}, "demo.steps", "expected int"),
+    ({"steps": True}, "demo.steps", "expected int"),
+    ({"objective": "rl"}, "demo.objective", "one of 'mle', 'conditional'"),
+    ({"bf16": "yes"}, "demo.bf16", "expected bool"),
+    ({"flags": [1]}, "demo.flags[0]", "expected str"),
+    ({"lr": float("nan")}, "demo.lr", "expected float"),
+    ({"lr": -1}, "demo", "demo.lr must be > 0, got -1.0"),
+])
+def test_bad_values_name_the_key(values, key, words):
+    with pytest.raises(ConfigError) as e:
+        Demo.from_dict(values)
+    assert e.value.where == key
+    assert words in e.value.reason
+
+
+def test_overrides_parse_yaml_and_reject_unknown_keys(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("demo:\n  lr: 0.5\n")
+    params = apply_overrides(load_params(p), ["demo.steps=7", "demo.flags=[b, c]", "demo.model=gpt2"],
+                             {"demo": Demo})
+    cfg = build_config(Demo, params)
+    assert (cfg.lr, cfg.steps, cfg.flags, cfg.model) == (0.5, 7, ["b", "c"], "gpt2")
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_overrides(params, ["demo.nope=1"], {"demo": Demo})
+    with pytest.raises(ConfigError, match="unknown section 'other'"):
+        apply_overrides(params, ["other.x=1"], {"demo": Demo})
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides(params, ["steps=1"], {"demo": Demo})
+
+
+def test_bad_params_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("demo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_params(bad)
+
+
+def test_every_stage_config_loads_from_params_yaml_and_tiny():
+    """params.yaml and configs/*.yaml hold valid sections for every stage that exists, and the same sections."""
+    from pathlib import Path
+
+    from alignpipe.stages import config_classes
+
+    root = Path(__file__).parents[1]
+    files = [root / "params.yaml", root / "configs" / "tiny.yaml", root / "configs" / "gpu.yaml"]
+    sections = [set(load_params(f)) for f in files]
+    assert sections[0] == sections[1] == sections[2]
+    known = config_classes()
+    for f in files:
+        params = load_params(f)
+        for name in known:
+            build_config(known[name], params)

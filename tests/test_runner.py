@@ -1,0 +1,86 @@
+"""The runner: metrics.json, atomic publish (nothing half-written on failure), one MLflow run per stage."""
+
+from __future__ import annotations
+
+import json
+import types
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+from alignpipe import runner, tracking
+from alignpipe.config import StageConfig, field
+from alignpipe.errors import DataError
+from alignpipe.stages import Input
+
+
+@dataclass(frozen=True)
+class _Cfg(StageConfig):
+    SECTION: ClassVar[str] = "fake"
+    fail: bool = field(False, "raise inside run")
+    lr: float = field(0.1, "a param")
+
+
+def _fake_stage(calls):
+    def run(cfg, inputs, out_dir):
+        calls.append(inputs)
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+        (out_dir / "report.json").write_text("{}")
+        tracking.log_metrics({"train/loss": 1.5}, step=1)
+        if cfg.fail:
+            raise RuntimeError("boom")
+        return {"score": 0.25, "count": 3}
+
+    return types.SimpleNamespace(Config=_Cfg, INPUTS=(Input("data", "data", "the data"),
+                                                      Input("extra", None, "optional", required=False)),
+                                 METRICS=("score",), run=run)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(runner, "load_stage", lambda name: _fake_stage(calls))
+    return calls
+
+
+def test_publishes_outputs_and_metrics(tmp_path, fake):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "artifacts" / "fake"
+    out.mkdir(parents=True)
+    (out / "stale.txt").write_text("from an older run")
+    metrics = runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
+    assert metrics["score"] == 0.25 and metrics["count"] == 3 and metrics["seconds"] >= 0
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors", "report.json"]
+    assert fake[0] == {"data": tmp_path / "data", "extra": None}
+
+
+def test_failure_leaves_nothing_half_written(tmp_path, fake):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.execute("fake", _Cfg(fail=True), {"data": tmp_path / "data"}, out)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial"))
+
+
+def test_missing_input_is_a_data_error(tmp_path, fake):
+    with pytest.raises(DataError, match="input --data not found"):
+        runner.execute("fake", _Cfg(), {"data": tmp_path / "nope"}, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and fake == []
+
+
+def test_mlflow_run_has_params_metrics_and_tags(tmp_path, fake, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
+    runner.execute("fake", _Cfg(lr=0.5), {"data": "data"}, tmp_path / "out")
+    client = tracking.client()
+    [run] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert run.info.run_name == "fake" and run.info.status == "FINISHED"
+    assert run.data.params == {"fail": "False", "lr": "0.5"}
+    assert run.data.metrics["score"] == 0.25 and run.data.metrics["train/loss"] == 1.5
+    assert run.data.tags["alignpipe.data_version"] == "abc123.dir"
+    assert run.data.tags["alignpipe.stage"] == "fake" and run.data.tags["alignpipe.git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.json", "report.json"} <= artifacts and "model.safetensors" not in artifacts
