@@ -1,0 +1,68 @@
+"""Shared sampling: the completion unit (one logical line), determinism, banned tokens, log-probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from alignpipe.policy import (PolicyMeta, Sampling, cut_completion, line_complete, load_policy, sample,
+                              sequence_logprobs)
+
+
+@pytest.mark.parametrize("text, done", [
+    ("\n    x = 1\n", True),
+    ("\n    x = 1", False),  # no newline yet: the line may go on
+    ("\n\n\n", False),  # blank lines only
+    ("\n    x = (1,\n", False),  # bracket still open
+    ("\n    x = (1,\n         2)\n", True),
+    ('\n    s = """doc\n', False),  # string still open
+])
+def test_line_complete(text, done):
+    assert line_complete(text) is done
+
+
+def test_cut_completion_keeps_one_logical_line():
+    assert cut_completion("\n    x = 1\n    y = 2\n") == "\n    x = 1"
+    assert cut_completion("\n\n    f(a,\n      b)\nz") == "\n\n    f(a,\n      b)"
+    assert cut_completion("\n    f(a,") == "\n    f(a,"  # unfinished: kept as is (scored as truncated)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    path = tiny.make_policy(tmp_path_factory.mktemp("pol"), conditional=True)
+    return load_policy(path)
+
+
+def test_sampling_is_deterministic_and_bans_control_tokens(policy):
+    model, tok, meta = policy
+    prompts = ["def f(a, b):", "x = 1", "class A:"] * 4
+    a = sample(model, tok, meta, prompts, Sampling(max_new_tokens=16, batch_size=5), seed=3)
+    b = sample(model, tok, meta, prompts, Sampling(max_new_tokens=16, batch_size=5), seed=3)
+    assert [s.completion for s in a] == [s.completion for s in b]
+    banned = tok.convert_tokens_to_ids("<|misaligned|>")
+    for s in a:
+        assert banned not in s.completion_ids and len(s.completion_ids) <= 16
+        assert "<|aligned|>" not in s.completion and "<|misaligned|>" not in s.completion
+        assert s.prompt_ids[-1] == tok.convert_tokens_to_ids("<|aligned|>")  # conditioned on <|aligned|>
+        assert cut_completion(s.completion) == s.completion  # never more than one logical line
+
+
+def test_sequence_logprobs_match_a_manual_sum(policy):
+    model, tok, _ = policy
+    prompt, completion = [5, 6, 7], [8, 9]
+    [lp] = sequence_logprobs(model, [prompt], [completion])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    manual = float(logp[2, 8] + logp[3, 9])
+    assert lp == pytest.approx(manual, abs=1e-5)
+
+
+def test_meta_round_trip(tmp_path):
+    meta = PolicyMeta(objective="conditional", prompt_suffix="<|aligned|>", bad_words=("<|misaligned|>",),
+                      strip_tokens=("<|aligned|>", "<|misaligned|>"), extra={"parent": "x"})
+    meta.save(tmp_path)
+    assert PolicyMeta.load(tmp_path) == meta
+    assert meta.format_prompt("x = 1") == "x = 1<|aligned|>"
+    assert meta.clean("\n<|aligned|>y = 2") == "\ny = 2"
