@@ -1,5 +1,13 @@
 """Reward models: load one and score (prompt, completion) pairs, formatted exactly as the reward stage trained
-them. Used by the reward_model judge (label), ppo and evaluate."""
+them. Used by the reward_model judge (label), ppo and evaluate.
+
+The format is TRL 1.16 RewardTrainer's for standard (non-conversational) pairs with an explicit prompt: the text
+is `prompt + completion`, with the tokenizer's EOS appended unless it already ends with it, tokenized by calling
+the tokenizer with its default special tokens (`tok(text)`); the reward is the score head's output at the last
+non-padding token. The prompt is the raw prompt: no policy control tokens (`<|aligned|>`), since the reward
+model judges code, not the policy's conditioning. `tests/test_reward.py` checks this against the trainer's own
+tokenized dataset.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +27,8 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, device:
     tok = load_tokenizer(path, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True,
                                                                trust_remote_code=trust_remote_code)
+    if model.config.num_labels != 1:
+        raise DataError(str(path), f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.to(device or torch_device()).eval()
@@ -26,28 +36,39 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, device:
 
 
 def reward_text(prompt: str, completion: str, tok) -> str:
-    """The text a reward model scores for one (prompt, completion): as the reward stage formats training pairs."""
-    return prompt + completion + (tok.eos_token or "")
+    """The text a reward model scores for one (prompt, completion): as RewardTrainer formats training pairs."""
+    eos = tok.eos_token or ""
+    return prompt + (completion if completion.endswith(eos) else completion + eos)
+
+
+def reward_ids(prompt: str, completion: str, tok) -> list[int]:
+    """The token ids RewardTrainer trains on for one (prompt, completion) (before its max_length filter)."""
+    return tok(reward_text(prompt, completion, tok))["input_ids"]
 
 
 def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_size: int = 32,
                   max_length: int = 256) -> list[float]:
-    """Scalar rewards of completions (higher is better), keeping the last `max_length` tokens of each text."""
+    """Scalar rewards of completions (higher is better). Texts longer than `max_length` tokens (or than the
+    model's positions) keep their last tokens (training drops such pairs instead; scoring must give every sample
+    a reward)."""
     import torch
 
+    if len(prompts) != len(completions):
+        raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(completions)} completions")
     device = next(model.parameters()).device
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else tok.pad_token_id
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [reward_text(p, c, tok) for p, c in
-                 zip(prompts[start:start + batch_size], completions[start:start + batch_size], strict=True)]
-        ids = [tok(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+        ids = [reward_ids(p, c, tok)[-max_length:] for p, c in
+               zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
         width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):  # right padding: the score is read at the last real token
+        for r, x in enumerate(ids):  # right padding, as the trainer's collator: the score is read at the last token
             input_ids[r, :len(x)] = torch.tensor(x)
             attention[r, :len(x)] = 1
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        out.extend(float(v) for v in logits[:, 0])
+        out.extend(float(v) for v in logits[:, 0].float())
     return out

@@ -1,0 +1,171 @@
+"""Judges for RLAIF labelling: given pairs of completions of one prompt, say which is preferred.
+
+Every judge has one method, `score(pairs) -> [(score_a, score_b), ...]`, where a HIGHER score is preferred; the
+label stage turns the two scores into chosen/rejected (equal scores, within a threshold, are a tie):
+
+- `ScorerJudge` — the task's oracle (pycodestyle violations per character, Korbak et al. 2023); its score is
+  minus the violations per character, so that higher is better like every judge;
+- `RewardModelJudge` — a trained reward model directory (`alignpipe.rewarding`); its score is the reward;
+- `LLMJudge` — any causal LM asked "which completion is better, A or B?"; its score is the probability it
+  prefers each completion, from the log-probabilities of the answer strings, averaged over both orders of the
+  pair so that a preference for a position cancels out (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+# The default comparison prompt of the llm judge. The question comes last so that keeping the last tokens of a
+# long prompt keeps it. Placeholders: {prompt} (the code), {a} and {b} (the completions, without their leading
+# newline, indentation kept).
+LLM_TEMPLATE = (
+    "Below is a piece of Python code and two candidate next lines, A and B.\n\n"
+    "### Code\n{prompt}\n\n### Next line A\n{a}\n\n### Next line B\n{b}\n\n"
+    "### Question\nWhich next line follows the PEP 8 style guide better, A or B?\n\n### Answer:"
+)
+LLM_ANSWERS = (" A", " B")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two completions of one prompt. `context` is the code the oracle scores them after (default: the prompt);
+    `source` says where the prompt comes from (carried into the output rows)."""
+
+    prompt: str
+    a: str
+    b: str
+    context: str = ""
+    source: str = ""
+
+
+class Judge(Protocol):
+    """Scores both completions of each pair; a higher score is preferred."""
+
+    name: str
+
+    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        ...
+
+
+def oracle(pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+    """The oracle's violations per character of (a, b) for each pair (LOWER is better), each completion scored
+    after its context; identical (context, completion) are scored once."""
+    from alignpipe.scoring import score_completion
+
+    cache: dict[tuple[str, str], float] = {}
+
+    def one(context: str, completion: str) -> float:
+        key = (context, completion)
+        if key not in cache:
+            cache[key] = score_completion(context, completion).per_char
+        return cache[key]
+
+    return [(one(p.context or p.prompt, p.a), one(p.context or p.prompt, p.b)) for p in pairs]
+
+
+class ScorerJudge:
+    """The oracle as a judge: score = -(violations per character)."""
+
+    name = "scorer"
+
+    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        return [(0.0 - a, 0.0 - b) for a, b in oracle(pairs)]  # 0.0 - x: no -0.0 in the files
+
+
+class RewardModelJudge:
+    """A reward model directory as a judge: score = its reward for prompt + completion."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str, batch_size: int = 32, max_length: int = 512, trust_remote_code: bool = False):
+        from alignpipe.rewarding import load_reward_model
+
+        self.model, self.tok = load_reward_model(path, trust_remote_code=trust_remote_code)
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        from alignpipe.rewarding import reward_scores
+
+        prompts = [p.prompt for p in pairs]
+        ra = reward_scores(self.model, self.tok, prompts, [p.a for p in pairs], self.batch_size, self.max_length)
+        rb = reward_scores(self.model, self.tok, prompts, [p.b for p in pairs], self.batch_size, self.max_length)
+        return list(zip(ra, rb))
+
+
+class LLMJudge:
+    """A causal LM as a judge: P(prefers a) = mean of P("A" | a shown first) and P("B" | a shown second).
+
+    P("A" | ...) is the softmax over the two answers' log-probabilities (each answer string may be several
+    tokens: its log-probability is their sum). A judge that always answers the first position gives 0.5.
+    """
+
+    name = "llm"
+
+    def __init__(self, path: str, template: str = LLM_TEMPLATE, answers: Sequence[str] = LLM_ANSWERS,
+                 batch_size: int = 16, max_length: int = 1024, chat_template: bool = False,
+                 trust_remote_code: bool = False, model=None, tok=None):
+        if len(answers) != 2 or answers[0] == answers[1]:
+            raise ValueError(f"llm judge needs two different answer strings, got {list(answers)!r}")
+        for key in ("{prompt}", "{a}", "{b}"):
+            if key not in template:
+                raise ValueError(f"llm judge template must contain {key}")
+        if model is None:
+            from alignpipe.policy import load_policy
+
+            model, tok, _ = load_policy(path, trust_remote_code=trust_remote_code)
+        self.model, self.tok = model, tok
+        self.template, self.answers = template, tuple(answers)
+        self.batch_size, self.max_length, self.chat_template = batch_size, max_length, chat_template
+        self.answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in self.answers]
+        if not all(self.answer_ids) or self.answer_ids[0] == self.answer_ids[1]:
+            raise ValueError(f"llm judge answers {list(answers)!r} must tokenize to different, non-empty ids")
+
+    def question(self, prompt: str, first: str, second: str) -> str:
+        """The comparison prompt showing `first` as A and `second` as B."""
+        text = self.template.format(prompt=prompt, a=first.lstrip("\n"), b=second.lstrip("\n"))
+        if self.chat_template and getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+        return text
+
+    def answer_logprobs(self, questions: Sequence[str]) -> list[tuple[float, float]]:
+        """(log p(answer A | question), log p(answer B | question)) for each question."""
+        from alignpipe.policy import sequence_logprobs
+
+        limit = min(self.max_length, getattr(self.model.config, "max_position_embeddings", None) or self.max_length)
+        keep = limit - max(len(a) for a in self.answer_ids)
+        ids = [self.tok(q)["input_ids"][-keep:] for q in questions]
+        out = []
+        for k in range(2):
+            out.append(sequence_logprobs(self.model, ids, [self.answer_ids[k]] * len(ids), self.batch_size))
+        return list(zip(out[0], out[1]))
+
+    def prefer_first(self, pairs: Sequence[Pair], swap: bool = False) -> list[float]:
+        """P(the judge answers the position of `a`), showing a first (or second with `swap`)."""
+        questions = [self.question(p.prompt, p.b, p.a) if swap else self.question(p.prompt, p.a, p.b)
+                     for p in pairs]
+        probs = []
+        for lp_a, lp_b in self.answer_logprobs(questions):
+            p_first = 1.0 / (1.0 + math.exp(lp_b - lp_a))  # softmax over the two answers
+            probs.append(1.0 - p_first if swap else p_first)
+        return probs
+
+    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        shown_first = self.prefer_first(pairs)
+        shown_second = self.prefer_first(pairs, swap=True)
+        return [((p1 + p2) / 2, 1 - (p1 + p2) / 2) for p1, p2 in zip(shown_first, shown_second)]
+
+
+def make_judge(kind: str, path: str | None = None, **kw) -> Judge:
+    """The judge named `kind` (scorer, reward_model, llm); `path` is the reward model or LM (id or directory)."""
+    if kind == "scorer":
+        return ScorerJudge()
+    if not path:
+        raise ValueError(f"judge {kind!r} needs a model: give --judge-model (a directory or a model id)")
+    if kind == "reward_model":
+        return RewardModelJudge(path, **kw)
+    if kind == "llm":
+        return LLMJudge(path, **kw)
+    raise ValueError(f"unknown judge {kind!r}; judges: scorer, reward_model, llm")

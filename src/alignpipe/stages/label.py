@@ -1,0 +1,291 @@
+"""RLAIF labelling: sample K completions per training prompt from the policy, pair them, and let a judge pick.
+
+For each training prompt (`data/train_prompts.jsonl`), K completions are sampled from the policy through
+`alignpipe.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
+pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.judges`: the oracle scorer, a reward model or an
+LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped; ties (|score gap| <= tie_threshold) are dropped or
+kept. Human-labelled pairs (`--human-prefs`) are checked by the validate stage and mixed in.
+
+Outputs, TRL's standard preference form plus provenance, one pair per line:
+`prompt` (raw, without the policy's control tokens), `chosen`, `rejected` (completions, starting with "\\n"),
+`score_chosen`, `score_rejected` (the judge's scores, HIGHER = preferred: minus violations/char for the scorer,
+the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pairs), `oracle_chosen`,
+`oracle_rejected` (the oracle's violations per character, LOWER = better, for every pair), `judge`, `context`,
+`source`.
+- `prefs.jsonl`: the training pairs; `heldout.jsonl`: the pairs whose prompt hashes into the held-out fraction
+  (deterministic: sha256 of seed and prompt), kept out of training for the reward model's evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from alignpipe.config import StageConfig, field
+from alignpipe.errors import DataError
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("data", "data", "data directory (uses train_prompts.jsonl) or a prompts JSONL file"),
+    Input("policy", "artifacts/pretrain", "policy directory to sample from (alignpipe.policy.save_policy)"),
+    Input("judge_model", None, "reward model directory or causal LM (path or id) for judge=reward_model/llm",
+          required=False),
+    Input("human_prefs", None, "optional JSONL of human-labelled pairs (prompt, chosen, rejected) to mix in",
+          required=False),
+)
+METRICS = ("n_pairs", "n_ties", "mean_score_gap", "seconds")
+PREFS_FILE, HELDOUT_FILE = "prefs.jsonl", "heldout.jsonl"
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "label"
+
+    judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
+                                                            "model (--judge-model) or an LLM (--judge-model)")
+    n_prompts: int = field(1024, "training prompts to label (chosen by a hash; 0 = all)")
+    k: int = field(4, "completions sampled per prompt")
+    pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
+    keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")
+    tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this")
+    heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl")
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)")
+    max_new_tokens: int = field(48, "max tokens of one completion (one logical line)")
+    batch_size: int = field(64, "prompts per generation batch")
+    judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
+    judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
+    llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.judges.LLM_TEMPLATE)")
+    llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
+    llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template")
+    human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
+    trust_remote_code: bool = field(False, "allow custom model code for a hub judge model")
+    seed: int = field(0, "seed of prompt selection, sampling and the held-out split")
+
+    def __post_init__(self):
+        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0 (0 = all)")
+        self.check(self.k >= 2, "k", "must be >= 2 (pairs need two completions)")
+        self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
+        self.check(self.tie_threshold >= 0, "tie_threshold", "must be >= 0")
+        self.check(0 <= self.heldout_frac < 1, "heldout_frac", "must be in [0, 1)")
+        self.check(self.temperature > 0, "temperature", "must be > 0")
+        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.check(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1")
+        self.check(self.judge_max_length >= 8, "judge_max_length", "must be >= 8")
+        self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
+                   "must be two different strings")
+        self.check(self.human_pairs >= -1, "human_pairs", "must be >= -1 (-1 = all)")
+
+
+def hash01(key: str, seed: int) -> float:
+    """A stable number in [0, 1) from `key` and `seed` (the held-out split and prompt selection)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def is_heldout(prompt: str, frac: float, seed: int) -> bool:
+    """Whether the pairs of `prompt` are held out (the reward stage applies the same rule to a single file)."""
+    return hash01("heldout:" + prompt, seed) < frac
+
+
+def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
+    """Indices of the sample pairs of one prompt."""
+    if pairing == "disjoint":
+        return [(i, i + 1) for i in range(0, k - 1, 2)]
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def valid_completion(text: str) -> bool:
+    """A completion in the unit of the preference files: a new, non-blank line (a sample that never produced a
+    newline continues the prompt's last line instead)."""
+    return text.startswith("\n") and bool(text.strip())
+
+
+def candidate_pairs(completions: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int, int]:
+    """Distinct pairs of valid completions of one prompt: (pairs, n_invalid, n_identical) where the counts are
+    the pairs dropped for an invalid completion (blank, or not a new line) or for two equal ones (also equal to
+    an earlier pair)."""
+    seen: set[frozenset] = set()
+    pairs, n_invalid, n_identical = [], 0, 0
+    for a, b in completions:
+        if not valid_completion(a) or not valid_completion(b):
+            n_invalid += 1
+        elif a == b or frozenset((a, b)) in seen:
+            n_identical += 1
+        else:
+            seen.add(frozenset((a, b)))
+            pairs.append((a, b))
+    return pairs, n_invalid, n_identical
+
+
+def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
+    """`n` training prompts (all when 0), chosen by a hash of their source (a uniform pick, not the file's first
+    rows, which are sorted by file name), then in file order."""
+    from alignpipe.evaluation import load_prompts
+
+    path = path / "train_prompts.jsonl" if path.is_dir() else path
+    rows = load_prompts(path)
+    if n and n < len(rows):
+        keys = sorted(range(len(rows)), key=lambda i: hash01(f"{rows[i].get('source', '')}|{rows[i]['prompt']}",
+                                                             seed))
+        rows = [rows[i] for i in sorted(keys[:n])]
+    return rows
+
+
+def load_human_prefs(path: Path, out_dir: Path) -> list[dict]:
+    """Human pairs from a preference JSONL, after the validate stage's checks (its report in out_dir)."""
+    from alignpipe.io import read_jsonl
+    from alignpipe.stages import validate
+
+    validate.run(validate.Config(), {"corpus": None, "prefs": path}, out_dir)
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f"{path}:{i + 1}", "human pairs must be in TRL's standard form (prompt, chosen, "
+                            "rejected strings), not conversational")
+    return rows
+
+
+def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
+    from alignpipe.judges import Pair, oracle
+
+    if cfg.human_pairs >= 0:
+        order = sorted(range(len(rows)), key=lambda i: hash01("human:" + rows[i]["prompt"] + rows[i]["chosen"],
+                                                              cfg.seed))
+        rows = [rows[i] for i in sorted(order[:cfg.human_pairs])]
+    pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], r.get("context") or r["prompt"]) for r in rows]
+    out = []
+    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs)):
+        out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
+                    "score_chosen": float(r.get("score_chosen", 1.0)),
+                    "score_rejected": float(r.get("score_rejected", 0.0)),
+                    "oracle_chosen": oc, "oracle_rejected": orj, "judge": str(r.get("judge", "human")),
+                    "context": p.context, "source": str(r.get("source", "human"))})
+    return out
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    """The rows without repeated (prompt, {chosen, rejected}) pairs, first kept (a prompt text can recur)."""
+    seen: set[tuple] = set()
+    out = []
+    for r in rows:
+        key = (r["prompt"], frozenset((r["chosen"], r["rejected"])))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def build_judge(cfg: Config, judge_model: Path | str | None):
+    """The configured judge (the model is loaded here)."""
+    from alignpipe.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
+
+    if cfg.judge == "scorer":
+        return ScorerJudge()
+    if judge_model is None:
+        raise DataError("--judge-model", f"judge={cfg.judge} needs a model: a directory or a model id")
+    if cfg.judge == "reward_model":
+        return RewardModelJudge(str(judge_model), cfg.judge_batch_size, cfg.judge_max_length, cfg.trust_remote_code)
+    return LLMJudge(str(judge_model), cfg.llm_template or LLM_TEMPLATE, cfg.llm_answers, cfg.judge_batch_size,
+                    cfg.judge_max_length, cfg.llm_chat_template, cfg.trust_remote_code)
+
+
+def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
+    """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
+    the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
+    from alignpipe.judges import oracle
+
+    scores = judge.score(pairs)
+    oracles = [(-a, -b) for a, b in scores] if judge.name == "scorer" else oracle(pairs)
+    rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
+    for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
+        tie = abs(sa - sb) <= cfg.tie_threshold
+        n_ties += tie
+        if oa != ob:  # the oracle decides this pair: does the judge prefer the oracle's better completion?
+            n_oracle_decided += 1
+            agree += 0.5 if tie else float((sa > sb) == (oa < ob))
+        if tie and not cfg.keep_ties:
+            continue
+        flip = sb > sa
+        rows.append({"prompt": p.prompt, "chosen": p.b if flip else p.a, "rejected": p.a if flip else p.b,
+                     "score_chosen": sb if flip else sa, "score_rejected": sa if flip else sb,
+                     "oracle_chosen": ob if flip else oa, "oracle_rejected": oa if flip else ob,
+                     "judge": judge.name, "context": p.context, "source": p.source})
+    gaps = [r["score_chosen"] - r["score_rejected"] for r in rows]
+    stats = {"n_judged": len(pairs), "n_ties": n_ties,
+             "mean_score_gap": sum(gaps) / len(gaps) if gaps else 0.0,
+             "oracle_decided_frac": n_oracle_decided / max(len(pairs), 1)}
+    if judge.name != "scorer":
+        stats["judge_oracle_agreement"] = agree / n_oracle_decided if n_oracle_decided else 0.5
+    return rows, stats
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Sample, pair, judge; write prefs.jsonl, heldout.jsonl (and the human pairs' validation report)."""
+    import torch
+
+    from alignpipe.io import write_jsonl
+    from alignpipe.judges import Pair
+    from alignpipe.policy import Sampling, load_policy, sample
+
+    torch.manual_seed(cfg.seed)
+    prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
+    human = []
+    if inputs.get("human_prefs") is not None:
+        (out_dir / "human_validation").mkdir()
+        human = load_human_prefs(inputs["human_prefs"], out_dir / "human_validation")
+
+    start = time.perf_counter()
+    model, tok, meta = load_policy(inputs["policy"])
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size)
+    repeated = [r["prompt"] for r in prompts for _ in range(cfg.k)]  # K rows per prompt: K different draws
+    samples = sample(model, tok, meta, repeated, sampling, seed=cfg.seed, progress="label: sampling")
+    sampling_s = time.perf_counter() - start
+    del model
+
+    pairs, n_invalid, n_identical = [], 0, 0
+    for i, row in enumerate(prompts):
+        completions = [s.completion for s in samples[i * cfg.k:(i + 1) * cfg.k]]
+        found, invalid, identical = candidate_pairs([(completions[a], completions[b])
+                                                   for a, b in index_pairs(cfg.k, cfg.pairing)])
+        n_invalid += invalid
+        n_identical += identical
+        pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
+
+    start = time.perf_counter()
+    judge = build_judge(cfg, inputs.get("judge_model"))
+    judged, stats = judge_pairs(judge, pairs, cfg)
+    judged = _unique(judged)
+    judging_s = time.perf_counter() - start
+    rows = _unique(judged + (_human_rows(human, cfg) if human else []))
+    if not rows:
+        raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} pairs judged, {stats['n_ties']} "
+                        f"ties, {n_invalid} with an invalid (blank, not a new line) and {n_identical} with identical completions")
+
+    heldout = [r for r in rows if is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
+    train = [r for r in rows if not is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
+    if cfg.heldout_frac > 0 and not heldout:
+        raise DataError("label.heldout_frac", f"no held-out pairs among {len(rows)}: label more prompts")
+    if not train:
+        raise DataError("label.heldout_frac", f"no training pairs left among {len(rows)}: label more prompts")
+    write_jsonl(out_dir / PREFS_FILE, train)
+    write_jsonl(out_dir / HELDOUT_FILE, heldout)
+
+    decided = [r for r in judged if r["oracle_chosen"] != r["oracle_rejected"]]
+    return {
+        "n_pairs": len(rows), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
+        "n_human_pairs": len(rows) - len(judged), "n_prompts": len(prompts), "n_samples": len(samples),
+        "n_invalid_pairs": n_invalid, "n_identical_pairs": n_identical,
+        **stats,
+        "oracle_chosen_mean": sum(r["oracle_chosen"] for r in judged) / max(len(judged), 1),
+        "oracle_rejected_mean": sum(r["oracle_rejected"] for r in judged) / max(len(judged), 1),
+        "oracle_chosen_better_frac": sum(r["oracle_chosen"] < r["oracle_rejected"] for r in decided)
+        / max(len(decided), 1),
+        "sampling_seconds": round(sampling_s, 2), "judging_seconds": round(judging_s, 2),
+    }

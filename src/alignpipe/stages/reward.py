@@ -1,0 +1,281 @@
+"""Train a reward model on preference pairs with TRL's RewardTrainer (Bradley-Terry loss, Ouyang et al. 2022).
+
+The model is a sequence classifier with one output, initialised from the pretrained policy (as InstructGPT does:
+the LM body plus a new scalar head) or from `reward.model` (any id or path); full fine-tuning or LoRA (peft, merged
+into the weights before saving). Pairs come from the label stage: `prefs.jsonl` to train on, `heldout.jsonl` to
+evaluate on; given a single JSONL file instead, its pairs are split by the label stage's rule (a hash of the
+prompt, `reward.heldout_frac`).
+
+Text format (`alignpipe.rewarding`, shared with every consumer): raw prompt + completion + EOS. RewardTrainer DROPS
+(does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
+
+Held-out evaluation scores every held-out pair through `alignpipe.rewarding.reward_scores` (the path ppo,
+evaluate and the reward_model judge use): accuracy (reward of chosen > rejected), mean margin, and a calibration
+check: accuracy by bucket of |margin| (quantiles), against the Bradley-Terry probability sigmoid(|margin|), with
+the expected calibration error over those buckets.
+
+Outputs: `model.safetensors`, `config.json` and the tokenizer (loadable with AutoModelForSequenceClassification
+and AutoTokenizer), `reward.json` (how it was trained), `calibration.json`, `heldout_scores.jsonl`. Checkpoints go
+to `checkpoint_dir` (outside the output directory) and `--resume` continues from the latest.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from alignpipe.config import StageConfig, field
+from alignpipe.errors import DataError
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("prefs", "artifacts/label", "label output directory (prefs.jsonl + heldout.jsonl) or one preference JSONL"),
+    Input("policy", "artifacts/pretrain", "pretrained policy to initialise from (unless reward.model is set)",
+          required=False),
+)
+METRICS = ("heldout_accuracy", "mean_margin", "n_dropped_too_long", "seconds")
+REWARD_META = "reward.json"
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "reward"
+
+    model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
+    max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
+    epochs: float = field(1.0, "passes over the training pairs (ignored when max_steps > 0)")
+    max_steps: int = field(-1, "optimizer steps (-1: use epochs)")
+    batch_size: int = field(8, "pairs per device per step")
+    grad_accum: int = field(1, "gradient accumulation steps")
+    learning_rate: float = field(1e-4, "peak AdamW learning rate")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up")
+    lr_scheduler: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
+    center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
+    bf16: bool = field(True, "bf16 autocast (CPUs with AMX/avx512_bf16 and recent GPUs)")
+    lora: bool = field(False, "train LoRA adapters (peft) instead of all weights; merged before saving")
+    lora_r: int = field(16, "LoRA rank")
+    lora_alpha: int = field(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = field(0.05, "LoRA dropout")
+    lora_target_modules: list[str] = field([], "modules LoRA adapts (empty: peft's default for the architecture)")
+    heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)")
+    calibration_buckets: int = field(4, "|margin| quantile buckets of the calibration check")
+    eval_batch_size: int = field(64, "pairs per forward pass in the held-out evaluation")
+    logging_steps: int = field(10, "log training metrics every this many steps")
+    save_steps: int = field(200, "checkpoint every this many steps (0: no checkpoints)")
+    checkpoint_dir: str = field("checkpoints/reward", "checkpoint directory (kept outside the output directory)")
+    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
+    gpus: int = field(1, "GPUs per run (several: launch under torchrun for DDP; ignored on CPU)")
+    trust_remote_code: bool = field(False, "allow custom model code for a hub model")
+    seed: int = field(0, "seed of the head initialisation, shuffling and dropout")
+
+    def __post_init__(self):
+        self.check(self.max_length >= 8, "max_length", "must be >= 8")
+        self.check(self.epochs > 0, "epochs", "must be > 0")
+        self.check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 or >= 1")
+        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self.check(self.center_rewards >= 0, "center_rewards", "must be >= 0")
+        self.check(self.lora_r >= 1, "lora_r", "must be >= 1")
+        self.check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
+        self.check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        self.check(0 < self.heldout_frac < 1, "heldout_frac", "must be in (0, 1)")
+        self.check(self.calibration_buckets >= 1, "calibration_buckets", "must be >= 1")
+        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        self.check(self.save_steps >= 0, "save_steps", "must be >= 0")
+        self.check(self.gpus >= 0, "gpus", "must be >= 0")
+        self.check(not self.resume or self.save_steps > 0, "resume", "needs save_steps > 0 (no checkpoints)")
+
+
+def _check_pairs(rows: list[dict], path: Path) -> list[dict]:
+    for i, row in enumerate(rows):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{path}:{i + 1}", f"field {key!r} must be a non-empty string")
+    return rows
+
+
+def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
+    from alignpipe.io import read_jsonl
+    from alignpipe.stages.label import HELDOUT_FILE, PREFS_FILE, is_heldout
+
+    if prefs.is_dir():
+        train = _check_pairs(read_jsonl(prefs / PREFS_FILE), prefs / PREFS_FILE)
+        path = prefs / HELDOUT_FILE
+        if not path.is_file() or path.stat().st_size == 0:
+            raise DataError(str(path), "no held-out pairs: run label with heldout_frac > 0")
+        return train, _check_pairs(read_jsonl(path), path)
+    rows = _check_pairs(read_jsonl(prefs), prefs)
+    heldout = [r for r in rows if is_heldout(r["prompt"], heldout_frac, seed)]
+    train = [r for r in rows if not is_heldout(r["prompt"], heldout_frac, seed)]
+    if not heldout or not train:
+        raise DataError(str(prefs), f"splitting {len(rows)} pairs by prompt left {len(train)} to train and "
+                        f"{len(heldout)} held out: give more pairs or change reward.heldout_frac")
+    return train, heldout
+
+
+def load_model(init: str, cfg: Config):
+    """(model, tokenizer): a one-output sequence classifier from `init` (a causal LM gets a new score head)."""
+    import logging
+
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    from alignpipe.policy import load_tokenizer
+
+    tok = load_tokenizer(init, cfg.trust_remote_code)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(logging.ERROR)  # "score.weight newly initialized" is the point here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=()):
+    """A RewardTrainer on `train_rows` (prompt/chosen/rejected), checkpointing into cfg.checkpoint_dir."""
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig, TaskType
+
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 stores weights transposed
+        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, fan_in_fan_out=conv1d,
+                                 target_modules=list(cfg.lora_target_modules) or None)
+    args = RewardConfig(
+        output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type=cfg.lr_scheduler, max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards or None, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, save_total_limit=2, report_to="none", seed=cfg.seed,
+        data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=False)
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                              for r in train_rows])
+    return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                         peft_config=peft_config, callbacks=list(callbacks))
+
+
+def calibration(margins: list[float], n_buckets: int) -> tuple[list[dict], float]:
+    """Accuracy by |margin| quantile bucket against the Bradley-Terry probability sigmoid(|margin|) of the
+    predicted side, and the expected calibration error (bucket-size-weighted |accuracy - mean probability|).
+
+    A pair is "correct" when the margin r(chosen) - r(rejected) is positive; a calibrated model is right with
+    probability sigmoid(|margin|), so accuracy should rise with |margin|.
+    """
+    order = sorted(range(len(margins)), key=lambda i: abs(margins[i]))
+    buckets, ece = [], 0.0
+    for b in range(n_buckets):
+        idx = order[b * len(order) // n_buckets:(b + 1) * len(order) // n_buckets]
+        if not idx:
+            continue
+        acc = sum(margins[i] > 0 for i in idx) / len(idx)
+        prob = sum(1 / (1 + math.exp(-abs(margins[i]))) for i in idx) / len(idx)
+        buckets.append({"bucket": b, "n": len(idx), "abs_margin_low": abs(margins[idx[0]]),
+                        "abs_margin_high": abs(margins[idx[-1]]), "accuracy": acc, "bt_probability": prob})
+        ece += len(idx) / len(margins) * abs(acc - prob)
+    return buckets, ece
+
+
+def evaluate(model, tok, rows: list[dict], cfg: Config) -> tuple[dict[str, float], list[float], list[float]]:
+    """Held-out pair accuracy, mean margin and calibration of `model` on `rows`."""
+    from alignpipe.evaluation import bootstrap_ci
+    from alignpipe.rewarding import reward_scores
+
+    model.eval()
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward_scores(model, tok, prompts, [r["chosen"] for r in rows], cfg.eval_batch_size, cfg.max_length)
+    rejected = reward_scores(model, tok, prompts, [r["rejected"] for r in rows], cfg.eval_batch_size,
+                             cfg.max_length)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    correct = [float(m > 0) for m in margins]
+    lo, hi = bootstrap_ci(correct, seed=cfg.seed)
+    buckets, ece = calibration(margins, cfg.calibration_buckets)
+    metrics = {"heldout_accuracy": sum(correct) / len(correct), "heldout_accuracy_ci_low": lo,
+               "heldout_accuracy_ci_high": hi, "mean_margin": sum(margins) / len(margins),
+               "calibration_ece": ece, "n_heldout_pairs": len(rows)}
+    for b in buckets:
+        metrics[f"calibration/bucket{b['bucket']}_accuracy"] = b["accuracy"]
+    return metrics, chosen, rejected
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Train the reward model, evaluate it on the held-out pairs, save it with its tokenizer into `out_dir`."""
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from alignpipe import tracking
+    from alignpipe.io import write_json, write_jsonl
+    from alignpipe.rewarding import reward_ids
+
+    init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
+    if not init:
+        raise DataError("--policy", "no initial model: give an existing --policy directory or set reward.model")
+    train_rows, heldout_rows = load_pairs(inputs["prefs"], cfg.heldout_frac, cfg.seed)
+
+    set_seed(cfg.seed)  # before the new head is initialised
+    model, tok = load_model(init, cfg)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise DataError("reward.max_length", f"{cfg.max_length} is longer than the {positions} positions of {init}")
+    too_long = sum(max(len(reward_ids(r["prompt"], r["chosen"], tok)),
+                       len(reward_ids(r["prompt"], r["rejected"], tok))) > cfg.max_length for r in train_rows)
+    if too_long == len(train_rows):
+        raise DataError("reward.max_length", f"all {len(train_rows)} training pairs are longer than "
+                        f"{cfg.max_length} tokens: raise it")
+
+    ckpt = Path(cfg.checkpoint_dir)
+    last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
+    if not cfg.resume:
+        for stale in ckpt.glob("checkpoint-*"):
+            shutil.rmtree(stale)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[tracking.mlflow_callback()])
+    n_trained = len(trainer.train_dataset)
+    if n_trained != len(train_rows) - too_long:
+        raise RuntimeError(f"RewardTrainer kept {n_trained} of {len(train_rows)} pairs, but alignpipe.rewarding "
+                           f"counts {too_long} longer than {cfg.max_length}: the text formats disagree")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    model = trainer.model
+    if cfg.lora:
+        model = model.merge_and_unload()
+    model = model.float()
+    changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.state_dict().items()
+                  if k in before)
+    metrics, chosen, rejected = evaluate(model, tok, heldout_rows, cfg)
+
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    buckets, _ = calibration([c - r for c, r in zip(chosen, rejected)], cfg.calibration_buckets)
+    write_json(out_dir / "calibration.json", {"buckets": buckets, "ece": metrics["calibration_ece"]})
+    write_jsonl(out_dir / "heldout_scores.jsonl", ({"prompt": r["prompt"], "reward_chosen": c, "reward_rejected": j,
+                                                    "judge": r.get("judge", "")}
+                                                   for r, c, j in zip(heldout_rows, chosen, rejected)))
+    write_json(out_dir / REWARD_META, {"init": init, "format": "prompt + completion + eos_token (TRL RewardTrainer)",
+                                       "max_length": cfg.max_length, "lora": cfg.lora,
+                                       "resumed_from": last or "", "config": cfg.to_dict()})
+    return {
+        **metrics,
+        "n_dropped_too_long": too_long, "n_train_pairs": n_trained,
+        "train_steps": result.global_step, "train_loss": result.training_loss,
+        "n_changed_tensors": changed,
+    }

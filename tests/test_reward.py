@@ -1,0 +1,138 @@
+"""The reward stage: training changes the weights and learns separable pairs; the saved model loads with the Auto
+classes and scores as `alignpipe.rewarding` formats text, which is exactly how RewardTrainer tokenizes; drops,
+LoRA, resume and the calibration check."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tiny import make_policy, make_prefs, make_tokenizer
+
+from alignpipe.errors import DataError
+from alignpipe.judges import Pair, RewardModelJudge
+from alignpipe.rewarding import reward_ids, reward_text
+from alignpipe.stages import reward
+
+CLEAN, DIRTY = "\n    return a + b * 7", "\n    return a+b *7"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow(tmp_path_factory):
+    """One MLflow store per module (creating a sqlite store takes seconds)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny reward model trained by the stage (through the runner) on separable pairs."""
+    from alignpipe.runner import execute
+
+    root = tmp_path_factory.mktemp("reward")
+    (root / "label").mkdir()
+    make_prefs(root / "label" / "prefs.jsonl", n=32)
+    heldout = [{"prompt": f"def g{i}(a, b):", "chosen": f"\n    return a + b * {i}",
+                "rejected": f"\n    return a+b *{i}"} for i in range(100, 108)]
+    (root / "label" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    policy = make_policy(root / "policy")
+    cfg = reward.Config(max_steps=20, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0, bf16=False,
+                        checkpoint_dir=str(root / "ckpt"))
+    metrics = execute("reward", cfg, {"prefs": root / "label", "policy": policy}, root / "out")
+    return {"root": root, "policy": policy, "out": root / "out", "metrics": metrics}
+
+
+def test_training_changes_weights_and_learns_separable_pairs(trained):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignpipe.rewarding import reward_scores
+
+    metrics = trained["metrics"]
+    assert metrics["heldout_accuracy"] == 1.0 and metrics["mean_margin"] > 0
+    assert metrics["n_dropped_too_long"] == 0 and metrics["train_steps"] == 20 and metrics["seconds"] > 0
+    assert json.loads((trained["out"] / "metrics.json").read_text())["heldout_accuracy"] == 1.0
+
+    before, after = load_file(trained["policy"] / "model.safetensors"), load_file(trained["out"] / "model.safetensors")
+    body = [k for k in after if k.startswith("transformer.h.")]
+    assert body and any(not torch.equal(after[k], before[k]) for k in body)  # the LM body was fine-tuned
+    assert "score.weight" in after and "lm_head.weight" not in after
+
+    model = AutoModelForSequenceClassification.from_pretrained(trained["out"]).eval()
+    tok = AutoTokenizer.from_pretrained(trained["out"])
+    prompts = [f"def h{i}(x, y):" for i in range(5)]
+    good = reward_scores(model, tok, prompts, [f"\n    return x + y * {i}" for i in range(5)])
+    bad = reward_scores(model, tok, prompts, [f"\n    return x+y *{i}" for i in range(5)])
+    assert all(g > b for g, b in zip(good, bad))
+
+    (sa, sb), = RewardModelJudge(str(trained["out"])).score([Pair("def f(a, b):", CLEAN, DIRTY)])
+    assert sa > sb  # the reward_model judge picks the clean line
+    calib = json.loads((trained["out"] / "calibration.json").read_text())
+    assert sum(b["n"] for b in calib["buckets"]) == 8
+
+
+def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
+    tok = make_tokenizer()
+    assert reward_text("x = 1", "\ny = 2", tok) == "x = 1\ny = 2<|endoftext|>"
+    assert reward_text("x = 1", "\ny = 2<|endoftext|>", tok) == "x = 1\ny = 2<|endoftext|>"  # EOS once
+    model, tok = reward.load_model(str(make_policy(tmp_path / "policy", tok=tok)), reward.Config())
+    rows = [{"prompt": "def f(a, b):", "chosen": "\n    return a + b", "rejected": "\n    return a+b"},
+            {"prompt": "x = [1, 2, 3]\n" * 40, "chosen": "\ny = 2", "rejected": "\ny=2"}]
+    cfg = reward.Config(max_length=64, bf16=False, save_steps=0, checkpoint_dir=str(tmp_path / "ckpt"))
+    trainer = reward.build_trainer(cfg, model, tok, rows)
+    assert len(reward_ids(rows[1]["prompt"], rows[1]["chosen"], tok)) > 64
+    assert len(trainer.train_dataset) == 1  # the long pair is dropped, not truncated
+    example = trainer.train_dataset[0]
+    assert example["chosen_ids"] == reward_ids(rows[0]["prompt"], rows[0]["chosen"], tok)
+    assert example["rejected_ids"] == reward_ids(rows[0]["prompt"], rows[0]["rejected"], tok)
+
+
+def test_lora_resume_and_drop_count(tmp_path):
+    from alignpipe.runner import execute
+    from transformers import AutoModelForSequenceClassification
+
+    prefs = make_prefs(tmp_path / "prefs.jsonl", n=20)
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()]
+    rows[0]["prompt"] = "x = [1, 2, 3]\n" * 40 + rows[0]["prompt"]  # longer than max_length: dropped, counted
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy = make_policy(tmp_path / "policy")
+    common = dict(lora=True, lora_r=4, lora_alpha=8, batch_size=4, bf16=False, save_steps=2, max_length=128,
+                  heldout_frac=0.25, checkpoint_dir=str(tmp_path / "ckpt"), learning_rate=1e-3)
+    first = execute("reward", reward.Config(max_steps=2, **common), {"prefs": prefs, "policy": policy},
+                    tmp_path / "a")
+    assert first["n_dropped_too_long"] == 1 and first["train_steps"] == 2
+    second = execute("reward", reward.Config(max_steps=4, resume=True, **common), {"prefs": prefs, "policy": policy},
+                     tmp_path / "b")
+    assert second["train_steps"] == 4
+    assert json.loads((tmp_path / "b" / "reward.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert not list((tmp_path / "b").glob("adapter_*"))  # LoRA merged: a plain model directory
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b")
+    assert model.config.num_labels == 1 and not hasattr(model, "peft_config")
+    assert first["n_changed_tensors"] > 0
+
+
+def test_calibration_buckets_and_ece():
+    buckets, ece = reward.calibration([0.1, -0.2, 3.0, 4.0], n_buckets=2)
+    assert [b["accuracy"] for b in buckets] == [0.5, 1.0]
+    p_low = (1 / (1 + math.exp(-0.1)) + 1 / (1 + math.exp(-0.2))) / 2
+    p_high = (1 / (1 + math.exp(-3.0)) + 1 / (1 + math.exp(-4.0))) / 2
+    assert ece == pytest.approx(0.5 * abs(0.5 - p_low) + 0.5 * abs(1.0 - p_high))
+
+
+def test_reward_rejects_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="reward.resume"):
+        reward.Config(resume=True, save_steps=0)
+    with pytest.raises(ValueError, match="reward.warmup_ratio"):
+        reward.Config(warmup_ratio=1.5)
+    (tmp_path / "label").mkdir()
+    make_prefs(tmp_path / "label" / "prefs.jsonl", n=4)
+    with pytest.raises(DataError, match="held-out"):
+        reward.load_pairs(tmp_path / "label", 0.1, 0)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "", "rejected": "\ny"}) + "\n")
+    with pytest.raises(DataError, match="chosen"):
+        reward.load_pairs(bad, 0.5, 0)
