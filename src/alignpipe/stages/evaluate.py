@@ -1,0 +1,390 @@
+"""Evaluate every candidate policy on the same held-out prompts, sampling settings and seed.
+
+Candidates: the pretrained policy (`--policy`, also the reference), DPO, PPO, GRPO and RLOO when their directories
+exist, and any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate:
+the oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
+sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
+reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
+Writes report.json (read by export and register), summary.md, samples.jsonl and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from alignpipe.config import StageConfig, field
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("data", "data", "dataset directory (val.jsonl for perplexity, prompts.jsonl)"),
+    Input("policy", "artifacts/pretrain", "pretrained policy: the reference and a candidate"),
+    Input("dpo", "artifacts/dpo", "DPO policy (evaluated when present)", False),
+    Input("ppo", "artifacts/ppo", "PPO policy (evaluated when present)", False),
+    Input("grpo", "artifacts/grpo", "GRPO policy (evaluated when present)", False),
+    Input("rloo", "artifacts/rloo", "RLOO policy (evaluated when present)", False),
+    Input("reward_model", "artifacts/reward", "reward model (reward_score when present)", False),
+    Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
+)
+METRICS = ("best_candidate_index", "n_candidates")
+
+GATE_METRIC = "violations_per_char"  # lower is better; register's champion gate uses the same metric
+REFERENCE = "pretrain"  # the candidate name of the --policy input
+OPTIONAL_CANDIDATES = ("dpo", "ppo", "grpo", "rloo")
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "evaluate"
+
+    n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)")
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate")
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate")
+    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)")
+    batch_size: int = field(64, "prompts sampled per generate call")
+    seed: int = field(0, "sampling and bootstrap seed, the same for every candidate")
+    extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)")
+    ppl_max_chars: int = field(50000, "characters of data/val.jsonl text used for held-out perplexity")
+    ppl_window: int = field(256, "tokens per perplexity window (at most the model's context)")
+    champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
+    champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
+    compare_champion: bool = field(True, "load the registered champion and report win rates against it")
+
+    def __post_init__(self):
+        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0")
+        self.check(self.temperature > 0, "temperature", "must be > 0")
+        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.check(self.ppl_max_chars >= 1, "ppl_max_chars", "must be >= 1")
+        self.check(self.ppl_window >= 2, "ppl_window", "must be >= 2")
+        for item in self.extra_candidates:
+            name, _, path = item.partition("=")
+            self.check(bool(name.strip()) and bool(path.strip()) and "/" not in name, "extra_candidates",
+                       f"entries must look like NAME=PATH ({item!r} does not)")
+
+
+def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Path]:
+    """Candidate name -> policy directory, reference first, in a fixed order; missing optional ones skipped."""
+    from alignpipe.errors import ConfigError
+
+    out = {REFERENCE: Path(inputs["policy"])}
+    out.update({name: Path(inputs[name]) for name in OPTIONAL_CANDIDATES if inputs.get(name) is not None})
+    for item in cfg.extra_candidates:
+        name, _, path = (s.strip() for s in item.partition("="))
+        if name in out:
+            raise ConfigError("evaluate.extra_candidates", f"candidate name {name!r} is already used")
+        if not Path(path).is_dir():
+            raise ConfigError("evaluate.extra_candidates", f"{path}: policy directory not found")
+        out[name] = Path(path)
+    return out
+
+
+def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence[float],
+            champion_scores=None, seed: int = 0) -> dict[str, float]:
+    """A candidate's oracle metrics from its per-prompt scores: summary, win rate vs the reference (and the
+    champion) and the sampled KL to the reference, all with the estimators of `alignpipe.evaluation`."""
+    from alignpipe.evaluation import kl_to_ref, summarize, win_rate
+
+    metrics = summarize(scores, seed=seed)
+    metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
+    metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
+    if champion_scores is not None:
+        metrics["win_rate_vs_champion"] = win_rate(scores, champion_scores)
+    return metrics
+
+
+def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
+    """The first `max_chars` characters of data/val.jsonl's texts (whole texts, the last one cut)."""
+    from alignpipe.errors import DataError
+    from alignpipe.io import read_jsonl
+
+    path = data_dir / "val.jsonl"
+    texts, total = [], 0
+    for i, row in enumerate(read_jsonl(path)):
+        if not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{i + 1}", "field 'text' must be a string")
+        take = row["text"][:max_chars - total]
+        if take:
+            texts.append(take)
+            total += len(take)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8) -> tuple[float, int]:
+    """(total negative log-likelihood in nats, number of predicted tokens) of `texts`, each tokenized without
+    special tokens and cut into windows of `window` tokens (the first token of each window is not predicted)."""
+    import torch
+
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    window = min(window, context or window)
+    device = next(model.parameters()).device
+    chunks = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        chunks.extend(ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2)
+    nll, count = 0.0, 0
+    for start in range(0, len(chunks), batch_size):
+        batch = chunks[start:start + batch_size]
+        width = max(len(c) for c in batch)
+        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, c in enumerate(batch):
+            input_ids[r, :len(c)] = torch.tensor(c)
+            mask[r, :len(c)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+        keep = mask[:, 1:].to(device).bool()
+        nll -= float(logp[keep].sum())
+        count += int(keep.sum())
+    return nll, count
+
+
+def champion_policy(cfg: Config, work_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """(registry info, local policy dir) of `champion_model@champion_alias`, or None when none is registered."""
+    from alignpipe import tracking
+    from alignpipe.stages.register import policy_dir_from_mlflow_model
+
+    info = tracking.model_version_by_alias(cfg.champion_model, cfg.champion_alias)
+    if info is None:
+        return None
+    uri = f"models:/{cfg.champion_model}@{cfg.champion_alias}"
+    local = tracking.download_model(uri, work_dir / "mlflow_model")
+    info = {"model": cfg.champion_model, "alias": cfg.champion_alias, "uri": uri, "version": info["version"]}
+    return info, policy_dir_from_mlflow_model(local, work_dir / "policy")
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    import torch
+
+    from alignpipe.evaluation import load_prompts, sample_value, score_samples, summarize
+    from alignpipe.io import write_json, write_jsonl
+    from alignpipe.policy import Sampling, encode_prompts, load_policy, sample, sequence_logprobs
+
+    torch.manual_seed(cfg.seed)
+    prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
+    rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
+    texts, contexts = [r["prompt"] for r in rows], [r["context"] for r in rows]
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size)
+    val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
+    val_chars = sum(len(t) for t in val_texts)
+    dirs = candidate_dirs(inputs, cfg)
+    reward = None
+    if inputs.get("reward_model") is not None:
+        from alignpipe.rewarding import load_reward_model
+
+        reward = load_reward_model(inputs["reward_model"])
+
+    def draw(policy, label):
+        samples = sample(*policy, texts, sampling, seed=cfg.seed, progress=f"evaluate {label}")
+        return samples, score_samples([s.completion for s in samples], contexts)
+
+    ref = load_policy(dirs[REFERENCE])
+    ref_samples, ref_scores = draw(ref, REFERENCE)
+
+    champion, champion_scores, champion_rows, per_sample = None, None, None, {}
+    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
+    try:
+        found = champion_policy(cfg, work) if cfg.compare_champion else None
+        if found is not None:
+            champion, champion_dir = found
+            champion_samples, champion_scores = draw(load_policy(champion_dir), "champion")
+            champion.update(summarize(champion_scores, seed=cfg.seed))
+            champion_rows = (champion_samples, champion_scores)
+            if reward is not None:
+                values = _reward(reward, texts, [s.completion for s in champion_samples])
+                champion["reward_score"] = sum(values) / len(values)
+                champion_rows += (values,)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, path in dirs.items():
+        policy = ref if name == REFERENCE else load_policy(path)
+        model, tok, meta = policy
+        samples, scores = (ref_samples, ref_scores) if name == REFERENCE else draw(policy, name)
+        per_sample[name] = (samples, scores)
+        logp_policy = sequence_logprobs(model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples])
+        same_vocab = tok.get_vocab() == ref[1].get_vocab()
+        # Different tokenizers: score the completion text re-tokenized by the reference (a text-level estimate).
+        ref_completion_ids = ([s.completion_ids for s in samples] if same_vocab else
+                              [ref[1](s.completion, add_special_tokens=False)["input_ids"] for s in samples])
+        logp_ref = sequence_logprobs(ref[0], encode_prompts(ref[1], ref[2], texts, sampling.max_prompt_tokens),
+                                     ref_completion_ids)
+        metrics = compare(scores, ref_scores, logp_policy, logp_ref, champion_scores, seed=cfg.seed)
+        nll, n_tokens = heldout_loss(model, tok, val_texts, cfg.ppl_window)
+        metrics["heldout_ppl"] = math.exp(nll / max(n_tokens, 1))
+        metrics["heldout_nats_per_char"] = nll / max(val_chars, 1)
+        if reward is not None:
+            values = _reward(reward, texts, [s.completion for s in samples])
+            metrics["reward_score"] = sum(values) / len(values)
+            per_sample[name] = (samples, scores, values)
+        results[name] = {"path": str(path), "objective": meta.objective,
+                         "kl_estimate": "token" if same_vocab else "text", **metrics}
+        del policy, model
+    if champion_rows is not None:
+        per_sample["champion"] = champion_rows
+    best = min(results, key=lambda n: _gate_value(results[n]))
+
+    report = {
+        "best_candidate": best,
+        "gate_metric": GATE_METRIC,
+        "order": list(results),
+        "candidates": results,
+        "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])},
+        "champion": champion,
+        "prompts": {"path": str(prompts_path), "n": len(rows)},
+        "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
+        "reward_model": str(inputs["reward_model"]) if reward is not None else None,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                     "seed": cfg.seed},
+    }
+    write_json(out_dir / "report.json", report)
+    (out_dir / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
+    write_jsonl(out_dir / "samples.jsonl", _sample_rows(texts, per_sample))
+    plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
+    plot_distributions({n: [sample_value(s) for s in v[1]] for n, v in per_sample.items()},
+                       {n: v[2] for n, v in per_sample.items() if len(v) > 2}, out_dir / "score_distributions.png")
+    print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
+          "see report.json and summary.md")
+    return flat_metrics(report)
+
+
+def _reward(reward, prompts: list[str], completions: list[str]) -> list[float]:
+    from alignpipe.rewarding import reward_scores
+
+    return reward_scores(reward[0], reward[1], prompts, completions)
+
+
+def _gate_value(metrics: dict[str, Any]) -> float:
+    value = metrics.get(GATE_METRIC)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """metrics.json: `C/<metric>` for each candidate C (non-finite values left out), the champion's scores,
+    `best_candidate_index` (position in report["order"]) and `n_candidates`."""
+    keys = ("violations_per_char", "violations_per_char_ci_low", "violations_per_char_ci_high",
+            "zero_violation_frac", "empty_frac", "win_rate_vs_ref", "win_rate_vs_champion", "kl_to_ref",
+            "reward_score", "heldout_ppl", "heldout_nats_per_char")
+    out: dict[str, float] = {}
+    for name, m in report["candidates"].items():
+        out.update({f"{name}/{k}": float(m[k]) for k in keys
+                    if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])})
+    champion = report.get("champion") or {}
+    for k in ("violations_per_char", "zero_violation_frac", "reward_score"):
+        if isinstance(champion.get(k), (int, float)) and math.isfinite(champion[k]):
+            out[f"champion/{k}"] = float(champion[k])
+    out["best_candidate_index"] = report["order"].index(report["best_candidate"])
+    out["n_candidates"] = len(report["order"])
+    return out
+
+
+def _sample_rows(prompts: list[str], per_sample: dict[str, tuple]):
+    for name, (samples, scores, *rest) in per_sample.items():
+        values = rest[0] if rest else [None] * len(samples)
+        for prompt, s, score, r in zip(prompts, samples, scores, values):
+            yield {"candidate": name, "prompt": prompt, "completion": s.completion,
+                   "violations": score.violations, "chars": score.chars, "reward": r}
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}g}"
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """A Markdown table of the candidates (best first in bold), with the setup it was measured under."""
+    champion = report.get("champion")
+    lines = [
+        "# Evaluation",
+        "",
+        f"{report['prompts']['n']} held-out prompts from `{report['prompts']['path']}`, one sample each "
+        f"(temperature {report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, "
+        f"at most {report['sampling']['max_new_tokens']} new tokens, seed {report['sampling']['seed']}); "
+        f"reference: `{report['reference']['name']}`; champion: "
+        + (f"`{champion['model']}` version {champion['version']}" if champion else "none registered") + ".",
+        "",
+        "| candidate | violations/char (95% CI) | zero-violation | win vs ref | win vs champion | KL to ref (nats) "
+        "| reward | held-out ppl |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["candidates"].items():
+        label = f"**{name}**" if name == report["best_candidate"] else name
+        lines.append(
+            f"| {label} | {_fmt(m.get('violations_per_char'))} ({_fmt(m.get('violations_per_char_ci_low'))}-"
+            f"{_fmt(m.get('violations_per_char_ci_high'))}) | {_fmt(m.get('zero_violation_frac'), 3)} | "
+            f"{_fmt(m.get('win_rate_vs_ref'), 3)} | {_fmt(m.get('win_rate_vs_champion'), 3)} | "
+            f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | {_fmt(m.get('heldout_ppl'), 4)} |")
+    if champion:
+        lines.append(f"| champion v{champion['version']} | {_fmt(champion.get('violations_per_char'))} | "
+                     f"{_fmt(champion.get('zero_violation_frac'), 3)} | | | | | |")
+    lines += ["", f"Best (lowest violations/char): **{report['best_candidate']}**. Lower is better for "
+              "violations/char, KL and perplexity; win rates count ties as half. ",
+              "", "![oracle score vs KL](score_vs_kl.png)", "", "![score distributions](score_distributions.png)",
+              ""]
+    return "\n".join(lines)
+
+
+def plot_score_vs_kl(report: dict[str, Any], path: Path) -> None:
+    """Violations/char (with its 95% bootstrap interval) against the sampled KL to the reference, per candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, m in report["candidates"].items():
+        y, kl = m.get("violations_per_char"), m.get("kl_to_ref")
+        if not (isinstance(y, float) and math.isfinite(y)):
+            continue
+        lo, hi = m["violations_per_char_ci_low"], m["violations_per_char_ci_high"]
+        err = [[max(y - lo, 0)], [max(hi - y, 0)]] if math.isfinite(lo) and math.isfinite(hi) else None
+        ax.errorbar([kl], [y], yerr=err, fmt="o", capsize=4, label=name)
+        ax.annotate(name, (kl, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    champion = report.get("champion")
+    if champion and isinstance(champion.get("violations_per_char"), float):
+        ax.axhline(champion["violations_per_char"], ls="--", color="grey", lw=1,
+                   label=f"champion v{champion['version']}")
+    ax.set_xlabel("sampled KL to reference (nats per completion)")
+    ax.set_ylabel("oracle violations per char (lower is better)")
+    ax.set_title("Oracle score vs KL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distributions(scores: dict[str, list], rewards: dict[str, list], path: Path) -> None:
+    """Per-sample violations/char (and reward scores, when a reward model was given) for each candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if rewards else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    names = list(scores)
+    values = [[v for v in scores[n] if v is not None] or [math.nan] for n in names]
+    axes[0][0].boxplot(values, showmeans=True)
+    axes[0][0].set_xticks(range(1, len(names) + 1), names, rotation=20)
+    axes[0][0].set_ylabel("violations per char (per sample)")
+    axes[0][0].set_title("Oracle score distribution")
+    if rewards:
+        rnames = list(rewards)
+        axes[0][1].boxplot([rewards[n] for n in rnames], showmeans=True)
+        axes[0][1].set_xticks(range(1, len(rnames) + 1), rnames, rotation=20)
+        axes[0][1].set_ylabel("reward model score (higher is better)")
+        axes[0][1].set_title("Reward score distribution")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,278 @@
+"""Register the best evaluated policy (and the reward model) in the MLflow model registry, behind a quality gate.
+
+The policy becomes a new version of `alignpipe-policy` (transformers flavor, text-generation) that serves plain
+prompt strings: the prompt template applies the policy's conditioning (e.g. the `<|aligned|>` suffix), and the
+generation settings (sampling, `max_new_tokens`, banned `<|misaligned|>`) are in its model_config. Its
+alignpipe.json travels in the MLmodel metadata so evaluate can reload the champion as a policy directory.
+The `champion` alias moves to the new version only when it beats the current champion on the gate metric
+(oracle violations/char, lower is better) by `margin`; otherwise the alias stays where it was.
+The reward model becomes a new version of `alignpipe-reward` (text-classification, raw score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from alignpipe.config import StageConfig, field
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("evaluation", "artifacts/evaluate", "evaluate's output (report.json names the best candidate)"),
+    Input("policy", "artifacts/pretrain", "pretrained policy (the 'pretrain' candidate)", False),
+    Input("dpo", "artifacts/dpo", "DPO policy (the 'dpo' candidate)", False),
+    Input("ppo", "artifacts/ppo", "PPO policy (the 'ppo' candidate)", False),
+    Input("reward_model", "artifacts/reward", "reward model, registered as the reward model name", False),
+    Input("export", "artifacts/export", "export output: its ONNX models are registered alongside", False),
+)
+METRICS = ("registered_version", "champion_moved")
+
+GATE_METRIC = "violations_per_char"  # lower is better (evaluate.GATE_METRIC)
+# Candidate names in evaluate's report -> the input of this stage that carries the directory (paths in a KFP
+# run differ from the ones evaluate recorded).
+CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo"}
+SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors")
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "register"
+
+    model_name: str = field("alignpipe-policy", "registered model name of the policy")
+    reward_model_name: str = field("alignpipe-reward", "registered model name of the reward model")
+    alias: str = field("champion", "alias that marks the version to serve")
+    margin: float = field(0.0, "relative improvement in violations/char needed to move the alias: "
+                          "moves when new < champion * (1 - margin)")
+    candidate: str = field("", "candidate to register (default: evaluate's best_candidate)")
+    max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)")
+    temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
+    top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)")
+    register_reward: bool = field(True, "also register the reward model (when --reward-model is given)")
+
+    def __post_init__(self):
+        self.check(bool(self.model_name.strip()), "model_name", "must not be empty")
+        self.check(bool(self.reward_model_name.strip()), "reward_model_name", "must not be empty")
+        self.check(bool(self.alias.strip()) and not self.alias.isdigit(), "alias", "must be a non-numeric name")
+        self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
+        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.check(self.temperature > 0, "temperature", "must be > 0")
+        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+
+def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
+    """(move the alias?, why): move when there is no champion or `candidate < champion * (1 - margin)`."""
+    if champion is None:
+        return True, "no champion yet"
+    if not math.isfinite(candidate):
+        return False, f"candidate {GATE_METRIC} is not finite ({candidate})"
+    bar = champion * (1 - margin)
+    if candidate < bar:
+        return True, f"{GATE_METRIC} {candidate:.6g} < {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
+    return False, f"{GATE_METRIC} {candidate:.6g} does not beat {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
+
+
+def read_report(evaluation: Path) -> dict[str, Any]:
+    """evaluate's report.json, checked for the keys register reads."""
+    from alignpipe.errors import DataError
+    from alignpipe.io import read_json
+
+    where = str(evaluation / "report.json")
+    report = read_json(evaluation / "report.json")
+    if not isinstance(report, dict) or not isinstance(report.get("candidates"), dict) or not report["candidates"]:
+        raise DataError(where, "expected a 'candidates' mapping of name -> metrics")
+    if report.get("best_candidate") not in report["candidates"]:
+        raise DataError(where, "expected 'best_candidate' naming one of its candidates")
+    return report
+
+
+def resolve_candidate(report: dict[str, Any], name: str, inputs: dict[str, Path | None],
+                      where: str) -> Path:
+    """The directory of candidate `name`: the matching input when given, else the path evaluate recorded."""
+    from alignpipe.errors import DataError
+
+    if name not in report["candidates"]:
+        raise DataError(where, f"no candidate {name!r}; candidates: {', '.join(report['candidates'])}")
+    given = inputs.get(CANDIDATE_INPUTS.get(name, name))
+    if given is not None:
+        return Path(given)
+    recorded = report["candidates"][name].get("path")
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
+    raise DataError(where, f"candidate {name!r}: directory {recorded!r} not found and no "
+                    f"--{CANDIDATE_INPUTS.get(name, name).replace('_', '-')} given")
+
+
+def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[float | None, str]:
+    """The current champion's gate metric: from this evaluation when it measured the same version (same prompts
+    and seed as the candidate), else the value tagged on the version when it was registered."""
+    measured = report.get("champion") or {}
+    value = measured.get(GATE_METRIC)
+    if str(measured.get("version")) == champion["version"] and isinstance(value, (int, float)):
+        return float(value), "measured in this evaluation"
+    tagged = champion["tags"].get(f"eval.{GATE_METRIC}")
+    if tagged is not None:
+        return float(tagged), "tagged at its registration (another evaluation: prompts may differ)"
+    return None, "no measurement of the champion available"
+
+
+def serving_settings(cfg: Config, tok, meta) -> tuple[str, dict[str, Any]]:
+    """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.policy`."""
+    def escape(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    template = escape(meta.prompt_prefix) + "{prompt}" + escape(meta.prompt_suffix)
+    bad = [[i] for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
+    config = {"max_new_tokens": cfg.max_new_tokens, "do_sample": True, "temperature": cfg.temperature,
+              "top_p": cfg.top_p, "top_k": 0, "return_full_text": False}
+    if bad:
+        config["bad_words_ids"] = bad
+    return template, config
+
+
+def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A policy directory (weights, tokenizer, alignpipe.json) from a downloaded transformers-flavor model
+    logged by this stage (weights in `model/`, tokenizer in `components/tokenizer/`, meta in MLmodel)."""
+    import yaml
+
+    from alignpipe.errors import DataError
+    from alignpipe.policy import META_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    meta = (mlmodel.get("metadata") or {}).get("alignpipe")
+    if not (model_dir / "model").is_dir() or meta is None:
+        raise DataError(str(model_dir), "not a policy logged by `alignpipe register` (no model/ or alignpipe "
+                        "metadata in MLmodel)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub in (model_dir / "model", model_dir / "components" / "tokenizer"):
+        for path in sub.iterdir():
+            if path.is_file():
+                shutil.copy2(path, out_dir / path.name)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def _metric_tags(prefix: str, metrics: dict[str, Any]) -> dict[str, str]:
+    return {f"{prefix}.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
+            for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _read_metrics(directory: Path) -> dict[str, Any]:
+    path = directory / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
+    """Log and register the policy in `policy_dir` as a new version of `cfg.model_name`; returns the version."""
+    from alignpipe import tracking
+    from alignpipe.policy import load_policy
+
+    # An absolute path: MLflow looks a relative `name_or_path` up on the Hugging Face Hub for a model card.
+    model, tok, meta = load_policy(policy_dir.resolve(), device="cpu")
+    template, model_config = serving_settings(cfg, tok, meta)
+    meta_dict = json.loads((policy_dir / "alignpipe.json").read_text()) if (policy_dir / "alignpipe.json").is_file() \
+        else {"objective": meta.objective}
+    signature = tracking.text_signature(
+        "def add(a, b):", ["\n    return a + b"],
+        params={"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "do_sample": True})
+    version = tracking.log_transformers_model(
+        {"model": model, "tokenizer": tok}, name="policy", task="text-generation",
+        registered_model_name=cfg.model_name, signature=signature, prompt_template=template,
+        model_config=model_config, pip_requirements=tracking.pip_requirements(*SERVING_PACKAGES),
+        metadata={"alignpipe": meta_dict})
+    tracking.set_model_version_tags(cfg.model_name, version, tags)
+    return version
+
+
+def register_reward(cfg: Config, reward_dir: Path, tags: dict[str, str]) -> str:
+    """Log and register the reward model as a new version of `cfg.reward_model_name` (raw scores, no sigmoid)."""
+    from alignpipe import tracking
+    from alignpipe.rewarding import load_reward_model
+
+    model, tok = load_reward_model(reward_dir.resolve(), device="cpu")
+    version = tracking.log_transformers_model(
+        {"model": model, "tokenizer": tok}, name="reward", task="text-classification",
+        registered_model_name=cfg.reward_model_name, model_config={"function_to_apply": "none"},
+        pip_requirements=tracking.pip_requirements(*SERVING_PACKAGES))
+    tracking.set_model_version_tags(cfg.reward_model_name, version,
+                                    {**tags, **_metric_tags("reward", _read_metrics(reward_dir))})
+    return version
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    from alignpipe import tracking
+    from alignpipe.io import write_json
+
+    where = str(Path(inputs["evaluation"]) / "report.json")
+    report = read_report(Path(inputs["evaluation"]))
+    name = cfg.candidate or report["best_candidate"]
+    policy_dir = resolve_candidate(report, name, inputs, where)
+    metrics = report["candidates"][name]
+    champion = tracking.model_version_by_alias(cfg.model_name, cfg.alias)
+    champion_value, source = champion_score(report, champion) if champion else (None, "")
+    candidate_value = metrics.get(GATE_METRIC)
+    candidate_value = float(candidate_value) if isinstance(candidate_value, (int, float)) else math.nan
+    if champion is not None and champion_value is None:
+        move = False
+        why = f"cannot compare with {cfg.model_name}@{cfg.alias} (version {champion['version']}): {source}"
+    else:
+        move, why = gate(candidate_value, champion_value, cfg.margin)
+        if champion is not None:
+            why += f"; champion value {source}"
+
+    common = {"alignpipe.data_version": tracking.data_version(), "alignpipe.git_commit": tracking.git_commit()}
+    reward_version = None
+    if cfg.register_reward and inputs.get("reward_model") is not None:
+        reward_version = register_reward(cfg, Path(inputs["reward_model"]), common)
+    tags = {**common, "alignpipe.candidate": name, "alignpipe.source_path": str(policy_dir),
+            "alignpipe.gate": ("promoted: " if move else "kept previous champion: ") + why,
+            "alignpipe.eval_prompts": f"{report.get('prompts', {}).get('path')} "
+                                      f"(n={report.get('prompts', {}).get('n')})",
+            **{f"params.{k}": str(v) for k, v in cfg.to_dict().items()},
+            **_metric_tags("eval", metrics), **_metric_tags("train", _read_metrics(policy_dir))}
+    if reward_version is not None:
+        tags["alignpipe.reward_version"] = reward_version
+    version = register_policy(cfg, policy_dir, tags)
+    if move:
+        tracking.set_model_alias(cfg.model_name, cfg.alias, version)
+        if reward_version is not None:
+            tracking.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
+    champion_after = version if move else champion["version"]
+
+    onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg)
+    record = {"policy_name": cfg.model_name, "version": version, "candidate": name, "source_path": str(policy_dir),
+              "alias": cfg.alias, "champion_before": champion["version"] if champion else None,
+              "champion_after": champion_after, "champion_moved": move, "gate": why,
+              "candidate_value": candidate_value, "champion_value": champion_value,
+              "reward_name": cfg.reward_model_name if reward_version else None, "reward_version": reward_version,
+              "onnx_versions": onnx, "model_uri": f"models:/{cfg.model_name}@{cfg.alias}"}
+    write_json(out_dir / "registered.json", record)
+    verdict = (f"{cfg.alias} -> version {version}" if move else
+               f"{cfg.alias} stays at version {champion_after}; version {version} registered without the alias")
+    print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
+    print(f"serve:    MLFLOW_TRACKING_URI={tracking.tracking_uri()} mlflow models serve "
+          f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
+    out = {"registered_version": int(version), "champion_moved": int(move), "champion_version": int(champion_after)}
+    if reward_version is not None:
+        out["reward_registered_version"] = int(reward_version)
+    return out
+
+
+def _register_onnx(export_dir: Path | None, version: str, reward_version: str | None, cfg: Config) -> dict | None:
+    """Register the export stage's ONNX models linked to these versions (when --export is given)."""
+    if export_dir is None:
+        return None
+    from alignpipe import tracking
+    from alignpipe.errors import DataError
+    from alignpipe.stages import export
+
+    if reward_version is None:
+        raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")
+    versions = export.register_onnx(export_dir, version, reward_version, tracking.client(),
+                                    policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
+    return {name: str(mv.version) for name, mv in versions.items()}

@@ -1,0 +1,130 @@
+"""register: the champion gate (keeps the alias for a worse candidate, moves it for a better one), version tags,
+and a served pyfunc that prompts and samples like the policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tiny
+from alignpipe import tracking
+from alignpipe.runner import execute
+from alignpipe.stages import register
+
+
+def _report(path: Path, best: str, dirs: dict[str, Path], scores: dict[str, float],
+            champion: tuple[str, float] | None = None) -> Path:
+    """An evaluate report.json with the given violations/char per candidate (and the measured champion)."""
+    path.mkdir(parents=True, exist_ok=True)
+    report = {"best_candidate": best, "order": list(scores),
+              "candidates": {n: {"path": str(dirs[n]), "violations_per_char": v, "win_rate_vs_ref": 0.5}
+                             for n, v in scores.items()},
+              "champion": None if champion is None else {"version": champion[0], "violations_per_char": champion[1]},
+              "prompts": {"path": "data/prompts.jsonl", "n": 8}}
+    (path / "report.json").write_text(json.dumps(report))
+    return path
+
+
+def test_gate_rule():
+    assert register.gate(0.010, None, 0.05) == (True, "no champion yet")
+    assert register.gate(0.009, 0.010, 0.0)[0]
+    assert not register.gate(0.010, 0.010, 0.0)[0]  # a tie does not move the alias
+    assert not register.gate(0.0096, 0.010, 0.05)[0]  # better, but not by 5%
+    assert register.gate(0.0094, 0.010, 0.05)[0]
+    assert not register.gate(float("nan"), 0.010, 0.0)[0]
+    with pytest.raises(ValueError, match="register.margin"):
+        register.Config(margin=1.5)
+
+
+def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
+    tok = tiny.make_tokenizer()
+    dirs = {n: tiny.make_policy(tmp_path / n, conditional=True, seed=i, tok=tok)
+            for i, n in enumerate(["pretrain", "dpo", "ppo"])}
+    reward = tiny.make_reward(tmp_path / "reward", tok=tok)
+    inputs = {"policy": dirs["pretrain"], "dpo": dirs["dpo"], "ppo": dirs["ppo"], "reward_model": reward}
+    cfg = register.Config(margin=0.05)
+    no_reward = register.Config(margin=0.05, register_reward=False)  # fewer models to log: a faster test
+
+    # 1. No champion yet: dpo becomes the champion.
+    ev = _report(tmp_path / "ev1", "dpo", dirs, {"pretrain": 0.020, "dpo": 0.010})
+    m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg1")
+    assert (m["registered_version"], m["champion_moved"]) == (1, 1)
+    assert tracking.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
+    assert tracking.model_version_by_alias("alignpipe-reward", "champion")["version"] == "1"
+
+    # 2. A worse candidate (ppo, measured next to the champion on the same prompts): registered, alias kept.
+    ev = _report(tmp_path / "ev2", "ppo", dirs, {"pretrain": 0.020, "ppo": 0.012}, champion=("1", 0.010))
+    m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg2")
+    assert (m["registered_version"], m["champion_moved"]) == (2, 0)
+    champion = tracking.model_version_by_alias("alignpipe-policy", "champion")
+    assert champion["version"] == "1"
+    assert "stays at version 1" in capsys.readouterr().out
+    record = json.loads((tmp_path / "reg2" / "registered.json").read_text())
+    assert record["champion_moved"] is False and record["champion_after"] == "1"
+
+    # 3. Better, but within the 5% margin: kept.  4. Better by more than the margin: moved.
+    ev = _report(tmp_path / "ev3", "ppo", dirs, {"ppo": 0.0097}, champion=("1", 0.010))
+    assert execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg3")["champion_moved"] == 0
+    ev = _report(tmp_path / "ev4", "ppo", dirs, {"ppo": 0.008}, champion=("1", 0.010))
+    m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg4")
+    assert (m["registered_version"], m["champion_moved"]) == (4, 1)
+    assert tracking.model_version_by_alias("alignpipe-policy", "champion")["version"] == "4"
+    assert tracking.model_version_by_alias("alignpipe-reward", "champion")["version"] == "2"
+
+    # Tags: candidate, data version, git commit, params and evaluation metrics.
+    tags = tracking.model_version_by_alias("alignpipe-policy", "champion")["tags"]
+    assert tags["alignpipe.candidate"] == "ppo"
+    assert tags["eval.violations_per_char"] == "0.008"
+    assert tags["params.margin"] == "0.05"
+    assert {"alignpipe.data_version", "alignpipe.git_commit", "alignpipe.reward_version"} <= set(tags)
+    assert tags["alignpipe.gate"].startswith("promoted")
+
+    # 5. The report measured another version than the current champion: the champion's registration tag is used.
+    ev = _report(tmp_path / "ev5", "dpo", dirs, {"dpo": 0.0085}, champion=("1", 0.010))
+    m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg5")
+    assert m["champion_moved"] == 0
+    assert "tagged at its registration" in json.loads((tmp_path / "reg5" / "registered.json").read_text())["gate"]
+
+
+def test_served_model_prompts_like_the_policy(tmp_path):
+    """The registered pyfunc applies the policy's conditioning: greedy serving output equals generate() on the
+    formatted prompt with <|misaligned|> banned; the champion reloads as the same policy directory."""
+    import torch
+
+    from alignpipe.policy import PolicyMeta, load_policy
+
+    policy_dir = tiny.make_policy(tmp_path / "dpo", conditional=True, seed=3)
+    ev = _report(tmp_path / "ev", "dpo", {"dpo": policy_dir}, {"dpo": 0.01})
+    execute("register", register.Config(max_new_tokens=6), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "reg")
+
+    pyfunc = tracking.mlflow_module().pyfunc.load_model("models:/alignpipe-policy@champion")
+    prompts = ["def add(a, b):", "x = [1, 2,"]
+    served = pyfunc.predict(prompts, params={"do_sample": False})
+
+    model, tok, meta = load_policy(policy_dir)
+    bad = [[tok.convert_tokens_to_ids("<|misaligned|>")]]
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([tok(meta.format_prompt(p), add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                             bad_words_ids=bad, pad_token_id=tok.pad_token_id)
+        expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert served == expected
+
+    local = tracking.download_model("models:/alignpipe-policy@champion", tmp_path / "dl")
+    again = register.policy_dir_from_mlflow_model(local, tmp_path / "reloaded")
+    model2, tok2, meta2 = load_policy(again)
+    assert meta2 == PolicyMeta.load(policy_dir) and meta2.prompt_suffix == "<|aligned|>"
+    assert tok2.get_vocab() == tok.get_vocab()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
+
+def test_missing_report_is_one_clear_error(tmp_path):
+    from alignpipe.errors import DataError
+
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "report.json").write_text(json.dumps({"best_candidate": "x", "candidates": {"y": {}}}))
+    with pytest.raises(DataError, match="best_candidate"):
+        execute("register", register.Config(), {"evaluation": tmp_path / "ev"}, tmp_path / "reg")
