@@ -125,11 +125,6 @@ def test_good_corpus_and_prefs_together(tmp_path, capsys):
 
 def test_data_build_output_directory_passes(tiny_data, tmp_path, capsys):
     code, err = validate(capsys, tmp_path / "out", "--corpus", str(tiny_data))
-    fails = [line for line in err.splitlines() if line.startswith("validate: FAIL ")]
-    if fails and all("prompts.jsonl: expect_compound_columns_to_be_unique (prompt," in line for line in fails):
-        # data.py::_prompt_candidates yields a one-line compound statement (`if msg: print(msg)`) twice, once
-        # for the `if` and once for its body: duplicate prompt rows. Any other failure fails this test.
-        pytest.xfail("data build writes duplicate prompt rows")
     assert code == 0, err
     _, report = _metrics_and_report(tmp_path / "out")
     names = {Path(f["path"]).name: f["kind"] for f in report["files"]}

@@ -27,7 +27,8 @@ def resolve_inputs(name: str, given: dict[str, Any]) -> dict[str, Path | None]:
         value = given.get(spec.name, spec.default)
         path = Path(value) if value not in (None, "") else None
         if path is not None and not path.exists():
-            if spec.required:
+            explicit = spec.name in given and given[spec.name] != spec.default
+            if spec.required or explicit:  # a mistyped path is an error, an absent default is not
                 raise DataError(str(path), f"input --{spec.name.replace('_', '-')} not found ({spec.help})")
             path = None
         if path is None and spec.required:

@@ -127,6 +127,7 @@ def _prompt_candidates(rel: str, text: str, lines: list[str], cfg: Config) -> It
         tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return
+    seen: set[int] = set()  # a one-line compound statement (`if x: y()`) holds two statements on one line
     for top in tree.body:
         top_start = min([top.lineno] + [d.lineno for d in getattr(top, "decorator_list", [])])
         if top.end_lineno - top_start + 1 > cfg.max_context_lines:
@@ -135,8 +136,9 @@ def _prompt_candidates(rel: str, text: str, lines: list[str], cfg: Config) -> It
             if not isinstance(node, ast.stmt) or node.lineno != node.end_lineno or node is top:
                 continue
             i = node.lineno - 1  # 0-based index of the reference line
-            if i - 1 < top_start - 1 or not lines[i - 1].strip() or not lines[i].strip():
+            if i in seen or i - 1 < top_start - 1 or not lines[i - 1].strip() or not lines[i].strip():
                 continue
+            seen.add(i)
             context = "\n".join(lines[top_start - 1:i])
             prompt = "\n".join(lines[max(top_start - 1, i - cfg.prompt_lines):i])
             yield {"prompt": prompt, "context": context, "reference": "\n" + lines[i], "source": f"{rel}:{i + 1}"}

@@ -437,7 +437,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             raise DataError(str(prefs), "expected a preference JSONL file, got a directory")
         files.append((prefs, "prefs"))
 
-    validator = Validator(out_dir / "data_docs")
+    validator = Validator((out_dir / "data_docs").resolve())  # GX wants an absolute path
     entries = [validate_file(validator, path, kind, cfg) for path, kind in files]
     checks = [(e["path"], c) for e in entries for c in e["expectations"]]
     failed = [(path, c) for path, c in checks if not c["success"]]
