@@ -157,9 +157,15 @@ def test_config_is_applied(tmp_path, capsys):
 
 
 def test_nothing_to_validate_is_an_error(tmp_path, capsys):
-    code, err = validate(capsys, tmp_path / "out", "--corpus", str(tmp_path / "missing"))
+    code, err = validate(capsys, tmp_path / "out", "--corpus", "")
     assert code == 1
     assert "nothing to validate" in err and not (tmp_path / "out").exists()
+
+
+def test_mistyped_input_path_is_an_error(tmp_path, capsys):
+    code, err = validate(capsys, tmp_path / "out", "--corpus", str(tmp_path / "missing"))
+    assert code == 1
+    assert "missing: input --corpus not found" in err and not (tmp_path / "out").exists()
 
 
 def test_config_checks_and_params_sections():
