@@ -1,0 +1,313 @@
+"""Direct preference optimisation of the pretrained policy on the label stage's pairs (TRL DPOTrainer).
+
+DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) fits the policy to preference pairs through the
+implicit reward beta * log(pi(y|x) / pi_ref(y|x)); `loss_type` picks the loss on the chosen-minus-rejected reward
+(sigmoid: DPO; ipo: Azar et al. 2023; hinge: SLiC, Zhao et al. 2023; robust: Chowdhury et al. 2024; TRL's other
+loss types are accepted too). The reference is the pretrained policy loaded a second time from its directory and
+passed explicitly (TRL would otherwise reload it from the model's `_name_or_path`); its log-probabilities are
+precomputed once before training.
+
+Prompts are formatted with the policy's `PolicyMeta` (conditional training: `prompt<|aligned|>`), so DPO trains
+under the conditioning the policy is sampled with, and keep the same last `max_prompt_tokens` tokens as sampling.
+A prompt ends on a non-blank character or a control token and a completion starts with a newline, so the tokenized
+prompt is a prefix of the tokenized prompt + completion (TRL warns otherwise; `n_prompt_boundary_mismatch` counts
+the exceptions). Human pairs (`--human-prefs`) are appended; pairs in TRL's conversational form are flattened to
+text because the policy is a code model without a chat template.
+
+Runs in one process here; `gpus` is the process count of the torchrun/DDP launch on GPU nodes (the Trainer takes
+the world size from the launcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from alignpipe.config import StageConfig, field
+from alignpipe.errors import DataError
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("data", "data", "dataset directory; its held-out prompts.jsonl feed the oracle evaluation"),
+    Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
+    Input("prefs", "artifacts/label", "label stage output holding prefs.jsonl (prompt, chosen, rejected)"),
+    Input("human_prefs", None, "optional extra pairs: a JSONL file, or a directory holding prefs.jsonl", False),
+)
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
+
+TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
+LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+                                  "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+PREFS_FILE = "prefs.jsonl"
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "dpo"
+
+    loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...")
+    beta: float = field(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO: tau)")
+    label_smoothing: float = field(0.0, "robust DPO: the assumed label-flip probability, in [0, 0.5)")
+    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)")
+    warmup_steps: int = field(5, "linear warmup steps")
+    batch_size: int = field(16, "preference pairs per optimizer step (per process)")
+    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used")
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does")
+    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens")
+    precompute_ref_log_probs: bool = field(True, "compute the reference log-probabilities once, before training")
+    bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
+    gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process")
+    seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps")
+    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
+    checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output")
+    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+
+    def __post_init__(self):
+        self.check(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
+        self.check(self.beta > 0, "beta", "must be > 0")
+        self.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        self.check(self.loss_type != "exo_pair" or self.label_smoothing > 0, "label_smoothing",
+                   "must be > 0 for loss_type exo_pair (the EXO paper uses 1e-3)")
+        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        self.check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        self.check(self.max_completion_tokens >= 2, "max_completion_tokens", "must be >= 2")
+        self.check(self.gpus >= 0, "gpus", "must be >= 0")
+        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        self.check(self.save_steps >= 1, "save_steps", "must be >= 1")
+        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
+        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
+        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- preference pairs
+
+def _flatten(value: Any) -> Any:
+    """Text of a TRL conversational field (a list of {"role", "content"} messages); other values unchanged."""
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return "".join(m["content"] for m in value)
+    return value
+
+
+def read_pairs(path: str | Path) -> list[dict[str, str]]:
+    """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
+    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text."""
+    from alignpipe.io import read_jsonl
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREFS_FILE
+    out = []
+    for i, row in enumerate(read_jsonl(path), start=1):
+        where = f"{path}:{i}"
+        pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
+        for key, value in pair.items():
+            if not isinstance(value, str) or (key != "prompt" and not value.strip()):
+                raise DataError(where, f"field {key!r} must be a non-empty string (or TRL conversational messages)")
+        if pair["prompt"] != pair["prompt"].rstrip():
+            raise DataError(where, "the prompt ends on whitespace; prompts end on code and completions start with "
+                                   "the newline (otherwise the tokenized prompt is not a prefix of prompt+completion)")
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(where, "chosen and rejected are identical")
+        out.append(pair)
+    return out
+
+
+def format_pairs(pairs: list[dict[str, str]], tok, meta, max_prompt_tokens: int) -> list[dict[str, str]]:
+    """Pairs with the prompt as the policy sees it at sampling: `meta.format_prompt`, its last `max_prompt_tokens`
+    tokens (as `alignpipe.policy.encode_prompts`)."""
+    out = []
+    for pair in pairs:
+        text = meta.format_prompt(pair["prompt"])
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            text = tok.decode(ids[-max_prompt_tokens:], skip_special_tokens=False)
+        out.append({**pair, "prompt": text})
+    return out
+
+
+def boundary_mismatches(pairs: list[dict[str, str]], tok) -> int:
+    """Pairs whose tokenized prompt is not a prefix of the tokenized prompt + completion (TRL's warning case)."""
+    n = 0
+    for pair in pairs:
+        prompt = tok(pair["prompt"])["input_ids"]
+        for key in ("chosen", "rejected"):
+            if tok(pair["prompt"] + pair[key])["input_ids"][:len(prompt)] != prompt:
+                n += 1
+                break
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def bf16_supported() -> bool:
+    """Whether bf16 autocast is fast here: a CUDA device with bf16, or a CPU with avx512_bf16 or AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def trl_config(cfg: Config, output_dir: str | Path, n_pairs: int):
+    """Our DPOConfig. Against TRL's defaults it turns gradient checkpointing off (a 5M-parameter model has memory
+    to spare; recomputing the forward costs ~30%), precomputes the reference log-probabilities (one no-grad pass
+    instead of a reference forward on every step) and bounds max_length to prompt + completion."""
+    import torch
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        loss_type=[cfg.loss_type],
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        precompute_ref_batch_size=max(64, cfg.batch_size),
+        gradient_checkpointing=False,
+        bf16=cfg.bf16 and bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=False,
+        dataset_num_proc=None,
+    )
+
+
+def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]], output_dir: str | Path,
+                 callbacks: list | None = None):
+    """A DPOTrainer on formatted `pairs` with an explicit reference model."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    return DPOTrainer(model=model, ref_model=ref_model, args=trl_config(cfg, output_dir, len(pairs)),
+                      train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest `checkpoint-N` folder the Trainer wrote, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
+
+
+def clear_checkpoints(checkpoint_dir: str | Path) -> None:
+    """Remove the Trainer's `checkpoint-N` folders (a fresh run must not resume or mix with an old one)."""
+    for path in Path(checkpoint_dir).glob("checkpoint-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+
+def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
+                   seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
+    """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
+    `evaluate_policy`'s metrics plus win/tie/loss fractions. Writes the samples to `out_dir/samples.jsonl`."""
+    from alignpipe.evaluation import evaluate_policy, load_prompts
+    from alignpipe.io import write_jsonl
+    from alignpipe.policy import Sampling, load_policy
+
+    policy = load_policy(policy_dir)
+    prompts = load_prompts(data_dir, n_prompts)
+    metrics, details = evaluate_policy(policy, prompts, Sampling(batch_size=batch_size), seed=seed,
+                                       reference=reference, progress=progress)
+    wins = ties = 0
+    for c, r in zip(details["scores"], details["ref_scores"]):
+        if c is None or r is None:
+            wins += c is not None and r is None
+            ties += c is None and r is None
+        else:
+            wins += c < r
+            ties += c == r
+    n = len(prompts)
+    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n)
+    write_jsonl(Path(out_dir) / "samples.jsonl", (
+        {"prompt": p["prompt"], "completion": c, "score": s, "ref_completion": rc, "ref_score": rs}
+        for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
+                                   details["ref_scores"])))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------- run
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Train with DPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it with the oracle."""
+    import random
+    import time
+
+    import torch
+
+    from alignpipe import tracking
+    from alignpipe.policy import load_policy, save_policy
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, tok, meta = load_policy(inputs["policy"])
+    reference = load_policy(inputs["policy"])  # the frozen reference: an explicit copy from the saved directory
+    pairs = read_pairs(inputs["prefs"])
+    n_human = 0
+    if inputs.get("human_prefs") is not None:
+        human = read_pairs(inputs["human_prefs"])
+        n_human = len(human)
+        pairs += human
+    random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
+    pairs = format_pairs(pairs[:cfg.batch_size * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
+    mismatches = boundary_mismatches(pairs, tok)
+
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    resume_from = None
+    if cfg.resume:
+        resume_from = latest_checkpoint(checkpoint_dir)
+        if resume_from is None:
+            raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
+    else:
+        clear_checkpoints(checkpoint_dir)
+    trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir, [tracking.mlflow_callback()])
+    train_start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_start
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logs[-1] if logs else {}
+
+    trained = trainer.model
+    meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "dpo", "parent": str(inputs["policy"]),
+                                            "loss_type": cfg.loss_type, "beta": cfg.beta})
+    save_policy(trained, tok, meta, out_dir)
+    del trainer, trained, model
+    eval_start = time.perf_counter()
+    metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
+                             out_dir, progress="dpo: evaluating")
+    metrics.update(
+        n_pairs=len(pairs),
+        n_human_pairs=n_human,
+        n_prompt_boundary_mismatch=mismatches,
+        train_loss=float(last.get("loss", result.training_loss)),
+        train_reward_margin=float(last.get("rewards/margins", 0.0)),
+        train_reward_accuracy=float(last.get("rewards/accuracies", 0.0)),
+        train_samples_per_s=result.metrics.get("train_samples_per_second", 0.0),
+        train_seconds=round(train_seconds, 2),
+        eval_seconds=round(time.perf_counter() - eval_start, 2),
+        seconds=round(time.perf_counter() - start, 2),
+    )
+    return metrics

@@ -1,0 +1,169 @@
+"""DPO: pair reading and formatting, prompt/completion token boundaries, each tested loss type raising the
+chosen-vs-rejected margin, the stage end to end and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import tiny  # noqa: E402
+
+from alignpipe.errors import DataError  # noqa: E402
+from alignpipe.stages import dpo  # noqa: E402
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_read_pairs_checks_rows_and_flattens_conversational(tmp_path):
+    good = {"prompt": "def f(a):", "chosen": "\n    return a", "rejected": "\n    return(a)"}
+    conv = {"prompt": [{"role": "user", "content": "x = 1"}], "chosen": [{"role": "assistant", "content": "\ny = 2"}],
+            "rejected": [{"role": "assistant", "content": "\ny=2"}]}
+    pairs = dpo.read_pairs(_write(tmp_path / "p.jsonl", [good, conv]))
+    assert pairs[1] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
+    bad_rows = [({**good, "prompt": "def f(a):\n"}, "ends on whitespace"),
+                ({**good, "rejected": good["chosen"]}, "identical"),
+                ({"prompt": "x", "chosen": "\ny"}, "'rejected'")]
+    for row, message in bad_rows:
+        with pytest.raises(DataError, match=message) as err:
+            dpo.read_pairs(_write(tmp_path / "bad.jsonl", [good, row]))
+        assert err.value.where.endswith("bad.jsonl:2")
+
+
+def test_prompt_is_a_token_prefix_of_prompt_plus_completion(tmp_path):
+    from alignpipe.policy import PolicyMeta, encode_prompts, load_policy
+
+    policy = tiny.make_policy(tmp_path / "policy", conditional=True)
+    model, tok, meta = load_policy(policy)
+    pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=8))
+    formatted = dpo.format_pairs(pairs, tok, meta, max_prompt_tokens=192)
+    assert formatted[0]["prompt"] == pairs[0]["prompt"] + "<|aligned|>"
+    assert dpo.boundary_mismatches(formatted, tok) == 0
+    plain = dpo.format_pairs(pairs, tok, PolicyMeta(), max_prompt_tokens=192)  # MLE policy: no control token
+    assert dpo.boundary_mismatches(plain, tok) == 0
+    trailing_space = [{"prompt": "x =", "chosen": " 1", "rejected": " 2"}]  # the control case: ids merge
+    assert dpo.boundary_mismatches([{**p, "prompt": p["prompt"] + " ", "chosen": p["chosen"][1:],
+                                     "rejected": p["rejected"][1:]} for p in trailing_space], tok) == 1
+
+    # TRL tokenizes the prompt exactly as sampling does (so DPO trains under the sampling conditioning) and does
+    # not warn that the prompt is not a prefix.
+    cfg = dpo.Config(max_steps=1, batch_size=4, bf16=False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    trl_logger = logging.getLogger("trl.trainer.dpo_trainer")
+    trl_logger.addHandler(handler)
+    try:
+        trainer = dpo.make_trainer(cfg, model, load_policy(policy)[0], tok, formatted, tmp_path / "ckpt")
+    finally:
+        trl_logger.removeHandler(handler)
+    assert not [r for r in records if "not a prefix" in r.getMessage()]
+    expected = encode_prompts(tok, meta, [p["prompt"] for p in pairs], 192)
+    assert list(trainer.train_dataset["prompt_ids"]) == expected
+
+
+def test_format_pairs_keeps_the_last_prompt_tokens(tmp_path):
+    from alignpipe.policy import encode_prompts, load_policy
+
+    _, tok, meta = load_policy(tiny.make_policy(tmp_path / "policy", conditional=True))
+    prompt = "\n".join(f"x{i} = {i}" for i in range(40))
+    formatted = dpo.format_pairs([{"prompt": prompt, "chosen": "\ny = 1", "rejected": "\ny=1"}], tok, meta, 16)
+    assert tok(formatted[0]["prompt"])["input_ids"] == encode_prompts(tok, meta, [prompt], 16)[0]
+
+
+def _margin(model, tok, meta, pairs):
+    """Mean of log pi(chosen) - log pi(rejected) over the pairs (the reference's margin before training)."""
+    from alignpipe.policy import encode_prompts, sequence_logprobs
+
+    prompt_ids = encode_prompts(tok, meta, [p["prompt"] for p in pairs], 192)
+    chosen = [tok(p["chosen"], add_special_tokens=False)["input_ids"] for p in pairs]
+    rejected = [tok(p["rejected"], add_special_tokens=False)["input_ids"] for p in pairs]
+    lp_c = sequence_logprobs(model, prompt_ids, chosen)
+    lp_r = sequence_logprobs(model, prompt_ids, rejected)
+    return sum(c - r for c, r in zip(lp_c, lp_r)) / len(pairs)
+
+
+@pytest.mark.parametrize("loss_type", dpo.TESTED_LOSS_TYPES)
+def test_each_loss_type_raises_the_chosen_vs_rejected_margin(loss_type, tmp_path):
+    from alignpipe.policy import load_policy
+
+    policy = tiny.make_policy(tmp_path / "policy", conditional=True)
+    model, tok, meta = load_policy(policy)
+    ref, _, _ = load_policy(policy)
+    pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))
+    before = _margin(model, tok, meta, pairs)
+    cfg = dpo.Config(loss_type=loss_type, beta=0.1, label_smoothing=0.1 if loss_type == "robust" else 0.0,
+                     learning_rate=2e-3, warmup_steps=0, batch_size=8, max_steps=6, bf16=False, logging_steps=1,
+                     save_steps=100)
+    trainer = dpo.make_trainer(cfg, model, ref, tok, dpo.format_pairs(pairs, tok, meta, 192), tmp_path / "ckpt")
+    trainer.train()
+    after = _margin(trainer.model.eval(), tok, meta, pairs)
+    assert after > before + 1.0, (loss_type, before, after)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def _stage_inputs(tmp_path, tiny_data):
+    tok = tiny.make_tokenizer()
+    policy = tiny.make_policy(tmp_path / "policy", conditional=True, tok=tok)
+    prefs = tmp_path / "label"
+    tiny.make_prefs(prefs / "prefs.jsonl", n=24)
+    human = _write(tmp_path / "human.jsonl", [
+        {"prompt": [{"role": "user", "content": "def g(x):"}],
+         "chosen": [{"role": "assistant", "content": "\n    return x * 2"}],
+         "rejected": [{"role": "assistant", "content": "\n    return x*2"}]}])
+    return {"data": tiny_data, "policy": policy, "prefs": prefs, "human_prefs": human}
+
+
+def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
+    from alignpipe.policy import load_policy
+    from alignpipe.runner import execute
+
+    monkeypatch.chdir(tmp_path)
+    inputs = _stage_inputs(tmp_path, tiny_data)
+    cfg = dpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
+                     bf16=False, n_eval_prompts=8, eval_batch_size=8)
+    metrics = execute("dpo", cfg, inputs, tmp_path / "out")
+    for key in dpo.METRICS:
+        assert math.isfinite(metrics[key])
+    assert metrics["n_prompt_boundary_mismatch"] == 0 and metrics["n_human_pairs"] == 1
+    assert metrics["n_pairs"] == 16  # batch_size * max_steps of the 25 pairs
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["kl_to_ref"] == metrics["kl_to_ref"]
+    model, _, meta = load_policy(tmp_path / "out")
+    assert meta.prompt_suffix == "<|aligned|>" and meta.extra["stage"] == "dpo"
+    assert any((tmp_path / "out").glob("*.safetensors"))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ckpt = tmp_path / "checkpoints" / "dpo"
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(ckpt / "checkpoint-4")  # as if the run had died after step 2
+    resumed_metrics = execute("dpo", dpo.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "out2")
+    resumed, _, _ = load_policy(tmp_path / "out2")
+    for k, v in resumed.state_dict().items():
+        assert torch.allclose(v, full[k], atol=1e-5), k
+    assert resumed_metrics["train_loss"] == pytest.approx(metrics["train_loss"], abs=1e-4)
+
+
+def test_resume_without_a_checkpoint_fails_loudly(tmp_path, monkeypatch, tiny_data):
+    from alignpipe.runner import execute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = dpo.Config(max_steps=1, batch_size=4, bf16=False, resume=True, n_eval_prompts=4)
+    with pytest.raises(DataError, match="no checkpoint"):
+        execute("dpo", cfg, _stage_inputs(tmp_path, tiny_data), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="dpo.beta must be > 0, got -1"):
+        dpo.Config(beta=-1.0)
+    with pytest.raises(ValueError, match="dpo.loss_type"):
+        dpo.Config(loss_type="nope")
