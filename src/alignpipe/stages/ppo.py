@@ -66,7 +66,7 @@ class Config(StageConfig):
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
     seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
     save_every: int = field(5, "checkpoint every N iterations into checkpoint_dir")
-    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta), not in the output")
+    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
     n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
     eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
