@@ -104,16 +104,22 @@ def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subproce
     return proc, f"http://127.0.0.1:{port}"
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """Stop the started server's process group (mlflow -> bash -> uvicorn)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the started server's process group (mlflow -> uvicorn); SIGKILL what is left after `timeout`."""
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def markdown(stats: dict, setup: dict) -> str:

@@ -90,28 +90,31 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
 
 def test_served_model_prompts_like_the_policy(tmp_path):
     """The registered pyfunc applies the policy's conditioning: greedy serving output equals generate() on the
-    formatted prompt with <|misaligned|> banned; the champion reloads as the same policy directory."""
+    formatted prompt (its last 192 tokens) with <|misaligned|> banned; the champion reloads as the same policy."""
     import torch
 
     from alignpipe.policy import PolicyMeta, load_policy
 
     policy_dir = tiny.make_policy(tmp_path / "dpo", conditional=True, seed=3)
     ev = _report(tmp_path / "ev", "dpo", {"dpo": policy_dir}, {"dpo": 0.01})
-    execute("register", register.Config(max_new_tokens=6), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "reg")
+    execute("register", register.Config(max_new_tokens=12), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "reg")
 
     pyfunc = tracking.mlflow_module().pyfunc.load_model("models:/alignpipe-policy@champion")
-    prompts = ["def add(a, b):", "x = [1, 2,"]
+    # The last prompt is longer than the model's context: the served model keeps its last 192 tokens, as sample().
+    prompts = ["def add(a, b):", "x = [1, 2,", "y = 2\n" * 150 + "def f(a, b):"]
     served = pyfunc.predict(prompts, params={"do_sample": False})
 
     model, tok, meta = load_policy(policy_dir)
     bad = [[tok.convert_tokens_to_ids("<|misaligned|>")]]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([tok(meta.format_prompt(p), add_special_tokens=False)["input_ids"]])
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+
+    def greedy(text: str) -> str:
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][-192:]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                              bad_words_ids=bad, pad_token_id=tok.pad_token_id)
-        expected.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    assert served == expected
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    assert served == [greedy(meta.format_prompt(p)) for p in prompts]
+    assert served != [greedy(p) for p in prompts]  # the suffix changes the answers: it was applied
 
     local = tracking.download_model("models:/alignpipe-policy@champion", tmp_path / "dl")
     again = register.policy_dir_from_mlflow_model(local, tmp_path / "reloaded")

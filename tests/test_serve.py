@@ -110,16 +110,28 @@ def test_mlflow_models_serve_answers(tmp_path):
             assert 400 <= status < 500, (bad, status, body)
             assert body.get("message")
     finally:
-        if proc.poll() is None:  # stop the server's whole process group (mlflow -> bash -> uvicorn)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop_group(proc)
         log.close()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/ping", timeout=2)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the server's process group (mlflow -> uvicorn), wait until none of it is left, else SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def test_generate_serving_dockerfile(tmp_path):

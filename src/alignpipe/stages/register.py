@@ -119,15 +119,27 @@ def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[fl
     return None, "no measurement of the champion available"
 
 
-def serving_settings(cfg: Config, tok, meta) -> tuple[str, dict[str, Any]]:
-    """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.policy`."""
+def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]]:
+    """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.policy`:
+    the conditioning around the prompt, the last `max_prompt_tokens` prompt tokens kept (the tokenizer must
+    truncate on the left), PHF sampling, banned tokens."""
+    from alignpipe.policy import Sampling
+
     def escape(text: str) -> str:
         return text.replace("{", "{{").replace("}", "}}")
 
     template = escape(meta.prompt_prefix) + "{prompt}" + escape(meta.prompt_suffix)
     bad = [[i] for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    max_prompt = min(Sampling().max_prompt_tokens, (context or 10**9) - cfg.max_new_tokens)
+    if max_prompt < 1:
+        from alignpipe.errors import ConfigError
+
+        raise ConfigError("register.max_new_tokens", f"{cfg.max_new_tokens} leaves no room for a prompt in the "
+                          f"model's context of {context} tokens")
     config = {"max_new_tokens": cfg.max_new_tokens, "do_sample": True, "temperature": cfg.temperature,
-              "top_p": cfg.top_p, "top_k": 0, "return_full_text": False}
+              "top_p": cfg.top_p, "top_k": 0, "return_full_text": False, "truncation": True,
+              "tokenizer_encode_kwargs": {"max_length": max_prompt}}
     if bad:
         config["bad_words_ids"] = bad
     return template, config
@@ -173,7 +185,9 @@ def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
 
     # An absolute path: MLflow looks a relative `name_or_path` up on the Hugging Face Hub for a model card.
     model, tok, meta = load_policy(policy_dir.resolve(), device="cpu")
-    template, model_config = serving_settings(cfg, tok, meta)
+    template, model_config = serving_settings(cfg, model, tok, meta)
+    # Long prompts keep their end (and the conditioning suffix), as in sampling; init_kwargs is what gets saved.
+    tok.truncation_side = tok.init_kwargs["truncation_side"] = "left"
     meta_dict = json.loads((policy_dir / "alignpipe.json").read_text()) if (policy_dir / "alignpipe.json").is_file() \
         else {"objective": meta.objective}
     signature = tracking.text_signature(
