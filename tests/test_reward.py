@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     (root / "label" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
     policy = make_policy(root / "policy")
     cfg = reward.Config(max_steps=20, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0, bf16=False,
-                        checkpoint_dir=str(root / "ckpt"))
+                        prompt_lines=1, checkpoint_dir=str(root / "ckpt"))
     metrics = execute("reward", cfg, {"prefs": root / "label", "policy": policy}, root / "out")
     return {"root": root, "policy": policy, "out": root / "out", "metrics": metrics}
 
@@ -68,6 +68,9 @@ def test_training_changes_weights_and_learns_separable_pairs(trained):
     good = reward_scores(model, tok, prompts, [f"\n    return x + y * {i}" for i in range(5)])
     bad = reward_scores(model, tok, prompts, [f"\n    return x+y *{i}" for i in range(5)])
     assert all(g > b for g, b in zip(good, bad))
+    assert model.config.alignpipe_prompt_lines == 1  # saved with the model: scoring reads the last prompt line
+    assert reward_scores(model, tok, ["import os\n" + prompts[0]], [CLEAN]) == reward_scores(model, tok, prompts[:1],
+                                                                                             [CLEAN])
 
     (sa, sb), = RewardModelJudge(str(trained["out"])).score([Pair("def f(a, b):", CLEAN, DIRTY)])
     assert sa > sb  # the reward_model judge picks the clean line
@@ -89,6 +92,12 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
     example = trainer.train_dataset[0]
     assert example["chosen_ids"] == reward_ids(rows[0]["prompt"], rows[0]["chosen"], tok)
     assert example["rejected_ids"] == reward_ids(rows[0]["prompt"], rows[0]["rejected"], tok)
+
+    cfg = reward.Config(max_length=64, prompt_lines=2, bf16=False, save_steps=0, checkpoint_dir=str(tmp_path / "c"))
+    trainer = reward.build_trainer(cfg, model, tok, rows)
+    assert len(trainer.train_dataset) == 2  # the last 2 lines of the long prompt fit
+    assert trainer.train_dataset[1]["chosen_ids"] == reward_ids(rows[1]["prompt"], rows[1]["chosen"], tok, 2)
+    assert reward_text("a\nb\nc", "\nd", tok, 2) == "b\nc\nd<|endoftext|>"
 
 
 def test_lora_resume_and_drop_count(tmp_path):

@@ -5,8 +5,9 @@ The format is TRL 1.16 RewardTrainer's for standard (non-conversational) pairs w
 is `prompt + completion`, with the tokenizer's EOS appended unless it already ends with it, tokenized by calling
 the tokenizer with its default special tokens (`tok(text)`); the reward is the score head's output at the last
 non-padding token. The prompt is the raw prompt: no policy control tokens (`<|aligned|>`), since the reward
-model judges code, not the policy's conditioning. `tests/test_reward.py` checks this against the trainer's own
-tokenized dataset.
+model judges code, not the policy's conditioning; a reward model may be trained on the last lines of each prompt
+only (`reward.prompt_lines`, saved in its config as `alignpipe_prompt_lines` and applied here when scoring).
+`tests/test_reward.py` checks this against the trainer's own tokenized dataset.
 """
 
 from __future__ import annotations
@@ -35,15 +36,23 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, device:
     return model, tok
 
 
-def reward_text(prompt: str, completion: str, tok) -> str:
+PROMPT_LINES_KEY = "alignpipe_prompt_lines"  # reward model config attribute: prompt lines it reads (0: all)
+
+
+def reward_prompt(prompt: str, prompt_lines: int = 0) -> str:
+    """The part of a prompt a reward model reads: its last `prompt_lines` lines (all when 0)."""
+    return "\n".join(prompt.split("\n")[-prompt_lines:]) if prompt_lines > 0 else prompt
+
+
+def reward_text(prompt: str, completion: str, tok, prompt_lines: int = 0) -> str:
     """The text a reward model scores for one (prompt, completion): as RewardTrainer formats training pairs."""
     eos = tok.eos_token or ""
-    return prompt + (completion if completion.endswith(eos) else completion + eos)
+    return reward_prompt(prompt, prompt_lines) + (completion if completion.endswith(eos) else completion + eos)
 
 
-def reward_ids(prompt: str, completion: str, tok) -> list[int]:
+def reward_ids(prompt: str, completion: str, tok, prompt_lines: int = 0) -> list[int]:
     """The token ids RewardTrainer trains on for one (prompt, completion) (before its max_length filter)."""
-    return tok(reward_text(prompt, completion, tok))["input_ids"]
+    return tok(reward_text(prompt, completion, tok, prompt_lines))["input_ids"]
 
 
 def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_size: int = 32,
@@ -58,9 +67,10 @@ def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_
     device = next(model.parameters()).device
     max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else tok.pad_token_id
+    prompt_lines = int(getattr(model.config, PROMPT_LINES_KEY, 0) or 0)
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        ids = [reward_ids(p, c, tok)[-max_length:] for p, c in
+        ids = [reward_ids(p, c, tok, prompt_lines)[-max_length:] for p, c in
                zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

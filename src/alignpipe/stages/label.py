@@ -3,8 +3,9 @@
 For each training prompt (`data/train_prompts.jsonl`), K completions are sampled from the policy through
 `alignpipe.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
 pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.judges`: the oracle scorer, a reward model or an
-LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped; ties (|score gap| <= tie_threshold) are dropped or
-kept. Human-labelled pairs (`--human-prefs`) are checked by the validate stage and mixed in.
+LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped;
+ties (|score gap| <= tie_threshold) are dropped or kept. Human-labelled pairs (`--human-prefs`) are checked by the
+validate stage and mixed in.
 
 Outputs, TRL's standard preference form plus provenance, one pair per line:
 `prompt` (raw, without the policy's control tokens), `chosen`, `rejected` (completions, starting with "\\n"),
@@ -265,8 +266,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     judging_s = time.perf_counter() - start
     rows = _unique(judged + (_human_rows(human, cfg) if human else []))
     if not rows:
-        raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} pairs judged, {stats['n_ties']} "
-                        f"ties, {n_invalid} with an invalid (blank, not a new line) and {n_identical} with identical completions")
+        raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} judged, {stats['n_ties']} ties; "
+                        f"dropped {n_invalid} with an invalid completion (blank, not a new line) and "
+                        f"{n_identical} with identical completions")
 
     heldout = [r for r in rows if is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
     train = [r for r in rows if not is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]

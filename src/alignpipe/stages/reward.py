@@ -6,7 +6,8 @@ into the weights before saving). Pairs come from the label stage: `prefs.jsonl` 
 evaluate on; given a single JSONL file instead, its pairs are split by the label stage's rule (a hash of the
 prompt, `reward.heldout_frac`).
 
-Text format (`alignpipe.rewarding`, shared with every consumer): raw prompt + completion + EOS. RewardTrainer DROPS
+Text format (`alignpipe.rewarding`, shared with every consumer): raw prompt (or its last `prompt_lines` lines,
+a setting saved in the model's config) + completion + EOS. RewardTrainer DROPS
 (does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
 
 Held-out evaluation scores every held-out pair through `alignpipe.rewarding.reward_scores` (the path ppo,
@@ -46,6 +47,8 @@ class Config(StageConfig):
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
     max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
+    prompt_lines: int = field(0, "last prompt lines the model reads (0: all); saved with the model, applied when "
+                              "scoring")
     epochs: float = field(1.0, "passes over the training pairs (ignored when max_steps > 0)")
     max_steps: int = field(-1, "optimizer steps (-1: use epochs)")
     batch_size: int = field(8, "pairs per device per step")
@@ -74,6 +77,7 @@ class Config(StageConfig):
 
     def __post_init__(self):
         self.check(self.max_length >= 8, "max_length", "must be >= 8")
+        self.check(self.prompt_lines >= 0, "prompt_lines", "must be >= 0 (0: all)")
         self.check(self.epochs > 0, "epochs", "must be > 0")
         self.check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 or >= 1")
         self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -130,6 +134,7 @@ def load_model(init: str, cfg: Config):
     from transformers import AutoModelForSequenceClassification
 
     from alignpipe.policy import load_tokenizer
+    from alignpipe.rewarding import PROMPT_LINES_KEY
 
     tok = load_tokenizer(init, cfg.trust_remote_code)
     verbosity = transformers.logging.get_verbosity()
@@ -140,6 +145,7 @@ def load_model(init: str, cfg: Config):
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
+    setattr(model.config, PROMPT_LINES_KEY, cfg.prompt_lines)  # reward_scores reads prompts as trained
     return model, tok
 
 
@@ -167,8 +173,10 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to="none", seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=False)
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                              for r in train_rows])
+    from alignpipe.rewarding import reward_prompt
+
+    data = Dataset.from_list([{"prompt": reward_prompt(r["prompt"], cfg.prompt_lines), "chosen": r["chosen"],
+                               "rejected": r["rejected"]} for r in train_rows])
     return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft_config, callbacks=list(callbacks))
 
@@ -236,8 +244,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise DataError("reward.max_length", f"{cfg.max_length} is longer than the {positions} positions of {init}")
-    too_long = sum(max(len(reward_ids(r["prompt"], r["chosen"], tok)),
-                       len(reward_ids(r["prompt"], r["rejected"], tok))) > cfg.max_length for r in train_rows)
+    too_long = sum(max(len(reward_ids(r["prompt"], r["chosen"], tok, cfg.prompt_lines)),
+                       len(reward_ids(r["prompt"], r["rejected"], tok, cfg.prompt_lines))) > cfg.max_length
+                   for r in train_rows)
     if too_long == len(train_rows):
         raise DataError("reward.max_length", f"all {len(train_rows)} training pairs are longer than "
                         f"{cfg.max_length} tokens: raise it")
@@ -270,9 +279,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     write_jsonl(out_dir / "heldout_scores.jsonl", ({"prompt": r["prompt"], "reward_chosen": c, "reward_rejected": j,
                                                     "judge": r.get("judge", "")}
                                                    for r, c, j in zip(heldout_rows, chosen, rejected)))
-    write_json(out_dir / REWARD_META, {"init": init, "format": "prompt + completion + eos_token (TRL RewardTrainer)",
-                                       "max_length": cfg.max_length, "lora": cfg.lora,
-                                       "resumed_from": last or "", "config": cfg.to_dict()})
+    write_json(out_dir / REWARD_META, {
+        "init": init, "format": "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)",
+        "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora": cfg.lora,
+        "resumed_from": last or "", "config": cfg.to_dict()})
     return {
         **metrics,
         "n_dropped_too_long": too_long, "n_train_pairs": n_trained,
