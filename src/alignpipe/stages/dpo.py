@@ -223,7 +223,8 @@ def clear_checkpoints(checkpoint_dir: str | Path) -> None:
 def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
                    seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
-    `evaluate_policy`'s metrics plus win/tie/loss fractions. Writes the samples to `out_dir/samples.jsonl`."""
+    `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
+    `out_dir/samples.jsonl`."""
     from alignpipe.evaluation import evaluate_policy, load_prompts
     from alignpipe.io import write_jsonl
     from alignpipe.policy import Sampling, load_policy
@@ -241,7 +242,9 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
             wins += c < r
             ties += c == r
     n = len(prompts)
-    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n)
+    # Ties count half, so no policy can beat a clean reference sample: the best reachable win rate.
+    ceiling = sum(0.5 if r == 0 else 1.0 for r in details["ref_scores"]) / n
+    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n, win_rate_ceiling=ceiling)
     write_jsonl(Path(out_dir) / "samples.jsonl", (
         {"prompt": p["prompt"], "completion": c, "score": s, "ref_completion": rc, "ref_score": rs}
         for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
