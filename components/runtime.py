@@ -1,0 +1,102 @@
+"""What every alignpipe KFP component does inside its container, so the component bodies stay a few lines.
+
+A component hands over its stage name, its config dict (a params.yaml section), its KFP input artifacts and its
+main output artifact; `run_stage` sets the environment, builds the stage's frozen Config and calls the same
+`alignpipe.runner.execute` as the CLI and DVC, then copies the metrics into the `Output[Metrics]` artifact.
+With a `launcher` (e.g. `torchrun --nproc_per_node 4 -m alignpipe`, set by the pipeline when a stage asks for
+several GPUs) the stage runs as `<launcher> <stage> --params ... --<input> ... --out ...` instead: the CLI path.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metrics: Any, env: dict,
+              launcher: list | None = None) -> dict[str, float]:
+    """Run `stage` on the KFP artifacts `inputs` (name -> artifact or None) into `out.path`; log its metrics."""
+    for key, value in env.items():
+        if value:  # an empty pipeline parameter keeps what the pod already has (e.g. from the MLflow secret)
+            os.environ[key] = str(value)
+    from alignpipe.stages import load_stage
+
+    cfg_cls = load_stage(stage).Config
+    config = restore_ints(cfg_cls, config)
+    paths = {name: (artifact.path if artifact is not None else None) for name, artifact in inputs.items()}
+    if launcher:
+        result = launch(list(launcher), stage, config, paths, out.path)
+    else:
+        from alignpipe.runner import execute
+
+        result = execute(stage, cfg_cls.from_dict(config), paths, out.path)
+    for key, value in result.items():
+        metrics.log_metric(key, value)
+    return result
+
+
+def restore_ints(cfg_cls: type, config: dict) -> dict:
+    """KFP hands dict parameters over as protobuf Structs, whose numbers are all doubles (`n_prompts: 64.0`):
+    give the fields typed int (int | None, list[int]) their integers back before the Config checks types."""
+    hints = typing.get_type_hints(cfg_cls)
+    return {key: _int_back(value, hints[key]) if key in hints else value for key, value in config.items()}
+
+
+def _int_back(value: Any, tp: Any) -> Any:
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        return [_int_back(v, typing.get_args(tp)[0]) for v in value]
+    allowed = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if isinstance(value, float) and value.is_integer() and int in allowed and float not in allowed:
+        return int(value)
+    return value
+
+
+def cli_command(launcher: list[str], stage: str, params_file: str, paths: dict[str, str | None],
+                out_dir: str) -> list[str]:
+    """`<launcher> <stage> --params F --<input> PATH ... --out DIR`; a missing optional input is passed as ""
+    so the CLI does not fall back to its default path (e.g. `data`)."""
+    command = [*launcher, *(["data", "build"] if stage == "data" else [stage]), "--params", params_file]
+    for name, path in paths.items():
+        command += [f"--{name.replace('_', '-')}", path or ""]
+    return [*command, "--out", out_dir]
+
+
+def launch(launcher: list[str], stage: str, config: dict, paths: dict[str, str | None],
+           out_dir: str) -> dict[str, float]:
+    """Run the stage through the CLI under `launcher` (torchrun for multi-GPU); returns its metrics.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump({stage: config}), encoding="utf-8")
+        subprocess.run(cli_command(launcher, stage, str(params_file), paths, out_dir), check=True)
+    return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """Copy one file of a stage's output to a KFP output artifact (HTML, Markdown) the UI renders."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def plots_page(out_dir: str | Path, dst: str | Path, title: str) -> int:
+    """One self-contained HTML page with every PNG under `out_dir` inlined (the KFP UI shows a single file);
+    returns the number of plots."""
+    pngs = sorted(Path(out_dir).rglob("*.png"))
+    figures = [f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" '
+               f'style="max-width:100%"><figcaption>{html.escape(str(p.relative_to(out_dir)))}</figcaption>'
+               f"</figure>" for p in pngs]
+    body = "\n".join(figures) or "<p>no plots</p>"
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    Path(dst).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                         f"</head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n", encoding="utf-8")
+    return len(pngs)
