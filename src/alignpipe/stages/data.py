@@ -35,6 +35,7 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = "data"
 
     source_dir: str = field("", "directory of .py files to use (default: the running interpreter's stdlib)")
+    stdlib_subdir: str = field("", "only this package of the stdlib (e.g. 'email': a small corpus for tests)")
     max_chunk_lines: int = field(64, "pack top-level statements into chunks of at most this many lines")
     val_frac: float = field(0.05, "fraction of files in the validation split (by path hash)")
     test_frac: float = field(0.05, "fraction of files in the test split (by path hash); prompts come from it")
@@ -154,7 +155,11 @@ def _documents(cfg: Config, corpus: Path | None) -> Iterator[tuple[str, str]]:
                 raise DataError(f"{corpus}:{idx + 1}", "field 'text' must be a non-empty string")
             yield str(row.get("source", f"row{idx:07d}")), row["text"]
         return
-    root = Path(cfg.source_dir) if cfg.source_dir else Path(sysconfig.get_paths()["stdlib"])
+    root = Path(cfg.source_dir) if cfg.source_dir else Path(sysconfig.get_paths()["stdlib"]) / cfg.stdlib_subdir
+    if not root.is_dir():
+        from alignpipe.errors import ConfigError
+
+        raise ConfigError("data.source_dir" if cfg.source_dir else "data.stdlib_subdir", f"{root} is not a directory")
     yield from stdlib_files(root)
 
 
