@@ -2,12 +2,14 @@
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
-stage succeeded: a failed stage leaves nothing half-written.
+stage succeeded: a failed stage leaves nothing half-written. Under torchrun every rank runs the stage (its
+collectives need them all); only rank 0 opens the MLflow run, writes metrics.json and publishes `out_dir`.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     """Run stage `name` with `cfg` on `inputs`, publishing to `out_dir`; returns its metrics."""
     stage = load_stage(name)
     resolved = resolve_inputs(name, inputs)
+    if not tracking.is_main_process():
+        return _execute_other_rank(name, stage, cfg, resolved)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -67,3 +71,13 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         out_dir.unlink()
     staging.rename(out_dir)
     return metrics
+
+
+def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None]) -> dict[str, float]:
+    """A rank > 0 of a distributed launch: run the stage into a throwaway folder (removed afterwards) and return
+    its metrics; rank 0 alone writes metrics.json, logs to MLflow and publishes."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"alignpipe-{name}-rank{tracking.process_rank()}-"))
+    try:
+        return clean_metrics(dict(stage.run(cfg, resolved, scratch)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

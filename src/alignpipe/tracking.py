@@ -71,10 +71,25 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 _active_run = None
 
 
+def process_rank() -> int:
+    """This process's global rank in a distributed launch (torchrun, accelerate launch, Kubeflow Trainer set
+    RANK); 0 in a plain single-process run."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True for rank 0, the only process of a distributed launch that records the stage."""
+    return process_rank() == 0
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> Iterator[str]:
-    """Start the MLflow run of one stage; yields the run id. Failed stages end as FAILED runs."""
+    """Start the MLflow run of one stage; yields the run id. Failed stages end as FAILED runs. On the other
+    ranks of a distributed launch no run is opened (yields ""), so logging there is a no-op."""
     global _active_run
+    if not is_main_process():
+        yield ""
+        return
     mlflow = _mlflow()
     mlflow.set_experiment(EXPERIMENT)
     all_tags = {"alignpipe.stage": stage, "alignpipe.git_commit": git_commit(),

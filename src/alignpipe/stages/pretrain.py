@@ -385,7 +385,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if main and (done % cfg.log_every == 0 or done == cfg.max_steps):
+        log_step = done % cfg.log_every == 0 or done == cfg.max_steps
+        if log_step and world > 1:  # every rank joins: log the global batch's loss, as one process would
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
+        if main and log_step:
             loss_value = float(loss.detach())
             now = time.perf_counter()
             tps = (done - last_logged) * tokens_per_step / max(now - t_log, 1e-9)
