@@ -144,7 +144,8 @@ def targets(figures: dict) -> list[str]:
     mfus = [f["mfu"] for f in figures.values()]
     if mfus:
         best = max(mfus)
-        out.append(f"- training throughput >= 50% of measured GEMM FLOP/s: {'HOLDS' if best >= 0.5 else 'does NOT hold'}"
+        verdict = "HOLDS" if best >= 0.5 else "does NOT hold"
+        out.append(f"- training throughput >= 50% of measured GEMM FLOP/s: {verdict}"
                    f" (best MFU {best:.1%})")
     return out
 

@@ -69,6 +69,11 @@ def training_flops_per_token(model, seq_len: int) -> float:
     """Model FLOPs per trained token, PaLM appendix B: 6 N + 12 L d T, with N the parameters used in matmuls
     (all but the position and token embeddings, plus the LM head even when tied to the token embedding)."""
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name and "wte" not in name)
-    n += cfg.vocab_size * cfg.n_embd  # the LM head matmul
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+    embeddings = {id(model.get_input_embeddings().weight)}
+    positions = getattr(getattr(model, "transformer", None), "wpe", None)
+    if positions is not None:
+        embeddings.add(id(positions.weight))
+    n = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        n += model.get_output_embeddings().weight.numel()  # the tied LM head is still a matmul
+    return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len

@@ -86,13 +86,14 @@ def token_loss(objective: str, logits, targets, scores, values=None, *, threshol
 
     - mle, filter, conditional: cross-entropy -log p.
     - unlikelihood (Welleck et al. 2019): -log p on aligned tokens (score <= threshold),
-      -ul_alpha * log(1 - p) on the others.
-    - rwr (reward-weighted regression, Peters & Schaal 2007): -log p * exp(R / rwr_beta).
+      -ul_alpha * log(1 - p) on the others (the paper's definition; PHF's code, given threshold 0, falls back to
+      weighting by 1 - score instead).
+    - rwr (reward-weighted regression, Peters & Schaal 2007): -log p * exp(R / rwr_beta) (the paper's definition;
+      PHF's code ran it as AWR with alpha 1, i.e. against a value head that is never trained).
     - awr (advantage-weighted regression, Peng et al. 2019): awr_alpha * mean(-log p * min(exp((R - V) / awr_beta),
       awr_max_weight)) + (1 - awr_alpha) * mean((V - R)^2), with the advantage not back-propagated into V.
     """
     import torch
-    import torch.nn.functional as F
 
     logp = torch.log_softmax(logits.float(), dim=-1)
     logp_target = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)

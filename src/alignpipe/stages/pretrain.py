@@ -169,7 +169,7 @@ def _lm_with_value(model, with_value: bool):
         def __init__(self):
             super().__init__()
             self.lm = model
-            self.value = torch.nn.Linear(model.config.n_embd, 1) if with_value else None
+            self.value = torch.nn.Linear(model.config.hidden_size, 1) if with_value else None
 
         def forward(self, input_ids):
             out = self.lm(input_ids=input_ids, output_hidden_states=self.value is not None, use_cache=False)
@@ -219,7 +219,7 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
                 x[r, :len(w)] = torch.tensor(w)
                 mask[r, :len(w)] = True
             x, mask = x.to(device), mask.to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            logits = model(input_ids=x, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float()
             logits[..., ctrl] = float("-inf")
             nll = -torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]
             valid = mask[:, 1:]
@@ -248,7 +248,8 @@ def _check_rows(rows: list[dict], path: Path) -> None:
     for i, row in enumerate(rows):
         for key, kind in (("text", str), ("line_violations", list), ("violations_per_char", (int, float))):
             if not isinstance(row.get(key), kind):
-                raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {getattr(kind, '__name__', 'number')}")
+                what = getattr(kind, "__name__", "number")
+                raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -414,7 +415,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         metrics.update(heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars), cfg.seq_len, dtype=dtype))
         prompts = load_prompts(data_dir, cfg.eval_prompts)
         sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=cfg.eval_max_new_tokens,
-                            max_prompt_tokens=min(192, lm.config.n_positions - cfg.eval_max_new_tokens))
+                            max_prompt_tokens=min(192, lm.config.max_position_embeddings - cfg.eval_max_new_tokens))
         with (autocast() if autocast is not None else torch.no_grad()):
             oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
                                               progress="pretrain: sampling")
