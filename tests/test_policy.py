@@ -46,6 +46,7 @@ def test_sampling_is_deterministic_and_bans_control_tokens(policy):
         assert "<|aligned|>" not in s.completion and "<|misaligned|>" not in s.completion
         assert s.prompt_ids[-1] == tok.convert_tokens_to_ids("<|aligned|>")  # conditioned on <|aligned|>
         assert cut_completion(s.completion) == s.completion  # never more than one logical line
+        assert tok.decode(s.completion_ids[:1]).startswith("\n")  # the completion starts a new line
 
 
 def test_sequence_logprobs_match_a_manual_sum(policy):

@@ -7,7 +7,8 @@ policy expects to be prompted (e.g. conditional training: end the prompt on `<|a
 
 The completion unit is one logical line of code: a prompt is code that ends on a non-blank line (no trailing
 newline); the completion starts with the newline and ends at the end of the first non-blank logical line
-(brackets closed), or at `max_new_tokens`.
+(brackets closed), or at `max_new_tokens`. The first sampled token is restricted to tokens that start a new line
+(`\n...`): the unit is "the next line", and a barely trained model would otherwise continue the prompt's line.
 """
 
 from __future__ import annotations
@@ -142,12 +143,38 @@ def _closed(code: str) -> bool:
     return True
 
 
+def _newline_ids(tok) -> tuple[set[int], list[int]]:
+    """(ids of tokens containing a newline, ids of tokens starting with one)."""
+    strings = {i: tok.convert_tokens_to_string([t]) for t, i in tok.get_vocab().items()}
+    return ({i for i, s in strings.items() if "\n" in s},
+            sorted(i for i, s in strings.items() if s.startswith("\n")))
+
+
+def _start_new_line(tok, prompt_len: int):
+    """Allow only tokens that start a new line as the first token of a completion."""
+    import torch
+    from transformers import LogitsProcessor
+
+    allowed = torch.tensor(_newline_ids(tok)[1], dtype=torch.long)
+
+    class _StartNewLine(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] != prompt_len or len(allowed) == 0:
+                return scores
+            masked = torch.full_like(scores, float("-inf"))
+            idx = allowed.to(scores.device)
+            masked[:, idx] = scores[:, idx]
+            return masked
+
+    return _StartNewLine()
+
+
 def _stopping(tok, prompt_len: int):
     """Stop each row once its completion holds a finished logical line (checked when a newline is produced)."""
     import torch
     from transformers import StoppingCriteria
 
-    newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    newline_ids = _newline_ids(tok)[0]
 
     class _LineDone(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -207,7 +234,8 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
                 top_p=sampling.top_p if not greedy else None, top_k=0 if not greedy else None,
                 max_new_tokens=sampling.max_new_tokens, bad_words_ids=bad or None,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                stopping_criteria=[_stopping(tok, width)], use_cache=True)
+                logits_processor=[_start_new_line(tok, width)], stopping_criteria=[_stopping(tok, width)],
+                use_cache=True)
         for r, x in enumerate(ids):
             new = generated[r, width:].tolist()
             cut = _cut_ids(tok, meta, new)
