@@ -103,6 +103,14 @@ def test_token_forward_matches_sequence_logprobs(tiny_policy):
     assert logprobs.sum(1).tolist() == pytest.approx(expected, abs=1e-4)
     assert bool((entropy > 0).all())
 
+    # As sampling, the first token is restricted to tokens that start a new line: renormalised there only.
+    first = ppo.first_token_ids(tok)
+    assert all(tok.decode([a[0]]).startswith("\n") for a in actions)
+    with torch.no_grad():
+        restricted, _, _ = ppo.token_forward(model, None, tensors, 1.0, [], autocast=False, first_ids=first)
+    assert bool((restricted[:, 0] > logprobs[:, 0]).all())
+    assert torch.allclose(restricted[:, 1:], logprobs[:, 1:])
+
 
 def _toy_cfg(tmp_path, **kw):
     base = dict(max_steps=4, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2, learning_rate=3e-3,
@@ -113,9 +121,9 @@ def _toy_cfg(tmp_path, **kw):
 
 
 def _few_token_meta(tok, meta, x_token):
-    """The policy's meta with every token banned but X and seven others (no newline, no EOS): a small action space
-    where "emit token X" starts at about 1/8 per token."""
-    allowed = [x_token] + [t for t in sorted(tok.get_vocab()) if t.startswith("Ġ") and t != x_token][:7]
+    """The policy's meta with every token banned but X, six others and the newline (sampling starts a completion
+    with a newline): a small action space where "emit token X" starts at about 1/8 per token."""
+    allowed = [x_token, "Ċ"] + [t for t in sorted(tok.get_vocab()) if t.startswith("Ġ") and t != x_token][:6]
     banned = tuple(t for t in tok.get_vocab() if t not in allowed)
     return dataclasses.replace(meta, bad_words=banned)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
+from alignpipe.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -267,6 +267,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"])
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
+        raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
+                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
     reference = load_policy(inputs["policy"])  # the frozen reference: an explicit copy from the saved directory
     pairs = read_pairs(inputs["prefs"])
     n_human = 0

@@ -12,7 +12,8 @@ TRL removed PPOTrainer after 1.12, so PPO is written here in one file, in the sp
   https://arxiv.org/abs/1506.02438), advantage whitening, the clipped surrogate and clipped value loss (Schulman et
   al. 2017, https://arxiv.org/abs/1707.06347 eq. 7), several PPO epochs over minibatches of each rollout batch;
 - rollouts from `alignpipe.policy.sample` (HF generate with a KV cache; the completion unit is one logical line),
-  at `temperature` with top-p off so that the sampling distribution is the one whose log-probabilities PPO uses.
+  at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p off, so that the sampling
+  distribution is the one whose log-probabilities PPO computes (same temperature, banned words, first token).
 
 The saved policy is a plain causal LM (loadable by `alignpipe.policy.load_policy`, same PolicyMeta); the value head
 is saved beside it in `value_head.safetensors`. PPO runs in a single process (no DDP), on one GPU when present.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
+from alignpipe.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -60,7 +61,7 @@ class Config(StageConfig):
     cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values")
     vf_coef: float = field(0.1, "weight of the value loss")
     max_grad_norm: float = field(1.0, "gradient clipping norm")
-    temperature: float = field(1.0, "rollout sampling temperature (log-probabilities use the same temperature)")
+    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)")
     max_new_tokens: int = field(48, "completion length cap in tokens")
     max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does")
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
@@ -210,9 +211,12 @@ def batch_tensors(prompt_ids: list[list[int]], action_ids: list[list[int]], pad_
             mask.to(device), W)
 
 
-def token_forward(model, value_head, tensors, temperature: float, bad_ids: list[int], autocast: bool):
-    """Per-token log pi(y_t|s_t) at `temperature` (banned tokens masked, as in sampling), the entropy of that
-    distribution and V(s_t) from the value head (None when value_head is None). All [B, T], fp32."""
+def token_forward(model, value_head, tensors, temperature: float, bad_ids: list[int], autocast: bool,
+                  first_ids: list[int] | None = None):
+    """Per-token log pi(y_t|s_t) of the distribution sampling draws from: logits / `temperature`, banned tokens
+    masked and, with `first_ids`, the first token restricted to them (as `alignpipe.policy.sample` restricts it to
+    tokens that start a new line); the entropy of that distribution and V(s_t) from the value head (None when
+    value_head is None). All [B, T], fp32."""
     import torch
 
     input_ids, attention, position_ids, actions, mask, W = tensors
@@ -225,11 +229,16 @@ def token_forward(model, value_head, tensors, temperature: float, bad_ids: list[
         logits = model.get_output_embeddings()(h) / temperature
         if bad_ids:
             logits[..., bad_ids] = -math.inf
+        if first_ids:
+            allowed = torch.full_like(logits[:, 0], -math.inf)
+            allowed[:, first_ids] = 0.0
+            logits[:, 0] = logits[:, 0] + allowed
         logp_all = torch.log_softmax(logits, dim=-1)
         logprobs = logp_all.gather(-1, actions[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all.nan_to_num(neginf=0.0)).sum(-1)
         values = value_head(h)[..., 0] if value_head is not None else None
-    return logprobs.masked_fill(mask == 0, 0.0), entropy, values  # padding may be a banned token (-inf)
+    # Padding may be a banned token (-inf); a floor keeps an impossible action from turning the ratio into NaN.
+    return logprobs.clamp(min=-1e4).masked_fill(mask == 0, 0.0), entropy, values
 
 
 @dataclass
@@ -275,12 +284,20 @@ class PPOState:
 
 
 def bad_token_ids(tok, meta) -> list[int]:
+    """Ids of the policy's banned words, as `alignpipe.policy.sample` bans them."""
     out = []
     for word in meta.bad_words:
         i = tok.convert_tokens_to_ids(word)
         if i is not None and i != tok.unk_token_id:
             out.append(i)
     return out
+
+
+def first_token_ids(tok) -> list[int]:
+    """Ids of the tokens a completion may start with: those starting a new line (sampling's own list)."""
+    from alignpipe.policy import _newline_ids
+
+    return _newline_ids(tok)[1]
 
 
 def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[str], reward_fn: RewardFn,
@@ -299,14 +316,14 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[
     actions = [action_ids(s, tok, meta, cfg.max_new_tokens) for s in samples]
     prompt_ids = [s.prompt_ids for s in samples]
     device = next(model.parameters()).device
-    bad = bad_token_ids(tok, meta)
+    bad, first = bad_token_ids(tok, meta), first_token_ids(tok)
     logprobs, ref_logprobs, values, masks = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(samples), cfg.minibatch_size):
             sl = slice(start, start + cfg.minibatch_size)
             tensors = batch_tensors(prompt_ids[sl], actions[sl], tok.pad_token_id, device)
-            lp, _, v = token_forward(model, value_head, tensors, cfg.temperature, bad, autocast)
-            ref_lp, _, _ = token_forward(ref_model, None, tensors, cfg.temperature, bad, autocast)
+            lp, _, v = token_forward(model, value_head, tensors, cfg.temperature, bad, autocast, first)
+            ref_lp, _, _ = token_forward(ref_model, None, tensors, cfg.temperature, bad, autocast, first)
             logprobs.append(lp)
             ref_logprobs.append(ref_lp)
             values.append(v * tensors[4])
@@ -325,7 +342,7 @@ def ppo_update(cfg: Config, model, value_head, optimizer, batch: Rollout, advant
     """ppo_epochs passes of clipped-surrogate minibatch updates over one rollout batch; mean stats."""
     import torch
 
-    bad = bad_token_ids(tok, meta)
+    bad, first = bad_token_ids(tok, meta), first_token_ids(tok)
     device = next(model.parameters()).device
     params = [p for p in model.parameters()] + list(value_head.parameters())
     sums: dict[str, float] = {}
@@ -339,7 +356,8 @@ def ppo_update(cfg: Config, model, value_head, optimizer, batch: Rollout, advant
                                     tok.pad_token_id, device)
             T = tensors[3].shape[1]
             mask = tensors[4]
-            logprobs, entropy, values = token_forward(model, value_head, tensors, cfg.temperature, bad, autocast)
+            logprobs, entropy, values = token_forward(model, value_head, tensors, cfg.temperature, bad, autocast,
+                                                      first)
             loss, stats = ppo_loss(logprobs, batch.logprobs[idx, :T], advantages[idx, :T], values,
                                    batch.values[idx, :T], returns[idx, :T], mask, cfg.cliprange,
                                    cfg.cliprange_value, cfg.vf_coef)
@@ -487,6 +505,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"])
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
+        raise ConfigError("ppo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the policy's "
+                          f"{positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
     reference = load_policy(inputs["policy"])
     rm, rm_tok = load_reward_model(inputs["reward_model"])
     prompts = read_train_prompts(inputs["data"])
