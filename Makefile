@@ -43,3 +43,6 @@ test: setup
 
 clean:
 	rm -rf artifacts checkpoints .tmp
+
+# `make images` / `make push-images`: the KFP images (tags pinned once, in components/image.py).
+include docker/images.mk

@@ -62,6 +62,10 @@ def add_pipeline_parser(sub) -> None:
     s.add_argument("--namespace", help="Kubernetes namespace (multi-user Kubeflow)")
     s.set_defaults(func=cmd_submit)
 
+    from alignpipe.scaleout import add_trainjob_parser
+
+    add_trainjob_parser(actions)
+
 
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML file (default: %(default)s)")

@@ -39,21 +39,27 @@ def _mlflow():
 
 
 def git_commit(cwd: str | Path = ".") -> str:
-    """HEAD's commit, with `-dirty` when tracked files changed; `unknown` outside a git checkout."""
+    """ALIGNPIPE_GIT_COMMIT when set (a pipeline run passes it), else HEAD's commit with `-dirty` when tracked
+    files changed; `unknown` outside a git checkout."""
+    if os.environ.get("ALIGNPIPE_GIT_COMMIT"):
+        return os.environ["ALIGNPIPE_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ALIGNPIPE_GIT_COMMIT", "unknown")
+        return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def data_version(dvc_file: str | Path = "data.dvc") -> str:
-    """The md5 DVC recorded for data/ (`unknown` when data.dvc is absent, e.g. inside a KFP container)."""
+    """ALIGNPIPE_DATA_VERSION when set (a pipeline run passes it), else the md5 DVC recorded for data/ in
+    data.dvc; `unknown` without either."""
+    if os.environ.get("ALIGNPIPE_DATA_VERSION"):
+        return os.environ["ALIGNPIPE_DATA_VERSION"]
     path = Path(dvc_file)
     if not path.is_file():
-        return os.environ.get("ALIGNPIPE_DATA_VERSION", "unknown")
+        return "unknown"
     outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
     return str(outs[0].get("md5", "unknown"))
 
