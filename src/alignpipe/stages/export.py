@@ -132,7 +132,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "providers": ort_policy.session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
         "opset": cfg.opset, "prompt_format": meta.format_prompt("{prompt}"),
         "bad_token_ids": ref.gen_kw["bad_token_ids"],
-        "parity": {"atol": cfg.parity_atol, **{k: v for k, v in fp32.items() if k != "seqs"},
+        "parity": {"atol": cfg.parity_atol, **{k: v for k, v in fp32.items() if k not in ("seqs", "matches")},
                    "prompts": [{"prompt": p, "completion": c, "greedy_equal": m}
                                for p, c, m in zip(prompts, ref.completions, fp32["matches"])]},
         "latency": {"batch": len(prompts), "max_new_tokens": cfg.max_new_tokens, "new_tokens": ref.new_tokens,
