@@ -171,7 +171,9 @@ def open_session(path: str | Path, providers: Sequence[str], threads: int = 0, s
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    # No TF32 on CUDA: fp32 graphs are checked against fp32 PyTorch, which does not use TF32 for matmuls.
+    entries = [(p, {"use_tf32": "0"}) if p == CUDA else p for p in providers]
+    session = ort.InferenceSession(str(path), sess_options=options, providers=entries)
     if strict and session.get_providers()[0] != providers[0]:
         raise RuntimeError(f"{path}: asked for {providers[0]} but onnxruntime runs on {session.get_providers()}")
     return session
