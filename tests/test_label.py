@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
             "root": root}
 
 
-LINES = ("x = 1", "x=1", "y = [1, 2]", "y = [1,2]", "return None", "z  = 3", "f(a , b)")
+LINES = ("x = 1", "x=1", "y = [1, 2]", "y = [1,2]", "return None", "z  = 3", "f(a , b)", "g = (1,")
 
 
 def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
@@ -141,8 +141,10 @@ def test_label_stage_writes_valid_oracle_preferences(tiny, tmp_path, monkeypatch
         assert "<|aligned|>" not in r["prompt"] and r["judge"] == "scorer"
         assert r["oracle_chosen"] < r["oracle_rejected"]  # ties dropped: the oracle strictly prefers chosen
         assert r["score_chosen"] == -r["oracle_chosen"]
+        assert "g = (1," not in r["chosen"] + r["rejected"]  # unscorable (E9: unclosed bracket) pairs dropped
     assert metrics["mean_score_gap"] > 0 and "judge_oracle_agreement" not in metrics
     assert metrics["n_ties"] > 0 and metrics["n_samples"] == 16 * 3  # e.g. two clean lines
+    assert metrics["n_unscorable_pairs"] > 0
     for name in ("prefs.jsonl", "heldout.jsonl"):
         checked = validate.run(validate.Config(), {"corpus": None, "prefs": out / name}, tmp_path / f"v-{name}")
         assert checked["n_failed_expectations"] == 0

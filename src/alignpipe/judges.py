@@ -13,6 +13,7 @@ label stage turns the two scores into chosen/rejected (equal scores, within a th
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -49,20 +50,20 @@ class Judge(Protocol):
         ...
 
 
-def oracle(pairs: Sequence[Pair]) -> list[tuple[float, float]]:
-    """The oracle's violations per character of (a, b) for each pair (LOWER is better), each completion scored
-    after its context; identical (context, completion) are scored once."""
+@functools.lru_cache(maxsize=1 << 16)
+def oracle_score(context: str, completion: str):
+    """The oracle's `CompletionScore` of a completion after its context (cached: judges and the label stage share
+    the work)."""
     from alignpipe.scoring import score_completion
 
-    cache: dict[tuple[str, str], float] = {}
+    return score_completion(context, completion)
 
-    def one(context: str, completion: str) -> float:
-        key = (context, completion)
-        if key not in cache:
-            cache[key] = score_completion(context, completion).per_char
-        return cache[key]
 
-    return [(one(p.context or p.prompt, p.a), one(p.context or p.prompt, p.b)) for p in pairs]
+def oracle(pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+    """The oracle's violations per character of (a, b) for each pair (LOWER is better), each completion scored
+    after its context."""
+    return [(oracle_score(p.context or p.prompt, p.a).per_char, oracle_score(p.context or p.prompt, p.b).per_char)
+            for p in pairs]
 
 
 class ScorerJudge:

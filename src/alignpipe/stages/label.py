@@ -4,8 +4,9 @@ For each training prompt (`data/train_prompts.jsonl`), K completions are sampled
 `alignpipe.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
 pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.judges`: the oracle scorer, a reward model or an
 LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped;
-ties (|score gap| <= tie_threshold) are dropped or kept. Human-labelled pairs (`--human-prefs`) are checked by the
-validate stage and mixed in.
+so are, by default, pairs with a completion the oracle cannot check (a tokenize error, E9: pycodestyle stops
+checking there, so a garbled line can look clean); ties (|score gap| <= tie_threshold) are dropped or kept.
+Human-labelled pairs (`--human-prefs`) are checked by the validate stage and mixed in.
 
 Outputs, TRL's standard preference form plus provenance, one pair per line:
 `prompt` (raw, without the policy's control tokens), `chosen`, `rejected` (completions, starting with "\\n"),
@@ -51,6 +52,8 @@ class Config(StageConfig):
     k: int = field(4, "completions sampled per prompt")
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
     keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")
+    drop_unscorable: bool = field(True, "drop pairs with a completion pycodestyle cannot tokenize (E9: it stops "
+                                  "checking there, so the oracle's count is no judgement)")
     tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this")
     heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl")
     temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
@@ -202,7 +205,7 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
     from alignpipe.judges import oracle
 
     scores = judge.score(pairs)
-    oracles = [(-a, -b) for a, b in scores] if judge.name == "scorer" else oracle(pairs)
+    oracles = oracle(pairs)
     rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
     for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
         tie = abs(sa - sb) <= cfg.tie_threshold
@@ -231,7 +234,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
 
     from alignpipe.io import write_jsonl
-    from alignpipe.judges import Pair
+    from alignpipe.judges import Pair, oracle_score
     from alignpipe.policy import Sampling, load_policy, sample
 
     torch.manual_seed(cfg.seed)
@@ -259,6 +262,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         n_identical += identical
         pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
 
+    n_unscorable = 0
+    if cfg.drop_unscorable:
+        scorable = [p for p in pairs if not (oracle_score(p.context, p.a).truncated
+                                             or oracle_score(p.context, p.b).truncated)]
+        n_unscorable, pairs = len(pairs) - len(scorable), scorable
+
     start = time.perf_counter()
     judge = build_judge(cfg, inputs.get("judge_model"))
     judged, stats = judge_pairs(judge, pairs, cfg)
@@ -283,7 +292,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     return {
         "n_pairs": len(rows), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
         "n_human_pairs": len(rows) - len(judged), "n_prompts": len(prompts), "n_samples": len(samples),
-        "n_invalid_pairs": n_invalid, "n_identical_pairs": n_identical,
+        "n_invalid_pairs": n_invalid, "n_identical_pairs": n_identical, "n_unscorable_pairs": n_unscorable,
         **stats,
         "oracle_chosen_mean": sum(r["oracle_chosen"] for r in judged) / max(len(judged), 1),
         "oracle_rejected_mean": sum(r["oracle_rejected"] for r in judged) / max(len(judged), 1),

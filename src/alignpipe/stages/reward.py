@@ -221,6 +221,13 @@ def evaluate(model, tok, rows: list[dict], cfg: Config) -> tuple[dict[str, float
                "calibration_ece": ece, "n_heldout_pairs": len(rows)}
     for b in buckets:
         metrics[f"calibration/bucket{b['bucket']}_accuracy"] = b["accuracy"]
+    # where the label stage recorded the oracle: accuracy on clean-vs-dirty pairs and on pairs of two dirty lines
+    for name, keep in (("clean_vs_dirty", lambda oc, orj: oc == 0 < orj), ("both_dirty", lambda oc, orj: oc > 0)):
+        sub = [c for r, c in zip(rows, correct) if "oracle_chosen" in r and keep(r["oracle_chosen"],
+                                                                                 r["oracle_rejected"])]
+        if sub:
+            metrics[f"heldout_accuracy_{name}"] = sum(sub) / len(sub)
+            metrics[f"n_heldout_{name}"] = len(sub)
     return metrics, chosen, rejected
 
 
