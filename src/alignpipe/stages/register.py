@@ -244,6 +244,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if cfg.register_reward and inputs.get("reward_model") is not None:
         reward_version = register_reward(cfg, Path(inputs["reward_model"]), common)
     tags = {**common, "alignpipe.candidate": name, "alignpipe.source_path": str(policy_dir),
+            "alignpipe.objective": str(metrics.get("objective", "")),
             "alignpipe.gate": ("promoted: " if move else "kept previous champion: ") + why,
             "alignpipe.eval_prompts": f"{report.get('prompts', {}).get('path')} "
                                       f"(n={report.get('prompts', {}).get('n')})",
