@@ -256,6 +256,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Train, evaluate and save the policy (safetensors + tokenizer + alignpipe.json) into `out_dir`."""
     import os
     import shutil
+    import sys
     import time
 
     import numpy as np
@@ -286,6 +287,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     existing = _checkpoints(ckpt_dir) if cfg.resume else []
+    if cfg.resume and not existing and main:
+        print(f"pretrain: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
     if main and not cfg.resume:
         for old in _checkpoints(ckpt_dir):
             shutil.rmtree(old)
