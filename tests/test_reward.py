@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
                 "rejected": f"\n    return a+b *{i}"} for i in range(100, 108)]
     (root / "label" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
     policy = make_policy(root / "policy")
-    cfg = reward.Config(max_steps=20, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0, bf16=False,
+    cfg = reward.Config(max_steps=20, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0,
                         prompt_lines=1, checkpoint_dir=str(root / "ckpt"))
     metrics = execute("reward", cfg, {"prefs": root / "label", "policy": policy}, root / "out")
     return {"root": root, "policy": policy, "out": root / "out", "metrics": metrics}
@@ -85,7 +85,7 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
     model, tok = reward.load_model(str(make_policy(tmp_path / "policy", tok=tok)), reward.Config())
     rows = [{"prompt": "def f(a, b):", "chosen": "\n    return a + b", "rejected": "\n    return a+b"},
             {"prompt": "x = [1, 2, 3]\n" * 40, "chosen": "\ny = 2", "rejected": "\ny=2"}]
-    cfg = reward.Config(max_length=64, bf16=False, save_steps=0, checkpoint_dir=str(tmp_path / "ckpt"))
+    cfg = reward.Config(max_length=64, prompt_lines=0, save_steps=0, checkpoint_dir=str(tmp_path / "ckpt"))
     trainer = reward.build_trainer(cfg, model, tok, rows)
     assert len(reward_ids(rows[1]["prompt"], rows[1]["chosen"], tok)) > 64
     assert len(trainer.train_dataset) == 1  # the long pair is dropped, not truncated
@@ -93,7 +93,7 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
     assert example["chosen_ids"] == reward_ids(rows[0]["prompt"], rows[0]["chosen"], tok)
     assert example["rejected_ids"] == reward_ids(rows[0]["prompt"], rows[0]["rejected"], tok)
 
-    cfg = reward.Config(max_length=64, prompt_lines=2, bf16=False, save_steps=0, checkpoint_dir=str(tmp_path / "c"))
+    cfg = reward.Config(max_length=64, prompt_lines=2, save_steps=0, checkpoint_dir=str(tmp_path / "c"))
     trainer = reward.build_trainer(cfg, model, tok, rows)
     assert len(trainer.train_dataset) == 2  # the last 2 lines of the long prompt fit
     assert trainer.train_dataset[1]["chosen_ids"] == reward_ids(rows[1]["prompt"], rows[1]["chosen"], tok, 2)
@@ -109,7 +109,7 @@ def test_lora_resume_and_drop_count(tmp_path):
     rows[0]["prompt"] = "x = [1, 2, 3]\n" * 40 + rows[0]["prompt"]  # longer than max_length: dropped, counted
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     policy = make_policy(tmp_path / "policy")
-    common = dict(lora=True, lora_r=4, lora_alpha=8, batch_size=4, bf16=False, save_steps=2, max_length=128,
+    common = dict(lora=True, lora_r=4, lora_alpha=8, batch_size=4, prompt_lines=0, save_steps=2, max_length=128,
                   heldout_frac=0.25, checkpoint_dir=str(tmp_path / "ckpt"), learning_rate=1e-3)
     first = execute("reward", reward.Config(max_steps=2, **common), {"prefs": prefs, "policy": policy},
                     tmp_path / "a")

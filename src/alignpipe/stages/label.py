@@ -48,7 +48,7 @@ class Config(StageConfig):
 
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
                                                             "model (--judge-model) or an LLM (--judge-model)")
-    n_prompts: int = field(1024, "training prompts to label (chosen by a hash; 0 = all)")
+    n_prompts: int = field(512, "training prompts to label (chosen by a hash; 0 = all)")
     k: int = field(4, "completions sampled per prompt")
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
     keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")

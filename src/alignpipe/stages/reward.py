@@ -47,18 +47,18 @@ class Config(StageConfig):
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
     max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
-    prompt_lines: int = field(0, "last prompt lines the model reads (0: all); saved with the model, applied when "
+    prompt_lines: int = field(2, "last prompt lines the model reads (0: all); saved with the model, applied when "
                               "scoring")
-    epochs: float = field(1.0, "passes over the training pairs (ignored when max_steps > 0)")
+    epochs: float = field(2.0, "passes over the training pairs (ignored when max_steps > 0)")
     max_steps: int = field(-1, "optimizer steps (-1: use epochs)")
-    batch_size: int = field(8, "pairs per device per step")
+    batch_size: int = field(16, "pairs per device per step")
     grad_accum: int = field(1, "gradient accumulation steps")
-    learning_rate: float = field(1e-4, "peak AdamW learning rate")
+    learning_rate: float = field(3e-4, "peak AdamW learning rate")
     weight_decay: float = field(0.0, "AdamW weight decay")
     warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up")
     lr_scheduler: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
     center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
-    bf16: bool = field(True, "bf16 autocast (CPUs with AMX/avx512_bf16 and recent GPUs)")
+    bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
     lora: bool = field(False, "train LoRA adapters (peft) instead of all weights; merged before saving")
     lora_r: int = field(16, "LoRA rank")
     lora_alpha: int = field(32, "LoRA alpha (scale = alpha / r)")
