@@ -39,6 +39,7 @@ status: setup
 	dvc status
 
 test: setup
+	mkdir -p .tmp
 	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
 
 clean:
