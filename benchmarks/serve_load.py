@@ -162,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         params = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
         if args.warmup:
             run_load(url, prompts, args.warmup, min(args.concurrency, args.warmup), params)
+        load_before = os.getloadavg()[0]
         stats = run_load(url, prompts, args.requests, args.concurrency, params)
+        load_after = os.getloadavg()[0]
     finally:
         if proc is not None:
             stop_server(proc)
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                  "ready after (s)": f"{ready_s:.1f}" if ready_s is not None else "n/a",
                  "prompts": f"{args.prompts} ({len(prompts)} prompts, cycled)",
                  "max_new_tokens": args.max_new_tokens or "model default",
-                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"}
+                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                 "load average (1 min) before / after": f"{load_before:.1f} / {load_after:.1f} (a shared machine: "
+                 "other jobs compete for the CPUs)"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown(stats, setup), encoding="utf-8")
     return 0 if stats["errors"] == 0 else 1
