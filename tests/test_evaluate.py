@@ -143,10 +143,10 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     assert report["champion"]["version"] == "1"
     assert report["champion"]["violations_per_char"] == pytest.approx(metrics["dpo/violations_per_char"])
     assert metrics["dpo/win_rate_vs_champion"] == 0.5
-    for name in ("summary.md", "score_vs_kl.png", "score_distributions.png", "samples.jsonl", "metrics.json"):
+    for name in ("report.md", "score_vs_kl.png", "score_distributions.png", "samples.jsonl", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "score_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
-    summary = (out / "summary.md").read_text()
+    summary = (out / "report.md").read_text()
     assert all(f"| {n} |" in summary or f"**{n}**" in summary for n in report["order"])
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 5  # four candidates and the champion

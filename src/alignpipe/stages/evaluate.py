@@ -5,7 +5,7 @@ exist, and any extra policy directories in `evaluate.extra_candidates` (e.g. the
 the oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
-Writes report.json (read by export and register), summary.md, samples.jsonl and two PNG plots.
+Writes report.json (read by export and register), report.md, samples.jsonl and two PNG plots.
 """
 
 from __future__ import annotations
@@ -248,13 +248,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                      "seed": cfg.seed},
     }
     write_json(out_dir / "report.json", report)
-    (out_dir / "summary.md").write_text(summary_markdown(report), encoding="utf-8")
+    (out_dir / "report.md").write_text(summary_markdown(report), encoding="utf-8")
     write_jsonl(out_dir / "samples.jsonl", _sample_rows(texts, per_sample))
     plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
     plot_distributions({n: [sample_value(s) for s in v[1]] for n, v in per_sample.items()},
                        {n: v[2] for n, v in per_sample.items() if len(v) > 2}, out_dir / "score_distributions.png")
     print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
-          "see report.json and summary.md")
+          "see report.json and report.md")
     return flat_metrics(report)
 
 
