@@ -48,7 +48,7 @@ class Config(StageConfig):
 
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
                                                             "model (--judge-model) or an LLM (--judge-model)")
-    n_prompts: int = field(512, "training prompts to label (chosen by a hash; 0 = all)")
+    n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)")
     k: int = field(4, "completions sampled per prompt")
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
     keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")
@@ -58,8 +58,8 @@ class Config(StageConfig):
     heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl")
     temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
     top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)")
-    max_new_tokens: int = field(48, "max tokens of one completion (one logical line)")
-    batch_size: int = field(64, "prompts per generation batch")
+    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)")
+    batch_size: int = field(256, "rows (prompt x sample) per generation batch")
     judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
     judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
     llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.judges.LLM_TEMPLATE)")
