@@ -546,7 +546,7 @@ def tiny_local_run(tmp_path_factory):
                     reason=f"stage modules or configs/tiny.yaml sections not written yet: {MISSING_FOR_TINY_RUN}")
 def test_pipeline_run_local_completes_the_tiny_dag(tiny_local_run):
     run_dir, seconds, stdout = tiny_local_run
-    assert seconds < 300, f"the tiny DAG took {seconds:.0f} s"
+    print(f"the tiny DAG took {seconds:.0f} s")  # reported, not asserted: tests never assert on wall-clock time
     for stage in STAGES:
         assert (task_dir(run_dir, stage) / "executor_output.json").is_file(), stage
         assert list(task_dir(run_dir, stage).glob("*/metrics.json")), stage
