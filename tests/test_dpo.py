@@ -130,7 +130,7 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
     cfg = dpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                     bf16=False, n_eval_prompts=8, eval_batch_size=8)
+                     bf16=False, n_eval_prompts=4, eval_batch_size=4)
     metrics = execute("dpo", cfg, inputs, tmp_path / "out")
     for key in dpo.METRICS:
         assert math.isfinite(metrics[key])

@@ -3,9 +3,9 @@
 DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290) fits the policy to preference pairs through the
 implicit reward beta * log(pi(y|x) / pi_ref(y|x)); `loss_type` picks the loss on the chosen-minus-rejected reward
 (sigmoid: DPO; ipo: Azar et al. 2023; hinge: SLiC, Zhao et al. 2023; robust: Chowdhury et al. 2024; TRL's other
-loss types are accepted too). The reference is the pretrained policy loaded a second time from its directory and
-passed explicitly (TRL would otherwise reload it from the model's `_name_or_path`); its log-probabilities are
-precomputed once before training.
+loss types are accepted too), optionally plus `sft_weight` times the chosen completions' NLL (RPO). The
+reference is the pretrained policy loaded a second time from its directory and passed explicitly (TRL would
+otherwise reload it from the model's `_name_or_path`); its log-probabilities are precomputed once before training.
 
 Prompts are formatted with the policy's `PolicyMeta` (conditional training: `prompt<|aligned|>`), so DPO trains
 under the conditioning the policy is sampled with, and keep the same last `max_prompt_tokens` tokens as sampling.
@@ -51,6 +51,7 @@ class Config(StageConfig):
     loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...")
     beta: float = field(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO: tau)")
     label_smoothing: float = field(0.0, "robust DPO: the assumed label-flip probability, in [0, 0.5)")
+    sft_weight: float = field(0.0, "> 0: add this times the NLL of the chosen completion (RPO, Pang et al. 2024)")
     learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)")
     warmup_steps: int = field(5, "linear warmup steps")
     batch_size: int = field(16, "preference pairs per optimizer step (per process)")
@@ -58,6 +59,7 @@ class Config(StageConfig):
     max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does")
     max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens")
     precompute_ref_log_probs: bool = field(True, "compute the reference log-probabilities once, before training")
+    group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
     bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
     gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process")
     seed: int = field(0, "seed of the data order, the training and the evaluation samples")
@@ -74,6 +76,7 @@ class Config(StageConfig):
         self.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         self.check(self.loss_type != "exo_pair" or self.label_smoothing > 0, "label_smoothing",
                    "must be > 0 for loss_type exo_pair (the EXO paper uses 1e-3)")
+        self.check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
         self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
         self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -158,15 +161,18 @@ def bf16_supported() -> bool:
 
 
 def trl_config(cfg: Config, output_dir: str | Path, n_pairs: int):
-    """Our DPOConfig. Against TRL's defaults it turns gradient checkpointing off (a 5M-parameter model has memory
-    to spare; recomputing the forward costs ~30%), precomputes the reference log-probabilities (one no-grad pass
-    instead of a reference forward on every step) and bounds max_length to prompt + completion."""
+    """Our DPOConfig. Against TRL's defaults it turns gradient checkpointing off (a small model has memory to
+    spare; recomputing the forward costs ~30%), precomputes the reference log-probabilities (one no-grad pass
+    instead of a reference forward on every step), groups pairs of similar length into batches (less padding),
+    bounds max_length to prompt + completion and uses bf16 only when asked (slower than fp32 for small models on
+    CPU; see benchmarks/results/dpo_throughput.md)."""
     import torch
     from trl import DPOConfig
 
     return DPOConfig(
         output_dir=str(output_dir),
-        loss_type=[cfg.loss_type],
+        loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else []),
+        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,
         learning_rate=cfg.learning_rate,
@@ -181,6 +187,9 @@ def trl_config(cfg: Config, output_dir: str | Path, n_pairs: int):
         bf16=cfg.bf16 and bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=not cfg.group_by_length,  # the sampler reads the `length` column
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=cfg.logging_steps,
@@ -199,7 +208,11 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
     from datasets import Dataset
     from trl import DPOTrainer
 
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    def length(p):  # tokens of the longer of prompt+chosen and prompt+rejected
+        return max(len(tok(p["prompt"] + p[k])["input_ids"]) for k in ("chosen", "rejected"))
+
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                                  "length": length(p)} for p in pairs])
     return DPOTrainer(model=model, ref_model=ref_model, args=trl_config(cfg, output_dir, len(pairs)),
                       train_dataset=dataset, processing_class=tok, callbacks=callbacks)
 
