@@ -42,6 +42,8 @@ def test_defaults_and_types():
     ({"bf16": "yes"}, "demo.bf16", "expected bool"),
     ({"flags": [1]}, "demo.flags[0]", "expected str"),
     ({"lr": float("nan")}, "demo.lr", "expected float"),
+    ({"lr": "nan"}, "demo.lr", "expected float"),
+    ({"lr": "1e-3x"}, "demo.lr", "expected float"),
     ({"lr": -1}, "demo", "demo.lr must be > 0, got -1.0"),
 ])
 def test_bad_values_name_the_key(values, key, words):
@@ -58,6 +60,8 @@ def test_overrides_parse_yaml_and_reject_unknown_keys(tmp_path):
                              {"demo": Demo})
     cfg = build_config(Demo, params)
     assert (cfg.lr, cfg.steps, cfg.flags, cfg.model) == (0.5, 7, ["b", "c"], "gpt2")
+    # PyYAML reads an exponent without a dot (1e-3) as a string; a float field takes it as the number it is.
+    assert build_config(Demo, apply_overrides(params, ["demo.lr=1e-3"], {"demo": Demo})).lr == 0.001
     with pytest.raises(ConfigError, match="unknown key"):
         apply_overrides(params, ["demo.nope=1"], {"demo": Demo})
     with pytest.raises(ConfigError, match="unknown section 'other'"):

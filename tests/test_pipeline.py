@@ -556,8 +556,6 @@ def test_pipeline_run_local_completes_the_tiny_dag(tiny_local_run):
 
 @pytest.mark.skipif(bool(MISSING_FOR_TINY_RUN) or shutil.which("dvc", path=str(Path(sys.executable).parent)) is None,
                     reason=f"needs dvc, and stage modules or configs/tiny.yaml sections: {MISSING_FOR_TINY_RUN}")
-@pytest.mark.xfail(strict=False, reason="not yet seen passing end to end (the tiny DAG only completed late in "
-                                        "session 1); remove this mark once it has")
 def test_dvc_repro_and_local_pipeline_give_the_same_metrics(tiny_local_run, tmp_path):
     run_dir, _, _ = tiny_local_run
     work = tmp_path / "repo"

@@ -57,17 +57,7 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
         2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "pretrain", *common,
             "--set", "pretrain.batch_size=2"],
     }
-    procs = {}
-    for n, cmd in launches.items():  # both at once (different stores and folders): the test takes one run's time
-        db = tmp_path / f"mlflow-{n}.db"
-        shutil.copy(tmp_path / "mlflow.db", db)  # the migrated empty store conftest made
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-        cmd += ["--set", f"pretrain.checkpoint_dir={tmp_path / f'ckpt-{n}'}", "--out", str(tmp_path / f"out-{n}")]
-        procs[n] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
-    for n, proc in procs.items():
-        log = proc.communicate(timeout=300)[0]
-        assert proc.returncode == 0, log[-3000:]
+    _launch_both(tmp_path, launches, "pretrain")  # both at once: the test takes one run's time
 
     runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
     assert [len(r) for r in runs.values()] == [1, 1]  # rank 1 opened no MLflow run
@@ -84,6 +74,84 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < WEIGHT_ATOL
     assert not list((tmp_path / "tmp").glob("alignpipe-pretrain-rank*"))  # rank 1's throwaway folder is gone
     assert not list(tmp_path.glob(".out-*.partial"))
+
+
+def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
+    """DPO (TRL) runs unchanged under torchrun: 2 processes at batch 2 log the losses of 1 process at batch 4 (the
+    same pairs: the subset scales with the world size); the precomputed reference log-probabilities are shared
+    between ranks; rank 0 alone evaluates, records and publishes."""
+    import tiny
+
+    policy = tiny.make_policy(tmp_path / "policy", conditional=True)
+    prefs = tiny.make_prefs(tmp_path / "label" / "prefs.jsonl", n=24)
+    common = ["--params", str(TINY), "--data", str(tiny_data), "--policy", str(policy), "--prefs", str(prefs),
+              "--set", "dpo.max_steps=3", "--set", "dpo.logging_steps=1", "--set", "dpo.save_steps=100",
+              "--set", "dpo.n_eval_prompts=4", "--set", "dpo.eval_batch_size=4", "--set", "dpo.learning_rate=1e-3",
+              "--set", "dpo.warmup_steps=0", "--set", "dpo.group_by_length=false"]
+    launches = {
+        1: [str(BIN / "python"), "-m", "alignpipe", "dpo", *common, "--set", "dpo.batch_size=4"],
+        2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "dpo", *common,
+            "--set", "dpo.batch_size=2"],
+    }
+    logs = _launch_both(tmp_path, launches, "dpo")
+    runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
+    assert [len(r) for r in runs.values()] == [1, 1], logs[2][-2000:]  # rank 1 opened no MLflow run
+    one, two = runs[1][0]["loss"], runs[2][0]["loss"]
+    print(f"dpo loss per step, 1 process: {one}; 2 processes: {two}")
+    assert len(one) == len(two) == 3
+    for step, (a, b) in enumerate(zip(one, two), 1):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: 1 process {a}, 2 processes {b}"
+    m1, m2 = (json.loads((tmp_path / f"out-{n}" / "metrics.json").read_text()) for n in launches)
+    assert m1["n_pairs"] == m2["n_pairs"] == 12  # batch_size * world size * max_steps
+    assert abs(m1["kl_to_ref"] - m2["kl_to_ref"]) <= 1e-3 + 0.05 * abs(m1["kl_to_ref"])
+    assert not list(tmp_path.glob(".out-*.partial"))
+
+
+def test_reward_under_torchrun_trains_like_one_process(tmp_path):
+    """TRL's RewardTrainer under torchrun: 2 processes at batch 4 log the losses of 1 process at batch 8."""
+    import tiny
+
+    policy = tiny.make_policy(tmp_path / "policy")
+    prefs = tiny.make_prefs(tmp_path / "label" / "prefs.jsonl", n=32)
+    heldout = [{"prompt": f"def g{i}(a, b):", "chosen": f"\n    return a + b * {i}",
+                "rejected": f"\n    return a+b *{i}"} for i in range(8)]
+    (tmp_path / "label" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+    common = ["--params", str(TINY), "--policy", str(policy), "--prefs", str(prefs.parent),
+              "--set", "reward.max_steps=3", "--set", "reward.learning_rate=3e-3", "--set", "reward.warmup_ratio=0",
+              "--set", "reward.prompt_lines=1", "--set", "reward.logging_steps=1"]
+    launches = {
+        1: [str(BIN / "python"), "-m", "alignpipe", "reward", *common, "--set", "reward.batch_size=8"],
+        2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "reward", *common,
+            "--set", "reward.batch_size=4"],
+    }
+    logs = _launch_both(tmp_path, launches, "reward")
+    runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
+    assert [len(r) for r in runs.values()] == [1, 1], logs[2][-2000:]  # rank 1 opened no MLflow run
+    one, two = runs[1][0]["loss"], runs[2][0]["loss"]
+    print(f"reward loss per step, 1 process: {one}; 2 processes: {two}")
+    assert len(one) == len(two) == 3
+    for step, (a, b) in enumerate(zip(one, two), 1):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: 1 process {a}, 2 processes {b}"
+    m1, m2 = (json.loads((tmp_path / f"out-{n}" / "metrics.json").read_text()) for n in launches)
+    assert m1["train_steps"] == m2["train_steps"] == 3
+    assert abs(m1["heldout_accuracy"] - m2["heldout_accuracy"]) <= 1 / 8  # one pair of 8 may flip
+
+
+def _launch_both(tmp_path: Path, launches: dict[int, list[str]], stage: str) -> dict[int, str]:
+    """Run the 1-process and the torchrun launch at once (own MLflow store, checkpoints and output each)."""
+    procs = {}
+    for n, cmd in launches.items():
+        db = tmp_path / f"mlflow-{n}.db"
+        shutil.copy(tmp_path / "mlflow.db", db)  # the migrated empty store conftest made
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+        cmd = [*cmd, "--set", f"{stage}.checkpoint_dir={tmp_path / f'ckpt-{n}'}", "--out", str(tmp_path / f"out-{n}")]
+        procs[n] = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+    logs = {}
+    for n, proc in procs.items():
+        logs[n] = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, logs[n][-3000:]
+    return logs
 
 
 # ---------------------------------------------------------------------------------------------- rank 0 only

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from alignpipe.stages import STAGE_NAMES
+from alignpipe.tracking import tracking_uri
 
 
 def main(artifacts: str = "artifacts") -> None:
@@ -24,8 +26,11 @@ def main(artifacts: str = "artifacts") -> None:
     record = Path(artifacts) / "register" / "registered.json"
     if record.is_file():
         info = json.loads(record.read_text())
-        print(f"\nServe the champion: mlflow models serve -m models:/{info.get('policy_name', 'alignpipe-policy')}"
-              "@champion --env-manager local -p 5001")
+        venv = Path(sys.executable).parent  # the server starts `uvicorn` from PATH: put the venv's bin on it
+        print(f"\nServe the champion (then POST {{\"inputs\": [\"def f(a, b):\"]}} to "
+              f"http://127.0.0.1:5001/invocations):\n  PATH={venv}:$PATH MLFLOW_TRACKING_URI={tracking_uri()} "
+              f"mlflow models serve -m models:/{info.get('policy_name', 'alignpipe-policy')}@champion "
+              "--env-manager local -p 5001")
 
 
 if __name__ == "__main__":

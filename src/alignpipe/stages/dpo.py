@@ -21,6 +21,7 @@ the world size from the launcher).
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,8 +214,25 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
 
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
                                   "length": length(p)} for p in pairs])
-    return DPOTrainer(model=model, ref_model=ref_model, args=trl_config(cfg, output_dir, len(pairs)),
-                      train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+    args = trl_config(cfg, output_dir, len(pairs))  # under torchrun this joins the process group
+    if args.world_size > 1 and cfg.precompute_ref_log_probs:
+        dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
+                      callbacks=callbacks)
+
+
+def shared_dataset(dataset, args, path: Path):
+    """The pairs as an Arrow dataset in a folder every rank reads. TRL's precomputed reference log-probabilities
+    are cached next to the dataset's files and written by rank 0 alone; an in-memory dataset would put that cache
+    in each process's own temp dir, where the other ranks never find it."""
+    from datasets import load_from_disk
+
+    with args.main_process_first(local=False, desc="dpo: sharing the pairs"):
+        if args.process_index == 0:
+            if path.exists():
+                shutil.rmtree(path)
+            dataset.save_to_disk(str(path))
+    return load_from_disk(str(path))
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
@@ -292,7 +310,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         n_human = len(human)
         pairs += human
     random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
-    pairs = format_pairs(pairs[:cfg.batch_size * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: each step takes batch_size pairs per process
+    pairs = format_pairs(pairs[:cfg.batch_size * world * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
     mismatches = boundary_mismatches(pairs, tok)
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
@@ -301,7 +320,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         resume_from = latest_checkpoint(checkpoint_dir)
         if resume_from is None:
             raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
-    else:
+    elif tracking.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
         clear_checkpoints(checkpoint_dir)
     trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir, [tracking.mlflow_callback()])
     train_start = time.perf_counter()
@@ -310,6 +329,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
 
+    if not tracking.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
+        return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
     trained = trainer.model
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "dpo", "parent": str(inputs["policy"]),
                                             "loss_type": cfg.loss_type, "beta": cfg.beta})

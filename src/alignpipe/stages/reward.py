@@ -260,7 +260,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     ckpt = Path(cfg.checkpoint_dir)
     last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
-    if not cfg.resume:
+    if not cfg.resume and tracking.is_main_process():  # rank 0 alone (the other ranks never read them)
         for stale in ckpt.glob("checkpoint-*"):
             shutil.rmtree(stale)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -271,6 +271,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                            f"counts {too_long} longer than {cfg.max_length}: the text formats disagree")
     result = trainer.train(resume_from_checkpoint=last)
 
+    if not tracking.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
+        return {"n_train_pairs": n_trained, "train_loss": result.training_loss}
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
