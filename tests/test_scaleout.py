@@ -88,20 +88,7 @@ def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
               "--set", "dpo.max_steps=3", "--set", "dpo.logging_steps=1", "--set", "dpo.save_steps=100",
               "--set", "dpo.n_eval_prompts=4", "--set", "dpo.eval_batch_size=4", "--set", "dpo.learning_rate=1e-3",
               "--set", "dpo.warmup_steps=0", "--set", "dpo.group_by_length=false"]
-    launches = {
-        1: [str(BIN / "python"), "-m", "alignpipe", "dpo", *common, "--set", "dpo.batch_size=4"],
-        2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "dpo", *common,
-            "--set", "dpo.batch_size=2"],
-    }
-    logs = _launch_both(tmp_path, launches, "dpo")
-    runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
-    assert [len(r) for r in runs.values()] == [1, 1], logs[2][-2000:]  # rank 1 opened no MLflow run
-    one, two = runs[1][0]["loss"], runs[2][0]["loss"]
-    print(f"dpo loss per step, 1 process: {one}; 2 processes: {two}")
-    assert len(one) == len(two) == 3
-    for step, (a, b) in enumerate(zip(one, two), 1):
-        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: 1 process {a}, 2 processes {b}"
-    m1, m2 = (json.loads((tmp_path / f"out-{n}" / "metrics.json").read_text()) for n in launches)
+    m1, m2 = _trl_one_vs_two_processes(tmp_path, "dpo", common, global_batch=4, steps=3)
     assert m1["n_pairs"] == m2["n_pairs"] == 12  # batch_size * world size * max_steps
     assert abs(m1["kl_to_ref"] - m2["kl_to_ref"]) <= 1e-3 + 0.05 * abs(m1["kl_to_ref"])
     assert not list(tmp_path.glob(".out-*.partial"))
@@ -119,22 +106,29 @@ def test_reward_under_torchrun_trains_like_one_process(tmp_path):
     common = ["--params", str(TINY), "--policy", str(policy), "--prefs", str(prefs.parent),
               "--set", "reward.max_steps=3", "--set", "reward.learning_rate=3e-3", "--set", "reward.warmup_ratio=0",
               "--set", "reward.prompt_lines=1", "--set", "reward.logging_steps=1"]
-    launches = {
-        1: [str(BIN / "python"), "-m", "alignpipe", "reward", *common, "--set", "reward.batch_size=8"],
-        2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "reward", *common,
-            "--set", "reward.batch_size=4"],
-    }
-    logs = _launch_both(tmp_path, launches, "reward")
-    runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
-    assert [len(r) for r in runs.values()] == [1, 1], logs[2][-2000:]  # rank 1 opened no MLflow run
-    one, two = runs[1][0]["loss"], runs[2][0]["loss"]
-    print(f"reward loss per step, 1 process: {one}; 2 processes: {two}")
-    assert len(one) == len(two) == 3
-    for step, (a, b) in enumerate(zip(one, two), 1):
-        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: 1 process {a}, 2 processes {b}"
-    m1, m2 = (json.loads((tmp_path / f"out-{n}" / "metrics.json").read_text()) for n in launches)
+    m1, m2 = _trl_one_vs_two_processes(tmp_path, "reward", common, global_batch=8, steps=3)
     assert m1["train_steps"] == m2["train_steps"] == 3
     assert abs(m1["heldout_accuracy"] - m2["heldout_accuracy"]) <= 1 / 8  # one pair of 8 may flip
+
+
+def _trl_one_vs_two_processes(tmp_path: Path, stage: str, common: list[str], global_batch: int,
+                              steps: int) -> tuple[dict, dict]:
+    """`stage` (a TRL trainer) as 1 process at `global_batch` and as torchrun 2 processes at half of it: one
+    MLflow run each (rank 1 opens none), the same logged loss at every step; returns both metrics.json."""
+    launches = {
+        1: [str(BIN / "python"), "-m", "alignpipe", stage, *common, "--set", f"{stage}.batch_size={global_batch}"],
+        2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", stage, *common,
+            "--set", f"{stage}.batch_size={global_batch // 2}"],
+    }
+    logs = _launch_both(tmp_path, launches, stage)
+    runs = {n: _runs(tmp_path / f"mlflow-{n}.db") for n in launches}
+    assert [len(r) for r in runs.values()] == [1, 1], logs[2][-2000:]
+    one, two = runs[1][0]["loss"], runs[2][0]["loss"]
+    print(f"{stage} loss per step, 1 process: {one}; 2 processes: {two}")
+    assert len(one) == len(two) == steps
+    for step, (a, b) in enumerate(zip(one, two), 1):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: 1 process {a}, 2 processes {b}"
+    return tuple(json.loads((tmp_path / f"out-{n}" / "metrics.json").read_text()) for n in launches)
 
 
 def _launch_both(tmp_path: Path, launches: dict[int, list[str]], stage: str) -> dict[int, str]:

@@ -267,22 +267,29 @@ def _cut_ids(tok, meta: PolicyMeta, ids: list[int]) -> list[int]:
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                       batch_size: int = 32) -> list[float]:
     """Sum over completion tokens of log p(token | prompt, previous tokens), per sequence."""
-    import torch
-
-    device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
         pids, cids = prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]
-        seqs = [p + c for p, c in zip(pids, cids)]
-        width = max(max(len(s) for s in seqs), 2)
-        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, :len(s)] = torch.tensor(s)
-            attention[r, :len(s)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+        logp, _ = next_token_logprobs(model, [p + c for p, c in zip(pids, cids)])
         for r, (p, c) in enumerate(zip(pids, cids)):
             out.append(float(logp[r, len(p) - 1:len(p) - 1 + len(c)].sum()) if c else 0.0)
     return out
+
+
+def next_token_logprobs(model, seqs: list[list[int]], pad_id: int = 0):
+    """Right-pad `seqs`, run `model` without gradients: (logp, mask), where logp[r, t] = log p(seqs[r][t + 1] |
+    seqs[r][:t + 1]) and mask[r, t] is 1 where that token is real (both [batch, width - 1], on the model's device)."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(max(len(s) for s in seqs), 2)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, :len(s)] = torch.tensor(s)
+        attention[r, :len(s)] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return logp, attention[:, 1:]

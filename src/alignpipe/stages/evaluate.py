@@ -120,28 +120,18 @@ def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
 def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8) -> tuple[float, int]:
     """(total negative log-likelihood in nats, number of predicted tokens) of `texts`, each tokenized without
     special tokens and cut into windows of `window` tokens (the first token of each window is not predicted)."""
-    import torch
+    from alignpipe.policy import next_token_logprobs
 
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     window = min(window, context or window)
-    device = next(model.parameters()).device
     chunks = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         chunks.extend(ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2)
     nll, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
-        batch = chunks[start:start + batch_size]
-        width = max(len(c) for c in batch)
-        input_ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, c in enumerate(batch):
-            input_ids[r, :len(c)] = torch.tensor(c)
-            mask[r, :len(c)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
-        keep = mask[:, 1:].to(device).bool()
+        logp, mask = next_token_logprobs(model, chunks[start:start + batch_size], tok.pad_token_id or 0)
+        keep = mask.bool()
         nll -= float(logp[keep].sum())
         count += int(keep.sum())
     return nll, count
