@@ -84,3 +84,29 @@ def test_mlflow_run_has_params_metrics_and_tags(tmp_path, fake, monkeypatch):
     assert run.data.tags["alignpipe.stage"] == "fake" and run.data.tags["alignpipe.git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "report.json"} <= artifacts and "model.safetensors" not in artifacts
+
+
+def test_sigterm_ends_the_mlflow_run_as_failed_and_publishes_nothing(tmp_path, monkeypatch):
+    """A cancelled stage (SIGTERM: pod deleted, `kill`, DVC/KFP cancel) leaves no RUNNING run and no output."""
+    import os
+    import signal
+
+    def run(cfg, inputs, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the stage")
+
+    stage = types.SimpleNamespace(Config=_Cfg, INPUTS=(Input("data", "data", "the data"),), METRICS=("score",),
+                                  run=run)
+    monkeypatch.setattr(runner, "load_stage", lambda name: stage)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        runner.execute("fake", _Cfg(), {"data": "data"}, tmp_path / "out")
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the stage's only
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
+    client = tracking.client()
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    assert mlflow_run.info.status == "FAILED"

@@ -8,8 +8,11 @@ collectives need them all); only rank 0 opens the MLflow run, writes metrics.jso
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     staging.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        with tracking.stage_run(name, cfg.to_dict()):
+        with _sigterm_as_exit(), tracking.stage_run(name, cfg.to_dict()):
             metrics = dict(stage.run(cfg, resolved, staging))
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
@@ -81,3 +84,21 @@ def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, 
         return clean_metrics(dict(stage.run(cfg, resolved, scratch)))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) into SystemExit while a stage runs,
+    so the MLflow run ends as FAILED instead of staying RUNNING and the staging folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
