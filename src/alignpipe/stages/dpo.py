@@ -184,7 +184,7 @@ def trl_config(cfg: Config, output_dir: str | Path, n_pairs: int):
         max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         precompute_ref_batch_size=max(64, cfg.batch_size),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=cfg.bf16 and bf16_supported(),
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
