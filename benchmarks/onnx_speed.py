@@ -1,6 +1,6 @@
 """ONNX Runtime vs PyTorch eager on the same machine and inputs: reward scoring latency and generation tokens/s.
 
-Models have the default policy's shape (GPT-2, 256 wide, 4 layers, 8 heads, 8k vocabulary, 256 positions) with
+Models have the default policy's shape (GPT-2, 192 wide, 4 layers, 3 heads, 2048 vocabulary, 256 positions) with
 random weights: speed does not depend on the weights. Both are exported with `alignpipe.onnx_runtime` (the code
 the export stage runs), fp32 and int8 (dynamic quantization). Reward scoring: batches of 1 and 8 sequences of
 `--reward-len` tokens. Generation: prompts of `--prompt-len` tokens, exactly `--new-tokens` greedy tokens (no
@@ -30,10 +30,10 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-embd", type=int, default=192)
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--n-head", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--n-positions", type=int, default=256)
     p.add_argument("--reward-len", type=int, default=128, help="tokens per scored sequence")
     p.add_argument("--prompt-len", type=int, default=32)
