@@ -14,16 +14,15 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from alignpipe.serving import start_server, stop_server, wait_ready
 
 FALLBACK_PROMPTS = ["def add(a, b):", "for i in range(10):", "import os", "class Config:", "x = [1, 2,"]
 
@@ -72,54 +71,6 @@ def run_load(url: str, prompts: list[str], n_requests: int = 1000, concurrency: 
             "requests_per_s": n_requests / wall, "p50_ms": 1000 * q[49], "p99_ms": 1000 * q[98],
             "mean_ms": 1000 * statistics.fmean(latencies), "errors": len(errors),
             "error_kinds": sorted(set(errors))}
-
-
-def wait_ready(url: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> float:
-    """Poll GET /ping until it answers 200; returns the seconds waited."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return time.monotonic() - start
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url}/ping did not answer in {timeout:.0f} s")
-
-
-def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` on a free local port, in its own process group (so it can be stopped whole)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bin_dir = Path(sys.executable).parent  # mlflow execs `uvicorn` from PATH
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = log_path.open("w")
-    proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                             "-p", str(port), "--host", "127.0.0.1", "--workers", str(workers)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the started server's process group (mlflow -> uvicorn); SIGKILL what is left after `timeout`."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)  # raises once no process of the group is left
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def markdown(stats: dict, setup: dict) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ import pytest
 
 import tiny
 from alignpipe.runner import execute
+from alignpipe.serving import start_server, stop_server, wait_ready
 from alignpipe.stages import register
 
 BIN = Path(sys.executable).parent
@@ -38,12 +37,6 @@ def _register_champion(tmp_path: Path, max_new_tokens: int = 6) -> Path:
     execute("register", register.Config(max_new_tokens=max_new_tokens), {"evaluation": ev, "dpo": policy_dir},
             tmp_path / "reg")
     return policy_dir
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
@@ -75,24 +68,13 @@ def _expected_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) 
 
 def test_mlflow_models_serve_answers(tmp_path):
     policy_dir = _register_champion(tmp_path)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([MLFLOW, "models", "serve", "-m", "models:/alignpipe-policy@champion",
-                             "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
-                            stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    log = tmp_path / "serve.log"
+    proc, url = start_server("models:/alignpipe-policy@champion", 1, log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.monotonic() < deadline, "server not ready in 120 s"
-            time.sleep(0.5)
+        try:
+            wait_ready(url, timeout=120, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"{e}: {log.read_text()[-3000:]}")
 
         prompts = ["def add(a, b):", "for i in range(3):", "x = [1, 2,"]
         status, body = _post(f"{url}/invocations", json.dumps({"inputs": prompts}).encode())
@@ -110,28 +92,9 @@ def test_mlflow_models_serve_answers(tmp_path):
             assert 400 <= status < 500, (bad, status, body)
             assert body.get("message")
     finally:
-        _stop_group(proc)
-        log.close()
+        stop_server(proc)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/ping", timeout=2)
-
-
-def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the server's process group (mlflow -> uvicorn), wait until none of it is left, else SIGKILL."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)  # raises once no process of the group is left
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def test_generate_serving_dockerfile(tmp_path):

@@ -1,0 +1,63 @@
+"""Start and stop a local `mlflow models serve` of a registered model (used by the serving test and the load
+benchmark): a free port, its own process group (mlflow execs uvicorn, and both must go), the venv's bin on PATH
+(mlflow starts `uvicorn` from PATH), readiness by GET /ping."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` on a free local port, in its own process group (so it can be stopped whole)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # mlflow execs `uvicorn` from PATH
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log_path.open("w") as log:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                                 "local", "-p", str(port), "--host", "127.0.0.1", "--workers", str(workers)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> float:
+    """Poll GET /ping until it answers 200; returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/ping did not answer in {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the started server's process group (mlflow -> uvicorn); SIGKILL what is left after `timeout`."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)  # raises once no process of the group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
