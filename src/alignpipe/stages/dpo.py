@@ -21,7 +21,6 @@ the world size from the launcher).
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,8 +309,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         n_human = len(human)
         pairs += human
     random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: each step takes batch_size pairs per process
-    pairs = format_pairs(pairs[:cfg.batch_size * world * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
+    budget = cfg.batch_size * tracking.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
+    pairs = format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
     mismatches = boundary_mismatches(pairs, tok)
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
