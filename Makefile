@@ -31,7 +31,7 @@ data: setup
 run: data
 	@start=$$(date +%s); dvc repro; status=$$?; \
 	  echo; echo "== dvc repro finished in $$(( $$(date +%s) - start )) s (exit $$status)"; exit $$status
-	@$(BIN)/python -m alignpipe.report
+	@$(BIN)/python -m alignpipe.cli.report
 	@echo; echo "Results: artifacts/<stage>/ (metrics.json in each); 'dvc metrics show' prints them all."
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 

@@ -40,7 +40,7 @@ def run_once(kind: str, cfg, policy_dir: Path, pairs: list[dict], workdir: Path)
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.stages import dpo
 
     torch.manual_seed(cfg.seed)
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
-    from alignpipe.config import build_config, load_params
-    from alignpipe.policy import load_policy
+    from alignpipe.core.config import build_config, load_params
+    from alignpipe.lm.policy import load_policy
     from alignpipe.stages import dpo
 
     transformers.logging.set_verbosity_error()

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from alignpipe.config import build_config, load_params
+    from alignpipe.core.config import build_config, load_params
     from alignpipe.stages import dpo, ppo
 
     transformers.logging.set_verbosity_error()

@@ -1,7 +1,7 @@
 """ONNX Runtime vs PyTorch eager on the same machine and inputs: reward scoring latency and generation tokens/s.
 
 Models have the default policy's shape (GPT-2, 192 wide, 4 layers, 3 heads, 2048 vocabulary, 256 positions) with
-random weights: speed does not depend on the weights. Both are exported with `alignpipe.onnx_runtime` (the code
+random weights: speed does not depend on the weights. Both are exported with `alignpipe.lm.onnx_runtime` (the code
 the export stage runs), fp32 and int8 (dynamic quantization). Reward scoring: batches of 1 and 8 sequences of
 `--reward-len` tokens. Generation: prompts of `--prompt-len` tokens, exactly `--new-tokens` greedy tokens (no
 EOS), PyTorch `generate()` (with its KV cache) against the ONNX KV-cache loop. Median of `--repeats` timed calls,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     thread_counts = list(dict.fromkeys(int(t) or torch.get_num_threads() for t in args.threads.split(",")))
     lines: list[str] = []
@@ -108,7 +108,7 @@ def measure(args, threads: int, policy, reward, sessions, say) -> None:
     """The reward and generation tables at one thread count."""
     import numpy as np
 
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     rng = np.random.default_rng(0)
     say(f"## Reward scoring, {args.reward_len} tokens per sequence, {threads} thread(s)")

@@ -50,7 +50,7 @@ def calibrate_tokens_per_s(cfg, steps: int = 6) -> float:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from alignpipe.objectives import token_loss
+    from alignpipe.algos.phf import token_loss
     from alignpipe.stages.pretrain import _device_and_dtype
 
     _, dtype = _device_and_dtype(cfg)
@@ -95,7 +95,7 @@ def _machine() -> str:
 
 def table(runs: list[dict], peak: float) -> tuple[str, dict]:
     """The markdown table (one row per objective, seeds pooled) and the figures the targets need."""
-    from alignpipe.evaluation import bootstrap_ci, ratio_ci
+    from alignpipe.oracle.metrics import bootstrap_ci, ratio_ci
 
     by_obj: dict[str, list[dict]] = {}
     for r in runs:
@@ -168,7 +168,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from alignpipe.config import apply_overrides, build_config, load_params
+    from alignpipe.core.config import apply_overrides, build_config, load_params
     from alignpipe.stages.pretrain import Config, _device_and_dtype, run
 
     if args.threads:

@@ -22,7 +22,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from alignpipe.serving import start_server, stop_server, wait_ready
+from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 
 FALLBACK_PROMPTS = ["def add(a, b):", "for i in range(10):", "import os", "class Config:", "x = [1, 2,"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignpipe.cli import main
+from alignpipe.cli.main import main
 from alignpipe.stages import available_stages
 
 

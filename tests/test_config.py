@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from alignpipe.config import StageConfig, apply_overrides, build_config, field, load_params
-from alignpipe.errors import ConfigError
+from alignpipe.core.config import StageConfig, apply_overrides, build_config, field, load_params
+from alignpipe.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

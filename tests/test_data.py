@@ -6,7 +6,7 @@ import ast
 import json
 from pathlib import Path
 
-from alignpipe.scoring import line_violations
+from alignpipe.oracle.scoring import line_violations
 from alignpipe.stages.data import Config, chunk_ranges, run, split_of, stdlib_files
 
 MODULE = '''"""Doc."""

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 import tiny  # noqa: E402
 
-from alignpipe.errors import DataError  # noqa: E402
+from alignpipe.core.errors import DataError  # noqa: E402
 from alignpipe.stages import dpo  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def test_read_pairs_checks_rows_and_flattens_conversational(tmp_path):
 
 
 def test_prompt_is_a_token_prefix_of_prompt_plus_completion(tmp_path):
-    from alignpipe.policy import PolicyMeta, encode_prompts, load_policy
+    from alignpipe.lm.policy import PolicyMeta, encode_prompts, load_policy
 
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     model, tok, meta = load_policy(policy)
@@ -71,7 +71,7 @@ def test_prompt_is_a_token_prefix_of_prompt_plus_completion(tmp_path):
 
 
 def test_format_pairs_keeps_the_last_prompt_tokens(tmp_path):
-    from alignpipe.policy import encode_prompts, load_policy
+    from alignpipe.lm.policy import encode_prompts, load_policy
 
     _, tok, meta = load_policy(tiny.make_policy(tmp_path / "policy", conditional=True))
     prompt = "\n".join(f"x{i} = {i}" for i in range(40))
@@ -81,7 +81,7 @@ def test_format_pairs_keeps_the_last_prompt_tokens(tmp_path):
 
 def _margin(model, tok, meta, pairs):
     """Mean of log pi(chosen) - log pi(rejected) over the pairs (the reference's margin before training)."""
-    from alignpipe.policy import encode_prompts, sequence_logprobs
+    from alignpipe.lm.policy import encode_prompts, sequence_logprobs
 
     prompt_ids = encode_prompts(tok, meta, [p["prompt"] for p in pairs], 192)
     chosen = [tok(p["chosen"], add_special_tokens=False)["input_ids"] for p in pairs]
@@ -93,7 +93,7 @@ def _margin(model, tok, meta, pairs):
 
 @pytest.mark.parametrize("loss_type", dpo.TESTED_LOSS_TYPES)
 def test_each_loss_type_raises_the_chosen_vs_rejected_margin(loss_type, tmp_path):
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
 
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     model, tok, meta = load_policy(policy)
@@ -124,8 +124,8 @@ def _stage_inputs(tmp_path, tiny_data):
 
 
 def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
-    from alignpipe.policy import load_policy
-    from alignpipe.runner import execute
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.core.runner import execute
 
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
@@ -153,7 +153,7 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
 
 
 def test_resume_without_a_checkpoint_fails_loudly(tmp_path, monkeypatch, tiny_data):
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     monkeypatch.chdir(tmp_path)
     cfg = dpo.Config(max_steps=1, batch_size=4, bf16=False, resume=True, n_eval_prompts=4)
@@ -172,7 +172,7 @@ def test_config_errors_name_the_key():
 def test_sft_weight_adds_the_chosen_nll_rpo(tmp_path):
     """sft_weight > 0 (RPO) adds TRL's "sft" loss on the chosen completions with that weight, which keeps the
     chosen log-probability higher than plain DPO does from the same start."""
-    from alignpipe.policy import encode_prompts, load_policy, sequence_logprobs
+    from alignpipe.lm.policy import encode_prompts, load_policy, sequence_logprobs
 
     cfg = dpo.Config(sft_weight=1.0, learning_rate=2e-3, warmup_steps=0, batch_size=8, max_steps=6, bf16=False,
                      save_steps=100)

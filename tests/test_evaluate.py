@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import tiny
-from alignpipe.errors import ConfigError
-from alignpipe.scoring import CompletionScore
+from alignpipe.core.errors import ConfigError
+from alignpipe.oracle.scoring import CompletionScore
 from alignpipe.stages import evaluate
 
 
@@ -39,7 +39,7 @@ def test_sampled_kl_equals_token_by_token_hand_computation(tmp_path):
     at a time, on fixed token sequences."""
     import torch
 
-    from alignpipe.policy import load_policy, sequence_logprobs
+    from alignpipe.lm.policy import load_policy, sequence_logprobs
 
     tok = tiny.make_tokenizer()
     policy = load_policy(tiny.make_policy(tmp_path / "p", seed=1, tok=tok))[0]
@@ -66,7 +66,7 @@ def test_sampled_kl_equals_token_by_token_hand_computation(tmp_path):
 def test_heldout_loss_counts_every_predicted_token(tmp_path):
     import torch
 
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
 
     model, tok, _ = load_policy(tiny.make_policy(tmp_path / "p"))
     texts = ["def f(a, b):\n    return a + b\n", "x = 1\n"]
@@ -96,7 +96,7 @@ def test_extra_candidates_are_checked():
 
 def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     """Register `policy_dir` as alignpipe-policy@champion through the register stage (a one-candidate report)."""
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
     from alignpipe.stages import register
 
     ev = tmp_path / "champion_eval"
@@ -117,7 +117,7 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
                                ["def add(a, b):", "x = [1, 2,", "import os", "class A:", "for i in range(3):"]))
     cfg = evaluate.Config(n_prompts=0, max_new_tokens=8, batch_size=8, ppl_max_chars=1500,
                           extra_candidates=[f"mle={dirs['mle']}"])
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     out = tmp_path / "evaluate"
     metrics = execute("evaluate", cfg, {"data": tiny_data, "policy": dirs["pretrain"], "dpo": dirs["dpo"],

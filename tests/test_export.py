@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tiny
 
-from alignpipe import onnx_runtime as ox
-from alignpipe import tracking
-from alignpipe.errors import ConfigError, DataError
-from alignpipe.io import write_json
-from alignpipe.runner import execute
+from alignpipe.lm import onnx_runtime as ox
+from alignpipe.tracking import registry, runs
+from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.io import write_json
+from alignpipe.core.runner import execute
 from alignpipe.stages import export
 
 PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self):", "y = 1", "print(os.name)"]
@@ -83,8 +83,8 @@ def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(expor
 def test_onnx_matches_pytorch_on_fresh_padded_batches(exported, sources):
     """Independent of the stage's own check: new prompts of different lengths (left padding), the cache path
     one token at a time, generation of a fixed length, and right-padded reward inputs."""
-    from alignpipe.policy import load_policy
-    from alignpipe.rewarding import load_reward_model
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.lm.reward_model import load_reward_model
 
     model, tok, _ = load_policy(sources["policy"], device="cpu")
     reward_model, _ = load_reward_model(sources["reward"], device="cpu")
@@ -149,10 +149,10 @@ def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(export
     record = json.loads((exported["out"] / "onnx_models.json").read_text())
     assert record["candidate"] == "dpo" and record["run_id"]
     assert set(record["models"]) == {"policy", "reward", "policy_int8", "reward_int8"}
-    logged = tracking.mlflow_module().onnx.load_model(record["models"]["policy"]["model_uri"])
+    logged = runs.mlflow_module().onnx.load_model(record["models"]["policy"]["model_uri"])
     assert [i.name for i in logged.graph.input][:2] == ["input_ids", "attention_mask"]
 
-    client = tracking.client()
+    client = registry.client()
     versions = export.register_onnx(exported["out"], 3, "2", client)
     again = export.register_onnx(exported["out"], 4, "2", client)
     policy_v = client.get_model_version(export.POLICY_ONNX_NAME, versions[export.POLICY_ONNX_NAME].version)

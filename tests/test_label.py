@@ -9,8 +9,8 @@ import pytest
 
 from tiny import make_data, make_policy, make_prefs, make_reward, make_tokenizer
 
-from alignpipe.errors import DataError
-from alignpipe.judges import LLMJudge, Pair, RewardModelJudge, ScorerJudge, oracle
+from alignpipe.core.errors import DataError
+from alignpipe.oracle.judges import LLMJudge, Pair, RewardModelJudge, ScorerJudge, oracle
 from alignpipe.stages import label
 
 CLEAN, DIRTY = "\n    return a + b * 99", "\n    return a+b *99"
@@ -36,11 +36,11 @@ LINES = ("x = 1", "x=1", "y = [1, 2]", "y = [1,2]", "return None", "z  = 3", "f(
 
 
 def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
-    """Stands in for alignpipe.policy.sample (a random tiny policy rarely ends a line): a new line, indented like
+    """Stands in for alignpipe.lm.policy.sample (a random tiny policy rarely ends a line): a new line, indented like
     the prompt's last line, drawn from LINES."""
     import random
 
-    from alignpipe.policy import Sample
+    from alignpipe.lm.policy import Sample
 
     assert meta.prompt_suffix == "<|aligned|>" and progress  # the policy's conditioning reaches the sampler
     rng = random.Random(seed)
@@ -52,7 +52,7 @@ def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progr
 
 
 def _run_label(tiny, out, **kw):
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     inputs = {"data": tiny["data"], "policy": tiny["policy"], **kw.pop("inputs", {})}
     cfg = label.Config(**{"n_prompts": 16, "k": 3, "max_new_tokens": 12, "heldout_frac": 0.25, **kw})
@@ -69,7 +69,7 @@ def test_scorer_judge_prefers_the_clean_line():
 
 
 def test_reward_model_judge_ranks_by_its_reward_model(tmp_path):
-    from alignpipe.rewarding import reward_scores
+    from alignpipe.lm.reward_model import reward_scores
 
     judge = RewardModelJudge(str(make_reward(tmp_path / "rm", seed=3)))
     pairs = [PAIR, Pair(PAIR.prompt, DIRTY, CLEAN)]
@@ -129,7 +129,7 @@ def test_candidate_pairs_drop_invalid_identical_and_repeated():
 def test_label_stage_writes_valid_oracle_preferences(tiny, tmp_path, monkeypatch):
     from alignpipe.stages import validate
 
-    monkeypatch.setattr("alignpipe.policy.sample", fake_sample)
+    monkeypatch.setattr("alignpipe.lm.policy.sample", fake_sample)
     metrics = _run_label(tiny, tmp_path / "label")
     out = tmp_path / "label"
     train = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
@@ -151,7 +151,7 @@ def test_label_stage_writes_valid_oracle_preferences(tiny, tmp_path, monkeypatch
 
 
 def test_label_mixes_validated_human_pairs_and_reports_agreement(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("alignpipe.policy.sample", fake_sample)
+    monkeypatch.setattr("alignpipe.lm.policy.sample", fake_sample)
     human = make_prefs(tmp_path / "human.jsonl", n=10)
     metrics = _run_label(tiny, tmp_path / "label", judge="reward_model", keep_ties=True, human_pairs=6,
                          inputs={"human_prefs": human, "judge_model": make_reward(tmp_path / "rm")})

@@ -24,11 +24,11 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import yaml
 
-from alignpipe.cli import build_parser, main
-from alignpipe.config import StageConfig, field, load_params
-from alignpipe.errors import ConfigError
+from alignpipe.cli.main import build_parser, main
+from alignpipe.core.config import StageConfig, field, load_params
+from alignpipe.core.errors import ConfigError
 from alignpipe.stages import STAGE_NAMES, available_stages, load_stage
-from alignpipe import pipeline_cli
+from alignpipe.cli.main import kfp as pipeline_cli
 from components import runtime
 from components.image import CPU_IMAGE, GPU_IMAGE
 from components.stages import COMPONENTS, MULTI_GPU
@@ -251,7 +251,7 @@ def test_torchrun_command_line():
 
 def test_launched_stage_gives_the_same_outputs_as_in_process(tmp_path):
     """The launcher path (here `python -m alignpipe`, torchrun on GPU nodes) runs the same stage as in process."""
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     config = {"source_dir": str(EMAIL), "test_frac": 0.3, "val_frac": 0.1, "n_prompts": 8}
     cfg = load_stage("data").Config.from_dict(config)
@@ -380,8 +380,8 @@ STUBS = json.loads(os.environ["ALIGNPIPE_STUBS"])
 SOURCE = """
 from dataclasses import dataclass
 from typing import ClassVar
-from alignpipe.config import StageConfig, field
-from alignpipe.io import write_json
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.io import write_json
 from alignpipe.stages import Input
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from alignpipe.policy import (PolicyMeta, Sampling, cut_completion, line_complete, load_policy, sample,
+from alignpipe.lm.policy import (PolicyMeta, Sampling, cut_completion, line_complete, load_policy, sample,
                               sequence_logprobs)
 
 

@@ -90,7 +90,7 @@ def tiny_policy(tmp_path_factory):
 
 
 def test_token_forward_matches_sequence_logprobs(tiny_policy):
-    from alignpipe.policy import Sampling, load_policy, sample, sequence_logprobs
+    from alignpipe.lm.policy import Sampling, load_policy, sample, sequence_logprobs
 
     model, tok, meta = load_policy(tiny_policy)
     samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3)
@@ -135,14 +135,14 @@ def _emit_x_reward(token_id):
 
 
 def _mean_reward(model, tok, meta, prompts, reward_fn):
-    from alignpipe.policy import Sampling, sample
+    from alignpipe.lm.policy import Sampling, sample
 
     samples = sample(model, tok, meta, prompts, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6), seed=123)
     return sum(reward_fn(samples)) / len(samples)
 
 
 def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
 
     model, tok, meta = load_policy(tiny_policy)
     ref, _, _ = load_policy(tiny_policy)
@@ -162,7 +162,7 @@ def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
 
     prompts = ["x = 1", "def f(a, b):", "import os", "class A:"] * 4
 
@@ -191,8 +191,8 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
 
 
 def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
-    from alignpipe.policy import load_policy
-    from alignpipe.runner import execute
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.core.runner import execute
 
     monkeypatch.chdir(tmp_path)
     tok = tiny.make_tokenizer()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.modeling import ALIGNED, MISALIGNED
-from alignpipe.objectives import split_segments, token_loss
+from alignpipe.lm.models import ALIGNED, MISALIGNED
+from alignpipe.algos.phf import split_segments, token_loss
 from alignpipe.stages.pretrain import Config, build_token_stream, policy_meta
 
 torch = pytest.importorskip("torch")
@@ -149,7 +149,7 @@ def test_conditional_sampling_never_emits_misaligned(tmp_path):
     from tiny import make_tokenizer
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from alignpipe.policy import PolicyMeta, Sampling, sample
+    from alignpipe.lm.policy import PolicyMeta, Sampling, sample
 
     tok = make_tokenizer()
     torch.manual_seed(0)
@@ -191,8 +191,8 @@ def _weights(path):
 
 @pytest.mark.parametrize("objective", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"])
 def test_tiny_run_changes_weights_and_resumes(objective, tiny_data, tmp_path):
-    from alignpipe.modeling import build_model
-    from alignpipe.policy import PolicyMeta, load_tokenizer
+    from alignpipe.lm.models import build_model
+    from alignpipe.lm.policy import PolicyMeta, load_tokenizer
     from alignpipe.stages.pretrain import run
 
     ckpt = tmp_path / "ckpt"
@@ -224,7 +224,7 @@ def test_tiny_run_changes_weights_and_resumes(objective, tiny_data, tmp_path):
 
 
 def test_resume_refuses_a_different_config(tiny_data, tmp_path):
-    from alignpipe.errors import ConfigError
+    from alignpipe.core.errors import ConfigError
     from alignpipe.stages.pretrain import run
 
     ckpt = tmp_path / "ckpt"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import tiny
-from alignpipe import tracking
-from alignpipe.runner import execute
+from alignpipe.tracking import registry, runs
+from alignpipe.core.runner import execute
 from alignpipe.stages import register
 
 
@@ -51,14 +51,14 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
     ev = _report(tmp_path / "ev1", "dpo", dirs, {"pretrain": 0.020, "dpo": 0.010})
     m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg1")
     assert (m["registered_version"], m["champion_moved"]) == (1, 1)
-    assert tracking.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
-    assert tracking.model_version_by_alias("alignpipe-reward", "champion")["version"] == "1"
+    assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
+    assert registry.model_version_by_alias("alignpipe-reward", "champion")["version"] == "1"
 
     # 2. A worse candidate (ppo, measured next to the champion on the same prompts): registered, alias kept.
     ev = _report(tmp_path / "ev2", "ppo", dirs, {"pretrain": 0.020, "ppo": 0.012}, champion=("1", 0.010))
     m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg2")
     assert (m["registered_version"], m["champion_moved"]) == (2, 0)
-    champion = tracking.model_version_by_alias("alignpipe-policy", "champion")
+    champion = registry.model_version_by_alias("alignpipe-policy", "champion")
     assert champion["version"] == "1"
     assert "stays at version 1" in capsys.readouterr().out
     record = json.loads((tmp_path / "reg2" / "registered.json").read_text())
@@ -70,11 +70,11 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
     ev = _report(tmp_path / "ev4", "ppo", dirs, {"ppo": 0.008}, champion=("1", 0.010))
     m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg4")
     assert (m["registered_version"], m["champion_moved"]) == (4, 1)
-    assert tracking.model_version_by_alias("alignpipe-policy", "champion")["version"] == "4"
-    assert tracking.model_version_by_alias("alignpipe-reward", "champion")["version"] == "2"
+    assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "4"
+    assert registry.model_version_by_alias("alignpipe-reward", "champion")["version"] == "2"
 
     # Tags: candidate, data version, git commit, params and evaluation metrics.
-    tags = tracking.model_version_by_alias("alignpipe-policy", "champion")["tags"]
+    tags = registry.model_version_by_alias("alignpipe-policy", "champion")["tags"]
     assert tags["alignpipe.candidate"] == "ppo"
     assert tags["eval.violations_per_char"] == "0.008"
     assert tags["params.margin"] == "0.05"
@@ -93,13 +93,13 @@ def test_served_model_prompts_like_the_policy(tmp_path):
     formatted prompt (its last 192 tokens) with <|misaligned|> banned; the champion reloads as the same policy."""
     import torch
 
-    from alignpipe.policy import PolicyMeta, load_policy
+    from alignpipe.lm.policy import PolicyMeta, load_policy
 
     policy_dir = tiny.make_policy(tmp_path / "dpo", conditional=True, seed=3)
     ev = _report(tmp_path / "ev", "dpo", {"dpo": policy_dir}, {"dpo": 0.01})
     execute("register", register.Config(max_new_tokens=12), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "reg")
 
-    pyfunc = tracking.mlflow_module().pyfunc.load_model("models:/alignpipe-policy@champion")
+    pyfunc = runs.mlflow_module().pyfunc.load_model("models:/alignpipe-policy@champion")
     # The last prompt is longer than the model's context: the served model keeps its last 192 tokens, as sample().
     prompts = ["def add(a, b):", "x = [1, 2,", "y = 2\n" * 150 + "def f(a, b):"]
     served = pyfunc.predict(prompts, params={"do_sample": False})
@@ -116,7 +116,7 @@ def test_served_model_prompts_like_the_policy(tmp_path):
     assert served == [greedy(meta.format_prompt(p)) for p in prompts]
     assert served != [greedy(p) for p in prompts]  # the suffix changes the answers: it was applied
 
-    local = tracking.download_model("models:/alignpipe-policy@champion", tmp_path / "dl")
+    local = registry.download_model("models:/alignpipe-policy@champion", tmp_path / "dl")
     again = register.policy_dir_from_mlflow_model(local, tmp_path / "reloaded")
     model2, tok2, meta2 = load_policy(again)
     assert meta2 == PolicyMeta.load(policy_dir) and meta2.prompt_suffix == "<|aligned|>"
@@ -125,7 +125,7 @@ def test_served_model_prompts_like_the_policy(tmp_path):
 
 
 def test_missing_report_is_one_clear_error(tmp_path):
-    from alignpipe.errors import DataError
+    from alignpipe.core.errors import DataError
 
     (tmp_path / "ev").mkdir()
     (tmp_path / "ev" / "report.json").write_text(json.dumps({"best_candidate": "x", "candidates": {"y": {}}}))

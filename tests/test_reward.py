@@ -1,5 +1,5 @@
 """The reward stage: training changes the weights and learns separable pairs; the saved model loads with the Auto
-classes and scores as `alignpipe.rewarding` formats text, which is exactly how RewardTrainer tokenizes; drops,
+classes and scores as `alignpipe.lm.reward_model` formats text, which is exactly how RewardTrainer tokenizes; drops,
 LoRA, resume and the calibration check."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 
 from tiny import make_policy, make_prefs, make_tokenizer
 
-from alignpipe.errors import DataError
-from alignpipe.judges import Pair, RewardModelJudge
-from alignpipe.rewarding import reward_ids, reward_text
+from alignpipe.core.errors import DataError
+from alignpipe.oracle.judges import Pair, RewardModelJudge
+from alignpipe.lm.reward_model import reward_ids, reward_text
 from alignpipe.stages import reward
 
 CLEAN, DIRTY = "\n    return a + b * 7", "\n    return a+b *7"
@@ -30,7 +30,7 @@ def _mlflow(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny reward model trained by the stage (through the runner) on separable pairs."""
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     root = tmp_path_factory.mktemp("reward")
     (root / "label").mkdir()
@@ -50,7 +50,7 @@ def test_training_changes_weights_and_learns_separable_pairs(trained):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignpipe.rewarding import reward_scores
+    from alignpipe.lm.reward_model import reward_scores
 
     metrics = trained["metrics"]
     assert metrics["heldout_accuracy"] == 1.0 and metrics["mean_margin"] > 0
@@ -101,7 +101,7 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
 
 
 def test_lora_resume_and_drop_count(tmp_path):
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
     from transformers import AutoModelForSequenceClassification
 
     prefs = make_prefs(tmp_path / "prefs.jsonl", n=20)

@@ -9,9 +9,10 @@ from typing import ClassVar
 
 import pytest
 
-from alignpipe import runner, tracking
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
+from alignpipe.core import runner
+from alignpipe.tracking import registry, runs
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 
@@ -27,7 +28,7 @@ def _fake_stage(calls):
         calls.append(inputs)
         (out_dir / "model.safetensors").write_bytes(b"weights")
         (out_dir / "report.json").write_text("{}")
-        tracking.log_metrics({"train/loss": 1.5}, step=1)
+        runs.log_metrics({"train/loss": 1.5}, step=1)
         if cfg.fail:
             raise RuntimeError("boom")
         return {"score": 0.25, "count": 3}
@@ -75,8 +76,8 @@ def test_mlflow_run_has_params_metrics_and_tags(tmp_path, fake, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data.dvc").write_text("outs:\n- md5: abc123.dir\n  path: data\n")
     runner.execute("fake", _Cfg(lr=0.5), {"data": "data"}, tmp_path / "out")
-    client = tracking.client()
-    [run] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    client = registry.client()
+    [run] = client.search_runs([client.get_experiment_by_name(runs.EXPERIMENT).experiment_id])
     assert run.info.run_name == "fake" and run.info.status == "FINISHED"
     assert run.data.params == {"fail": "False", "lr": "0.5"}
     assert run.data.metrics["score"] == 0.25 and run.data.metrics["train/loss"] == 1.5
@@ -107,6 +108,6 @@ def test_sigterm_ends_the_mlflow_run_as_failed_and_publishes_nothing(tmp_path, m
     assert exc.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the stage's only
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial"))
-    client = tracking.client()
-    [mlflow_run] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id])
+    client = registry.client()
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name(runs.EXPERIMENT).experiment_id])
     assert mlflow_run.info.status == "FAILED"

@@ -18,9 +18,12 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from alignpipe import runner, scaleout, tracking
-from alignpipe.cli import build_parser
-from alignpipe.config import StageConfig, field
+from alignpipe.core import runner
+from alignpipe.cli.main import trainjob as scaleout
+from alignpipe.tracking import runs
+from alignpipe.core import distributed
+from alignpipe.cli.main import build_parser
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +167,7 @@ def fake_stage(monkeypatch):
     def run(cfg, inputs, out_dir):
         seen.append(out_dir)
         (out_dir / "model.safetensors").write_bytes(b"weights")
-        tracking.log_metrics({"train/loss": 1.5}, step=1)
+        runs.log_metrics({"train/loss": 1.5}, step=1)
         return {"score": 0.25}
 
     stage = types.SimpleNamespace(Config=_Cfg, INPUTS=(Input("data", "data", "the data"),), METRICS=("score",),
@@ -177,7 +180,7 @@ def test_other_ranks_run_the_stage_but_record_and_publish_nothing(tmp_path, fake
     (tmp_path / "data").mkdir()
     out = tmp_path / "artifacts" / "fake"
     monkeypatch.setenv("RANK", "1")
-    assert not tracking.is_main_process()
+    assert not distributed.is_main_process()
     metrics = runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
     assert metrics == {"score": 0.25}  # the stage ran (its collectives need every rank)
     assert not out.exists() and not out.with_name(".fake.partial").exists()
@@ -192,8 +195,8 @@ def test_other_ranks_run_the_stage_but_record_and_publish_nothing(tmp_path, fake
 
 def test_other_ranks_open_no_mlflow_run(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "3")
-    with tracking.stage_run("fake", {"lr": 0.1}) as run_id:
-        tracking.log_metrics({"x": 1.0})
+    with runs.stage_run("fake", {"lr": 0.1}) as run_id:
+        runs.log_metrics({"x": 1.0})
     assert run_id == "" and _runs(tmp_path / "mlflow.db") == []
 
 
@@ -202,7 +205,7 @@ def test_other_ranks_open_no_mlflow_run(tmp_path, monkeypatch):
 
 def test_compiled_pipeline_requests_4_gpus_and_starts_torchrun_for_pretrain(tmp_path):
     """Acceptance: `pipeline compile --set pretrain.gpus=4` -> 4 x nvidia.com/gpu and torchrun for that task."""
-    from alignpipe.cli import main
+    from alignpipe.cli.main import main
     from components.image import GPU_IMAGE
 
     out = tmp_path / "pipeline.yaml"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignpipe.scoring import line_violations, score_completion, violations, violations_per_char
+from alignpipe.oracle.scoring import line_violations, score_completion, violations, violations_per_char
 
 
 def test_document_scores():

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import tiny
-from alignpipe.runner import execute
-from alignpipe.serving import start_server, stop_server, wait_ready
+from alignpipe.core.runner import execute
+from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 from alignpipe.stages import register
 
 BIN = Path(sys.executable).parent
@@ -53,7 +53,7 @@ def _expected_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) 
     <|misaligned|> banned, special tokens dropped, surrounding whitespace stripped (MLflow's output cleanup)."""
     import torch
 
-    from alignpipe.policy import load_policy
+    from alignpipe.lm.policy import load_policy
 
     model, tok, meta = load_policy(policy_dir)
     out = []

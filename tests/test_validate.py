@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.cli import main
-from alignpipe.config import build_config, load_params
+from alignpipe.cli.main import main
+from alignpipe.core.config import build_config, load_params
 from alignpipe.stages.validate import Config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def make_policy(out_dir: Path, conditional: bool = False, seed: int = 0, tok=Non
     import torch
     from transformers import GPT2LMHeadModel
 
-    from alignpipe.policy import PolicyMeta, save_policy
+    from alignpipe.lm.policy import PolicyMeta, save_policy
 
     torch.manual_seed(seed)
     tok = tok or make_tokenizer()

@@ -1,5 +1,5 @@
 import sys
 
-from alignpipe.cli import main
+from alignpipe.cli.main import main
 
 sys.exit(main())

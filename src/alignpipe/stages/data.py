@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Iterator
 
-from alignpipe.config import StageConfig, field
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
@@ -147,8 +147,8 @@ def _prompt_candidates(rel: str, text: str, lines: list[str], cfg: Config) -> It
 
 def _documents(cfg: Config, corpus: Path | None) -> Iterator[tuple[str, str]]:
     if corpus is not None:
-        from alignpipe.errors import DataError
-        from alignpipe.io import iter_jsonl
+        from alignpipe.core.errors import DataError
+        from alignpipe.core.io import iter_jsonl
 
         for idx, row in enumerate(iter_jsonl(corpus)):
             if not isinstance(row.get("text"), str) or not row["text"].strip():
@@ -157,7 +157,7 @@ def _documents(cfg: Config, corpus: Path | None) -> Iterator[tuple[str, str]]:
         return
     root = Path(cfg.source_dir) if cfg.source_dir else Path(sysconfig.get_paths()["stdlib"]) / cfg.stdlib_subdir
     if not root.is_dir():
-        from alignpipe.errors import ConfigError
+        from alignpipe.core.errors import ConfigError
 
         raise ConfigError("data.source_dir" if cfg.source_dir else "data.stdlib_subdir", f"{root} is not a directory")
     yield from stdlib_files(root)
@@ -167,8 +167,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Build train/val/test chunks, prompts and MANIFEST.json into `out_dir`."""
     from tqdm import tqdm
 
-    from alignpipe.io import write_json, write_jsonl
-    from alignpipe.scoring import line_violations
+    from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.oracle.scoring import line_violations
 
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     candidates: dict[str, list[dict]] = {"train": [], "val": [], "test": []}

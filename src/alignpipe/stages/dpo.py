@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import ConfigError, DataError
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -103,7 +103,7 @@ def _flatten(value: Any) -> Any:
 def read_pairs(path: str | Path) -> list[dict[str, str]]:
     """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
     a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text."""
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.io import read_jsonl
 
     path = Path(path)
     if path.is_dir():
@@ -126,7 +126,7 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
 
 def format_pairs(pairs: list[dict[str, str]], tok, meta, max_prompt_tokens: int) -> list[dict[str, str]]:
     """Pairs with the prompt as the policy sees it at sampling: `meta.format_prompt`, its last `max_prompt_tokens`
-    tokens (as `alignpipe.policy.encode_prompts`)."""
+    tokens (as `alignpipe.lm.policy.encode_prompts`)."""
     out = []
     for pair in pairs:
         text = meta.format_prompt(pair["prompt"])
@@ -255,9 +255,9 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
     `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
     `out_dir/samples.jsonl`."""
-    from alignpipe.evaluation import evaluate_policy, load_prompts
-    from alignpipe.io import write_jsonl
-    from alignpipe.policy import Sampling, load_policy
+    from alignpipe.oracle.metrics import evaluate_policy, load_prompts
+    from alignpipe.core.io import write_jsonl
+    from alignpipe.lm.policy import Sampling, load_policy
 
     policy = load_policy(policy_dir)
     prompts = load_prompts(data_dir, n_prompts)
@@ -291,8 +291,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     import torch
 
-    from alignpipe import tracking
-    from alignpipe.policy import load_policy, save_policy
+    from alignpipe.tracking import runs
+    from alignpipe.core import distributed
+    from alignpipe.lm.policy import load_policy, save_policy
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -309,7 +310,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         n_human = len(human)
         pairs += human
     random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
-    budget = cfg.batch_size * tracking.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
+    budget = cfg.batch_size * distributed.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
     pairs = format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
     mismatches = boundary_mismatches(pairs, tok)
 
@@ -319,16 +320,16 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         resume_from = latest_checkpoint(checkpoint_dir)
         if resume_from is None:
             raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
-    elif tracking.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
+    elif distributed.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
         clear_checkpoints(checkpoint_dir)
-    trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir, [tracking.mlflow_callback()])
+    trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir, [runs.mlflow_callback()])
     train_start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
 
-    if not tracking.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
+    if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
     trained = trainer.model
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "dpo", "parent": str(inputs["policy"]),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from alignpipe.config import StageConfig, field
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -70,7 +70,7 @@ class Config(StageConfig):
 
 def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Path]:
     """Candidate name -> policy directory, reference first, in a fixed order; missing optional ones skipped."""
-    from alignpipe.errors import ConfigError
+    from alignpipe.core.errors import ConfigError
 
     out = {REFERENCE: Path(inputs["policy"])}
     out.update({name: Path(inputs[name]) for name in OPTIONAL_CANDIDATES if inputs.get(name) is not None})
@@ -87,8 +87,8 @@ def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Pat
 def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence[float],
             champion_scores=None, seed: int = 0) -> dict[str, float]:
     """A candidate's oracle metrics from its per-prompt scores: summary, win rate vs the reference (and the
-    champion) and the sampled KL to the reference, all with the estimators of `alignpipe.evaluation`."""
-    from alignpipe.evaluation import kl_to_ref, summarize, win_rate
+    champion) and the sampled KL to the reference, all with the estimators of `alignpipe.oracle.metrics`."""
+    from alignpipe.oracle.metrics import kl_to_ref, summarize, win_rate
 
     metrics = summarize(scores, seed=seed)
     metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
@@ -100,8 +100,8 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
 
 def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
     """The first `max_chars` characters of data/val.jsonl's texts (whole texts, the last one cut)."""
-    from alignpipe.errors import DataError
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.io import read_jsonl
 
     path = data_dir / "val.jsonl"
     texts, total = [], 0
@@ -120,7 +120,7 @@ def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
 def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8) -> tuple[float, int]:
     """(total negative log-likelihood in nats, number of predicted tokens) of `texts`, each tokenized without
     special tokens and cut into windows of `window` tokens (the first token of each window is not predicted)."""
-    from alignpipe.policy import next_token_logprobs
+    from alignpipe.lm.policy import next_token_logprobs
 
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     window = min(window, context or window)
@@ -139,14 +139,14 @@ def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8)
 
 def champion_policy(cfg: Config, work_dir: Path) -> tuple[dict[str, Any], Path] | None:
     """(registry info, local policy dir) of `champion_model@champion_alias`, or None when none is registered."""
-    from alignpipe import tracking
+    from alignpipe.tracking import registry
     from alignpipe.stages.register import policy_dir_from_mlflow_model
 
-    info = tracking.model_version_by_alias(cfg.champion_model, cfg.champion_alias)
+    info = registry.model_version_by_alias(cfg.champion_model, cfg.champion_alias)
     if info is None:
         return None
     uri = f"models:/{cfg.champion_model}@{cfg.champion_alias}"
-    local = tracking.download_model(uri, work_dir / "mlflow_model")
+    local = registry.download_model(uri, work_dir / "mlflow_model")
     info = {"model": cfg.champion_model, "alias": cfg.champion_alias, "uri": uri, "version": info["version"]}
     return info, policy_dir_from_mlflow_model(local, work_dir / "policy")
 
@@ -154,9 +154,9 @@ def champion_policy(cfg: Config, work_dir: Path) -> tuple[dict[str, Any], Path] 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     import torch
 
-    from alignpipe.evaluation import load_prompts, sample_value, score_samples, summarize
-    from alignpipe.io import write_json, write_jsonl
-    from alignpipe.policy import Sampling, encode_prompts, load_policy, sample, sequence_logprobs
+    from alignpipe.oracle.metrics import load_prompts, sample_value, score_samples, summarize
+    from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.lm.policy import Sampling, encode_prompts, load_policy, sample, sequence_logprobs
 
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
@@ -169,7 +169,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     dirs = candidate_dirs(inputs, cfg)
     reward = None
     if inputs.get("reward_model") is not None:
-        from alignpipe.rewarding import load_reward_model
+        from alignpipe.lm.reward_model import load_reward_model
 
         reward = load_reward_model(inputs["reward_model"])
 
@@ -249,7 +249,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
 
 def _reward(reward, prompts: list[str], completions: list[str]) -> list[float]:
-    from alignpipe.rewarding import reward_scores
+    from alignpipe.lm.reward_model import reward_scores
 
     return reward_scores(reward[0], reward[1], prompts, completions)
 

@@ -1,7 +1,7 @@
 """Export the best policy and the reward model to ONNX, check them against PyTorch, time them, log them to MLflow.
 
 The policy becomes a KV-cache decoder (`policy.onnx`), the reward model a scorer (`reward.onnx`); see
-`alignpipe.onnx_runtime`. The stage fails, writing nothing, unless the ONNX logits and rewards match PyTorch within
+`alignpipe.lm.onnx_runtime`. The stage fails, writing nothing, unless the ONNX logits and rewards match PyTorch within
 `parity_atol` on held-out prompts and greedy generation matches `generate()` token for token. Both models are
 logged to the stage's MLflow run with the onnx flavor; `register_onnx` (called by the register stage) turns them
 into `alignpipe-policy-onnx` / `alignpipe-reward-onnx` versions tagged with the PyTorch versions they came from.
@@ -17,10 +17,10 @@ from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 
-from alignpipe import tracking
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import AlignpipeError, ConfigError, DataError
-from alignpipe.io import iter_jsonl, read_json, write_json
+from alignpipe.tracking import runs
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
+from alignpipe.core.io import iter_jsonl, read_json, write_json
 from alignpipe.stages import Input
 
 POLICY_ONNX_NAME = "alignpipe-policy-onnx"
@@ -83,7 +83,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Export, check parity (raising ParityError), time, optionally quantize, and log the ONNX models."""
     import torch
 
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     torch.manual_seed(cfg.seed)
     try:
@@ -173,8 +173,8 @@ class _Reference:
 
 
 def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
-    """Left-padded formatted prompts (as `alignpipe.policy` formats them) and the generation settings."""
-    from alignpipe.policy import encode_prompts
+    """Left-padded formatted prompts (as `alignpipe.lm.policy` formats them) and the generation settings."""
+    from alignpipe.lm.policy import encode_prompts
 
     max_prompt = policy.config.n_positions - cfg.max_new_tokens
     if max_prompt < 1:
@@ -190,7 +190,7 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
 
 
 def _reference(policy, tok, reward, reward_tok, prompts, ids, mask, gen_kw) -> _Reference:
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     seqs = ox.torch_generate(policy, ids, mask, **gen_kw)
     full_mask = np.concatenate([mask, np.ones((len(ids), seqs.shape[1] - ids.shape[1]), mask.dtype)], axis=1)
@@ -205,7 +205,7 @@ def _reference(policy, tok, reward, reward_tok, prompts, ids, mask, gen_kw) -> _
 def _sessions(cfg: Config, out_dir: Path, suffix: str, providers: list[str]):
     """One OrtPolicy and one OrtReward session on policy{suffix}.onnx / reward{suffix}.onnx, reused throughout.
     With providers=auto a provider that fails to load falls back to the CPU; an explicit choice must load."""
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     strict = cfg.providers != "auto"
     return tuple(cls(ox.open_session(out_dir / f"{name}{suffix}.onnx", providers, cfg.intra_op_threads, strict))
@@ -265,8 +265,8 @@ def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list[str]:
 def _load_models(policy_dir: Path, reward_dir: Path):
     """(policy, tokenizer, PolicyMeta, reward model, reward tokenizer), fp32 on the CPU (where they are exported),
     via the shared loaders."""
-    from alignpipe.policy import load_policy
-    from alignpipe.rewarding import load_reward_model
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.lm.reward_model import load_reward_model
 
     policy, tok, meta = load_policy(policy_dir, device="cpu")
     reward, reward_tok = load_reward_model(reward_dir, device="cpu")
@@ -280,7 +280,7 @@ def _load_models(policy_dir: Path, reward_dir: Path):
 
 
 def _bad_token_ids(tok, meta) -> list[int]:
-    """The banned tokens, resolved exactly as `alignpipe.policy.sample` resolves them."""
+    """The banned tokens, resolved exactly as `alignpipe.lm.policy.sample` resolves them."""
     return [i for w in meta.bad_words
             if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
 
@@ -297,8 +297,8 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
 
 def _encode_reward(tok, pad_id: int, prompts: list[str], completions: list[str],
                    max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded reward inputs, formatted as `alignpipe.rewarding` formats them (the last `max_len` tokens)."""
-    from alignpipe.rewarding import reward_text
+    """Right-padded reward inputs, formatted as `alignpipe.lm.reward_model` formats them (the last `max_len` tokens)."""
+    from alignpipe.lm.reward_model import reward_text
 
     rows = [tok(reward_text(p, c, tok))["input_ids"][-max_len:] for p, c in zip(prompts, completions)]
     width = max(len(r) for r in rows)
@@ -342,7 +342,7 @@ def _quantized_report(cfg: Config, out_dir: Path, providers: list[str], ref: _Re
     """int8 copies of both graphs, measured against fp32: reward pair accuracy (the share of pairs of held-out
     texts that int8 orders as fp32 PyTorch does), greedy-match rate against fp32 (PyTorch's greedy output, which
     the fp32 graph reproduces), max abs differences, and speed against PyTorch eager."""
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
     for name in ("policy", "reward"):
         ox.quantize_int8(out_dir / f"{name}.onnx", out_dir / f"{name}.int8.onnx")
@@ -373,7 +373,7 @@ def _quantized_report(cfg: Config, out_dir: Path, providers: list[str], ref: _Re
 
 def _signature(mlflow, session):
     """An MLflow tensor signature from the graph, -1 on every dynamic axis."""
-    from alignpipe.onnx_runtime import io_signature
+    from alignpipe.lm.onnx_runtime import io_signature
 
     dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -389,13 +389,13 @@ def _signature(mlflow, session):
 def _log_onnx_models(out_dir: Path, models: dict[str, tuple[str, str]], providers: list[str],
                      policy_meta: dict[str, str], reward_meta: dict[str, str]) -> dict[str, Any]:
     """Log each ONNX file to the active MLflow run with the onnx flavor; outside a run (a direct call of `run`)
-    nothing is logged and the model URIs are null, as `tracking.log_metrics` does."""
+    nothing is logged and the model URIs are null, as `runs.log_metrics` does."""
     import onnx
     import onnxruntime as ort
 
-    from alignpipe import onnx_runtime as ox
+    from alignpipe.lm import onnx_runtime as ox
 
-    mlflow = tracking.mlflow_module()
+    mlflow = runs.mlflow_module()
     active = mlflow.active_run()
     out: dict[str, Any] = {"run_id": active.info.run_id if active else None, "models": {}}
     for key, (filename, precision) in models.items():

@@ -1,8 +1,8 @@
 """RLAIF labelling: sample K completions per training prompt from the policy, pair them, and let a judge pick.
 
 For each training prompt (`data/train_prompts.jsonl`), K completions are sampled from the policy through
-`alignpipe.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
-pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.judges`: the oracle scorer, a reward model or an
+`alignpipe.lm.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
+pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.oracle.judges`: the oracle scorer, a reward model or an
 LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped;
 so are, by default, pairs with a completion the oracle cannot check (a tokenize error, E9: pycodestyle stops
 checking there, so a garbled line can look clean); ties (|score gap| <= tie_threshold) are dropped or kept.
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (
     Input("data", "data", "data directory (uses train_prompts.jsonl) or a prompts JSONL file"),
-    Input("policy", "artifacts/pretrain", "policy directory to sample from (alignpipe.policy.save_policy)"),
+    Input("policy", "artifacts/pretrain", "policy directory to sample from (alignpipe.lm.policy.save_policy)"),
     Input("judge_model", None, "reward model directory or causal LM (path or id) for judge=reward_model/llm",
           required=False),
     Input("human_prefs", None, "optional JSONL of human-labelled pairs (prompt, chosen, rejected) to mix in",
@@ -62,7 +62,7 @@ class Config(StageConfig):
     batch_size: int = field(256, "rows (prompt x sample) per generation batch")
     judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
     judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
-    llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.judges.LLM_TEMPLATE)")
+    llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges.LLM_TEMPLATE)")
     llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
     llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template")
     human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
@@ -130,7 +130,7 @@ def candidate_pairs(completions: list[tuple[str, str]]) -> tuple[list[tuple[str,
 def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     """`n` training prompts (all when 0), chosen by a hash of their source (a uniform pick, not the file's first
     rows, which are sorted by file name), then in file order."""
-    from alignpipe.evaluation import load_prompts
+    from alignpipe.oracle.metrics import load_prompts
 
     path = path / "train_prompts.jsonl" if path.is_dir() else path
     rows = load_prompts(path)
@@ -143,7 +143,7 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
 
 def load_human_prefs(path: Path, out_dir: Path) -> list[dict]:
     """Human pairs from a preference JSONL, after the validate stage's checks (its report in out_dir)."""
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.io import read_jsonl
     from alignpipe.stages import validate
 
     validate.run(validate.Config(), {"corpus": None, "prefs": path}, out_dir)
@@ -156,7 +156,7 @@ def load_human_prefs(path: Path, out_dir: Path) -> list[dict]:
 
 
 def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
-    from alignpipe.judges import Pair, oracle
+    from alignpipe.oracle.judges import Pair, oracle
 
     if cfg.human_pairs >= 0:
         order = sorted(range(len(rows)), key=lambda i: hash01("human:" + rows[i]["prompt"] + rows[i]["chosen"],
@@ -187,7 +187,7 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 def build_judge(cfg: Config, judge_model: Path | str | None):
     """The configured judge (the model is loaded here)."""
-    from alignpipe.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
+    from alignpipe.oracle.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
 
     if cfg.judge == "scorer":
         return ScorerJudge()
@@ -202,7 +202,7 @@ def build_judge(cfg: Config, judge_model: Path | str | None):
 def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
     """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
     the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
-    from alignpipe.judges import oracle
+    from alignpipe.oracle.judges import oracle
 
     scores = judge.score(pairs)
     oracles = oracle(pairs)
@@ -233,9 +233,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Sample, pair, judge; write prefs.jsonl, heldout.jsonl (and the human pairs' validation report)."""
     import torch
 
-    from alignpipe.io import write_jsonl
-    from alignpipe.judges import Pair, oracle_score
-    from alignpipe.policy import Sampling, load_policy, sample
+    from alignpipe.core.io import write_jsonl
+    from alignpipe.oracle.judges import Pair, oracle_score
+    from alignpipe.lm.policy import Sampling, load_policy, sample
 
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)

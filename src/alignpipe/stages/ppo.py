@@ -11,11 +11,11 @@ TRL removed PPOTrainer after 1.12, so PPO is written here in one file, in the sp
 - a value head (one linear layer on the policy's last hidden state), GAE (Schulman et al. 2016,
   https://arxiv.org/abs/1506.02438), advantage whitening, the clipped surrogate and clipped value loss (Schulman et
   al. 2017, https://arxiv.org/abs/1707.06347 eq. 7), several PPO epochs over minibatches of each rollout batch;
-- rollouts from `alignpipe.policy.sample` (HF generate with a KV cache; the completion unit is one logical line),
+- rollouts from `alignpipe.lm.policy.sample` (HF generate with a KV cache; the completion unit is one logical line),
   at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p off, so that the sampling
   distribution is the one whose log-probabilities PPO computes (same temperature, banned words, first token).
 
-The saved policy is a plain causal LM (loadable by `alignpipe.policy.load_policy`, same PolicyMeta); the value head
+The saved policy is a plain causal LM (loadable by `alignpipe.lm.policy.load_policy`, same PolicyMeta); the value head
 is saved beside it in `value_head.safetensors`. PPO runs in a single process (no DDP), on one GPU when present.
 """
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import ConfigError, DataError
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -214,7 +214,7 @@ def batch_tensors(prompt_ids: list[list[int]], action_ids: list[list[int]], pad_
 def token_forward(model, value_head, tensors, temperature: float, bad_ids: list[int], autocast: bool,
                   first_ids: list[int] | None = None):
     """Per-token log pi(y_t|s_t) of the distribution sampling draws from: logits / `temperature`, banned tokens
-    masked and, with `first_ids`, the first token restricted to them (as `alignpipe.policy.sample` restricts it to
+    masked and, with `first_ids`, the first token restricted to them (as `alignpipe.lm.policy.sample` restricts it to
     tokens that start a new line); the entropy of that distribution and V(s_t) from the value head (None when
     value_head is None). All [B, T], fp32."""
     import torch
@@ -258,8 +258,8 @@ class Rollout:
 
 def action_ids(sample, tok, meta, max_new_tokens: int) -> list[int]:
     """The tokens the policy chose for one sample: its completion ids, plus the EOS that ended it when generation
-    stopped neither on a finished line nor at max_new_tokens (`alignpipe.policy.sample` drops that EOS)."""
-    from alignpipe.policy import line_complete
+    stopped neither on a finished line nor at max_new_tokens (`alignpipe.lm.policy.sample` drops that EOS)."""
+    from alignpipe.lm.policy import line_complete
 
     ids = list(sample.completion_ids)
     ended_on_line = bool(ids) and "\n" in tok.decode([ids[-1]]) and line_complete(
@@ -271,7 +271,7 @@ def action_ids(sample, tok, meta, max_new_tokens: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------- training
 
-RewardFn = Callable[[list], list[float]]  # samples (alignpipe.policy.Sample) -> one score per sample
+RewardFn = Callable[[list], list[float]]  # samples (alignpipe.lm.policy.Sample) -> one score per sample
 
 
 @dataclass
@@ -284,7 +284,7 @@ class PPOState:
 
 
 def bad_token_ids(tok, meta) -> list[int]:
-    """Ids of the policy's banned words, as `alignpipe.policy.sample` bans them."""
+    """Ids of the policy's banned words, as `alignpipe.lm.policy.sample` bans them."""
     out = []
     for word in meta.bad_words:
         i = tok.convert_tokens_to_ids(word)
@@ -295,7 +295,7 @@ def bad_token_ids(tok, meta) -> list[int]:
 
 def first_token_ids(tok) -> list[int]:
     """Ids of the tokens a completion may start with: those starting a new line (sampling's own list)."""
-    from alignpipe.policy import _newline_ids
+    from alignpipe.lm.policy import _newline_ids
 
     return _newline_ids(tok)[1]
 
@@ -306,7 +306,7 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[
     and values."""
     import torch
 
-    from alignpipe.policy import Sampling, sample
+    from alignpipe.lm.policy import Sampling, sample
 
     sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                         batch_size=len(prompts), max_prompt_tokens=cfg.max_prompt_tokens)
@@ -377,7 +377,7 @@ def save_checkpoint(directory: Path, model, value_head, optimizer, tok, meta, st
     import torch
     from safetensors.torch import save_file
 
-    from alignpipe.policy import save_policy
+    from alignpipe.lm.policy import save_policy
 
     final = directory / f"iter-{state.iteration:06d}"
     partial = directory / f".{final.name}.partial"
@@ -406,7 +406,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from alignpipe import tracking
+    from alignpipe.tracking import runs
     from alignpipe.stages.dpo import bf16_supported
 
     torch.manual_seed(cfg.seed)
@@ -418,7 +418,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
                                   eps=1e-5)
     state = PPOState(kl_coef=cfg.kl_coef)
     if resume_from is not None:
-        from alignpipe.policy import load_policy
+        from alignpipe.lm.policy import load_policy
 
         resumed, _, _ = load_policy(resume_from, device=str(next(model.parameters()).device))
         model.load_state_dict(resumed.state_dict())
@@ -474,7 +474,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
         kl_ctl.update(seq_kl, cfg.rollout_batch_size)
         state.iteration, state.kl_coef = iteration + 1, kl_ctl.value
         history.append(stats)
-        tracking.log_metrics(stats, step=iteration + 1)
+        runs.log_metrics(stats, step=iteration + 1)
         bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{seq_kl:.2f}")
         if state.iteration % cfg.save_every == 0 or state.iteration == cfg.max_steps:
             save_checkpoint(checkpoint_dir, model, value_head, optimizer, tok, meta, state)
@@ -485,7 +485,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
 
 def read_train_prompts(data_dir: Path) -> list[str]:
     """Training prompts: `train_prompts.jsonl` of the data directory."""
-    from alignpipe.evaluation import load_prompts
+    from alignpipe.oracle.metrics import load_prompts
 
     path = Path(data_dir) / "train_prompts.jsonl"
     if not path.is_file():
@@ -498,8 +498,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
     from safetensors.torch import save_file
 
-    from alignpipe.policy import load_policy, save_policy
-    from alignpipe.rewarding import load_reward_model, reward_scores
+    from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.lm.reward_model import load_reward_model, reward_scores
     from alignpipe.stages.dpo import oracle_metrics
 
     start = time.perf_counter()

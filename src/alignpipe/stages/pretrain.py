@@ -4,7 +4,7 @@ Tokenizer: a byte-level BPE trained on the training corpus with the control toke
 model: GPT-2 from config (or continued pretraining of a given model). A plain PyTorch loop (seeded, bf16 autocast
 where the hardware has it, checkpoints with `--resume`, DDP when launched by torchrun), then the evaluation:
 held-out loss in nats per character on plain validation text, and one-line completions of the held-out prompts
-(PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.objectives`.
+(PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from alignpipe.config import StageConfig, field
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
@@ -97,8 +97,8 @@ TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "init_model", "n_embd",
 def policy_meta(cfg: Config):
     """How the trained policy is prompted: conditional models end the prompt on <|aligned|> and never sample
     <|misaligned|>; the others never sample either control token."""
-    from alignpipe.modeling import ALIGNED, CONTROL_TOKENS, MISALIGNED
-    from alignpipe.policy import PolicyMeta
+    from alignpipe.lm.models import ALIGNED, CONTROL_TOKENS, MISALIGNED
+    from alignpipe.lm.policy import PolicyMeta
 
     extra = {"stage": "pretrain", "threshold": cfg.threshold, "segment": "line (control token before its newline)"}
     if cfg.objective == "conditional":
@@ -113,8 +113,8 @@ def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int):
     each token's segment score (violations/char), and counts."""
     import numpy as np
 
-    from alignpipe.modeling import control_ids
-    from alignpipe.objectives import control_token, keep_document, split_segments
+    from alignpipe.lm.models import control_ids
+    from alignpipe.algos.phf import control_token, keep_document, split_segments
 
     rng = np.random.default_rng(seed)
     if cfg.objective == "filter":
@@ -196,8 +196,8 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
 
     import torch
 
-    from alignpipe.modeling import control_ids
-    from alignpipe.objectives import nats_per_char
+    from alignpipe.lm.models import control_ids
+    from alignpipe.algos.phf import nats_per_char
 
     device = next(model.parameters()).device
     ctrl = list(control_ids(tok))
@@ -231,7 +231,7 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
 
 
 def _val_texts(data_dir: Path, max_chars: int) -> list[str]:
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.io import read_jsonl
 
     texts, total = [], 0
     for row in read_jsonl(data_dir / "val.jsonl"):
@@ -243,7 +243,7 @@ def _val_texts(data_dir: Path, max_chars: int) -> list[str]:
 
 
 def _check_rows(rows: list[dict], path: Path) -> None:
-    from alignpipe.errors import DataError
+    from alignpipe.core.errors import DataError
 
     for i, row in enumerate(rows):
         for key, kind in (("text", str), ("line_violations", list), ("violations_per_char", (int, float))):
@@ -264,16 +264,17 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from alignpipe import tracking
-    from alignpipe.errors import ConfigError
-    from alignpipe.evaluation import evaluate_policy, load_prompts
-    from alignpipe.io import read_json, read_jsonl, write_json, write_jsonl
-    from alignpipe.modeling import build_model, load_tokenizer, train_tokenizer, training_flops_per_token
-    from alignpipe.objectives import token_loss
-    from alignpipe.policy import Sampling, save_policy
+    from alignpipe.tracking import runs
+    from alignpipe.core import distributed
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.oracle.metrics import evaluate_policy, load_prompts
+    from alignpipe.core.io import read_json, read_jsonl, write_json, write_jsonl
+    from alignpipe.lm.models import build_model, load_tokenizer, train_tokenizer, training_flops_per_token
+    from alignpipe.algos.phf import token_loss
+    from alignpipe.lm.policy import Sampling, save_policy
 
     data_dir = Path(inputs["data"])
-    world, rank = tracking.world_size(), tracking.process_rank()
+    world, rank = distributed.world_size(), distributed.process_rank()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     main = rank == 0
@@ -398,7 +399,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             now = time.perf_counter()
             tps = (done - last_logged) * tokens_per_step / max(now - t_log, 1e-9)
             t_log, last_logged = now, done
-            tracking.log_metrics({"train/loss": loss_value, "train/learning_rate": sched.get_last_lr()[0],
+            runs.log_metrics({"train/loss": loss_value, "train/learning_rate": sched.get_last_lr()[0],
                                   "train/tokens_per_s": tps, "train/grad_norm": float(grad_norm),
                                   **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")

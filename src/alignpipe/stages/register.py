@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.config import StageConfig, field
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -77,8 +77,8 @@ def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool,
 
 def read_report(evaluation: Path) -> dict[str, Any]:
     """evaluate's report.json, checked for the keys register reads."""
-    from alignpipe.errors import DataError
-    from alignpipe.io import read_json
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.io import read_json
 
     where = str(evaluation / "report.json")
     report = read_json(evaluation / "report.json")
@@ -92,7 +92,7 @@ def read_report(evaluation: Path) -> dict[str, Any]:
 def resolve_candidate(report: dict[str, Any], name: str, inputs: dict[str, Path | None],
                       where: str) -> Path:
     """The directory of candidate `name`: the matching input when given, else the path evaluate recorded."""
-    from alignpipe.errors import DataError
+    from alignpipe.core.errors import DataError
 
     if name not in report["candidates"]:
         raise DataError(where, f"no candidate {name!r}; candidates: {', '.join(report['candidates'])}")
@@ -120,10 +120,10 @@ def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[fl
 
 
 def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]]:
-    """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.policy`:
+    """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.lm.policy`:
     the conditioning around the prompt, the last `max_prompt_tokens` prompt tokens kept (the tokenizer must
     truncate on the left), PHF sampling, banned tokens."""
-    from alignpipe.policy import Sampling
+    from alignpipe.lm.policy import Sampling
 
     def escape(text: str) -> str:
         return text.replace("{", "{{").replace("}", "}}")
@@ -133,7 +133,7 @@ def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]
     context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     max_prompt = min(Sampling().max_prompt_tokens, (context or 10**9) - cfg.max_new_tokens)
     if max_prompt < 1:
-        from alignpipe.errors import ConfigError
+        from alignpipe.core.errors import ConfigError
 
         raise ConfigError("register.max_new_tokens", f"{cfg.max_new_tokens} leaves no room for a prompt in the "
                           f"model's context of {context} tokens")
@@ -150,8 +150,8 @@ def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> 
     logged by this stage (weights in `model/`, tokenizer in `components/tokenizer/`, meta in MLmodel)."""
     import yaml
 
-    from alignpipe.errors import DataError
-    from alignpipe.policy import META_FILE
+    from alignpipe.core.errors import DataError
+    from alignpipe.lm.policy import META_FILE
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
@@ -180,8 +180,8 @@ def _read_metrics(directory: Path) -> dict[str, Any]:
 
 def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
     """Log and register the policy in `policy_dir` as a new version of `cfg.model_name`; returns the version."""
-    from alignpipe import tracking
-    from alignpipe.policy import load_policy
+    from alignpipe.tracking import registry, runs
+    from alignpipe.lm.policy import load_policy
 
     # An absolute path: MLflow looks a relative `name_or_path` up on the Hugging Face Hub for a model card.
     model, tok, meta = load_policy(policy_dir.resolve(), device="cpu")
@@ -190,44 +190,44 @@ def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
     tok.truncation_side = tok.init_kwargs["truncation_side"] = "left"
     meta_dict = json.loads((policy_dir / "alignpipe.json").read_text()) if (policy_dir / "alignpipe.json").is_file() \
         else {"objective": meta.objective}
-    signature = tracking.text_signature(
+    signature = registry.text_signature(
         "def add(a, b):", ["\n    return a + b"],
         params={"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "do_sample": True})
-    version = tracking.log_transformers_model(
+    version = registry.log_transformers_model(
         {"model": model, "tokenizer": tok}, name="policy", task="text-generation",
         registered_model_name=cfg.model_name, signature=signature, prompt_template=template,
-        model_config=model_config, pip_requirements=tracking.pip_requirements(*SERVING_PACKAGES),
+        model_config=model_config, pip_requirements=registry.pip_requirements(*SERVING_PACKAGES),
         metadata={"alignpipe": meta_dict})
-    tracking.set_model_version_tags(cfg.model_name, version, tags)
+    registry.set_model_version_tags(cfg.model_name, version, tags)
     return version
 
 
 def register_reward(cfg: Config, reward_dir: Path, tags: dict[str, str]) -> str:
     """Log and register the reward model as a new version of `cfg.reward_model_name` (raw scores, no sigmoid)."""
-    from alignpipe import tracking
-    from alignpipe.rewarding import load_reward_model
+    from alignpipe.tracking import registry, runs
+    from alignpipe.lm.reward_model import load_reward_model
 
     model, tok = load_reward_model(reward_dir.resolve(), device="cpu")
-    version = tracking.log_transformers_model(
+    version = registry.log_transformers_model(
         {"model": model, "tokenizer": tok}, name="reward", task="text-classification",
         registered_model_name=cfg.reward_model_name, model_config={"function_to_apply": "none"},
-        pip_requirements=tracking.pip_requirements(*SERVING_PACKAGES))
-    tracking.set_model_version_tags(cfg.reward_model_name, version,
+        pip_requirements=registry.pip_requirements(*SERVING_PACKAGES))
+    registry.set_model_version_tags(cfg.reward_model_name, version,
                                     {**tags, **_metric_tags("reward", _read_metrics(reward_dir))})
     return version
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    from alignpipe import tracking
-    from alignpipe.io import write_json
+    from alignpipe.tracking import registry, runs
+    from alignpipe.core.io import write_json
 
     where = str(Path(inputs["evaluation"]) / "report.json")
     report = read_report(Path(inputs["evaluation"]))
     name = cfg.candidate or report["best_candidate"]
     policy_dir = resolve_candidate(report, name, inputs, where)
     metrics = report["candidates"][name]
-    champion = tracking.model_version_by_alias(cfg.model_name, cfg.alias)
+    champion = registry.model_version_by_alias(cfg.model_name, cfg.alias)
     champion_value, source = champion_score(report, champion) if champion else (None, "")
     candidate_value = metrics.get(GATE_METRIC)
     candidate_value = float(candidate_value) if isinstance(candidate_value, (int, float)) else math.nan
@@ -239,7 +239,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         if champion is not None:
             why += f"; champion value {source}"
 
-    common = {"alignpipe.data_version": tracking.data_version(), "alignpipe.git_commit": tracking.git_commit()}
+    common = {"alignpipe.data_version": runs.data_version(), "alignpipe.git_commit": runs.git_commit()}
     reward_version = None
     if cfg.register_reward and inputs.get("reward_model") is not None:
         reward_version = register_reward(cfg, Path(inputs["reward_model"]), common)
@@ -254,9 +254,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         tags["alignpipe.reward_version"] = reward_version
     version = register_policy(cfg, policy_dir, tags)
     if move:
-        tracking.set_model_alias(cfg.model_name, cfg.alias, version)
+        registry.set_model_alias(cfg.model_name, cfg.alias, version)
         if reward_version is not None:
-            tracking.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
+            registry.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
     champion_after = version if move else champion["version"]
 
     onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg)
@@ -270,7 +270,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     verdict = (f"{cfg.alias} -> version {version}" if move else
                f"{cfg.alias} stays at version {champion_after}; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
-    print(f"serve:    MLFLOW_TRACKING_URI={tracking.tracking_uri()} mlflow models serve "
+    print(f"serve:    MLFLOW_TRACKING_URI={runs.tracking_uri()} mlflow models serve "
           f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
     out = {"registered_version": int(version), "champion_moved": int(move), "champion_version": int(champion_after)}
     if reward_version is not None:
@@ -282,12 +282,12 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
     """Register the export stage's ONNX models linked to these versions (when --export is given)."""
     if export_dir is None:
         return None
-    from alignpipe import tracking
-    from alignpipe.errors import DataError
+    from alignpipe.tracking import registry, runs
+    from alignpipe.core.errors import DataError
     from alignpipe.stages import export
 
     if reward_version is None:
         raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")
-    versions = export.register_onnx(export_dir, version, reward_version, tracking.client(),
+    versions = export.register_onnx(export_dir, version, reward_version, registry.client(),
                                     policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
     return {name: str(mv.version) for name, mv in versions.items()}

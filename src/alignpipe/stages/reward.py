@@ -6,11 +6,11 @@ into the weights before saving). Pairs come from the label stage: `prefs.jsonl` 
 evaluate on; given a single JSONL file instead, its pairs are split by the label stage's rule (a hash of the
 prompt, `reward.heldout_frac`).
 
-Text format (`alignpipe.rewarding`, shared with every consumer): raw prompt (or its last `prompt_lines` lines,
+Text format (`alignpipe.lm.reward_model`, shared with every consumer): raw prompt (or its last `prompt_lines` lines,
 a setting saved in the model's config) + completion + EOS. RewardTrainer DROPS
 (does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
 
-Held-out evaluation scores every held-out pair through `alignpipe.rewarding.reward_scores` (the path ppo,
+Held-out evaluation scores every held-out pair through `alignpipe.lm.reward_model.reward_scores` (the path ppo,
 evaluate and the reward_model judge use): accuracy (reward of chosen > rejected), mean margin, and a calibration
 check: accuracy by bucket of |margin| (quantiles), against the Bradley-Terry probability sigmoid(|margin|), with
 the expected calibration error over those buckets.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -108,7 +108,7 @@ def _check_pairs(rows: list[dict], path: Path) -> list[dict]:
 
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.io import read_jsonl
     from alignpipe.stages.label import HELDOUT_FILE, PREFS_FILE, is_heldout
 
     if prefs.is_dir():
@@ -133,8 +133,8 @@ def load_model(init: str, cfg: Config):
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from alignpipe.policy import load_tokenizer
-    from alignpipe.rewarding import PROMPT_LINES_KEY
+    from alignpipe.lm.policy import load_tokenizer
+    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
 
     tok = load_tokenizer(init, cfg.trust_remote_code)
     verbosity = transformers.logging.get_verbosity()
@@ -173,7 +173,7 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to="none", seed=cfg.seed,
         data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=False)
-    from alignpipe.rewarding import reward_prompt
+    from alignpipe.lm.reward_model import reward_prompt
 
     data = Dataset.from_list([{"prompt": reward_prompt(r["prompt"], cfg.prompt_lines), "chosen": r["chosen"],
                                "rejected": r["rejected"]} for r in train_rows])
@@ -204,8 +204,8 @@ def calibration(margins: list[float], n_buckets: int) -> tuple[list[dict], float
 
 def evaluate(model, tok, rows: list[dict], cfg: Config) -> tuple[dict[str, float], list[float], list[float]]:
     """Held-out pair accuracy, mean margin and calibration of `model` on `rows`."""
-    from alignpipe.evaluation import bootstrap_ci
-    from alignpipe.rewarding import reward_scores
+    from alignpipe.oracle.metrics import bootstrap_ci
+    from alignpipe.lm.reward_model import reward_scores
 
     model.eval()
     prompts = [r["prompt"] for r in rows]
@@ -237,9 +237,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from alignpipe import tracking
-    from alignpipe.io import write_json, write_jsonl
-    from alignpipe.rewarding import reward_ids
+    from alignpipe.tracking import runs
+    from alignpipe.core import distributed
+    from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.lm.reward_model import reward_ids
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -260,18 +261,18 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     ckpt = Path(cfg.checkpoint_dir)
     last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
-    if not cfg.resume and tracking.is_main_process():  # rank 0 alone (the other ranks never read them)
+    if not cfg.resume and distributed.is_main_process():  # rank 0 alone (the other ranks never read them)
         for stale in ckpt.glob("checkpoint-*"):
             shutil.rmtree(stale)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[tracking.mlflow_callback()])
+    trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[runs.mlflow_callback()])
     n_trained = len(trainer.train_dataset)
     if n_trained != len(train_rows) - too_long:
-        raise RuntimeError(f"RewardTrainer kept {n_trained} of {len(train_rows)} pairs, but alignpipe.rewarding "
+        raise RuntimeError(f"RewardTrainer kept {n_trained} of {len(train_rows)} pairs, but alignpipe.lm.reward_model "
                            f"counts {too_long} longer than {cfg.max_length}: the text formats disagree")
     result = trainer.train(resume_from_checkpoint=last)
 
-    if not tracking.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
+    if not distributed.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
         return {"n_train_pairs": n_trained, "train_loss": result.training_loss}
     model = trainer.model
     if cfg.lora:

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.config import StageConfig, field
-from alignpipe.errors import DataError
-from alignpipe.io import write_json
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import DataError
+from alignpipe.core.io import write_json
 from alignpipe.stages import Input
 
 CORPUS_SPLITS = ("train.jsonl", "val.jsonl", "test.jsonl")
@@ -182,7 +182,7 @@ def _json_type(value: Any) -> str | None:
 
 def read_rows(path: Path) -> tuple[list[int], list[dict], list[Check]]:
     """Parse a JSONL file: (line numbers, objects, structural checks). Blank lines are skipped, as
-    `alignpipe.io.iter_jsonl` does; the checks say whether the file holds UTF-8 JSON objects, one per line."""
+    `alignpipe.core.io.iter_jsonl` does; the checks say whether the file holds UTF-8 JSON objects, one per line."""
     bad: dict[str, list[str]] = {"utf8": [], "json": [], "object": []}
     lines: list[int] = []
     rows: list[dict] = []

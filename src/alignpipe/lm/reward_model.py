@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.errors import DataError
+from alignpipe.core.errors import DataError
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
     """(model, tokenizer) of a reward model directory (AutoModelForSequenceClassification, one label)."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignpipe.policy import load_tokenizer, torch_device
+    from alignpipe.lm.policy import load_tokenizer, torch_device
 
     if Path(str(path)).exists() and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")

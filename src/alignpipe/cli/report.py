@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from alignpipe.stages import STAGE_NAMES
-from alignpipe.tracking import tracking_uri
+from alignpipe.tracking.runs import tracking_uri
 
 
 def main(artifacts: str = "artifacts") -> None:

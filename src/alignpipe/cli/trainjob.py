@@ -9,7 +9,7 @@ node runs the image pinned in components/image.py with
 the torch-distributed runtime hands torchrun the node count, node rank and master address (PET_* variables); the
 PyTorchJob passes the operator's MASTER_ADDR/RANK/WORLD_SIZE to torchrun explicitly. Inputs, outputs and
 checkpoints live on one ReadWriteMany volume mounted at /workspace on every node, laid out like the DVC repo
-(`data/`, `artifacts/<stage>/`); rank 0 alone writes the outputs and the MLflow run (alignpipe.runner).
+(`data/`, `artifacts/<stage>/`); rank 0 alone writes the outputs and the MLflow run (alignpipe.core.runner).
 
 `add_trainjob_parser(actions)` adds the `trainjob` command to `alignpipe pipeline`.
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from alignpipe.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
-from alignpipe.errors import AlignpipeError, ConfigError
+from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
+from alignpipe.core.errors import AlignpipeError, ConfigError
 
 SCALABLE = ("pretrain", "reward", "dpo")  # the stages that train under DDP (ppo stays single-process)
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (>= 2.2: runtimePatches)
@@ -100,13 +100,13 @@ def _resources(stage: str, gpus_per_node: int) -> dict[str, dict[str, str]]:
 
 def _env() -> list[dict[str, Any]]:
     """The MLflow secret's keys (optional, as on the pipeline's tasks) and the code/data versions for the tags."""
-    from alignpipe import tracking
+    from alignpipe.tracking import runs
     from pipelines.align import MLFLOW_SECRET, MLFLOW_SECRET_KEYS
 
     env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": MLFLOW_SECRET, "key": key, "optional": True}}}
            for key in MLFLOW_SECRET_KEYS]
-    return env + [{"name": "ALIGNPIPE_GIT_COMMIT", "value": tracking.git_commit()},
-                  {"name": "ALIGNPIPE_DATA_VERSION", "value": tracking.data_version()}]
+    return env + [{"name": "ALIGNPIPE_GIT_COMMIT", "value": runs.git_commit()},
+                  {"name": "ALIGNPIPE_DATA_VERSION", "value": runs.data_version()}]
 
 
 def _pod_parts(params_configmap: str, pvc: str, gpus_per_node: int) -> dict[str, Any]:
@@ -297,8 +297,8 @@ def cmd_trainjob(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m alignpipe.scaleout trainjob ...` (the same command as `alignpipe pipeline trainjob`)."""
-    parser = argparse.ArgumentParser(prog="python -m alignpipe.scaleout")
+    """`python -m alignpipe.cli.trainjob trainjob ...` (the same command as `alignpipe pipeline trainjob`)."""
+    parser = argparse.ArgumentParser(prog="python -m alignpipe.cli.trainjob")
     add_trainjob_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     try:

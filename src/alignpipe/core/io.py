@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from alignpipe.errors import DataError
+from alignpipe.core.errors import DataError
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from alignpipe.config import DEFAULT_PARAMS, apply_overrides, load_params
-from alignpipe.errors import AlignpipeError, ConfigError
+from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
+from alignpipe.core.errors import AlignpipeError, ConfigError
 from alignpipe.stages import available_stages, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
@@ -62,7 +62,7 @@ def add_pipeline_parser(sub) -> None:
     s.add_argument("--namespace", help="Kubernetes namespace (multi-user Kubeflow)")
     s.set_defaults(func=cmd_submit)
 
-    from alignpipe.scaleout import add_trainjob_parser
+    from alignpipe.cli.trainjob import add_trainjob_parser
 
     add_trainjob_parser(actions)
 
@@ -141,7 +141,7 @@ def parse_imports(items: list[str], local: bool) -> dict[str, str]:
 
 def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
     """The pipeline function for these command-line arguments (see pipelines.align.build_pipeline)."""
-    from alignpipe import tracking
+    from alignpipe.tracking import runs
     from pipelines.align import build_pipeline
 
     sections, gpus = pipeline_sections(args.params, args.sets)
@@ -149,9 +149,9 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
     if local and any(n > 1 for n in gpus.values()):
         print(f"alignpipe pipeline: note: local run: {gpus} ignored, every stage runs in process", file=sys.stderr)
         gpus = {}
-    mlflow_uri = args.mlflow_uri or (tracking.tracking_uri() if local else "")
+    mlflow_uri = args.mlflow_uri or (runs.tracking_uri() if local else "")
     return build_pipeline(sections, gpus, imports, run_ppo=not args.no_ppo, mlflow_tracking_uri=mlflow_uri,
-                          git_commit=tracking.git_commit(), data_version=imports.get("data", ""), caching=caching)
+                          git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
 
 def compile_pipeline(pipeline_func, out: str | Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from alignpipe.errors import ConfigError
+from alignpipe.core.errors import ConfigError
 
 DEFAULT_PARAMS = "params.yaml"
 

@@ -11,7 +11,7 @@ import math
 import random
 from typing import Callable, Sequence
 
-from alignpipe.scoring import CompletionScore, score_completion
+from alignpipe.oracle.scoring import CompletionScore, score_completion
 
 
 def score_samples(completions: Sequence[str], contexts: Sequence[str]) -> list[CompletionScore]:
@@ -96,8 +96,8 @@ def load_prompts(path, limit: int | None = None) -> list[dict]:
     """Held-out prompts: `data/prompts.jsonl` (or any JSONL with `prompt`; `context` defaults to the prompt)."""
     from pathlib import Path
 
-    from alignpipe.errors import DataError
-    from alignpipe.io import read_jsonl
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.io import read_jsonl
 
     path = Path(path)
     if path.is_dir():
@@ -115,7 +115,7 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
     """Sample one completion per prompt from `policy` = (model, tokenizer, meta), score it with the oracle and,
     given `reference` = (model, tokenizer, meta), add win_rate_vs_ref and kl_to_ref (ref samples use the same
     prompts and seed). Returns (metrics, details with the samples and per-sample scores)."""
-    from alignpipe.policy import Sampling, encode_prompts, sample, sequence_logprobs
+    from alignpipe.lm.policy import Sampling, encode_prompts, sample, sequence_logprobs
 
     sampling = sampling or Sampling()
     model, tok, meta = policy

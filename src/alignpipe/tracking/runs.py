@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from alignpipe.core.distributed import is_main_process
+
 EXPERIMENT = os.environ.get("ALIGNPIPE_EXPERIMENT", "alignpipe")
 SMALL_ARTIFACT_SUFFIXES = {".json", ".jsonl", ".md", ".html", ".png", ".txt", ".yaml", ".csv"}
 SMALL_ARTIFACT_BYTES = 20 * 1024 * 1024
@@ -25,6 +27,11 @@ SMALL_ARTIFACT_BYTES = 20 * 1024 * 1024
 def tracking_uri() -> str:
     """The tracking store: MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def mlflow_module():
+    """The mlflow module, pointed at the configured store (model flavors, registry)."""
+    return _mlflow()
 
 
 def _mlflow():
@@ -77,21 +84,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 _active_run = None
 
 
-def process_rank() -> int:
-    """This process's global rank in a distributed launch (torchrun, accelerate launch, Kubeflow Trainer set
-    RANK); 0 in a plain single-process run."""
-    return int(os.environ.get("RANK", "0"))
 
 
-def world_size() -> int:
-    """Processes of a distributed launch (torchrun, accelerate launch, Kubeflow Trainer set WORLD_SIZE); 1 in a
-    plain single-process run."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def is_main_process() -> bool:
-    """True for rank 0, the only process of a distributed launch that records the stage."""
-    return process_rank() == 0
 
 
 @contextlib.contextmanager
@@ -146,74 +142,3 @@ def mlflow_callback():
                 log_metrics({f"train/{k}": v for k, v in logs.items()}, step=state.global_step)
 
     return _Callback()
-
-
-def client():
-    """An MlflowClient on the configured store (for the registry: register, aliases, queries)."""
-    return _mlflow().MlflowClient(tracking_uri())
-
-
-def mlflow_module():
-    """The configured mlflow module, for model flavors (transformers, onnx) used by register and export."""
-    return _mlflow()
-
-
-# --- Model registry (register, evaluate's champion comparison, the serving tests) ---
-
-def pip_requirements(*packages: str) -> list[str]:
-    """`name==version` of installed packages, for a logged model's explicit pip requirements (MLflow's own
-    inference of them imports torchvision, which is not installed)."""
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in packages]
-
-
-def text_signature(example_input: str, example_output, params: dict[str, Any] | None = None):
-    """A model signature for string inputs, inferred from one example, with optional inference params."""
-    from mlflow.models import infer_signature
-
-    _mlflow()
-    return infer_signature([example_input], example_output, params=params)
-
-
-def log_transformers_model(components: dict[str, Any], name: str, task: str, registered_model_name: str,
-                           **kwargs: Any) -> str:
-    """Log a transformers model (`{"model": ..., "tokenizer": ...}`) to the active run with the transformers
-    flavor and register it as a new version of `registered_model_name`; returns the version number."""
-    mlflow = _mlflow()
-    info = mlflow.transformers.log_model(components, name=name, task=task,
-                                         registered_model_name=registered_model_name, **kwargs)
-    return str(info.registered_model_version)
-
-
-def model_version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
-    """`name@alias` as {"version", "source", "run_id", "tags"}; None when the model or the alias does not exist."""
-    _mlflow()
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mv = client().get_model_version_by_alias(name, alias)
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
-
-
-def set_model_alias(name: str, alias: str, version: str) -> None:
-    """Point `name@alias` at `version`."""
-    client().set_registered_model_alias(name, alias, str(version))
-
-
-def set_model_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
-    """Tag one model version (values are stored as strings; MLflow caps a tag value at 5000 characters)."""
-    c = client()
-    for k, v in tags.items():
-        c.set_model_version_tag(name, str(version), k, str(v)[:5000])
-
-
-def download_model(model_uri: str, dst: str | Path) -> Path:
-    """Download a logged or registered model (e.g. `models:/alignpipe-policy@champion`) into `dst`."""
-    mlflow = _mlflow()
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))

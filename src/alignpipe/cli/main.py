@@ -1,4 +1,4 @@
-"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.runner.execute`), plus `data build`
+"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.core.runner.execute`), plus `data build`
 and `pipeline compile|run|submit`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Sequence
 
-from alignpipe.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
-from alignpipe.errors import AlignpipeError
+from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
+from alignpipe.core.errors import AlignpipeError
 from alignpipe.stages import STAGE_HELP, available_stages, config_classes, load_stage
 
 
@@ -65,14 +65,14 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=STAGE_HELP[name])
 
-    from alignpipe.pipeline_cli import add_pipeline_parser
+    from alignpipe.cli.kfp import add_pipeline_parser
 
     add_pipeline_parser(sub)
     return parser
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from alignpipe.runner import execute
+    from alignpipe.core.runner import execute
 
     known = config_classes()
     params = apply_overrides(load_params(args.params), args.sets, known)

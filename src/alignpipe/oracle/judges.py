@@ -5,7 +5,7 @@ label stage turns the two scores into chosen/rejected (equal scores, within a th
 
 - `ScorerJudge` — the task's oracle (pycodestyle violations per character, Korbak et al. 2023); its score is
   minus the violations per character, so that higher is better like every judge;
-- `RewardModelJudge` — a trained reward model directory (`alignpipe.rewarding`); its score is the reward;
+- `RewardModelJudge` — a trained reward model directory (`alignpipe.lm.reward_model`); its score is the reward;
 - `LLMJudge` — any causal LM asked "which completion is better, A or B?"; its score is the probability it
   prefers each completion, from the log-probabilities of the answer strings, averaged over both orders of the
   pair so that a preference for a position cancels out (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4).
@@ -54,7 +54,7 @@ class Judge(Protocol):
 def oracle_score(context: str, completion: str):
     """The oracle's `CompletionScore` of a completion after its context (cached: judges and the label stage share
     the work)."""
-    from alignpipe.scoring import score_completion
+    from alignpipe.oracle.scoring import score_completion
 
     return score_completion(context, completion)
 
@@ -81,13 +81,13 @@ class RewardModelJudge:
     name = "reward_model"
 
     def __init__(self, path: str, batch_size: int = 32, max_length: int = 512, trust_remote_code: bool = False):
-        from alignpipe.rewarding import load_reward_model
+        from alignpipe.lm.reward_model import load_reward_model
 
         self.model, self.tok = load_reward_model(path, trust_remote_code=trust_remote_code)
         self.batch_size, self.max_length = batch_size, max_length
 
     def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
-        from alignpipe.rewarding import reward_scores
+        from alignpipe.lm.reward_model import reward_scores
 
         prompts = [p.prompt for p in pairs]
         ra = reward_scores(self.model, self.tok, prompts, [p.a for p in pairs], self.batch_size, self.max_length)
@@ -113,7 +113,7 @@ class LLMJudge:
             if key not in template:
                 raise ValueError(f"llm judge template must contain {key}")
         if model is None:
-            from alignpipe.policy import load_policy
+            from alignpipe.lm.policy import load_policy
 
             model, tok, _ = load_policy(path, trust_remote_code=trust_remote_code)
         self.model, self.tok = model, tok
@@ -133,7 +133,7 @@ class LLMJudge:
 
     def answer_logprobs(self, questions: Sequence[str]) -> list[tuple[float, float]]:
         """(log p(answer A | question), log p(answer B | question)) for each question."""
-        from alignpipe.policy import sequence_logprobs
+        from alignpipe.lm.policy import sequence_logprobs
 
         limit = min(self.max_length, getattr(self.model.config, "max_position_embeddings", None) or self.max_length)
         keep = limit - max(len(a) for a in self.answer_ids)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignpipe.errors import DataError
+from alignpipe.core.errors import DataError
 
 META_FILE = "alignpipe.json"
 

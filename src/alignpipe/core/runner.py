@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe import tracking
-from alignpipe.config import StageConfig
-from alignpipe.errors import DataError
-from alignpipe.io import clean_metrics, write_json
+from alignpipe.tracking import runs
+from alignpipe.core import distributed
+from alignpipe.core.config import StageConfig
+from alignpipe.core.errors import DataError
+from alignpipe.core.io import clean_metrics, write_json
 from alignpipe.stages import load_stage
 
 
@@ -46,7 +47,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     """Run stage `name` with `cfg` on `inputs`, publishing to `out_dir`; returns its metrics."""
     stage = load_stage(name)
     resolved = resolve_inputs(name, inputs)
-    if not tracking.is_main_process():
+    if not distributed.is_main_process():
         return _execute_other_rank(name, stage, cfg, resolved)
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
@@ -54,7 +55,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     staging.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        with _sigterm_as_exit(), tracking.stage_run(name, cfg.to_dict()):
+        with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
             metrics = dict(stage.run(cfg, resolved, staging))
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
@@ -63,8 +64,8 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
             if missing:
                 raise RuntimeError(f"stage {name} did not report metrics {missing}")
             write_json(staging / "metrics.json", metrics)
-            tracking.log_metrics(metrics)
-            tracking.log_artifacts(staging)
+            runs.log_metrics(metrics)
+            runs.log_artifacts(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -79,7 +80,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
 def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None]) -> dict[str, float]:
     """A rank > 0 of a distributed launch: run the stage into a throwaway folder (removed afterwards) and return
     its metrics; rank 0 alone writes metrics.json, logs to MLflow and publishes."""
-    scratch = Path(tempfile.mkdtemp(prefix=f"alignpipe-{name}-rank{tracking.process_rank()}-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"alignpipe-{name}-rank{distributed.process_rank()}-"))
     try:
         return clean_metrics(dict(stage.run(cfg, resolved, scratch)))
     finally:

@@ -1,0 +1,116 @@
+"""Same seed, same results: run the tiny pipeline at two commits and diff every non-timing metric.
+
+    python benchmarks/same_results.py BEFORE [AFTER]   # AFTER defaults to the working tree
+
+Each commit is exported (`git archive`) into a scratch folder and runs, with this environment's Python and its
+own `src/` first on the path, the stages in `dvc.yaml` order with that commit's `configs/tiny.yaml`: data build,
+validate, pretrain, label, reward, dpo, ppo, evaluate, export, register, each in its own MLflow store. It then
+compares every metric a stage wrote before (the union of its metrics*.json files) with the same key after and prints one line per difference.
+Exit 0 when every non-timing metric is identical. Metrics measured with a clock (durations, throughputs,
+latencies, speedups) are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny.yaml"
+STAGES = [
+    ("data", "data build --out data"),
+    ("validate", "validate --corpus data --out artifacts/validate"),
+    ("pretrain", "pretrain --data data --out artifacts/pretrain"),
+    ("label", "label --data data --policy artifacts/pretrain --out artifacts/label"),
+    ("reward", "reward --prefs artifacts/label --policy artifacts/pretrain --out artifacts/reward"),
+    ("dpo", "dpo --data data --policy artifacts/pretrain --prefs artifacts/label --out artifacts/dpo"),
+    ("ppo", "ppo --data data --policy artifacts/pretrain --reward-model artifacts/reward --out artifacts/ppo"),
+    ("evaluate", "evaluate --data data --policy artifacts/pretrain --dpo artifacts/dpo --ppo artifacts/ppo "
+                 "--reward-model artifacts/reward --out artifacts/evaluate"),
+    ("export", "export --evaluation artifacts/evaluate --policy artifacts/pretrain --dpo artifacts/dpo "
+               "--ppo artifacts/ppo --reward-model artifacts/reward --data data --out artifacts/export"),
+    ("register", "register --evaluation artifacts/evaluate --policy artifacts/pretrain --dpo artifacts/dpo "
+                 "--ppo artifacts/ppo --reward-model artifacts/reward --export artifacts/export "
+                 "--out artifacts/register"),
+]
+
+
+def is_timing(key: str) -> bool:
+    """Metrics measured with a clock: they differ run to run."""
+    return key.endswith(("seconds", "_per_s", "tflops", "_ms", "_ms_ort", "_ms_torch")) or "speedup" in key \
+        or "_per_s_" in key
+
+
+def checkout(rev: str | None, dst: Path) -> Path:
+    """`rev` exported into dst (None: the working tree's tracked and untracked files, as they are now)."""
+    dst.mkdir(parents=True)
+    if rev is None:
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               check=True, capture_output=True).stdout.split(b"\0")
+        for f in filter(None, files):
+            src = ROOT / f.decode()
+            if src.is_file():
+                (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst / f.decode())
+    else:
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
+    return dst
+
+
+def run_pipeline(tree: Path) -> dict[str, dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}:{tree}", "MLFLOW_TRACKING_URI": f"sqlite:///{tree}/mlflow.db",
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    metrics: dict[str, dict[str, float]] = {}
+    for stage, args in STAGES:
+        cmd = [sys.executable, "-m", "alignpipe", *args.split(), "--params", TINY]
+        print(f"[{tree.name}] {stage}", flush=True)
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{tree.name}: {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        out = tree / args.split("--out ")[1].split()[0]
+        metrics[stage] = {}
+        for f in sorted(out.rglob("metrics*.json")):
+            metrics[stage].update(json.loads(f.read_text()))
+    return metrics
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after", nargs="?", default=None, help="default: the working tree")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="same-results-", dir=ROOT / ".tmp" if (ROOT / ".tmp").is_dir() else None))
+    try:
+        before = run_pipeline(checkout(args.before, scratch / "before"))
+        after = run_pipeline(checkout(args.after, scratch / "after"))
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+    diffs = compared = skipped = added = 0
+    for stage in before:
+        a, b = before[stage], after.get(stage, {})
+        added += len(set(b) - set(a))
+        for key in sorted(a):
+            if is_timing(key):
+                skipped += 1
+                continue
+            compared += 1
+            if a.get(key) != b.get(key):
+                diffs += 1
+                print(f"DIFF {stage}.{key}: before={a.get(key)!r} after={b.get(key)!r}")
+    print(f"{compared} non-timing metrics compared over {len(before)} stages, {diffs} differ "
+          f"({skipped} timing metrics skipped; {added} metrics only after)")
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

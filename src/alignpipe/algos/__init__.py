@@ -1,0 +1,1 @@
+"""Algorithms: the PHF objectives, PPO math, the DPO trainer config."""

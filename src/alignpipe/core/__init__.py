@@ -1,0 +1,1 @@
+"""Core: typed configs, errors, JSON/JSONL io, the one run path (runner), distributed-launch helpers."""

@@ -1,0 +1,1 @@
+"""Language-model plumbing: tokenizers and models, policy sampling, the reward model, ONNX Runtime."""

@@ -1,0 +1,1 @@
+"""The task's oracle: pycodestyle scoring, evaluation metrics, judges."""

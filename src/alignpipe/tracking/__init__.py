@@ -1,0 +1,1 @@
+"""MLflow: stage runs (runs), the model registry (registry), a local model server (serving)."""

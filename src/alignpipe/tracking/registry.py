@@ -1,0 +1,72 @@
+"""The MLflow model registry: registered versions, aliases, tags, downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignpipe.tracking.runs import mlflow_module as _mlflow, tracking_uri
+
+
+def client():
+    """An MlflowClient on the configured store (for the registry: register, aliases, queries)."""
+    return _mlflow().MlflowClient(tracking_uri())
+
+
+def pip_requirements(*packages: str) -> list[str]:
+    """`name==version` of installed packages, for a logged model's explicit pip requirements (MLflow's own
+    inference of them imports torchvision, which is not installed)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in packages]
+
+
+def text_signature(example_input: str, example_output, params: dict[str, Any] | None = None):
+    """A model signature for string inputs, inferred from one example, with optional inference params."""
+    from mlflow.models import infer_signature
+
+    _mlflow()
+    return infer_signature([example_input], example_output, params=params)
+
+
+def log_transformers_model(components: dict[str, Any], name: str, task: str, registered_model_name: str,
+                           **kwargs: Any) -> str:
+    """Log a transformers model (`{"model": ..., "tokenizer": ...}`) to the active run with the transformers
+    flavor and register it as a new version of `registered_model_name`; returns the version number."""
+    mlflow = _mlflow()
+    info = mlflow.transformers.log_model(components, name=name, task=task,
+                                         registered_model_name=registered_model_name, **kwargs)
+    return str(info.registered_model_version)
+
+
+def model_version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
+    """`name@alias` as {"version", "source", "run_id", "tags"}; None when the model or the alias does not exist."""
+    _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+def set_model_alias(name: str, alias: str, version: str) -> None:
+    """Point `name@alias` at `version`."""
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def set_model_version_tags(name: str, version: str, tags: dict[str, Any]) -> None:
+    """Tag one model version (values are stored as strings; MLflow caps a tag value at 5000 characters)."""
+    c = client()
+    for k, v in tags.items():
+        c.set_model_version_tag(name, str(version), k, str(v)[:5000])
+
+
+def download_model(model_uri: str, dst: str | Path) -> Path:
+    """Download a logged or registered model (e.g. `models:/alignpipe-policy@champion`) into `dst`."""
+    mlflow = _mlflow()
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
