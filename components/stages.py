@@ -12,6 +12,7 @@ is named as the downstream stages call it. Resources, GPUs and caching are set i
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
+from alignpipe.stages import MULTI_GPU  # noqa: F401 (the stages whose component takes a `launcher`)
 from components.image import CPU_IMAGE, GPU_IMAGE
 
 
@@ -121,5 +122,3 @@ def register(config: dict, env: dict, evaluation: Input[Artifact], policy: Input
 
 # Stage name -> component, in DAG order (the names of params.yaml sections, CLI commands and DVC stages).
 COMPONENTS = {c.name: c for c in (data, validate, pretrain, label, reward, dpo, ppo, evaluate, export, register)}
-# The stages whose component takes a `launcher` (they can run on several GPUs through torchrun).
-MULTI_GPU = ("pretrain", "reward", "dpo")

@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 from alignpipe.cli.main import main
-from alignpipe.stages import available_stages
+from alignpipe.stages import STAGE_NAMES
 
 
-@pytest.mark.parametrize("argv", [[], ["data", "build"], ["pipeline"], *[[s] for s in available_stages()]])
+@pytest.mark.parametrize("argv", [[], ["data", "build"], ["pipeline"], ["config", "show"], *[[s] for s in STAGE_NAMES]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main([*argv, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "usage: alignpipe" in out
-    if argv and argv[0] in available_stages():
+    if argv and argv[0] in STAGE_NAMES:
         assert "--out" in out and "--params" in out and f"--set {argv[0]}.KEY=VALUE" in out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import pytest
@@ -97,3 +98,76 @@ def test_every_stage_config_loads_from_params_yaml_and_tiny():
         params = load_params(f)
         for name in known:
             build_config(known[name], params)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overlay_layers_on_its_base_and_reports_origins(tmp_path):
+    from alignpipe.core.config import effective_params
+    from alignpipe.stages import config_classes
+
+    (tmp_path / "params.yaml").write_text("dpo:\n  beta: 0.3\n  max_steps: 7\n")
+    (tmp_path / "conf").mkdir()
+    overlay = tmp_path / "conf" / "small.yaml"
+    overlay.write_text("overlay: ../params.yaml\ndpo:\n  max_steps: 2\n")
+    assert load_params(overlay) == {"dpo": {"beta": 0.3, "max_steps": 2}}
+    eff = effective_params(overlay, ["dpo.seed=5"], config_classes())
+    assert eff["dpo"]["beta"] == (0.3, str(tmp_path / "conf" / "../params.yaml"))
+    assert eff["dpo"]["max_steps"] == (2, str(overlay))
+    assert eff["dpo"]["seed"] == (5, "--set")
+    assert eff["dpo"]["loss_type"] == ("sigmoid", "default")
+
+
+def test_config_show_prints_values_and_origins(capsys):
+    from alignpipe.cli.main import main
+
+    assert main(["config", "show", "--params", str(ROOT / "configs" / "tiny.yaml"), "--set", "dpo.beta=0.2",
+                 "--section", "dpo"]) == 0
+    lines = {line.split(" = ")[0].strip(): line for line in capsys.readouterr().out.splitlines()}
+    assert lines["dpo.beta"].endswith("(--set)") and "0.2" in lines["dpo.beta"]
+    assert lines["dpo.max_steps"].endswith("tiny.yaml)") and " 4 " in lines["dpo.max_steps"]
+    assert lines["dpo.bf16"].endswith("params.yaml)")
+    assert lines["dpo.loss_type"].endswith("(default)")
+
+
+def test_bad_overlay_chain_is_a_config_error(tmp_path):
+    loop = tmp_path / "a.yaml"
+    loop.write_text("overlay: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_params(loop)
+    missing = tmp_path / "b.yaml"
+    missing.write_text("overlay: nope.yaml\n")
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(missing)
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/gpu.yaml"])
+def test_params_files_list_only_what_they_change(name):
+    """Defaults once: params.yaml sets no key to its dataclass default, an overlay no key to its base's value."""
+    from alignpipe.core.config import params_layers
+    from alignpipe.stages import config_classes
+
+    known = config_classes()
+    layers = params_layers(ROOT / name)
+    below: dict = {}
+    for _, sections in layers[:-1]:
+        for section, values in sections.items():
+            below.setdefault(section, {}).update(values)
+    for section, values in layers[-1][1].items():
+        base = build_config(known[section], below).to_dict()
+        for key, value in values.items():
+            assert value != base[key], f"{name}: {section}.{key} repeats the value beneath it"
+
+
+def test_config_show_yaml_is_a_standalone_params_file(tmp_path, capsys):
+    from alignpipe.cli.main import main
+    from alignpipe.stages import config_classes
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    assert main(["config", "show", "--params", str(tiny), "--yaml"]) == 0
+    standalone = tmp_path / "params.yaml"
+    standalone.write_text(capsys.readouterr().out)
+    known = config_classes()
+    for section in known:
+        assert build_config(known[section], load_params(standalone)) == build_config(known[section], load_params(tiny))

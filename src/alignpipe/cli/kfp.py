@@ -28,7 +28,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
-from alignpipe.stages import available_stages, load_stage
+from alignpipe.stages import MULTI_GPU, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
 DEFAULT_EXPERIMENT = "alignpipe"
@@ -62,6 +62,10 @@ def add_pipeline_parser(sub) -> None:
     s.add_argument("--namespace", help="Kubernetes namespace (multi-user Kubeflow)")
     s.set_defaults(func=cmd_submit)
 
+    d = actions.add_parser("dvc-yaml", help="write dvc.yaml, generated from the stage registry")
+    d.add_argument("--out", default="dvc.yaml", help="file to write, - for stdout (default: %(default)s)")
+    d.set_defaults(func=lambda args: __import__("alignpipe.cli.dvcgen", fromlist=["cmd_dvc_yaml"]).cmd_dvc_yaml(args))
+
     from alignpipe.cli.trainjob import add_trainjob_parser
 
     add_trainjob_parser(actions)
@@ -85,9 +89,9 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
 
 
 def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[str, dict], dict[str, int]]:
-    """Each stage's section of the params file with `sets` applied, checked by its Config (complete with defaults)
-    when the stage module exists; and the GPU count of the multi-GPU stages (`<stage>.gpus`, default 1)."""
-    from components.stages import COMPONENTS, MULTI_GPU
+    """Each stage's section of the params file with `sets` applied, checked by its Config (complete with defaults);
+    and the GPU count of the multi-GPU stages (`<stage>.gpus`)."""
+    from components.stages import COMPONENTS
 
     for item in sets:
         section = item.split("=", 1)[0].split(".", 1)[0]
@@ -98,22 +102,13 @@ def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[st
     if ignored:
         print(f"alignpipe pipeline: note: {params_path}: section(s) {', '.join(ignored)} are not stages; ignored",
               file=sys.stderr)
-    existing = {"data", *available_stages()}
     sections: dict[str, dict] = {}
     gpus: dict[str, int] = {}
     for stage in COMPONENTS:
-        section = dict(params.get(stage) or {})
-        cls = load_stage(stage).Config if stage in existing else None
-        fields = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
-        n = section.pop("gpus", 1) if stage in MULTI_GPU and "gpus" not in fields else None
-        if cls is not None:
-            cfg = cls.from_dict(section)
-            section = cfg.to_dict()
-            n = cfg.gpus if n is None and stage in MULTI_GPU else n
+        cfg = load_stage(stage).Config.from_dict(dict(params.get(stage) or {}))
+        section = cfg.to_dict()
         if stage in MULTI_GPU:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ConfigError(f"{stage}.gpus", f"must be an integer >= 0 (0: a CPU node), got {n!r}")
-            gpus[stage] = n
+            gpus[stage] = cfg.gpus
         sections[stage] = json.loads(json.dumps(section))  # plain JSON types, as KFP stores them
     return sections, gpus
 

@@ -1,5 +1,5 @@
-"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.core.runner.execute`), plus `data build`
-and `pipeline compile|run|submit`."""
+"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.core.runner.execute`), plus `data build`,
+`config show` and `pipeline compile|run|submit|dvc-yaml|trainjob`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import os
 import sys
 from typing import Sequence
 
-from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
-from alignpipe.core.errors import AlignpipeError
-from alignpipe.stages import STAGE_HELP, available_stages, config_classes, load_stage
+from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, effective_params, load_params
+from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.stages import STAGE_HELP, STAGE_NAMES, config_classes, load_stage
 
 
 def _config_epilog(cfg_cls) -> str:
@@ -59,7 +59,20 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     else:
         data_sub.add_parser("build", help="build data/ from the running interpreter's standard library")
 
-    for name in available_stages():
+    config = sub.add_parser("config", help="show the effective config of a params file and overrides")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="every key of every stage: its value and where it came from "
+                                              "(default, params.yaml, an overlay, --set)")
+    show.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML file (default: %(default)s)")
+    show.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one params value (repeatable)")
+    show.add_argument("--section", action="append", default=[], metavar="STAGE", help="only these sections")
+    show.add_argument("--yaml", action="store_true",
+                      help="print a complete, standalone params file instead (no overlay, every key; e.g. to mount "
+                           "one file into a container)")
+    show.set_defaults(func=cmd_config_show)
+
+    for name in STAGE_NAMES:
         if name == chosen:
             _add_stage_parser(sub, name, STAGE_HELP[name], f"artifacts/{name}")
         else:
@@ -69,6 +82,32 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 
     add_pipeline_parser(sub)
     return parser
+
+
+def format_effective(effective: dict[str, dict[str, tuple]]) -> str:
+    """`section.key = value  (origin)` lines, aligned, one block per section."""
+    rows = [(f"{section}.{key}", repr(value), origin)
+            for section, values in effective.items() for key, (value, origin) in values.items()]
+    w0 = max((len(r[0]) for r in rows), default=0)
+    w1 = max((len(r[1]) for r in rows), default=0)
+    return "\n".join(f"{k:<{w0}} = {v:<{w1}}  ({o})" for k, v, o in rows)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    known = config_classes()
+    unknown = sorted(set(args.section) - set(known))
+    if unknown:
+        raise ConfigError(f"--section {unknown[0]}", f"no such stage; stages: {', '.join(known)}")
+    effective = effective_params(args.params, args.sets, known)
+    chosen = {s: v for s, v in effective.items() if not args.section or s in args.section}
+    if args.yaml:
+        import yaml
+
+        print(yaml.safe_dump({s: {k: value for k, (value, _) in v.items()} for s, v in chosen.items()},
+                             sort_keys=False), end="")
+    else:
+        print(format_effective(chosen))
+    return 0
 
 
 def run_stage(args: argparse.Namespace) -> int:
@@ -100,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
-        if args.command == "pipeline":
+        if args.command in ("pipeline", "config"):
             return args.func(args)
         return run_stage(args)
     except AlignpipeError as e:

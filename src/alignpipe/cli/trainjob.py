@@ -26,8 +26,8 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.stages import MULTI_GPU
 
-SCALABLE = ("pretrain", "reward", "dpo")  # the stages that train under DDP (ppo stays single-process)
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (>= 2.2: runtimePatches)
 PYTORCHJOB_API = "kubeflow.org/v1"  # Kubeflow training operator v1
 RUNTIME = "torch-distributed"  # the ClusterTrainingRuntime Kubeflow Trainer installs for PyTorch
@@ -44,8 +44,8 @@ def stage_config(stage: str, params_path: str | Path, sets: list[str]):
     """The stage's Config from the params file with `sets` applied (ConfigErrors name the bad key)."""
     from alignpipe.stages import config_classes
 
-    if stage not in SCALABLE:
-        raise ConfigError(f"--stage {stage}", f"does not train under DDP; multi-node stages: {', '.join(SCALABLE)}")
+    if stage not in MULTI_GPU:
+        raise ConfigError(f"--stage {stage}", f"does not train under DDP; multi-node stages: {', '.join(MULTI_GPU)}")
     known = config_classes()
     return build_config(known[stage], apply_overrides(load_params(params_path), sets, known))
 
@@ -229,7 +229,7 @@ def add_trainjob_parser(actions) -> argparse.ArgumentParser:
     """Add `trainjob` to the `alignpipe pipeline` subcommands (`actions`: its add_subparsers object)."""
     p = actions.add_parser("trainjob", help="write a multi-node TrainJob (or PyTorchJob) manifest for one "
                            "training stage", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", required=True, choices=SCALABLE, help="the stage to train")
+    p.add_argument("--stage", required=True, choices=MULTI_GPU, help="the stage to train")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default: %(default)s)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs, hence torchrun processes, per node (default: the stage's `gpus`; 0: CPU nodes, "

@@ -12,6 +12,7 @@ import re
 import types
 import typing
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -121,21 +122,74 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read a params YAML file: a mapping of section name -> mapping of key -> value."""
-    path = Path(path)
+OVERLAY_KEY = "overlay"  # a params file with `overlay: FILE` lists only what it changes on top of FILE
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), "params file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    if not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
-    return data
+    base = data.pop(OVERLAY_KEY, None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: {OVERLAY_KEY}", f"expected the path of the params file it overlays, got {base!r}")
+    if not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
+    return {"base": base, "sections": data}
 
 
-def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: dict[str, type] | None = None) -> dict:
+def params_layers(path: str | Path = DEFAULT_PARAMS) -> list[tuple[str, dict[str, Any]]]:
+    """The params files `path` stands for, base first: `(file, sections)` for each file of its overlay chain.
+    An overlay's `overlay: FILE` is resolved relative to the overlay's own folder."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    seen: set[Path] = set()
+    current: Path | None = Path(path)
+    while current is not None:
+        if current.resolve() in seen:
+            raise ConfigError(str(current), f"{OVERLAY_KEY} chain loops back to this file")
+        seen.add(current.resolve())
+        data = _read_params_file(current)
+        layers.insert(0, (str(current), data["sections"]))
+        current = current.parent / data["base"] if data["base"] is not None else None
+    return layers
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read a params YAML file (a mapping of section -> mapping of key -> value), layered on the file it
+    overlays (`overlay: FILE`, recursively): a key an overlay does not list keeps the base file's value."""
+    merged: dict[str, dict[str, Any]] = {}
+    for _, sections in params_layers(path):
+        for section, values in sections.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def effective_params(path: str | Path, sets: list[str] | None, known: Mapping[str, type]
+                     ) -> dict[str, dict[str, tuple[Any, str]]]:
+    """Every key of every known section as `(value, origin)`: origin is `default` (the Config dataclass), the
+    params file that set it last (`params.yaml`, an overlay) or `--set`. What `alignpipe config show` prints."""
+    layers = params_layers(path)
+    out: dict[str, dict[str, tuple[Any, str]]] = {}
+    for section in known:
+        cls = known[section]
+        values: dict[str, tuple[Any, str]] = {
+            f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory(), "default")
+            for f in dataclasses.fields(cls)}
+        for name, sections in layers:
+            for k, v in (sections.get(section) or {}).items():
+                values[k] = (v, name)
+        for k, v in apply_overrides({}, sets, known).get(section, {}).items():
+            values[k] = (v, "--set")
+        cfg = cls.from_dict({k: v for k, (v, _) in values.items()}).to_dict()  # checked and coerced
+        out[section] = {k: (cfg[k], values[k][1]) for k in cfg}
+    return out
+
+
+def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mapping[str, type] | None = None) -> dict:
     """Apply `section.key=value` overrides (values parsed as YAML) to a copy of `params`."""
     out = {k: dict(v) for k, v in params.items()}
     for item in sets or []:

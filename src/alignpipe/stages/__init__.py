@@ -10,13 +10,16 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
 # The order of the DAG; one name per stage in params.yaml, dvc.yaml, the CLI, the components and MLflow.
 STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "evaluate", "export", "register")
+
+# The stages that can train on several GPUs (torchrun/DDP): the KFP components take a `launcher`, the pipeline
+# asks for `<stage>.gpus` GPUs, and `pipeline trainjob` writes multi-node jobs for them (ppo stays single-process).
+MULTI_GPU = ("pretrain", "reward", "dpo")
 
 # One line per stage for `alignpipe --help` (the stage modules are imported only when their command runs).
 STAGE_HELP = {
@@ -44,26 +47,16 @@ class Input:
 
 
 def load_stage(name: str) -> ModuleType:
-    """Import `alignpipe.stages.<name>` (ModuleNotFoundError for a stage not built yet)."""
+    """Import `alignpipe.stages.<name>`; KeyError naming the stages for an unknown name."""
     if name not in STAGE_NAMES and name != "data":
         raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
     return importlib.import_module(f"alignpipe.stages.{name}")
 
 
-def available_stages() -> list[str]:
-    """The stage names whose modules exist, in DAG order."""
-    out = []
-    for name in STAGE_NAMES:
-        if importlib.util.find_spec(f"alignpipe.stages.{name}") is not None:
-            out.append(name)
-    return out
-
-
 class ConfigClasses(Mapping):
-    """Section name -> Config class for every stage that exists (plus `data`), importing a module on first use."""
+    """Section name -> Config class for `data` and every stage, importing a stage module on first use."""
 
-    def __init__(self):
-        self._names = ["data", *available_stages()]
+    _names = ("data", *STAGE_NAMES)
 
     def __getitem__(self, name: str):
         if name not in self._names:
@@ -78,5 +71,5 @@ class ConfigClasses(Mapping):
 
 
 def config_classes() -> ConfigClasses:
-    """Section name -> Config class, for every stage that exists (plus `data`)."""
+    """Section name -> Config class, for `data` and every stage."""
     return ConfigClasses()
