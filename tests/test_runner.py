@@ -29,13 +29,14 @@ def _fake_stage(calls):
         (out_dir / "model.safetensors").write_bytes(b"weights")
         (out_dir / "report.json").write_text("{}")
         runs.log_metrics({"train/loss": 1.5}, step=1)
+        runs.log_metrics({"train/loss": 1.25, "reward/kl": 0.5}, step=2)
         if cfg.fail:
             raise RuntimeError("boom")
         return {"score": 0.25, "count": 3}
 
     return types.SimpleNamespace(Config=_Cfg, INPUTS=(Input("data", "data", "the data"),
                                                       Input("extra", None, "optional", required=False)),
-                                 METRICS=("score",), run=run)
+                                 METRICS=("score",), HEADLINE=("sc*",), run=run)
 
 
 @pytest.fixture
@@ -53,8 +54,19 @@ def test_publishes_outputs_and_metrics(tmp_path, fake):
     metrics = runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
     assert metrics["score"] == 0.25 and metrics["count"] == 3 and metrics["seconds"] >= 0
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["curves", "metrics.json", "metrics_headline.json",
+                                                     "model.safetensors", "report.json"]
     assert fake[0] == {"data": tmp_path / "data", "extra": None}
+
+
+def test_headline_metrics_and_per_step_curves_beside_metrics_json(tmp_path, fake):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
+    assert json.loads((out / "metrics_headline.json").read_text()) == {"score": 0.25}
+    assert sorted(p.name for p in (out / "curves").iterdir()) == ["reward-kl.tsv", "train-loss.tsv"]
+    assert (out / "curves" / "train-loss.tsv").read_text() == "step\tvalue\n1\t1.5\n2\t1.25\n"
+    assert (out / "curves" / "reward-kl.tsv").read_text() == "step\tvalue\n2\t0.5\n"
 
 
 def test_failure_leaves_nothing_half_written(tmp_path, fake):
@@ -80,7 +92,7 @@ def test_mlflow_run_has_params_metrics_and_tags(tmp_path, fake, monkeypatch):
     [run] = client.search_runs([client.get_experiment_by_name(runs.EXPERIMENT).experiment_id])
     assert run.info.run_name == "fake" and run.info.status == "FINISHED"
     assert run.data.params == {"fail": "False", "lr": "0.5"}
-    assert run.data.metrics["score"] == 0.25 and run.data.metrics["train/loss"] == 1.5
+    assert run.data.metrics["score"] == 0.25 and run.data.metrics["train/loss"] == 1.25  # the last step
     assert run.data.tags["alignpipe.data_version"] == "abc123.dir"
     assert run.data.tags["alignpipe.stage"] == "fake" and run.data.tags["alignpipe.git_commit"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from pathlib import Path
@@ -80,3 +81,23 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
             raise ValueError(f"metric {k!r} is not finite: {v!r}")
         out[k] = float(v) if isinstance(v, float) else v
     return out
+
+
+def headline(metrics: dict[str, float], patterns: Iterable[str]) -> dict[str, float]:
+    """The metrics whose names match one of `patterns` (fnmatch: `*/violations_per_char`), in `metrics` order."""
+    patterns = tuple(patterns)
+    return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+def write_curves(folder: str | Path, curves: dict[str, list[tuple[int, float]]]) -> list[Path]:
+    """Per-step metrics as one TSV per metric (`step`, `value`) in `folder`, named after the metric with `/` as
+    `-` (`train-loss.tsv`): the form `dvc plots show` draws. Nothing is written when there are no curves."""
+    written = []
+    for name, points in sorted(curves.items()):
+        if not written:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / (name.replace("/", "-") + ".tsv")
+        path.write_text("step\tvalue\n" + "".join(f"{step}\t{value!r}\n" for step, value in points),
+                        encoding="utf-8")
+        written.append(path)
+    return written

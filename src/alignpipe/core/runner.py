@@ -1,4 +1,8 @@
-"""Run one stage: check its inputs, open its MLflow run, call `run`, write metrics.json, publish atomically.
+"""Run one stage: check its inputs, open its MLflow run, call `run`, write its metrics, publish atomically.
+
+Beside the stage's outputs it writes metrics.json (all metrics), metrics_headline.json (the stage module's
+HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric logged through `tracking.runs`, for
+`dvc plots show`; absent when the stage logged none).
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
@@ -21,8 +25,12 @@ from alignpipe.tracking import runs
 from alignpipe.core import distributed
 from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import DataError
-from alignpipe.core.io import clean_metrics, write_json
+from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
 from alignpipe.stages import load_stage
+
+METRICS_FILE = "metrics.json"  # every metric: the contract other stages, KFP and MLflow read (docs/METRICS.md)
+HEADLINE_FILE = "metrics_headline.json"  # the stage's HEADLINE metrics: what `dvc metrics show` lists
+CURVES_DIR = "curves"  # <metric>.tsv for every per-step metric the stage logged (runs.log_metrics with a step)
 
 
 def resolve_inputs(name: str, given: dict[str, Any]) -> dict[str, Path | None]:
@@ -63,7 +71,9 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
             missing = [k for k in stage.METRICS if k not in metrics]
             if missing:
                 raise RuntimeError(f"stage {name} did not report metrics {missing}")
-            write_json(staging / "metrics.json", metrics)
+            write_json(staging / METRICS_FILE, metrics)
+            write_json(staging / HEADLINE_FILE, headline(metrics, getattr(stage, "HEADLINE", stage.METRICS)))
+            write_curves(staging / CURVES_DIR, runs.curves())
             runs.log_metrics(metrics)
             runs.log_artifacts(staging)
     except BaseException:

@@ -23,6 +23,8 @@ from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
 METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb", "mean_violations_per_char")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("n_train_chunks", "n_prompts", "mean_violations_per_char")
 
 # Path parts that mark tests or vendored/generated trees; they are not hand-written library code.
 EXCLUDED_PARTS = ("test", "tests", "idle_test", "site-packages", "_bundled", "__pycache__", "__phello__")

@@ -31,6 +31,8 @@ INPUTS = (
     Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
 )
 METRICS = ("best_candidate_index", "n_candidates")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref")
 
 GATE_METRIC = "violations_per_char"  # lower is better; register's champion gate uses the same metric
 REFERENCE = "pretrain"  # the candidate name of the --policy input

@@ -70,6 +70,8 @@ INPUTS = (
 
 METRICS = ("max_abs_diff_policy", "max_abs_diff_reward", "greedy_match_frac", "ort_speedup_reward",
            "ort_speedup_generate")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("max_abs_diff_policy", "greedy_match_frac", "ort_speedup_generate")
 
 
 class ParityError(AlignpipeError):

@@ -39,6 +39,8 @@ INPUTS = (
           required=False),
 )
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "seconds")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 PREFS_FILE, HELDOUT_FILE = "prefs.jsonl", "heldout.jsonl"
 
 

@@ -40,6 +40,8 @@ INPUTS = (
     Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score)"),
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("violations_per_char", "win_rate_vs_ref", "kl_to_ref", "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 

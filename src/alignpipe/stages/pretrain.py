@@ -18,6 +18,8 @@ from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
 METRICS = ("heldout_loss", "violations_per_char", "zero_violation_frac", "tokens_per_s", "train_tokens", "seconds")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("heldout_loss", "violations_per_char", "zero_violation_frac", "seconds")
 
 Objective = Literal["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"]
 

@@ -30,6 +30,8 @@ INPUTS = (
     Input("export", "artifacts/export", "export output: its ONNX models are registered alongside", False),
 )
 METRICS = ("registered_version", "champion_moved")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("registered_version", "champion_moved")
 
 GATE_METRIC = "violations_per_char"  # lower is better (evaluate.GATE_METRIC)
 # Candidate names in evaluate's report -> the input of this stage that carries the directory (paths in a KFP

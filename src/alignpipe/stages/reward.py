@@ -38,6 +38,8 @@ INPUTS = (
           required=False),
 )
 METRICS = ("heldout_accuracy", "mean_margin", "n_dropped_too_long", "seconds")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("heldout_accuracy", "mean_margin", "seconds")
 REWARD_META = "reward.json"
 
 

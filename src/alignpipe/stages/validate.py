@@ -63,6 +63,8 @@ INPUTS = (
           required=False),
 )
 METRICS = ("n_rows_checked", "n_expectations", "n_failed_expectations")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("n_rows_checked", "n_failed_expectations")
 
 
 @dataclass(frozen=True)

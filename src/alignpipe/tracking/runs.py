@@ -82,12 +82,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 _active_run = None
-
-
-
-
-
-
+_curves: list[tuple[int, str, float]] = []  # (step, name, value) of every per-step metric of the active run
 
 
 @contextlib.contextmanager
@@ -104,6 +99,7 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
                 "alignpipe.data_version": data_version(), **(tags or {})}
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         _active_run = run
+        _curves.clear()
         try:
             mlflow.log_params(_flatten(params))
             yield run.info.run_id
@@ -116,7 +112,18 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     if _active_run is None:
         return
     clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    if step is not None:
+        _curves.extend((int(step), k, v) for k, v in clean.items())
     _mlflow().log_metrics(clean, step=step)
+
+
+def curves() -> dict[str, list[tuple[int, float]]]:
+    """The per-step metrics logged so far in the active stage run: name -> [(step, value), ...] in logging order
+    (what the runner writes as curves.tsv for `dvc plots`)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, name, value in _curves:
+        out.setdefault(name, []).append((step, value))
+    return out
 
 
 def log_artifacts(out_dir: str | Path) -> None:
