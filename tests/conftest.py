@@ -26,13 +26,21 @@ def _mlflow_template_db(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch, _mlflow_template_db):
-    """Each test gets its own MLflow store and TMPDIR under pytest's temp dir (cleaned by pytest)."""
+    """Each test gets its own MLflow store (env and MLflow's global URIs) and TMPDIR under pytest's temp dir (cleaned by
+    pytest): nothing a test does reads or writes a ./mlflow.db that `make run` left in the checkout."""
     if not _mlflow_template_db.exists():
         from mlflow.tracking import MlflowClient
 
         MlflowClient(f"sqlite:///{_mlflow_template_db}").search_experiments()
     shutil.copy(_mlflow_template_db, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking store
+    if "mlflow" in sys.modules:  # an earlier test set MLflow's global URIs: point them here, not at ./mlflow.db
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))

@@ -10,7 +10,8 @@ from alignpipe.tracking.runs import mlflow_module as _mlflow, tracking_uri
 
 def client():
     """An MlflowClient on the configured store (for the registry: register, aliases, queries)."""
-    return _mlflow().MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    return _mlflow().MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def pip_requirements(*packages: str) -> list[str]:

@@ -41,7 +41,11 @@ def _mlflow():
     for name in ("mlflow", "alembic"):  # store migrations and experiment creation are not the user's news
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    mlflow.set_tracking_uri(tracking_uri())
+    # Both globals, always: MLflow's registry store looks logged models up through a client on the GLOBAL
+    # tracking URI (not the one a client was built with), which would otherwise fall back to ./mlflow.db.
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return mlflow
 
 
