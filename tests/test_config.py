@@ -113,7 +113,7 @@ def test_overlay_layers_on_its_base_and_reports_origins(tmp_path):
     overlay.write_text("overlay: ../params.yaml\ndpo:\n  max_steps: 2\n")
     assert load_params(overlay) == {"dpo": {"beta": 0.3, "max_steps": 2}}
     eff = effective_params(overlay, ["dpo.seed=5"], config_classes())
-    assert eff["dpo"]["beta"] == (0.3, str(tmp_path / "conf" / "../params.yaml"))
+    assert eff["dpo"]["beta"] == (0.3, str(tmp_path / "params.yaml"))
     assert eff["dpo"]["max_steps"] == (2, str(overlay))
     assert eff["dpo"]["seed"] == (5, "--set")
     assert eff["dpo"]["loss_type"] == ("sigmoid", "default")

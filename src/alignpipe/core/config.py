@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -154,7 +155,7 @@ def params_layers(path: str | Path = DEFAULT_PARAMS) -> list[tuple[str, dict[str
         seen.add(current.resolve())
         data = _read_params_file(current)
         layers.insert(0, (str(current), data["sections"]))
-        current = current.parent / data["base"] if data["base"] is not None else None
+        current = Path(os.path.normpath(current.parent / data["base"])) if data["base"] is not None else None
     return layers
 
 
