@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from alignpipe.core.runner import HEADLINE_FILE
 from alignpipe.stages import STAGE_NAMES
 from alignpipe.tracking.runs import tracking_uri
 
@@ -20,7 +21,9 @@ def main(artifacts: str = "artifacts") -> None:
         metrics = json.loads(path.read_text())
         seconds = metrics.get("seconds", 0.0)
         total += seconds
-        headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "seconds" and "/" not in k)
+        short = Path(artifacts) / name / HEADLINE_FILE  # the stage's HEADLINE keys
+        shown = json.loads(short.read_text()) if short.is_file() else metrics
+        headline = ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if k != "seconds")
         print(f"{name:<10} {seconds:>8.1f}  {headline[:150]}")
     print(f"{'total':<10} {total:>8.1f}")
     record = Path(artifacts) / "register" / "registered.json"
