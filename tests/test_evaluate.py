@@ -25,7 +25,7 @@ def test_win_rate_and_kl_equal_hand_computation():
            CompletionScore(1, 10, False), CompletionScore(0, 0, False)]
     # Against itself every prompt ties: 0.5.
     metrics = policy_eval.compare(cand, ref, [-1.0, -2.5, -0.5, -4.0, -3.0], [-2.0, -2.0, -1.5, -1.0, -3.5],
-                               champion_scores=cand)
+                                  champion_scores=cand)
     assert metrics["win_rate_vs_ref"] == pytest.approx(0.3)
     assert metrics["win_rate_vs_champion"] == pytest.approx(0.5)
     # KL: mean of (log p - log p_ref) = (1 - 0.5 + 1 - 3 + 0.5) / 5 = -0.2
@@ -59,7 +59,7 @@ def test_sampled_kl_equals_token_by_token_hand_computation(tmp_path):
     expected = sum(by_hand(policy, p, c) - by_hand(ref, p, c) for p, c in zip(prompts, completions)) / 3
     scores = [CompletionScore(0, 5, False)] * 3
     got = policy_eval.compare(scores, scores, sequence_logprobs(policy, prompts, completions),
-                           sequence_logprobs(ref, prompts, completions))["kl_to_ref"]
+                              sequence_logprobs(ref, prompts, completions))["kl_to_ref"]
     assert got == pytest.approx(expected, abs=1e-4)
     assert expected != pytest.approx(0.0)
 

@@ -232,5 +232,5 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
     if reward_version is None:
         raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")
     versions = register_onnx(export_dir, version, reward_version, registry.client(),
-                                    policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
+                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
     return {name: str(mv.version) for name, mv in versions.items()}
