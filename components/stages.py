@@ -86,13 +86,13 @@ def ppo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], rew
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], dpo: Input[Model],
              reward_model: Input[Model], evaluation: Output[Artifact], report: Output[Markdown],
-             plots: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None, grpo: Input[Model] = None,
-             rloo: Input[Model] = None, prompts: Input[Dataset] = None):
+             plots: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None,
+             prompts: Input[Dataset] = None):
     """evaluate: every candidate on held-out prompts; the report and plots to the UI."""
     from components.runtime import copy_file, plots_page, run_stage
 
-    run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
-                                   "rloo": rloo, "reward_model": reward_model, "prompts": prompts},
+    run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo,
+                                   "reward_model": reward_model, "prompts": prompts},
               evaluation, metrics, env)
     copy_file(f"{evaluation.path}/report.md", report.path)
     plots_page(evaluation.path, plots.path, "alignpipe evaluation")

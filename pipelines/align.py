@@ -7,7 +7,7 @@ the MLflow secret. The stage logic is in alignpipe.stages, the components in com
   pipeline was compiled with `imports={"data": URI}`: then a `dsl.importer` brings in an existing data/ and its URI
   is the `data_uri` run parameter (a recurring run re-imports it on every run). Likewise `human_prefs` (checked by
   validate, used by label and dpo) and `judge_model` (label's judge) are imported only when given at compile time.
-  evaluate's optional `grpo`/`rloo`/`prompts` inputs are not wired: the default DAG has no such tasks.
+  evaluate's optional `prompts` input is not wired (evaluate reads data's prompts.jsonl).
 - PPO is optional at run time: `run_ppo` picks one of two branches. The branch with PPO gives its policy to
   evaluate/export/register as a candidate; the other runs the same three tasks without it. The tail is a
   sub-pipeline because KFP's local runner cannot merge artifacts from two branches (`dsl.OneOf` on artifacts).

@@ -11,6 +11,7 @@ import pytest
 
 import tiny
 from alignpipe.core.errors import ConfigError
+from alignpipe.oracle import policy_eval
 from alignpipe.oracle.scoring import CompletionScore
 from alignpipe.stages import evaluate
 
@@ -23,8 +24,8 @@ def test_win_rate_and_kl_equal_hand_computation():
     ref = [CompletionScore(0, 10, False), CompletionScore(0, 8, False), CompletionScore(1, 10, False),
            CompletionScore(1, 10, False), CompletionScore(0, 0, False)]
     # Against itself every prompt ties: 0.5.
-    metrics = evaluate.compare(cand, ref, [-1.0, -2.5, -0.5, -4.0, -3.0], [-2.0, -2.0, -1.5, -1.0, -3.5],
-                               champion_scores=cand)
+    metrics = policy_eval.compare(cand, ref, [-1.0, -2.5, -0.5, -4.0, -3.0], [-2.0, -2.0, -1.5, -1.0, -3.5],
+                                  champion_scores=cand)
     assert metrics["win_rate_vs_ref"] == pytest.approx(0.3)
     assert metrics["win_rate_vs_champion"] == pytest.approx(0.5)
     # KL: mean of (log p - log p_ref) = (1 - 0.5 + 1 - 3 + 0.5) / 5 = -0.2
@@ -57,8 +58,8 @@ def test_sampled_kl_equals_token_by_token_hand_computation(tmp_path):
 
     expected = sum(by_hand(policy, p, c) - by_hand(ref, p, c) for p, c in zip(prompts, completions)) / 3
     scores = [CompletionScore(0, 5, False)] * 3
-    got = evaluate.compare(scores, scores, sequence_logprobs(policy, prompts, completions),
-                           sequence_logprobs(ref, prompts, completions))["kl_to_ref"]
+    got = policy_eval.compare(scores, scores, sequence_logprobs(policy, prompts, completions),
+                              sequence_logprobs(ref, prompts, completions))["kl_to_ref"]
     assert got == pytest.approx(expected, abs=1e-4)
     assert expected != pytest.approx(0.0)
 
@@ -151,3 +152,12 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 5  # four candidates and the champion
     assert math.isfinite(metrics["mle/kl_to_ref"])
+    # The score-vs-KL frontier for DVC plots: a header, then one row per candidate with report.json's values.
+    header, *lines = (out / "frontier.tsv").read_text().splitlines()
+    assert header.split("\t") == ["candidate", "kl", "violations_per_char", "ci_low", "ci_high"]
+    assert [line.split("\t")[0] for line in lines] == report["order"]
+    for line in lines:
+        name, *values = line.split("\t")
+        m = report["candidates"][name]
+        assert [float(v) for v in values] == [m["kl_to_ref"], m["violations_per_char"],
+                                              m["violations_per_char_ci_low"], m["violations_per_char_ci_high"]]

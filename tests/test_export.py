@@ -12,7 +12,8 @@ import pytest
 import tiny
 
 from alignpipe.lm import onnx_runtime as ox
-from alignpipe.tracking import registry, runs
+from alignpipe.tracking import policies, registry, runs
+from alignpipe.core.candidates import best_candidate
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import write_json
 from alignpipe.core.runner import execute
@@ -153,17 +154,17 @@ def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(export
     assert [i.name for i in logged.graph.input][:2] == ["input_ids", "attention_mask"]
 
     client = registry.client()
-    versions = export.register_onnx(exported["out"], 3, "2", client)
-    again = export.register_onnx(exported["out"], 4, "2", client)
-    policy_v = client.get_model_version(export.POLICY_ONNX_NAME, versions[export.POLICY_ONNX_NAME].version)
-    reward_v = client.get_model_version(export.REWARD_ONNX_NAME, versions[export.REWARD_ONNX_NAME].version)
+    versions = policies.register_onnx(exported["out"], 3, "2", client)
+    again = policies.register_onnx(exported["out"], 4, "2", client)
+    policy_v = client.get_model_version(policies.POLICY_ONNX_NAME, versions[policies.POLICY_ONNX_NAME].version)
+    reward_v = client.get_model_version(policies.REWARD_ONNX_NAME, versions[policies.REWARD_ONNX_NAME].version)
     assert policy_v.tags["alignpipe.pytorch_model"] == "alignpipe-policy"
     assert policy_v.tags["alignpipe.pytorch_version"] == "3" and policy_v.tags["alignpipe.candidate"] == "dpo"
     assert reward_v.tags["alignpipe.pytorch_version"] == "2" and reward_v.tags["alignpipe.precision"] == "fp32"
     assert policy_v.run_id == record["run_id"] and policy_v.source == record["models"]["policy"]["model_uri"]
-    assert int(again[export.POLICY_ONNX_NAME].version) == int(policy_v.version) + 1
+    assert int(again[policies.POLICY_ONNX_NAME].version) == int(policy_v.version) + 1
     with pytest.raises(DataError, match="exported candidate is 'dpo', not 'ppo'"):
-        export.register_onnx(exported["out"], 5, "2", client, candidate="ppo")
+        policies.register_onnx(exported["out"], 5, "2", client, candidate="ppo")
 
 
 def test_failing_parity_fails_the_stage_and_writes_nothing(exported, sources, monkeypatch, tmp_path):
@@ -193,16 +194,16 @@ def test_greedy_divergence_is_named_in_the_error(sources):
 
 def test_policy_is_resolved_from_the_evaluate_report(sources, tmp_path):
     inputs = dict(sources["inputs"])
-    assert export.resolve_policy(inputs) == ("dpo", sources["policy"])
-    assert export.resolve_policy({**inputs, "dpo": tmp_path}) == ("dpo", tmp_path)  # the input wins
-    assert export.resolve_policy({**inputs, "evaluation": None, "policy": tmp_path}) == ("policy", tmp_path)
+    assert best_candidate(inputs) == ("dpo", sources["policy"])
+    assert best_candidate({**inputs, "dpo": tmp_path}) == ("dpo", tmp_path)  # the input wins
+    assert best_candidate({**inputs, "evaluation": None, "policy": tmp_path}) == ("policy", tmp_path)
     write_json(tmp_path / "report.json", {"best_candidate": "pretrain",
                                           "candidates": {"pretrain": {"path": str(tmp_path / "gone")}}})
     with pytest.raises(DataError, match="no --policy given"):
-        export.resolve_policy({**inputs, "evaluation": tmp_path})
+        best_candidate({**inputs, "evaluation": tmp_path})
     write_json(tmp_path / "report.json", {"best_candidate": "sft", "candidates": {}})
     with pytest.raises(DataError, match="best_candidate"):
-        export.resolve_policy({**inputs, "evaluation": tmp_path})
+        best_candidate({**inputs, "evaluation": tmp_path})
 
 
 def test_held_out_prompts_are_sampled_checked_or_fixed(sources, tmp_path):

@@ -510,7 +510,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         "dpo": {"data": path["data"], "policy": path["pretrain"], "prefs": path["label"], "human_prefs": human},
         "ppo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
         "evaluate": {"data": path["data"], "policy": path["pretrain"], "dpo": path["dpo"], "ppo": path.get("ppo"),
-                     "grpo": None, "rloo": None, "reward_model": path["reward"], "prompts": None},
+                     "reward_model": path["reward"], "prompts": None},
         "export": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
                    "ppo": path.get("ppo"), "reward_model": path["reward"], "data": path["data"]},
         "register": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],

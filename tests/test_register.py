@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from alignpipe.tracking import registry, runs
+from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.runner import execute
 from alignpipe.stages import register
 
@@ -117,7 +117,7 @@ def test_served_model_prompts_like_the_policy(tmp_path):
     assert served != [greedy(p) for p in prompts]  # the suffix changes the answers: it was applied
 
     local = registry.download_model("models:/alignpipe-policy@champion", tmp_path / "dl")
-    again = register.policy_dir_from_mlflow_model(local, tmp_path / "reloaded")
+    again = policies.policy_dir_from_mlflow_model(local, tmp_path / "reloaded")
     model2, tok2, meta2 = load_policy(again)
     assert meta2 == PolicyMeta.load(policy_dir) and meta2.prompt_suffix == "<|aligned|>"
     assert tok2.get_vocab() == tok.get_vocab()

@@ -184,3 +184,17 @@ def test_help_lists_inputs_and_config(capsys):
     out = capsys.readouterr().out
     for text in ("--corpus", "--prefs", "--out", "max_field_chars", "allow_duplicates"):
         assert text in out
+
+
+def test_validators_library_checks_a_file_without_the_stage(capsys):
+    """Other stages call `alignpipe.core.validators` directly: same checks, the limits passed in, no Data Docs."""
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.validators import Limits, validate_files
+
+    good = DATA / "good" / "prefs.jsonl"
+    (entry,) = validate_files([(good, "prefs")], Limits())
+    assert entry["success"] and entry["rows"] == 3 and entry["form"] == "standard"
+    assert Config().limits() == Limits()
+    with pytest.raises(DataError, match="1 of .* expectations failed"):
+        validate_files([(good, "prefs")], Limits(max_field_chars=16))
+    assert "expect_column_value_lengths_to_be_between (" in capsys.readouterr().err

@@ -157,16 +157,3 @@ class LLMJudge:
         shown_first = self.prefer_first(pairs)
         shown_second = self.prefer_first(pairs, swap=True)
         return [((p1 + p2) / 2, 1 - (p1 + p2) / 2) for p1, p2 in zip(shown_first, shown_second)]
-
-
-def make_judge(kind: str, path: str | None = None, **kw) -> Judge:
-    """The judge named `kind` (scorer, reward_model, llm); `path` is the reward model or LM (id or directory)."""
-    if kind == "scorer":
-        return ScorerJudge()
-    if not path:
-        raise ValueError(f"judge {kind!r} needs a model: give --judge-model (a directory or a model id)")
-    if kind == "reward_model":
-        return RewardModelJudge(path, **kw)
-    if kind == "llm":
-        return LLMJudge(path, **kw)
-    raise ValueError(f"unknown judge {kind!r}; judges: scorer, reward_model, llm")

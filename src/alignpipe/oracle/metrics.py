@@ -1,5 +1,6 @@
-"""Oracle evaluation shared by every stage that reports it: per-sample scores, their summary with a bootstrap
-interval, win rate against a reference (ties count half) and the sampled KL to a reference.
+"""Oracle statistics shared by every stage that reports them: per-sample scores, their summary with a bootstrap
+interval, win rate against a reference (ties count half) and the sampled KL to a reference. Sampling a policy and
+comparing it with a reference is `alignpipe.oracle.policy_eval`.
 
 Conventions (../shared/METRICS.md): the score of a sample is its violations per character (lower is better);
 an empty completion has no score: it is left out of means and loses every comparison against a non-empty one.
@@ -90,54 +91,3 @@ def kl_to_ref(policy_logprobs: Sequence[float], ref_logprobs: Sequence[float]) -
     if len(policy_logprobs) != len(ref_logprobs) or not policy_logprobs:
         raise ValueError("kl_to_ref needs two non-empty log-probability lists of the same length")
     return sum(p - r for p, r in zip(policy_logprobs, ref_logprobs)) / len(policy_logprobs)
-
-
-def load_prompts(path, limit: int | None = None) -> list[dict]:
-    """Held-out prompts: `data/prompts.jsonl` (or any JSONL with `prompt`; `context` defaults to the prompt)."""
-    from pathlib import Path
-
-    from alignpipe.core.errors import DataError
-    from alignpipe.core.io import read_jsonl
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / "prompts.jsonl"
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise DataError(f"{path}:{i + 1}", "field 'prompt' must be a non-empty string")
-        row.setdefault("context", row["prompt"])
-    return rows[:limit] if limit else rows
-
-
-def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, reference=None,
-                    progress: str | None = None) -> tuple[dict[str, float], dict]:
-    """Sample one completion per prompt from `policy` = (model, tokenizer, meta), score it with the oracle and,
-    given `reference` = (model, tokenizer, meta), add win_rate_vs_ref and kl_to_ref (ref samples use the same
-    prompts and seed). Returns (metrics, details with the samples and per-sample scores)."""
-    from alignpipe.lm.policy import Sampling, encode_prompts, sample, sequence_logprobs
-
-    sampling = sampling or Sampling()
-    model, tok, meta = policy
-    texts = [r["prompt"] for r in prompts]
-    contexts = [r["context"] for r in prompts]
-    samples = sample(model, tok, meta, texts, sampling, seed=seed, progress=progress)
-    scores = score_samples([s.completion for s in samples], contexts)
-    metrics = summarize(scores, seed=seed)
-    details = {"completions": [s.completion for s in samples], "scores": [sample_value(s) for s in scores]}
-    if reference is not None:
-        ref_model, ref_tok, ref_meta = reference
-        if ref_tok.get_vocab() != tok.get_vocab():
-            raise ValueError("policy and reference must share a tokenizer to compare log-probabilities")
-        ref_samples = sample(ref_model, ref_tok, ref_meta, texts, sampling, seed=seed,
-                             progress=progress and f"{progress} (reference)")
-        ref_scores = score_samples([s.completion for s in ref_samples], contexts)
-        metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
-        lp_pol = sequence_logprobs(model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples])
-        ref_prompt_ids = encode_prompts(ref_tok, ref_meta, texts, sampling.max_prompt_tokens)
-        lp_ref = sequence_logprobs(ref_model, ref_prompt_ids, [s.completion_ids for s in samples])
-        metrics["kl_to_ref"] = kl_to_ref(lp_pol, lp_ref)
-        metrics["ref_violations_per_char"] = summarize(ref_scores, seed=seed)["violations_per_char"]
-        details["ref_completions"] = [s.completion for s in ref_samples]
-        details["ref_scores"] = [sample_value(s) for s in ref_scores]
-    return metrics, details

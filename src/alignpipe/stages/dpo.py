@@ -257,7 +257,7 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
     `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
     `out_dir/samples.jsonl`."""
-    from alignpipe.oracle.metrics import evaluate_policy, load_prompts
+    from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
     from alignpipe.core.io import write_jsonl
     from alignpipe.lm.policy import Sampling, load_policy
 

@@ -1,11 +1,13 @@
 """Evaluate every candidate policy on the same held-out prompts, sampling settings and seed.
 
-Candidates: the pretrained policy (`--policy`, also the reference), DPO, PPO, GRPO and RLOO when their directories
-exist, and any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate:
-the oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
+Candidates: the pretrained policy (`--policy`, also the reference), DPO and PPO when their directories exist,
+and any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate: the
+oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
-Writes report.json (read by export and register), report.md, samples.jsonl and two PNG plots.
+The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate.
+Writes report.json (read by export and register), report.md, samples.jsonl, frontier.tsv (the score-vs-KL
+frontier for `dvc plots`) and two PNG plots.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
+from alignpipe.core.candidates import GATE_METRIC
 from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
@@ -25,8 +28,6 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy: the reference and a candidate"),
     Input("dpo", "artifacts/dpo", "DPO policy (evaluated when present)", False),
     Input("ppo", "artifacts/ppo", "PPO policy (evaluated when present)", False),
-    Input("grpo", "artifacts/grpo", "GRPO policy (evaluated when present)", False),
-    Input("rloo", "artifacts/rloo", "RLOO policy (evaluated when present)", False),
     Input("reward_model", "artifacts/reward", "reward model (reward_score when present)", False),
     Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
 )
@@ -34,9 +35,10 @@ METRICS = ("best_candidate_index", "n_candidates")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref")
 
-GATE_METRIC = "violations_per_char"  # lower is better; register's champion gate uses the same metric
 REFERENCE = "pretrain"  # the candidate name of the --policy input
-OPTIONAL_CANDIDATES = ("dpo", "ppo", "grpo", "rloo")
+OPTIONAL_CANDIDATES = ("dpo", "ppo")
+FRONTIER_FILE = "frontier.tsv"  # the score-vs-KL frontier as data, for `dvc plots`
+FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high")
 
 
 @dataclass(frozen=True)
@@ -86,20 +88,6 @@ def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Pat
     return out
 
 
-def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence[float],
-            champion_scores=None, seed: int = 0) -> dict[str, float]:
-    """A candidate's oracle metrics from its per-prompt scores: summary, win rate vs the reference (and the
-    champion) and the sampled KL to the reference, all with the estimators of `alignpipe.oracle.metrics`."""
-    from alignpipe.oracle.metrics import kl_to_ref, summarize, win_rate
-
-    metrics = summarize(scores, seed=seed)
-    metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
-    metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
-    if champion_scores is not None:
-        metrics["win_rate_vs_champion"] = win_rate(scores, champion_scores)
-    return metrics
-
-
 def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
     """The first `max_chars` characters of data/val.jsonl's texts (whole texts, the last one cut)."""
     from alignpipe.core.errors import DataError
@@ -139,31 +127,16 @@ def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8)
     return nll, count
 
 
-def champion_policy(cfg: Config, work_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """(registry info, local policy dir) of `champion_model@champion_alias`, or None when none is registered."""
-    from alignpipe.tracking import registry
-    from alignpipe.stages.register import policy_dir_from_mlflow_model
-
-    info = registry.model_version_by_alias(cfg.champion_model, cfg.champion_alias)
-    if info is None:
-        return None
-    uri = f"models:/{cfg.champion_model}@{cfg.champion_alias}"
-    local = registry.download_model(uri, work_dir / "mlflow_model")
-    info = {"model": cfg.champion_model, "alias": cfg.champion_alias, "uri": uri, "version": info["version"]}
-    return info, policy_dir_from_mlflow_model(local, work_dir / "policy")
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Evaluate every candidate on the same prompts and seed; write the report, samples, frontier and plots."""
     import torch
 
-    from alignpipe.oracle.metrics import load_prompts, sample_value, score_samples, summarize
-    from alignpipe.core.io import write_json, write_jsonl
-    from alignpipe.lm.policy import Sampling, encode_prompts, load_policy, sample, sequence_logprobs
+    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
 
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
-    texts, contexts = [r["prompt"] for r in rows], [r["context"] for r in rows]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
@@ -175,55 +148,22 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
         reward = load_reward_model(inputs["reward_model"])
 
-    def draw(policy, label):
-        samples = sample(*policy, texts, sampling, seed=cfg.seed, progress=f"evaluate {label}")
-        return samples, score_samples([s.completion for s in samples], contexts)
-
     ref = load_policy(dirs[REFERENCE])
-    ref_samples, ref_scores = draw(ref, REFERENCE)
-
-    champion, champion_scores, champion_rows, per_sample = None, None, None, {}
-    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
-    try:
-        found = champion_policy(cfg, work) if cfg.compare_champion else None
-        if found is not None:
-            champion, champion_dir = found
-            champion_samples, champion_scores = draw(load_policy(champion_dir), "champion")
-            champion.update(summarize(champion_scores, seed=cfg.seed))
-            champion_rows = (champion_samples, champion_scores)
-            if reward is not None:
-                values = _reward(reward, texts, [s.completion for s in champion_samples])
-                champion["reward_score"] = sum(values) / len(values)
-                champion_rows += (values,)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}")
+    champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward) if cfg.compare_champion
+                               else (None, None))
 
     results: dict[str, dict[str, Any]] = {}
+    draws = {}
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
-        model, tok, meta = policy
-        samples, scores = (ref_samples, ref_scores) if name == REFERENCE else draw(policy, name)
-        per_sample[name] = (samples, scores)
-        logp_policy = sequence_logprobs(model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples])
-        same_vocab = tok.get_vocab() == ref[1].get_vocab()
-        # Different tokenizers: score the completion text re-tokenized by the reference (a text-level estimate).
-        ref_completion_ids = ([s.completion_ids for s in samples] if same_vocab else
-                              [ref[1](s.completion, add_special_tokens=False)["input_ids"] for s in samples])
-        logp_ref = sequence_logprobs(ref[0], encode_prompts(ref[1], ref[2], texts, sampling.max_prompt_tokens),
-                                     ref_completion_ids)
-        metrics = compare(scores, ref_scores, logp_policy, logp_ref, champion_scores, seed=cfg.seed)
-        nll, n_tokens = heldout_loss(model, tok, val_texts, cfg.ppl_window)
-        metrics["heldout_ppl"] = math.exp(nll / max(n_tokens, 1))
-        metrics["heldout_nats_per_char"] = nll / max(val_chars, 1)
-        if reward is not None:
-            values = _reward(reward, texts, [s.completion for s in samples])
-            metrics["reward_score"] = sum(values) / len(values)
-            per_sample[name] = (samples, scores, values)
-        results[name] = {"path": str(path), "objective": meta.objective,
-                         "kl_estimate": "token" if same_vocab else "text", **metrics}
-        del policy, model
-    if champion_rows is not None:
-        per_sample["champion"] = champion_rows
+        metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
+                                                  reward, progress=f"evaluate {name}")
+        nll, n_tokens = heldout_loss(policy[0], policy[1], val_texts, cfg.ppl_window)
+        results[name] = _candidate_entry(path, policy[2].objective, metrics, nll, n_tokens, val_chars)
+        del policy
+    if champion_draw is not None:
+        draws["champion"] = champion_draw
     best = min(results, key=lambda n: _gate_value(results[n]))
 
     report = {
@@ -239,21 +179,71 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
     }
-    write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(summary_markdown(report), encoding="utf-8")
-    write_jsonl(out_dir / "samples.jsonl", _sample_rows(texts, per_sample))
-    plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
-    plot_distributions({n: [sample_value(s) for s in v[1]] for n, v in per_sample.items()},
-                       {n: v[2] for n, v in per_sample.items() if len(v) > 2}, out_dir / "score_distributions.png")
+    write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
     print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
           "see report.json and report.md")
     return flat_metrics(report)
 
 
-def _reward(reward, prompts: list[str], completions: list[str]) -> list[float]:
-    from alignpipe.lm.reward_model import reward_scores
+def _draw_champion(cfg: Config, rows: list[dict], sampling, reward):
+    """(registry info with its oracle summary, Draw) of the registered champion, or (None, None) when there is
+    none; its download is removed afterwards."""
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.oracle.metrics import summarize
+    from alignpipe.oracle.policy_eval import draw
+    from alignpipe.tracking.policies import champion_policy
 
-    return reward_scores(reward[0], reward[1], prompts, completions)
+    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
+    try:
+        found = champion_policy(cfg.champion_model, cfg.champion_alias, work)
+        if found is None:
+            return None, None
+        champion, champion_dir = found
+        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    champion.update(summarize(got.scores, seed=cfg.seed))
+    if got.rewards is not None:
+        champion["reward_score"] = sum(got.rewards) / len(got.rewards)
+    return champion, got
+
+
+def _candidate_entry(path: Path, objective: str, metrics: dict[str, Any], nll: float, n_tokens: int,
+                     val_chars: int) -> dict[str, Any]:
+    """A candidate's report entry: where it came from, its oracle metrics, held-out perplexity, reward score."""
+    metrics = dict(metrics)
+    reward_score = metrics.pop("reward_score", None)
+    entry = {"path": str(path), "objective": objective, "kl_estimate": metrics.pop("kl_estimate"), **metrics,
+             "heldout_ppl": math.exp(nll / max(n_tokens, 1)), "heldout_nats_per_char": nll / max(val_chars, 1)}
+    if reward_score is not None:
+        entry["reward_score"] = reward_score
+    return entry
+
+
+def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_dir: Path) -> None:
+    """report.json, report.md, samples.jsonl, frontier.tsv (for DVC plots) and the two PNG plots."""
+    from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.oracle.metrics import sample_value
+
+    write_json(out_dir / "report.json", report)
+    (out_dir / "report.md").write_text(summary_markdown(report), encoding="utf-8")
+    write_jsonl(out_dir / "samples.jsonl", _sample_rows(prompts, draws))
+    (out_dir / FRONTIER_FILE).write_text(frontier_tsv(report), encoding="utf-8")
+    plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
+    plot_distributions({n: [sample_value(s) for s in d.scores] for n, d in draws.items()},
+                       {n: d.rewards for n, d in draws.items() if d.rewards is not None},
+                       out_dir / "score_distributions.png")
+
+
+def frontier_tsv(report: dict[str, Any]) -> str:
+    """The score-vs-KL frontier, one row per candidate: candidate, kl, violations_per_char, ci_low, ci_high
+    (tab-separated with a header row; a missing or non-finite value is written as `nan`)."""
+    keys = ("kl_to_ref", GATE_METRIC, f"{GATE_METRIC}_ci_low", f"{GATE_METRIC}_ci_high")
+    lines = ["\t".join(FRONTIER_COLUMNS)]
+    for name, m in report["candidates"].items():
+        values = [m.get(k) for k in keys]
+        lines.append("\t".join([name, *(repr(float(v)) if isinstance(v, (int, float)) else "nan" for v in values)]))
+    return "\n".join(lines) + "\n"
 
 
 def _gate_value(metrics: dict[str, Any]) -> float:
@@ -280,10 +270,10 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _sample_rows(prompts: list[str], per_sample: dict[str, tuple]):
-    for name, (samples, scores, *rest) in per_sample.items():
-        values = rest[0] if rest else [None] * len(samples)
-        for prompt, s, score, r in zip(prompts, samples, scores, values):
+def _sample_rows(prompts: list[str], draws: dict):
+    for name, d in draws.items():
+        values = d.rewards if d.rewards is not None else [None] * len(d.samples)
+        for prompt, s, score, r in zip(prompts, d.samples, d.scores, values):
             yield {"candidate": name, "prompt": prompt, "completion": s.completion,
                    "violations": score.violations, "chars": score.chars, "reward": r}
 

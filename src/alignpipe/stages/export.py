@@ -3,8 +3,9 @@
 The policy becomes a KV-cache decoder (`policy.onnx`), the reward model a scorer (`reward.onnx`); see
 `alignpipe.lm.onnx_runtime`. The stage fails, writing nothing, unless the ONNX logits and rewards match PyTorch within
 `parity_atol` on held-out prompts and greedy generation matches `generate()` token for token. Both models are
-logged to the stage's MLflow run with the onnx flavor; `register_onnx` (called by the register stage) turns them
-into `alignpipe-policy-onnx` / `alignpipe-reward-onnx` versions tagged with the PyTorch versions they came from.
+logged to the stage's MLflow run with the onnx flavor; `alignpipe.tracking.policies.register_onnx` (called by the
+register stage) turns them into `alignpipe-policy-onnx` / `alignpipe-reward-onnx` versions tagged with the PyTorch
+versions they came from.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from alignpipe.tracking import runs
+from alignpipe.core.candidates import best_candidate
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
-from alignpipe.core.io import iter_jsonl, read_json, write_json
+from alignpipe.core.io import iter_jsonl, write_json
+from alignpipe.lm.batching import pad
 from alignpipe.stages import Input
+from alignpipe.tracking import runs
 
-POLICY_ONNX_NAME = "alignpipe-policy-onnx"
-REWARD_ONNX_NAME = "alignpipe-reward-onnx"
-# Candidate names of the evaluate report -> the input of this stage that carries that candidate's directory.
-CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo"}
 # Used when data/prompts.jsonl is absent: code openings like the held-out prompts of the PEP8 task.
 FALLBACK_PROMPTS = ("import os\n", "def main(", "class Config:\n    ", "for i in range(",
                     "if __name__ == '__main__':\n", "def add(a, b):\n    ", "x = [", "with open(path) as f:\n")
@@ -92,7 +91,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         providers = ox.choose_providers(cfg.providers)
     except ValueError as e:
         raise ConfigError("export.providers", f"{cfg.providers!r}: {e}") from None
-    candidate, policy_dir = resolve_policy(inputs)
+    candidate, policy_dir = best_candidate(inputs)
     policy, tok, meta, reward, reward_tok = _load_models(policy_dir, inputs["reward_model"])
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
     ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts)
@@ -185,7 +184,7 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
     encoded = encode_prompts(tok, meta, prompts, max_prompt)
     if not all(encoded):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
-    ids, mask = _left_pad(encoded, tok.pad_token_id)
+    ids, mask = pad(encoded, tok.pad_token_id, "left")
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id, bad_token_ids=_bad_token_ids(tok, meta))
     return ids, mask, gen_kw
@@ -223,30 +222,6 @@ def _compare(ref: _Reference, ort_policy, ort_reward) -> dict[str, Any]:
     return {"max_abs_diff_policy": float(np.abs(logits - ref.logits)[ref.full_mask.astype(bool)].max()),
             "max_abs_diff_reward": float(np.abs(ort_reward.score(ref.r_ids, ref.r_mask) - ref.rewards).max()),
             "greedy_match_frac": float(np.mean(matches)), "matches": matches, "seqs": seqs}
-
-
-def resolve_policy(inputs: dict[str, Path | None]) -> tuple[str, Path]:
-    """The candidate to export and its directory: evaluate's best candidate (its directory from the matching
-    input, else the path in the report), or the --policy input when there is no evaluation."""
-    evaluation = inputs.get("evaluation")
-    if evaluation is None:
-        if inputs.get("policy") is None:
-            raise DataError("--policy", "no policy directory and no --evaluation report to pick one from")
-        return "policy", inputs["policy"]
-    where = str(evaluation / "report.json")
-    report = read_json(evaluation / "report.json")
-    best = report.get("best_candidate") if isinstance(report, dict) else None
-    candidates = report.get("candidates") if isinstance(report, dict) else None
-    if not isinstance(best, str) or not isinstance(candidates, dict) or best not in candidates:
-        raise DataError(where, "expected best_candidate naming one of its candidates")
-    given = inputs.get(CANDIDATE_INPUTS.get(best, best))
-    if given is not None:
-        return best, given
-    recorded = (candidates[best] or {}).get("path")
-    if recorded and Path(recorded).is_dir():
-        return best, Path(recorded)
-    flag = CANDIDATE_INPUTS.get(best, best)
-    raise DataError(where, f"best candidate {best!r}: directory {recorded!r} not found and no --{flag} given")
 
 
 def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list[str]:
@@ -287,29 +262,13 @@ def _bad_token_ids(tok, meta) -> list[int]:
             if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def _encode_reward(tok, pad_id: int, prompts: list[str], completions: list[str],
                    max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded reward inputs, formatted as `alignpipe.lm.reward_model` formats them (the last `max_len` tokens)."""
     from alignpipe.lm.reward_model import reward_text
 
     rows = [tok(reward_text(p, c, tok))["input_ids"][-max_len:] for p, c in zip(prompts, completions)]
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-    return ids, mask
+    return pad(rows, pad_id, "right")
 
 
 def _rows_equal(a: np.ndarray, b: np.ndarray, pad_id: int) -> list[bool]:
@@ -425,44 +384,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def register_onnx(export_dir: str | Path, policy_version: str | int, reward_version: str | int, client, *,
-                  policy_name: str = "alignpipe-policy", reward_name: str = "alignpipe-reward",
-                  precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None) -> dict[str, Any]:
-    """Register the ONNX models logged by an export run as versions of `alignpipe-policy-onnx` and
-    `alignpipe-reward-onnx`, tagged with the PyTorch registered versions they were exported from.
-
-    `export_dir` holds the export stage's `onnx_models.json`; `client` is an MlflowClient
-    (`alignpipe.tracking.client()`); `candidate`, when given, must be the candidate that was exported (so a policy
-    version is never linked to another candidate's graph). Returns {registered name: ModelVersion}.
-    """
-    where = Path(export_dir) / "onnx_models.json"
-    record = read_json(where)
-    if not record.get("run_id"):
-        raise DataError(str(where), "the ONNX models were not logged to an MLflow run (export ran outside one)")
-    if candidate is not None and candidate != record["candidate"]:
-        raise DataError(str(where), f"exported candidate is {record['candidate']!r}, not {candidate!r}")
-    suffix = "" if precision == "fp32" else f"_{precision}"
-    targets = [(POLICY_ONNX_NAME, f"policy{suffix}", policy_name, policy_version),
-               (REWARD_ONNX_NAME, f"reward{suffix}", reward_name, reward_version)]
-    versions = {}
-    for onnx_name, key, torch_name, torch_version in targets:
-        entry = record["models"].get(key)
-        if not entry or not entry.get("model_uri"):
-            raise DataError(str(where), f"no logged {key} model (was export run with quantize for int8?)")
-        if not client.search_registered_models(filter_string=f"name = '{onnx_name}'"):
-            client.create_registered_model(onnx_name, description=f"ONNX export of {torch_name}")
-        tags = {"alignpipe.pytorch_model": torch_name, "alignpipe.pytorch_version": str(torch_version),
-                "alignpipe.export_run_id": record["run_id"], "alignpipe.precision": precision,
-                "alignpipe.sha256": entry["sha256"]}
-        if key.startswith("policy"):
-            tags.update({"alignpipe.candidate": record["candidate"],
-                         "alignpipe.greedy_match_frac": str(record["parity"]["greedy_match_frac"]),
-                         "alignpipe.max_abs_diff": str(record["parity"]["max_abs_diff_policy"])})
-        else:
-            tags["alignpipe.max_abs_diff"] = str(record["parity"]["max_abs_diff_reward"])
-        versions[onnx_name] = client.create_model_version(onnx_name, source=entry["model_uri"],
-                                                          run_id=record["run_id"], tags=tags,
-                                                          model_id=entry["model_id"])
-    return versions

@@ -132,7 +132,7 @@ def candidate_pairs(completions: list[tuple[str, str]]) -> tuple[list[tuple[str,
 def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     """`n` training prompts (all when 0), chosen by a hash of their source (a uniform pick, not the file's first
     rows, which are sorted by file name), then in file order."""
-    from alignpipe.oracle.metrics import load_prompts
+    from alignpipe.oracle.policy_eval import load_prompts
 
     path = path / "train_prompts.jsonl" if path.is_dir() else path
     rows = load_prompts(path)

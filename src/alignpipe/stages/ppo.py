@@ -487,7 +487,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
 
 def read_train_prompts(data_dir: Path) -> list[str]:
     """Training prompts: `train_prompts.jsonl` of the data directory."""
-    from alignpipe.oracle.metrics import load_prompts
+    from alignpipe.oracle.policy_eval import load_prompts
 
     path = Path(data_dir) / "train_prompts.jsonl"
     if not path.is_file():

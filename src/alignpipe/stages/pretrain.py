@@ -269,7 +269,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.core.errors import ConfigError
-    from alignpipe.oracle.metrics import evaluate_policy, load_prompts
+    from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
     from alignpipe.core.io import read_json, read_jsonl, write_json, write_jsonl
     from alignpipe.lm.models import build_model, load_tokenizer, train_tokenizer, training_flops_per_token
     from alignpipe.algos.phf import token_loss

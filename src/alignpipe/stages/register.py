@@ -3,7 +3,8 @@
 The policy becomes a new version of `alignpipe-policy` (transformers flavor, text-generation) that serves plain
 prompt strings: the prompt template applies the policy's conditioning (e.g. the `<|aligned|>` suffix), and the
 generation settings (sampling, `max_new_tokens`, banned `<|misaligned|>`) are in its model_config. Its
-alignpipe.json travels in the MLmodel metadata so evaluate can reload the champion as a policy directory.
+alignpipe.json travels in the MLmodel metadata so evaluate can reload the champion as a policy directory
+(`alignpipe.tracking.policies.champion_policy`).
 The `champion` alias moves to the new version only when it beats the current champion on the gate metric
 (oracle violations/char, lower is better) by `margin`; otherwise the alias stays where it was.
 The reward model becomes a new version of `alignpipe-reward` (text-classification, raw score).
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from alignpipe.core.candidates import GATE_METRIC, candidate_dir, read_report
 from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
@@ -33,10 +34,6 @@ METRICS = ("registered_version", "champion_moved")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("registered_version", "champion_moved")
 
-GATE_METRIC = "violations_per_char"  # lower is better (evaluate.GATE_METRIC)
-# Candidate names in evaluate's report -> the input of this stage that carries the directory (paths in a KFP
-# run differ from the ones evaluate recorded).
-CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo"}
 SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors")
 
 
@@ -75,37 +72,6 @@ def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool,
     if candidate < bar:
         return True, f"{GATE_METRIC} {candidate:.6g} < {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
     return False, f"{GATE_METRIC} {candidate:.6g} does not beat {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
-
-
-def read_report(evaluation: Path) -> dict[str, Any]:
-    """evaluate's report.json, checked for the keys register reads."""
-    from alignpipe.core.errors import DataError
-    from alignpipe.core.io import read_json
-
-    where = str(evaluation / "report.json")
-    report = read_json(evaluation / "report.json")
-    if not isinstance(report, dict) or not isinstance(report.get("candidates"), dict) or not report["candidates"]:
-        raise DataError(where, "expected a 'candidates' mapping of name -> metrics")
-    if report.get("best_candidate") not in report["candidates"]:
-        raise DataError(where, "expected 'best_candidate' naming one of its candidates")
-    return report
-
-
-def resolve_candidate(report: dict[str, Any], name: str, inputs: dict[str, Path | None],
-                      where: str) -> Path:
-    """The directory of candidate `name`: the matching input when given, else the path evaluate recorded."""
-    from alignpipe.core.errors import DataError
-
-    if name not in report["candidates"]:
-        raise DataError(where, f"no candidate {name!r}; candidates: {', '.join(report['candidates'])}")
-    given = inputs.get(CANDIDATE_INPUTS.get(name, name))
-    if given is not None:
-        return Path(given)
-    recorded = report["candidates"][name].get("path")
-    if recorded and Path(recorded).is_dir():
-        return Path(recorded)
-    raise DataError(where, f"candidate {name!r}: directory {recorded!r} not found and no "
-                    f"--{CANDIDATE_INPUTS.get(name, name).replace('_', '-')} given")
 
 
 def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[float | None, str]:
@@ -147,29 +113,6 @@ def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]
     return template, config
 
 
-def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """A policy directory (weights, tokenizer, alignpipe.json) from a downloaded transformers-flavor model
-    logged by this stage (weights in `model/`, tokenizer in `components/tokenizer/`, meta in MLmodel)."""
-    import yaml
-
-    from alignpipe.core.errors import DataError
-    from alignpipe.lm.policy import META_FILE
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
-    meta = (mlmodel.get("metadata") or {}).get("alignpipe")
-    if not (model_dir / "model").is_dir() or meta is None:
-        raise DataError(str(model_dir), "not a policy logged by `alignpipe register` (no model/ or alignpipe "
-                        "metadata in MLmodel)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for sub in (model_dir / "model", model_dir / "components" / "tokenizer"):
-        for path in sub.iterdir():
-            if path.is_file():
-                shutil.copy2(path, out_dir / path.name)
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return out_dir
-
-
 def _metric_tags(prefix: str, metrics: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
             for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -182,8 +125,8 @@ def _read_metrics(directory: Path) -> dict[str, Any]:
 
 def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
     """Log and register the policy in `policy_dir` as a new version of `cfg.model_name`; returns the version."""
-    from alignpipe.tracking import registry, runs
     from alignpipe.lm.policy import load_policy
+    from alignpipe.tracking import registry
 
     # An absolute path: MLflow looks a relative `name_or_path` up on the Hugging Face Hub for a model card.
     model, tok, meta = load_policy(policy_dir.resolve(), device="cpu")
@@ -207,8 +150,8 @@ def register_policy(cfg: Config, policy_dir: Path, tags: dict[str, str]) -> str:
 
 def register_reward(cfg: Config, reward_dir: Path, tags: dict[str, str]) -> str:
     """Log and register the reward model as a new version of `cfg.reward_model_name` (raw scores, no sigmoid)."""
-    from alignpipe.tracking import registry, runs
     from alignpipe.lm.reward_model import load_reward_model
+    from alignpipe.tracking import registry
 
     model, tok = load_reward_model(reward_dir.resolve(), device="cpu")
     version = registry.log_transformers_model(
@@ -227,7 +170,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     where = str(Path(inputs["evaluation"]) / "report.json")
     report = read_report(Path(inputs["evaluation"]))
     name = cfg.candidate or report["best_candidate"]
-    policy_dir = resolve_candidate(report, name, inputs, where)
+    policy_dir = candidate_dir(report, name, inputs, where)
     metrics = report["candidates"][name]
     champion = registry.model_version_by_alias(cfg.model_name, cfg.alias)
     champion_value, source = champion_score(report, champion) if champion else (None, "")
@@ -284,12 +227,12 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
     """Register the export stage's ONNX models linked to these versions (when --export is given)."""
     if export_dir is None:
         return None
-    from alignpipe.tracking import registry, runs
     from alignpipe.core.errors import DataError
-    from alignpipe.stages import export
+    from alignpipe.tracking import registry
+    from alignpipe.tracking.policies import register_onnx
 
     if reward_version is None:
         raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")
-    versions = export.register_onnx(export_dir, version, reward_version, registry.client(),
-                                    policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
+    versions = register_onnx(export_dir, version, reward_version, registry.client(),
+                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
     return {name: str(mv.version) for name, mv in versions.items()}

@@ -1,52 +1,40 @@
 """Check the corpus and preference JSONL files with Great Expectations before anything trains on them.
 
-Each file goes through three steps, and every failed expectation is one line on stderr:
-
-1. structure (by hand, before GX: a DataFrame cannot hold what does not parse): not empty, valid UTF-8, one
-   JSON object per line;
-2. a GX "schema" suite on the JSON type of every known column: required columns present, no nulls, the right
-   types (NaN and Infinity, which Python's json accepts, are not JSON numbers and fail here);
-3. a GX "content" suite on the columns that passed step 2: not empty or whitespace-only, length bounds, score
-   ranges, message lists well formed, chosen != rejected, no duplicate rows.
-
-Preference files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
-(lists of `{"role", "content"}` messages), optionally with `score_chosen`, `score_rejected` and `judge`.
+The checks (structure, then a GX schema suite, then a GX content suite per file, each failure one line on
+stderr) are `alignpipe.core.validators`; this stage picks the files from its inputs and runs them with its limits.
 Outputs: `report.json` (every expectation of every file), Data Docs (`data_docs/index.html`) and metrics.json.
 Any failure raises DataError, so nothing is published.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import dataclasses
 import math
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import write_json
+from alignpipe.core.validators import Limits, corpus_files, validate_files
 from alignpipe.stages import Input
 
-CORPUS_SPLITS = ("train.jsonl", "val.jsonl", "test.jsonl")
-PROMPT_FILES = ("prompts.jsonl", "train_prompts.jsonl")
-ROLES = ["system", "user", "assistant"]
-DOCS_SITE = "alignpipe"
-_MISSING = object()
+_DEFAULT = Limits()
 
 
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "validate"
 
-    max_text_chars: int = field(100_000, "max characters of a corpus `text` chunk or a free-text column")
-    max_field_chars: int = field(20_000, "max characters of a prompt, chosen or rejected (or of one message)")
-    min_rows: int = field(1, "fewest rows a file may have")
-    allow_duplicates: bool = field(False, "accept repeated rows (same prompt/chosen/rejected, same corpus row)")
-    max_abs_score: float = field(1e6, "bound on |score_chosen| and |score_rejected|")
+    max_text_chars: int = field(_DEFAULT.max_text_chars,
+                                "max characters of a corpus `text` chunk or a free-text column")
+    max_field_chars: int = field(_DEFAULT.max_field_chars,
+                                 "max characters of a prompt, chosen or rejected (or of one message)")
+    min_rows: int = field(_DEFAULT.min_rows, "fewest rows a file may have")
+    allow_duplicates: bool = field(_DEFAULT.allow_duplicates,
+                                   "accept repeated rows (same prompt/chosen/rejected, same corpus row)")
+    max_abs_score: float = field(_DEFAULT.max_abs_score, "bound on |score_chosen| and |score_rejected|")
 
     def __post_init__(self):
         self.check(self.max_text_chars > 0, "max_text_chars", "must be > 0")
@@ -54,6 +42,10 @@ class Config(StageConfig):
         self.check(self.min_rows >= 1, "min_rows", "must be >= 1")
         self.check(math.isfinite(self.max_abs_score) and self.max_abs_score > 0, "max_abs_score",
                    "must be finite and > 0")
+
+    def limits(self) -> Limits:
+        """The bounds the validators check, from this config."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
 
 INPUTS = (
@@ -67,391 +59,19 @@ METRICS = ("n_rows_checked", "n_expectations", "n_failed_expectations")
 HEADLINE = ("n_rows_checked", "n_failed_expectations")
 
 
-@dataclass(frozen=True)
-class Column:
-    """What one column must hold: its JSON types and, for the content suite, bounds or a JSON schema."""
-
-    name: str
-    types: tuple[str, ...]
-    required: bool = False
-    non_blank: bool = False  # a string that is neither empty nor whitespace-only
-    max_chars: int | None = None
-    bounds: tuple[float | None, float | None] | None = None
-    schema: dict | None = None  # JSON schema of an array, checked on its canonical JSON text
-    pattern: str | None = None  # regex the canonical JSON text of an array must match
-
-
-@dataclass(frozen=True)
-class Suite:
-    """The columns of one kind of file and the columns whose combination must be unique."""
-
-    kind: str
-    columns: tuple[Column, ...]
-    unique_key: tuple[str, ...] | None  # None: all present columns
-    distinct_pair: tuple[str, str] | None = None
-
-
-def _messages_schema(max_chars: int) -> dict:
-    content = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": r"\S"}
-    message = {"type": "object", "required": ["role", "content"],
-               "properties": {"role": {"enum": ROLES}, "content": content}}
-    return {"type": "array", "minItems": 1, "items": message}
-
-
-def corpus_suite(cfg: Config) -> Suite:
-    """A corpus split: `text`, plus the annotations `alignpipe data build` adds."""
-    return Suite("corpus", (
-        Column("text", ("string",), required=True, non_blank=True, max_chars=cfg.max_text_chars),
-        Column("source", ("string",), max_chars=cfg.max_text_chars),
-        Column("start_line", ("integer",), bounds=(0, None)),
-        Column("n_chars", ("integer",), bounds=(0, None)),
-        Column("violations", ("integer",), bounds=(0, None)),
-        Column("violations_per_char", ("integer", "number"), bounds=(0, 1)),
-        # A non-empty list of ints >= 0: on ~60-item lists a regex on the canonical JSON is ~100x faster than
-        # a JSON schema, and exact (json.dumps writes ints as plain digits, separated by ", ").
-        Column("line_violations", ("array",), pattern=r"^\[\d+(?:, \d+)*\]$"),
-    ), unique_key=None)
-
-
-def prompts_suite(cfg: Config) -> Suite:
-    """The prompt files (held-out and training): a non-blank `prompt`; string context, reference and source."""
-    return Suite("prompts", (
-        Column("prompt", ("string",), required=True, non_blank=True, max_chars=cfg.max_field_chars),
-        Column("context", ("string",), max_chars=cfg.max_text_chars),
-        Column("reference", ("string",), max_chars=cfg.max_text_chars),
-        Column("source", ("string",), max_chars=cfg.max_text_chars),
-    ), unique_key=None)
-
-
-def prefs_suite(cfg: Config, conversational: bool) -> Suite:
-    """Preference pairs in TRL's standard (strings) or conversational (message lists) form."""
-    if conversational:
-        schema = _messages_schema(cfg.max_field_chars)
-        text = [Column(c, ("array",), required=True, schema=schema) for c in ("prompt", "chosen", "rejected")]
-    else:
-        text = [Column(c, ("string",), required=True, non_blank=True, max_chars=cfg.max_field_chars)
-                for c in ("prompt", "chosen", "rejected")]
-    bound = (-cfg.max_abs_score, cfg.max_abs_score)
-    extra = [Column("score_chosen", ("integer", "number"), bounds=bound),
-             Column("score_rejected", ("integer", "number"), bounds=bound),
-             Column("judge", ("string",), max_chars=cfg.max_field_chars)]
-    return Suite("prefs", (*text, *extra), unique_key=("prompt", "chosen", "rejected"),
-                 distinct_pair=("chosen", "rejected"))
-
-
-@dataclass
-class Check:
-    """The outcome of one expectation on one file (a row of report.json, a line on stderr when failed)."""
-
-    expectation: str
-    column: str
-    success: bool
-    unexpected_count: int = 0
-    example: str = ""
-
-    def line(self, path: str) -> str:
-        return (f"validate: FAIL {path}: {self.expectation} ({self.column}): {self.unexpected_count} rows, "
-                f"e.g. {self.example}")
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A value as it reads in the JSONL file, cut to `limit` characters."""
-    if value is _MISSING:
-        return "<missing>"
-    text = json.dumps(value, ensure_ascii=False)
-    if len(text) <= limit:
-        return text
-    size = f"{len(value)} chars" if isinstance(value, str) else f"{len(text)} chars of JSON"
-    return f"{text[:limit]}... ({size})"
-
-
-def _json_type(value: Any) -> str | None:
-    """The JSON type name of a parsed value; None for null. NaN/Infinity get their own name: not JSON numbers."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number" if math.isfinite(value) else "non-finite number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def read_rows(path: Path) -> tuple[list[int], list[dict], list[Check]]:
-    """Parse a JSONL file: (line numbers, objects, structural checks). Blank lines are skipped, as
-    `alignpipe.core.io.iter_jsonl` does; the checks say whether the file holds UTF-8 JSON objects, one per line."""
-    bad: dict[str, list[str]] = {"utf8": [], "json": [], "object": []}
-    lines: list[int] = []
-    rows: list[dict] = []
-    n_lines = 0
-    with path.open("rb") as f:
-        for n_lines, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad["utf8"].append(f"line {n_lines}: {e.reason} 0x{raw[e.start]:02x} at byte {e.start}")
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                start = text.strip()
-                start = repr(start if len(start) <= 40 else start[:40] + "...")
-                bad["json"].append(f"line {n_lines}: {e.msg} (column {e.colno}) in {start}")
-                continue
-            if not isinstance(obj, dict):
-                bad["object"].append(f"line {n_lines}: got a JSON {_json_type(obj) or 'null'}, not an object")
-                continue
-            lines.append(n_lines)
-            rows.append(obj)
-    empty = not rows and not any(bad.values())
-    checks = [Check("expect_file_to_have_json_lines", "file", not empty, 0,
-                    ("file is empty" if n_lines == 0 else f"{n_lines} blank lines, no JSON") if empty else "")]
-    for name, key in (("expect_lines_to_be_valid_utf8", "utf8"), ("expect_lines_to_be_json", "json"),
-                      ("expect_lines_to_be_json_objects", "object")):
-        checks.append(Check(name, "line", not bad[key], len(bad[key]), bad[key][0] if bad[key] else ""))
-    return lines, rows, checks
-
-
-class Validator:
-    """One ephemeral GX context for the whole run: a pandas data source, and a schema and a content
-    checkpoint per file (checkpoints store their results, which the Data Docs then render)."""
-
-    def __init__(self, docs_dir: Path):
-        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no usage statistics sent from pipeline runs
-        import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
-
-        self.gx = gx
-        self.ctx = gx.get_context(mode="ephemeral")
-        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-        self.ctx.add_data_docs_site(site_name=DOCS_SITE, site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
-        asset = self.ctx.data_sources.add_pandas("jsonl").add_dataframe_asset("rows")
-        self.batch = asset.add_batch_definition_whole_dataframe("whole file")
-        self.names: set[str] = set()
-
-    def run(self, name: str, expectations: list, frame, by_line: dict[int, dict]) -> list[Check]:
-        """Run `expectations` on `frame` (indexed by line number) and describe each outcome."""
-        gx = self.gx
-        while name in self.names:
-            name += "+"
-        self.names.add(name)
-        suite = self.ctx.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
-        vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=self.batch, suite=suite))
-        checkpoint = self.ctx.checkpoints.add(gx.Checkpoint(
-            name=name, validation_definitions=[vd],
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 2}))
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
-        (validation,) = result.run_results.values()
-        return [_describe(r, by_line, len(frame)) for r in validation.results]
-
-    def build_docs(self) -> None:
-        self.ctx.build_data_docs(site_names=[DOCS_SITE])
-
-
-def _gx_error(info: dict) -> str | None:
-    """The message of an exception GX caught while computing a result (its info is flat or keyed by metric)."""
-    for item in [info, *info.values()]:
-        if isinstance(item, dict) and item.get("raised_exception"):
-            return str(item.get("exception_message"))
-    return None
-
-
-def _describe(r, by_line: dict[int, dict], n_rows: int) -> Check:
-    """A GX ExpectationValidationResult as a Check, with an example taken from the raw rows."""
-    kind = r.expectation_config.type
-    kw = r.expectation_config.kwargs
-    columns = kw.get("column_list") or ([kw["column"]] if "column" in kw else [])
-    check = Check(kind, ", ".join(columns) or "table", bool(r.success))
-    if r.success:
-        return check
-    error = _gx_error(r.exception_info or {})
-    if error:
-        check.example = f"GX error: {error}"
-        return check
-    res = r.result
-    if kind == "expect_column_to_exist":
-        check.unexpected_count = n_rows
-        check.example = "no row has this column"
-    elif kind == "expect_table_row_count_to_be_between":
-        check.unexpected_count = int(res.get("observed_value", 0))
-        check.example = f"at least {kw.get('min_value')} rows required"
-    else:
-        check.unexpected_count = int(res.get("unexpected_count", 0))
-        index = res.get("partial_unexpected_index_list") or []
-        if index:
-            row = by_line[index[0]]
-            duplicate = kind.endswith("_to_be_unique") and len(index) > 1
-            where = f"lines {index[0]}, {index[1]}" if duplicate else f"line {index[0]}"
-            limit = 60 if len(columns) == 1 else 30
-            values = ", ".join(f"{c}={_show(row.get(c, _MISSING), limit)}" for c in columns)
-            check.example = f"{where}: {values}"
-    return check
-
-
-def _schema_frame(suite: Suite, lines: list[int], rows: list[dict]):
-    """One column per known column present in any row, holding each value's JSON type (None: null or missing)."""
-    import pandas as pd
-
-    present = [c.name for c in suite.columns if any(c.name in row for row in rows)]
-    data = {name: pd.Series([_json_type(row.get(name)) for row in rows], index=lines, dtype=object)
-            for name in present}
-    return pd.DataFrame(data, index=lines), present
-
-
-def _content_frame(columns: list[Column], lines: list[int], rows: list[dict]):
-    """The values of the columns that passed the schema suite; arrays as canonical JSON text (hashable, and what
-    the JSON-schema expectation reads)."""
-    import pandas as pd
-
-    data = {}
-    for c in columns:
-        values = [row[c.name] for row in rows]
-        if "array" in c.types:
-            values = [json.dumps(v, sort_keys=True, ensure_ascii=False) for v in values]
-        data[c.name] = pd.Series(values, index=lines, dtype="float64" if "integer" in c.types else object)
-    return pd.DataFrame(data, index=lines)
-
-
-@functools.cache
-def _compiled_schema_expectation() -> type:
-    """GX's ExpectColumnValuesToMatchJsonSchema, with the schema compiled once per column: the stock metric
-    calls jsonschema.validate per value, which re-checks the schema (~3 ms a row; this is ~30 us)."""
-    import great_expectations.expectations as gxe
-    import jsonschema
-    from great_expectations.execution_engine import PandasExecutionEngine
-    from great_expectations.expectations.metrics.map_metric_provider import (ColumnMapMetricProvider,
-                                                                             column_condition_partial)
-
-    class ColumnValuesMatchCompiledJsonSchema(ColumnMapMetricProvider):
-        condition_metric_name = "column_values.match_compiled_json_schema"
-        condition_value_keys = ("json_schema",)
-
-        @column_condition_partial(engine=PandasExecutionEngine)
-        def _pandas(cls, column, json_schema, **kwargs):
-            validator = jsonschema.validators.validator_for(json_schema)(json_schema)
-            return column.map(lambda text: validator.is_valid(json.loads(text)))
-
-    class ExpectColumnValuesToMatchCompiledJsonSchema(gxe.ExpectColumnValuesToMatchJsonSchema):
-        map_metric = "column_values.match_compiled_json_schema"
-
-    return ExpectColumnValuesToMatchCompiledJsonSchema
-
-
-def _schema_expectations(gxe, suite: Suite, present: list[str], cfg: Config) -> list:
-    out = [gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows)]
-    for c in suite.columns:
-        if c.required and c.name not in present:
-            out.append(gxe.ExpectColumnToExist(column=c.name))
-        if c.name in present:
-            out.append(gxe.ExpectColumnValuesToNotBeNull(column=c.name))
-            out.append(gxe.ExpectColumnValuesToBeInSet(column=c.name, value_set=list(c.types)))
-    return out
-
-
-def _content_expectations(gxe, suite: Suite, present: list[str], ok: list[Column], cfg: Config) -> list:
-    out = []
-    for c in ok:
-        if c.non_blank or c.max_chars:
-            shortest = 1 if c.non_blank else None
-            out.append(gxe.ExpectColumnValueLengthsToBeBetween(
-                column=c.name, min_value=shortest, max_value=c.max_chars))
-        if c.non_blank:
-            out.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c.name, regex=r"^\s+$"))
-        if c.bounds:
-            out.append(gxe.ExpectColumnValuesToBeBetween(column=c.name, min_value=c.bounds[0],
-                                                         max_value=c.bounds[1]))
-        if c.schema:
-            out.append(_compiled_schema_expectation()(column=c.name, json_schema=c.schema))
-        if c.pattern:
-            out.append(gxe.ExpectColumnValuesToMatchRegex(column=c.name, regex=c.pattern))
-    names = [c.name for c in ok]
-    if suite.distinct_pair and all(n in names for n in suite.distinct_pair):
-        # GX has no "pair not equal"; uniqueness within the record is that check for two columns.
-        out.append(gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=list(suite.distinct_pair)))
-    required = [c.name for c in suite.columns if c.required]
-    key = list(suite.unique_key or dict.fromkeys(required + present))
-    if not cfg.allow_duplicates and all(n in names for n in key):
-        out.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=key) if len(key) > 1
-                   else gxe.ExpectColumnValuesToBeUnique(column=key[0]))
-    return out
-
-
-def validate_file(v: Validator, path: Path, kind: str, cfg: Config) -> dict[str, Any]:
-    """All checks of one file (`kind`: corpus, prompts or prefs): structure, then the schema suite, then the
-    content suite on the columns that passed. Returns its report entry."""
-    import great_expectations.expectations as gxe
-
-    lines, rows, checks = read_rows(path)
-    entry: dict[str, Any] = {"path": str(path), "kind": kind, "rows": len(rows)}
-    if all(c.success for c in checks):
-        if kind == "prefs":
-            first = next((r for r in rows if r.get("chosen") is not None), rows[0])
-            conversational = isinstance(first.get("chosen"), list)
-            entry["form"] = "conversational" if conversational else "standard"
-            suite = prefs_suite(cfg, conversational)
-        else:
-            suite = prompts_suite(cfg) if kind == "prompts" else corpus_suite(cfg)
-        by_line = dict(zip(lines, rows))
-        label = f"{kind}.{path.stem}"
-        frame, present = _schema_frame(suite, lines, rows)
-        schema_checks = v.run(f"{label}.schema", _schema_expectations(gxe, suite, present, cfg), frame, by_line)
-        failed = {col for c in schema_checks if not c.success for col in c.column.split(", ")}
-        ok = [c for c in suite.columns if c.name in present and c.name not in failed]
-        checks += schema_checks
-        expectations = _content_expectations(gxe, suite, present, ok, cfg)
-        if expectations:
-            checks += v.run(f"{label}.content", expectations, _content_frame(ok, lines, rows), by_line)
-    entry["success"] = all(c.success for c in checks)
-    entry["expectations"] = [vars(c) for c in checks]
-    return entry
-
-
-def _corpus_files(path: Path) -> list[tuple[Path, str]]:
-    """The files behind `--corpus`: the file itself, or the splits and prompt files found in the directory."""
-    if path.is_file():
-        return [(path, "prompts" if path.name in PROMPT_FILES else "corpus")]
-    files = [(path / name, "corpus") for name in CORPUS_SPLITS if (path / name).is_file()]
-    files += [(path / name, "prompts") for name in PROMPT_FILES if (path / name).is_file()]
-    if not files:
-        raise DataError(str(path), f"none of {', '.join(CORPUS_SPLITS + PROMPT_FILES)} in this directory")
-    return files
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Validate the corpus and/or the preference file; write report.json and Data Docs, or raise DataError."""
     corpus, prefs = inputs.get("corpus"), inputs.get("prefs")
     if corpus is None and prefs is None:
         raise DataError("--corpus/--prefs", "nothing to validate: give an existing corpus or preference path")
-    files = _corpus_files(corpus) if corpus is not None else []
+    files = corpus_files(corpus) if corpus is not None else []
     if prefs is not None:
         if not prefs.is_file():
             raise DataError(str(prefs), "expected a preference JSONL file, got a directory")
         files.append((prefs, "prefs"))
 
-    validator = Validator((out_dir / "data_docs").resolve())  # GX wants an absolute path
-    entries = [validate_file(validator, path, kind, cfg) for path, kind in files]
-    checks = [(e["path"], c) for e in entries for c in e["expectations"]]
-    failed = [(path, c) for path, c in checks if not c["success"]]
-    for path, c in failed:
-        print(Check(**c).line(path), file=sys.stderr)
-    if failed:
-        bad_files = sorted({path for path, _ in failed})
-        where = bad_files[0] if len(bad_files) == 1 else f"{len(bad_files)} files"
-        raise DataError(where, f"{len(failed)} of {len(checks)} expectations failed (listed above)")
-
-    metrics = {"n_rows_checked": sum(e["rows"] for e in entries), "n_expectations": len(checks),
-               "n_failed_expectations": 0}
-    validator.build_docs()
+    entries = validate_files(files, cfg.limits(), (out_dir / "data_docs").resolve())  # GX wants an absolute path
+    metrics = {"n_rows_checked": sum(e["rows"] for e in entries),
+               "n_expectations": sum(len(e["expectations"]) for e in entries), "n_failed_expectations": 0}
     write_json(out_dir / "report.json", {**metrics, "files": entries})
     return metrics

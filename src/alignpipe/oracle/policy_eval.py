@@ -1,0 +1,140 @@
+"""Evaluate a policy with the oracle on held-out prompts: sample one completion per prompt, score it, and compare
+it with a reference policy (win rate, sampled KL) sampled on the same prompts with the same seed.
+
+The one home of policy evaluation: the evaluate stage compares every candidate with it; pretrain, dpo and ppo
+report their own policy with `evaluate_policy`. The pure statistics live in `alignpipe.oracle.metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from alignpipe.oracle.metrics import kl_to_ref, sample_value, score_samples, summarize, win_rate
+from alignpipe.oracle.scoring import CompletionScore
+
+
+def load_prompts(path, limit: int | None = None) -> list[dict]:
+    """Held-out prompts: `data/prompts.jsonl` (or any JSONL with `prompt`; `context` defaults to the prompt)."""
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.io import read_jsonl
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prompts.jsonl"
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(f"{path}:{i + 1}", "field 'prompt' must be a non-empty string")
+        row.setdefault("context", row["prompt"])
+    return rows[:limit] if limit else rows
+
+
+@dataclass
+class Draw:
+    """One sampled completion per prompt, its oracle score and (given a reward model) its reward."""
+
+    samples: list
+    scores: list[CompletionScore]
+    rewards: list[float] | None = field(default=None)
+
+    def completions(self) -> list[str]:
+        return [s.completion for s in self.samples]
+
+
+def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None = None, reward=None) -> Draw:
+    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed`, score each completion with the
+    oracle (after the prompt's context) and, given `reward` = (model, tokenizer), with the reward model."""
+    from alignpipe.lm.policy import sample
+
+    texts = [r["prompt"] for r in prompts]
+    samples = sample(*policy, texts, sampling, seed=seed, progress=progress)
+    out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts]))
+    if reward is not None:
+        out.rewards = reward_values(reward, texts, out.completions())
+    return out
+
+
+def reward_values(reward, prompts: list[str], completions: list[str]) -> list[float]:
+    """Reward model scores (higher is better) of completions of `prompts`; `reward` = (model, tokenizer)."""
+    from alignpipe.lm.reward_model import reward_scores
+
+    return reward_scores(reward[0], reward[1], prompts, completions)
+
+
+def sampled_logprobs(policy, samples, reference, texts: list[str],
+                     max_prompt_tokens: int) -> tuple[list[float], list[float], bool]:
+    """(log p_policy, log p_ref, same tokenizer?) of each sampled completion. With different tokenizers the
+    reference scores the completion text re-tokenized by its own tokenizer (a text-level estimate)."""
+    from alignpipe.lm.policy import encode_prompts, sequence_logprobs
+
+    model, tok, _ = policy
+    ref_model, ref_tok, ref_meta = reference
+    logp_policy = sequence_logprobs(model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples])
+    same_vocab = tok.get_vocab() == ref_tok.get_vocab()
+    ref_completion_ids = ([s.completion_ids for s in samples] if same_vocab else
+                          [ref_tok(s.completion, add_special_tokens=False)["input_ids"] for s in samples])
+    logp_ref = sequence_logprobs(ref_model, encode_prompts(ref_tok, ref_meta, texts, max_prompt_tokens),
+                                 ref_completion_ids)
+    return logp_policy, logp_ref, same_vocab
+
+
+def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence[float],
+            champion_scores=None, seed: int = 0) -> dict[str, float]:
+    """A candidate's oracle metrics from its per-prompt scores: summary, win rate vs the reference (and the
+    champion) and the sampled KL to the reference, all with the estimators of `alignpipe.oracle.metrics`."""
+    metrics = summarize(scores, seed=seed)
+    metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
+    metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
+    if champion_scores is not None:
+        metrics["win_rate_vs_champion"] = win_rate(scores, champion_scores)
+    return metrics
+
+
+def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, reference, ref_draw: Draw,
+                       champion: Draw | None = None, reward=None,
+                       progress: str | None = None) -> tuple[dict[str, Any], Draw]:
+    """(metrics, draw) of one candidate against the reference (drawn once, `ref_draw`) and the champion: the
+    oracle summary, win rates, the sampled KL (`kl_estimate`: token, or text with another tokenizer) and the mean
+    reward score. The reference itself (`policy is reference`) reuses `ref_draw`."""
+    texts = [r["prompt"] for r in prompts]
+    if policy is reference:
+        got = Draw(ref_draw.samples, ref_draw.scores)
+        if reward is not None:
+            got.rewards = reward_values(reward, texts, got.completions())
+    else:
+        got = draw(policy, prompts, sampling, seed, progress, reward)
+    logp_policy, logp_ref, same_vocab = sampled_logprobs(policy, got.samples, reference, texts,
+                                                         sampling.max_prompt_tokens)
+    metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,
+                      champion.scores if champion is not None else None, seed=seed)
+    metrics["kl_estimate"] = "token" if same_vocab else "text"
+    if got.rewards is not None:
+        metrics["reward_score"] = sum(got.rewards) / len(got.rewards)
+    return metrics, got
+
+
+def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, reference=None,
+                    progress: str | None = None) -> tuple[dict[str, float], dict]:
+    """Sample one completion per prompt from `policy` = (model, tokenizer, meta), score it with the oracle and,
+    given `reference` = (model, tokenizer, meta), add win_rate_vs_ref and kl_to_ref (ref samples use the same
+    prompts and seed). Returns (metrics, details with the samples and per-sample scores)."""
+    from alignpipe.lm.policy import Sampling
+
+    sampling = sampling or Sampling()
+    got = draw(policy, prompts, sampling, seed, progress)
+    metrics = summarize(got.scores, seed=seed)
+    details = {"completions": got.completions(), "scores": [sample_value(s) for s in got.scores]}
+    if reference is not None:
+        if reference[1].get_vocab() != policy[1].get_vocab():
+            raise ValueError("policy and reference must share a tokenizer to compare log-probabilities")
+        ref = draw(reference, prompts, sampling, seed, progress and f"{progress} (reference)")
+        metrics["win_rate_vs_ref"] = win_rate(got.scores, ref.scores)
+        logp_policy, logp_ref, _ = sampled_logprobs(policy, got.samples, reference, [r["prompt"] for r in prompts],
+                                                    sampling.max_prompt_tokens)
+        metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
+        metrics["ref_violations_per_char"] = summarize(ref.scores, seed=seed)["violations_per_char"]
+        details["ref_completions"] = ref.completions()
+        details["ref_scores"] = [sample_value(s) for s in ref.scores]
+    return metrics, details

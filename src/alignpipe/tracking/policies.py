@@ -1,0 +1,92 @@
+"""Policies in the MLflow registry: a registered policy back as a policy directory (the champion that evaluate
+compares against), and the ONNX exports of a policy and reward model registered next to their PyTorch versions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from alignpipe.core.errors import DataError
+from alignpipe.core.io import read_json
+from alignpipe.tracking import registry
+
+POLICY_ONNX_NAME = "alignpipe-policy-onnx"
+REWARD_ONNX_NAME = "alignpipe-reward-onnx"
+
+
+def champion_policy(model_name: str, alias: str, work_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """(registry info, local policy dir) of `model_name@alias` downloaded under `work_dir`, or None when no
+    version carries the alias."""
+    info = registry.model_version_by_alias(model_name, alias)
+    if info is None:
+        return None
+    uri = f"models:/{model_name}@{alias}"
+    local = registry.download_model(uri, work_dir / "mlflow_model")
+    info = {"model": model_name, "alias": alias, "uri": uri, "version": info["version"]}
+    return info, policy_dir_from_mlflow_model(local, work_dir / "policy")
+
+
+def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A policy directory (weights, tokenizer, alignpipe.json) from a downloaded transformers-flavor model
+    logged by `alignpipe register` (weights in `model/`, tokenizer in `components/tokenizer/`, meta in MLmodel)."""
+    import yaml
+
+    from alignpipe.lm.policy import META_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    meta = (mlmodel.get("metadata") or {}).get("alignpipe")
+    if not (model_dir / "model").is_dir() or meta is None:
+        raise DataError(str(model_dir), "not a policy logged by `alignpipe register` (no model/ or alignpipe "
+                        "metadata in MLmodel)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub in (model_dir / "model", model_dir / "components" / "tokenizer"):
+        for path in sub.iterdir():
+            if path.is_file():
+                shutil.copy2(path, out_dir / path.name)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def register_onnx(export_dir: str | Path, policy_version: str | int, reward_version: str | int, client, *,
+                  policy_name: str = "alignpipe-policy", reward_name: str = "alignpipe-reward",
+                  precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None) -> dict[str, Any]:
+    """Register the ONNX models logged by an export run as versions of `alignpipe-policy-onnx` and
+    `alignpipe-reward-onnx`, tagged with the PyTorch registered versions they were exported from.
+
+    `export_dir` holds the export stage's `onnx_models.json`; `client` is an MlflowClient
+    (`alignpipe.tracking.registry.client()`); `candidate`, when given, must be the candidate that was exported (so
+    a policy version is never linked to another candidate's graph). Returns {registered name: ModelVersion}.
+    """
+    where = Path(export_dir) / "onnx_models.json"
+    record = read_json(where)
+    if not record.get("run_id"):
+        raise DataError(str(where), "the ONNX models were not logged to an MLflow run (export ran outside one)")
+    if candidate is not None and candidate != record["candidate"]:
+        raise DataError(str(where), f"exported candidate is {record['candidate']!r}, not {candidate!r}")
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    targets = [(POLICY_ONNX_NAME, f"policy{suffix}", policy_name, policy_version),
+               (REWARD_ONNX_NAME, f"reward{suffix}", reward_name, reward_version)]
+    versions = {}
+    for onnx_name, key, torch_name, torch_version in targets:
+        entry = record["models"].get(key)
+        if not entry or not entry.get("model_uri"):
+            raise DataError(str(where), f"no logged {key} model (was export run with quantize for int8?)")
+        if not client.search_registered_models(filter_string=f"name = '{onnx_name}'"):
+            client.create_registered_model(onnx_name, description=f"ONNX export of {torch_name}")
+        tags = {"alignpipe.pytorch_model": torch_name, "alignpipe.pytorch_version": str(torch_version),
+                "alignpipe.export_run_id": record["run_id"], "alignpipe.precision": precision,
+                "alignpipe.sha256": entry["sha256"]}
+        if key.startswith("policy"):
+            tags.update({"alignpipe.candidate": record["candidate"],
+                         "alignpipe.greedy_match_frac": str(record["parity"]["greedy_match_frac"]),
+                         "alignpipe.max_abs_diff": str(record["parity"]["max_abs_diff_policy"])})
+        else:
+            tags["alignpipe.max_abs_diff"] = str(record["parity"]["max_abs_diff_reward"])
+        versions[onnx_name] = client.create_model_version(onnx_name, source=entry["model_uri"],
+                                                          run_id=record["run_id"], tags=tags,
+                                                          model_id=entry["model_id"])
+    return versions
