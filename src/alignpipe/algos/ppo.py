@@ -17,6 +17,7 @@ import numpy as np
 # ----------------------------------------------------------------------------------------------------- the math
 # Tensors are [batch, T]: T completion tokens, right-padded; `mask` is 1 on real tokens.
 
+
 def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
     """Per-token rewards r_t = -beta * (log pi(y_t|s_t) - log pi_ref(y_t|s_t)), plus the score r(x, y) on the last
     real token (Ziegler et al. 2019 eq. 2; InstructGPT eq. 2). Returns (rewards, per-token KL estimate)."""

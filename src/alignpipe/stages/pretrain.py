@@ -195,8 +195,6 @@ def _check_rows(rows: list[dict], path: Path) -> None:
                 raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
 
 
-
-
 def prepare_checkpoints(cfg: Config, main: bool) -> list[Path]:
     """The checkpoints to resume from (none without `resume`); a fresh run clears the stage's own old ones."""
     import shutil
