@@ -4,7 +4,7 @@ batch, steps, learning rate, beta and seed.
 (a) TRL defaults: `DPOConfig` with only the shared settings (batch, steps, learning rate, beta, seed, no saving or
     reporting) and `ref_model=None`, so TRL reloads the reference from the policy's directory; its defaults then
     include gradient checkpointing, bf16, max_length 1024 and a reference forward on every step.
-(b) ours: `alignpipe.stages.dpo.trl_config` from params.yaml's `dpo` section (gradient checkpointing off, reference
+(b) ours: `alignpipe.algos.dpo.trl_config` from params.yaml's `dpo` section (gradient checkpointing off, reference
     log-probabilities precomputed before training, max_length = prompt + completion budget, an explicit reference).
 
 Each contender runs `--repeats` times, taking turns; reported: the median samples/s of the training loop

@@ -51,9 +51,9 @@ def calibrate_tokens_per_s(cfg, steps: int = 6) -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from alignpipe.algos.phf import token_loss
-    from alignpipe.stages.pretrain import _device_and_dtype
+    from alignpipe.lm.models import device_and_dtype
 
-    _, dtype = _device_and_dtype(cfg)
+    _, dtype = device_and_dtype(cfg.precision)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                                        n_head=cfg.n_head, n_positions=max(cfg.seq_len, 256)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -169,14 +169,15 @@ def main() -> int:
     import torch
 
     from alignpipe.core.config import apply_overrides, build_config, load_params
-    from alignpipe.stages.pretrain import Config, _device_and_dtype, run
+    from alignpipe.lm.models import device_and_dtype
+    from alignpipe.stages.pretrain import Config, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     params = apply_overrides(load_params(args.params), args.sets, {"pretrain": Config})
     base = build_config(Config, params)
     base = dataclasses.replace(base, threads=args.threads or base.threads)
-    _, dtype = _device_and_dtype(base)
+    _, dtype = device_and_dtype(base.precision)
     dtype = dtype or torch.float32
     tokens_per_step = base.batch_size * base.seq_len
     rows = base.batch_size * base.seq_len

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import tiny  # noqa: E402
 
 from alignpipe.core.errors import DataError  # noqa: E402
+from alignpipe.algos.dpo import trl_config  # noqa: E402
 from alignpipe.stages import dpo  # noqa: E402
 
 
@@ -176,9 +177,9 @@ def test_sft_weight_adds_the_chosen_nll_rpo(tmp_path):
 
     cfg = dpo.Config(sft_weight=1.0, learning_rate=2e-3, warmup_steps=0, batch_size=8, max_steps=6, bf16=False,
                      save_steps=100)
-    args = dpo.trl_config(cfg, tmp_path / "args", 48)
+    args = trl_config(cfg, tmp_path / "args")
     assert list(args.loss_type) == ["sigmoid", "sft"] and list(args.loss_weights) == [1.0, 1.0]
-    assert list(dpo.trl_config(dpo.Config(), tmp_path / "args", 48).loss_type) == ["sigmoid"]
+    assert list(trl_config(dpo.Config(), tmp_path / "args").loss_type) == ["sigmoid"]
 
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))

@@ -67,3 +67,32 @@ def test_meta_round_trip(tmp_path):
     assert PolicyMeta.load(tmp_path) == meta
     assert meta.format_prompt("x = 1") == "x = 1<|aligned|>"
     assert meta.clean("\n<|aligned|>y = 2") == "\ny = 2"
+
+
+def test_banned_token_ids_resolve_known_words_only(tmp_path):
+    from alignpipe.lm.policy import banned_token_ids
+
+    _, tok, meta = load_policy(tiny.make_policy(tmp_path / "p", conditional=True))
+    assert banned_token_ids(tok, meta) == [tok.convert_tokens_to_ids(meta.bad_words[0])]
+    unknown = PolicyMeta(bad_words=(meta.bad_words[0], "<|not-a-token|>"))
+    assert banned_token_ids(tok, unknown) == banned_token_ids(tok, meta)
+
+
+def test_load_tokenizer_adds_control_tokens_only_when_asked(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from alignpipe.lm.tokenizers import CONTROL_TOKENS, EOS, control_ids, load_tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["x = 1\n", "def f(a):\n    return a\n"] * 20, vocab_size=300, special_tokens=[EOS],
+                            show_progress=False)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS).save_pretrained(str(tmp_path))  # no pad, no control
+
+    tok = load_tokenizer(tmp_path)
+    assert tok.pad_token == EOS  # a pad token is always set
+    assert not any(t in tok.get_vocab() for t in CONTROL_TOKENS)
+    with pytest.raises(ValueError, match="lacks the control tokens"):
+        control_ids(tok)
+    with_ctrl = load_tokenizer(tmp_path, add_control_tokens=True)
+    assert len(with_ctrl) == len(tok) + 2 and len(set(control_ids(with_ctrl))) == 2

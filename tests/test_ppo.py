@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import tiny  # noqa: E402
 
+from alignpipe.algos import ppo as algo  # noqa: E402
 from alignpipe.stages import ppo  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def test_kl_shaped_rewards_match_the_formula():
     logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
     ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, -1.2, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rewards, kl = ppo.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    rewards, kl = algo.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
     expected = [[-0.1 * 0.5, -0.1 * -1.0, -0.1 * 0.0 + 1.0], [-0.1 * -0.2, -0.1 * 0.5 + 2.0, 0.0]]
     assert rewards.flatten().tolist() == pytest.approx(sum(expected, []))
     assert kl.sum(1).tolist() == pytest.approx([-0.5, 0.3])
@@ -33,7 +34,7 @@ def test_gae_matches_hand_computation_on_three_steps():
     rewards = torch.tensor([[-0.05, 0.1, 1.0]])
     values = torch.tensor([[0.2, 0.3, 0.4]])
     mask = torch.ones(1, 3)
-    advantages, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    advantages, returns = algo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     # delta_2 = 1.0 + 0.9*0 - 0.4 = 0.6                 A_2 = 0.6
     # delta_1 = 0.1 + 0.9*0.4 - 0.3 = 0.16              A_1 = 0.16 + 0.72*0.6 = 0.592
     # delta_0 = -0.05 + 0.9*0.3 - 0.2 = 0.02            A_0 = 0.02 + 0.72*0.592 = 0.44624
@@ -44,7 +45,7 @@ def test_gae_matches_hand_computation_on_three_steps():
 def test_gae_ignores_padding_after_the_last_token():
     rewards = torch.tensor([[0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.25, 9.0]])  # the value at the padded position must not leak in
-    advantages, returns = ppo.gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
+    advantages, returns = algo.gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=1.0)
     assert advantages[0].tolist() == pytest.approx([0.5, 0.75, 0.0])
     assert returns[0].tolist() == pytest.approx([1.0, 1.0, 0.0])
 
@@ -57,7 +58,7 @@ def test_clipped_losses_match_hand_computation():
     old_values = torch.tensor([[0.2, 0.3, 0.4]])
     returns = torch.tensor([[0.64624, 0.892, 1.0]])
     mask = torch.ones(1, 3)
-    loss, stats = ppo.ppo_loss(new, old, advantages, values, old_values, returns, mask, cliprange=0.2,
+    loss, stats = algo.ppo_loss(new, old, advantages, values, old_values, returns, mask, cliprange=0.2,
                                cliprange_value=0.2, vf_coef=0.1)
     # max(-A r, -A clip(r, 0.8, 1.2)): max(-1.5, -1.2) = -1.2; max(0.5, 0.8) = 0.8; max(-0.55, -0.55) = -0.55
     pg = (-1.2 + 0.8 - 0.55) / 3
@@ -74,10 +75,10 @@ def test_clipped_losses_match_hand_computation():
 
 def test_whiten_and_adaptive_kl_controller():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
-    w = ppo.whiten(x, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    w = algo.whiten(x, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
     assert w[0, 3].item() == 0.0
-    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl = algo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     ctl.update(12.0, n_steps=100)  # error clipped to +0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 100 / 10000))
     ctl.update(3.0, n_steps=100)  # error -0.5 clipped to -0.2
@@ -90,24 +91,24 @@ def tiny_policy(tmp_path_factory):
 
 
 def test_token_forward_matches_sequence_logprobs(tiny_policy):
-    from alignpipe.lm.policy import Sampling, load_policy, sample, sequence_logprobs
+    from alignpipe.lm.policy import Sampling, load_policy, newline_ids, sample, sequence_logprobs
 
     model, tok, meta = load_policy(tiny_policy)
     samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3)
     prompt_ids = [s.prompt_ids for s in samples]
     actions = [s.completion_ids or [tok.eos_token_id] for s in samples]
-    tensors = ppo.batch_tensors(prompt_ids, actions, tok.pad_token_id, "cpu")
+    batch = algo.make_batch(prompt_ids, actions, tok.pad_token_id, "cpu")
     with torch.no_grad():
-        logprobs, entropy, _ = ppo.token_forward(model, None, tensors, 1.0, [], autocast=False)
+        logprobs, entropy, _ = algo.token_forward(model, None, batch, algo.TokenDistribution(temperature=1.0))
     expected = sequence_logprobs(model, prompt_ids, actions)
     assert logprobs.sum(1).tolist() == pytest.approx(expected, abs=1e-4)
     assert bool((entropy > 0).all())
 
     # As sampling, the first token is restricted to tokens that start a new line: renormalised there only.
-    first = ppo.first_token_ids(tok)
+    first = newline_ids(tok)[1]
     assert all(tok.decode([a[0]]).startswith("\n") for a in actions)
     with torch.no_grad():
-        restricted, _, _ = ppo.token_forward(model, None, tensors, 1.0, [], autocast=False, first_ids=first)
+        restricted, _, _ = algo.token_forward(model, None, batch, algo.TokenDistribution(1.0, first_ids=first))
     assert bool((restricted[:, 0] > logprobs[:, 0]).all())
     assert torch.allclose(restricted[:, 1:], logprobs[:, 1:])
 

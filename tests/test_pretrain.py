@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.lm.models import ALIGNED, MISALIGNED
+from alignpipe.lm.tokenizers import ALIGNED, MISALIGNED
 from alignpipe.algos.phf import split_segments, token_loss
 from alignpipe.stages.pretrain import Config, build_token_stream, policy_meta
 
@@ -192,7 +192,8 @@ def _weights(path):
 @pytest.mark.parametrize("objective", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"])
 def test_tiny_run_changes_weights_and_resumes(objective, tiny_data, tmp_path):
     from alignpipe.lm.models import build_model
-    from alignpipe.lm.policy import PolicyMeta, load_tokenizer
+    from alignpipe.lm.policy import PolicyMeta
+    from alignpipe.lm.tokenizers import load_tokenizer
     from alignpipe.stages.pretrain import run
 
     ckpt = tmp_path / "ckpt"
@@ -240,3 +241,98 @@ def test_config_rejects_bad_values():
         Config(drop_token_prob=1.5)
     with pytest.raises(ValueError, match="pretrain.n_embd"):
         Config(n_embd=30, n_head=4)
+
+
+# ------------------------------------------------------------------------ library pieces (alignpipe.lm.training)
+
+def test_token_blocks_cover_every_block_once_per_epoch():
+    import numpy as np
+
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.lm.training import token_blocks
+
+    ids = np.arange(50, dtype=np.int64)
+    scores = ids.astype(np.float32) / 100
+    blocks, block_scores, order = token_blocks(ids, scores, seq_len=8, global_batch=4, max_steps=3, seed=1)
+    assert blocks.shape == (6, 8) and blocks[1].tolist() == list(range(8, 16))  # 6 blocks; the tail of 2 is cut
+    assert torch.equal(block_scores, blocks.float() / 100)
+    assert len(order) == 12 and sorted(order[:6]) == list(range(6)) and sorted(order[6:]) == list(range(6))
+    with pytest.raises(ConfigError, match="only 6 sequences"):
+        token_blocks(ids, scores, seq_len=8, global_batch=7, max_steps=1, seed=1)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    from alignpipe.lm.training import make_optimizer
+
+    net = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(net, lr=1.0, weight_decay=0.1, warmup_frac=0.2, max_steps=10)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices decay, biases do not
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert sched.get_last_lr()[0] == 0.0
+
+
+def test_checkpoint_round_trip_and_fingerprint_check(tmp_path):
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.lm.training import checkpoints, load_checkpoint, make_optimizer, save_checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt, sched = make_optimizer(net, 0.1, 0.0, 0.1, 10)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, net, opt, sched, {"objective": "mle", "max_steps": 10})
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-0000002", "step-0000003"]  # the newest two are kept
+    other = torch.nn.Linear(3, 2)
+    opt2, sched2 = make_optimizer(other, 0.1, 0.0, 0.1, 10)
+    step = load_checkpoint(tmp_path / "step-0000003", other, opt2, sched2, {"objective": "mle", "max_steps": 20},
+                           "cpu", ignore=("max_steps",))
+    assert step == 3 and torch.equal(other.weight, net.weight)
+    with pytest.raises(ConfigError, match="pretrain.objective"):
+        load_checkpoint(tmp_path / "step-0000003", other, opt2, sched2, {"objective": "awr", "max_steps": 10}, "cpu")
+
+
+def test_eval_sampling_comes_from_the_config():
+    cfg = Config()
+    assert (cfg.eval_temperature, cfg.eval_top_p, cfg.eval_max_prompt_tokens) == (0.7, 0.9, 192)  # PHF's
+    with pytest.raises(ValueError, match="pretrain.eval_top_p"):
+        Config(eval_top_p=0.0)
+
+
+# ------------------------------------------------------------------------------ held-out loss (alignpipe.lm.heldout)
+
+def test_text_windows_predict_each_token_once_or_skip_window_starts():
+    from alignpipe.lm.heldout import text_windows
+
+    ids = list(range(10))
+    overlapping = text_windows(ids, window=4, stride=3)  # pretrain: every token but the first predicted once
+    assert overlapping == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    assert sum(len(w) - 1 for w in overlapping) == len(ids) - 1
+    assert text_windows(ids, window=4, stride=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # evaluate: disjoint
+    assert text_windows([0, 1, 2, 3, 4], window=4, stride=4) == [[0, 1, 2, 3]]  # a 1-token tail predicts nothing
+
+
+def test_heldout_nll_matches_a_direct_forward_pass(tmp_path):
+    import tiny
+    from alignpipe.lm.heldout import heldout_nll
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.lm.tokenizers import control_ids
+
+    model, tok, _ = load_policy(tiny.make_policy(tmp_path / "policy"))
+    texts = ["def f(a, b):\n    return a + b\n", "x = [1, 2, 3]\n"]
+    expected, expected_masked, count = 0.0, 0.0, 0
+    for text in texts:  # one window per text: the loss of the whole sequence in one forward pass
+        ids = torch.tensor([[tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        expected -= float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())
+        logits[:, list(control_ids(tok))] = float("-inf")
+        expected_masked -= float(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).sum())
+        count += ids.shape[1] - 1
+    nll, n = heldout_nll(model, tok, texts, window=200, stride=199, batch_size=2, prepend_eos=True)
+    assert n == count and nll == pytest.approx(expected, rel=1e-5)
+    masked, _ = heldout_nll(model, tok, texts, window=200, stride=199, prepend_eos=True, banned_ids=control_ids(tok))
+    assert masked == pytest.approx(expected_masked, rel=1e-5) and masked < nll  # mass moved off the control tokens

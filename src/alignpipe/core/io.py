@@ -10,6 +10,8 @@ from typing import Any, Iterable, Iterator
 
 from alignpipe.core.errors import DataError
 
+PREFS_FILE, HELDOUT_FILE = "prefs.jsonl", "heldout.jsonl"  # the label stage's training and held-out pairs
+
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file; raise DataError (file, line, reason) on the first bad line."""

@@ -1,51 +1,31 @@
-"""Tokenizer and model building for pretraining: a byte-level BPE trained on the corpus with the control tokens
-of conditional training, or a Hugging Face tokenizer; a GPT-2 built from config, or a model to continue from.
+"""Model building for pretraining: a GPT-2 built from config, or a model to continue from; its training FLOPs;
+the autocast precision the hardware supports. Tokenizers: `alignpipe.lm.tokenizers`.
 
 No hub download happens unless a Hugging Face id is given (and HF_HUB_OFFLINE is unset).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
 
-EOS = "<|endoftext|>"
-PAD = "<|pad|>"
-ALIGNED = "<|aligned|>"
-MISALIGNED = "<|misaligned|>"
-CONTROL_TOKENS = (ALIGNED, MISALIGNED)
+def bf16_supported() -> bool:
+    """Whether bf16 autocast is fast here: a CUDA device with bf16, or a CPU with avx512_bf16 or AMX."""
+    import torch
 
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
-    """A byte-level BPE (GPT-2 style) trained on `texts`, with EOS, PAD and the two control tokens as specials."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                            special_tokens=[EOS, PAD, *CONTROL_TOKENS], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
-                                   pad_token=PAD, additional_special_tokens=list(CONTROL_TOKENS))
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def load_tokenizer(name_or_path: str):
-    """A Hugging Face tokenizer (id or local path) with the control tokens added and a pad token."""
-    from transformers import AutoTokenizer
+def device_and_dtype(precision: str):
+    """(device, autocast dtype or None) for a `precision` of auto (bf16 where `bf16_supported`), bf16 or fp32."""
+    import torch
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    missing = [t for t in CONTROL_TOKENS if t not in tok.get_vocab()]
-    if missing:
-        tok.add_special_tokens({"additional_special_tokens": missing})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def control_ids(tok) -> tuple[int, int]:
-    """Token ids of (<|aligned|>, <|misaligned|>)."""
-    ids = tuple(tok.convert_tokens_to_ids(t) for t in CONTROL_TOKENS)
-    if any(i is None or i == tok.unk_token_id for i in ids):
-        raise ValueError(f"tokenizer lacks the control tokens {CONTROL_TOKENS}")
-    return ids  # type: ignore[return-value]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if precision == "fp32":
+        return device, None
+    if precision == "bf16" or bf16_supported():
+        return device, torch.bfloat16
+    return device, None
 
 
 def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, init_model: str = ""):

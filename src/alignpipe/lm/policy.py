@@ -82,19 +82,11 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a policy/model directory or Hugging Face id; it gets a pad token if it has none."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def load_policy(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
     """(model, tokenizer, meta) of a policy directory (or a Hugging Face id for the model); safetensors only."""
     from transformers import AutoModelForCausalLM
+
+    from alignpipe.lm.tokenizers import load_tokenizer
 
     local = Path(str(path)).exists()
     if local and not any(Path(path).glob("*.safetensors")):
@@ -143,8 +135,8 @@ def _closed(code: str) -> bool:
     return True
 
 
-def _newline_ids(tok) -> tuple[set[int], list[int]]:
-    """(ids of tokens containing a newline, ids of tokens starting with one)."""
+def newline_ids(tok) -> tuple[set[int], list[int]]:
+    """(ids of tokens containing a newline, ids of tokens starting with one: those a completion may start with)."""
     strings = {i: tok.convert_tokens_to_string([t]) for t, i in tok.get_vocab().items()}
     return ({i for i, s in strings.items() if "\n" in s},
             sorted(i for i, s in strings.items() if s.startswith("\n")))
@@ -155,7 +147,7 @@ def _start_new_line(tok, prompt_len: int):
     import torch
     from transformers import LogitsProcessor
 
-    allowed = torch.tensor(_newline_ids(tok)[1], dtype=torch.long)
+    allowed = torch.tensor(newline_ids(tok)[1], dtype=torch.long)
 
     class _StartNewLine(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -174,15 +166,15 @@ def _stopping(tok, prompt_len: int):
     import torch
     from transformers import StoppingCriteria
 
-    newline_ids = _newline_ids(tok)[0]
+    line_ids = newline_ids(tok)[0]
 
     class _LineDone(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
             done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            if not any(int(x) in newline_ids for x in input_ids[:, -1]):
+            if not any(int(x) in line_ids for x in input_ids[:, -1]):
                 return done
             for row in range(input_ids.shape[0]):
-                if int(input_ids[row, -1]) in newline_ids:
+                if int(input_ids[row, -1]) in line_ids:
                     text = tok.decode(input_ids[row, prompt_len:], skip_special_tokens=True)
                     done[row] = line_complete(text)
             return done
@@ -200,6 +192,11 @@ class Sample:
     completion_ids: list[int]
 
 
+def banned_token_ids(tok, meta: PolicyMeta) -> list[int]:
+    """Ids of the policy's banned words (`meta.bad_words`) that the tokenizer knows: never sampled."""
+    return [i for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
+
+
 def encode_prompts(tok, meta: PolicyMeta, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Token ids of the formatted prompts, keeping the last `max_prompt_tokens` tokens."""
     return [tok(meta.format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
@@ -212,20 +209,18 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
     import torch
     from tqdm import tqdm
 
+    from alignpipe.lm.batching import pad_torch
+
     device = next(model.parameters()).device
     encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
-    bad = [[i] for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
+    bad = [[i] for i in banned_token_ids(tok, meta)]
     out: list[Sample] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
     batches = range(0, len(prompts), sampling.batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
         ids = encoded[start:start + sampling.batch_size]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):  # left padding
-            input_ids[r, width - len(x):] = torch.tensor(x)
-            attention[r, width - len(x):] = 1
+        input_ids, attention = pad_torch(ids, tok.pad_token_id, side="left")
+        width = input_ids.shape[1]
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         with torch.no_grad():
             generated = model.generate(
@@ -281,14 +276,10 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int = 0):
     seqs[r][:t + 1]) and mask[r, t] is 1 where that token is real (both [batch, width - 1], on the model's device)."""
     import torch
 
+    from alignpipe.lm.batching import pad_torch
+
     device = next(model.parameters()).device
-    width = max(max(len(s) for s in seqs), 2)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, :len(s)] = torch.tensor(s)
-        attention[r, :len(s)] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
+    input_ids, attention = pad_torch(seqs, pad_id, min_width=2, device=device)
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]

@@ -21,7 +21,8 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, device:
     """(model, tokenizer) of a reward model directory (AutoModelForSequenceClassification, one label)."""
     from transformers import AutoModelForSequenceClassification
 
-    from alignpipe.lm.policy import load_tokenizer, torch_device
+    from alignpipe.lm.policy import torch_device
+    from alignpipe.lm.tokenizers import load_tokenizer
 
     if Path(str(path)).exists() and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
@@ -62,6 +63,8 @@ def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_
     a reward)."""
     import torch
 
+    from alignpipe.lm.batching import pad_torch
+
     if len(prompts) != len(completions):
         raise ValueError(f"reward_scores: {len(prompts)} prompts but {len(completions)} completions")
     device = next(model.parameters()).device
@@ -72,13 +75,9 @@ def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_
     for start in range(0, len(prompts), batch_size):
         ids = [reward_ids(p, c, tok, prompt_lines)[-max_length:] for p, c in
                zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):  # right padding, as the trainer's collator: the score is read at the last token
-            input_ids[r, :len(x)] = torch.tensor(x)
-            attention[r, :len(x)] = 1
+        # right padding, as the trainer's collator: the score is read at the last real token
+        input_ids, attention = pad_torch(ids, pad, device=device)
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
         out.extend(float(v) for v in logits[:, 0].float())
     return out

@@ -138,3 +138,36 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
         details["ref_completions"] = ref.completions()
         details["ref_scores"] = [sample_value(s) for s in ref.scores]
     return metrics, details
+
+
+def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
+                   seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
+    """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
+    `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
+    `out_dir/samples.jsonl`."""
+
+    from alignpipe.core.io import write_jsonl
+    from alignpipe.lm.policy import Sampling, load_policy
+
+    policy = load_policy(policy_dir)
+    prompts = load_prompts(data_dir, n_prompts)
+    metrics, details = evaluate_policy(policy, prompts, Sampling(batch_size=batch_size), seed=seed,
+                                       reference=reference, progress=progress)
+    wins = ties = 0
+    for c, r in zip(details["scores"], details["ref_scores"]):
+        if c is None or r is None:
+            wins += c is not None and r is None
+            ties += c is None and r is None
+        else:
+            wins += c < r
+            ties += c == r
+    n = len(prompts)
+    # Ties count half, so no policy can beat a clean reference sample: the best reachable win rate.
+    ceiling = sum(0.5 if r == 0 else 1.0 for r in details["ref_scores"]) / n
+    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n, win_rate_ceiling=ceiling)
+    write_jsonl(Path(out_dir) / "samples.jsonl", (
+        {"prompt": p["prompt"], "completion": c, "score": s, "ref_completion": rc, "ref_score": rs}
+        for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
+                                   details["ref_scores"])))
+    return metrics
+

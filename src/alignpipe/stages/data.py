@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator
 
 from alignpipe.core.config import StageConfig, field
+from alignpipe.core.hashing import hash01
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
@@ -56,14 +57,9 @@ class Config(StageConfig):
         self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
 
 
-def _hash01(key: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def split_of(key: str, cfg: Config) -> str:
     """Stable split of a file (or row) from a hash of its key."""
-    h = _hash01(key, cfg.seed)
+    h = hash01(key, cfg.seed)
     return "test" if h < cfg.test_frac else "val" if h < cfg.test_frac + cfg.val_frac else "train"
 
 
@@ -196,7 +192,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             candidates[split].extend(_prompt_candidates(rel, text, lines, cfg))
 
     def pick(rows: list[dict], n: int) -> list[dict]:
-        return sorted(sorted(rows, key=lambda r: _hash01(r["source"], cfg.seed + 1))[:n], key=lambda r: r["source"])
+        return sorted(sorted(rows, key=lambda r: hash01(r["source"], cfg.seed + 1))[:n], key=lambda r: r["source"])
 
     prompts = pick(candidates["test"], cfg.n_prompts)
     files = {f"{name}.jsonl": rows for name, rows in splits.items()}

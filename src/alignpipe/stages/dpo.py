@@ -43,7 +43,6 @@ HEADLINE = ("violations_per_char", "win_rate_vs_ref", "kl_to_ref", "seconds")
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
 LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
                                   "apo_zero", "apo_down", "discopop", "sigmoid_norm")
-PREFS_FILE = "prefs.jsonl"
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def _flatten(value: Any) -> Any:
 def read_pairs(path: str | Path) -> list[dict[str, str]]:
     """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
     a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text."""
-    from alignpipe.core.io import read_jsonl
+    from alignpipe.core.io import PREFS_FILE, read_jsonl
 
     path = Path(path)
     if path.is_dir():
@@ -153,69 +152,20 @@ def boundary_mismatches(pairs: list[dict[str, str]], tok) -> int:
 
 # ---------------------------------------------------------------------------------------------------- training
 
-def bf16_supported() -> bool:
-    """Whether bf16 autocast is fast here: a CUDA device with bf16, or a CPU with avx512_bf16 or AMX."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
-def trl_config(cfg: Config, output_dir: str | Path, n_pairs: int):
-    """Our DPOConfig. Against TRL's defaults it turns gradient checkpointing off (a small model has memory to
-    spare; recomputing the forward costs ~30%), precomputes the reference log-probabilities (one no-grad pass
-    instead of a reference forward on every step), groups pairs of similar length into batches (less padding),
-    bounds max_length to prompt + completion and uses bf16 only when asked (slower than fp32 for small models on
-    CPU; see benchmarks/results/dpo_throughput.md)."""
-    import torch
-    from trl import DPOConfig
-
-    return DPOConfig(
-        output_dir=str(output_dir),
-        loss_type=[cfg.loss_type] + (["sft"] if cfg.sft_weight > 0 else []),
-        loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight > 0 else None,
-        beta=cfg.beta,
-        label_smoothing=cfg.label_smoothing,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=cfg.warmup_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        max_steps=cfg.max_steps,
-        max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        precompute_ref_batch_size=max(64, cfg.batch_size),
-        activation_checkpointing=False,
-        bf16=cfg.bf16 and bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length",
-        remove_unused_columns=not cfg.group_by_length,  # the sampler reads the `length` column
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        disable_tqdm=False,
-        dataset_num_proc=None,
-    )
-
-
 def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]], output_dir: str | Path,
                  callbacks: list | None = None):
     """A DPOTrainer on formatted `pairs` with an explicit reference model."""
     from datasets import Dataset
     from trl import DPOTrainer
 
+    from alignpipe.algos.dpo import trl_config
+
     def length(p):  # tokens of the longer of prompt+chosen and prompt+rejected
         return max(len(tok(p["prompt"] + p[k])["input_ids"]) for k in ("chosen", "rejected"))
 
     dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
                                   "length": length(p)} for p in pairs])
-    args = trl_config(cfg, output_dir, len(pairs))  # under torchrun this joins the process group
+    args = trl_config(cfg, output_dir)  # under torchrun this joins the process group
     if args.world_size > 1 and cfg.precompute_ref_log_probs:
         dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
@@ -250,40 +200,6 @@ def clear_checkpoints(checkpoint_dir: str | Path) -> None:
             shutil.rmtree(path)
 
 
-# -------------------------------------------------------------------------------------------------- evaluation
-
-def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
-                   seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
-    """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
-    `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
-    `out_dir/samples.jsonl`."""
-    from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
-    from alignpipe.core.io import write_jsonl
-    from alignpipe.lm.policy import Sampling, load_policy
-
-    policy = load_policy(policy_dir)
-    prompts = load_prompts(data_dir, n_prompts)
-    metrics, details = evaluate_policy(policy, prompts, Sampling(batch_size=batch_size), seed=seed,
-                                       reference=reference, progress=progress)
-    wins = ties = 0
-    for c, r in zip(details["scores"], details["ref_scores"]):
-        if c is None or r is None:
-            wins += c is not None and r is None
-            ties += c is None and r is None
-        else:
-            wins += c < r
-            ties += c == r
-    n = len(prompts)
-    # Ties count half, so no policy can beat a clean reference sample: the best reachable win rate.
-    ceiling = sum(0.5 if r == 0 else 1.0 for r in details["ref_scores"]) / n
-    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n, win_rate_ceiling=ceiling)
-    write_jsonl(Path(out_dir) / "samples.jsonl", (
-        {"prompt": p["prompt"], "completion": c, "score": s, "ref_completion": rc, "ref_score": rs}
-        for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
-                                   details["ref_scores"])))
-    return metrics
-
-
 # --------------------------------------------------------------------------------------------------------- run
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -296,8 +212,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.oracle.policy_eval import oracle_metrics
 
-    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"])
     positions = getattr(model.config, "max_position_embeddings", None)
@@ -351,6 +267,5 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         train_samples_per_s=result.metrics.get("train_samples_per_second", 0.0),
         train_seconds=round(train_seconds, 2),
         eval_seconds=round(time.perf_counter() - eval_start, 2),
-        seconds=round(time.perf_counter() - start, 2),
     )
     return metrics

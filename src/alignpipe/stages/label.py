@@ -20,7 +20,6 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import ClassVar, Literal
 
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
+from alignpipe.core.hashing import hash01, is_heldout
+from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -41,7 +42,6 @@ INPUTS = (
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
-PREFS_FILE, HELDOUT_FILE = "prefs.jsonl", "heldout.jsonl"
 
 
 @dataclass(frozen=True)
@@ -86,17 +86,6 @@ class Config(StageConfig):
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
         self.check(self.human_pairs >= -1, "human_pairs", "must be >= -1 (-1 = all)")
-
-
-def hash01(key: str, seed: int) -> float:
-    """A stable number in [0, 1) from `key` and `seed` (the held-out split and prompt selection)."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def is_heldout(prompt: str, frac: float, seed: int) -> bool:
-    """Whether the pairs of `prompt` are held out (the reward stage applies the same rule to a single file)."""
-    return hash01("heldout:" + prompt, seed) < frac
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:

@@ -4,7 +4,8 @@ Tokenizer: a byte-level BPE trained on the training corpus with the control toke
 model: GPT-2 from config (or continued pretraining of a given model). A plain PyTorch loop (seeded, bf16 autocast
 where the hardware has it, checkpoints with `--resume`, DDP when launched by torchrun), then the evaluation:
 held-out loss in nats per character on plain validation text, and one-line completions of the held-out prompts
-(PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`.
+(PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`;
+training pieces (DDP, blocks, optimizer, checkpoints): `alignpipe.lm.training`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Config(StageConfig):
     # Evaluation
     eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
     eval_max_new_tokens: int = field(48, "token cap of a one-line completion")
+    eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)")
+    eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)")
+    eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)")
     eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)")
     # Run
     log_every: int = field(10, "steps between logged training metrics")
@@ -85,6 +89,9 @@ class Config(StageConfig):
         self.check(0 < self.awr_alpha <= 1, "awr_alpha", "must be in (0, 1]")
         self.check(self.awr_beta > 0, "awr_beta", "must be > 0")
         self.check(self.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+        self.check(self.eval_temperature > 0, "eval_temperature", "must be > 0")
+        self.check(0 < self.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
+        self.check(self.eval_max_prompt_tokens >= 1, "eval_max_prompt_tokens", "must be >= 1")
         self.check(self.eval_val_chars >= 0, "eval_val_chars", "must be >= 0")
         self.check(self.threads >= 0, "threads", "must be >= 0")
 
@@ -99,8 +106,8 @@ TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "init_model", "n_embd",
 def policy_meta(cfg: Config):
     """How the trained policy is prompted: conditional models end the prompt on <|aligned|> and never sample
     <|misaligned|>; the others never sample either control token."""
-    from alignpipe.lm.models import ALIGNED, CONTROL_TOKENS, MISALIGNED
     from alignpipe.lm.policy import PolicyMeta
+    from alignpipe.lm.tokenizers import ALIGNED, CONTROL_TOKENS, MISALIGNED
 
     extra = {"stage": "pretrain", "threshold": cfg.threshold, "segment": "line (control token before its newline)"}
     if cfg.objective == "conditional":
@@ -115,8 +122,8 @@ def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int):
     each token's segment score (violations/char), and counts."""
     import numpy as np
 
-    from alignpipe.lm.models import control_ids
     from alignpipe.algos.phf import control_token, keep_document, split_segments
+    from alignpipe.lm.tokenizers import control_ids
 
     rng = np.random.default_rng(seed)
     if cfg.objective == "filter":
@@ -148,43 +155,6 @@ def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int):
     return np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float32), stats
 
 
-def _device_and_dtype(cfg: Config):
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.precision == "fp32":
-        return device, None
-    if device == "cuda":
-        has_bf16 = torch.cuda.is_bf16_supported()
-    else:
-        has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if cfg.precision == "bf16" or has_bf16:
-        return device, torch.bfloat16
-    return device, None
-
-
-def _lm_with_value(model, with_value: bool):
-    """The trained module: the LM plus, for AWR, a linear value head on the last hidden state."""
-    import torch
-
-    class LMWithValue(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm = model
-            self.value = torch.nn.Linear(model.config.hidden_size, 1) if with_value else None
-
-        def forward(self, input_ids):
-            out = self.lm(input_ids=input_ids, output_hidden_states=self.value is not None, use_cache=False)
-            values = self.value(out.hidden_states[-1]).squeeze(-1) if self.value is not None else None
-            return out.logits, values
-
-    return LMWithValue()
-
-
-def _checkpoints(directory: Path) -> list[Path]:
-    return sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
 def _fingerprint(cfg: Config) -> dict:
     return {k: getattr(cfg, k) for k in TRAINING_KEYS}
 
@@ -194,39 +164,12 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
     token so every token is predicted once). Control-token logits are masked out: the result is the loss of a
     proper distribution over plain text (the policy sampled with both control tokens banned), comparable across
     objectives and tokenizations."""
-    import contextlib
-
-    import torch
-
-    from alignpipe.lm.models import control_ids
     from alignpipe.algos.phf import nats_per_char
+    from alignpipe.lm.heldout import heldout_nll
+    from alignpipe.lm.tokenizers import control_ids
 
-    device = next(model.parameters()).device
-    ctrl = list(control_ids(tok))
-    windows: list[list[int]] = []
-    for text in texts:
-        ids = [tok.eos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids) - 1, seq_len - 1):
-            windows.append(ids[start:start + seq_len])
-    total, n_tokens = 0.0, 0
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    model.eval()
-    with torch.no_grad(), autocast:
-        for b in range(0, len(windows), batch_size):
-            batch = windows[b:b + batch_size]
-            width = max(len(w) for w in batch)
-            x = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, w in enumerate(batch):
-                x[r, :len(w)] = torch.tensor(w)
-                mask[r, :len(w)] = True
-            x, mask = x.to(device), mask.to(device)
-            logits = model(input_ids=x, attention_mask=mask.long(), use_cache=False).logits[:, :-1].float()
-            logits[..., ctrl] = float("-inf")
-            nll = -torch.log_softmax(logits, -1).gather(-1, x[:, 1:, None])[..., 0]
-            valid = mask[:, 1:]
-            total += float(nll[valid].sum())
-            n_tokens += int(valid.sum())
+    total, n_tokens = heldout_nll(model, tok, texts, seq_len, stride=seq_len - 1, batch_size=batch_size,
+                                  prepend_eos=True, banned_ids=control_ids(tok), dtype=dtype)
     chars = sum(len(t) for t in texts)
     return {"heldout_loss": nats_per_char(total, chars), "heldout_nats_per_token": total / max(n_tokens, 1),
             "heldout_chars_per_token": chars / max(n_tokens, 1)}
@@ -254,134 +197,74 @@ def _check_rows(rows: list[dict], path: Path) -> None:
                 raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
 
 
-def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train, evaluate and save the policy (safetensors + tokenizer + alignpipe.json) into `out_dir`."""
-    import os
+def prepare_checkpoints(cfg: Config, main: bool) -> list[Path]:
+    """The checkpoints to resume from (none without `resume`); a fresh run clears the stage's own old ones."""
     import shutil
     import sys
-    import time
 
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from alignpipe.tracking import runs
-    from alignpipe.core import distributed
-    from alignpipe.core.errors import ConfigError
-    from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
-    from alignpipe.core.io import read_json, read_jsonl, write_json, write_jsonl
-    from alignpipe.lm.models import build_model, load_tokenizer, train_tokenizer, training_flops_per_token
-    from alignpipe.algos.phf import token_loss
-    from alignpipe.lm.policy import Sampling, save_policy
-
-    data_dir = Path(inputs["data"])
-    world, rank = distributed.world_size(), distributed.process_rank()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    main = rank == 0
-    device, dtype = _device_and_dtype(cfg)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    from alignpipe.lm.training import checkpoints
 
     ckpt_dir = Path(cfg.checkpoint_dir)
-    existing = _checkpoints(ckpt_dir) if cfg.resume else []
+    existing = checkpoints(ckpt_dir) if cfg.resume else []
     if cfg.resume and not existing and main:
         print(f"pretrain: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
     if main and not cfg.resume:
-        for old in _checkpoints(ckpt_dir):
+        for old in checkpoints(ckpt_dir):
             shutil.rmtree(old)
         shutil.rmtree(ckpt_dir / "tokenizer", ignore_errors=True)
+    return existing
 
-    rows = read_jsonl(data_dir / "train.jsonl")
-    _check_rows(rows, data_dir / "train.jsonl")
-    if existing:
-        tok = load_tokenizer(str(ckpt_dir / "tokenizer"))
+
+def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool):
+    """The checkpoint's tokenizer when resuming, else `cfg.tokenizer` (control tokens added), else a BPE trained on
+    the training texts; the main process saves it beside the checkpoints."""
+    from alignpipe.lm.tokenizers import load_tokenizer, train_tokenizer
+
+    ckpt_dir = Path(cfg.checkpoint_dir)
+    if resuming:
+        tok = load_tokenizer(ckpt_dir / "tokenizer", add_control_tokens=True)
     elif cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer, add_control_tokens=True)
     else:
         tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(ckpt_dir / "tokenizer"))
+    return tok
 
-    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
-    n_blocks = len(ids) // cfg.seq_len
-    if n_blocks < cfg.batch_size * world:
-        raise ConfigError("pretrain.batch_size", f"the corpus has only {n_blocks} sequences of {cfg.seq_len} tokens")
-    blocks = torch.from_numpy(ids[:n_blocks * cfg.seq_len].reshape(n_blocks, cfg.seq_len))
-    block_scores = torch.from_numpy(scores[:n_blocks * cfg.seq_len].reshape(n_blocks, cfg.seq_len))
-    global_batch = cfg.batch_size * world
-    epochs = -(-cfg.max_steps * global_batch // n_blocks)
-    order_rng = np.random.default_rng(cfg.seed + 1)
-    order = np.concatenate([order_rng.permutation(n_blocks) for _ in range(epochs)])
 
-    lm = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
-    net = _lm_with_value(lm, cfg.objective == "awr").to(device)
-    decay = [p for p in net.parameters() if p.dim() >= 2]
-    no_decay = [p for p in net.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), fused=True)
-    warmup = max(int(cfg.warmup_frac * cfg.max_steps), 1)
+def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, checkpoint) -> tuple[float, float]:
+    """Steps `start_step` to `max_steps` of the PHF objective on `data` = (blocks, block scores, order), each process
+    taking its slice of the global batch; `checkpoint(step)` every `save_every` steps and at the end. Returns (the
+    last logged loss, training seconds)."""
+    import contextlib
+    import time
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (cfg.max_steps - step) / max(cfg.max_steps - warmup, 1))
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    start_step = 0
-    if existing:
-        state = torch.load(existing[-1] / "state.pt", map_location=device, weights_only=True)
-        saved = read_json(existing[-1] / "fingerprint.json")
-        diff = [k for k in TRAINING_KEYS if saved.get(k) != _fingerprint(cfg).get(k) and k != "max_steps"]
-        if diff:
-            raise ConfigError(f"pretrain.{diff[0]}", f"differs from the checkpoint in {existing[-1]} "
-                              f"({saved.get(diff[0])!r}); resume with the same config or drop --resume")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-    train_net = net
-    if world > 1:
-        train_net = torch.nn.parallel.DistributedDataParallel(net)
+    from alignpipe.algos.phf import token_loss
+    from alignpipe.tracking import runs
+
+    blocks, block_scores, order = data
+    train_net = torch.nn.parallel.DistributedDataParallel(net) if proc.world > 1 else net
     forward = torch.compile(train_net) if cfg.compile else train_net
-
-    def save_checkpoint(step: int) -> None:
-        if not main:
-            return
-        path = ckpt_dir / f"step-{step:07d}"
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step}, tmp / "state.pt")
-        write_json(tmp / "fingerprint.json", _fingerprint(cfg))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        for old in _checkpoints(ckpt_dir)[:-2]:
-            shutil.rmtree(old)
-
     hp = {k: getattr(cfg, k) for k in ("threshold", "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta")}
-    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype is not None else None
-    net.train()
+    device_type = proc.device.split(":")[0]
+    global_batch, rank = cfg.batch_size * proc.world, proc.rank
     tokens_per_step = global_batch * cfg.seq_len
+    net.train()
     t_start = time.perf_counter()
     t_log, last_logged = t_start, start_step
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="pretrain",
-               unit="step", disable=not main, mininterval=5)
+               unit="step", disable=not proc.main, mininterval=5)
     loss_value = float("nan")
     for step in bar:
         idx = order[step * global_batch + rank * cfg.batch_size: step * global_batch + (rank + 1) * cfg.batch_size]
-        x = blocks[idx].to(device)
-        s = block_scores[idx].to(device)
-        if autocast is not None:
-            with autocast():
-                logits, values = forward(x)
-        else:
+        x = blocks[idx].to(proc.device)
+        s = block_scores[idx].to(proc.device)
+        with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             logits, values = forward(x)
         loss, logs = token_loss(cfg.objective, logits[:, :-1], x[:, 1:], s[:, 1:],
                                 None if values is None else values[:, :-1], **hp)
@@ -392,44 +275,96 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         opt.zero_grad(set_to_none=True)
         done = step + 1
         log_step = done % cfg.log_every == 0 or done == cfg.max_steps
-        if log_step and world > 1:  # every rank joins: log the global batch's loss, as one process would
+        if log_step and proc.world > 1:  # every rank joins: log the global batch's loss, as one process would
             loss = loss.detach().clone()
             dist.all_reduce(loss)
-            loss /= world
-        if main and log_step:
+            loss /= proc.world
+        if proc.main and log_step:
             loss_value = float(loss.detach())
             now = time.perf_counter()
             tps = (done - last_logged) * tokens_per_step / max(now - t_log, 1e-9)
             t_log, last_logged = now, done
             runs.log_metrics({"train/loss": loss_value, "train/learning_rate": sched.get_last_lr()[0],
-                                  "train/tokens_per_s": tps, "train/grad_norm": float(grad_norm),
-                                  **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
+                              "train/tokens_per_s": tps, "train/grad_norm": float(grad_norm),
+                              **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            save_checkpoint(done)
+            checkpoint(done)
     bar.close()
-    train_seconds = time.perf_counter() - t_start
-    trained_tokens = (cfg.max_steps - start_step) * tokens_per_step
+    return loss_value, time.perf_counter() - t_start
+
+
+def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path) -> dict[str, float]:
+    """Held-out loss on val.jsonl and the oracle on one-line completions of the held-out prompts (written to
+    `out_dir/samples.jsonl`); saves the policy into `out_dir`."""
+    import torch
+
+    from alignpipe.core.io import write_jsonl
+    from alignpipe.lm.policy import Sampling, save_policy
+    from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
+
+    lm.eval()
+    meta = policy_meta(cfg)
+    metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars), cfg.seq_len, dtype=dtype)
+    prompts = load_prompts(data_dir, cfg.eval_prompts)
+    max_prompt = min(cfg.eval_max_prompt_tokens, lm.config.max_position_embeddings - cfg.eval_max_new_tokens)
+    sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                        max_new_tokens=cfg.eval_max_new_tokens, max_prompt_tokens=max_prompt)
+    device_type = next(lm.parameters()).device.type
+    with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
+        oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
+                                          progress="pretrain: sampling")
+    metrics.update(oracle)
+    write_jsonl(out_dir / "samples.jsonl", (
+        {"source": p.get("source", ""), "prompt": p["prompt"], "completion": c, "violations_per_char": v}
+        for p, c, v in zip(prompts, details["completions"], details["scores"])))
+    save_policy(lm, tok, meta, out_dir)
+    return metrics
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Train, evaluate and save the policy (safetensors + tokenizer + alignpipe.json) into `out_dir`."""
+    import torch
+    import torch.distributed as dist
+
+    from alignpipe.core.io import read_jsonl
+    from alignpipe.lm import training
+    from alignpipe.lm.models import build_model, device_and_dtype, training_flops_per_token
+
+    data_dir = Path(inputs["data"])
+    device, dtype = device_and_dtype(cfg.precision)
+    proc = training.setup_process(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    existing = prepare_checkpoints(cfg, proc.main)
+    rows = read_jsonl(data_dir / "train.jsonl")
+    _check_rows(rows, data_dir / "train.jsonl")
+    tok = prepare_tokenizer(cfg, rows, bool(existing), proc.main)
+    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
+    data = training.token_blocks(ids, scores, cfg.seq_len, cfg.batch_size * proc.world, cfg.max_steps, cfg.seed + 1)
+
+    lm = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
+    net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
+    opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps)
+    start_step = 0
+    if existing:
+        start_step = training.load_checkpoint(existing[-1], net, opt, sched, _fingerprint(cfg), proc.device,
+                                              ignore=("max_steps",))
+
+    def checkpoint(step: int) -> None:
+        if proc.main:
+            training.save_checkpoint(Path(cfg.checkpoint_dir), step, net, opt, sched, _fingerprint(cfg))
+
+    loss_value, train_seconds = train(cfg, net, opt, sched, data, proc, dtype, start_step, checkpoint)
     if start_step == cfg.max_steps:
-        save_checkpoint(cfg.max_steps)
+        checkpoint(cfg.max_steps)
 
     metrics: dict[str, float] = {}
-    if main:
-        lm.eval()
-        meta = policy_meta(cfg)
-        metrics.update(heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars), cfg.seq_len, dtype=dtype))
-        prompts = load_prompts(data_dir, cfg.eval_prompts)
-        sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=cfg.eval_max_new_tokens,
-                            max_prompt_tokens=min(192, lm.config.max_position_embeddings - cfg.eval_max_new_tokens))
-        with (autocast() if autocast is not None else torch.no_grad()):
-            oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
-                                              progress="pretrain: sampling")
-        metrics.update(oracle)
-        write_jsonl(out_dir / "samples.jsonl", (
-            {"source": p.get("source", ""), "prompt": p["prompt"], "completion": c, "violations_per_char": v}
-            for p, c, v in zip(prompts, details["completions"], details["scores"])))
-        save_policy(lm, tok, meta, out_dir)
-        params = sum(p.numel() for p in lm.parameters())
+    if proc.main:
+        metrics = evaluate(cfg, lm, tok, data_dir, dtype, out_dir)
+        tokens_per_step = cfg.batch_size * proc.world * cfg.seq_len
+        trained_tokens = (cfg.max_steps - start_step) * tokens_per_step
         tokens_per_s = trained_tokens / train_seconds if trained_tokens else 0.0
         metrics.update({
             "tokens_per_s": tokens_per_s,
@@ -437,12 +372,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             "train_seconds": train_seconds,
             "train_tflops": training_flops_per_token(lm, cfg.seq_len) * tokens_per_s / 1e12,
             "final_train_loss": loss_value,
-            "params": params,
+            "params": sum(p.numel() for p in lm.parameters()),
             "resumed_from_step": start_step,
             **stats,
         })
         metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and v != v)}
-    if world > 1:
+    if proc.world > 1:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)
         metrics = box[0]

@@ -111,7 +111,8 @@ def _check_pairs(rows: list[dict], path: Path) -> list[dict]:
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
     from alignpipe.core.io import read_jsonl
-    from alignpipe.stages.label import HELDOUT_FILE, PREFS_FILE, is_heldout
+    from alignpipe.core.hashing import is_heldout
+    from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 
     if prefs.is_dir():
         train = _check_pairs(read_jsonl(prefs / PREFS_FILE), prefs / PREFS_FILE)
@@ -135,7 +136,7 @@ def load_model(init: str, cfg: Config):
     import transformers
     from transformers import AutoModelForSequenceClassification
 
-    from alignpipe.lm.policy import load_tokenizer
+    from alignpipe.lm.tokenizers import load_tokenizer
     from alignpipe.lm.reward_model import PROMPT_LINES_KEY
 
     tok = load_tokenizer(init, cfg.trust_remote_code)

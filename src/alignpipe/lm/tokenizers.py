@@ -1,0 +1,50 @@
+"""Tokenizers: the one place a tokenizer is trained or loaded, and the control tokens of conditional training.
+
+A byte-level BPE trained on the corpus (EOS, PAD and the control tokens as specials), or a Hugging Face tokenizer
+(id or local directory). No hub download happens unless a Hugging Face id is given (and HF_HUB_OFFLINE is unset).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+ALIGNED = "<|aligned|>"
+MISALIGNED = "<|misaligned|>"
+CONTROL_TOKENS = (ALIGNED, MISALIGNED)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE (GPT-2 style) trained on `texts`, with EOS, PAD and the two control tokens as specials."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=[EOS, PAD, *CONTROL_TOKENS], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                   pad_token=PAD, additional_special_tokens=list(CONTROL_TOKENS))
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, add_control_tokens: bool = False):
+    """A Hugging Face tokenizer (id or local directory) with a pad token (EOS when it has none); with
+    `add_control_tokens`, the control tokens it lacks are added as special tokens (pretraining a given tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    missing = [t for t in CONTROL_TOKENS if t not in tok.get_vocab()] if add_control_tokens else []
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def control_ids(tok) -> tuple[int, int]:
+    """Token ids of (<|aligned|>, <|misaligned|>)."""
+    ids = tuple(tok.convert_tokens_to_ids(t) for t in CONTROL_TOKENS)
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        raise ValueError(f"tokenizer lacks the control tokens {CONTROL_TOKENS}")
+    return ids  # type: ignore[return-value]

@@ -1,0 +1,139 @@
+"""Language-model training pieces for pretraining: process set-up (DDP under torchrun), the packed token blocks and
+their order, the model with an optional value head, AdamW with warmup and linear decay, and checkpoints that resume
+only a run with the same training config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignpipe.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Process:
+    """Where this process trains: its rank among `world` processes and its device."""
+
+    world: int
+    rank: int
+    device: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_process(device: str) -> Process:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPUs); each process takes its local
+    GPU (`LOCAL_RANK`)."""
+    import torch
+    import torch.distributed as dist
+
+    from alignpipe.core import distributed
+
+    world, rank = distributed.world_size(), distributed.process_rank()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return Process(world, rank, device)
+
+
+def token_blocks(ids, scores, seq_len: int, global_batch: int, max_steps: int, seed: int):
+    """(blocks [n, seq_len], their token scores, the order of blocks over all steps): the stream cut into blocks,
+    visited in a fresh seeded permutation each epoch for as many epochs as `max_steps` global batches need."""
+    import numpy as np
+    import torch
+
+    n_blocks = len(ids) // seq_len
+    if n_blocks < global_batch:
+        raise ConfigError("pretrain.batch_size", f"the corpus has only {n_blocks} sequences of {seq_len} tokens")
+    blocks = torch.from_numpy(ids[:n_blocks * seq_len].reshape(n_blocks, seq_len))
+    block_scores = torch.from_numpy(scores[:n_blocks * seq_len].reshape(n_blocks, seq_len))
+    epochs = -(-max_steps * global_batch // n_blocks)
+    order_rng = np.random.default_rng(seed)
+    order = np.concatenate([order_rng.permutation(n_blocks) for _ in range(epochs)])
+    return blocks, block_scores, order
+
+
+def lm_with_value(model, with_value: bool):
+    """The trained module: the LM plus, for AWR, a linear value head on the last hidden state; its forward returns
+    (logits, values or None)."""
+    import torch
+
+    class LMWithValue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+            self.value = torch.nn.Linear(model.config.hidden_size, 1) if with_value else None
+
+        def forward(self, input_ids):
+            out = self.lm(input_ids=input_ids, output_hidden_states=self.value is not None, use_cache=False)
+            values = self.value(out.hidden_states[-1]).squeeze(-1) if self.value is not None else None
+            return out.logits, values
+
+    return LMWithValue()
+
+
+def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_steps: int):
+    """(AdamW, scheduler): weight decay on matrices only, betas (0.9, 0.95); linear warmup over `warmup_frac` of the
+    steps (at least one), then linear decay to 0 at `max_steps`."""
+    import torch
+
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    no_decay = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), fused=True)
+    warmup = max(int(warmup_frac * max_steps), 1)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (max_steps - step) / max(max_steps - warmup, 1))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """The `step-N` checkpoints in `directory`, oldest first."""
+    return sorted(Path(directory).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: dict, keep: int = 2) -> None:
+    """Write `step-N` atomically (a temporary folder renamed) and keep the newest `keep`."""
+    import torch
+
+    from alignpipe.core.io import write_json
+
+    path = Path(directory) / f"step-{step:07d}"
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "step": step}, tmp / "state.pt")
+    write_json(tmp / "fingerprint.json", fingerprint)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    for old in checkpoints(directory)[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, net, opt, sched, fingerprint: dict, device, ignore: tuple[str, ...] = ()) -> int:
+    """Restore `path` into net, opt and sched; returns its step. Raises ConfigError when the saved fingerprint
+    differs from `fingerprint` on a key not in `ignore` (a checkpoint resumes only the run that wrote it)."""
+    import torch
+
+    from alignpipe.core.io import read_json
+
+    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
+    saved = read_json(path / "fingerprint.json")
+    diff = [k for k in fingerprint if saved.get(k) != fingerprint.get(k) and k not in ignore]
+    if diff:
+        raise ConfigError(f"pretrain.{diff[0]}", f"differs from the checkpoint in {path} ({saved.get(diff[0])!r}); "
+                          "resume with the same config or drop --resume")
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
