@@ -57,3 +57,8 @@ def training_flops_per_token(model, seq_len: int) -> float:
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         n += model.get_output_embeddings().weight.numel()  # the tied LM head is still a matmul
     return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def context_length(model) -> int | None:
+    """The positions a model can attend to (GPT-2's n_positions, Llama-style max_position_embeddings)."""
+    return getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

@@ -107,30 +107,12 @@ def heldout_text(data_dir: Path, max_chars: int) -> list[str]:
     return texts
 
 
-def heldout_loss(model, tok, texts: list[str], window: int, batch_size: int = 8) -> tuple[float, int]:
-    """(total negative log-likelihood in nats, number of predicted tokens) of `texts`, each tokenized without
-    special tokens and cut into windows of `window` tokens (the first token of each window is not predicted)."""
-    from alignpipe.lm.policy import next_token_logprobs
-
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    window = min(window, context or window)
-    chunks = []
-    for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        chunks.extend(ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2)
-    nll, count = 0.0, 0
-    for start in range(0, len(chunks), batch_size):
-        logp, mask = next_token_logprobs(model, chunks[start:start + batch_size], tok.pad_token_id or 0)
-        keep = mask.bool()
-        nll -= float(logp[keep].sum())
-        count += int(keep.sum())
-    return nll, count
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Evaluate every candidate on the same prompts and seed; write the report, samples, frontier and plots."""
     import torch
 
+    from alignpipe.lm.heldout import heldout_nll
+    from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
 
@@ -159,7 +141,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         policy = ref if name == REFERENCE else load_policy(path)
         metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
                                                   reward, progress=f"evaluate {name}")
-        nll, n_tokens = heldout_loss(policy[0], policy[1], val_texts, cfg.ppl_window)
+        window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
+        nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2].objective, metrics, nll, n_tokens, val_chars)
         del policy
     if champion_draw is not None:

@@ -175,7 +175,7 @@ class _Reference:
 
 def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
     """Left-padded formatted prompts (as `alignpipe.lm.policy` formats them) and the generation settings."""
-    from alignpipe.lm.policy import encode_prompts
+    from alignpipe.lm.policy import banned_token_ids, encode_prompts
 
     max_prompt = policy.config.n_positions - cfg.max_new_tokens
     if max_prompt < 1:
@@ -186,7 +186,7 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
     ids, mask = pad(encoded, tok.pad_token_id, "left")
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, bad_token_ids=_bad_token_ids(tok, meta))
+                  pad_token_id=tok.pad_token_id, bad_token_ids=banned_token_ids(tok, meta))
     return ids, mask, gen_kw
 
 
@@ -254,12 +254,6 @@ def _load_models(policy_dir: Path, reward_dir: Path):
     if tok.pad_token_id is None:
         raise DataError(str(policy_dir), "tokenizer has no pad token")
     return policy.float(), tok, meta, reward.float(), reward_tok
-
-
-def _bad_token_ids(tok, meta) -> list[int]:
-    """The banned tokens, resolved exactly as `alignpipe.lm.policy.sample` resolves them."""
-    return [i for w in meta.bad_words
-            if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
 
 
 def _encode_reward(tok, pad_id: int, prompts: list[str], completions: list[str],

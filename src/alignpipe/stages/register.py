@@ -91,15 +91,15 @@ def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]
     """(prompt_template, model_config) that make the served pipeline prompt and sample like `alignpipe.lm.policy`:
     the conditioning around the prompt, the last `max_prompt_tokens` prompt tokens kept (the tokenizer must
     truncate on the left), PHF sampling, banned tokens."""
-    from alignpipe.lm.policy import Sampling
+    from alignpipe.lm.models import context_length
+    from alignpipe.lm.policy import Sampling, banned_token_ids
 
     def escape(text: str) -> str:
         return text.replace("{", "{{").replace("}", "}}")
 
     template = escape(meta.prompt_prefix) + "{prompt}" + escape(meta.prompt_suffix)
-    bad = [[i] for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    max_prompt = min(Sampling().max_prompt_tokens, (context or 10**9) - cfg.max_new_tokens)
+    bad = [[i] for i in banned_token_ids(tok, meta)]
+    max_prompt = min(Sampling().max_prompt_tokens, (context_length(model) or 10**9) - cfg.max_new_tokens)
     if max_prompt < 1:
         from alignpipe.core.errors import ConfigError
 
