@@ -5,7 +5,8 @@ exist, and any extra policy directories in `evaluate.extra_candidates` (e.g. the
 the oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
-Writes report.json (read by export and register), report.md, samples.jsonl and two PNG plots.
+Writes report.json (read by export and register), report.md, report.html (the report and plots as one
+self-contained page), samples.jsonl and two PNG plots.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.oracle.metrics import load_prompts, sample_value, score_samples, summarize
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.policy import Sampling, encode_prompts, load_policy, sample, sequence_logprobs
+    from alignpipe.reports.evaluation_page import write_evaluation_page
 
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
@@ -243,6 +245,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
     plot_distributions({n: [sample_value(s) for s in v[1]] for n, v in per_sample.items()},
                        {n: v[2] for n, v in per_sample.items() if len(v) > 2}, out_dir / "score_distributions.png")
+    write_evaluation_page(report, out_dir)  # after the plots: it inlines them
     print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
           "see report.json and report.md")
     return flat_metrics(report)

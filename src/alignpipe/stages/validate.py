@@ -11,8 +11,9 @@ Each file goes through three steps, and every failed expectation is one line on 
 
 Preference files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
 (lists of `{"role", "content"}` messages), optionally with `score_chosen`, `score_rejected` and `judge`.
-Outputs: `report.json` (every expectation of every file), Data Docs (`data_docs/index.html`) and metrics.json.
-Any failure raises DataError, so nothing is published.
+Outputs: `report.json` (every expectation of every file), `report.html` (the same as one self-contained page),
+Data Docs (`data_docs/index.html`) and metrics.json. Any failure raises DataError, so nothing is published
+(the runner keeps report.json and report.html in `<out>.failed/`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, ClassVar
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import write_json
+from alignpipe.reports.validation_page import write_validation_page
 from alignpipe.stages import Input
 
 CORPUS_SPLITS = ("train.jsonl", "val.jsonl", "test.jsonl")
@@ -441,6 +443,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     entries = [validate_file(validator, path, kind, cfg) for path, kind in files]
     checks = [(e["path"], c) for e in entries for c in e["expectations"]]
     failed = [(path, c) for path, c in checks if not c["success"]]
+    metrics = {"n_rows_checked": sum(e["rows"] for e in entries), "n_expectations": len(checks),
+               "n_failed_expectations": len(failed)}
+    write_json(out_dir / "report.json", {**metrics, "files": entries})
+    write_validation_page({**metrics, "files": entries}, out_dir / "report.html")  # kept by the runner on failure
     for path, c in failed:
         print(Check(**c).line(path), file=sys.stderr)
     if failed:
@@ -448,8 +454,5 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         where = bad_files[0] if len(bad_files) == 1 else f"{len(bad_files)} files"
         raise DataError(where, f"{len(failed)} of {len(checks)} expectations failed (listed above)")
 
-    metrics = {"n_rows_checked": sum(e["rows"] for e in entries), "n_expectations": len(checks),
-               "n_failed_expectations": 0}
     validator.build_docs()
-    write_json(out_dir / "report.json", {**metrics, "files": entries})
     return metrics
