@@ -84,4 +84,3 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
     """Copy one file of a stage's output to a KFP output artifact (HTML, Markdown) the UI renders."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-

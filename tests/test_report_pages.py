@@ -136,7 +136,8 @@ def test_evaluation_page_shows_the_reward_hacking_verdict_when_the_report_has_on
 def test_validation_page_in_a_browser_shows_the_failure_first(tmp_path, capsys):
     corpus = failing_corpus(tmp_path)
     out = tmp_path / "validate"
-    code = main(["validate", "--corpus", str(corpus), "--prefs", "", "--out", str(out), "--params", str(ROOT / "configs" / "tiny.yaml"),
+    code = main(["validate", "--corpus", str(corpus), "--prefs", "", "--out", str(out),
+                 "--params", str(ROOT / "configs" / "tiny.yaml"),
                  "--set", "validate.max_field_chars=16"])
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
