@@ -28,7 +28,7 @@ from alignpipe.cli.main import build_parser, main
 from alignpipe.core.config import StageConfig, field, load_params
 from alignpipe.core.errors import ConfigError
 from alignpipe.stages import STAGE_NAMES, available_stages, load_stage
-from alignpipe.cli.main import kfp as pipeline_cli
+from alignpipe.cli import kfp as pipeline_cli
 from components import runtime
 from components.image import CPU_IMAGE, GPU_IMAGE
 from components.stages import COMPONENTS, MULTI_GPU

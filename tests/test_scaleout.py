@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from alignpipe.core import runner
-from alignpipe.cli.main import trainjob as scaleout
+from alignpipe.cli import trainjob as scaleout
 from alignpipe.tracking import runs
 from alignpipe.core import distributed
 from alignpipe.cli.main import build_parser
