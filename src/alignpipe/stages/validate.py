@@ -445,6 +445,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     failed = [(path, c) for path, c in checks if not c["success"]]
     metrics = {"n_rows_checked": sum(e["rows"] for e in entries), "n_expectations": len(checks),
                "n_failed_expectations": len(failed)}
+    out_dir.mkdir(parents=True, exist_ok=True)  # callers like label pass a folder that does not exist yet
     write_json(out_dir / "report.json", {**metrics, "files": entries})
     write_validation_page({**metrics, "files": entries}, out_dir / "report.html")  # kept by the runner on failure
     for path, c in failed:
