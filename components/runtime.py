@@ -9,8 +9,6 @@ several GPUs) the stage runs as `<launcher> <stage> --params ... --<input> ... -
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
 import shutil
@@ -86,17 +84,3 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
     """Copy one file of a stage's output to a KFP output artifact (HTML, Markdown) the UI renders."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-
-
-def plots_page(out_dir: str | Path, dst: str | Path, title: str) -> int:
-    """One self-contained HTML page with every PNG under `out_dir` inlined (the KFP UI shows a single file);
-    returns the number of plots."""
-    pngs = sorted(Path(out_dir).rglob("*.png"))
-    figures = [f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" '
-               f'style="max-width:100%"><figcaption>{html.escape(str(p.relative_to(out_dir)))}</figcaption>'
-               f"</figure>" for p in pngs]
-    body = "\n".join(figures) or "<p>no plots</p>"
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    Path(dst).write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                         f"</head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n", encoding="utf-8")
-    return len(pngs)

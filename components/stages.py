@@ -28,12 +28,13 @@ def data(config: dict, env: dict, data: Output[Dataset], metrics: Output[Metrics
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def validate(config: dict, env: dict, corpus: Input[Dataset], validation: Output[Artifact],
-             data_docs: Output[HTML], metrics: Output[Metrics], prefs: Input[Dataset] = None):
-    """validate: Great Expectations suites on the corpus (and human preferences); Data Docs to the UI."""
+             report_html: Output[HTML], metrics: Output[Metrics], prefs: Input[Dataset] = None):
+    """validate: Great Expectations suites on the corpus (and human preferences); the results page to the UI
+    (the full GX Data Docs site stays in the `validation` artifact)."""
     from components.runtime import copy_file, run_stage
 
     run_stage("validate", config, {"corpus": corpus, "prefs": prefs}, validation, metrics, env)
-    copy_file(f"{validation.path}/data_docs/index.html", data_docs.path)
+    copy_file(f"{validation.path}/report.html", report_html.path)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -86,16 +87,16 @@ def ppo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], rew
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], dpo: Input[Model],
              reward_model: Input[Model], evaluation: Output[Artifact], report: Output[Markdown],
-             plots: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None,
+             report_html: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None,
              prompts: Input[Dataset] = None):
-    """evaluate: every candidate on held-out prompts; the report and plots to the UI."""
-    from components.runtime import copy_file, plots_page, run_stage
+    """evaluate: every candidate on held-out prompts; the report (Markdown, and a page with the plots) to the UI."""
+    from components.runtime import copy_file, run_stage
 
     run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo,
                                    "reward_model": reward_model, "prompts": prompts},
               evaluation, metrics, env)
     copy_file(f"{evaluation.path}/report.md", report.path)
-    plots_page(evaluation.path, plots.path, "alignpipe evaluation")
+    copy_file(f"{evaluation.path}/report.html", report_html.path)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)

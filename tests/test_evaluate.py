@@ -14,6 +14,7 @@ from alignpipe.core.errors import ConfigError
 from alignpipe.oracle import policy_eval
 from alignpipe.oracle.scoring import CompletionScore
 from alignpipe.stages import evaluate
+from alignpipe.tracking import registry, runs
 
 
 def test_win_rate_and_kl_equal_hand_computation():
@@ -149,6 +150,12 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     assert (out / "score_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
     summary = (out / "report.md").read_text()
     assert all(f"| {n} |" in summary or f"**{n}**" in summary for n in report["order"])
+    page = (out / "report.html").read_text()  # the same report as one page, logged with the MLflow run
+    assert all(f'data-name="{n}"' in page for n in report["order"]) and page.count('<img class="plot"') == 2
+    client = registry.client()
+    [run] = client.search_runs([client.get_experiment_by_name(runs.EXPERIMENT).experiment_id],
+                               filter_string="tags.mlflow.runName = 'evaluate'")
+    assert {"report.html", "report.md"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 5  # four candidates and the champion
     assert math.isfinite(metrics["mle/kl_to_ref"])

@@ -77,6 +77,28 @@ def test_failure_leaves_nothing_half_written(tmp_path, fake):
     assert not out.exists() and not list(tmp_path.glob(".out.partial"))
 
 
+def test_failure_keeps_only_the_report_page_until_a_success(tmp_path, fake, monkeypatch, capsys):
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "out"
+    stage = _fake_stage(fake)
+    plain_run = stage.run
+
+    def run_with_page(cfg, inputs, out_dir):
+        (out_dir / "report.html").write_text("<p>why it failed")
+        return plain_run(cfg, inputs, out_dir)
+
+    with_page = types.SimpleNamespace(**{**vars(stage), "run": run_with_page})
+    monkeypatch.setattr(runner, "load_stage", lambda name: with_page)
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.execute("fake", _Cfg(fail=True), {"data": tmp_path / "data"}, out)
+    failed = tmp_path / "out.failed"
+    assert not out.exists() and not list(tmp_path.glob(".out.partial"))
+    assert sorted(p.name for p in failed.iterdir()) == ["report.html", "report.json"]  # not the weights
+    assert f"failure report kept in {failed / 'report.html'}" in capsys.readouterr().err
+    runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
+    assert (out / "report.html").is_file() and not failed.exists()  # a stale failure page is gone
+
+
 def test_missing_input_is_a_data_error(tmp_path, fake):
     with pytest.raises(DataError, match="input --data not found"):
         runner.execute("fake", _Cfg(), {"data": tmp_path / "nope"}, tmp_path / "out")

@@ -156,7 +156,24 @@ def compile_pipeline(pipeline_func, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func, str(out))
+    _integer_defaults(out)
     return out
+
+
+def _integer_defaults(pipeline_yaml: Path) -> None:
+    """Give the int fields of each stage's dict parameter their integers back in the compiled YAML (protobuf
+    Structs hold doubles: the Kubeflow run form would show `n_prompts: 1024.0`), then rewrite it as KFP does."""
+    from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
+
+    from components.runtime import restore_ints
+    from components.stages import COMPONENTS
+
+    spec, *platform = yaml.safe_load_all(pipeline_yaml.read_text(encoding="utf-8"))
+    for name, param in spec["root"]["inputDefinitions"]["parameters"].items():
+        if name in COMPONENTS and isinstance(param.get("defaultValue"), dict):
+            param["defaultValue"] = restore_ints(load_stage(name).Config, param["defaultValue"])
+    header = extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description"))
+    pipeline_yaml.write_text(header + yaml.dump_all([spec, *platform], sort_keys=True), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- task table

@@ -6,8 +6,9 @@ HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
-stage succeeded: a failed stage leaves nothing half-written. Under torchrun every rank runs the stage (its
-collectives need them all); only rank 0 opens the MLflow run, writes metrics.json and publishes `out_dir`.
+stage succeeded: a failed stage leaves nothing half-written (only the report.html/json saying why, moved to
+`<out_dir>.failed/`). Under torchrun every rank runs the stage (its collectives need them all); only rank 0
+opens the MLflow run, writes metrics.json and publishes `out_dir`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -77,14 +79,30 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
             runs.log_metrics(metrics)
             runs.log_artifacts(staging)
     except BaseException:
+        _keep_failure_report(staging, out_dir)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(out_dir.with_name(f"{out_dir.name}.failed"), ignore_errors=True)  # a stale failure report
     if out_dir.is_dir() and not out_dir.is_symlink():
         shutil.rmtree(out_dir)
     elif out_dir.exists():
         out_dir.unlink()
     staging.rename(out_dir)
     return metrics
+
+
+def _keep_failure_report(staging: Path, out_dir: Path) -> None:
+    """A failed stage publishes nothing, but the report it wrote to say why (report.html, report.json) is moved
+    to `<out_dir>.failed/` so the user can open it."""
+    kept = [staging / name for name in ("report.html", "report.json") if (staging / name).is_file()]
+    if not any(p.name == "report.html" for p in kept):
+        return
+    failed = out_dir.with_name(f"{out_dir.name}.failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    failed.mkdir(parents=True)
+    for path in kept:
+        path.rename(failed / path.name)
+    print(f"alignpipe: failure report kept in {failed / 'report.html'}", file=sys.stderr)
 
 
 def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None]) -> dict[str, float]:

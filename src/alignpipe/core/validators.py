@@ -409,12 +409,18 @@ def corpus_files(path: Path) -> list[tuple[Path, str]]:
     return files
 
 
+def check_files(validator: Validator, files: list[tuple[Path, str]], limits: Limits) -> list[dict]:
+    """Every (path, kind) checked with one GX context: their report entries (see `validate_file`), failed
+    expectations included; nothing raised for them."""
+    return [validate_file(validator, path, kind, limits) for path, kind in files]
+
+
 def validate_files(files: list[tuple[Path, str]], limits: Limits, docs_dir: Path | None = None) -> list[dict]:
-    """Check every (path, kind) with one GX context and return their report entries (see `validate_file`); on any
-    failed expectation print them and raise DataError (`raise_on_failures`). With `docs_dir` (absolute), the Data
-    Docs of every suite are built there once all passed."""
+    """Check every (path, kind) and return their report entries; on any failed expectation print them and raise
+    DataError (`raise_on_failures`). With `docs_dir` (absolute), the Data Docs of every suite are built there once
+    all passed."""
     validator = Validator(docs_dir)
-    entries = [validate_file(validator, path, kind, limits) for path, kind in files]
+    entries = check_files(validator, files, limits)
     raise_on_failures(entries)
     if docs_dir is not None:
         validator.build_docs()

@@ -6,8 +6,8 @@ oracle's violations/char (lower is better) and zero-violation fraction, the rewa
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
 The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate.
-Writes report.json (read by export and register), report.md, samples.jsonl, frontier.tsv (the score-vs-KL
-frontier for `dvc plots`) and two PNG plots.
+Writes report.json (read by export and register), report.md, samples.jsonl, report.html (the report and plots as one
+self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
 """
 
 from __future__ import annotations
@@ -204,8 +204,9 @@ def _candidate_entry(path: Path, objective: str, metrics: dict[str, Any], nll: f
 
 
 def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_dir: Path) -> None:
-    """report.json, report.md, samples.jsonl, frontier.tsv (for DVC plots) and the two PNG plots."""
+    """report.json, report.md, samples.jsonl, frontier.tsv (for DVC plots), the two PNG plots and report.html."""
     from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.reports.evaluation_page import write_evaluation_page
     from alignpipe.oracle.metrics import sample_value
 
     write_json(out_dir / "report.json", report)
@@ -216,6 +217,7 @@ def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_d
     plot_distributions({n: [sample_value(s) for s in d.scores] for n, d in draws.items()},
                        {n: d.rewards for n, d in draws.items() if d.rewards is not None},
                        out_dir / "score_distributions.png")
+    write_evaluation_page(report, out_dir)  # after the plots: it inlines them
 
 
 def frontier_tsv(report: dict[str, Any]) -> str:

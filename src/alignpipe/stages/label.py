@@ -132,12 +132,13 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def load_human_prefs(path: Path, out_dir: Path) -> list[dict]:
-    """Human pairs from a preference JSONL, after the validate stage's checks (its report in out_dir)."""
-    from alignpipe.core.io import read_jsonl
-    from alignpipe.stages import validate
+def load_human_prefs(path: Path, report_dir: Path) -> list[dict]:
+    """Human pairs from a preference JSONL, after the validators the validate stage runs (`core.validators`); their
+    report goes to `report_dir/report.json`."""
+    from alignpipe.core.io import read_jsonl, write_json
+    from alignpipe.core.validators import Limits, validate_files
 
-    validate.run(validate.Config(), {"corpus": None, "prefs": path}, out_dir)
+    write_json(report_dir / "report.json", {"files": validate_files([(path, "prefs")], Limits())})
     rows = read_jsonl(path)
     for i, row in enumerate(rows):
         if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):

@@ -1,9 +1,19 @@
 """Check the corpus and preference JSONL files with Great Expectations before anything trains on them.
 
-The checks (structure, then a GX schema suite, then a GX content suite per file, each failure one line on
-stderr) are `alignpipe.core.validators`; this stage picks the files from its inputs and runs them with its limits.
-Outputs: `report.json` (every expectation of every file), Data Docs (`data_docs/index.html`) and metrics.json.
-Any failure raises DataError, so nothing is published.
+Each file goes through three steps, and every failed expectation is one line on stderr:
+
+1. structure (by hand, before GX: a DataFrame cannot hold what does not parse): not empty, valid UTF-8, one
+   JSON object per line;
+2. a GX "schema" suite on the JSON type of every known column: required columns present, no nulls, the right
+   types (NaN and Infinity, which Python's json accepts, are not JSON numbers and fail here);
+3. a GX "content" suite on the columns that passed step 2: not empty or whitespace-only, length bounds, score
+   ranges, message lists well formed, chosen != rejected, no duplicate rows.
+
+Preference files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
+(lists of `{"role", "content"}` messages), optionally with `score_chosen`, `score_rejected` and `judge`.
+Outputs: `report.json` (every expectation of every file), `report.html` (the same as one self-contained page),
+Data Docs (`data_docs/index.html`) and metrics.json. Any failure raises DataError, so nothing is published
+(the runner keeps report.json and report.html in `<out>.failed/`).
 """
 
 from __future__ import annotations
@@ -17,7 +27,8 @@ from typing import ClassVar
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import write_json
-from alignpipe.core.validators import Limits, corpus_files, validate_files
+from alignpipe.core.validators import Limits, Validator, check_files, corpus_files, raise_on_failures
+from alignpipe.reports.validation_page import write_validation_page
 from alignpipe.stages import Input
 
 _DEFAULT = Limits()
@@ -70,8 +81,15 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             raise DataError(str(prefs), "expected a preference JSONL file, got a directory")
         files.append((prefs, "prefs"))
 
-    entries = validate_files(files, cfg.limits(), (out_dir / "data_docs").resolve())  # GX wants an absolute path
-    metrics = {"n_rows_checked": sum(e["rows"] for e in entries),
-               "n_expectations": sum(len(e["expectations"]) for e in entries), "n_failed_expectations": 0}
+    validator = Validator((out_dir / "data_docs").resolve())  # GX wants an absolute path
+    entries = check_files(validator, files, cfg.limits())
+    n_checks = sum(len(e["expectations"]) for e in entries)
+    n_failed = sum(not c["success"] for e in entries for c in e["expectations"])
+    metrics = {"n_rows_checked": sum(e["rows"] for e in entries), "n_expectations": n_checks,
+               "n_failed_expectations": n_failed}
+    out_dir.mkdir(parents=True, exist_ok=True)  # callers may pass a folder that does not exist yet
     write_json(out_dir / "report.json", {**metrics, "files": entries})
+    write_validation_page({**metrics, "files": entries}, out_dir / "report.html")  # kept by the runner on failure
+    raise_on_failures(entries)
+    validator.build_docs()
     return metrics
