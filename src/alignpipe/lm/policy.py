@@ -293,3 +293,8 @@ def next_token_logprobs(model, seqs: list[list[int]], pad_id: int = 0):
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
     return logp, attention[:, 1:]
+
+
+def bf16_supported() -> bool:  # TEMPORARY (grpo branch)
+    from alignpipe.stages.dpo import bf16_supported as f
+    return f()
