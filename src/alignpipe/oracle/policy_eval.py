@@ -31,6 +31,16 @@ def load_prompts(path, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+def read_train_prompts(data_dir: str | Path) -> list[dict]:
+    """Training prompt rows (`prompt`, `context`) of a data directory's `train_prompts.jsonl` (RL rollouts)."""
+    from alignpipe.core.errors import DataError
+
+    path = Path(data_dir) / "train_prompts.jsonl"
+    if not path.is_file():
+        raise DataError(str(path), "training prompts not found (rebuild the data with `alignpipe data build`)")
+    return load_prompts(path)
+
+
 @dataclass
 class Draw:
     """One sampled completion per prompt, its oracle score and (given a reward model) its reward."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 # The order of the DAG; one name per stage in params.yaml, dvc.yaml, the CLI, the components and MLflow.
-STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "evaluate", "export", "register")
+STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export", "register")
 
 # The stages that can train on several GPUs (torchrun/DDP): the KFP components take a `launcher`, the pipeline
 # asks for `<stage>.gpus` GPUs, and `pipeline trainjob` writes multi-node jobs for them (ppo stays single-process).
@@ -30,6 +30,7 @@ STAGE_HELP = {
     "reward": "train a reward model on preference pairs (TRL RewardTrainer)",
     "dpo": "direct preference optimisation against a frozen reference (TRL DPOTrainer)",
     "ppo": "PPO against the reward model with a KL penalty to the reference",
+    "grpo": "GRPO (TRL GRPOTrainer) against a reward: the oracle, the reward model or your function",
     "evaluate": "compare every candidate policy on held-out prompts",
     "export": "export the policy and reward model to ONNX, checked against PyTorch",
     "register": "register the best candidate in the MLflow registry behind a quality gate",

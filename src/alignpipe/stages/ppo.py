@@ -41,7 +41,8 @@ from alignpipe.stages import Input
 INPUTS = (
     Input("data", "data", "dataset directory: train_prompts.jsonl for rollouts, prompts.jsonl for the evaluation"),
     Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
-    Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score)"),
+    Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score); "
+          "needed when the reward spec uses `model`", False),
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
@@ -53,6 +54,8 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 class Config(StageConfig):
     SECTION: ClassVar[str] = "ppo"
 
+    reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
+                                 "a weighted sum (0.5*model + oracle); see alignpipe.algos.rewards")
     max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget")
     rollout_batch_size: int = field(64, "prompts sampled per iteration")
     minibatch_size: int = field(16, "rollouts per gradient step")
@@ -79,6 +82,9 @@ class Config(StageConfig):
     eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
 
     def __post_init__(self):
+        from alignpipe.algos.rewards import parse_reward
+
+        parse_reward(self.reward, "ppo.reward")
         for key in ("max_steps", "rollout_batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
                     "max_new_tokens", "max_prompt_tokens", "save_every", "n_eval_prompts", "eval_batch_size"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
@@ -323,24 +329,14 @@ def rollout_stats(batch: Rollout, seq_kl: float, kl_coef: float, t_rollout: floa
 
 # --------------------------------------------------------------------------------------------------------- run
 
-def read_train_prompts(data_dir: Path) -> list[str]:
-    """Training prompts: `train_prompts.jsonl` of the data directory."""
-    from alignpipe.oracle.policy_eval import load_prompts
-
-    path = Path(data_dir) / "train_prompts.jsonl"
-    if not path.is_file():
-        raise DataError(str(path), "training prompts not found (rebuild the data with `alignpipe data build`)")
-    return [row["prompt"] for row in load_prompts(path)]
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, evaluate with the oracle."""
     import torch
     from safetensors.torch import save_file
 
+    from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.reward_model import load_reward_model, reward_scores
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"])
@@ -349,11 +345,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         raise ConfigError("ppo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the policy's "
                           f"{positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
     reference = load_policy(inputs["policy"])
-    rm, rm_tok = load_reward_model(inputs["reward_model"])
-    prompts = read_train_prompts(inputs["data"])
+    rows = read_train_prompts(inputs["data"])
+    prompts = [r["prompt"] for r in rows]
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), {r["prompt"]: r["context"] for r in rows},
+                          probe=prompts)
 
     def reward_fn(samples) -> list[float]:
-        return reward_scores(rm, rm_tok, [s.prompt for s in samples], [s.completion for s in samples])
+        return reward([s.prompt for s in samples], [s.completion for s in samples])
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_from = None
@@ -369,7 +367,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     train_seconds = time.perf_counter() - train_start
 
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "ppo", "parent": str(inputs["policy"]),
-                                            "reward_model": str(inputs["reward_model"])})
+                                            "reward": str(reward.spec),
+                                            "reward_model": str(inputs.get("reward_model"))})
     save_policy(model, tok, meta, out_dir)
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
     eval_start = time.perf_counter()

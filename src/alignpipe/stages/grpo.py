@@ -1,0 +1,205 @@
+"""GRPO: group-relative policy optimisation of the pretrained policy against a reward (TRL `GRPOTrainer`).
+
+Shao et al. 2024 (DeepSeekMath, https://arxiv.org/abs/2402.03300 eq. 3): sample `num_generations` completions per
+prompt, use each completion's reward minus its group's mean (divided by the group's std unless `scale_rewards` is
+`none`) as the advantage of every token, optimise the clipped surrogate with a KL penalty `beta` to the frozen
+reference. RLOO (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740) is this stage with `scale_rewards: none`:
+its leave-one-out baseline gives advantages G/(G-1) times GRPO's unscaled ones, a constant absorbed by the learning
+rate. TRL's own RLOOTrainer has no custom rollouts, so it cannot keep the completion unit below.
+
+Rollouts come from `alignpipe.lm.policy.sample` through TRL's `rollout_func`, so GRPO samples exactly what the
+evaluation samples: the policy's conditioning (control tokens), banned tokens and the completion unit (one logical
+line), at `temperature` with top-p off (TRL's log-probabilities are those of that distribution). The reward is a
+spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function` or a weighted sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from alignpipe.core.config import StageConfig, field
+from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("data", "data", "dataset directory: train_prompts.jsonl for rollouts, prompts.jsonl for the evaluation"),
+    Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
+    Input("reward_model", None, "reward model directory; needed when the reward spec uses `model`", False),
+)
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "reward_first",
+           "reward_last")
+
+
+@dataclass(frozen=True)
+class Config(StageConfig):
+    SECTION: ClassVar[str] = "grpo"
+
+    reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
+                                  "(0.5*model + oracle)")
+    max_steps: int = field(12, "optimizer steps: the budget (each samples prompts_per_step x num_generations)")
+    prompts_per_step: int = field(16, "distinct prompts per step")
+    num_generations: int = field(4, "completions per prompt: the group of the group-relative advantage")
+    learning_rate: float = field(1e-4, "AdamW learning rate")
+    beta: float = field(0.04, "KL coefficient to the frozen reference (0: no reference)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = field("grpo", "TRL loss aggregation")
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        "group", "advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO; RLOO up to a constant)")
+    epsilon: float = field(0.2, "clip range of the surrogate")
+    num_iterations: int = field(1, "updates per generation batch (mu)")
+    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)")
+    max_new_tokens: int = field(48, "cap on one completion (one logical line)")
+    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads")
+    warmup_steps: int = field(0, "linear warm-up steps")
+    bf16: bool = field(False, "bf16 autocast (on CPU measured slower than fp32 at this model size)")
+    logging_steps: int = field(1, "Trainer logging interval (steps)")
+    save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues")
+    checkpoint_dir: str = field("checkpoints/grpo", "where checkpoints go")
+    resume: bool = field(False, "continue from the latest checkpoint in checkpoint_dir")
+    n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
+    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
+    seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
+
+    def __post_init__(self):
+        from alignpipe.algos.rewards import parse_reward
+
+        parse_reward(self.reward, "grpo.reward")
+        if self.num_generations < 2:
+            raise ConfigError("grpo.num_generations", f"must be >= 2 (a group needs a baseline), got "
+                                                      f"{self.num_generations}")
+        for key in ("max_steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "n_eval_prompts",
+                    "eval_batch_size", "num_iterations", "logging_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"grpo.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("learning_rate", "temperature", "epsilon"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"grpo.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.beta < 0:
+            raise ConfigError("grpo.beta", f"must be >= 0, got {self.beta}")
+
+
+def trl_args(cfg: Config, output_dir: Path):
+    """TRL's GRPOConfig for this stage: one generation batch of prompts_per_step x num_generations per step."""
+    from trl import GRPOConfig
+
+    from alignpipe.lm.models import bf16_supported
+
+    batch = cfg.prompts_per_step * cfg.num_generations
+    return GRPOConfig(
+        output_dir=str(output_dir), max_steps=cfg.max_steps, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, num_generations=cfg.num_generations, learning_rate=cfg.learning_rate,
+        beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, epsilon=cfg.epsilon,
+        num_iterations=cfg.num_iterations, temperature=cfg.temperature, top_p=1.0,
+        max_completion_length=cfg.max_new_tokens, warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        bf16=cfg.bf16 and bf16_supported(), logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        save_only_model=False, report_to=[], seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
+        use_cpu=not _cuda(), dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def rollout_func(cfg: Config, tok, meta):
+    """TRL's rollout hook: our sampler (conditioning, banned tokens, one logical line) on the trainer's model.
+    Each call gets its own seed (the step), so a run is deterministic for a seed."""
+    from alignpipe.lm.policy import Sampling, sample
+
+    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.prompts_per_step * cfg.num_generations,
+                        max_prompt_tokens=cfg.max_prompt_tokens)
+    calls = {"n": 0}
+
+    def fn(prompts: list[str], trainer) -> dict:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        samples = sample(model, tok, meta, list(prompts), sampling, seed=cfg.seed * 1_000_003 + calls["n"])
+        model.train(was_training)
+        calls["n"] += 1
+        return {"prompt_ids": [s.prompt_ids for s in samples],
+                "completion_ids": [s.completion_ids or [tok.eos_token_id] for s in samples],
+                "logprobs": None, "clean_completion": [s.completion for s in samples]}
+
+    return fn
+
+
+def trl_reward(reward, history: list[dict]):
+    """The reward as a TRL reward function; it scores the cleaned completions our sampler returned."""
+
+    def alignpipe_reward(prompts, completions, clean_completion=None, **kwargs) -> list[float]:
+        texts = clean_completion if clean_completion is not None else completions
+        values = reward(prompts, texts)
+        history.append({"reward_mean": sum(values) / len(values),
+                        **{f"reward_{k}_mean": sum(v) / len(v) for k, v in reward.last_terms.items()}})
+        return values
+
+    return alignpipe_reward
+
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
+    import os
+
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOTrainer
+
+    from alignpipe.algos.rewards import build_reward
+    from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
+    from alignpipe.tracking import runs
+
+    set_seed(cfg.seed)
+    model, tok, meta = load_policy(inputs["policy"])
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
+        raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
+                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
+    rows = read_train_prompts(inputs["data"])
+    contexts = {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
+    history: list[dict] = []
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    resume = None
+    if cfg.resume:
+        resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        if resume is None:
+            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[trl_reward(reward, history)], args=trl_args(cfg, checkpoint_dir),
+        train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
+        callbacks=[runs.mlflow_callback()], rollout_func=rollout_func(cfg, tok, meta))
+    train_start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - train_start
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "grpo", "parent": str(inputs["policy"]),
+                                            "reward": str(reward.spec)})
+    save_policy(model, tok, meta, out_dir)
+    reference = load_policy(inputs["policy"])
+    eval_start = time.perf_counter()
+    metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
+                             out_dir, progress="grpo: evaluating")
+    torch.manual_seed(cfg.seed)
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    metrics.update(
+        reward_first=first.get("reward_mean", 0.0), reward_last=last.get("reward_mean", 0.0),
+        train_kl_last=float(logs[-1].get("kl", 0.0)) if logs else 0.0,
+        train_loss_last=float(logs[-1]["loss"]) if logs else 0.0,
+        train_steps=float(trainer.state.global_step), train_seconds=round(train_seconds, 2),
+        eval_seconds=round(time.perf_counter() - eval_start, 2),
+    )
+    return metrics
