@@ -85,14 +85,23 @@ def ppo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], rew
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def grpo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], grpo: Output[Model],
+         metrics: Output[Metrics], reward_model: Input[Model] = None):
+    """grpo: group-relative RL (TRL GRPOTrainer) against the configured reward (oracle, reward model, function)."""
+    from components.runtime import run_stage
+
+    run_stage("grpo", config, {"data": data, "policy": policy, "reward_model": reward_model}, grpo, metrics, env)
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], dpo: Input[Model],
              reward_model: Input[Model], evaluation: Output[Artifact], report: Output[Markdown],
              report_html: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None,
-             prompts: Input[Dataset] = None):
+             grpo: Input[Model] = None, prompts: Input[Dataset] = None):
     """evaluate: every candidate on held-out prompts; the report (Markdown, and a page with the plots) to the UI."""
     from components.runtime import copy_file, run_stage
 
-    run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo,
+    run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
                                    "reward_model": reward_model, "prompts": prompts},
               evaluation, metrics, env)
     copy_file(f"{evaluation.path}/report.md", report.path)
@@ -102,24 +111,25 @@ def evaluate(config: dict, env: dict, data: Input[Dataset], policy: Input[Model]
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def export(config: dict, env: dict, evaluation: Input[Artifact], policy: Input[Model], dpo: Input[Model],
            reward_model: Input[Model], data: Input[Dataset], export: Output[Model], metrics: Output[Metrics],
-           ppo: Input[Model] = None):
+           ppo: Input[Model] = None, grpo: Input[Model] = None):
     """export: the chosen policy and the reward model to ONNX, checked against PyTorch."""
     from components.runtime import run_stage
 
-    run_stage("export", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo,
+    run_stage("export", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
                                  "reward_model": reward_model, "data": data}, export, metrics, env)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def register(config: dict, env: dict, evaluation: Input[Artifact], policy: Input[Model], dpo: Input[Model],
              reward_model: Input[Model], export: Input[Model], registry: Output[Artifact],
-             metrics: Output[Metrics], ppo: Input[Model] = None):
+             metrics: Output[Metrics], ppo: Input[Model] = None, grpo: Input[Model] = None):
     """register: the best candidate in the MLflow registry, behind a quality gate."""
     from components.runtime import run_stage
 
-    run_stage("register", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo,
+    run_stage("register", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
                                    "reward_model": reward_model, "export": export}, registry, metrics, env)
 
 
 # Stage name -> component, in DAG order (the names of params.yaml sections, CLI commands and DVC stages).
-COMPONENTS = {c.name: c for c in (data, validate, pretrain, label, reward, dpo, ppo, evaluate, export, register)}
+COMPONENTS = {c.name: c for c in (data, validate, pretrain, label, reward, dpo, ppo, grpo, evaluate, export,
+                                          register)}

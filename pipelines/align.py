@@ -1,4 +1,5 @@
-"""The Kubeflow DAG: data -> validate -> pretrain -> label -> reward -> dpo -> [ppo] -> evaluate -> export -> register.
+"""The Kubeflow DAG: data -> validate -> pretrain -> label -> reward -> dpo, grpo, [ppo] -> evaluate -> export ->
+register.
 
 Wiring only: which output feeds which input, per-task CPU/memory/GPU, node selectors and tolerations, caching,
 the MLflow secret. The stage logic is in alignpipe.stages, the components in components/.
@@ -25,19 +26,19 @@ from components import stages as c
 from components.stages import MULTI_GPU
 
 PIPELINE_NAME = "alignpipe"
-STAGES = tuple(c.COMPONENTS)  # data, validate, pretrain, label, reward, dpo, ppo, evaluate, export, register
+STAGES = tuple(c.COMPONENTS)  # data, validate, pretrain, label, reward, dpo, ppo, grpo, evaluate, export, register
 
 # (CPU cores, memory GiB) per task; GPU tasks get this per GPU.
 RESOURCES = {
     "data": (2, 8), "validate": (2, 8), "pretrain": (8, 32), "label": (4, 32), "reward": (4, 32),
-    "dpo": (8, 32), "ppo": (8, 32), "evaluate": (4, 32), "export": (4, 32), "register": (2, 8),
+    "dpo": (8, 32), "ppo": (8, 32), "grpo": (8, 32), "evaluate": (4, 32), "export": (4, 32), "register": (2, 8),
 }
-GPU_STAGES = ("pretrain", "label", "reward", "dpo", "ppo", "evaluate", "export")
+GPU_STAGES = ("pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set on GPU nodes by NVIDIA GPU feature discovery
 # Never served from the KFP cache: the stages whose outputs or metrics are sampled from the policy, and register,
 # whose point is its side effect (a new registry version).
-NO_CACHE = ("pretrain", "label", "dpo", "ppo", "evaluate", "register")
+NO_CACHE = ("pretrain", "label", "dpo", "ppo", "grpo", "evaluate", "register")
 # Kubernetes secret with the MLflow address and credentials, mounted as env on every task (optional: a cluster
 # without it falls back to the `mlflow_tracking_uri` parameter). Each key is the env variable of the same name.
 MLFLOW_SECRET = "alignpipe-mlflow"
@@ -80,25 +81,25 @@ def _env(mlflow_tracking_uri, git_commit, data_version) -> dict:
 def _release_pipelines(caching: bool):
     """The evaluate -> export -> register sub-pipelines: with the PPO policy as a candidate, and without."""
 
-    def tasks(data, policy, dpo, reward_model, ppo, evaluate, export, register, run_info) -> None:
+    def tasks(data, policy, dpo, grpo, reward_model, ppo, evaluate, export, register, run_info) -> None:
         env = _env(**run_info)
-        models = dict(policy=policy, dpo=dpo, reward_model=reward_model, **_given(ppo=ppo))
+        models = dict(policy=policy, dpo=dpo, grpo=grpo, reward_model=reward_model, **_given(ppo=ppo))
         ev = _configure(c.evaluate(config=evaluate, env=env, data=data, **models), "evaluate", caching)
         ex = _configure(c.export(config=export, env=env, evaluation=ev.outputs["evaluation"], data=data, **models),
                         "export", caching)
         _configure(c.register(config=register, env=env, evaluation=ev.outputs["evaluation"],
                               export=ex.outputs["export"], **models), "register", caching)
 
-    def release_with_ppo(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], reward_model: Input[Model],
-                         ppo: Input[Model], evaluate: dict, export: dict, register: dict, mlflow_tracking_uri: str,
-                         git_commit: str, data_version: str):
-        tasks(data, policy, dpo, reward_model, ppo, evaluate, export, register,
+    def release_with_ppo(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], grpo: Input[Model],
+                         reward_model: Input[Model], ppo: Input[Model], evaluate: dict, export: dict, register: dict,
+                         mlflow_tracking_uri: str, git_commit: str, data_version: str):
+        tasks(data, policy, dpo, grpo, reward_model, ppo, evaluate, export, register,
               dict(mlflow_tracking_uri=mlflow_tracking_uri, git_commit=git_commit, data_version=data_version))
 
-    def release(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], reward_model: Input[Model],
-                evaluate: dict, export: dict, register: dict, mlflow_tracking_uri: str, git_commit: str,
-                data_version: str):
-        tasks(data, policy, dpo, reward_model, None, evaluate, export, register,
+    def release(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], grpo: Input[Model],
+                reward_model: Input[Model], evaluate: dict, export: dict, register: dict, mlflow_tracking_uri: str,
+                git_commit: str, data_version: str):
+        tasks(data, policy, dpo, grpo, reward_model, None, evaluate, export, register,
               dict(mlflow_tracking_uri=mlflow_tracking_uri, git_commit=git_commit, data_version=data_version))
 
     return (dsl.pipeline(name="release-with-ppo", description="evaluate, export, register; PPO among the candidates")(
@@ -132,7 +133,10 @@ def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool
                                  policy=policy), "reward", caching, gpus["reward"])
     dpo = _configure(c.dpo(config=p["dpo"], env=env, launcher=launcher(gpus["dpo"]), data=data, policy=policy,
                            prefs=prefs, **_given(human_prefs=human_prefs)), "dpo", caching, gpus["dpo"])
-    tail = dict(data=data, policy=policy, dpo=dpo.outputs["dpo"], reward_model=reward.outputs["reward_model"],
+    grpo = _configure(c.grpo(config=p["grpo"], env=env, data=data, policy=policy,
+                             reward_model=reward.outputs["reward_model"]), "grpo", caching)
+    tail = dict(data=data, policy=policy, dpo=dpo.outputs["dpo"], grpo=grpo.outputs["grpo"],
+                reward_model=reward.outputs["reward_model"],
                 evaluate=p["evaluate"], export=p["export"], register=p["register"], **run_info)
     release_with_ppo, release = releases
     with dsl.If(p["run_ppo"] == True, name="ppo-on"):  # noqa: E712 (a KFP condition, compiled, not evaluated)

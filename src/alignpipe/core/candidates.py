@@ -16,7 +16,7 @@ from alignpipe.core.io import read_json
 GATE_METRIC = "violations_per_char"  # lower is better: picks evaluate's best candidate and gates register
 REPORT_FILE = "report.json"
 # Candidate names in evaluate's report -> the stage input that carries that candidate's directory.
-CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo"}
+CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}
 
 
 def read_report(evaluation: Path) -> dict[str, Any]:

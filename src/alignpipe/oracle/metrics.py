@@ -85,6 +85,21 @@ def win_rate(candidate: Sequence[CompletionScore], reference: Sequence[Completio
     return total / len(candidate)
 
 
+def win_rate_nontied(candidate: Sequence[CompletionScore], reference: Sequence[CompletionScore]) -> float:
+    """Wins / (wins + losses) against the reference, ties (equal scores, or both samples empty) left out; NaN when
+    every pair ties. `win_rate` counts ties as half; this is the rate among pairs the oracle separates."""
+    wins = losses = 0
+    for c, r in zip(candidate, reference, strict=True):
+        cv, rv = sample_value(c), sample_value(r)
+        if cv is None and rv is None or cv == rv:
+            continue
+        if rv is None or (cv is not None and cv < rv):
+            wins += 1
+        else:
+            losses += 1
+    return wins / (wins + losses) if wins + losses else math.nan
+
+
 def kl_to_ref(policy_logprobs: Sequence[float], ref_logprobs: Sequence[float]) -> float:
     """Monte Carlo KL(policy || ref) in nats per sequence: mean of log p_policy(y) - log p_ref(y) over samples
     y drawn from the policy (each a sum over the completion's tokens)."""

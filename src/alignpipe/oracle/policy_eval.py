@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from alignpipe.oracle.metrics import kl_to_ref, sample_value, score_samples, summarize, win_rate
+from alignpipe.oracle.metrics import kl_to_ref, sample_value, score_samples, summarize, win_rate, win_rate_nontied
 from alignpipe.oracle.scoring import CompletionScore
 
 
@@ -96,6 +96,7 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
     champion) and the sampled KL to the reference, all with the estimators of `alignpipe.oracle.metrics`."""
     metrics = summarize(scores, seed=seed)
     metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
+    metrics["win_rate_vs_ref_nontied"] = win_rate_nontied(scores, ref_scores)
     metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
     if champion_scores is not None:
         metrics["win_rate_vs_champion"] = win_rate(scores, champion_scores)

@@ -28,6 +28,7 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy: the reference and a candidate"),
     Input("dpo", "artifacts/dpo", "DPO policy (evaluated when present)", False),
     Input("ppo", "artifacts/ppo", "PPO policy (evaluated when present)", False),
+    Input("grpo", "artifacts/grpo", "GRPO policy (evaluated when present)", False),
     Input("reward_model", "artifacts/reward", "reward model (reward_score when present)", False),
     Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
 )
@@ -36,7 +37,7 @@ METRICS = ("best_candidate_index", "n_candidates")
 HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref")
 
 REFERENCE = "pretrain"  # the candidate name of the --policy input
-OPTIONAL_CANDIDATES = ("dpo", "ppo")
+OPTIONAL_CANDIDATES = ("dpo", "ppo", "grpo")
 FRONTIER_FILE = "frontier.tsv"  # the score-vs-KL frontier as data, for `dvc plots`
 FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high")
 
@@ -143,7 +144,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                                   reward, progress=f"evaluate {name}")
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
-        results[name] = _candidate_entry(path, policy[2].objective, metrics, nll, n_tokens, val_chars)
+        results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
+        if reward is not None and name != REFERENCE:
+            results[name]["guard"] = goodhart_guard(draws[name], ref_draw, cfg.seed)
         del policy
     if champion_draw is not None:
         draws["champion"] = champion_draw
@@ -159,6 +162,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "prompts": {"path": str(prompts_path), "n": len(rows)},
         "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
+        "reward_hacking": guard_verdicts(results) or None,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
     }
@@ -191,12 +195,37 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward):
     return champion, got
 
 
-def _candidate_entry(path: Path, objective: str, metrics: dict[str, Any], nll: float, n_tokens: int,
+def trained_reward(meta) -> str | None:
+    """The reward an RL candidate was trained against (its alignpipe.json records it; PPO policies from before the
+    reward choice existed used the reward model); None for a policy not trained by RL."""
+    stage = meta.extra.get("stage")
+    return meta.extra.get("reward") or ("model" if stage == "ppo" else None)
+
+
+def goodhart_guard(candidate, reference, seed: int) -> dict[str, Any]:
+    """`alignpipe.oracle.guard` on a candidate's and the reference's draws (same prompts, reward model scored)."""
+    from alignpipe.oracle.guard import guard
+    from alignpipe.oracle.metrics import sample_value
+
+    return guard(candidate.rewards, reference.rewards, [sample_value(s) for s in candidate.scores],
+                 [sample_value(s) for s in reference.scores], seed=seed)
+
+
+def guard_verdicts(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Candidate -> one line: the reward-hacking verdict with its numbers (candidates the guard looked at)."""
+    from alignpipe.oracle.guard import verdict_line
+
+    return {name: verdict_line(name, m["guard"]) for name, m in results.items() if "guard" in m}
+
+
+def _candidate_entry(path: Path, meta, metrics: dict[str, Any], nll: float, n_tokens: int,
                      val_chars: int) -> dict[str, Any]:
-    """A candidate's report entry: where it came from, its oracle metrics, held-out perplexity, reward score."""
+    """A candidate's report entry: where it came from and what reward it was trained against, its oracle metrics,
+    held-out perplexity, reward score."""
     metrics = dict(metrics)
     reward_score = metrics.pop("reward_score", None)
-    entry = {"path": str(path), "objective": objective, "kl_estimate": metrics.pop("kl_estimate"), **metrics,
+    entry = {"path": str(path), "objective": meta.objective, "reward": trained_reward(meta),
+             "kl_estimate": metrics.pop("kl_estimate"), **metrics,
              "heldout_ppl": math.exp(nll / max(n_tokens, 1)), "heldout_nats_per_char": nll / max(val_chars, 1)}
     if reward_score is not None:
         entry["reward_score"] = reward_score
@@ -241,11 +270,15 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     `best_candidate_index` (position in report["order"]) and `n_candidates`."""
     keys = ("violations_per_char", "violations_per_char_ci_low", "violations_per_char_ci_high",
             "zero_violation_frac", "empty_frac", "win_rate_vs_ref", "win_rate_vs_champion", "kl_to_ref",
-            "reward_score", "heldout_ppl", "heldout_nats_per_char")
+            "reward_score", "heldout_ppl", "heldout_nats_per_char", "win_rate_vs_ref_nontied")
+    guard_keys = ("rm_pair_accuracy", "rm_spearman", "rm_gain", "oracle_gain", "reward_hacking")
     out: dict[str, float] = {}
     for name, m in report["candidates"].items():
         out.update({f"{name}/{k}": float(m[k]) for k in keys
                     if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])})
+        g = m.get("guard") or {}
+        out.update({f"{name}/guard/{k}": float(g[k]) for k in guard_keys
+                    if isinstance(g.get(k), (int, float)) and math.isfinite(g[k])})
     champion = report.get("champion") or {}
     for k in ("violations_per_char", "zero_violation_frac", "reward_score"):
         if isinstance(champion.get(k), (int, float)) and math.isfinite(champion[k]):
@@ -281,22 +314,28 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"reference: `{report['reference']['name']}`; champion: "
         + (f"`{champion['model']}` version {champion['version']}" if champion else "none registered") + ".",
         "",
-        "| candidate | violations/char (95% CI) | zero-violation | win vs ref | win vs champion | KL to ref (nats) "
-        "| reward | held-out ppl |",
-        "|---|---|---|---|---|---|---|---|",
+        "| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) "
+        "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in report["candidates"].items():
         label = f"**{name}**" if name == report["best_candidate"] else name
+        g = m.get("guard") or {}
+        verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
         lines.append(
-            f"| {label} | {_fmt(m.get('violations_per_char'))} ({_fmt(m.get('violations_per_char_ci_low'))}-"
-            f"{_fmt(m.get('violations_per_char_ci_high'))}) | {_fmt(m.get('zero_violation_frac'), 3)} | "
-            f"{_fmt(m.get('win_rate_vs_ref'), 3)} | {_fmt(m.get('win_rate_vs_champion'), 3)} | "
-            f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | {_fmt(m.get('heldout_ppl'), 4)} |")
+            f"| {label} | {m.get('reward') or ''} | {_fmt(m.get('violations_per_char'))} "
+            f"({_fmt(m.get('violations_per_char_ci_low'))}-{_fmt(m.get('violations_per_char_ci_high'))}) | "
+            f"{_fmt(m.get('zero_violation_frac'), 3)} | {_fmt(m.get('win_rate_vs_ref'), 3)} "
+            f"({_fmt(m.get('win_rate_vs_ref_nontied'), 3)}) | {_fmt(m.get('win_rate_vs_champion'), 3)} | "
+            f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | {_fmt(m.get('heldout_ppl'), 4)} | "
+            f"{_fmt(g.get('rm_pair_accuracy'), 3)} | {verdict} |")
     if champion:
-        lines.append(f"| champion v{champion['version']} | {_fmt(champion.get('violations_per_char'))} | "
-                     f"{_fmt(champion.get('zero_violation_frac'), 3)} | | | | | |")
+        lines.append(f"| champion v{champion['version']} | | {_fmt(champion.get('violations_per_char'))} | "
+                     f"{_fmt(champion.get('zero_violation_frac'), 3)} | | | | | | | |")
     lines += ["", f"Best (lowest violations/char): **{report['best_candidate']}**. Lower is better for "
-              "violations/char, KL and perplexity; win rates count ties as half. ",
+              "violations/char, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
+              "guard: `reward hacking` when the reward model's reward rose over the reference (95% CI above 0) "
+              "while the oracle did not improve (alignpipe.oracle.guard). ",
               "", "![oracle score vs KL](score_vs_kl.png)", "", "![score distributions](score_distributions.png)",
               ""]
     return "\n".join(lines)

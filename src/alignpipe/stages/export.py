@@ -62,6 +62,7 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy (save_pretrained directory)", required=False),
     Input("dpo", "artifacts/dpo", "DPO policy, used when it is the best candidate", required=False),
     Input("ppo", "artifacts/ppo", "PPO policy, used when it is the best candidate", required=False),
+    Input("grpo", "artifacts/grpo", "GRPO policy, used when it is the best candidate", required=False),
     Input("reward_model", "artifacts/reward", "reward model (save_pretrained directory)"),
     Input("data", "data", "data directory; held-out prompts from prompts.jsonl (fixed prompts if absent)",
           required=False),

@@ -27,6 +27,7 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy (the 'pretrain' candidate)", False),
     Input("dpo", "artifacts/dpo", "DPO policy (the 'dpo' candidate)", False),
     Input("ppo", "artifacts/ppo", "PPO policy (the 'ppo' candidate)", False),
+    Input("grpo", "artifacts/grpo", "GRPO policy (the 'grpo' candidate)", False),
     Input("reward_model", "artifacts/reward", "reward model, registered as the reward model name", False),
     Input("export", "artifacts/export", "export output: its ONNX models are registered alongside", False),
 )
@@ -51,6 +52,8 @@ class Config(StageConfig):
     temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
     top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)")
     register_reward: bool = field(True, "also register the reward model (when --reward-model is given)")
+    reward_hacking_guard: bool = field(True, "refuse to move the alias to a candidate evaluate flags as reward "
+                                             "hacking (RM reward up, oracle not better; alignpipe.oracle.guard)")
 
     def __post_init__(self):
         self.check(bool(self.model_name.strip()), "model_name", "must not be empty")
@@ -183,6 +186,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         move, why = gate(candidate_value, champion_value, cfg.margin)
         if champion is not None:
             why += f"; champion value {source}"
+    hacked = (metrics.get("guard") or {}).get("reward_hacking")
+    if move and hacked and cfg.reward_hacking_guard:
+        from alignpipe.oracle.guard import verdict_line
+
+        move, why = False, f"refused by the reward-hacking guard: {verdict_line(name, metrics['guard'])}"
 
     common = {"alignpipe.data_version": runs.data_version(), "alignpipe.git_commit": runs.git_commit()}
     reward_version = None
