@@ -1,5 +1,8 @@
 """Reward/KL frontier: DPO over several betas and PPO over several KL coefficients, each trained by its stage's
 `run` (params.yaml budgets otherwise) and evaluated by the oracle on the same held-out prompts and seed.
+With `--rewards`: instead, DPO, PPO and GRPO each against the reward model and against the oracle (params.yaml
+budgets), all compared by the evaluate stage in one run (KL, violations/char with CI, win rates with and without
+ties, the reward-hacking guard); that table replaces the "RL against rewards" section of frontier.md.
 
 Plots the oracle score (violations per character, lower is better, with its 95% bootstrap interval; and the win
 rate against the reference, ties half) against the sampled KL to the reference (nats per completion), with the
@@ -7,11 +10,13 @@ reference itself at KL 0, to `benchmarks/results/frontier.png`, and writes the t
 
     python benchmarks/frontier.py                     # defaults: artifacts/{pretrain,label,reward}, data/
     python benchmarks/frontier.py --dpo-betas 0.1 --ppo-kl-coefs 0.05 --n-eval-prompts 128   # a quick look
+    python benchmarks/frontier.py --rewards           # reference, DPO, PPO/GRPO x reward model/oracle
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -33,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppo-kl-coefs", type=floats, default=[0.01, 0.05, 0.2])
     p.add_argument("--n-eval-prompts", type=int, default=0, help="0: the params.yaml value")
     p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--rewards", action="store_true", help="compare the reward choices of ppo and grpo instead")
     args = p.parse_args(argv)
+    if args.rewards:
+        return rewards_table(args)
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     import matplotlib
@@ -130,6 +138,89 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", "![frontier](frontier.png)"]
     text = "\n".join(lines) + "\n"
     (out_dir / "frontier.md").write_text(text)
+    print(text)
+    return 0
+
+
+REWARD_RUNS = (("dpo", "dpo", None), ("ppo-model", "ppo", "model"), ("ppo-oracle", "ppo", "oracle"),
+               ("grpo-model", "grpo", "model"), ("grpo-oracle", "grpo", "oracle"))
+SECTION = "## RL against rewards"
+
+
+def rewards_table(args) -> int:
+    """Train each of REWARD_RUNS with params.yaml's budget, evaluate them together, write the table."""
+    import importlib
+    import math
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import transformers
+
+    from alignpipe.core.config import build_config, load_params
+    from alignpipe.stages import evaluate
+
+    transformers.logging.set_verbosity_error()
+    params = load_params(args.params)
+    data, policy, rm = Path(args.data), Path(args.policy), Path(args.reward_model)
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        for name, stage, reward in REWARD_RUNS:
+            module = importlib.import_module(f"alignpipe.stages.{stage}")
+            overrides = {"checkpoint_dir": str(Path(tmp) / f"ckpt-{name}"), "resume": False}
+            if reward is not None:
+                overrides["reward"] = reward
+            cfg = module.Config(**{**build_config(module.Config, params).to_dict(), **overrides})
+            inputs = {"data": data, "policy": policy, "reward_model": rm, "prefs": Path(args.prefs),
+                      "human_prefs": None}
+            out = Path(tmp) / name
+            out.mkdir()
+            start = time.perf_counter()
+            module.run(cfg, inputs, out)
+            seconds[name] = time.perf_counter() - start
+            print(f"{name}: trained in {seconds[name]:.0f} s", flush=True)
+        ecfg = build_config(evaluate.Config, params).to_dict()
+        ecfg.update(extra_candidates=[f"{n}={Path(tmp) / n}" for n, _, _ in REWARD_RUNS], compare_champion=False)
+        if args.n_eval_prompts:
+            ecfg["n_prompts"] = args.n_eval_prompts
+        out = Path(tmp) / "evaluate"
+        out.mkdir()
+        start = time.perf_counter()
+        evaluate.run(evaluate.Config(**ecfg), {"data": data, "policy": policy, "reward_model": rm}, out)
+        eval_seconds = time.perf_counter() - start
+        report = json.loads((out / "report.json").read_text())
+
+    def f(v, d=5):
+        return "-" if not isinstance(v, (int, float)) or not math.isfinite(v) else f"{v:.{d}f}"
+
+    cands = report["candidates"]
+    ref = cands["pretrain"]["violations_per_char"]
+    lines = [SECTION, "",
+             f"`python benchmarks/frontier.py --rewards` ({os.cpu_count()} CPU cores, load average at the end "
+             f"{os.getloadavg()[0]:.1f}): policy `{args.policy}`, reward model `{args.reward_model}`, "
+             f"params `{args.params}` budgets; all candidates evaluated together by the evaluate stage "
+             f"({report['prompts']['n']} held-out prompts, seed {report['sampling']['seed']}, {eval_seconds:.0f} s). "
+             "Ratio: violations/char over the reference's. Win rates: ties half (tie-inclusive) and over non-tied "
+             "pairs. Guard: alignpipe.oracle.guard (reward-model reward up beyond its CI while the oracle gain is "
+             "not above 0 beyond its CI = reward hacking).", "",
+             "| candidate | trained on | KL to ref | violations/char [95% CI] | ratio | zero-violation | win rate "
+             "(non-tied) | RM-oracle pair acc. | RM gain [CI] | oracle gain [CI] | guard | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in report["order"]:
+        m = cands[name]
+        g = m.get("guard") or {}
+        verdict = "" if not g else ("reward hacking" if g["reward_hacking"] else "ok")
+        lines.append(
+            f"| {name} | {m.get('reward') or '-'} | {f(m.get('kl_to_ref'), 3)} | {f(m['violations_per_char'])} "
+            f"[{f(m['violations_per_char_ci_low'])}, {f(m['violations_per_char_ci_high'])}] | "
+            f"{f(m['violations_per_char'] / ref, 2)} | {f(m.get('zero_violation_frac'), 3)} | "
+            f"{f(m.get('win_rate_vs_ref'), 3)} ({f(m.get('win_rate_vs_ref_nontied'), 3)}) | "
+            f"{f(g.get('rm_pair_accuracy'), 3)} | {f(g.get('rm_gain'), 3)} [{f(g.get('rm_gain_ci_low'), 3)}, "
+            f"{f(g.get('rm_gain_ci_high'), 3)}] | {f(g.get('oracle_gain'))} [{f(g.get('oracle_gain_ci_low'))}, "
+            f"{f(g.get('oracle_gain_ci_high'))}] | {verdict} | {f(seconds.get(name), 0)} |")
+    text = "\n".join(lines) + "\n"
+    out_dir = Path(args.out_dir)
+    md = out_dir / "frontier.md"
+    old = md.read_text() if md.is_file() else ""
+    md.write_text((old.split(SECTION)[0].rstrip() + "\n\n" if old else "") + text)
     print(text)
     return 0
 

@@ -146,7 +146,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
         if reward is not None and name != REFERENCE:
-            results[name]["guard"] = goodhart_guard(draws[name], ref_draw, cfg.seed)
+            results[name]["guard"] = goodhart_guard(draws[name], draws[REFERENCE], cfg.seed)
         del policy
     if champion_draw is not None:
         draws["champion"] = champion_draw
