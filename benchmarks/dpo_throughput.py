@@ -17,21 +17,12 @@ the precompute pass, plus training), their ratios, and the final training loss (
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 
 def run_once(kind: str, cfg, policy_dir: Path, pairs: list[dict], workdir: Path) -> dict[str, float]:

@@ -53,3 +53,11 @@ def tiny_data(tmp_path_factory):
     import tiny
 
     return tiny.make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def module_mlflow(tmp_path_factory):
+    """One MLflow store for a whole test module (creating a sqlite store takes seconds)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        yield

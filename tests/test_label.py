@@ -17,12 +17,7 @@ CLEAN, DIRTY = "\n    return a + b * 99", "\n    return a+b *99"
 PAIR = Pair("def f99(a, b):", CLEAN, DIRTY, context="def f99(a, b):")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _mlflow(tmp_path_factory):
-    """One MLflow store per module (creating a sqlite store takes seconds)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
-        yield
+pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
 
 
 @pytest.fixture(scope="module")

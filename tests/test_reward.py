@@ -19,12 +19,7 @@ from alignpipe.stages import reward
 CLEAN, DIRTY = "\n    return a + b * 7", "\n    return a+b *7"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _mlflow(tmp_path_factory):
-    """One MLflow store per module (creating a sqlite store takes seconds)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
-        yield
+pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
 
 
 @pytest.fixture(scope="module")

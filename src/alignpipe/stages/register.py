@@ -102,7 +102,8 @@ def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]
 
     template = escape(meta.prompt_prefix) + "{prompt}" + escape(meta.prompt_suffix)
     bad = [[i] for i in banned_token_ids(tok, meta)]
-    max_prompt = min(Sampling().max_prompt_tokens, (context_length(model) or 10**9) - cfg.max_new_tokens)
+    context = context_length(model) or 10**9
+    max_prompt = min(Sampling().max_prompt_tokens, context - cfg.max_new_tokens)
     if max_prompt < 1:
         from alignpipe.core.errors import ConfigError
 

@@ -1,19 +1,11 @@
 """Check the corpus and preference JSONL files with Great Expectations before anything trains on them.
 
-Each file goes through three steps, and every failed expectation is one line on stderr:
-
-1. structure (by hand, before GX: a DataFrame cannot hold what does not parse): not empty, valid UTF-8, one
-   JSON object per line;
-2. a GX "schema" suite on the JSON type of every known column: required columns present, no nulls, the right
-   types (NaN and Infinity, which Python's json accepts, are not JSON numbers and fail here);
-3. a GX "content" suite on the columns that passed step 2: not empty or whitespace-only, length bounds, score
-   ranges, message lists well formed, chosen != rejected, no duplicate rows.
-
-Preference files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
-(lists of `{"role", "content"}` messages), optionally with `score_chosen`, `score_rejected` and `judge`.
-Outputs: `report.json` (every expectation of every file), `report.html` (the same as one self-contained page),
-Data Docs (`data_docs/index.html`) and metrics.json. Any failure raises DataError, so nothing is published
-(the runner keeps report.json and report.html in `<out>.failed/`).
+The checks (structure, a GX schema suite and a GX content suite per file; standard and conversational preference
+forms) are `alignpipe.core.validators`, the same functions label, reward and dpo run on their inputs; this stage
+picks the files from its inputs and runs them with its limits. Outputs: `report.json` (every expectation of every
+file), `report.html` (the same as one self-contained page), Data Docs (`data_docs/index.html`) and metrics.json.
+Any failure raises DataError, so nothing is published (the runner keeps report.json and report.html in
+`<out>.failed/`).
 """
 
 from __future__ import annotations
