@@ -201,21 +201,17 @@ def rewards_table(args) -> int:
              "Ratio: violations/char over the reference's. Win rates: ties half (tie-inclusive) and over non-tied "
              "pairs. Guard: alignpipe.oracle.guard (reward-model reward up beyond its CI while the oracle gain is "
              "not above 0 beyond its CI = reward hacking).", "",
-             "| candidate | trained on | KL to ref | violations/char [95% CI] | ratio | zero-violation | win rate "
-             "(non-tied) | RM-oracle pair acc. | RM gain [CI] | oracle gain [CI] | guard | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "The evaluate stage's table of every candidate (its report.md), then each candidate's ratio to the "
+             "reference and the guard's paired gains over the reference.", "",
+             *evaluate.candidates_table(report), "",
+             "| candidate | ratio to reference | RM gain [95% CI] | oracle gain [95% CI] (violations/char) | train s |",
+             "|---|---|---|---|---|"]
     for name in report["order"]:
-        m = cands[name]
-        g = m.get("guard") or {}
-        verdict = "" if not g else ("reward hacking" if g["reward_hacking"] else "ok")
-        lines.append(
-            f"| {name} | {m.get('reward') or '-'} | {f(m.get('kl_to_ref'), 3)} | {f(m['violations_per_char'])} "
-            f"[{f(m['violations_per_char_ci_low'])}, {f(m['violations_per_char_ci_high'])}] | "
-            f"{f(m['violations_per_char'] / ref, 2)} | {f(m.get('zero_violation_frac'), 3)} | "
-            f"{f(m.get('win_rate_vs_ref'), 3)} ({f(m.get('win_rate_vs_ref_nontied'), 3)}) | "
-            f"{f(g.get('rm_pair_accuracy'), 3)} | {f(g.get('rm_gain'), 3)} [{f(g.get('rm_gain_ci_low'), 3)}, "
-            f"{f(g.get('rm_gain_ci_high'), 3)}] | {f(g.get('oracle_gain'))} [{f(g.get('oracle_gain_ci_low'))}, "
-            f"{f(g.get('oracle_gain_ci_high'))}] | {verdict} | {f(seconds.get(name), 0)} |")
+        m, g = cands[name], cands[name].get("guard") or {}
+        gains = [f"{f(g.get(k), d)} [{f(g.get(k + '_ci_low'), d)}, {f(g.get(k + '_ci_high'), d)}]"
+                 for k, d in (("rm_gain", 3), ("oracle_gain", 5))]
+        lines.append(" | ".join(["", name, f(m["violations_per_char"] / ref, 2), *gains, f(seconds.get(name), 0), ""])
+                     .strip())
     text = "\n".join(lines) + "\n"
     out_dir = Path(args.out_dir)
     md = out_dir / "frontier.md"

@@ -302,22 +302,12 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def summary_markdown(report: dict[str, Any]) -> str:
-    """A Markdown table of the candidates (best first in bold), with the setup it was measured under."""
+def candidates_table(report: dict[str, Any]) -> list[str]:
+    """The Markdown table rows of every candidate (best in bold) and the champion: report.md's main table."""
     champion = report.get("champion")
-    lines = [
-        "# Evaluation",
-        "",
-        f"{report['prompts']['n']} held-out prompts from `{report['prompts']['path']}`, one sample each "
-        f"(temperature {report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, "
-        f"at most {report['sampling']['max_new_tokens']} new tokens, seed {report['sampling']['seed']}); "
-        f"reference: `{report['reference']['name']}`; champion: "
-        + (f"`{champion['model']}` version {champion['version']}" if champion else "none registered") + ".",
-        "",
-        "| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) "
-        "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) "
+             "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["candidates"].items():
         label = f"**{name}**" if name == report["best_candidate"] else name
         g = m.get("guard") or {}
@@ -332,6 +322,23 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if champion:
         lines.append(f"| champion v{champion['version']} | | {_fmt(champion.get('violations_per_char'))} | "
                      f"{_fmt(champion.get('zero_violation_frac'), 3)} | | | | | | | |")
+    return lines
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """A Markdown table of the candidates (best first in bold), with the setup it was measured under."""
+    champion = report.get("champion")
+    lines = [
+        "# Evaluation",
+        "",
+        f"{report['prompts']['n']} held-out prompts from `{report['prompts']['path']}`, one sample each "
+        f"(temperature {report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, "
+        f"at most {report['sampling']['max_new_tokens']} new tokens, seed {report['sampling']['seed']}); "
+        f"reference: `{report['reference']['name']}`; champion: "
+        + (f"`{champion['model']}` version {champion['version']}" if champion else "none registered") + ".",
+        "",
+        *candidates_table(report),
+    ]
     lines += ["", f"Best (lowest violations/char): **{report['best_candidate']}**. Lower is better for "
               "violations/char, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
               "guard: `reward hacking` when the reward model's reward rose over the reference (95% CI above 0) "
