@@ -128,7 +128,7 @@ if [ "$BUILD" = 1 ]; then
     step "build $IMAGE" build_image
 fi
 echo "image size: $(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB (%d bytes)", $1/1e9, $1}')"
-step "(a) CLI and imports in the image" run_tests -k "help or imports or non_root"
+step "(a) CLI and imports in the image" run_tests -k "help or import or non_root"
 step "(b) validate stage in a container" run_tests -k validate
 start_service
 step "(c) tiny DAG, every task in the image" run_tests -k "dag or failing"
