@@ -127,7 +127,7 @@ if [ "$BUILD" = 1 ]; then
     step "base image (pull or stand-in)" base_image
     step "build $IMAGE" build_image
 fi
-echo "image size: $(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB (%d bytes)", $1/1e9, $1}')"
+echo "image size: $(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB (%.0f bytes)", $1/1e9, $1}')"
 step "(a) CLI and imports in the image" run_tests -k "help or import or non_root"
 step "(b) validate stage in a container" run_tests -k validate
 start_service
