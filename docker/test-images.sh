@@ -23,7 +23,7 @@ step() {  # step NAME COMMAND...: run it, print and remember its time
     shift
     echo "== $name"
     "$@"
-    STEPS+=("$(printf '%-34s %5d s' "$name" $((SECONDS - start)))")
+    STEPS+=("$(printf '%-44s %5d s' "$name" $((SECONDS - start)))")
     echo "== $name: $((SECONDS - start)) s"
 }
 
