@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run test status images clean
+.PHONY: setup data run test test-images status images clean
 
 # torch first: the CPU wheel (a plain `torch` requirement would pull a CUDA build of several GB).
 $(BIN)/.installed: pyproject.toml
@@ -41,6 +41,10 @@ status: setup
 test: setup
 	mkdir -p .tmp
 	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
+
+# The CPU image built with podman and the components run in it (needs root; installs podman when missing).
+test-images: setup
+	bash docker/test-images.sh
 
 clean:
 	rm -rf artifacts checkpoints .tmp

@@ -1,6 +1,7 @@
-"""The images, checked statically (no Docker engine here): the tag the components run is the tag `make images`
-builds, it follows the package version, and each Dockerfile installs every pinned requirement the way the Makefile
-does (torch first at the pyproject pin, then the package with exactly one onnxruntime extra)."""
+"""The image recipe, checked as text (tests/test_containers.py runs the built image): the tag the components run is
+the tag `make images` builds and it follows the package version; the GPU and CPU Dockerfiles are one recipe (the
+same steps below the "shared steps" line, only the base and the variant build args above it); each installs every
+pinned requirement the way the Makefile does; and the build context, the network knobs and the runtime user."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
 ONNXRUNTIME = {"gpu": "onnxruntime-gpu", "cpu": "onnxruntime"}
+SHARED = "# ---- shared steps:"
+VARIANT_ARGS = ["TORCH_INDEX_URL", "EXTRA", "ORT_PROVIDER"]  # what the variants may set differently
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 
@@ -36,22 +39,42 @@ def pins() -> dict[str, str]:
     return out
 
 
-def arg_default(dockerfile: str, name: str) -> str:
-    (value,) = re.findall(rf"^ARG {name}=(\S+)$", dockerfile, re.M)
+def split(dockerfile: str) -> tuple[str, str]:
+    """(the variant's base part, the shared steps) of a Dockerfile."""
+    assert dockerfile.count(SHARED) == 1
+    head, shared = dockerfile.split(SHARED)
+    return head, SHARED + shared
+
+
+def arg_default(text: str, name: str) -> str:
+    (value,) = re.findall(rf"^ARG {name}=(\S*)$", text, re.M)
     return value
 
 
-def pip_installs(dockerfile: str) -> list[str]:
-    """The arguments of every `pip install` in the Dockerfile (continuation lines joined)."""
-    text = dockerfile.replace("\\\n", " ")
-    return [m.strip() for m in re.findall(r"pip install ([^&\n]+)", text)]
+def pip_installs(text: str) -> list[str]:
+    """The arguments of every `pip install` (continuation lines joined)."""
+    text = re.sub(r"\s*\\\n\s*", " ", text)
+    return [m.strip() for m in re.findall(r"pip install ([^;&\n]+)", text)]
+
+
+def make_n(*args: str) -> str:
+    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_dockerfiles_share_every_step_but_the_base_and_the_variant_args():
+    (gpu_head, gpu_shared), (cpu_head, cpu_shared) = (split(DOCKERFILES[f].read_text()) for f in ("gpu", "cpu"))
+    assert gpu_shared == cpu_shared  # one recipe: the CPU build here exercises the steps the GPU nodes run
+    for head in (gpu_head, cpu_head):
+        # above the line: the base image and Python 3.11 in /opt/venv, then the variant args; no installs
+        assert re.findall(r"^ARG (\w+)=", head.split("\nFROM ")[-1], re.M)[-3:] == VARIANT_ARGS
+        assert "pip install" not in head and "/opt/venv" in head
+    for name in VARIANT_ARGS:
+        assert f"${{{name}}}" in cpu_shared or f"${name}" in cpu_shared, name  # each one is used below
 
 
 @needs_make
 def test_make_images_builds_the_tags_the_components_run():
-    out = subprocess.run(["make", "-n", "-f", "docker/images.mk", "images"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
-    built = dict(re.findall(r"docker build -f (\S+) -t (\S+) \.", out))
+    built = dict(re.findall(r"docker build -f (\S+) -t (\S+) ", make_n("-f", "docker/images.mk", "images")))
     assert built == {"docker/Dockerfile": GPU_IMAGE, "docker/Dockerfile.cpu": CPU_IMAGE}
     for name, component in COMPONENTS.items():
         image = component.component_spec.implementation.container.image
@@ -60,11 +83,9 @@ def test_make_images_builds_the_tags_the_components_run():
 
 @needs_make
 def test_makefile_images_target_is_docker_images_mk():
-    makefile = ROOT / "Makefile"
-    if not makefile.is_file() or "docker/images.mk" not in makefile.read_text():
-        pytest.skip("the Makefile does not include docker/images.mk yet")
-    out = subprocess.run(["make", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert f"-t {GPU_IMAGE} ." in out and f"-t {CPU_IMAGE} ." in out
+    out = make_n("images")
+    assert f"-t {GPU_IMAGE} " in out and f"-t {CPU_IMAGE} " in out
+    assert "bash docker/test-images.sh" in make_n("test-images")
 
 
 def test_image_tags_follow_the_package_version():
@@ -74,41 +95,71 @@ def test_image_tags_follow_the_package_version():
 
 @pytest.mark.parametrize("flavor", ["gpu", "cpu"])
 def test_dockerfile_installs_every_pinned_requirement(flavor):
-    dockerfile = DOCKERFILES[flavor].read_text()
+    head, shared = split(DOCKERFILES[flavor].read_text())
     pinned = pins()
-    # torch first, at the pyproject pin, from the CUDA or the CPU wheel index
-    assert arg_default(dockerfile, "TORCH_VERSION") == pinned["torch"]
-    index = arg_default(dockerfile, "TORCH_INDEX_URL")
+    # torch first, at the pyproject pin, from the flavour's wheel index by default
+    assert arg_default(shared, "TORCH_VERSION") == pinned["torch"]
+    index = arg_default(head, "TORCH_INDEX_URL")
     assert index.startswith("https://download.pytorch.org/whl/") and (index.endswith("/cpu") == (flavor == "cpu"))
-    installs = pip_installs(dockerfile)
-    assert installs[0] == "--upgrade pip"
-    assert installs[1] == '"torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"'
+    installs = pip_installs(shared)
+    assert installs[0] == '"$@" --upgrade pip'
+    assert installs[1] == ('--find-links /ctx/wheels ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} '
+                           '"torch==${TORCH_VERSION}"')
     # then the package with its flavour's extra: pip installs every `==` pin of pyproject.toml, nothing else
-    assert installs[2:] == [f'"/src[{flavor}]"']
+    assert installs[2:] == ['"$@" "/tmp/alignpipe-src[${EXTRA}]"']
+    assert arg_default(head, "EXTRA") == flavor
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert [Requirement(r).name for r in extras[flavor]] == [ONNXRUNTIME[flavor]]  # one onnxruntime, never both
-    assert "pip check" in dockerfile
+    assert "pip check" in shared
+    assert arg_default(head, "ORT_PROVIDER") == ("CUDAExecutionProvider" if flavor == "gpu" else "CPUExecutionProvider")
     # the same order and torch pin as the Makefile's install
-    makefile = (ROOT / "Makefile").read_text() if (ROOT / "Makefile").is_file() else ""
-    if "pip install" in makefile:
-        assert f"torch=={pinned['torch']}" in makefile
-        assert makefile.index("torch==") < makefile.index('-e ".[')
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"torch=={pinned['torch']}" in makefile and makefile.index("torch==") < makefile.index('-e ".[')
+
+
+@needs_make
+def test_build_context_is_a_staged_copy_mounted_read_only():
+    out = make_n("-f", "docker/images.mk", "image-cpu")
+    context = ".tmp/image-context-cpu"
+    assert out.rstrip().endswith(f" {context}\nrm -rf {context}")
+    (listing,) = [line for line in out.splitlines() if line.startswith("git ls-files")]
+    sources = listing.split(" -- ")[1].split(" | ")[0].split()
+    needed = {"pyproject.toml", "README.md", *PYPROJECT["tool"]["setuptools"]["package-dir"].values()} - {""}
+    assert set(sources) == needed | {"src"}
+    shared = split(DOCKERFILES["cpu"].read_text())[1]
+    (mount,) = re.findall(r"--mount=type=bind,(\S+)", shared)
+    assert mount == "target=/ctx"  # read-only (no `rw`): the build writes nothing into the context
+    assert "cp -r /ctx/alignpipe /tmp/alignpipe-src" in shared and "rm -rf /tmp/alignpipe-src" in shared
+
+
+@needs_make
+def test_network_knobs_pass_through_to_the_build():
+    plain = make_n("-f", "docker/images.mk", "image-cpu")
+    assert "--secret" not in plain and "--build-arg" not in plain and "wheels/" not in plain.split("mkdir")[1]
+    out = make_n("-f", "docker/images.mk", "image-cpu", "DOCKER=podman", "CA_BUNDLE=ca.pem", "WHEELS=/w",
+                 "INDEX_URL=https://pypi.example/simple", "EXTRA_INDEX_URL=https://more.example/simple",
+                 "TORCH_INDEX_URL=", "BUILD_FLAGS=--network host")
+    (build,) = [line for line in out.splitlines() if " build " in line]
+    assert build.startswith("DOCKER_BUILDKIT=1 podman build ")
+    for flag in (f"--secret id=ca_bundle,src={ROOT / 'ca.pem'}", "--build-arg INDEX_URL=https://pypi.example/simple",
+                 "--build-arg EXTRA_INDEX_URL=https://more.example/simple", "--build-arg TORCH_INDEX_URL= ",
+                 "--network host"):
+        assert flag in build, flag
+    assert "cp -l /w/*.whl .tmp/image-context-cpu/wheels/" in out
+    shared = split(DOCKERFILES["cpu"].read_text())[1]
+    assert "--mount=type=secret,id=ca_bundle" in shared and "PIP_CERT=/run/secrets/ca_bundle" in shared
+    for name in ("INDEX_URL", "EXTRA_INDEX_URL"):
+        assert arg_default(shared, name) == ""  # unset: PyPI
 
 
 @pytest.mark.parametrize("flavor", ["gpu", "cpu"])
-def test_build_context_and_runtime_of_the_image(flavor):
-    dockerfile = DOCKERFILES[flavor].read_text()
-    lines = Path(f"{DOCKERFILES[flavor]}.dockerignore").read_text().splitlines()
-    ignore = [line for line in lines if line and not line.startswith("#")]
-    assert ignore[0] == "*" and "!pyproject.toml" in ignore  # everything out, then only what the install needs
-    for package_dir in {*PYPROJECT["tool"]["setuptools"]["package-dir"].values()}:
-        assert f"!{package_dir}" in ignore, package_dir
+def test_runtime_of_the_image(flavor):
+    head, shared = split(DOCKERFILES[flavor].read_text())
     # the KFP task command runs `python3`: the venv's must come first on PATH
-    assert re.search(r"PATH=/opt/venv/bin:\$PATH", dockerfile)
+    assert re.search(r"PATH=/opt/venv/bin:\$PATH", shared)
+    assert re.search(r"^USER 10001:10001$", shared, re.M) and "useradd" in shared  # non-root
     python = "3.11"
-    assert python in (arg_default(dockerfile, "PYTHON_VERSION") if flavor == "gpu"
-                      else arg_default(dockerfile, "PYTHON_IMAGE"))
+    assert python in (arg_default(head, "PYTHON_VERSION") if flavor == "gpu" else arg_default(head, "PYTHON_IMAGE"))
     assert Requirement(f"python{PYPROJECT['project']['requires-python']}").specifier.contains(f"{python}.0")
     if flavor == "gpu":
-        assert "cudnn" in arg_default(dockerfile, "CUDA_IMAGE") and "cu13" in arg_default(dockerfile, "TORCH_INDEX_URL")
-        assert "CUDAExecutionProvider" in dockerfile  # the build fails if onnxruntime-gpu lost CUDA
+        assert "cudnn" in arg_default(head, "CUDA_IMAGE") and "cu13" in arg_default(head, "TORCH_INDEX_URL")

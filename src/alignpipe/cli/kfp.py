@@ -49,6 +49,9 @@ def add_pipeline_parser(sub) -> None:
     r.add_argument("--local", action="store_true", required=True,
                    help="run on this machine (runs on a cluster go through `submit`)")
     r.add_argument("--root", default=LOCAL_ROOT, help="pipeline root for the artifacts (default: %(default)s)")
+    r.add_argument("--image", help="run every task in a container of this local image (kfp.local.DockerRunner "
+                                   "via DOCKER_HOST; alignpipe.cli.containers) instead of in this environment")
+    r.add_argument("--network", default="none", choices=("none", "host"), help="the containers' network (--image)")
     r.set_defaults(func=cmd_run)
 
     s = actions.add_parser("submit", help="submit a run, or a recurring run, to a Kubeflow Pipelines endpoint")
@@ -258,15 +261,17 @@ class LocalRun:
         return next(t for t in self.tasks if t.name == name)
 
 
-def run_local(pipeline_yaml: str | Path, root: str | Path, arguments: dict[str, Any] | None = None) -> LocalRun:
+def run_local(pipeline_yaml: str | Path, root: str | Path, arguments: dict[str, Any] | None = None,
+              runner: Any = None) -> LocalRun:
     """Run the compiled pipeline's whole DAG here: kfp.local's SubprocessRunner in this environment (no venv,
-    no pip). Scratch files of the tasks go to `<root>/.tmp` (removed afterwards)."""
+    no pip), or `runner` (alignpipe.cli.containers.docker_runner). Scratch files of the tasks go to `<root>/.tmp`
+    (removed afterwards)."""
     from kfp import components, local
 
     root = Path(root).resolve()
     _check_no_python3(pipeline_yaml, root, arguments or {})
     root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     pipeline = components.load_component_from_file(str(pipeline_yaml))
     before = set(root.iterdir())
     scratch = root / ".tmp"
@@ -402,8 +407,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.root)
-    pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
-    run = run_local(pipeline_yaml, root)
+    if args.image:  # the tasks see the pipeline root only: MLflow's store goes there
+        from alignpipe.cli.containers import docker_runner
+
+        args.mlflow_uri = args.mlflow_uri or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+        with docker_runner(args.image, root, args.network) as runner:
+            pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+            run = run_local(pipeline_yaml, root, runner=runner)
+    else:
+        pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+        run = run_local(pipeline_yaml, root)
     print(format_local_run(run))
     return 0
 
