@@ -1,5 +1,5 @@
 """`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.core.runner.execute`), plus `data build`,
-`config show` and `pipeline compile|run|submit|dvc-yaml|trainjob`."""
+`config show`, `pipeline compile|run|submit|dvc-yaml|trainjob` and `serve kserve-manifest`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     from alignpipe.cli.kfp import add_pipeline_parser
 
     add_pipeline_parser(sub)
+    from alignpipe.cli.serve import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -139,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
-        if args.command in ("pipeline", "config"):
+        if args.command in ("pipeline", "config", "serve"):
             return args.func(args)
         return run_stage(args)
     except AlignpipeError as e:

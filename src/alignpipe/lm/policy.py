@@ -232,11 +232,17 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
                 logits_processor=[_start_new_line(tok, width)], stopping_criteria=[_stopping(tok, width)],
                 use_cache=True)
         for r, x in enumerate(ids):
-            new = generated[r, width:].tolist()
-            cut = _cut_ids(tok, meta, new)
-            text = cut_completion(meta.clean(tok.decode(cut, skip_special_tokens=False)))
-            out.append(Sample(prompts[start + r], _strip_special(tok, text), x, cut))
+            cut, text = finish_completion(tok, meta, generated[r, width:].tolist())
+            out.append(Sample(prompts[start + r], text, x, cut))
     return out
+
+
+def finish_completion(tok, meta: PolicyMeta, new_ids: list[int]) -> tuple[list[int], str]:
+    """(ids up to the end of the completion unit, cleaned completion text) of freshly generated ids: the one
+    post-processing every sampler applies (`sample` here, the ONNX serving model in `alignpipe.lm.ort_sampling`)."""
+    cut = _cut_ids(tok, meta, new_ids)
+    text = cut_completion(meta.clean(tok.decode(cut, skip_special_tokens=False)))
+    return cut, _strip_special(tok, text)
 
 
 def _strip_special(tok, text: str) -> str:

@@ -51,6 +51,9 @@ class Config(StageConfig):
     max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)")
     temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
     top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)")
+    serve_max_batch_size: int = field(16, "ONNX serving model: most prompts (or reward pairs) decoded together")
+    serve_batch_window_ms: float = field(5.0, "ONNX serving model: how long a request waits for others to batch "
+                                              "with")
     register_reward: bool = field(True, "also register the reward model (when --reward-model is given)")
     reward_hacking_guard: bool = field(True, "refuse to move the alias to a candidate evaluate flags as reward "
                                              "hacking (RM reward up, oracle not better; alignpipe.oracle.guard)")
@@ -63,6 +66,8 @@ class Config(StageConfig):
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         self.check(self.temperature > 0, "temperature", "must be > 0")
         self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.check(self.serve_max_batch_size >= 1, "serve_max_batch_size", "must be >= 1")
+        self.check(self.serve_batch_window_ms >= 0, "serve_batch_window_ms", "must be >= 0")
 
 
 def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
@@ -213,7 +218,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             registry.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
     champion_after = version if move else champion["version"]
 
-    onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg)
+    onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg, policy_dir,
+                          inputs.get("reward_model"), move)
     record = {"policy_name": cfg.model_name, "version": version, "candidate": name, "source_path": str(policy_dir),
               "alias": cfg.alias, "champion_before": champion["version"] if champion else None,
               "champion_after": champion_after, "champion_moved": move, "gate": why,
@@ -232,16 +238,48 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     return out
 
 
-def _register_onnx(export_dir: Path | None, version: str, reward_version: str | None, cfg: Config) -> dict | None:
-    """Register the export stage's ONNX models linked to these versions (when --export is given)."""
+def _register_onnx(export_dir: Path | None, version: str, reward_version: str | None, cfg: Config,
+                   policy_dir: Path, reward_dir: Path | None, move: bool) -> dict | None:
+    """Register the export stage's ONNX graphs, wrapped in batching onnxruntime pyfunc serving models, linked to
+    these versions (when --export is given); their `alias` moves with the policy's."""
     if export_dir is None:
         return None
     from alignpipe.core.errors import DataError
     from alignpipe.tracking import registry
     from alignpipe.tracking.policies import register_onnx
+    from alignpipe.tracking.serving_models import log_policy_model, log_reward_model
 
-    if reward_version is None:
+    if reward_version is None or reward_dir is None:
         raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")
+    batching = {"max_batch_size": cfg.serve_max_batch_size, "batch_window_ms": cfg.serve_batch_window_ms}
+    _, model_config = serving_settings(cfg, *_policy_for_settings(policy_dir))
+    serving = {
+        "policy": log_policy_model(Path(export_dir) / "policy.onnx", policy_dir, {
+            **batching, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_prompt_tokens": model_config["tokenizer_encode_kwargs"]["max_length"]}),
+        "reward": log_reward_model(Path(export_dir) / "reward.onnx", reward_dir, {**batching,
+                                                                                **_reward_settings(reward_dir)})}
     versions = register_onnx(export_dir, version, reward_version, registry.client(),
-                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name)
+                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name, serving=serving)
+    if move:
+        for name, mv in versions.items():
+            registry.set_model_alias(name, cfg.alias, mv.version)
     return {name: str(mv.version) for name, mv in versions.items()}
+
+
+def _policy_for_settings(policy_dir: Path):
+    from alignpipe.lm.policy import load_policy
+
+    return load_policy(policy_dir.resolve(), device="cpu")
+
+
+def _reward_settings(reward_dir: Path) -> dict[str, int]:
+    """What the served reward model needs from the PyTorch one: positions, padding id, prompt lines."""
+    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
+
+    config = json.loads((Path(reward_dir) / "config.json").read_text())
+    out = {"max_length": min(256, int(config.get("n_positions") or 256)),
+           "prompt_lines": int(config.get(PROMPT_LINES_KEY) or 0)}
+    if config.get("pad_token_id") is not None:  # else the tokenizer's, as reward_scores does
+        out["pad_token_id"] = int(config["pad_token_id"])
+    return out

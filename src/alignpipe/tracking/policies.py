@@ -53,13 +53,17 @@ def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> 
 
 def register_onnx(export_dir: str | Path, policy_version: str | int, reward_version: str | int, client, *,
                   policy_name: str = "alignpipe-policy", reward_name: str = "alignpipe-reward",
-                  precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None) -> dict[str, Any]:
+                  precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None,
+                  serving: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register the ONNX models logged by an export run as versions of `alignpipe-policy-onnx` and
     `alignpipe-reward-onnx`, tagged with the PyTorch registered versions they were exported from.
 
     `export_dir` holds the export stage's `onnx_models.json`; `client` is an MlflowClient
     (`alignpipe.tracking.registry.client()`); `candidate`, when given, must be the candidate that was exported (so
-    a policy version is never linked to another candidate's graph). Returns {registered name: ModelVersion}.
+    a policy version is never linked to another candidate's graph); `serving`, when given, maps "policy" and
+    "reward" to the ModelInfo of the pyfunc serving models (`alignpipe.tracking.serving_models`) that wrap these
+    graphs: the versions then point at those (what `mlflow models serve` runs) instead of the bare ONNX models.
+    Returns {registered name: ModelVersion}.
     """
     where = Path(export_dir) / "onnx_models.json"
     record = read_json(where)
@@ -86,7 +90,11 @@ def register_onnx(export_dir: str | Path, policy_version: str | int, reward_vers
                          "alignpipe.max_abs_diff": str(record["parity"]["max_abs_diff_policy"])})
         else:
             tags["alignpipe.max_abs_diff"] = str(record["parity"]["max_abs_diff_reward"])
-        versions[onnx_name] = client.create_model_version(onnx_name, source=entry["model_uri"],
-                                                          run_id=record["run_id"], tags=tags,
-                                                          model_id=entry["model_id"])
+        source, run_id, model_id = entry["model_uri"], record["run_id"], entry["model_id"]
+        info = (serving or {}).get(key.split("_")[0])
+        if info is not None:
+            source, run_id, model_id = info.model_uri, info.run_id, info.model_id
+            tags["alignpipe.serving"] = "pyfunc: onnxruntime, batched (alignpipe.tracking.serving_models)"
+        versions[onnx_name] = client.create_model_version(onnx_name, source=source, run_id=run_id, tags=tags,
+                                                          model_id=model_id)
     return versions
