@@ -113,7 +113,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 and 5e-5 as strings: exponent without a dot
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 2 ** 1023 or not math.isfinite(value):
+                raise ConfigError(key, f"must be a finite number, got {str(value)[:40]}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
