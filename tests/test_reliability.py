@@ -300,3 +300,18 @@ def test_the_serve_hint_is_redacted(tmp_path, monkeypatch, capsys):
     report_main(str(tmp_path))
     out = capsys.readouterr().out
     assert "MLFLOW_TRACKING_URI=https://u:***@mlflow.example.com/" in out and "s3cret" not in out
+
+
+@pytest.mark.parametrize("argv", [["pipeline", "trainjob", "--stage", "pretrain", "--out", "{d}"],
+                                  ["pipeline", "compile", "--out", "{d}"]])
+def test_a_yaml_out_naming_a_folder_is_one_line(tmp_path, capsys, argv):
+    assert main([a.replace("{d}", str(tmp_path)) for a in argv]) == 2
+    assert "is a directory" in _one_error_line(capsys)
+
+
+def test_deeply_nested_yaml_is_one_line(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert main(["config", "show", "--params", str(tmp_path / "p.yaml")]) == 2
+    assert "nested too deep" in _one_error_line(capsys)
+    assert main(["config", "show", "--set", "dpo.beta=" + "[" * 100_000]) == 2
+    assert "dpo.beta: value nested too deep" in _one_error_line(capsys)

@@ -28,7 +28,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
-from alignpipe.core.outputs import make_output_dir
+from alignpipe.core.outputs import check_output_file, make_output_dir
 from alignpipe.stages import MULTI_GPU, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
@@ -159,9 +159,7 @@ def compile_pipeline(pipeline_func, out: str | Path) -> Path:
     """Compile to the YAML the Kubeflow UI takes (Pipelines > Upload pipeline)."""
     from kfp import compiler
 
-    out = Path(out)
-    if out.is_dir() or str(out).strip() == "":
-        raise ConfigError(f"--out {out}", "is a directory or empty; name the pipeline YAML file to write")
+    out = check_output_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func, str(out))
     _integer_defaults(out)

@@ -135,6 +135,8 @@ def _read_params_file(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(str(path), "YAML nested too deep") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
     base = data.pop(OVERLAY_KEY, None)
@@ -210,6 +212,8 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mappi
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError(dotted, "value nested too deep") from None
         out.setdefault(section, {})[key] = value
     return out
 

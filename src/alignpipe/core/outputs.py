@@ -65,6 +65,20 @@ def check_output_dir(path: str | Path, where: str = "--out", inputs: Iterable[st
     return path
 
 
+def check_output_file(path: str | Path, where: str = "--out") -> Path:
+    """`path` for a file alignpipe writes (a pipeline YAML, a manifest): not empty, not a directory, not a system
+    path; a ConfigError naming `where` otherwise."""
+    if str(path).strip() == "":
+        raise ConfigError(where, "empty path: name the file to write")
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{where} {path}", "is a directory; name the file to write")
+    reason = _protected(path.resolve())
+    if reason:
+        raise ConfigError(f"{where} {path}", f"{reason}; refusing to write there")
+    return path
+
+
 def make_output_dir(path: str | Path, where: str = "--out") -> Path:
     """Check `path` (check_output_dir), create it and mark it as alignpipe's; returns it."""
     path = check_output_dir(path, where)
