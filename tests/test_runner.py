@@ -13,6 +13,7 @@ from alignpipe.core import runner
 from alignpipe.tracking import registry, runs
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
+from alignpipe.core.outputs import MARKER
 from alignpipe.stages import Input
 
 
@@ -50,11 +51,12 @@ def test_publishes_outputs_and_metrics(tmp_path, fake):
     (tmp_path / "data").mkdir()
     out = tmp_path / "artifacts" / "fake"
     out.mkdir(parents=True)
+    (out / MARKER).touch()  # a previous alignpipe output: replaced
     (out / "stale.txt").write_text("from an older run")
     metrics = runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
     assert metrics["score"] == 0.25 and metrics["count"] == 3 and metrics["seconds"] >= 0
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert sorted(p.name for p in out.iterdir()) == ["curves", "metrics.json", "metrics_headline.json",
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "curves", "metrics.json", "metrics_headline.json",
                                                      "model.safetensors", "report.json"]
     assert fake[0] == {"data": tmp_path / "data", "extra": None}
 
@@ -93,7 +95,7 @@ def test_failure_keeps_only_the_report_page_until_a_success(tmp_path, fake, monk
         runner.execute("fake", _Cfg(fail=True), {"data": tmp_path / "data"}, out)
     failed = tmp_path / "out.failed"
     assert not out.exists() and not list(tmp_path.glob(".out.partial"))
-    assert sorted(p.name for p in failed.iterdir()) == ["report.html", "report.json"]  # not the weights
+    assert sorted(p.name for p in failed.iterdir()) == [MARKER, "report.html", "report.json"]  # not the weights
     assert f"failure report kept in {failed / 'report.html'}" in capsys.readouterr().err
     runner.execute("fake", _Cfg(), {"data": tmp_path / "data"}, out)
     assert (out / "report.html").is_file() and not failed.exists()  # a stale failure page is gone

@@ -15,7 +15,8 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from alignpipe.errors import ConfigError
+from alignpipe.core.errors import ConfigError
+from alignpipe.core.outputs import is_ours
 
 NETWORKS = ("none", "host")  # podman's default bridge network breaks log streaming (HTTP 500 "no such container")
 
@@ -58,6 +59,8 @@ def docker_runner(image: str, pipeline_root: str | Path, network: str = "none") 
     if not root.exists():
         root.mkdir(parents=True)
         root.chmod(0o777)  # mkdir applies the umask
+    elif is_ours(root):  # a root `pipeline run --local` just made (alignpipe.core.outputs)
+        root.chmod(0o777)
     elif not root.stat().st_mode & stat.S_IWOTH:
         raise ConfigError(str(root), "the tasks run as the image's non-root user: make the pipeline root "
                                      "writable for it (chmod a+w) or pick a new --root")

@@ -28,6 +28,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.core.outputs import check_output_file, make_output_dir
 from alignpipe.stages import MULTI_GPU, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
@@ -148,6 +149,11 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
         print(f"alignpipe pipeline: note: local run: {gpus} ignored, every stage runs in process", file=sys.stderr)
         gpus = {}
     mlflow_uri = args.mlflow_uri or (runs.tracking_uri() if local else "")
+    if runs.has_credentials(mlflow_uri):  # never written into the pipeline YAML
+        if args.mlflow_uri:
+            raise ConfigError(f"--mlflow-uri {runs.redact(mlflow_uri)}", "holds a password or token, which the "
+                              "compiled pipeline would store: give the pods credentials through the MLflow secret")
+        mlflow_uri = ""  # a local run's tasks inherit MLFLOW_TRACKING_URI from this process
     return build_pipeline(sections, gpus, imports, run_ppo=not args.no_ppo, mlflow_tracking_uri=mlflow_uri,
                           git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
@@ -156,7 +162,7 @@ def compile_pipeline(pipeline_func, out: str | Path) -> Path:
     """Compile to the YAML the Kubeflow UI takes (Pipelines > Upload pipeline)."""
     from kfp import compiler
 
-    out = Path(out)
+    out = check_output_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline_func, str(out))
     _integer_defaults(out)
@@ -406,7 +412,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    root = Path(args.root)
+    root = make_output_dir(args.root, "--root")
     if args.image:  # the tasks see the pipeline root only: MLflow's store goes there
         from alignpipe.cli.containers import docker_runner
 

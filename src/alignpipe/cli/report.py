@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alignpipe.core.runner import HEADLINE_FILE
 from alignpipe.stages import STAGE_NAMES
-from alignpipe.tracking.runs import tracking_uri
+from alignpipe.tracking.runs import redact, tracking_uri
 
 
 def main(artifacts: str = "artifacts") -> None:
@@ -31,7 +31,7 @@ def main(artifacts: str = "artifacts") -> None:
         info = json.loads(record.read_text())
         venv = Path(sys.executable).parent  # the server starts `uvicorn` from PATH: put the venv's bin on it
         print(f"\nServe the champion (then POST {{\"inputs\": [\"def f(a, b):\"]}} to "
-              f"http://127.0.0.1:5001/invocations):\n  PATH={venv}:$PATH MLFLOW_TRACKING_URI={tracking_uri()} "
+              f"http://127.0.0.1:5001/invocations):\n  PATH={venv}:$PATH MLFLOW_TRACKING_URI={redact(tracking_uri())} "
               f"mlflow models serve -m models:/{info.get('policy_name', 'alignpipe-policy')}@champion "
               "--env-manager local -p 5001")
 

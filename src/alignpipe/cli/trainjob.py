@@ -26,6 +26,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.core.outputs import check_output_file
 from alignpipe.stages import MULTI_GPU
 
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (>= 2.2: runtimePatches)
@@ -216,7 +217,7 @@ _Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
 
 def write_manifest(docs: list[dict[str, Any]], out: str | Path) -> Path:
     """The documents as one multi-document YAML file."""
-    out = Path(out)
+    out = check_output_file(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
     return out

@@ -113,7 +113,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 and 5e-5 as strings: exponent without a dot
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 2 ** 1023 or not math.isfinite(value):
+                raise ConfigError(key, f"must be a finite number, got {str(value)[:40]}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -133,6 +135,8 @@ def _read_params_file(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(str(path), "YAML nested too deep") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
     base = data.pop(OVERLAY_KEY, None)
@@ -208,6 +212,8 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mappi
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise ConfigError(dotted, "value nested too deep") from None
         out.setdefault(section, {})[key] = value
     return out
 

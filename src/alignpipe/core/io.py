@@ -11,17 +11,97 @@ from typing import Any, Iterable, Iterator
 from alignpipe.core.errors import DataError
 
 PREFS_FILE, HELDOUT_FILE = "prefs.jsonl", "heldout.jsonl"  # the label stage's training and held-out pairs
+MAX_FILE_BYTES = 8 << 30  # a JSONL input larger than this is refused before reading (8 GiB)
+MAX_LINE_BYTES = 16 << 20  # one JSONL line longer than this is refused before parsing (16 MiB)
+MAX_DEPTH = 64  # JSON nesting deeper than this is refused before parsing (json.loads recurses)
+
+
+def check_readable_file(path: str | Path) -> Path:
+    """`path` as a regular file of at most MAX_FILE_BYTES; a DataError that says what it is otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), "is a directory, expected a file")
+    if not path.exists():
+        raise DataError(str(path), "file not found")
+    if not path.is_file():
+        raise DataError(str(path), "not a regular file (a device, FIFO or socket)")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise DataError(str(path), f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
+    return path
+
+
+def iter_lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a binary file, each read with a bound: a line over MAX_LINE_BYTES is a DataError
+    raised before the rest of it is read."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(f"{f.name}:{lineno}", f"line longer than {MAX_LINE_BYTES} bytes")
+        yield lineno, raw
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in the JSON `text` (outside strings), counted without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def parse_json_line(text: str) -> Any:
+    """json.loads of one JSONL line, bounded: ValueError (a one-line reason) when it nests deeper than MAX_DEPTH or
+    holds a lone UTF-16 surrogate (`\\ud800`, which no UTF-8 writer can encode); json.JSONDecodeError as usual."""
+    if text.count("[") + text.count("{") > MAX_DEPTH and json_depth(text) > MAX_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    obj = json.loads(text)
+    if "\\u" in text and _has_surrogate(obj):
+        raise ValueError("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), not encodable as UTF-8")
+    return obj
+
+
+def _has_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the objects of a JSONL file; raise DataError (file, line, reason) on the first bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "file not found")
+    path = check_readable_file(path)
     if path.stat().st_size == 0:
         raise DataError(str(path), "file is empty")
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in iter_lines(f):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -29,9 +109,11 @@ def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = parse_json_line(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}", f"not a JSON line ({e.msg} at column {e.colno})") from None
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}", str(e)) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}", f"expected a JSON object, got {type(obj).__name__}")
             yield obj
@@ -62,13 +144,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     """Read a JSON file, with a DataError naming it when missing or malformed."""
-    path = Path(path)
+    path = check_readable_file(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(str(path), "file not found") from None
+        return parse_json_line(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(str(path), f"not valid JSON: {e}") from None
+    except ValueError as e:
+        raise DataError(str(path), str(e)) from None
 
 
 def clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:

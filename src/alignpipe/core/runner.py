@@ -26,7 +26,8 @@ from typing import Any
 from alignpipe.tracking import runs
 from alignpipe.core import distributed
 from alignpipe.core.config import StageConfig
-from alignpipe.core.errors import DataError
+from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
 from alignpipe.stages import load_stage
 
@@ -59,10 +60,13 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     resolved = resolve_inputs(name, inputs)
     if not distributed.is_main_process():
         return _execute_other_rank(name, stage, cfg, resolved)
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, "--out", resolved.values())
+    check_config_dirs(cfg, out_dir, resolved.values())
     staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if staging.exists() and not is_ours(staging):
+        raise ConfigError(str(staging), f"exists and alignpipe did not create it (no {MARKER}); remove or rename it")
+    remove_ours(staging)  # a killed run's leftover
+    make_output_dir(staging, str(staging))
     start = time.perf_counter()
     try:
         with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
@@ -82,13 +86,22 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         _keep_failure_report(staging, out_dir)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(out_dir.with_name(f"{out_dir.name}.failed"), ignore_errors=True)  # a stale failure report
-    if out_dir.is_dir() and not out_dir.is_symlink():
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.unlink()
+    remove_ours(out_dir.with_name(f"{out_dir.name}.failed"))  # a stale failure report
+    check_output_dir(out_dir, "--out")  # again: the stage ran for a while
+    remove_ours(out_dir)
     staging.rename(out_dir)
     return metrics
+
+
+def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:
+    """Every directory a config names for alignpipe to write into (`*_dir`: checkpoints) follows the `--out` rule:
+    new, empty or alignpipe's own, and neither the output, an input, the current directory nor a system folder."""
+    for key, value in cfg.to_dict().items():
+        if key.endswith("_dir") and key != "source_dir" and isinstance(value, str):
+            where = f"{cfg.section()}.{key}"
+            path = check_output_dir(value, where, [*inputs, out_dir])
+            if not path.exists() and distributed.is_main_process():
+                make_output_dir(path, where)
 
 
 def _keep_failure_report(staging: Path, out_dir: Path) -> None:
@@ -98,8 +111,11 @@ def _keep_failure_report(staging: Path, out_dir: Path) -> None:
     if not any(p.name == "report.html" for p in kept):
         return
     failed = out_dir.with_name(f"{out_dir.name}.failed")
-    shutil.rmtree(failed, ignore_errors=True)
-    failed.mkdir(parents=True)
+    remove_ours(failed)
+    if failed.exists():
+        print(f"alignpipe: {failed} exists and is not alignpipe's; failure report not kept", file=sys.stderr)
+        return
+    make_output_dir(failed, str(failed))
     for path in kept:
         path.rename(failed / path.name)
     print(f"alignpipe: failure report kept in {failed / 'report.html'}", file=sys.stderr)

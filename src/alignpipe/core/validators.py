@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.core.errors import DataError
+from alignpipe.core.io import check_readable_file, iter_lines, parse_json_line
 
 CORPUS_SPLITS = ("train.jsonl", "val.jsonl", "test.jsonl")
 PROMPT_FILES = ("prompts.jsonl", "train_prompts.jsonl")
@@ -169,8 +170,8 @@ def read_rows(path: Path) -> tuple[list[int], list[dict], list[Check]]:
     lines: list[int] = []
     rows: list[dict] = []
     n_lines = 0
-    with path.open("rb") as f:
-        for n_lines, raw in enumerate(f, start=1):
+    with check_readable_file(path).open("rb") as f:
+        for n_lines, raw in iter_lines(f):
             if not raw.strip():
                 continue
             try:
@@ -179,11 +180,14 @@ def read_rows(path: Path) -> tuple[list[int], list[dict], list[Check]]:
                 bad["utf8"].append(f"line {n_lines}: {e.reason} 0x{raw[e.start]:02x} at byte {e.start}")
                 continue
             try:
-                obj = json.loads(text)
+                obj = parse_json_line(text)
             except json.JSONDecodeError as e:
                 start = text.strip()
                 start = repr(start if len(start) <= 40 else start[:40] + "...")
                 bad["json"].append(f"line {n_lines}: {e.msg} (column {e.colno}) in {start}")
+                continue
+            except ValueError as e:
+                bad["json"].append(f"line {n_lines}: {e}")
                 continue
             if not isinstance(obj, dict):
                 bad["object"].append(f"line {n_lines}: got a JSON {_json_type(obj) or 'null'}, not an object")
@@ -400,8 +404,8 @@ def validate_file(v: Validator, path: Path, kind: str, limits: Limits) -> dict[s
 
 def corpus_files(path: Path) -> list[tuple[Path, str]]:
     """The files behind `--corpus`: the file itself, or the splits and prompt files found in the directory."""
-    if path.is_file():
-        return [(path, "prompts" if path.name in PROMPT_FILES else "corpus")]
+    if not path.is_dir():
+        return [(check_readable_file(path), "prompts" if path.name in PROMPT_FILES else "corpus")]
     files = [(path / name, "corpus") for name in CORPUS_SPLITS if (path / name).is_file()]
     files += [(path / name, "prompts") for name in PROMPT_FILES if (path / name).is_file()]
     if not files:

@@ -6,6 +6,8 @@ No hub download happens unless a Hugging Face id is given (and HF_HUB_OFFLINE is
 
 from __future__ import annotations
 
+from alignpipe.core.errors import loading
+
 
 def bf16_supported() -> bool:
     """Whether bf16 autocast is fast here: a CUDA device with bf16, or a CPU with avx512_bf16 or AMX."""
@@ -34,7 +36,8 @@ def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, i
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if init_model:
-        model = AutoModelForCausalLM.from_pretrained(init_model, use_safetensors=True)
+        with loading(init_model, "model (init_model)"):
+            model = AutoModelForCausalLM.from_pretrained(init_model, use_safetensors=True)
         if model.get_input_embeddings().num_embeddings < len(tok):
             model.resize_token_embeddings(len(tok))
         return model

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alignpipe.core.errors import DataError
+from alignpipe.core.errors import DataError, loading
 
 META_FILE = "alignpipe.json"
 
@@ -56,7 +56,10 @@ class PolicyMeta:
         path = Path(directory) / META_FILE
         if not path.is_file():
             return cls()
-        data = json.loads(path.read_text())
+        with loading(path, "policy metadata"):
+            data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise DataError(str(path), "expected a JSON object")
         unknown = set(data) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise DataError(str(path), f"unknown keys {sorted(unknown)}")
@@ -92,8 +95,9 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     if local and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    with loading(path, "policy weights"):
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
     model.to(device or torch_device()).eval()
     meta = PolicyMeta.load(path) if local else PolicyMeta()
     return model, tok, meta

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.core.errors import DataError
+from alignpipe.core.errors import DataError, loading
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
@@ -27,8 +27,9 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, device:
     if Path(str(path)).exists() and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True,
-                                                               trust_remote_code=trust_remote_code)
+    with loading(path, "reward model weights"):
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True,
+                                                                   trust_remote_code=trust_remote_code)
     if model.config.num_labels != 1:
         raise DataError(str(path), f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
     if model.config.pad_token_id is None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from alignpipe.core.errors import loading
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 ALIGNED = "<|aligned|>"
@@ -33,7 +35,8 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, ad
     `add_control_tokens`, the control tokens it lacks are added as special tokens (pretraining a given tokenizer)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    with loading(name_or_path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     missing = [t for t in CONTROL_TOKENS if t not in tok.get_vocab()] if add_control_tokens else []
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignpipe.core.errors import ConfigError
+from alignpipe.core.errors import ConfigError, DataError, loading
 
 
 @dataclass(frozen=True)
@@ -127,13 +127,28 @@ def load_checkpoint(path: Path, net, opt, sched, fingerprint: dict, device, igno
 
     from alignpipe.core.io import read_json
 
-    state = torch.load(path / "state.pt", map_location=device, weights_only=True)
+    with loading(path / "state.pt", "checkpoint (truncated or corrupt)"):
+        state = torch.load(path / "state.pt", map_location=device, weights_only=True)
     saved = read_json(path / "fingerprint.json")
     diff = [k for k in fingerprint if saved.get(k) != fingerprint.get(k) and k not in ignore]
     if diff:
         raise ConfigError(f"pretrain.{diff[0]}", f"differs from the checkpoint in {path} ({saved.get(diff[0])!r}); "
                           "resume with the same config or drop --resume")
-    net.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    with loading(path / "state.pt", "checkpoint (does not fit this model)"):
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        return int(state["step"])
+
+
+def resume_latest(found: list[Path], net, opt, sched, fingerprint: dict, device, ignore: tuple[str, ...] = (),
+                  log=print) -> int:
+    """load_checkpoint of the newest readable checkpoint in `found` (oldest first): an unreadable one is skipped,
+    saying so through `log`, for the one before it; a DataError when none is readable."""
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, net, opt, sched, fingerprint, device, ignore)
+        except DataError as e:
+            log(f"resume: skipping {path}: {e.reason}")
+    raise DataError(str(found[-1].parent), f"none of the {len(found)} checkpoints is readable (listed above); "
+                    "drop --resume to start over")

@@ -20,6 +20,7 @@ from typing import ClassVar, Iterator
 
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.hashing import hash01
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
@@ -145,7 +146,6 @@ def _prompt_candidates(rel: str, text: str, lines: list[str], cfg: Config) -> It
 
 def _documents(cfg: Config, corpus: Path | None) -> Iterator[tuple[str, str]]:
     if corpus is not None:
-        from alignpipe.core.errors import DataError
         from alignpipe.core.io import iter_jsonl
 
         for idx, row in enumerate(iter_jsonl(corpus)):
@@ -198,6 +198,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     files = {f"{name}.jsonl": rows for name, rows in splits.items()}
     files["prompts.jsonl"] = prompts
     files["train_prompts.jsonl"] = pick(candidates["train"], cfg.n_train_prompts)
+    empty = [name for name, rows in files.items() if not rows and not (name == "val.jsonl" and cfg.val_frac == 0)]
+    if empty:
+        raise DataError(str(inputs.get("corpus") or cfg.source_dir or "stdlib"), f"{len(docs)} files give no rows "
+                        f"for {', '.join(empty)}: use more source files or larger data.val_frac/test_frac")
     for name, rows in files.items():
         write_jsonl(out_dir / name, rows)
     scores = [r["violations_per_char"] for r in splits["train"]]

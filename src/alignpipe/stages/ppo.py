@@ -35,7 +35,7 @@ from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBat
                                  gae, kl_shaped_rewards, make_batch, make_value_head, masked_mean, ppo_loss,
                                  token_forward, whiten)
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.errors import ConfigError, DataError, loading
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -215,10 +215,12 @@ def init_training(cfg: Config, model, resume_from: Path | None):
 
         resumed, _, _ = load_policy(resume_from, device=str(next(model.parameters()).device))
         model.load_state_dict(resumed.state_dict())
-        value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
-        saved = torch.load(resume_from / "trainer.pt", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        state = PPOState(**saved["state"])
+        with loading(resume_from / VALUE_HEAD_FILE, "value head (truncated or corrupt)"):
+            value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
+        with loading(resume_from / "trainer.pt", "PPO trainer state (truncated or corrupt)"):
+            saved = torch.load(resume_from / "trainer.pt", weights_only=True)
+            optimizer.load_state_dict(saved["optimizer"])
+            state = PPOState(**saved["state"])
     return value_head, optimizer, state
 
 

@@ -74,8 +74,9 @@ class Config(StageConfig):
     def __post_init__(self):
         self.check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes and the special tokens)")
         for key in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "eval_max_new_tokens",
-                    "log_every", "save_every", "gpus"):
+                    "log_every", "save_every"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
+        self.check(self.gpus >= 0, "gpus", "must be >= 0 (0: a CPU node)")
         self.check(self.n_embd % self.n_head == 0, "n_embd", f"must be a multiple of n_head={self.n_head}")
         self.check(self.lr > 0, "lr", "must be > 0")
         self.check(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
@@ -324,6 +325,8 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path) -> dict
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train, evaluate and save the policy (safetensors + tokenizer + alignpipe.json) into `out_dir`."""
+    import sys
+
     import torch
     import torch.distributed as dist
 
@@ -349,8 +352,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps)
     start_step = 0
     if existing:
-        start_step = training.load_checkpoint(existing[-1], net, opt, sched, _fingerprint(cfg), proc.device,
-                                              ignore=("max_steps",))
+        start_step = training.resume_latest(existing, net, opt, sched, _fingerprint(cfg), proc.device,
+                                            ignore=("max_steps",),
+                                            log=lambda m: print(f"pretrain: {m}", file=sys.stderr))
 
     def checkpoint(step: int) -> None:
         if proc.main:

@@ -230,7 +230,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     verdict = (f"{cfg.alias} -> version {version}" if move else
                f"{cfg.alias} stays at version {champion_after}; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
-    print(f"serve:    MLFLOW_TRACKING_URI={runs.tracking_uri()} mlflow models serve "
+    print(f"serve:    MLFLOW_TRACKING_URI={runs.redact(runs.tracking_uri())} mlflow models serve "
           f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
     out = {"registered_version": int(version), "champion_moved": int(move), "champion_version": int(champion_after)}
     if reward_version is not None:

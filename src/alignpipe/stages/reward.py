@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import DataError
+from alignpipe.core.errors import DataError, loading
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -143,8 +143,9 @@ def load_model(init: str, cfg: Config):
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity(logging.ERROR)  # "score.weight newly initialized" is the point here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+        with loading(init, "reward.init_model weights"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id

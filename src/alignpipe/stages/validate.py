@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
-from alignpipe.core.io import write_json
+from alignpipe.core.io import check_readable_file, write_json
 from alignpipe.core.validators import Limits, Validator, check_files, corpus_files, raise_on_failures
 from alignpipe.reports.validation_page import write_validation_page
 from alignpipe.stages import Input
@@ -69,9 +69,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         raise DataError("--corpus/--prefs", "nothing to validate: give an existing corpus or preference path")
     files = corpus_files(corpus) if corpus is not None else []
     if prefs is not None:
-        if not prefs.is_file():
-            raise DataError(str(prefs), "expected a preference JSONL file, got a directory")
-        files.append((prefs, "prefs"))
+        files.append((check_readable_file(prefs), "prefs"))
 
     validator = Validator((out_dir / "data_docs").resolve())  # GX wants an absolute path
     entries = check_files(validator, files, cfg.limits())

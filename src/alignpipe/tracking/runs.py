@@ -29,6 +29,33 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def redact(uri: str) -> str:
+    """`uri` with any password or token replaced by `***` (`https://user:***@host/`, `?token=***`): the form every
+    printed, logged, tagged or compiled URI takes."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "***"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    secret = ("password", "passwd", "pwd", "token", "secret", "key", "auth", "credential", "sig")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(w in k.lower() for k, _ in pairs for w in secret):
+        query = urlencode([(k, "***" if any(w in k.lower() for w in secret) else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing to hide: unchanged (urlunsplit would rewrite sqlite:////abs as sqlite://abs)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether `uri` carries a password or token (redact would change it)."""
+    return redact(uri) != uri
+
+
 def mlflow_module():
     """The mlflow module, pointed at the configured store (model flavors, registry)."""
     return _mlflow()
