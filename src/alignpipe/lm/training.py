@@ -96,6 +96,20 @@ def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def logged_train_loss(log_history: list[dict]) -> float:
+    """The mean training loss over the steps of a transformers Trainer's logged windows (each `loss` entry covers
+    the steps since the previous one). Unlike `TrainOutput.training_loss` it covers the whole run after a resume:
+    the log history is restored from the checkpoint, the Trainer's running loss sum is not. Steps after the last
+    logged window are not counted; NaN when no window was logged."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else float("nan")
+
+
 def checkpoints(directory: Path) -> list[Path]:
     """The `step-N` checkpoints in `directory`, oldest first."""
     return sorted(Path(directory).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
