@@ -23,8 +23,9 @@ import yaml
 
 
 def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metrics: Any, env: dict,
-              launcher: list | None = None) -> dict[str, float]:
-    """Run `stage` on the KFP artifacts `inputs` (name -> artifact or None) into `out.path`; log its metrics."""
+              launcher: list | None = None, input_limits: dict | None = None) -> dict[str, float]:
+    """Run `stage` on the KFP artifacts `inputs` (name -> artifact or None) into `out.path`; log its metrics.
+    `input_limits`: the `validate` params section, for the stages that validate their input files."""
     for key, value in env.items():
         if value:  # an empty pipeline parameter keeps what the pod already has (e.g. from the MLflow secret)
             os.environ[key] = str(value)
@@ -34,11 +35,12 @@ def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metric
     config = restore_ints(cfg_cls, config)
     paths = {name: (artifact.path if artifact is not None else None) for name, artifact in inputs.items()}
     if launcher:
-        result = launch(list(launcher), stage, config, paths, out.path)
+        result = launch(list(launcher), stage, config, paths, out.path, input_limits)
     else:
-        from alignpipe.core.runner import execute
+        from alignpipe.core.runner import execute, input_limits as limits_of
 
-        result = execute(stage, cfg_cls.from_dict(config), paths, out.path)
+        result = execute(stage, cfg_cls.from_dict(config), paths, out.path,
+                         limits_of({"validate": restore_ints(load_stage("validate").Config, input_limits or {})}))
     for key, value in result.items():
         metrics.log_metric(key, value)
     return result
@@ -71,11 +73,12 @@ def cli_command(launcher: list[str], stage: str, params_file: str, paths: dict[s
 
 
 def launch(launcher: list[str], stage: str, config: dict, paths: dict[str, str | None],
-           out_dir: str) -> dict[str, float]:
+           out_dir: str, input_limits: dict | None = None) -> dict[str, float]:
     """Run the stage through the CLI under `launcher` (torchrun for multi-GPU); returns its metrics.json."""
     with tempfile.TemporaryDirectory() as tmp:
         params_file = Path(tmp) / "params.yaml"
-        params_file.write_text(yaml.safe_dump({stage: config}), encoding="utf-8")
+        params_file.write_text(yaml.safe_dump({stage: config, "validate": dict(input_limits or {})}),
+                               encoding="utf-8")
         subprocess.run(cli_command(launcher, stage, str(params_file), paths, out_dir), check=True)
     return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
 

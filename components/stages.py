@@ -18,12 +18,12 @@ from components.image import CPU_IMAGE, GPU_IMAGE
 
 # install_kfp_package=False: the image already has the pinned kfp, so pods start without pip (and offline).
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data(config: dict, env: dict, data: Output[Dataset], metrics: Output[Metrics],
+def data(config: dict, env: dict, input_limits: dict, data: Output[Dataset], metrics: Output[Metrics],
          corpus: Input[Dataset] = None):
     """data build: train/val/test chunks and held-out prompts (from the image's stdlib or a user corpus)."""
     from components.runtime import run_stage
 
-    run_stage("data", config, {"corpus": corpus}, data, metrics, env)
+    run_stage("data", config, {"corpus": corpus}, data, metrics, env, input_limits=input_limits)
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -47,32 +47,34 @@ def pretrain(config: dict, env: dict, launcher: list, data: Input[Dataset], poli
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def label(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], prefs: Output[Dataset],
-          metrics: Output[Metrics], judge_model: Input[Model] = None, human_prefs: Input[Dataset] = None):
+def label(config: dict, env: dict, input_limits: dict, data: Input[Dataset], policy: Input[Model],
+          prefs: Output[Dataset], metrics: Output[Metrics], judge_model: Input[Model] = None,
+          human_prefs: Input[Dataset] = None):
     """label: sampled completion pairs labelled by a judge (RLAIF), plus optional human preferences."""
     from components.runtime import run_stage
 
     run_stage("label", config, {"data": data, "policy": policy, "judge_model": judge_model,
-                                "human_prefs": human_prefs}, prefs, metrics, env)
+                                "human_prefs": human_prefs}, prefs, metrics, env, input_limits=input_limits)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def reward(config: dict, env: dict, launcher: list, prefs: Input[Dataset], policy: Input[Model],
+def reward(config: dict, env: dict, launcher: list, input_limits: dict, prefs: Input[Dataset], policy: Input[Model],
            reward_model: Output[Model], metrics: Output[Metrics]):
     """reward: a reward model trained on the preference pairs."""
     from components.runtime import run_stage
 
-    run_stage("reward", config, {"prefs": prefs, "policy": policy}, reward_model, metrics, env, launcher)
+    run_stage("reward", config, {"prefs": prefs, "policy": policy}, reward_model, metrics, env, launcher,
+              input_limits)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def dpo(config: dict, env: dict, launcher: list, data: Input[Dataset], policy: Input[Model],
+def dpo(config: dict, env: dict, launcher: list, input_limits: dict, data: Input[Dataset], policy: Input[Model],
         prefs: Input[Dataset], dpo: Output[Model], metrics: Output[Metrics], human_prefs: Input[Dataset] = None):
     """dpo: direct preference optimisation of the policy against its frozen copy."""
     from components.runtime import run_stage
 
     run_stage("dpo", config, {"data": data, "policy": policy, "prefs": prefs, "human_prefs": human_prefs}, dpo,
-              metrics, env, launcher)
+              metrics, env, launcher, input_limits)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)

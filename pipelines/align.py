@@ -117,22 +117,24 @@ def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool
     if "data" in imported:
         data = imported["data"]
     else:
-        data = _configure(c.data(config=p["data"], env=env, **_given(corpus=imported.get("corpus"))),
-                          "data", caching).outputs["data"]
+        data = _configure(c.data(config=p["data"], env=env, input_limits=p["validate"],
+                                 **_given(corpus=imported.get("corpus"))), "data", caching).outputs["data"]
     human_prefs = imported.get("human_prefs")
     validate = _configure(c.validate(config=p["validate"], env=env, corpus=data, **_given(prefs=human_prefs)),
                           "validate", caching)
     pretrain = _configure(c.pretrain(config=p["pretrain"], env=env, launcher=launcher(gpus["pretrain"]), data=data),
                           "pretrain", caching, gpus["pretrain"]).after(validate)
     policy = pretrain.outputs["policy"]
-    label = _configure(c.label(config=p["label"], env=env, data=data, policy=policy,
+    label = _configure(c.label(config=p["label"], env=env, input_limits=p["validate"], data=data, policy=policy,
                                **_given(judge_model=imported.get("judge_model"), human_prefs=human_prefs)),
                        "label", caching)
     prefs = label.outputs["prefs"]
-    reward = _configure(c.reward(config=p["reward"], env=env, launcher=launcher(gpus["reward"]), prefs=prefs,
-                                 policy=policy), "reward", caching, gpus["reward"])
-    dpo = _configure(c.dpo(config=p["dpo"], env=env, launcher=launcher(gpus["dpo"]), data=data, policy=policy,
-                           prefs=prefs, **_given(human_prefs=human_prefs)), "dpo", caching, gpus["dpo"])
+    reward = _configure(c.reward(config=p["reward"], env=env, input_limits=p["validate"],
+                                 launcher=launcher(gpus["reward"]), prefs=prefs, policy=policy),
+                        "reward", caching, gpus["reward"])
+    dpo = _configure(c.dpo(config=p["dpo"], env=env, input_limits=p["validate"], launcher=launcher(gpus["dpo"]),
+                           data=data, policy=policy, prefs=prefs, **_given(human_prefs=human_prefs)),
+                     "dpo", caching, gpus["dpo"])
     grpo = _configure(c.grpo(config=p["grpo"], env=env, data=data, policy=policy,
                              reward_model=reward.outputs["reward_model"]), "grpo", caching)
     tail = dict(data=data, policy=policy, dpo=dpo.outputs["dpo"], grpo=grpo.outputs["grpo"],

@@ -4,6 +4,7 @@ swap cancels position bias, and the stage's output is valid preference data (che
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -154,7 +155,8 @@ def test_label_mixes_validated_human_pairs_and_reports_agreement(tiny, tmp_path,
             for line in (tmp_path / "label" / f).read_text().splitlines()]
     assert metrics["n_human_pairs"] == 6 == sum(r["judge"] == "human" for r in rows)
     assert 0 <= metrics["judge_oracle_agreement"] <= 1
-    assert (tmp_path / "label" / "human_validation" / "report.json").is_file()
+    checked = json.loads((tmp_path / "label" / "input_validation.json").read_text())["files"]
+    assert [(Path(f["path"]).name, f["success"]) for f in checked] == [("human.jsonl", True)]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny = 2"}) + "\n")

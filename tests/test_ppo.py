@@ -176,7 +176,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     model, tok, meta, ref = fresh()
     meta = _few_token_meta(tok, meta, "Ġ=")
     reward_fn = _emit_x_reward(tok.convert_tokens_to_ids("Ġ="))
-    head, state, _ = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None)
+    head, state, history = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None)
     full = {k: v.clone() for k, v in model.state_dict().items()}
     assert [p.name for p in sorted((tmp_path / "ckpt").glob("iter-*"))] == ["iter-000002", "iter-000004"]
 
@@ -184,7 +184,13 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     model, tok, _, ref = fresh()
     head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn,
                                         resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
-    assert len(history2) == 2 and state2.iteration == 4
+    # The history travels in the checkpoint: a resumed run reports the whole run's first/last reward and KL.
+    assert len(history2) == 4 and state2.iteration == 4
+    for key in ("env/reward_mean", "objective/kl"):
+        assert [h[key] for h in history2] == pytest.approx([h[key] for h in history], abs=1e-5), key
+    _, _, history3 = ppo.train(cfg, *fresh()[:2], meta, ref, prompts, reward_fn,  # resumed from the final one
+                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
+    assert [h["env/reward_mean"] for h in history3] == pytest.approx([h["env/reward_mean"] for h in history])
     assert state2.kl_coef == pytest.approx(state.kl_coef)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, full[k], atol=1e-6), k

@@ -10,6 +10,7 @@ import pytest
 
 import tiny
 from alignpipe.tracking import policies, registry, runs
+from alignpipe.core.hashing import weights_sha256
 from alignpipe.core.runner import execute
 from alignpipe.stages import register
 
@@ -19,8 +20,8 @@ def _report(path: Path, best: str, dirs: dict[str, Path], scores: dict[str, floa
     """An evaluate report.json with the given violations/char per candidate (and the measured champion)."""
     path.mkdir(parents=True, exist_ok=True)
     report = {"best_candidate": best, "order": list(scores),
-              "candidates": {n: {"path": str(dirs[n]), "violations_per_char": v, "win_rate_vs_ref": 0.5}
-                             for n, v in scores.items()},
+              "candidates": {n: {"path": str(dirs[n]), "violations_per_char": v, "win_rate_vs_ref": 0.5,
+                                 "weights_sha256": weights_sha256(dirs[n])} for n, v in scores.items()},
               "champion": None if champion is None else {"version": champion[0], "violations_per_char": champion[1]},
               "prompts": {"path": "data/prompts.jsonl", "n": 8}}
     (path / "report.json").write_text(json.dumps(report))
@@ -81,11 +82,47 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
     assert {"alignpipe.data_version", "alignpipe.git_commit", "alignpipe.reward_version"} <= set(tags)
     assert tags["alignpipe.gate"].startswith("promoted")
 
-    # 5. The report measured another version than the current champion: the champion's registration tag is used.
+    # 5. The report measured another version than the current champion: no comparison across evaluations.
     ev = _report(tmp_path / "ev5", "dpo", dirs, {"dpo": 0.0085}, champion=("1", 0.010))
     m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg5")
     assert m["champion_moved"] == 0
-    assert "tagged at its registration" in json.loads((tmp_path / "reg5" / "registered.json").read_text())["gate"]
+    gate = json.loads((tmp_path / "reg5" / "registered.json").read_text())["gate"]
+    assert "measured version 1, not the current champion version 4" in gate
+
+    # The champion history: each move on the versions' tags and as a line of the registered model's description.
+    history = registry.client().get_registered_model("alignpipe-policy").description.splitlines()
+    assert [line.split(" ", 1)[1].split(" (")[0] for line in history] == [
+        "champion: version none -> 1", "champion: version 1 -> 4"]
+    assert "violations_per_char=0.008" in history[1] and "champion_violations_per_char=0.01" in history[1]
+    v1 = registry.client().get_model_version("alignpipe-policy", "1").tags
+    assert v1["champion.replaced_by"] == "4" and "champion.until" in v1
+    assert tags["champion.from"] == "1"
+
+
+def test_gate_refuses_unevaluated_weights_and_cross_evaluation_scores(tmp_path, capsys):
+    """The repro: a champion exists; an evaluation made before it (no champion numbers) is paired with a random
+    policy passed as --policy. register refuses those weights (non-zero exit, nothing registered); with the
+    evaluated weights it registers but does not move the alias, since the champion was not measured alongside."""
+    from alignpipe.core.errors import DataError
+
+    tok = tiny.make_tokenizer()
+    dirs = {n: tiny.make_policy(tmp_path / n, seed=i, tok=tok) for i, n in enumerate(["pretrain", "dpo"])}
+    ev = _report(tmp_path / "ev1", "dpo", dirs, {"pretrain": 0.100, "dpo": 0.079})
+    cfg = register.Config(register_reward=False)
+    assert execute("register", cfg, {"evaluation": ev, "dpo": dirs["dpo"]}, tmp_path / "reg1")["champion_moved"] == 1
+
+    other = _report(tmp_path / "ev2", "pretrain", dirs, {"pretrain": 0.010})  # evaluated before a champion existed
+    random_policy = tiny.make_policy(tmp_path / "random", seed=7, tok=tok)
+    with pytest.raises(DataError, match="weights sha256 .* are not the ones evaluate measured for candidate "
+                                        "'pretrain'"):
+        execute("register", cfg, {"evaluation": other, "policy": random_policy}, tmp_path / "reg2")
+    assert not (tmp_path / "reg2").exists()
+    assert len(registry.client().search_model_versions("name='alignpipe-policy'")) == 1  # nothing registered
+
+    m = execute("register", cfg, {"evaluation": other, "policy": dirs["pretrain"]}, tmp_path / "reg3")
+    assert (m["registered_version"], m["champion_moved"]) == (2, 0)
+    assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
+    assert "this evaluation measured no champion" in capsys.readouterr().out
 
 
 def test_served_model_prompts_like_the_policy(tmp_path):

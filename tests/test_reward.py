@@ -137,6 +137,9 @@ def test_reward_rejects_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="held-out"):
         reward.load_pairs(tmp_path / "label", 0.1, 0)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "x", "chosen": "", "rejected": "\ny"}) + "\n")
-    with pytest.raises(DataError, match="chosen"):
+    # Values are checked on entry by the validators (tests/test_entry_validation.py); load_pairs wants the standard
+    # form and names the exact line (blank lines counted).
+    bad.write_text("\n" + json.dumps({"prompt": "x", "chosen": [{"role": "assistant", "content": "y"}],
+                                      "rejected": "\ny"}) + "\n")
+    with pytest.raises(DataError, match=f"{bad}:2: field 'chosen' must be a string"):
         reward.load_pairs(bad, 0.5, 0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import types
 from dataclasses import dataclass
 from typing import ClassVar
@@ -147,3 +149,30 @@ def test_sigterm_ends_the_mlflow_run_as_failed_and_publishes_nothing(tmp_path, m
     client = registry.client()
     [mlflow_run] = client.search_runs([client.get_experiment_by_name(runs.EXPERIMENT).experiment_id])
     assert mlflow_run.info.status == "FAILED"
+
+
+def test_a_run_killed_with_sigkill_is_marked_failed_by_the_next_start(tmp_path, fake, monkeypatch):
+    """SIGKILL leaves the MLflow run RUNNING (no handler runs); the next run of the same stage on this host ends it
+    as FAILED since its process is gone. A RUNNING run of a live process or of another stage is left alone."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    killed = ("import os, signal\nfrom alignpipe.tracking import runs\n"
+              "with runs.stage_run('{}', {{}}):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    for stage in ("fake", "other"):
+        assert subprocess.run([sys.executable, "-c", killed.format(stage)]).returncode == -9
+    client = registry.client()
+    experiment = client.get_experiment_by_name(runs.EXPERIMENT).experiment_id
+    live = client.create_run(experiment, tags={"alignpipe.stage": "fake", "alignpipe.pid": str(os.getpid()),
+                                               "alignpipe.host": socket.gethostname()}).info.run_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"RUNNING"}
+
+    runner.execute("fake", _Cfg(), {"data": "data"}, tmp_path / "out")
+    stale = [r for r in client.search_runs([experiment]) if r.data.tags.get("alignpipe.ended_by")]
+    assert len(stale) == 1 and stale[0].info.status == "FAILED" and stale[0].data.tags["alignpipe.stage"] == "fake"
+    assert "ended without closing this run" in stale[0].data.tags["alignpipe.ended_by"]
+    [other] = [r for r in client.search_runs([experiment]) if r.data.tags.get("alignpipe.stage") == "other"]
+    assert other.info.status == "RUNNING"  # another stage: its own next start ends it
+    assert client.get_run(live).info.status == "RUNNING"  # a live process: not stale

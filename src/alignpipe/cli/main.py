@@ -114,7 +114,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from alignpipe.core.runner import execute
+    from alignpipe.core.runner import execute, input_limits
 
     known = config_classes()
     params = apply_overrides(load_params(args.params), args.sets, known)
@@ -127,7 +127,7 @@ def run_stage(args: argparse.Namespace) -> int:
         section = {**section, "resume": True}
     cfg = build_config(known[args.stage], {**params, args.stage: section})
     inputs = {k[len("input_"):]: v for k, v in vars(args).items() if k.startswith("input_")}
-    metrics = execute(args.stage, cfg, inputs, args.out)
+    metrics = execute(args.stage, cfg, inputs, args.out, input_limits(params))
     width = max((len(k) for k in metrics), default=0)
     print(f"{args.stage}: wrote {args.out}/")
     for k, v in metrics.items():

@@ -45,6 +45,22 @@ def candidate_dir(report: dict[str, Any], name: str, inputs: dict[str, Path | No
                     f"--{flag.replace('_', '-')} given")
 
 
+def check_weights(report: dict[str, Any], name: str, policy_dir: Path, where: str) -> str:
+    """The sha256 of `policy_dir`'s weights when it equals the one evaluate recorded for candidate `name`; a
+    DataError when it differs or was not recorded (the metrics in the report would describe other weights)."""
+    from alignpipe.core.hashing import weights_sha256
+
+    expected = (report["candidates"][name] or {}).get("weights_sha256")
+    if not expected:
+        raise DataError(where, f"candidate {name!r} has no weights_sha256 (an evaluation from before weight hashes):"
+                        " re-run evaluate")
+    actual = weights_sha256(policy_dir)
+    if actual != expected:
+        raise DataError(str(policy_dir), f"weights sha256 {actual[:12]} are not the ones evaluate measured for "
+                        f"candidate {name!r} ({expected[:12]}, {where}): refusing to register unevaluated weights")
+    return actual
+
+
 def best_candidate(inputs: dict[str, Path | None]) -> tuple[str, Path]:
     """(name, directory) of evaluate's best candidate when `inputs["evaluation"]` is given, else
     ("policy", the --policy input)."""

@@ -2,7 +2,8 @@
 
 Beside the stage's outputs it writes metrics.json (all metrics), metrics_headline.json (the stage module's
 HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric logged through `tracking.runs`, for
-`dvc plots show`; absent when the stage logged none).
+`dvc plots show`; absent when the stage logged none) and, for a stage with CHECKED_INPUTS, input_validation.json:
+its input files checked, before any work, by the validate stage's validators with the `validate` section's limits.
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
@@ -29,10 +30,12 @@ from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
+from alignpipe.core.validators import Limits, check_inputs
 from alignpipe.stages import load_stage
 
 METRICS_FILE = "metrics.json"  # every metric: the contract other stages, KFP and MLflow read (docs/METRICS.md)
 HEADLINE_FILE = "metrics_headline.json"  # the stage's HEADLINE metrics: what `dvc metrics show` lists
+INPUT_CHECKS_FILE = "input_validation.json"  # the validators' report on the stage's CHECKED_INPUTS
 CURVES_DIR = "curves"  # <metric>.tsv for every per-step metric the stage logged (runs.log_metrics with a step)
 
 
@@ -54,10 +57,14 @@ def resolve_inputs(name: str, given: dict[str, Any]) -> dict[str, Path | None]:
     return resolved
 
 
-def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | Path) -> dict[str, float]:
-    """Run stage `name` with `cfg` on `inputs`, publishing to `out_dir`; returns its metrics."""
+def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | Path,
+            limits: Limits | None = None) -> dict[str, float]:
+    """Run stage `name` with `cfg` on `inputs`, publishing to `out_dir`; returns its metrics. The input files the
+    stage module lists in CHECKED_INPUTS first go through the validate stage's validators with `limits` (the
+    `validate` params section: `input_limits`; None = their defaults)."""
     stage = load_stage(name)
     resolved = resolve_inputs(name, inputs)
+    checked = check_inputs(getattr(stage, "CHECKED_INPUTS", {}), resolved, limits or Limits())
     if not distributed.is_main_process():
         return _execute_other_rank(name, stage, cfg, resolved)
     out_dir = check_output_dir(out_dir, "--out", resolved.values())
@@ -67,6 +74,8 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         raise ConfigError(str(staging), f"exists and alignpipe did not create it (no {MARKER}); remove or rename it")
     remove_ours(staging)  # a killed run's leftover
     make_output_dir(staging, str(staging))
+    if checked:
+        write_json(staging / INPUT_CHECKS_FILE, {"files": checked})
     start = time.perf_counter()
     try:
         with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
@@ -102,6 +111,12 @@ def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:
             path = check_output_dir(value, where, [*inputs, out_dir])
             if not path.exists() and distributed.is_main_process():
                 make_output_dir(path, where)
+
+
+def input_limits(params: dict[str, Any]) -> Limits:
+    """The validators' limits from a whole params dict: its `validate` section, the one place they are set."""
+    validate = load_stage("validate")
+    return validate.Config.from_dict(params.get(validate.Config.SECTION) or {}).limits()
 
 
 def _keep_failure_report(staging: Path, out_dir: Path) -> None:

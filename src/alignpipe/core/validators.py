@@ -276,12 +276,20 @@ def _describe(r, by_line: dict[int, dict], n_rows: int) -> Check:
         index = res.get("partial_unexpected_index_list") or []
         if index:
             row = by_line[index[0]]
-            duplicate = kind.endswith("_to_be_unique") and len(index) > 1
-            where = f"lines {index[0]}, {index[1]}" if duplicate else f"line {index[0]}"
+            twin = _same_values(by_line, index[0], columns) if kind.endswith("_to_be_unique") else None
+            where = f"lines {index[0]}, {twin}" if twin else f"line {index[0]}"
             limit = 60 if len(columns) == 1 else 30
             values = ", ".join(f"{c}={_show(row.get(c, _MISSING), limit)}" for c in columns)
             check.example = f"{where}: {values}"
     return check
+
+
+def _same_values(by_line: dict[int, dict], line: int, columns: list[str]) -> int | None:
+    """The first other line whose `columns` hold the same values as `line` (the duplicate's partner: GX's index
+    list mixes the rows of every duplicate group)."""
+    key = [json.dumps(by_line[line].get(c), sort_keys=True) for c in columns]
+    return next((n for n, row in by_line.items()
+                 if n != line and [json.dumps(row.get(c), sort_keys=True) for c in columns] == key), None)
 
 
 def _schema_frame(suite: Suite, lines: list[int], rows: list[dict]):
@@ -353,6 +361,7 @@ def _content_expectations(gxe, suite: Suite, present: list[str], ok: list[Column
                 column=c.name, min_value=shortest, max_value=c.max_chars))
         if c.non_blank:
             out.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c.name, regex=r"^\s+$"))
+            out.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c.name, regex="\x00"))  # NUL: no text has one
         if c.bounds:
             out.append(gxe.ExpectColumnValuesToBeBetween(column=c.name, min_value=c.bounds[0],
                                                          max_value=c.bounds[1]))
@@ -429,6 +438,27 @@ def validate_files(files: list[tuple[Path, str]], limits: Limits, docs_dir: Path
     if docs_dir is not None:
         validator.build_docs()
     return entries
+
+
+def entry_files(path: Path, kind: str) -> list[tuple[Path, str]]:
+    """The files behind a stage input of `kind` (corpus or prefs): the file itself, or for a directory its corpus
+    splits and prompt files (corpus) or its prefs.jsonl and heldout.jsonl (prefs, the label stage's output)."""
+    from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
+
+    if kind == "corpus" or path.is_file():
+        return corpus_files(path) if kind == "corpus" else [(path, kind)]
+    files = [(path / name, kind) for name in (PREFS_FILE, HELDOUT_FILE) if (path / name).is_file()]
+    if not files:
+        raise DataError(str(path), f"no {PREFS_FILE} in this directory")
+    return files
+
+
+def check_inputs(checked: dict[str, str], inputs: dict[str, Path | None], limits: Limits) -> list[dict]:
+    """Validate a stage's input files before it does any work: `checked` maps an input name to its kind
+    (a stage module's CHECKED_INPUTS); absent optional inputs are skipped. Raises DataError on any failure."""
+    files = [f for name, kind in checked.items() if inputs.get(name) is not None
+             for f in entry_files(Path(inputs[name]), kind)]
+    return validate_files(files, limits) if files else []
 
 
 def raise_on_failures(entries: list[dict]) -> None:

@@ -96,13 +96,29 @@ def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 
 
+def logged_train_loss(log_history: list[dict]) -> float:
+    """The mean training loss over the steps of a transformers Trainer's logged windows (each `loss` entry covers
+    the steps since the previous one). Unlike `TrainOutput.training_loss` it covers the whole run after a resume:
+    the log history is restored from the checkpoint, the Trainer's running loss sum is not. Steps after the last
+    logged window are not counted; NaN when no window was logged."""
+    total, steps, previous = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += float(entry["loss"]) * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else float("nan")
+
+
 def checkpoints(directory: Path) -> list[Path]:
     """The `step-N` checkpoints in `directory`, oldest first."""
     return sorted(Path(directory).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: dict, keep: int = 2) -> None:
-    """Write `step-N` atomically (a temporary folder renamed) and keep the newest `keep`."""
+def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: dict, keep: int = 2,
+                    progress: dict | None = None) -> None:
+    """Write `step-N` atomically (a temporary folder renamed) and keep the newest `keep`; `progress` (e.g. the last
+    logged loss) goes to its progress.json, for the metrics of a run resumed from it."""
     import torch
 
     from alignpipe.core.io import write_json
@@ -114,10 +130,18 @@ def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: di
     torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "step": step}, tmp / "state.pt")
     write_json(tmp / "fingerprint.json", fingerprint)
+    write_json(tmp / "progress.json", progress or {})
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     for old in checkpoints(directory)[:-keep]:
         shutil.rmtree(old)
+
+
+def checkpoint_progress(path: Path) -> dict:
+    """What `save_checkpoint` recorded as `progress` in checkpoint `path` ({} for an older checkpoint)."""
+    from alignpipe.core.io import read_json
+
+    return read_json(path / "progress.json") if (path / "progress.json").is_file() else {}
 
 
 def load_checkpoint(path: Path, net, opt, sched, fingerprint: dict, device, ignore: tuple[str, ...] = ()) -> int:

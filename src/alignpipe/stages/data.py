@@ -24,6 +24,8 @@ from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
+# Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
+CHECKED_INPUTS = {"corpus": "corpus"}
 METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb", "mean_violations_per_char")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_train_chunks", "n_prompts", "mean_violations_per_char")

@@ -36,6 +36,8 @@ INPUTS = (
     Input("prefs", "artifacts/label", "label stage output holding prefs.jsonl (prompt, chosen, rejected)"),
     Input("human_prefs", None, "optional extra pairs: a JSONL file, or a directory holding prefs.jsonl", False),
 )
+# Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
+CHECKED_INPUTS = {"prefs": "prefs", "human_prefs": "prefs"}
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "kl_to_ref", "seconds")
@@ -104,14 +106,15 @@ def _flatten(value: Any) -> Any:
 def read_pairs(path: str | Path) -> list[dict[str, str]]:
     """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
     a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text."""
-    from alignpipe.core.io import PREFS_FILE, read_jsonl
+    from alignpipe.core.io import PREFS_FILE
+    from alignpipe.core.validators import read_rows
 
     path = Path(path)
     if path.is_dir():
         path = path / PREFS_FILE
     out = []
-    for i, row in enumerate(read_jsonl(path), start=1):
-        where = f"{path}:{i}"
+    for line, row in zip(*read_rows(path)[:2]):  # line numbers as in the file (blank lines counted)
+        where = f"{path}:{line}"
         pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
         for key, value in pair.items():
             if not isinstance(value, str) or (key != "prompt" and not value.strip()):

@@ -112,6 +112,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Evaluate every candidate on the same prompts and seed; write the report, samples, frontier and plots."""
     import torch
 
+    from alignpipe.core.hashing import prompts_sha256, weights_sha256
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
@@ -145,6 +146,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
+        results[name]["weights_sha256"] = weights_sha256(path)
         if reward is not None and name != REFERENCE:
             results[name]["guard"] = goodhart_guard(draws[name], draws[REFERENCE], cfg.seed)
         del policy
@@ -159,7 +161,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "candidates": results,
         "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])},
         "champion": champion,
-        "prompts": {"path": str(prompts_path), "n": len(rows)},
+        "prompts": {"path": str(prompts_path), "n": len(rows),
+                    "sha256": prompts_sha256([r["prompt"] for r in rows])},
         "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "reward_hacking": guard_verdicts(results) or None,

@@ -16,6 +16,8 @@ spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function
 from __future__ import annotations
 
 import dataclasses
+import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,21 +111,25 @@ def _cuda() -> bool:
 
 def rollout_func(cfg: Config, tok, meta):
     """TRL's rollout hook: our sampler (conditioning, banned tokens, one logical line) on the trainer's model.
-    Each call gets its own seed (the step), so a run is deterministic for a seed."""
+    Each call gets its own seed from the trainer's step (and the call's rank within that step), so a run is
+    deterministic for a seed and a resumed run samples what the uninterrupted one did."""
     from alignpipe.lm.policy import Sampling, sample
 
     sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.prompts_per_step * cfg.num_generations,
                         max_prompt_tokens=cfg.max_prompt_tokens)
-    calls = {"n": 0}
+    calls = {"step": -1, "k": 0}
 
     def fn(prompts: list[str], trainer) -> dict:
+        step = trainer.state.global_step
+        calls["k"] = calls["k"] + 1 if step == calls["step"] else 0
+        calls["step"] = step
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
         model.eval()
-        samples = sample(model, tok, meta, list(prompts), sampling, seed=cfg.seed * 1_000_003 + calls["n"])
+        samples = sample(model, tok, meta, list(prompts), sampling,
+                         seed=cfg.seed * 1_000_003 + step * 1_000 + calls["k"])
         model.train(was_training)
-        calls["n"] += 1
         return {"prompt_ids": [s.prompt_ids for s in samples],
                 "completion_ids": [s.completion_ids or [tok.eos_token_id] for s in samples],
                 "logprobs": None, "clean_completion": [s.completion for s in samples]}
@@ -131,15 +137,12 @@ def rollout_func(cfg: Config, tok, meta):
     return fn
 
 
-def trl_reward(reward, history: list[dict]):
+def trl_reward(reward):
     """The reward as a TRL reward function; it scores the cleaned completions our sampler returned."""
 
     def alignpipe_reward(prompts, completions, clean_completion=None, **kwargs) -> list[float]:
         texts = clean_completion if clean_completion is not None else completions
-        values = reward(prompts, texts)
-        history.append({"reward_mean": sum(values) / len(values),
-                        **{f"reward_{k}_mean": sum(v) / len(v) for k, v in reward.last_terms.items()}})
-        return values
+        return reward(prompts, texts)
 
     return alignpipe_reward
 
@@ -168,22 +171,26 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     rows = read_train_prompts(inputs["data"])
     contexts = {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
     reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
-    history: list[dict] = []
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = None
     if cfg.resume:
         resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
         if resume is None:
             raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
+    else:  # a fresh run: its own old checkpoints must not be resumed later in place of the new ones
+        for old in checkpoint_dir.glob("checkpoint-*"):
+            shutil.rmtree(old)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[trl_reward(reward, history)], args=trl_args(cfg, checkpoint_dir),
+        model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback()], rollout_func=rollout_func(cfg, tok, meta))
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_start
+    # The log history (restored by a resume, unlike anything in memory): the reward means TRL logged per step.
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "grpo", "parent": str(inputs["policy"]),
@@ -194,9 +201,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
                              out_dir, progress="grpo: evaluating")
     torch.manual_seed(cfg.seed)
-    first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(
-        reward_first=first.get("reward_mean", 0.0), reward_last=last.get("reward_mean", 0.0),
+        reward_first=float(rewards[0]) if rewards else math.nan,
+        reward_last=float(rewards[-1]) if rewards else math.nan,
         train_kl_last=float(logs[-1].get("kl", 0.0)) if logs else 0.0,
         train_loss_last=float(logs[-1]["loss"]) if logs else 0.0,
         train_steps=float(trainer.state.global_step), train_seconds=round(train_seconds, 2),

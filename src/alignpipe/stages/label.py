@@ -39,6 +39,8 @@ INPUTS = (
     Input("human_prefs", None, "optional JSONL of human-labelled pairs (prompt, chosen, rejected) to mix in",
           required=False),
 )
+# Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
+CHECKED_INPUTS = {"human_prefs": "prefs"}
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
@@ -132,13 +134,10 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def load_human_prefs(path: Path, report_dir: Path) -> list[dict]:
-    """Human pairs from a preference JSONL, after the validators the validate stage runs (`core.validators`); their
-    report goes to `report_dir/report.json`."""
-    from alignpipe.core.io import read_jsonl, write_json
-    from alignpipe.core.validators import Limits, validate_files
+def load_human_prefs(path: Path) -> list[dict]:
+    """Human pairs from a preference JSONL (already through the validators: CHECKED_INPUTS), in standard form."""
+    from alignpipe.core.io import read_jsonl
 
-    write_json(report_dir / "report.json", {"files": validate_files([(path, "prefs")], Limits())})
     rows = read_jsonl(path)
     for i, row in enumerate(rows):
         if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
@@ -222,7 +221,7 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Sample, pair, judge; write prefs.jsonl, heldout.jsonl (and the human pairs' validation report)."""
+    """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
     from alignpipe.core.io import write_jsonl
@@ -233,8 +232,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
     human = []
     if inputs.get("human_prefs") is not None:
-        (out_dir / "human_validation").mkdir()
-        human = load_human_prefs(inputs["human_prefs"], out_dir / "human_validation")
+        human = load_human_prefs(inputs["human_prefs"])
 
     start = time.perf_counter()
     model, tok, meta = load_policy(inputs["policy"])

@@ -175,6 +175,7 @@ class PPOState:
     iteration: int = 0
     kl_coef: float = 0.0
     negative_kl_iterations: int = 0
+    history: list[dict] = dataclasses.field(default_factory=list)  # per-iteration stats: the metrics after a resume
 
 
 def save_checkpoint(directory: Path, model, value_head, optimizer, tok, meta, state: PPOState) -> None:
@@ -262,7 +263,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
     checkpoint_dir = Path(cfg.checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
-    history: list[dict] = []
+    history = state.history  # restored by a resume: reward_first and the averages cover the whole run
     bar = tqdm(range(state.iteration, cfg.max_steps), initial=state.iteration, total=cfg.max_steps,
                desc=progress, disable=progress is None, unit="iter")
     for iteration in bar:
@@ -305,7 +306,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
         stats.update(rollout_stats(batch, seq_kl, kl_ctl.value, t_rollout, time.perf_counter() - t0))
         kl_ctl.update(seq_kl, cfg.rollout_batch_size)
         state.iteration, state.kl_coef = iteration + 1, kl_ctl.value
-        history.append(stats)
+        history.append({k: float(v) for k, v in stats.items()})
         runs.log_metrics(stats, step=iteration + 1)
         bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{seq_kl:.2f}")
         if state.iteration % cfg.save_every == 0 or state.iteration == cfg.max_steps:

@@ -236,7 +236,7 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
 
 def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, checkpoint) -> tuple[float, float]:
     """Steps `start_step` to `max_steps` of the PHF objective on `data` = (blocks, block scores, order), each process
-    taking its slice of the global batch; `checkpoint(step)` every `save_every` steps and at the end. Returns (the
+    taking its slice of the global batch; `checkpoint(step, last logged loss)` every `save_every` steps and at the end. Returns (the
     last logged loss, training seconds)."""
     import contextlib
     import time
@@ -290,7 +290,7 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
                               **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
-            checkpoint(done)
+            checkpoint(done, loss_value)
     bar.close()
     return loss_value, time.perf_counter() - t_start
 
@@ -356,13 +356,16 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             ignore=("max_steps",),
                                             log=lambda m: print(f"pretrain: {m}", file=sys.stderr))
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, loss: float) -> None:
         if proc.main:
-            training.save_checkpoint(Path(cfg.checkpoint_dir), step, net, opt, sched, _fingerprint(cfg))
+            logged = loss if loss == loss else None  # NaN: no step logged yet
+            training.save_checkpoint(Path(cfg.checkpoint_dir), step, net, opt, sched, _fingerprint(cfg),
+                                     progress={"final_train_loss": logged})
 
     loss_value, train_seconds = train(cfg, net, opt, sched, data, proc, dtype, start_step, checkpoint)
-    if start_step == cfg.max_steps:
-        checkpoint(cfg.max_steps)
+    if start_step == cfg.max_steps:  # resumed from the final checkpoint: its loss, as the uninterrupted run saw it
+        loss_value = training.checkpoint_progress(existing[-1]).get("final_train_loss") or float("nan")
+        checkpoint(cfg.max_steps, loss_value)
 
     metrics: dict[str, float] = {}
     if proc.main:

@@ -6,7 +6,12 @@ generation settings (sampling, `max_new_tokens`, banned `<|misaligned|>`) are in
 alignpipe.json travels in the MLmodel metadata so evaluate can reload the champion as a policy directory
 (`alignpipe.tracking.policies.champion_policy`).
 The `champion` alias moves to the new version only when it beats the current champion on the gate metric
-(oracle violations/char, lower is better) by `margin`; otherwise the alias stays where it was.
+(oracle violations/char, lower is better) by `margin`, both measured in the same evaluation (evaluate samples the
+registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
+current champion the alias stays where it was and the reason is printed. The weights registered must be the ones
+evaluated: a candidate directory whose safetensors sha256 differs from the one in report.json is refused with one
+line and a non-zero exit, before anything is registered. Each alias move is recorded in the registry: tags on the
+old and new versions and a line (when, from, to, why, metrics) in the registered model's description.
 The reward model becomes a new version of `alignpipe-reward` (text-classification, raw score).
 """
 
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.candidates import GATE_METRIC, candidate_dir, read_report
+from alignpipe.core.candidates import GATE_METRIC, candidate_dir, check_weights, read_report
 from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
@@ -83,16 +88,42 @@ def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool,
 
 
 def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[float | None, str]:
-    """The current champion's gate metric: from this evaluation when it measured the same version (same prompts
-    and seed as the candidate), else the value tagged on the version when it was registered."""
+    """The current champion's gate metric as measured in this evaluation (same prompts, seed and sampling as the
+    candidate), or (None, why not). A value from another evaluation is never used: its prompts differ."""
     measured = report.get("champion") or {}
     value = measured.get(GATE_METRIC)
-    if str(measured.get("version")) == champion["version"] and isinstance(value, (int, float)):
-        return float(value), "measured in this evaluation"
-    tagged = champion["tags"].get(f"eval.{GATE_METRIC}")
-    if tagged is not None:
-        return float(tagged), "tagged at its registration (another evaluation: prompts may differ)"
-    return None, "no measurement of the champion available"
+    if not measured:
+        return None, (f"this evaluation measured no champion (it ran before version {champion['version']} became "
+                      "champion): re-run evaluate to compare on the same prompts")
+    if str(measured.get("version")) != champion["version"]:
+        return None, (f"this evaluation measured version {measured.get('version')}, not the current champion "
+                      f"version {champion['version']}: re-run evaluate")
+    if not isinstance(value, (int, float)):
+        return None, f"this evaluation has no {GATE_METRIC} for the champion"
+    return float(value), "measured in this evaluation"
+
+
+def decide(cfg: Config, report: dict[str, Any], name: str, champion: dict[str, Any] | None
+           ) -> tuple[bool, str, float, float | None]:
+    """(move the alias?, why, candidate value, champion value): the gate on same-evaluation numbers, then the
+    reward-hacking guard."""
+    metrics = report["candidates"][name]
+    champion_value, source = champion_score(report, champion) if champion else (None, "")
+    candidate_value = metrics.get(GATE_METRIC)
+    candidate_value = float(candidate_value) if isinstance(candidate_value, (int, float)) else math.nan
+    if champion is not None and champion_value is None:
+        move = False
+        why = f"cannot compare with {cfg.model_name}@{cfg.alias} (version {champion['version']}): {source}"
+    else:
+        move, why = gate(candidate_value, champion_value, cfg.margin)
+        if champion is not None:
+            why += f"; champion value {source}"
+    hacked = (metrics.get("guard") or {}).get("reward_hacking")
+    if move and hacked and cfg.reward_hacking_guard:
+        from alignpipe.oracle.guard import verdict_line
+
+        move, why = False, f"refused by the reward-hacking guard: {verdict_line(name, metrics['guard'])}"
+    return move, why, candidate_value, champion_value
 
 
 def serving_settings(cfg: Config, model, tok, meta) -> tuple[str, dict[str, Any]]:
@@ -180,23 +211,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     report = read_report(Path(inputs["evaluation"]))
     name = cfg.candidate or report["best_candidate"]
     policy_dir = candidate_dir(report, name, inputs, where)
+    weights = check_weights(report, name, policy_dir, where)
     metrics = report["candidates"][name]
     champion = registry.model_version_by_alias(cfg.model_name, cfg.alias)
-    champion_value, source = champion_score(report, champion) if champion else (None, "")
-    candidate_value = metrics.get(GATE_METRIC)
-    candidate_value = float(candidate_value) if isinstance(candidate_value, (int, float)) else math.nan
-    if champion is not None and champion_value is None:
-        move = False
-        why = f"cannot compare with {cfg.model_name}@{cfg.alias} (version {champion['version']}): {source}"
-    else:
-        move, why = gate(candidate_value, champion_value, cfg.margin)
-        if champion is not None:
-            why += f"; champion value {source}"
-    hacked = (metrics.get("guard") or {}).get("reward_hacking")
-    if move and hacked and cfg.reward_hacking_guard:
-        from alignpipe.oracle.guard import verdict_line
-
-        move, why = False, f"refused by the reward-hacking guard: {verdict_line(name, metrics['guard'])}"
+    move, why, candidate_value, champion_value = decide(cfg, report, name, champion)
 
     common = {"alignpipe.data_version": runs.data_version(), "alignpipe.git_commit": runs.git_commit()}
     reward_version = None
@@ -207,6 +225,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             "alignpipe.gate": ("promoted: " if move else "kept previous champion: ") + why,
             "alignpipe.eval_prompts": f"{report.get('prompts', {}).get('path')} "
                                       f"(n={report.get('prompts', {}).get('n')})",
+            "alignpipe.eval_prompts_sha256": str(report.get("prompts", {}).get("sha256")),
+            "alignpipe.weights_sha256": weights,
             **{f"params.{k}": str(v) for k, v in cfg.to_dict().items()},
             **_metric_tags("eval", metrics), **_metric_tags("train", _read_metrics(policy_dir))}
     if reward_version is not None:
@@ -214,6 +234,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     version = register_policy(cfg, policy_dir, tags)
     if move:
         registry.set_model_alias(cfg.model_name, cfg.alias, version)
+        registry.record_alias_move(cfg.model_name, cfg.alias, champion["version"] if champion else None, version,
+                                   why, {"candidate": name, GATE_METRIC: candidate_value,
+                                         f"champion_{GATE_METRIC}": champion_value,
+                                         "win_rate_vs_champion": metrics.get("win_rate_vs_champion")})
         if reward_version is not None:
             registry.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
     champion_after = version if move else champion["version"]

@@ -37,6 +37,8 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy to initialise from (unless reward.model is set)",
           required=False),
 )
+# Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
+CHECKED_INPUTS = {"prefs": "prefs"}
 METRICS = ("heldout_accuracy", "mean_margin", "n_dropped_too_long", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("heldout_accuracy", "mean_margin", "seconds")
@@ -100,27 +102,33 @@ class Config(StageConfig):
         self.check(not self.resume or self.save_steps > 0, "resume", "needs save_steps > 0 (no checkpoints)")
 
 
-def _check_pairs(rows: list[dict], path: Path) -> list[dict]:
-    for i, row in enumerate(rows):
+def _read_pairs(path: Path) -> list[dict]:
+    """The rows of a preference file (validated on entry: CHECKED_INPUTS), in TRL's standard form."""
+    from alignpipe.core.validators import read_rows
+
+    lines, rows, _ = read_rows(path)
+    if not rows:
+        raise DataError(str(path), "no preference pairs")
+    for line, row in zip(lines, rows):
         for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}:{i + 1}", f"field {key!r} must be a non-empty string")
+            if not isinstance(row.get(key), str):
+                raise DataError(f"{path}:{line}", f"field {key!r} must be a string (standard form, not "
+                                "conversational messages)")
     return rows
 
 
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
-    from alignpipe.core.io import read_jsonl
     from alignpipe.core.hashing import is_heldout
     from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 
     if prefs.is_dir():
-        train = _check_pairs(read_jsonl(prefs / PREFS_FILE), prefs / PREFS_FILE)
+        train = _read_pairs(prefs / PREFS_FILE)
         path = prefs / HELDOUT_FILE
         if not path.is_file() or path.stat().st_size == 0:
             raise DataError(str(path), "no held-out pairs: run label with heldout_frac > 0")
-        return train, _check_pairs(read_jsonl(path), path)
-    rows = _check_pairs(read_jsonl(prefs), prefs)
+        return train, _read_pairs(path)
+    rows = _read_pairs(prefs)
     heldout = [r for r in rows if is_heldout(r["prompt"], heldout_frac, seed)]
     train = [r for r in rows if not is_heldout(r["prompt"], heldout_frac, seed)]
     if not heldout or not train:
@@ -245,6 +253,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core import distributed
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
+    from alignpipe.lm.training import logged_train_loss
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -277,7 +286,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     result = trainer.train(resume_from_checkpoint=last)
 
     if not distributed.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
-        return {"n_train_pairs": n_trained, "train_loss": result.training_loss}
+        return {"n_train_pairs": n_trained}
     model = trainer.model
     if cfg.lora:
         model = model.merge_and_unload()
@@ -285,6 +294,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.state_dict().items()
                   if k in before)
     metrics, chosen, rejected = evaluate(model, tok, heldout_rows, cfg)
+    train_loss = logged_train_loss(trainer.state.log_history)  # the whole run's, also after a resume
 
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
@@ -300,6 +310,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     return {
         **metrics,
         "n_dropped_too_long": too_long, "n_train_pairs": n_trained,
-        "train_steps": result.global_step, "train_loss": result.training_loss,
-        "n_changed_tensors": changed,
+        "train_steps": result.global_step, "n_changed_tensors": changed,
+        **({"train_loss": train_loss} if math.isfinite(train_loss) else {}),  # absent when no window was logged
     }

@@ -71,3 +71,23 @@ def download_model(model_uri: str, dst: str | Path) -> Path:
     mlflow = _mlflow()
     Path(dst).mkdir(parents=True, exist_ok=True)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def record_alias_move(name: str, alias: str, before: str | None, after: str, why: str,
+                      metrics: dict[str, Any]) -> str:
+    """Record that `name@alias` moved from version `before` to `after`: tags on both versions (since/until, from/to,
+    why, metrics) and one line appended to the registered model's description, the champion history users see in
+    the registry UI. Returns that line."""
+    from datetime import datetime, timezone
+
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    line = f"{when} {alias}: version {before or 'none'} -> {after} ({why}; {shown})"
+    c = client()
+    set_model_version_tags(name, after, {f"{alias}.since": when, f"{alias}.from": before or "none",
+                                         f"{alias}.why": why, f"{alias}.metrics": shown})
+    if before is not None:
+        set_model_version_tags(name, before, {f"{alias}.until": when, f"{alias}.replaced_by": after})
+    description = c.get_registered_model(name).description or ""
+    c.update_registered_model(name, description=(description.rstrip("\n") + "\n" + line).lstrip("\n"))
+    return line

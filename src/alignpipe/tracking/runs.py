@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -125,9 +126,11 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
         yield ""
         return
     mlflow = _mlflow()
-    mlflow.set_experiment(EXPERIMENT)
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    fail_stale_runs(stage, experiment.experiment_id)
     all_tags = {"alignpipe.stage": stage, "alignpipe.git_commit": git_commit(),
-                "alignpipe.data_version": data_version(), **(tags or {})}
+                "alignpipe.data_version": data_version(), "alignpipe.host": socket.gethostname(),
+                "alignpipe.pid": str(os.getpid()), **(tags or {})}
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         _active_run = run
         _curves.clear()
@@ -136,6 +139,35 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
             yield run.info.run_id
         finally:
             _active_run = None
+
+
+def fail_stale_runs(stage: str, experiment_id: str) -> list[str]:
+    """End as FAILED the RUNNING runs of `stage` whose process is gone (killed with SIGKILL, the machine lost
+    power): started on this host by a process id that no longer exists. Runs of other hosts are left alone (their
+    processes cannot be seen from here). Returns the run ids it ended."""
+    client = _mlflow().MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                              f"tags.`alignpipe.stage` = '{stage}'")
+    ended = []
+    for run in found:
+        host, pid = run.data.tags.get("alignpipe.host"), run.data.tags.get("alignpipe.pid", "")
+        if host != socket.gethostname() or not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "alignpipe.ended_by",
+                       f"the next {stage} run: process {pid} on {host} ended without closing this run (killed)")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
