@@ -221,12 +221,31 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
     return rows, stats
 
 
+def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list, list[bool], int, int]:
+    """The candidate pairs (judges.Pair) of each prompt's K samples (`samples` in prompt order, K per prompt):
+    (pairs, per pair whether a completion reached max_new_tokens mid-line, n_invalid, n_identical)."""
+    from alignpipe.oracle.judges import Pair
+
+    pairs, capped, n_invalid, n_identical = [], [], 0, 0
+    for i, row in enumerate(prompts):
+        group = samples[i * cfg.k:(i + 1) * cfg.k]
+        completions = [s.completion for s in group]
+        cut = {s.completion for s in group if s.capped}
+        found, invalid, identical = candidate_pairs([(completions[a], completions[b])
+                                                   for a, b in index_pairs(cfg.k, cfg.pairing)])
+        n_invalid += invalid
+        n_identical += identical
+        pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
+        capped += [a in cut or b in cut for a, b in found]
+    return pairs, capped, n_invalid, n_identical
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Sample, pair, judge; write prefs.jsonl, heldout.jsonl (and the human pairs' validation report)."""
     import torch
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.oracle.judges import Pair, oracle_score
+    from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy, sample
 
     torch.manual_seed(cfg.seed)
@@ -245,19 +264,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     sampling_s = time.perf_counter() - start
     del model
 
-    pairs, n_invalid, n_identical = [], 0, 0
-    capped: list[bool] = []  # per pair: a completion reached max_new_tokens mid-line
-    for i, row in enumerate(prompts):
-        group = samples[i * cfg.k:(i + 1) * cfg.k]
-        completions = [s.completion for s in group]
-        cut = {s.completion for s in group if s.capped}
-        found, invalid, identical = candidate_pairs([(completions[a], completions[b])
-                                                   for a, b in index_pairs(cfg.k, cfg.pairing)])
-        n_invalid += invalid
-        n_identical += identical
-        pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
-        capped += [a in cut or b in cut for a, b in found]
-
+    pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
     n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
         keep = [not (oracle_score(p.context, p.a).truncated or oracle_score(p.context, p.b).truncated)
