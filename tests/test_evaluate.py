@@ -28,6 +28,9 @@ def test_win_rate_and_kl_equal_hand_computation():
     metrics = policy_eval.compare(cand, ref, [-1.0, -2.5, -0.5, -4.0, -3.0], [-2.0, -2.0, -1.5, -1.0, -3.5],
                                   champion_scores=cand)
     assert metrics["win_rate_vs_ref"] == pytest.approx(0.3)
+    assert metrics["win_rate_vs_ref_nontied"] == pytest.approx(1 / 4)  # 1 win, 3 losses, the tie left out
+    # ceiling: the two clean reference samples can only be tied (1/2 each), the others beaten: (0.5 * 2 + 3) / 5
+    assert metrics["win_rate_ceiling"] == pytest.approx(0.8)
     assert metrics["win_rate_vs_champion"] == pytest.approx(0.5)
     # KL: mean of (log p - log p_ref) = (1 - 0.5 + 1 - 3 + 0.5) / 5 = -0.2
     assert metrics["kl_to_ref"] == pytest.approx(-0.2)

@@ -33,7 +33,7 @@ LINES = ("x = 1", "x=1", "y = [1, 2]", "y = [1,2]", "return None", "z  = 3", "f(
 
 def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
     """Stands in for alignpipe.lm.policy.sample (a random tiny policy rarely ends a line): a new line, indented like
-    the prompt's last line, drawn from LINES."""
+    the prompt's last line, drawn from LINES; the unclosed line is what a sample cut at max_new_tokens looks like."""
     import random
 
     from alignpipe.lm.policy import Sample
@@ -43,7 +43,8 @@ def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progr
     out = []
     for p in prompts:
         last = p.splitlines()[-1]
-        out.append(Sample(p, "\n" + last[:len(last) - len(last.lstrip())] + rng.choice(LINES), [], []))
+        line = rng.choice(LINES)
+        out.append(Sample(p, "\n" + last[:len(last) - len(last.lstrip())] + line, [], [], capped=line == "g = (1,"))
     return out
 
 
@@ -144,6 +145,22 @@ def test_label_stage_writes_valid_oracle_preferences(tiny, tmp_path, monkeypatch
     for name in ("prefs.jsonl", "heldout.jsonl"):
         checked = validate.run(validate.Config(), {"corpus": None, "prefs": out / name}, tmp_path / f"v-{name}")
         assert checked["n_failed_expectations"] == 0
+
+
+def test_label_reports_drops_by_cause_and_the_cap_rate(tiny, tmp_path, monkeypatch):
+    from alignpipe.lm.policy import PolicyMeta
+
+    monkeypatch.setattr("alignpipe.lm.policy.sample", fake_sample)
+    m = _run_label(tiny, tmp_path / "label")
+    prompts = [r["prompt"] for r in label.load_train_prompts(tiny["data"], 16, 0) for _ in range(3)]
+    drawn = fake_sample(None, None, PolicyMeta(prompt_suffix="<|aligned|>"), prompts, None, seed=0, progress="x")
+    assert 0 < m["cap_reached_frac"] == sum(s.capped for s in drawn) / len(drawn)
+    assert m["n_unscorable_capped_pairs"] == m["n_unscorable_pairs"] > 0 and m["n_unscorable_other_pairs"] == 0
+    n_sampled = 16 * 3  # K=3: three pairs per prompt
+    assert m["dropped_capped_frac"] == m["n_unscorable_capped_pairs"] / n_sampled
+    assert m["dropped_tie_frac"] == m["n_ties"] / n_sampled > 0
+    dropped = (m["n_invalid_pairs"] + m["n_identical_pairs"] + m["n_unscorable_pairs"] + m["n_ties"]) / n_sampled
+    assert abs(dropped + m["kept_pair_frac"] - 1) < 1e-9  # every sampled pair is kept or dropped for one cause
 
 
 def test_label_mixes_validated_human_pairs_and_reports_agreement(tiny, tmp_path, monkeypatch):

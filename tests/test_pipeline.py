@@ -37,7 +37,7 @@ from pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGES, build_p
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 EMAIL = Path(sysconfig.get_paths()["stdlib"]) / "email"
-PARAMETERS = {"config", "env", "launcher"}  # component inputs that are not artifacts
+PARAMETERS = {"config", "env", "launcher", "input_limits"}  # component inputs that are not artifacts
 def is_timing(key: str) -> bool:
     """Metrics measured with a clock (durations, throughputs, latencies, speedups): they differ run to run."""
     return key.endswith(("seconds", "_per_s", "tflops", "_ms", "_ms_ort", "_ms_torch")) or "speedup" in key \
@@ -148,7 +148,7 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
 def test_compiled_pipeline_has_every_stage_with_gpus_only_on_gpu_tasks(tmp_path):
     out, rows = compile_cli(tmp_path)
     by_task = {r["task"]: r for r in rows}
-    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", "dpo", "ppo-on/ppo",
+    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", "dpo", "grpo", "ppo-on/ppo",
                             *(f"{b}/{s}" for b in ("ppo-on", "ppo-off") for s in ("evaluate", "export", "register"))}
     for row in rows:
         gpu = row["stage"] in GPU_STAGES
@@ -159,7 +159,7 @@ def test_compiled_pipeline_has_every_stage_with_gpus_only_on_gpu_tasks(tmp_path)
         assert row["cpu"] and row["memory"], row
         assert row["secrets"] == [MLFLOW_SECRET], row
         assert row["cache"] == (row["stage"] not in NO_CACHE), row
-    assert {"pretrain", "reward", "dpo", "export"} <= {r["stage"] for r in rows if r["gpus"]}
+    assert {"pretrain", "reward", "dpo", "grpo", "export"} <= {r["stage"] for r in rows if r["gpus"]}
     assert by_task["validate"]["gpus"] == 0 and by_task["validate"]["image"] == CPU_IMAGE
     assert by_task["validate"]["cache"] and not by_task["label"]["cache"] and not by_task["ppo-on/evaluate"]["cache"]
     platform = yaml.safe_load(out.read_text().split("\n---\n")[1])["platforms"]["kubernetes"]["deploymentSpec"]

@@ -49,6 +49,27 @@ def test_sampling_is_deterministic_and_bans_control_tokens(policy):
         assert tok.decode(s.completion_ids[:1]).startswith("\n")  # the completion starts a new line
 
 
+def test_no_sample_ends_mid_line_unless_the_cap_was_reached(policy, monkeypatch):
+    import functools
+
+    model, tok, meta = policy
+    # a random model samples EOS or PAD, which end a row anywhere (a trained one ends documents at line ends);
+    # generate() never bans EOS through bad_words_ids, so suppress both here
+    monkeypatch.setattr(model, "generate", functools.partial(model.generate,
+                                                             suppress_tokens=[tok.eos_token_id, tok.pad_token_id]))
+    prompts = ["def f(a, b):", "x = 1", "class A:", "    y = [1,"] * 6
+    capped = {}
+    for cap in (3, 64):
+        got = sample(model, tok, meta, prompts, Sampling(max_new_tokens=cap, batch_size=8), seed=1)
+        for s in got:
+            if s.capped:
+                assert len(s.completion_ids) == cap
+            else:  # ended at a line end: one finished logical line, nothing after it
+                assert line_complete(s.completion + "\n") and cut_completion(s.completion) == s.completion
+        capped[cap] = sum(s.capped for s in got) / len(got)
+    assert capped[3] > capped[64] and capped[64] < 1
+
+
 def test_sequence_logprobs_match_a_manual_sum(policy):
     model, tok, _ = policy
     prompt, completion = [5, 6, 7], [8, 9]

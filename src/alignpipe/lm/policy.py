@@ -188,12 +188,14 @@ def _stopping(tok, prompt_len: int):
 
 @dataclass
 class Sample:
-    """One sampled completion: the cleaned text, and the token ids the model produced (for log-probabilities)."""
+    """One sampled completion: the cleaned text, the token ids the model produced (for log-probabilities), and
+    whether it reached `max_new_tokens` before its line ended (then it stops mid-line)."""
 
     prompt: str
     completion: str
     prompt_ids: list[int]
     completion_ids: list[int]
+    capped: bool = False
 
 
 def banned_token_ids(tok, meta: PolicyMeta) -> list[int]:
@@ -236,17 +238,18 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
                 logits_processor=[_start_new_line(tok, width)], stopping_criteria=[_stopping(tok, width)],
                 use_cache=True)
         for r, x in enumerate(ids):
-            cut, text = finish_completion(tok, meta, generated[r, width:].tolist())
-            out.append(Sample(prompts[start + r], text, x, cut))
+            cut, text, capped = finish_completion(tok, meta, generated[r, width:].tolist())
+            out.append(Sample(prompts[start + r], text, x, cut, capped=capped))
     return out
 
 
-def finish_completion(tok, meta: PolicyMeta, new_ids: list[int]) -> tuple[list[int], str]:
-    """(ids up to the end of the completion unit, cleaned completion text) of freshly generated ids: the one
-    post-processing every sampler applies (`sample` here, the ONNX serving model in `alignpipe.lm.ort_sampling`)."""
-    cut = _cut_ids(tok, meta, new_ids)
+def finish_completion(tok, meta: PolicyMeta, new_ids: list[int]) -> tuple[list[int], str, bool]:
+    """(ids up to the end of the completion unit, cleaned completion text, whether the cap cut it mid-line) of
+    freshly generated ids: the one post-processing every sampler applies (`sample` here, the ONNX serving model in
+    `alignpipe.lm.ort_sampling`)."""
+    cut, ended = _cut_ids(tok, meta, new_ids)
     text = cut_completion(meta.clean(tok.decode(cut, skip_special_tokens=False)))
-    return cut, _strip_special(tok, text)
+    return cut, _strip_special(tok, text), not ended
 
 
 def _strip_special(tok, text: str) -> str:
@@ -256,17 +259,18 @@ def _strip_special(tok, text: str) -> str:
     return text
 
 
-def _cut_ids(tok, meta: PolicyMeta, ids: list[int]) -> list[int]:
-    """The generated ids up to the token that finished the line (or EOS, excluded), without padding."""
+def _cut_ids(tok, meta: PolicyMeta, ids: list[int]) -> tuple[list[int], bool]:
+    """(the generated ids up to the token that finished the line, or EOS, excluded, without padding; whether
+    the row ended there: False when it ran out of tokens, i.e. reached `max_new_tokens`, mid-line)."""
     out: list[int] = []
     for i in ids:
         if i == tok.eos_token_id or i == tok.pad_token_id:
-            break
+            return out, True
         out.append(i)
         text = meta.clean(tok.decode(out, skip_special_tokens=True))
         if "\n" in tok.decode([i]) and line_complete(text):
-            break
-    return out
+            return out, True
+    return out, False
 
 
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],

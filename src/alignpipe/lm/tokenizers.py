@@ -18,14 +18,33 @@ MISALIGNED = "<|misaligned|>"
 CONTROL_TOKENS = (ALIGNED, MISALIGNED)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
-    """A byte-level BPE (GPT-2 style) trained on `texts`, with EOS, PAD and the two control tokens as specials."""
-    from tokenizers import ByteLevelBPETokenizer
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, indent_units: bool = False):
+    """A byte-level BPE (GPT-2 style) trained on `texts`, with EOS, PAD and the two control tokens as specials.
+
+    With `indent_units`, each newline is its own token and every run of 4 spaces is a pre-token of its own (so
+    leading indentation is one token per level, and a word never takes the space before it from an indent):
+    `"if a:\n        b"` -> `if`, ` a`, `:`, `\n`, `    `, `    `, `b`. The plain GPT-2 split instead makes
+    the newline and indent one opaque token and moves the last space onto the next word.
+    """
+    from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                            special_tokens=[EOS, PAD, *CONTROL_TOKENS], show_progress=False)
+    specials = [EOS, PAD, *CONTROL_TOKENS]
+    if indent_units:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(" {4}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        bpe.train_from_iterator(texts, trainer=trainer)
+    else:
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                show_progress=False)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                    pad_token=PAD, additional_special_tokens=list(CONTROL_TOKENS))
 

@@ -100,6 +100,14 @@ def win_rate_nontied(candidate: Sequence[CompletionScore], reference: Sequence[C
     return wins / (wins + losses) if wins + losses else math.nan
 
 
+def win_rate_ceiling(reference: Sequence[CompletionScore]) -> float:
+    """The best `win_rate` any candidate can reach against these reference samples: a clean one (0 violations)
+    can only be tied (1/2), any other beaten (1). The non-tied rate's ceiling is 1."""
+    if not reference:
+        raise ValueError("win_rate_ceiling needs a non-empty score list")
+    return sum(0.5 if sample_value(r) == 0 else 1.0 for r in reference) / len(reference)
+
+
 def kl_to_ref(policy_logprobs: Sequence[float], ref_logprobs: Sequence[float]) -> float:
     """Monte Carlo KL(policy || ref) in nats per sequence: mean of log p_policy(y) - log p_ref(y) over samples
     y drawn from the policy (each a sum over the completion's tokens)."""

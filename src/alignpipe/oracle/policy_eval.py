@@ -7,11 +7,13 @@ report their own policy with `evaluate_policy`. The pure statistics live in `ali
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from alignpipe.oracle.metrics import kl_to_ref, sample_value, score_samples, summarize, win_rate, win_rate_nontied
+from alignpipe.oracle.metrics import (kl_to_ref, sample_value, score_samples, summarize, win_rate,
+                                      win_rate_ceiling, win_rate_nontied)
 from alignpipe.oracle.scoring import CompletionScore
 
 
@@ -97,6 +99,7 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
     metrics = summarize(scores, seed=seed)
     metrics["win_rate_vs_ref"] = win_rate(scores, ref_scores)
     metrics["win_rate_vs_ref_nontied"] = win_rate_nontied(scores, ref_scores)
+    metrics["win_rate_ceiling"] = win_rate_ceiling(ref_scores)
     metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
     if champion_scores is not None:
         metrics["win_rate_vs_champion"] = win_rate(scores, champion_scores)
@@ -142,6 +145,8 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
             raise ValueError("policy and reference must share a tokenizer to compare log-probabilities")
         ref = draw(reference, prompts, sampling, seed, progress and f"{progress} (reference)")
         metrics["win_rate_vs_ref"] = win_rate(got.scores, ref.scores)
+        metrics["win_rate_vs_ref_nontied"] = win_rate_nontied(got.scores, ref.scores)
+        metrics["win_rate_ceiling"] = win_rate_ceiling(ref.scores)
         logp_policy, logp_ref, _ = sampled_logprobs(policy, got.samples, reference, [r["prompt"] for r in prompts],
                                                     sampling.max_prompt_tokens)
         metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
@@ -154,8 +159,8 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
 def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
                    seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
-    `evaluate_policy`'s metrics plus win/tie/loss fractions and the win-rate ceiling. Writes the samples to
-    `out_dir/samples.jsonl`."""
+    `evaluate_policy`'s metrics (win rate with ties as half, its ceiling, and over non-tied prompts) plus
+    win/tie/loss fractions. Writes the samples to `out_dir/samples.jsonl`."""
 
     from alignpipe.core.io import write_jsonl
     from alignpipe.lm.policy import Sampling, load_policy
@@ -173,9 +178,9 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
             wins += c < r
             ties += c == r
     n = len(prompts)
-    # Ties count half, so no policy can beat a clean reference sample: the best reachable win rate.
-    ceiling = sum(0.5 if r == 0 else 1.0 for r in details["ref_scores"]) / n
-    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n, win_rate_ceiling=ceiling)
+    metrics.update(win_frac=wins / n, tie_frac=ties / n, loss_frac=(n - wins - ties) / n)
+    if math.isnan(metrics["win_rate_vs_ref_nontied"]):  # every prompt tied: no non-tied rate (metrics are finite)
+        del metrics["win_rate_vs_ref_nontied"]
     write_jsonl(Path(out_dir) / "samples.jsonl", (
         {"prompt": p["prompt"], "completion": c, "score": s, "ref_completion": rc, "ref_score": rs}
         for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],

@@ -15,6 +15,7 @@ COLUMNS = (
     ("zero_violation_frac", "zero-violation", 3),
     ("empty_frac", "empty", 3),
     ("win_rate_vs_ref", "win vs ref", 3),
+    ("win_rate_vs_ref_nontied", "win vs ref (non-tied)", 3),
     ("win_rate_vs_champion", "win vs champion", 3),
     ("kl_to_ref", "KL to ref (nats)", 3),
     ("reward_score", "reward", 3),

@@ -38,9 +38,11 @@ INPUTS = (
 )
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"prefs": "prefs", "human_prefs": "prefs"}
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
+           "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "kl_to_ref", "seconds")
+HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
+            "seconds")
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
 LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",

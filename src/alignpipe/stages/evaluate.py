@@ -273,7 +273,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     `best_candidate_index` (position in report["order"]) and `n_candidates`."""
     keys = ("violations_per_char", "violations_per_char_ci_low", "violations_per_char_ci_high",
             "zero_violation_frac", "empty_frac", "win_rate_vs_ref", "win_rate_vs_champion", "kl_to_ref",
-            "reward_score", "heldout_ppl", "heldout_nats_per_char", "win_rate_vs_ref_nontied")
+            "reward_score", "heldout_ppl", "heldout_nats_per_char", "win_rate_vs_ref_nontied", "win_rate_ceiling")
     guard_keys = ("rm_pair_accuracy", "rm_spearman", "rm_gain", "oracle_gain", "reward_hacking")
     out: dict[str, float] = {}
     for name, m in report["candidates"].items():
@@ -308,7 +308,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def candidates_table(report: dict[str, Any]) -> list[str]:
     """The Markdown table rows of every candidate (best in bold) and the champion: report.md's main table."""
     champion = report.get("champion")
-    lines = ["| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) "
+    lines = ["| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) [ceiling] "
              "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["candidates"].items():
@@ -319,7 +319,8 @@ def candidates_table(report: dict[str, Any]) -> list[str]:
             f"| {label} | {m.get('reward') or ''} | {_fmt(m.get('violations_per_char'))} "
             f"({_fmt(m.get('violations_per_char_ci_low'))}-{_fmt(m.get('violations_per_char_ci_high'))}) | "
             f"{_fmt(m.get('zero_violation_frac'), 3)} | {_fmt(m.get('win_rate_vs_ref'), 3)} "
-            f"({_fmt(m.get('win_rate_vs_ref_nontied'), 3)}) | {_fmt(m.get('win_rate_vs_champion'), 3)} | "
+            f"({_fmt(m.get('win_rate_vs_ref_nontied'), 3)}) [{_fmt(m.get('win_rate_ceiling'), 3)}] | "
+            f"{_fmt(m.get('win_rate_vs_champion'), 3)} | "
             f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | {_fmt(m.get('heldout_ppl'), 4)} | "
             f"{_fmt(g.get('rm_pair_accuracy'), 3)} | {verdict} |")
     if champion:

@@ -32,8 +32,8 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
     Input("reward_model", None, "reward model directory; needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "reward_first",
-           "reward_last")
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
+           "reward_first", "reward_last")
 
 
 @dataclass(frozen=True)

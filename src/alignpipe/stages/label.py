@@ -41,7 +41,7 @@ INPUTS = (
 )
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"human_prefs": "prefs"}
-METRICS = ("n_pairs", "n_ties", "mean_score_gap", "seconds")
+METRICS = ("n_pairs", "n_ties", "mean_score_gap", "cap_reached_frac", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 
@@ -220,12 +220,31 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
     return rows, stats
 
 
+def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list, list[bool], int, int]:
+    """The candidate pairs (judges.Pair) of each prompt's K samples (`samples` in prompt order, K per prompt):
+    (pairs, per pair whether a completion reached max_new_tokens mid-line, n_invalid, n_identical)."""
+    from alignpipe.oracle.judges import Pair
+
+    pairs, capped, n_invalid, n_identical = [], [], 0, 0
+    for i, row in enumerate(prompts):
+        group = samples[i * cfg.k:(i + 1) * cfg.k]
+        completions = [s.completion for s in group]
+        cut = {s.completion for s in group if s.capped}
+        found, invalid, identical = candidate_pairs([(completions[a], completions[b])
+                                                   for a, b in index_pairs(cfg.k, cfg.pairing)])
+        n_invalid += invalid
+        n_identical += identical
+        pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
+        capped += [a in cut or b in cut for a, b in found]
+    return pairs, capped, n_invalid, n_identical
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.oracle.judges import Pair, oracle_score
+    from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy, sample
 
     torch.manual_seed(cfg.seed)
@@ -243,20 +262,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     sampling_s = time.perf_counter() - start
     del model
 
-    pairs, n_invalid, n_identical = [], 0, 0
-    for i, row in enumerate(prompts):
-        completions = [s.completion for s in samples[i * cfg.k:(i + 1) * cfg.k]]
-        found, invalid, identical = candidate_pairs([(completions[a], completions[b])
-                                                   for a, b in index_pairs(cfg.k, cfg.pairing)])
-        n_invalid += invalid
-        n_identical += identical
-        pairs += [Pair(row["prompt"], a, b, row["context"], str(row.get("source", ""))) for a, b in found]
-
-    n_unscorable = 0
+    pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
+    n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
-        scorable = [p for p in pairs if not (oracle_score(p.context, p.a).truncated
-                                             or oracle_score(p.context, p.b).truncated)]
-        n_unscorable, pairs = len(pairs) - len(scorable), scorable
+        keep = [not (oracle_score(p.context, p.a).truncated or oracle_score(p.context, p.b).truncated)
+                for p in pairs]
+        n_unscorable = keep.count(False)
+        n_unscorable_capped = sum(c and not k for c, k in zip(capped, keep))
+        pairs = [p for p, k in zip(pairs, keep) if k]
 
     start = time.perf_counter()
     judge = build_judge(cfg, inputs.get("judge_model"))
@@ -279,10 +292,19 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     write_jsonl(out_dir / HELDOUT_FILE, heldout)
 
     decided = [r for r in judged if r["oracle_chosen"] != r["oracle_rejected"]]
+    n_sampled = len(prompts) * len(index_pairs(cfg.k, cfg.pairing))  # pairs before any is dropped
+    n_tie_dropped = 0 if cfg.keep_ties else stats["n_ties"]
     return {
         "n_pairs": len(rows), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
         "n_human_pairs": len(rows) - len(judged), "n_prompts": len(prompts), "n_samples": len(samples),
         "n_invalid_pairs": n_invalid, "n_identical_pairs": n_identical, "n_unscorable_pairs": n_unscorable,
+        "n_unscorable_capped_pairs": n_unscorable_capped,
+        "n_unscorable_other_pairs": n_unscorable - n_unscorable_capped,
+        "cap_reached_frac": sum(s.capped for s in samples) / max(len(samples), 1),
+        "kept_pair_frac": (len(pairs) - n_tie_dropped) / max(n_sampled, 1),
+        "dropped_capped_frac": n_unscorable_capped / max(n_sampled, 1),
+        "dropped_unscorable_other_frac": (n_unscorable - n_unscorable_capped) / max(n_sampled, 1),
+        "dropped_tie_frac": n_tie_dropped / max(n_sampled, 1),
         **stats,
         "oracle_chosen_mean": sum(r["oracle_chosen"] for r in judged) / max(len(judged), 1),
         "oracle_rejected_mean": sum(r["oracle_rejected"] for r in judged) / max(len(judged), 1),

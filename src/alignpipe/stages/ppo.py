@@ -44,9 +44,11 @@ INPUTS = (
     Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score); "
           "needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "kl_to_ref", "seconds")
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
+           "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "kl_to_ref", "seconds")
+HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
+            "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 

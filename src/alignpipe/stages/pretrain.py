@@ -33,6 +33,8 @@ class Config(StageConfig):
     # Model and tokenizer
     tokenizer: str = field("", "Hugging Face tokenizer id or path; empty: train a byte-level BPE on train.jsonl")
     vocab_size: int = field(2048, "BPE vocabulary size when training the tokenizer (control tokens included)")
+    tokenizer_indent: bool = field(False, "trained BPE: a newline is its own token and indentation one token per "
+                                   "4-space level (alignpipe.lm.tokenizers.train_tokenizer indent_units)")
     init_model: str = field("", "Hugging Face model id or path to continue pretraining; empty: GPT-2 from scratch")
     n_embd: int = field(192, "GPT-2 width (from scratch)")
     n_layer: int = field(4, "GPT-2 layers (from scratch)")
@@ -98,10 +100,10 @@ class Config(StageConfig):
 
 
 # Config keys that change the trained weights: a checkpoint only resumes a run that agrees on all of them.
-TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "init_model", "n_embd", "n_layer", "n_head", "seq_len",
-                 "batch_size", "max_steps", "lr", "warmup_frac", "weight_decay", "grad_clip", "precision",
-                 "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta",
-                 "seed", "gpus")
+TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "tokenizer_indent", "init_model", "n_embd", "n_layer",
+                 "n_head", "seq_len", "batch_size", "max_steps", "lr", "warmup_frac", "weight_decay", "grad_clip",
+                 "precision", "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta", "awr_alpha",
+                 "awr_beta", "seed", "gpus")
 
 
 def policy_meta(cfg: Config):
@@ -227,7 +229,7 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer, add_control_tokens=True)
     else:
-        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size)
+        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent_units=cfg.tokenizer_indent)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(ckpt_dir / "tokenizer"))
