@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alignpipe.core.hashing import weights_sha256
+
 import tiny
 from alignpipe.core.runner import execute
 from alignpipe.lm import onnx_runtime as ox
@@ -100,7 +102,8 @@ def _register(models, tmp_path, monkeypatch) -> Path:
     ev.mkdir()
     (ev / "report.json").write_text(json.dumps(
         {"best_candidate": "dpo", "candidates": {"dpo": {"path": str(models["policy"]),
-                                                         "violations_per_char": 0.01}}}))
+                                                         "violations_per_char": 0.01,
+                                                         "weights_sha256": weights_sha256(models["policy"])}}}))
     (models["export"] / "onnx_models.json").write_text(json.dumps({
         "run_id": "", "candidate": "dpo", "models": {}, "parity": {}}))
     return ev
