@@ -28,6 +28,8 @@ from pathlib import Path
 
 from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 
+from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+
 FALLBACK_PROMPTS = ["def add(a, b):", "for i in range(10):", "import os", "class Config:", "x = [1, 2,"]
 
 
@@ -187,21 +189,11 @@ def main(argv: list[str] | None = None) -> int:
                                       f"(ready after {ready[t]:.1f} s)" for t in args.serve) or args.url,
                  "prompts": f"{args.prompts} ({len(prompts)} prompts, cycled), one prompt per request",
                  "max_new_tokens": args.max_new_tokens or "model default",
-                 "machine": f"{platform.machine()}, {_cpu_model()}, {os.cpu_count()} CPUs, "
+                 "machine": f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs, "
                             f"Python {platform.python_version()}"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown(rows, setup), encoding="utf-8")
     return 0 if all(st["errors"] == 0 for _, st in rows) else 1
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

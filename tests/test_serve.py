@@ -16,8 +16,8 @@ import pytest
 
 import tiny
 from alignpipe.core.runner import execute
-from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 from alignpipe.stages import register
+from alignpipe.tracking.serving import post_json, start_server, stop_server, wait_ready
 
 BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow")
@@ -37,15 +37,6 @@ def _register_champion(tmp_path: Path, max_new_tokens: int = 6) -> Path:
     execute("register", register.Config(max_new_tokens=max_new_tokens), {"evaluation": ev, "dpo": policy_dir},
             tmp_path / "reg")
     return policy_dir
-
-
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def _expected_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -77,18 +68,18 @@ def test_mlflow_models_serve_answers(tmp_path):
             pytest.fail(f"{e}: {log.read_text()[-3000:]}")
 
         prompts = ["def add(a, b):", "for i in range(3):", "x = [1, 2,"]
-        status, body = _post(f"{url}/invocations", json.dumps({"inputs": prompts}).encode())
+        status, body = post_json(f"{url}/invocations", json.dumps({"inputs": prompts}).encode())
         assert status == 200, body
         assert len(body["predictions"]) == 3 and all(isinstance(p, str) for p in body["predictions"])
 
-        status, body = _post(f"{url}/invocations",
+        status, body = post_json(f"{url}/invocations",
                              json.dumps({"inputs": prompts, "params": {"do_sample": False}}).encode())
         assert status == 200, body
         assert body["predictions"] == _expected_greedy(policy_dir, prompts, 6)
 
         for bad in (b"not json", json.dumps({"prompts": prompts}).encode(),
                     json.dumps({"inputs": prompts, "params": {"max_new_tokens": "many"}}).encode()):
-            status, body = _post(f"{url}/invocations", bad)
+            status, body = post_json(f"{url}/invocations", bad)
             assert 400 <= status < 500, (bad, status, body)
             assert body.get("message")
     finally:

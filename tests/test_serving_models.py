@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from alignpipe.lm.policy import Sampling, load_policy, sample
 from alignpipe.stages import register
 from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 from alignpipe.tracking.serving_models import RequestBatcher
+from alignpipe.tracking.serving import post_json
 
 PROMPTS = ["def add(a, b):", "for i in range(3):", "x = [1, 2,", "class A:\n    def g(self):", "import os",
            "if x:\n    y = 1", "while True:", "    return None"]
@@ -157,15 +156,6 @@ def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypat
     _serve_and_check(tmp_path, got)
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 def _serve_and_check(tmp_path: Path, expected: list[str]) -> None:
     log = tmp_path / "serve.log"
     proc, url = start_server("models:/alignpipe-policy-onnx@champion", 1, log)
@@ -174,7 +164,7 @@ def _serve_and_check(tmp_path: Path, expected: list[str]) -> None:
             wait_ready(url, timeout=120, proc=proc)
         except (RuntimeError, TimeoutError) as e:
             pytest.fail(f"{e}: {log.read_text()[-3000:]}")
-        status, body = _post(f"{url}/invocations",
+        status, body = post_json(f"{url}/invocations",
                              json.dumps({"inputs": PROMPTS, "params": {"do_sample": False}}).encode())
         assert status == 200 and body["predictions"] == expected, body
         assert body["predictions"][0].startswith("\n")  # not stripped
@@ -183,7 +173,7 @@ def _serve_and_check(tmp_path: Path, expected: list[str]) -> None:
                     json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": "many"}}).encode(),
                     json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 10_000}}).encode(),
                     json.dumps({"inputs": PROMPTS, "params": {"temperature": -1.0}}).encode()):
-            status, body = _post(f"{url}/invocations", bad)
+            status, body = post_json(f"{url}/invocations", bad)
             assert 400 <= status < 500, (bad, status, body)
     finally:
         stop_server(proc)

@@ -61,3 +61,15 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def post_json(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict]:
+    """POST `body` as JSON to a model server: (HTTP status, decoded answer), error statuses included."""
+    import json
+
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
