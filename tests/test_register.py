@@ -168,3 +168,47 @@ def test_missing_report_is_one_clear_error(tmp_path):
     (tmp_path / "ev" / "report.json").write_text(json.dumps({"best_candidate": "x", "candidates": {"y": {}}}))
     with pytest.raises(DataError, match="best_candidate"):
         execute("register", register.Config(), {"evaluation": tmp_path / "ev"}, tmp_path / "reg")
+
+
+def _guard(rm_gain_low: float, oracle_gain_low: float) -> dict:
+    from alignpipe.oracle.guard import is_hacking
+
+    return {"rm_pair_accuracy": 0.5, "rm_spearman": 0.0, "rm_gain": rm_gain_low + 0.1, "rm_gain_ci_low": rm_gain_low,
+            "rm_gain_ci_high": rm_gain_low + 0.2, "oracle_gain": oracle_gain_low + 0.001,
+            "oracle_gain_ci_low": oracle_gain_low, "oracle_gain_ci_high": oracle_gain_low + 0.002,
+            "reward_hacking": is_hacking(rm_gain_low, oracle_gain_low)}
+
+
+def test_reward_hacking_guard_refuses_rm_up_oracle_worse_and_accepts_both_better(tmp_path, capsys):
+    """A candidate evaluate flagged (RM reward up beyond its CI, oracle worse) does not become champion, with one
+    line that gives the numbers; one whose RM reward and oracle both improved does; the key turns the guard off."""
+    tok = tiny.make_tokenizer()
+    dirs = {n: tiny.make_policy(tmp_path / n, conditional=True, seed=i, tok=tok)
+            for i, n in enumerate(["pretrain", "ppo"])}
+    cfg = register.Config(register_reward=False)
+
+    def report(name: str, guard: dict, champion=None) -> Path:
+        ev = _report(tmp_path / name, "ppo", dirs, {"pretrain": 0.020, "ppo": 0.010}, champion)
+        data = json.loads((ev / "report.json").read_text())
+        data["candidates"]["ppo"]["guard"] = guard
+        (ev / "report.json").write_text(json.dumps(data))
+        return ev
+
+    hacked = report("hacked", _guard(rm_gain_low=0.3, oracle_gain_low=-0.004))
+    m = execute("register", cfg, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": hacked},
+                tmp_path / "reg1")
+    out = capsys.readouterr().out
+    assert m["champion_moved"] == 0 and registry.model_version_by_alias("alignpipe-policy", "champion") is None
+    assert "refused by the reward-hacking guard" in out and "oracle gain" in out and "reward-model reward" in out
+
+    off = register.Config(register_reward=False, reward_hacking_guard=False)
+    m = execute("register", off, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": hacked},
+                tmp_path / "reg2")
+    assert m["champion_moved"] == 1
+
+    capsys.readouterr()
+    honest = report("honest", _guard(rm_gain_low=0.3, oracle_gain_low=0.002), champion=("2", 0.020))
+    m = execute("register", cfg, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": honest},
+                tmp_path / "reg3")
+    assert m["champion_moved"] == 1 and m["champion_version"] == 3
+    assert "refused by the reward-hacking guard" not in capsys.readouterr().out

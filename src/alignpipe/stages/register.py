@@ -240,7 +240,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                          "win_rate_vs_champion": metrics.get("win_rate_vs_champion")})
         if reward_version is not None:
             registry.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)
-    champion_after = version if move else champion["version"]
+    champion_after = version if move else (champion["version"] if champion else None)  # None: still no champion
 
     onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg, policy_dir,
                           inputs.get("reward_model"), move)
@@ -252,11 +252,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
               "onnx_versions": onnx, "model_uri": f"models:/{cfg.model_name}@{cfg.alias}"}
     write_json(out_dir / "registered.json", record)
     verdict = (f"{cfg.alias} -> version {version}" if move else
-               f"{cfg.alias} stays at version {champion_after}; version {version} registered without the alias")
+               (f"{cfg.alias} stays at version {champion_after}" if champion_after else f"no {cfg.alias} yet")
+               + f"; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
     print(f"serve:    MLFLOW_TRACKING_URI={runs.redact(runs.tracking_uri())} mlflow models serve "
           f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
-    out = {"registered_version": int(version), "champion_moved": int(move), "champion_version": int(champion_after)}
+    out = {"registered_version": int(version), "champion_moved": int(move),
+           "champion_version": int(champion_after or 0)}  # 0: no champion
     if reward_version is not None:
         out["reward_registered_version"] = int(reward_version)
     return out
