@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alignpipe.errors import AlignpipeError
+from alignpipe.core.errors import AlignpipeError
 from pipelines.align import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
