@@ -102,13 +102,15 @@ def test_extra_candidates_are_checked():
 
 def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     """Register `policy_dir` as alignpipe-policy@champion through the register stage (a one-candidate report)."""
+    from alignpipe.core.hashing import weights_sha256
     from alignpipe.core.runner import execute
     from alignpipe.stages import register
 
     ev = tmp_path / "champion_eval"
     ev.mkdir()
     (ev / "report.json").write_text(json.dumps({
-        "best_candidate": "dpo", "candidates": {"dpo": {"path": str(policy_dir), "violations_per_char": 0.5}}}))
+        "best_candidate": "dpo", "candidates": {"dpo": {"path": str(policy_dir), "violations_per_char": 0.5,
+                                                        "weights_sha256": weights_sha256(policy_dir)}}}))
     execute("register", register.Config(), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "champion_reg")
 
 

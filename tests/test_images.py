@@ -58,7 +58,8 @@ def pip_installs(text: str) -> list[str]:
 
 
 def make_n(*args: str) -> str:
-    return subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
 
 
 def test_dockerfiles_share_every_step_but_the_base_and_the_variant_args():

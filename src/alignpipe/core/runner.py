@@ -40,11 +40,13 @@ CURVES_DIR = "curves"  # <metric>.tsv for every per-step metric the stage logged
 
 
 def resolve_inputs(name: str, given: dict[str, Any]) -> dict[str, Path | None]:
-    """Fill defaults for missing inputs and check that required ones exist."""
+    """Fill defaults for missing required inputs and check that they exist. An optional input the caller did not
+    give stays absent: the library never picks up whatever happens to sit at a default path in the working
+    directory (the CLI passes every input, its defaults included, explicitly)."""
     stage = load_stage(name)
     resolved: dict[str, Path | None] = {}
     for spec in stage.INPUTS:
-        value = given.get(spec.name, spec.default)
+        value = given.get(spec.name, spec.default if spec.required else None)
         path = Path(value) if value not in (None, "") else None
         if path is not None and not path.exists():
             explicit = spec.name in given and given[spec.name] != spec.default

@@ -99,8 +99,9 @@ def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
 
 def valid_completion(text: str) -> bool:
     """A completion in the unit of the preference files: a new, non-blank line (a sample that never produced a
-    newline continues the prompt's last line instead)."""
-    return text.startswith("\n") and bool(text.strip())
+    newline continues the prompt's last line instead) without a NUL character (the preference-file validators
+    that reward and dpo run on label's output reject it)."""
+    return text.startswith("\n") and bool(text.strip()) and "\x00" not in text
 
 
 def candidate_pairs(completions: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int, int]:
