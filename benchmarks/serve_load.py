@@ -28,7 +28,8 @@ from pathlib import Path
 
 from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 
-from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also when tests import this
+from machine import cpu_name  # noqa: E402
 
 FALLBACK_PROMPTS = ["def add(a, b):", "for i in range(10):", "import os", "class Config:", "x = [1, 2,"]
 
