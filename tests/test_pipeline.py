@@ -498,7 +498,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     assert sorted(t.name for t in run.tasks) == sorted(expected)
     out = {t.name: t.outputs for t in run.tasks}
     main_output = {"data": "data", "validate": "validation", "pretrain": "policy", "label": "prefs",
-                   "reward": "reward_model", "dpo": "dpo", "ppo": "ppo", "evaluate": "evaluation",
+                   "reward": "reward_model", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "evaluate": "evaluation",
                    "export": "export", "register": "registry"}
     path = {name: str(out[name][main_output[name]]) for name in expected}
     folder = {name: Path(p).parent for name, p in path.items()}  # `evaluate-2` in the ppo-off branch
@@ -509,12 +509,14 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         "reward": {"prefs": path["label"], "policy": path["pretrain"]},
         "dpo": {"data": path["data"], "policy": path["pretrain"], "prefs": path["label"], "human_prefs": human},
         "ppo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
+        "grpo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
         "evaluate": {"data": path["data"], "policy": path["pretrain"], "dpo": path["dpo"], "ppo": path.get("ppo"),
-                     "reward_model": path["reward"], "prompts": None},
+                     "grpo": path["grpo"], "reward_model": path["reward"], "prompts": None},
         "export": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                   "ppo": path.get("ppo"), "reward_model": path["reward"], "data": path["data"]},
+                   "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"], "data": path["data"]},
         "register": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                     "ppo": path.get("ppo"), "reward_model": path["reward"], "export": path["export"]},
+                     "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"],
+                     "export": path["export"]},
     }
     for name, inputs in wiring.items():
         if name in expected:
