@@ -36,11 +36,15 @@ def _isolated_env(tmp_path, monkeypatch, _mlflow_template_db):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # the registry follows the tracking store
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it: an id of an earlier test's store
     if "mlflow" in sys.modules:  # an earlier test set MLflow's global URIs: point them here, not at ./mlflow.db
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
+        import mlflow.tracking.fluent as fluent
+
+        fluent._active_experiment_id = None  # an experiment id of the previous test's store means nothing here
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
