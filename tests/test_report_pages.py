@@ -4,10 +4,13 @@ screen, every candidate and every plot decoded. Screenshots land in the test's t
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,11 +52,37 @@ PROBE = """<script>addEventListener("load", () => {
 
 
 def chromium(page: Path, *flags: str) -> str:
-    """Run headless Chromium on `page` with every host unresolvable and a dead proxy (no network); its stdout."""
-    command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--no-first-run",
-               f"--window-size={WINDOW[0]},{WINDOW[1]}", "--host-resolver-rules=MAP * ~NOTFOUND",
-               "--proxy-server=http://127.0.0.1:9", "--proxy-bypass-list=<-loopback>", *flags, page.as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+    """Run headless Chromium on `page` with every host unresolvable and a dead proxy (no network), a fresh profile
+    and HOME in a temp dir, no crash reporter and no /dev/shm; its stdout. Failure messages carry its stderr."""
+    with tempfile.TemporaryDirectory(prefix="chromium-") as home:
+        command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--no-first-run",
+                   "--disable-quic", "--disable-background-networking", "--disable-component-update",
+                   "--disable-sync", "--disable-dev-shm-usage", "--disable-crash-reporter", "--disable-breakpad",
+                   f"--user-data-dir={home}/profile", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                   "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=http://127.0.0.1:9",
+                   "--proxy-bypass-list=<-loopback>", *flags, page if isinstance(page, str) else page.as_uri()]
+        env = {**os.environ, "HOME": home, "TMPDIR": home}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, f"chromium exited {done.returncode}: {done.stderr[-3000:]}"
+    return done.stdout
+
+
+@functools.cache
+def browser_broken() -> str | None:
+    """Why headless Chromium cannot render even a one-line page here (a broken browser install, not our page)."""
+    try:
+        dom = chromium("data:text/html,<p id=ok>ok</p>", "--dump-dom")
+    except AssertionError as error:
+        return str(error)[-500:]
+    return None if 'id="ok"' in dom else "no DOM from a one-line page"
+
+
+@pytest.fixture
+def working_browser():
+    """Skips, saying why, where the browser itself cannot start (then no page of ours can be judged)."""
+    broken = browser_broken()
+    if broken:
+        pytest.skip(f"headless Chromium cannot render a one-line page on this machine: {broken}")
 
 
 def render(page: Path, shots: Path) -> dict:
@@ -133,7 +162,7 @@ def test_evaluation_page_shows_the_reward_hacking_verdict_when_the_report_has_on
 
 
 @needs_browser
-def test_validation_page_in_a_browser_shows_the_failure_first(tmp_path, capsys):
+def test_validation_page_in_a_browser_shows_the_failure_first(tmp_path, capsys, working_browser):
     corpus = failing_corpus(tmp_path)
     out = tmp_path / "validate"
     code = main(["validate", "--corpus", str(corpus), "--prefs", "", "--out", str(out),
@@ -162,7 +191,7 @@ def test_validation_page_in_a_browser_shows_the_failure_first(tmp_path, capsys):
 
 
 @needs_browser
-def test_evaluation_page_in_a_browser_shows_every_candidate_and_plot(tmp_path):
+def test_evaluation_page_in_a_browser_shows_every_candidate_and_plot(tmp_path, working_browser):
     out = tmp_path / "evaluate"
     out.mkdir()
     report = evaluation_report(out)
