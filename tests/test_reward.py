@@ -145,6 +145,11 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_matches_an_uninterrupte
     err = capfd.readouterr().err
     assert "checkpoint-6: trainer_state.json is missing" in err and "Traceback" not in err
     assert again["mean_margin"] == pytest.approx(full["mean_margin"], rel=1e-6)
+    # Killed after the last checkpoint (evaluating, publishing): the resume restores it and trains no extra step.
+    final = execute("reward", reward.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "final")
+    assert final["train_steps"] == 6
+    for key in ("train_loss", "mean_margin", "calibration_ece"):
+        assert final[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
 
     for ckpt in (tmp_path / "ckpt").glob("checkpoint-*"):
         (ckpt / "trainer_state.json").write_text("{")

@@ -175,6 +175,23 @@ def trainer_checkpoint(directory: str | Path, stage: str) -> str | None:
     return str(found) if found is not None else None
 
 
+def train_from(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint of the last step (a run killed
+    during its evaluation or publishing): there a resumed Trainer whose epoch is not finished trains one step past
+    max_steps, so the weights and the state (log history included) are restored without training. Returns the
+    TrainOutput (its training_loss then the logged windows' mean, its metrics empty)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is not None and trainer.args.max_steps > 0:
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (safetensors, PEFT adapters)
+            trainer.state = state
+            return TrainOutput(state.global_step, logged_train_loss(state.log_history), {})
+    return trainer.train(resume_from_checkpoint=checkpoint)
+
+
 def log_at_checkpoints():
     """A TrainerCallback that logs (flushes the running loss and TRL's metric averages) at every checkpoint before
     the last step. A resumed Trainer restarts its running sums at the checkpoint's step, so a logged window that

@@ -210,7 +210,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, trainer_checkpoint
+    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics
 
     torch.manual_seed(cfg.seed)
@@ -242,7 +242,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir,
                            [runs.mlflow_callback(), log_at_checkpoints()])
     train_start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train_from(trainer, resume_from)
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}

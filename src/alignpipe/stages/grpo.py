@@ -158,7 +158,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, trainer_checkpoint
+    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
     from alignpipe.tracking import runs
 
@@ -186,7 +186,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()], rollout_func=rollout_func(cfg, tok, meta))
     train_start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    train_from(trainer, resume)
     train_seconds = time.perf_counter() - train_start
     # The log history (restored by a resume, unlike anything in memory): the reward means TRL logged per step.
     logs = [h for h in trainer.state.log_history if "loss" in h]

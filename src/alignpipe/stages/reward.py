@@ -253,7 +253,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core import distributed
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
-    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, trainer_checkpoint
+    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, train_from, trainer_checkpoint
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -285,7 +285,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if n_trained != len(train_rows) - too_long:
         raise RuntimeError(f"RewardTrainer kept {n_trained} of {len(train_rows)} pairs, but alignpipe.lm.reward_model "
                            f"counts {too_long} longer than {cfg.max_length}: the text formats disagree")
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_from(trainer, last)
 
     if not distributed.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
         return {"n_train_pairs": n_trained}
