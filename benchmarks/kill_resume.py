@@ -190,7 +190,7 @@ def main() -> int:
         print(line, flush=True)
         lines.append(line)
 
-    load_start = os.getloadavg()
+    load_start, revision = os.getloadavg(), commit()  # as the run starts: later commits are not what ran
     say(f"kill_resume: {PARAMS}, kill seed {args.seed}, tolerance rel {TOLERANCE['rel']:g} / abs "
         f"{TOLERANCE['abs']:g} (wall-clock metrics {', '.join(IGNORED)} not compared); log {log}")
     pre = prerequisites(work, log)
@@ -215,7 +215,7 @@ def main() -> int:
         command = " ".join([".venv/bin/python", "benchmarks/kill_resume.py", *sys.argv[1:]])
         Path(args.out).write_text(
             "# Kill -9 survival: each training stage uninterrupted vs killed three times with SIGKILL and resumed\n\n"
-            f"Command: `{command}`\n\nCommit: `{commit()}`\n\nMachine: {cpu_name()}, {os.cpu_count()} cores "
+            f"Command: `{command}`\n\nCommit: `{revision}`\n\nMachine: {cpu_name()}, {os.cpu_count()} cores "
             f"(shared with other jobs); load average (1/5/15 min) at the start "
             f"{' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load_end)}."
             "\n\n```\n" + "\n".join(lines) + "\n```\n")
