@@ -5,6 +5,7 @@ metrics of both runs side by side and whether they agree within the tolerance; c
 nothing was published and that the next start ended the killed MLflow run as FAILED.
 
     .venv/bin/python benchmarks/kill_resume.py [--stages pretrain,reward,dpo,ppo,grpo] [--seed 0] [--work DIR]
+        [--out benchmarks/results/kill_resume.md]
 
 The prerequisites (data, a pretrained policy, preference pairs, a reward model) are built first, uninterrupted.
 Exit status 1 when a metric differs beyond the tolerance or a check fails.
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 PARAMS = "configs/tiny.yaml"
 # Per stage: --set overrides that give several checkpoints, and the stage's inputs (from the prerequisites).
@@ -160,11 +163,19 @@ def one_stage(stage: str, pre: dict[str, Path], work: Path, log: Path, rng: rand
     return rows, events, ok and all(r[3] for r in rows)
 
 
+def commit() -> str:
+    """HEAD's hash, with `+uncommitted changes` when the tracked files differ from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True).returncode != 0
+    return (head or "unknown") + (" +uncommitted changes" if dirty else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default="pretrain,reward,dpo,ppo,grpo")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     parser.add_argument("--work", default=".tmp/kill_resume", help="scratch folder (outputs, checkpoints, log)")
+    parser.add_argument("--out", default="", help="also write the report (command, commit, machine) to this .md")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -173,25 +184,41 @@ def main() -> int:
                       DVC_NO_ANALYTICS="1")
     log = work / "log.txt"
     rng = random.Random(args.seed)
-    print(f"kill_resume: {PARAMS}, kill seed {args.seed}, tolerance rel {TOLERANCE['rel']:g} / abs "
-          f"{TOLERANCE['abs']:g} (wall-clock metrics {', '.join(IGNORED)} not compared); log {log}")
+    lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    load_start, revision = os.getloadavg(), commit()  # as the run starts: later commits are not what ran
+    say(f"kill_resume: {PARAMS}, kill seed {args.seed}, tolerance rel {TOLERANCE['rel']:g} / abs "
+        f"{TOLERANCE['abs']:g} (wall-clock metrics {', '.join(IGNORED)} not compared); log {log}")
     pre = prerequisites(work, log)
     all_ok = True
     for stage in args.stages.split(","):
         start = time.perf_counter()
         rows, events, ok = one_stage(stage, pre, work, log, rng, tracking)
         all_ok &= ok
-        print(f"\n== {stage} ({' '.join(BUDGET[stage])}): {'OK' if ok else 'MISMATCH'} "
-              f"({time.perf_counter() - start:.0f} s)")
+        say(f"\n== {stage} ({' '.join(BUDGET[stage])}): {'OK' if ok else 'MISMATCH'} "
+            f"({time.perf_counter() - start:.0f} s)")
         for e in events:
-            print(f"   {e}")
-        print(f"   {'metric':<34} {'uninterrupted':>16} {'killed x3':>16}  same")
+            say(f"   {e}")
+        say(f"   {'metric':<34} {'uninterrupted':>16} {'killed x3':>16}  same")
         for key, va, vb, same in rows:
             fa = f"{va:.8g}" if isinstance(va, float) else str(va)
             fb = f"{vb:.8g}" if isinstance(vb, float) else str(vb)
-            print(f"   {key:<34} {fa:>16} {fb:>16}  {'yes' if same else 'NO'}")
-    print(f"\nkill_resume: {'all stages agree' if all_ok else 'MISMATCHES above'}; load average "
-          f"{os.getloadavg()[0]:.2f}")
+            say(f"   {key:<34} {fa:>16} {fb:>16}  {'yes' if same else 'NO'}")
+    load_end = os.getloadavg()
+    say(f"\nkill_resume: {'all stages agree' if all_ok else 'MISMATCHES above'}; load average "
+        f"{load_end[0]:.2f}")
+    if args.out:
+        command = " ".join([".venv/bin/python", "benchmarks/kill_resume.py", *sys.argv[1:]])
+        Path(args.out).write_text(
+            "# Kill -9 survival: each training stage uninterrupted vs killed three times with SIGKILL and resumed\n\n"
+            f"Command: `{command}`\n\nCommit: `{revision}`\n\nMachine: {cpu_name()}, {os.cpu_count()} cores "
+            f"(shared with other jobs); load average (1/5/15 min) at the start "
+            f"{' / '.join(f'{x:.2f}' for x in load_start)}, at the end {' / '.join(f'{x:.2f}' for x in load_end)}."
+            "\n\n```\n" + "\n".join(lines) + "\n```\n")
     return 0 if all_ok else 1
 
 

@@ -244,22 +244,27 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path):
     from transformers import GPT2LMHeadModel
 
     from alignpipe.lm import training
+    from alignpipe.stages.pretrain import CHECKPOINT_FILES
 
     tok = tiny.make_tokenizer()
     net = training.lm_with_value(GPT2LMHeadModel(tiny._config(tok)), False)
     opt, sched = training.make_optimizer(net, 1e-3, 0.0, 0.1, 10)
     for step in (1, 2):
         training.save_checkpoint(tmp_path, step, net, opt, sched, {"seed": 0})
+    (tmp_path / "step-0000003.tmp").mkdir()  # a kill during a save leaves this: not a checkpoint
     found = training.checkpoints(tmp_path)
+    assert [p.name for p in found] == ["step-0000001", "step-0000002"]
     state = found[-1] / "state.pt"
     state.write_bytes(state.read_bytes()[:64])
     said = []
-    assert training.resume_latest(found, net, opt, sched, {"seed": 0}, "cpu", log=said.append) == 1
-    assert len(said) == 1 and "step-0000002" in said[0] and "truncated or corrupt" in said[0]
-    older = found[0] / "state.pt"
-    older.write_bytes(older.read_bytes()[:64])
-    with pytest.raises(DataError, match="none of the 2 checkpoints is readable"):
-        training.resume_latest(found, net, opt, sched, {"seed": 0}, "cpu", log=said.append)
+    latest = training.latest_complete(tmp_path, "step", CHECKPOINT_FILES, log=said.append)
+    assert latest == found[0] and training.load_checkpoint(latest, net, opt, sched, {"seed": 0}, "cpu") == 1
+    assert len(said) == 1 and "step-0000002" in said[0] and "state.pt is truncated or corrupt" in said[0]
+    (found[0] / "fingerprint.json").unlink()
+    with pytest.raises(DataError, match="none of the 2 checkpoints is complete"):
+        training.latest_complete(tmp_path, "step", CHECKPOINT_FILES, log=said.append)
+    assert "fingerprint.json is missing" in said[-1]
+    assert training.latest_complete(tmp_path / "none", "step", CHECKPOINT_FILES) is None
 
 
 # ------------------------------------------------------------------------------------------------- redaction

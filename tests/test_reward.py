@@ -119,6 +119,45 @@ def test_lora_resume_and_drop_count(tmp_path):
     assert first["n_changed_tensors"] > 0
 
 
+def test_resume_falls_back_past_a_corrupt_checkpoint_and_matches_an_uninterrupted_run(tmp_path, capfd):
+    """A kill during a save leaves the newest checkpoint truncated or without trainer_state.json: --resume says so
+    in one line, resumes from the one before and ends where an uninterrupted run ends (train_loss included, with
+    checkpoints that do not fall on logging steps)."""
+    from alignpipe.core.runner import execute
+
+    prefs = make_prefs(tmp_path / "prefs.jsonl", n=40)
+    policy = make_policy(tmp_path / "policy")
+    inputs = {"prefs": prefs, "policy": policy}
+    cfg = reward.Config(max_steps=6, batch_size=4, save_steps=2, logging_steps=3, prompt_lines=1,
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    full = execute("reward", cfg, inputs, tmp_path / "full")
+    newest = tmp_path / "ckpt" / "checkpoint-6" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capfd.readouterr()
+    resumed = execute("reward", reward.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "resumed")
+    assert "reward: resume: skipping" in capfd.readouterr().err
+    assert json.loads((tmp_path / "resumed" / "reward.json").read_text())["resumed_from"].endswith("checkpoint-4")
+    for key in ("train_loss", "train_steps", "heldout_accuracy", "mean_margin", "calibration_ece"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+    (tmp_path / "ckpt" / "checkpoint-6" / "trainer_state.json").unlink()  # killed before the state was written
+    again = execute("reward", reward.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "again")
+    err = capfd.readouterr().err
+    assert "checkpoint-6: trainer_state.json is missing" in err and "Traceback" not in err
+    assert again["mean_margin"] == pytest.approx(full["mean_margin"], rel=1e-6)
+    # Killed after the last checkpoint (evaluating, publishing): the resume restores it and trains no extra step.
+    final = execute("reward", reward.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "final")
+    assert final["train_steps"] == 6
+    for key in ("train_loss", "mean_margin", "calibration_ece"):
+        assert final[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+    for ckpt in (tmp_path / "ckpt").glob("checkpoint-*"):
+        (ckpt / "trainer_state.json").write_text("{")
+    with pytest.raises(DataError, match="none of the 2 checkpoints is complete"):
+        execute("reward", reward.Config(**{**cfg.to_dict(), "resume": True}), inputs, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
 def test_calibration_buckets_and_ece():
     buckets, ece = reward.calibration([0.1, -0.2, 3.0, 4.0], n_buckets=2)
     assert [b["accuracy"] for b in buckets] == [0.5, 1.0]

@@ -4,7 +4,9 @@ only a run with the same training config."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +112,100 @@ def logged_train_loss(log_history: list[dict]) -> float:
     return total / steps if steps else float("nan")
 
 
-def checkpoints(directory: Path) -> list[Path]:
-    """The `step-N` checkpoints in `directory`, oldest first."""
-    return sorted(Path(directory).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+def checkpoints(directory: Path, prefix: str = "step") -> list[Path]:
+    """The `<prefix>-N` checkpoint folders in `directory`, oldest first (a `step-N.tmp` left by a kill mid-save is
+    not one)."""
+    name = re.compile(rf"^{re.escape(prefix)}-(\d+)$")
+    found = [p for p in Path(directory).glob(f"{prefix}-*") if name.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(name.match(p.name).group(1)))
+
+
+def checkpoint_problem(path: Path, required: tuple[str, ...]) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed, or None: a `required` file is missing (`a|b`: either), or a
+    file in it is truncated or corrupt (safetensors header and length, torch.save zip archive, JSON)."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for need in required:
+        if not any((path / name).is_file() for name in need.split("|")):
+            return f"{need.replace('|', ' or ')} is missing (killed while saving?)"
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt"):
+                    pass
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        raise zipfile.BadZipFile("a member fails its CRC check")
+            elif file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:120]
+            return f"{file.relative_to(path)} is truncated or corrupt ({type(e).__name__}: {first})"
+    return None
+
+
+def latest_complete(directory: str | Path, prefix: str, required: tuple[str, ...], log=print) -> Path | None:
+    """The newest `<prefix>-N` checkpoint in `directory` that `checkpoint_problem` finds complete; each newer one is
+    skipped, saying why through `log`. None when there is no checkpoint; a DataError when none is complete."""
+    found = checkpoints(Path(directory), prefix)
+    for path in reversed(found):
+        problem = checkpoint_problem(path, required)
+        if problem is None:
+            return path
+        log(f"resume: skipping {path}: {problem}")
+    if found:
+        raise DataError(str(directory), f"none of the {len(found)} checkpoints is complete (listed above); "
+                        "drop --resume to start over")
+    return None
+
+
+TRAINER_CHECKPOINT = ("trainer_state.json", "model.safetensors|adapter_model.safetensors")  # written last / weights
+
+
+def trainer_checkpoint(directory: str | Path, stage: str) -> str | None:
+    """The newest complete `checkpoint-N` a transformers Trainer wrote into `directory` (its path as a string for
+    `resume_from_checkpoint`), falling back past a corrupt one with a line on stderr per skipped folder."""
+    import sys
+
+    found = latest_complete(directory, "checkpoint", TRAINER_CHECKPOINT,
+                            log=lambda m: print(f"{stage}: {m}", file=sys.stderr))
+    return str(found) if found is not None else None
+
+
+def train_from(trainer, checkpoint: str | None):
+    """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint of the last step (a run killed
+    during its evaluation or publishing): there a resumed Trainer whose epoch is not finished trains one step past
+    max_steps, so the weights and the state (log history included) are restored without training. Returns the
+    TrainOutput (its training_loss then the logged windows' mean, its metrics empty)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if checkpoint is not None and trainer.args.max_steps > 0:
+        state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if state.global_step >= trainer.args.max_steps:
+            trainer._load_from_checkpoint(checkpoint)  # the Trainer's own loader (safetensors, PEFT adapters)
+            trainer.state = state
+            return TrainOutput(state.global_step, logged_train_loss(state.log_history), {})
+    return trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def log_at_checkpoints():
+    """A TrainerCallback that logs (flushes the running loss and TRL's metric averages) at every checkpoint before
+    the last step. A resumed Trainer restarts its running sums at the checkpoint's step, so a logged window that
+    spans a checkpoint would average fewer steps after a resume; with a log at each checkpoint, the uninterrupted
+    and the resumed run log the same windows. No effect when save_steps is a multiple of logging_steps."""
+    from transformers import TrainerCallback
+
+    class LogAtCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and state.global_step < state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogAtCheckpoints()
 
 
 def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: dict, keep: int = 2,
@@ -163,16 +256,3 @@ def load_checkpoint(path: Path, net, opt, sched, fingerprint: dict, device, igno
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         return int(state["step"])
-
-
-def resume_latest(found: list[Path], net, opt, sched, fingerprint: dict, device, ignore: tuple[str, ...] = (),
-                  log=print) -> int:
-    """load_checkpoint of the newest readable checkpoint in `found` (oldest first): an unreadable one is skipped,
-    saying so through `log`, for the one before it; a DataError when none is readable."""
-    for path in reversed(found):
-        try:
-            return load_checkpoint(path, net, opt, sched, fingerprint, device, ignore)
-        except DataError as e:
-            log(f"resume: skipping {path}: {e.reason}")
-    raise DataError(str(found[-1].parent), f"none of the {len(found)} checkpoints is readable (listed above); "
-                    "drop --resume to start over")

@@ -191,13 +191,6 @@ def shared_dataset(dataset, args, path: Path):
     return load_from_disk(str(path))
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
-    """The newest `checkpoint-N` folder the Trainer wrote, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(checkpoint_dir)) if Path(checkpoint_dir).is_dir() else None
-
-
 def clear_checkpoints(checkpoint_dir: str | Path) -> None:
     """Remove the Trainer's `checkpoint-N` folders (a fresh run must not resume or mix with an old one)."""
     for path in Path(checkpoint_dir).glob("checkpoint-*"):
@@ -217,6 +210,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics
 
     torch.manual_seed(cfg.seed)
@@ -240,14 +234,15 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_from = None
     if cfg.resume:
-        resume_from = latest_checkpoint(checkpoint_dir)
+        resume_from = trainer_checkpoint(checkpoint_dir, "dpo")
         if resume_from is None:
             raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
     elif distributed.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
         clear_checkpoints(checkpoint_dir)
-    trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir, [runs.mlflow_callback()])
+    trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir,
+                           [runs.mlflow_callback(), log_at_checkpoints()])
     train_start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train_from(trainer, resume_from)
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}

@@ -154,11 +154,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
     from datasets import Dataset
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer
 
     from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
     from alignpipe.tracking import runs
 
@@ -174,7 +174,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = None
     if cfg.resume:
-        resume = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        resume = trainer_checkpoint(checkpoint_dir, "grpo")
         if resume is None:
             raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
     else:  # a fresh run: its own old checkpoints must not be resumed later in place of the new ones
@@ -184,9 +184,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     trainer = GRPOTrainer(
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
-        callbacks=[runs.mlflow_callback()], rollout_func=rollout_func(cfg, tok, meta))
+        callbacks=[runs.mlflow_callback(), log_at_checkpoints()], rollout_func=rollout_func(cfg, tok, meta))
     train_start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    train_from(trainer, resume)
     train_seconds = time.perf_counter() - train_start
     # The log history (restored by a resume, unlike anything in memory): the reward means TRL logged per step.
     logs = [h for h in trainer.state.log_history if "loss" in h]

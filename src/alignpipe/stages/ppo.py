@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -200,8 +201,11 @@ def save_checkpoint(directory: Path, model, value_head, optimizer, tok, meta, st
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = sorted(Path(directory).glob("iter-*")) if Path(directory).is_dir() else []
-    return found[-1] if found else None
+    """The newest complete `iter-N` checkpoint (past a corrupt one, saying so on stderr), or None."""
+    from alignpipe.lm.training import latest_complete
+
+    return latest_complete(directory, "iter", ("model.safetensors", VALUE_HEAD_FILE, "trainer.pt"),
+                           log=lambda m: print(f"ppo: {m}", file=sys.stderr))
 
 
 def init_training(cfg: Config, model, resume_from: Path | None):

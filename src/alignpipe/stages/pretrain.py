@@ -200,22 +200,27 @@ def _check_rows(rows: list[dict], path: Path) -> None:
                 raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
 
 
-def prepare_checkpoints(cfg: Config, main: bool) -> list[Path]:
-    """The checkpoints to resume from (none without `resume`); a fresh run clears the stage's own old ones."""
+CHECKPOINT_FILES = ("state.pt", "fingerprint.json")  # what training.save_checkpoint writes
+
+
+def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
+    """The newest complete checkpoint to resume from (None without `resume`, or when there is none); a fresh run
+    clears the stage's own old ones."""
     import shutil
     import sys
 
-    from alignpipe.lm.training import checkpoints
+    from alignpipe.lm.training import checkpoints, latest_complete
 
     ckpt_dir = Path(cfg.checkpoint_dir)
-    existing = checkpoints(ckpt_dir) if cfg.resume else []
-    if cfg.resume and not existing and main:
-        print(f"pretrain: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
+    say = (lambda m: print(f"pretrain: {m}", file=sys.stderr)) if main else (lambda m: None)
+    latest = latest_complete(ckpt_dir, "step", CHECKPOINT_FILES, log=say) if cfg.resume else None
+    if cfg.resume and latest is None:
+        say(f"no checkpoint in {ckpt_dir}; starting from step 0")
     if main and not cfg.resume:
         for old in checkpoints(ckpt_dir):
             shutil.rmtree(old)
         shutil.rmtree(ckpt_dir / "tokenizer", ignore_errors=True)
-    return existing
+    return latest
 
 
 def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool):
@@ -327,8 +332,6 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path) -> dict
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train, evaluate and save the policy (safetensors + tokenizer + alignpipe.json) into `out_dir`."""
-    import sys
-
     import torch
     import torch.distributed as dist
 
@@ -342,10 +345,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    existing = prepare_checkpoints(cfg, proc.main)
+    latest = prepare_checkpoints(cfg, proc.main)
     rows = read_jsonl(data_dir / "train.jsonl")
     _check_rows(rows, data_dir / "train.jsonl")
-    tok = prepare_tokenizer(cfg, rows, bool(existing), proc.main)
+    tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main)
     ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
     data = training.token_blocks(ids, scores, cfg.seq_len, cfg.batch_size * proc.world, cfg.max_steps, cfg.seed + 1)
 
@@ -353,10 +356,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
     opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps)
     start_step = 0
-    if existing:
-        start_step = training.resume_latest(existing, net, opt, sched, _fingerprint(cfg), proc.device,
-                                            ignore=("max_steps",),
-                                            log=lambda m: print(f"pretrain: {m}", file=sys.stderr))
+    if latest is not None:
+        start_step = training.load_checkpoint(latest, net, opt, sched, _fingerprint(cfg), proc.device,
+                                              ignore=("max_steps",))
 
     def checkpoint(step: int, loss: float) -> None:
         if proc.main:
@@ -366,7 +368,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     loss_value, train_seconds = train(cfg, net, opt, sched, data, proc, dtype, start_step, checkpoint)
     if start_step == cfg.max_steps:  # resumed from the final checkpoint: its loss, as the uninterrupted run saw it
-        loss_value = training.checkpoint_progress(existing[-1]).get("final_train_loss") or float("nan")
+        loss_value = training.checkpoint_progress(latest).get("final_train_loss") or float("nan")
         checkpoint(cfg.max_steps, loss_value)
 
     metrics: dict[str, float] = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -247,13 +248,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Train the reward model, evaluate it on the held-out pairs, save it with its tokenizer into `out_dir`."""
     import torch
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
-    from alignpipe.lm.training import logged_train_loss
+    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, train_from, trainer_checkpoint
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -273,17 +273,19 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                         f"{cfg.max_length} tokens: raise it")
 
     ckpt = Path(cfg.checkpoint_dir)
-    last = get_last_checkpoint(str(ckpt)) if cfg.resume and ckpt.is_dir() else None
+    last = trainer_checkpoint(ckpt, "reward") if cfg.resume else None
+    if cfg.resume and last is None:
+        print(f"reward: no checkpoint in {ckpt}; starting from step 0", file=sys.stderr)
     if not cfg.resume and distributed.is_main_process():  # rank 0 alone (the other ranks never read them)
         for stale in ckpt.glob("checkpoint-*"):
             shutil.rmtree(stale)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[runs.mlflow_callback()])
+    trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[runs.mlflow_callback(), log_at_checkpoints()])
     n_trained = len(trainer.train_dataset)
     if n_trained != len(train_rows) - too_long:
         raise RuntimeError(f"RewardTrainer kept {n_trained} of {len(train_rows)} pairs, but alignpipe.lm.reward_model "
                            f"counts {too_long} longer than {cfg.max_length}: the text formats disagree")
-    result = trainer.train(resume_from_checkpoint=last)
+    result = train_from(trainer, last)
 
     if not distributed.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
         return {"n_train_pairs": n_trained}
