@@ -288,7 +288,7 @@ def load_dataset_rows(spec: str, split: str) -> list[dict]:
         raise DataError(spec, f"unknown file type {path.suffix!r}: expected {', '.join(BUILDERS)} or a folder")
     try:
         if path.is_file():
-            ds = datasets.load_dataset(BUILDERS[path.suffix], data_files={split: str(path)}, split=split)
+            ds = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split=split)  # one split: train
         else:
             ds = datasets.load_dataset(spec, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
