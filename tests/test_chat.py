@@ -45,3 +45,32 @@ def test_reward_trains_on_conversations_through_the_chat_template(chat, tmp_path
     assert metrics["n_train_pairs"] == len(rows) and metrics["n_changed_tensors"] > 0
     assert metrics["n_heldout_pairs"] > 0 and 0 <= metrics["heldout_accuracy"] <= 1
     assert "chat template" in json.loads((tmp_path / "rm" / "reward.json").read_text())["format"]
+
+
+def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from alignpipe.stages import dpo
+
+    cfg = dpo.Config(max_steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=3, bf16=False,
+                     max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("dpo", cfg, {"data": chat["data"], "policy": chat["llama"], "prefs": chat["data"]},
+                      tmp_path / "dpo")
+    assert set(dpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
+    assert metrics["n_prompt_boundary_mismatch"] == 0
+    before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was trained
+
+    # What DPOTrainer trained on: the chat template's rendering (prompt with the generation prompt, then the answer)
+    from alignpipe.lm.policy import load_policy
+
+    model, tok, _ = load_policy(chat["llama"])
+    pair = dpo.read_pairs(chat["data"], messages=True)[0]
+    trainer = dpo.make_trainer(cfg, model, load_policy(chat["llama"])[0], tok, [pair], tmp_path / "t")
+    row = trainer.train_dataset[0]
+    full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
+    assert tok.decode(row["prompt_ids"]) == tok.apply_chat_template(pair["prompt"], tokenize=False,
+                                                                     add_generation_prompt=True)
+    assert tok.decode(row["prompt_ids"] + row["chosen_ids"]) == full and full.endswith("<|im_end|>\n")
