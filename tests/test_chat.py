@@ -74,3 +74,42 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     assert tok.decode(row["prompt_ids"]) == tok.apply_chat_template(pair["prompt"], tokenize=False,
                                                                      add_generation_prompt=True)
     assert tok.decode(row["prompt_ids"] + row["chosen_ids"]) == full and full.endswith("<|im_end|>\n")
+
+
+def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
+    """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
+    gate metric and direction, which register's gate reads."""
+    from alignpipe.core.candidates import read_report
+    from alignpipe.stages import evaluate, register, reward
+
+    rm = tmp_path / "rm"
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
+                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, rm)
+    judge = tmp_path / "judge"  # a second reward model (another seed): the guard's score, not the optimised one
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128, seed=1,
+                                    checkpoint_dir=str(tmp_path / "c2")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, judge)
+    other = tiny.make_chat_llama(tmp_path / "other", seed=3)
+    cfg = evaluate.Config(n_prompts=6, max_new_tokens=8, batch_size=6, ppl_max_chars=500, compare_champion=False,
+                          judge_model=str(judge), extra_candidates=[f"other={other}"])
+    metrics = execute("evaluate", cfg, {"data": chat["data"], "policy": chat["llama"], "reward_model": rm},
+                      tmp_path / "eval")
+    report = read_report(tmp_path / "eval")
+    assert report["task"] == "chat" and report["gate_metric"] == "judge_win_rate_vs_ref"
+    assert report["gate_direction"] == "higher" and report["order"] == ["pretrain", "other"]
+    ref, cand = report["candidates"]["pretrain"], report["candidates"]["other"]
+    assert ref["judge_win_rate_vs_ref"] == 0.5 and ref["kl_to_ref"] == 0.0  # the reference against itself
+    assert 0 <= cand["judge_win_rate_vs_ref"] <= 1 and "guard" in cand and "reward_score" in cand
+    assert metrics["n_candidates"] == 2 and "other/judge_win_rate_vs_ref" in metrics
+    samples = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and all(isinstance(s["prompt"], list) for s in samples)
+    assert "<|im_start|>" not in samples[0]["completion"]
+
+    best = report["best_candidate"]
+    move, why, value, _ = register.decide(register.Config(), report, best, None)
+    assert move and why == "no champion yet" and value == report["candidates"][best]["judge_win_rate_vs_ref"]
+    champion = {"version": "1"}
+    report["champion"] = {"version": "1", "judge_win_rate_vs_ref": value}
+    move, why, _, _ = register.decide(register.Config(margin=0.0), report, best, champion)
+    assert not move and "does not beat" in why  # a tie does not move the alias
