@@ -113,3 +113,37 @@ def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
     report["champion"] = {"version": "1", "judge_win_rate_vs_ref": value}
     move, why, _, _ = register.decide(register.Config(margin=0.0), report, best, champion)
     assert not move and "does not beat" in why  # a tie does not move the alias
+
+
+def test_committed_chat_pairs_are_tinys():
+    from pathlib import Path
+
+    committed = Path(__file__).parent / "data" / "chat" / "prefs.jsonl"
+    assert [json.loads(x) for x in committed.read_text().splitlines()] == tiny.chat_rows(40)
+
+
+def test_chat_tiny_config_runs_data_validate_reward_dpo_evaluate(tmp_path, monkeypatch, capsys):
+    """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
+    from pathlib import Path
+
+    from alignpipe.cli.main import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the overlay names tests/data/chat/prefs.jsonl relative to the checkout
+    params = str(root / "configs" / "chat-tiny.yaml")
+    llama, data, art = str(tiny.make_chat_llama(tmp_path / "llama")), str(tmp_path / "data"), tmp_path / "artifacts"
+    ckpt = [f"--set=dpo.checkpoint_dir={tmp_path / 'ckpt'}"]
+    steps = [
+        ["data", "build", "--out", data],
+        ["validate", "--corpus", data, "--prefs", f"{data}/prefs.jsonl", "--out", str(art / "validate")],
+        ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward")],
+        ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
+        ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--reward-model",
+         str(art / "reward"), "--ppo", "", "--grpo", "", "--out", str(art / "evaluate")],
+    ]
+    for argv in steps:
+        code = main([*argv, "--params", params])
+        assert code == 0, (argv, capsys.readouterr().err[-2000:])
+    report = json.loads((art / "evaluate" / "report.json").read_text())
+    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo"]
+    assert report["best_candidate"] in report["order"]

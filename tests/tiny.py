@@ -150,3 +150,13 @@ def make_chat_llama(out_dir: Path, seed: int = 0) -> Path:
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))
     return out_dir
+
+
+if __name__ == "__main__":  # `python tests/tiny.py chat-llama DIR` / `chat-prefs FILE`: configs/chat-tiny.yaml's inputs
+    import sys
+
+    what, where = sys.argv[1], Path(sys.argv[2])
+    builders = {"chat-llama": make_chat_llama, "chat-prefs": make_chat_prefs}
+    if what not in builders:
+        sys.exit(f"usage: python tests/tiny.py {{{','.join(builders)}}} PATH")
+    print(builders[what](where))
