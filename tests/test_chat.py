@@ -71,8 +71,8 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     trainer = dpo.make_trainer(cfg, model, load_policy(chat["llama"])[0], tok, [pair], tmp_path / "t")
     row = trainer.train_dataset[0]
     full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
-    assert tok.decode(row["prompt_ids"]) == tok.apply_chat_template(pair["prompt"], tokenize=False,
-                                                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(row["prompt_ids"]) == prompt
     assert tok.decode(row["prompt_ids"] + row["chosen_ids"]) == full and full.endswith("<|im_end|>\n")
 
 
@@ -101,6 +101,8 @@ def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
     ref, cand = report["candidates"]["pretrain"], report["candidates"]["other"]
     assert ref["judge_win_rate_vs_ref"] == 0.5 and ref["kl_to_ref"] == 0.0  # the reference against itself
     assert 0 <= cand["judge_win_rate_vs_ref"] <= 1 and "guard" in cand and "reward_score" in cand
+    assert " judge gain " in report["reward_hacking"]["other"] and "violations" not in report["reward_hacking"]["other"]
+    assert "guard" not in ref and report["scorer"].startswith("reward model")
     assert metrics["n_candidates"] == 2 and "other/judge_win_rate_vs_ref" in metrics
     samples = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all(isinstance(s["prompt"], list) for s in samples)

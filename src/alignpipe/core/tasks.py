@@ -61,10 +61,6 @@ class Task:
             ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
         return ids
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether gate value `a` is strictly better than `b` in this task's direction."""
-        return a > b if self.higher_is_better else a < b
-
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 

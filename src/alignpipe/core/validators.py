@@ -324,8 +324,9 @@ def _reason(kind: str, kw: dict, row: dict) -> str:
     if kind.endswith("json_schema") and kw.get("json_schema"):
         import jsonschema
 
-        error = jsonschema.exceptions.best_match(
-            jsonschema.validators.validator_for(kw["json_schema"])(kw["json_schema"]).iter_errors(row.get(kw["column"])))
+        schema = kw["json_schema"]
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(row.get(kw["column"])))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path)
             return f" ({kw['column']}/{where}: {error.message[:80]})" if where else f" ({error.message[:80]})"

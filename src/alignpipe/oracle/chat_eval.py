@@ -107,6 +107,6 @@ def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_dis
         from alignpipe.oracle.guard import guard
 
         # the guard's oracle is "lower is better": minus the judge's score
-        metrics["guard"] = guard(got.rewards, ref_draw.rewards, [-v for v in got.judged],
-                                 [-v for v in ref_draw.judged], seed=seed)
+        metrics["guard"] = {**guard(got.rewards, ref_draw.rewards, [-v for v in got.judged],
+                                    [-v for v in ref_draw.judged], seed=seed), "judge": True}
     return metrics

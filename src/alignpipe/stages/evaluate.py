@@ -237,16 +237,16 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         "prompts": {"path": str(prompts_path), "n": len(prompts),
                     "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
-        "judge_model": cfg.judge_model or "the reward model", "reward_hacking": guard_verdicts(results) or None,
+        "judge_model": cfg.judge_model or "the reward model", "scorer": task.scorer, "guard_score": task.guard_score,
+        "reward_hacking": guard_verdicts(results) or None,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
     }
     write_json(out_dir / "report.json", report)
-    write_jsonl(out_dir / "samples.jsonl", ({"candidate": name, "prompt": p, "completion": c,
-                                              "reward": d.rewards[i] if d.rewards else None,
-                                              "judge": d.judged[i] if d.judged else None}
-                                             for name, d in draws.items()
-                                             for i, (p, c) in enumerate(zip(prompts, d.completions))))
+    write_jsonl(out_dir / "samples.jsonl", (
+        {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
+         "judge": d.judged[i] if d.judged else None}
+        for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
     (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
     print(f"evaluate: best candidate {best!r} ({task.gate_metric} {results[best].get(task.gate_metric)}); "
           "see report.json and report.md")

@@ -7,8 +7,8 @@ alignpipe.json travels in the MLmodel metadata so evaluate can reload the champi
 (`alignpipe.tracking.policies.champion_policy`).
 The `champion` alias moves to the new version only when it beats the current champion on the gate metric
 (`register.metric` and `direction`, by default the task's as evaluate recorded it: pep8, oracle violations/char,
-lower is better; chat, the judge's win rate against the reference, higher is better) by `margin`, both measured in the same evaluation (evaluate samples the
-registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
+lower is better; chat, the judge's win rate against the reference, higher is better) by `margin`, both measured in
+the same evaluation (evaluate samples the registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
 current champion the alias stays where it was and the reason is printed. The weights registered must be the ones
 evaluated: a candidate directory whose safetensors sha256 differs from the one in report.json is refused with one
 line and a non-zero exit, before anything is registered. Each alias move is recorded in the registry: tags on the

@@ -8,8 +8,8 @@ prompt, `reward.heldout_frac`).
 
 Text format (`alignpipe.lm.reward_model`, shared with every consumer): raw prompt (or its last `prompt_lines` lines,
 a setting saved in the model's config) + completion + EOS; pairs in TRL's conversational form (the chat task) go to
-RewardTrainer as messages, which applies the tokenizer's chat template (a tokenizer without one is an error). RewardTrainer DROPS
-(does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
+RewardTrainer as messages, which applies the tokenizer's chat template (a tokenizer without one is an error).
+RewardTrainer DROPS (does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
 
 Held-out evaluation scores every held-out pair through `alignpipe.lm.reward_model.reward_scores` (the path ppo,
 evaluate and the reward_model judge use): accuracy (reward of chosen > rejected), mean margin, and a calibration
