@@ -149,3 +149,29 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_evaluate(tmp_path, monke
     report = json.loads((art / "evaluate" / "report.json").read_text())
     assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo"]
     assert report["best_candidate"] in report["order"]
+
+
+def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
+    """GRPO's rollouts go through the chat template and end at the end of the turn; the reward is the reward model
+    (no oracle on chat); the stage checks itself against the reference on held-out conversations."""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.stages import grpo, reward
+
+    rm = tmp_path / "rm"
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
+                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, rm)
+    inputs = {"data": chat["data"], "policy": chat["llama"], "reward_model": rm}
+    with pytest.raises(ConfigError, match="grpo.reward: task chat has no oracle"):
+        grpo.run(grpo.Config(), inputs, tmp_path / "x")
+    cfg = grpo.Config(reward="model", max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8,
+                      learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0,
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("grpo", cfg, inputs, tmp_path / "grpo")
+    assert set(grpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and metrics["train_steps"] == 2
+    before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "grpo" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
