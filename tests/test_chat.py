@@ -1,5 +1,6 @@
 """The chat task on a tiny Llama with a chat template: reward and dpo train on conversational pairs through the
-chat template (TRL applies it), register gates on the task's metric and direction."""
+chat template (TRL applies it), grpo rolls out through it against the reward model, evaluate scores candidates with
+the reward model and a judge, register gates on the task's metric and direction."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def test_committed_chat_pairs_are_tinys():
     assert [json.loads(x) for x in committed.read_text().splitlines()] == tiny.chat_rows(40)
 
 
-def test_chat_tiny_config_runs_data_validate_reward_dpo_evaluate(tmp_path, monkeypatch, capsys):
+def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, monkeypatch, capsys):
     """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
     from pathlib import Path
 
@@ -140,14 +141,16 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_evaluate(tmp_path, monke
         ["validate", "--corpus", data, "--prefs", f"{data}/prefs.jsonl", "--out", str(art / "validate")],
         ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward")],
         ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
-        ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--reward-model",
-         str(art / "reward"), "--ppo", "", "--grpo", "", "--out", str(art / "evaluate")],
+        ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
+         f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
+        ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--grpo", str(art / "grpo"),
+         "--reward-model", str(art / "reward"), "--ppo", "", "--out", str(art / "evaluate")],
     ]
     for argv in steps:
         code = main([*argv, "--params", params])
         assert code == 0, (argv, capsys.readouterr().err[-2000:])
     report = json.loads((art / "evaluate" / "report.json").read_text())
-    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo"]
+    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "grpo"]
     assert report["best_candidate"] in report["order"]
 
 
