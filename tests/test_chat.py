@@ -135,11 +135,12 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, 
     monkeypatch.chdir(root)  # the overlay names tests/data/chat/prefs.jsonl relative to the checkout
     params = str(root / "configs" / "chat-tiny.yaml")
     llama, data, art = str(tiny.make_chat_llama(tmp_path / "llama")), str(tmp_path / "data"), tmp_path / "artifacts"
-    ckpt = [f"--set=dpo.checkpoint_dir={tmp_path / 'ckpt'}"]
+    ckpt = [f"--set=dpo.checkpoint_dir={tmp_path / 'ckpt'}"]  # checkpoints outside the checkout
     steps = [
         ["data", "build", "--out", data],
         ["validate", "--corpus", data, "--prefs", f"{data}/prefs.jsonl", "--out", str(art / "validate")],
-        ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward")],
+        ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward"),
+         f"--set=reward.checkpoint_dir={tmp_path / 'rckpt'}"],
         ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
         ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
          f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
