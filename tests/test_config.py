@@ -144,7 +144,8 @@ def test_bad_overlay_chain_is_a_config_error(tmp_path):
         load_params(missing)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/gpu.yaml", "configs/quality.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "configs/tiny.yaml", "configs/gpu.yaml", "configs/quality.yaml",
+                                  "configs/chat-tiny.yaml", "configs/chat-gpu.yaml"])
 def test_params_files_list_only_what_they_change(name):
     """Defaults once: params.yaml sets no key to its dataclass default, an overlay no key to its base's value."""
     from alignpipe.core.config import params_layers

@@ -212,3 +212,17 @@ def test_reward_hacking_guard_refuses_rm_up_oracle_worse_and_accepts_both_better
                 tmp_path / "reg3")
     assert m["champion_moved"] == 1 and m["champion_version"] == 3
     assert "refused by the reward-hacking guard" not in capsys.readouterr().out
+
+
+def test_gate_rule_follows_the_task_and_register_settings():
+    """chat: a higher judge win rate is better; register.metric/direction override what evaluate recorded."""
+    assert register.gate(0.70, 0.60, 0.1, "judge_win_rate_vs_ref", higher=True)[0]  # 0.70 > 0.66
+    assert not register.gate(0.65, 0.60, 0.1, "judge_win_rate_vs_ref", higher=True)[0]
+    chat = {"gate_metric": "judge_win_rate_vs_ref", "gate_direction": "higher"}
+    assert register.gate_rule(register.Config(), chat) == ("judge_win_rate_vs_ref", True)
+    assert register.gate_rule(register.Config(), {}) == ("violations_per_char", False)  # reports before tasks
+    assert register.gate_rule(register.Config(metric="reward_score", direction="higher"), chat) == ("reward_score",
+                                                                                                    True)
+    assert register.gate_rule(register.Config(metric="kl_to_ref"), chat) == ("kl_to_ref", False)
+    with pytest.raises(ValueError, match="register.direction must be lower, higher or empty"):
+        register.Config(direction="up")

@@ -51,6 +51,13 @@ BAD = {
                                             '"role": "robot"'),
     "prefs_conversational_blank_content.jsonl": ("expect_column_values_to_match_compiled_json_schema (rejected)",
                                                  'line 3: rejected=[{"role": "assistant", "content": " "}]'),
+    "prefs_conversational_two_user_turns.jsonl": (
+        "expect_column_values_to_match_regex (prompt.roles)",
+        'line 2: prompt.roles="user,user" (turns must alternate user/assistant after an optional first system turn '
+        'and end on a user turn)'),
+    "prefs_conversational_empty_assistant_turn.jsonl": (
+        "expect_column_values_to_match_compiled_json_schema (chosen)",
+        'line 3: chosen=[{"role": "assistant", "content": ""}] (chosen/0/content: '),
     "corpus_whitespace_only_text.jsonl": ("expect_column_values_to_not_match_regex (text)",
                                           'line 2: text="\\n\\n    \\n"'),
     "corpus_violations_per_char_above_1.jsonl": ("expect_column_values_to_be_between (violations_per_char)",

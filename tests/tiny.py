@@ -83,3 +83,80 @@ def make_prefs(path: Path, n: int = 24) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# A minimal ChatML template (the one Qwen2 and many instruct models use): what `task: chat` prompts the policy with.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_rows(n: int = 40) -> list[dict]:
+    """Conversational preference pairs (TRL's form): chosen answers politely and on topic, rejected does not; every
+    fourth prompt has a system turn and every fifth a second user turn."""
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"What is {i} plus {i}?"}]
+        if i % 4 == 0:
+            prompt = [{"role": "system", "content": "You are a helpful assistant."}] + prompt
+        if i % 5 == 0:
+            prompt += [{"role": "assistant", "content": f"Do you mean {i} + {i}?"},
+                       {"role": "user", "content": "Yes."}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+                     "rejected": [{"role": "assistant", "content": "no"}]})
+    return rows
+
+
+def make_chat_prefs(path: Path, n: int = 40) -> Path:
+    """`chat_rows(n)` as JSONL, or as Parquet when `path` ends in .parquet (written by `datasets`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(chat_rows(n)).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n)))
+    return path
+
+
+def make_chat_tokenizer():
+    """The tiny BPE tokenizer plus ChatML's special tokens and chat template (EOS: <|im_end|>, ends a turn)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [m["content"] for r in chat_rows() for k in ("prompt", "chosen", "rejected") for m in r[k]] * 2
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts + ["user assistant system"], vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                                  unk_token="<|endoftext|>", pad_token="<|pad|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_chat_llama(out_dir: Path, seed: int = 0) -> Path:
+    """A plain Hugging Face directory of a random tiny Llama (config + safetensors + tokenizer with a chat template,
+    no alignpipe.json), a few hundred thousand parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = make_chat_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return out_dir
+
+
+if __name__ == "__main__":  # `python tests/tiny.py chat-llama DIR` / `chat-prefs FILE`: configs/chat-tiny.yaml's inputs
+    import sys
+
+    what, where = sys.argv[1], Path(sys.argv[2])
+    builders = {"chat-llama": make_chat_llama, "chat-prefs": make_chat_prefs}
+    if what not in builders:
+        sys.exit(f"usage: python tests/tiny.py {{{','.join(builders)}}} PATH")
+    print(builders[what](where))

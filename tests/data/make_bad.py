@@ -91,6 +91,9 @@ def bad() -> dict[str, bytes]:
         "prefs_score_out_of_range.jsonl": _lines(_with(PAIRS, 2, score_rejected=1e9)),
         "prefs_conversational_bad_role.jsonl": _lines(_with(conv, 0, chosen=_messages("robot", "x = 1"))),
         "prefs_conversational_blank_content.jsonl": _lines(_with(conv, 2, rejected=_messages("assistant", " "))),
+        "prefs_conversational_two_user_turns.jsonl": _lines(_with(
+            conv, 1, prompt=_messages("user", "import os") + _messages("user", "and sys?"))),
+        "prefs_conversational_empty_assistant_turn.jsonl": _lines(_with(conv, 2, chosen=_messages("assistant", ""))),
         "corpus_whitespace_only_text.jsonl": _lines(_with(CORPUS, 1, text="\n\n    \n")),
         "corpus_violations_per_char_above_1.jsonl": _lines(_with(CORPUS, 2, violations_per_char=1.5)),
         "corpus_negative_line_violations.jsonl": _lines(_with(CORPUS, 0, line_violations=[0, -1])),

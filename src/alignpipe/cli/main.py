@@ -13,6 +13,8 @@ from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config,
 from alignpipe.core.errors import AlignpipeError, ConfigError
 from alignpipe.stages import STAGE_HELP, STAGE_NAMES, config_classes, load_stage
 
+DATA_FLAGS = ("dataset", "split", "task")  # `data build --dataset PATH_OR_ID [--split S] [--task T]`
+
 
 def _config_epilog(cfg_cls) -> str:
     lines = [f"config keys (params section '{cfg_cls.SECTION}', override with --set {cfg_cls.SECTION}.KEY=VALUE):"]
@@ -54,10 +56,13 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     data = sub.add_parser("data", help=STAGE_HELP["data"])
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     if chosen == "data":
-        _add_stage_parser(data_sub, "data", "build data/ from the running interpreter's standard library", "data",
-                          command="build")
+        build = _add_stage_parser(data_sub, "data", "build data/ from the stdlib (pep8) or from --dataset", "data",
+                                  command="build")
+        for key in DATA_FLAGS:  # shorthands of --set data.KEY=VALUE
+            build.add_argument(f"--{key}", dest=f"data_{key}", metavar=key.upper(),
+                               help=f"the same as --set data.{key}={key.upper()} (see data.{key} below)")
     else:
-        data_sub.add_parser("build", help="build data/ from the running interpreter's standard library")
+        data_sub.add_parser("build", help="build data/ from the stdlib (pep8) or from --dataset")
 
     config = sub.add_parser("config", help="show the effective config of a params file and overrides")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -118,6 +123,9 @@ def run_stage(args: argparse.Namespace) -> int:
 
     known = config_classes()
     params = apply_overrides(load_params(args.params), args.sets, known)
+    flags = {key: getattr(args, "data_" + key) for key in DATA_FLAGS if getattr(args, "data_" + key, None) is not None}
+    if flags:  # taken as given (strings), not parsed as YAML like --set values
+        params["data"] = {**params.get("data", {}), **flags}
     unknown = sorted(set(params) - set(known))
     if unknown:
         print(f"alignpipe: note: {args.params}: section(s) {', '.join(unknown)} have no stage here; ignored",

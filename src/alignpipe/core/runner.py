@@ -85,7 +85,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
-            missing = [k for k in stage.METRICS if k not in metrics]
+            missing = [k for k in required_metrics(stage, resolved) if k not in metrics]
             if missing:
                 raise RuntimeError(f"stage {name} did not report metrics {missing}")
             write_json(staging / METRICS_FILE, metrics)
@@ -102,6 +102,15 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     remove_ours(out_dir)
     staging.rename(out_dir)
     return metrics
+
+
+def required_metrics(stage, resolved: dict[str, Path | None]) -> tuple[str, ...]:
+    """The metric keys a stage must write: its METRICS, or its TASK_METRICS for the task of its `data` input
+    (`alignpipe.core.tasks.task_of`) when the stage reports differently per task."""
+    from alignpipe.core.tasks import task_of
+
+    by_task = getattr(stage, "TASK_METRICS", {})
+    return by_task.get(task_of(resolved.get("data")).name, stage.METRICS) if by_task else stage.METRICS
 
 
 def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:

@@ -9,9 +9,11 @@ Each file goes through three steps, and every failed expectation becomes one `Ch
 2. a GX "schema" suite on the JSON type of every known column: required columns present, no nulls, the right
    types (NaN and Infinity, which Python's json accepts, are not JSON numbers and fail here);
 3. a GX "content" suite on the columns that passed step 2: not empty or whitespace-only, length bounds, score
-   ranges, message lists well formed, chosen != rejected, no duplicate rows.
+   ranges, message lists well formed (known roles, non-blank contents within `max_field_chars`), their turns in
+   order (`<column>.roles`: a prompt alternates user/assistant after an optional system turn and ends on a user
+   turn; chosen/rejected start with the assistant), chosen != rejected, no duplicate rows.
 
-Preference files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
+Preference and prompt files are TRL's standard form (`prompt`/`chosen`/`rejected` strings) or its conversational form
 (lists of `{"role", "content"}` messages), optionally with `score_chosen`, `score_rejected` and `judge`.
 Great Expectations is imported only when a `Validator` is made (its import takes 2-4 s).
 """
@@ -60,6 +62,7 @@ class Column:
     bounds: tuple[float | None, float | None] | None = None
     schema: dict | None = None  # JSON schema of an array, checked on its canonical JSON text
     pattern: str | None = None  # regex the canonical JSON text of an array must match
+    roles: str | None = None  # messages: regex their roles, joined by ",", must match (checked as `<name>.roles`)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,28 @@ def _messages_schema(max_chars: int) -> dict:
     return {"type": "array", "minItems": 1, "items": message}
 
 
+# The order of turns, as a regex on the roles joined by "," (a conversational column's `<name>.roles`), and what it
+# means (said in the failure line).
+PROMPT_TURNS = r"^(?:system,)?user(?:,assistant,user)*$"
+ANSWER_TURNS = r"^assistant(?:,user,assistant)*$"
+DIALOGUE_TURNS = r"^(?:system,)?user,assistant(?:,user,assistant)*$"
+TURN_RULES = {
+    PROMPT_TURNS: "turns must alternate user/assistant after an optional first system turn and end on a user turn",
+    ANSWER_TURNS: "turns must start with the assistant and alternate assistant/user",
+    DIALOGUE_TURNS: "turns must alternate user/assistant after an optional first system turn",
+}
+
+
+def roles_of(value: Any) -> str | None:
+    """The roles of a message list joined by "," when every message is well formed (a known role, a string
+    content); None otherwise (the message schema reports those rows; GX skips nulls, so one line per fault)."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) and m.get("role") in ROLES
+                                              and isinstance(m.get("content"), str) and m["content"].strip()
+                                              for m in value):
+        return None
+    return ",".join(m["role"] for m in value)
+
+
 def corpus_suite(limits: Limits) -> Suite:
     """A corpus split: `text`, plus the annotations `alignpipe data build` adds."""
     return Suite("corpus", (
@@ -91,13 +116,19 @@ def corpus_suite(limits: Limits) -> Suite:
         # A non-empty list of ints >= 0: on ~60-item lists a regex on the canonical JSON is ~100x faster than
         # a JSON schema, and exact (json.dumps writes ints as plain digits, separated by ", ").
         Column("line_violations", ("array",), pattern=r"^\[\d+(?:, \d+)*\]$"),
+        # A conversation (a --dataset build of conversational pairs: prompt + chosen turns).
+        Column("messages", ("array",), schema=_messages_schema(limits.max_field_chars), roles=DIALOGUE_TURNS),
     ), unique_key=None)
 
 
-def prompts_suite(limits: Limits) -> Suite:
-    """The prompt files (held-out and training): a non-blank `prompt`; string context, reference and source."""
+def prompts_suite(limits: Limits, conversational: bool = False) -> Suite:
+    """The prompt files (held-out and training): a non-blank `prompt` (or a message list ending on a user turn);
+    string context, reference and source."""
+    prompt = (Column("prompt", ("array",), required=True, schema=_messages_schema(limits.max_field_chars),
+                     roles=PROMPT_TURNS) if conversational else
+              Column("prompt", ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars))
     return Suite("prompts", (
-        Column("prompt", ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars),
+        prompt,
         Column("context", ("string",), max_chars=limits.max_text_chars),
         Column("reference", ("string",), max_chars=limits.max_text_chars),
         Column("source", ("string",), max_chars=limits.max_text_chars),
@@ -108,7 +139,8 @@ def prefs_suite(limits: Limits, conversational: bool) -> Suite:
     """Preference pairs in TRL's standard (strings) or conversational (message lists) form."""
     if conversational:
         schema = _messages_schema(limits.max_field_chars)
-        text = [Column(c, ("array",), required=True, schema=schema) for c in ("prompt", "chosen", "rejected")]
+        text = [Column(c, ("array",), required=True, schema=schema, roles=PROMPT_TURNS if c == "prompt" else
+                       ANSWER_TURNS) for c in ("prompt", "chosen", "rejected")]
     else:
         text = [Column(c, ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars)
                 for c in ("prompt", "chosen", "rejected")]
@@ -280,8 +312,25 @@ def _describe(r, by_line: dict[int, dict], n_rows: int) -> Check:
             where = f"lines {index[0]}, {twin}" if twin else f"line {index[0]}"
             limit = 60 if len(columns) == 1 else 30
             values = ", ".join(f"{c}={_show(row.get(c, _MISSING), limit)}" for c in columns)
-            check.example = f"{where}: {values}"
+            check.example = f"{where}: {values}{_reason(kind, kw, row)}"
     return check
+
+
+def _reason(kind: str, kw: dict, row: dict) -> str:
+    """Why the example fails, where the expectation's name does not say it: the turn-order rule, or the JSON
+    schema's first error (e.g. `'robot' is not one of [...]`)."""
+    if kind == "expect_column_values_to_match_regex" and kw.get("regex") in TURN_RULES:
+        return f" ({TURN_RULES[kw['regex']]})"
+    if kind.endswith("json_schema") and kw.get("json_schema"):
+        import jsonschema
+
+        schema = kw["json_schema"]
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        error = jsonschema.exceptions.best_match(validator.iter_errors(row.get(kw["column"])))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path)
+            return f" ({kw['column']}/{where}: {error.message[:80]})" if where else f" ({error.message[:80]})"
+    return ""
 
 
 def _same_values(by_line: dict[int, dict], line: int, columns: list[str]) -> int | None:
@@ -313,6 +362,8 @@ def _content_frame(columns: list[Column], lines: list[int], rows: list[dict]):
         if "array" in c.types:
             values = [json.dumps(v, sort_keys=True, ensure_ascii=False) for v in values]
         data[c.name] = pd.Series(values, index=lines, dtype="float64" if "integer" in c.types else object)
+        if c.roles:
+            data[f"{c.name}.roles"] = pd.Series([roles_of(row[c.name]) for row in rows], index=lines, dtype=object)
     return pd.DataFrame(data, index=lines)
 
 
@@ -369,6 +420,8 @@ def _content_expectations(gxe, suite: Suite, present: list[str], ok: list[Column
             out.append(_compiled_schema_expectation()(column=c.name, json_schema=c.schema))
         if c.pattern:
             out.append(gxe.ExpectColumnValuesToMatchRegex(column=c.name, regex=c.pattern))
+        if c.roles:
+            out.append(gxe.ExpectColumnValuesToMatchRegex(column=f"{c.name}.roles", regex=c.roles))
     names = [c.name for c in ok]
     if suite.distinct_pair and all(n in names for n in suite.distinct_pair):
         # GX has no "pair not equal"; uniqueness within the record is that check for two columns.
@@ -395,8 +448,13 @@ def validate_file(v: Validator, path: Path, kind: str, limits: Limits) -> dict[s
             entry["form"] = "conversational" if conversational else "standard"
             suite = prefs_suite(limits, conversational)
         else:
-            suite = prompts_suite(limits) if kind == "prompts" else corpus_suite(limits)
-        by_line = dict(zip(lines, rows))
+            conversational = isinstance(next((r.get("prompt") for r in rows if r.get("prompt") is not None), None),
+                                        list)
+            if kind == "prompts":
+                entry["form"] = "conversational" if conversational else "standard"
+            suite = prompts_suite(limits, conversational) if kind == "prompts" else corpus_suite(limits)
+        by_line = {line: {**row, **{f"{c.name}.roles": roles_of(row.get(c.name)) for c in suite.columns if c.roles}}
+                   for line, row in zip(lines, rows)}  # the derived `.roles` values, for the failure's example
         label = f"{kind}.{path.stem}"
         frame, present = _schema_frame(suite, lines, rows)
         schema_checks = v.run(f"{label}.schema", _schema_expectations(gxe, suite, present, limits), frame, by_line)

@@ -8,6 +8,11 @@ non-padding token. The prompt is the raw prompt: no policy control tokens (`<|al
 model judges code, not the policy's conditioning; a reward model may be trained on the last lines of each prompt
 only (`reward.prompt_lines`, saved in its config as `alignpipe_prompt_lines` and applied here when scoring).
 `tests/test_reward.py` checks this against the trainer's own tokenized dataset.
+
+Conversational pairs (TRL's form: the prompt a list of role/content messages; the task `chat`): the text is the
+tokenizer's chat template over prompt + completion turns, tokenized as RewardTrainer does
+(`apply_chat_template(..., tokenize=True, return_dict=True)`); a completion given as a string (a policy's sample) is
+one assistant turn. `prompt_lines` does not apply to them.
 """
 
 from __future__ import annotations
@@ -52,12 +57,16 @@ def reward_text(prompt: str, completion: str, tok, prompt_lines: int = 0) -> str
     return reward_prompt(prompt, prompt_lines) + (completion if completion.endswith(eos) else completion + eos)
 
 
-def reward_ids(prompt: str, completion: str, tok, prompt_lines: int = 0) -> list[int]:
-    """The token ids RewardTrainer trains on for one (prompt, completion) (before its max_length filter)."""
+def reward_ids(prompt, completion, tok, prompt_lines: int = 0) -> list[int]:
+    """The token ids RewardTrainer trains on for one (prompt, completion) (before its max_length filter); prompt
+    and completion are strings, or messages (a string completion of a message prompt is one assistant turn)."""
+    if isinstance(prompt, list):
+        turns = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return tok.apply_chat_template(prompt + turns, tokenize=True, return_dict=True, tools=None)["input_ids"]
     return tok(reward_text(prompt, completion, tok, prompt_lines))["input_ids"]
 
 
-def reward_scores(model, tok, prompts: list[str], completions: list[str], batch_size: int = 32,
+def reward_scores(model, tok, prompts: list, completions: list, batch_size: int = 32,
                   max_length: int = 256) -> list[float]:
     """Scalar rewards of completions (higher is better). Texts longer than `max_length` tokens (or than the
     model's positions) keep their last tokens (training drops such pairs instead; scoring must give every sample

@@ -91,7 +91,8 @@ def is_hacking(rm_gain_ci_low: float, oracle_gain_ci_low: float) -> bool:
 def verdict_line(name: str, g: dict) -> str:
     """One line with the numbers, for the register log and the report."""
     verdict = "reward hacking" if g["reward_hacking"] else "no reward hacking"
+    scorer, unit = ("judge", "judge score") if g.get("judge") else ("oracle", "violations/char")  # chat: a judge
     return (f"{name}: {verdict}: reward-model reward {g['rm_gain']:+.4g} [{g['rm_gain_ci_low']:.4g}, "
-            f"{g['rm_gain_ci_high']:.4g}] over the reference, oracle gain {g['oracle_gain']:+.4g} "
-            f"[{g['oracle_gain_ci_low']:.4g}, {g['oracle_gain_ci_high']:.4g}] violations/char "
-            f"(RM-oracle pair accuracy {g['rm_pair_accuracy']:.3f})")
+            f"{g['rm_gain_ci_high']:.4g}] over the reference, {scorer} gain {g['oracle_gain']:+.4g} "
+            f"[{g['oracle_gain_ci_low']:.4g}, {g['oracle_gain_ci_high']:.4g}] {unit} "
+            f"(RM-{scorer} pair accuracy {g['rm_pair_accuracy']:.3f})")

@@ -23,7 +23,7 @@ MULTI_GPU = ("pretrain", "reward", "dpo")
 
 # One line per stage for `alignpipe --help` (the stage modules are imported only when their command runs).
 STAGE_HELP = {
-    "data": "build the default PEP8 dataset (data build)",
+    "data": "build the dataset: the default PEP8 corpus, or --dataset PATH_OR_ID (data build)",
     "validate": "check corpus and preference files with Great Expectations suites",
     "pretrain": "pretrain with human preferences (PHF objectives: mle, filter, conditional, ...)",
     "label": "RLAIF: sample completion pairs and let a judge label them",

@@ -1,10 +1,22 @@
-"""Build the dataset: the PEP8 task's Python corpus from the running interpreter's standard library.
+"""Build the dataset: the PEP8 task's Python corpus from the running interpreter's standard library, or a
+preference/prompt dataset of any task read through `datasets` (`--dataset PATH_OR_ID`, see `build_from_dataset`).
 
 Deterministic: files are read in sorted order, split train/val/test by a hash of their path, cut into chunks
 at top-level statement boundaries and scored with the PHF PEP8 oracle (pycodestyle violations per character,
 and per line so later stages can score segments). Held-out prompts (code prefixes whose next line starts a
 one-line statement) come from the test split, training prompts (for label, dpo, ppo) from the train split.
 A user corpus (`--corpus`, JSONL with "text") replaces the stdlib.
+
+With `data.dataset` (`alignpipe data build --dataset PATH_OR_ID [--split S]`): a local JSONL/JSON/Parquet file,
+a folder in the Hugging Face layout, or a hub id, in TRL's standard form (`prompt`/`chosen`/`rejected` strings) or
+conversational form (lists of `{"role", "content"}` messages; ShareGPT `from`/`value` messages and implicit prompts
+are converted with TRL's `maybe_convert_to_chatml` / `maybe_extract_prompt`). Rows are split train/val/test by a
+hash of their prompt. Written: `prefs.jsonl` (train pairs) and `heldout.jsonl` (val + test pairs), the label
+stage's two files, so reward and dpo take `--prefs data`; `prompts.jsonl` (test prompts, with the chosen answer as
+`reference`) and `train_prompts.jsonl`; `train/val/test.jsonl` with `text` (the prompt and chosen answer's contents)
+and, for conversations, `messages` (the prompt + chosen turns, for consumers that apply a chat template). A prompt
+dataset (no chosen/rejected) gives only the prompt files. MANIFEST.json records `task` (`data.task`): later stages
+read it (`alignpipe.core.tasks.task_of`).
 """
 
 from __future__ import annotations
@@ -21,14 +33,23 @@ from typing import ClassVar, Iterator
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.hashing import hash01
 from alignpipe.core.errors import DataError
+from alignpipe.core.tasks import DEFAULT_TASK, TASKS, is_messages
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"corpus": "corpus"}
-METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb", "mean_violations_per_char")
+METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb")  # pep8 corpus: also
+# mean_violations_per_char; a --dataset build: also n_pairs, n_heldout_pairs
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_train_chunks", "n_prompts", "mean_violations_per_char")
+
+# Config keys of a --dataset build, left out of the PEP8 corpus build's MANIFEST (it stays as it was before them).
+DATASET_KEYS = ("task", "dataset", "split")
+# File suffix -> the `datasets` builder that reads it.
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+SCORE_KEYS = ("score_chosen", "score_rejected")
 
 # Path parts that mark tests or vendored/generated trees; they are not hand-written library code.
 EXCLUDED_PARTS = ("test", "tests", "idle_test", "site-packages", "_bundled", "__pycache__", "__phello__")
@@ -50,8 +71,17 @@ class Config(StageConfig):
     n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
     n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
     seed: int = field(0, "salt of the split and prompt-selection hashes")
+    task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(TASKS)} (alignpipe.core.tasks); "
+                      "recorded in MANIFEST.json, read by later stages")
+    dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "
+                         "folder in HF layout or a hub id (empty: the PEP8 corpus)")
+    split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)")
 
     def __post_init__(self):
+        self.check(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}")
+        self.check(self.task == DEFAULT_TASK or bool(self.dataset), "task",
+                   "needs data.dataset (--dataset PATH_OR_ID): only the pep8 task has a built-in corpus")
+        self.check(bool(self.split.strip()), "split", "must name a split (e.g. train)")
         self.check(self.max_chunk_lines >= 4, "max_chunk_lines", "must be >= 4")
         self.check(0 <= self.val_frac < 0.5, "val_frac", "must be in [0, 0.5)")
         self.check(0 < self.test_frac < 0.5, "test_frac", "must be in (0, 0.5)")
@@ -164,7 +194,13 @@ def _documents(cfg: Config, corpus: Path | None) -> Iterator[tuple[str, str]]:
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Build train/val/test chunks, prompts and MANIFEST.json into `out_dir`."""
+    """Build train/val/test chunks, prompts and MANIFEST.json into `out_dir` (from `data.dataset` when set)."""
+    if cfg.dataset:
+        if inputs.get("corpus") is not None:
+            from alignpipe.core.errors import ConfigError
+
+            raise ConfigError("--corpus", "give either --corpus (a PEP8 code corpus) or --dataset, not both")
+        return build_from_dataset(cfg, out_dir)
     from tqdm import tqdm
 
     from alignpipe.core.io import write_json, write_jsonl
@@ -211,7 +247,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     manifest = {
         "python_version": sys.version.split()[0],
         "source": str(inputs.get("corpus") or cfg.source_dir or "stdlib"),
-        "config": cfg.to_dict(),
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in DATASET_KEYS},  # byte-identical to before
         "n_files": n_files,
         "counts": {name: len(rows) for name, rows in files.items()},
         "chars": total_chars,
@@ -229,4 +265,126 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "n_train_prompts": len(files["train_prompts.jsonl"]),
         "corpus_mb": round(total_chars / 1e6, 3),
         "mean_violations_per_char": round(manifest["train_scores"]["mean_violations_per_char"], 8),
+    }
+
+
+# ------------------------------------------------------------------------------------- --dataset: any task's data
+
+def _plain(value):
+    """A `datasets` value as plain JSON: messages lose the None fields Arrow adds for keys other rows have."""
+    if isinstance(value, list):
+        return [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in value]
+    return value
+
+
+def load_dataset_rows(spec: str, split: str) -> list[dict]:
+    """The rows of split `split` of a dataset read with `datasets.load_dataset` (a file, an HF-layout folder or a
+    hub id), with ShareGPT messages converted to role/content and implicit prompts extracted (TRL's helpers)."""
+    import datasets
+    from trl.data_utils import maybe_convert_to_chatml, maybe_extract_prompt
+
+    path = Path(spec)
+    if path.is_file() and path.suffix not in BUILDERS:
+        raise DataError(spec, f"unknown file type {path.suffix!r}: expected {', '.join(BUILDERS)} or a folder")
+    try:
+        if path.is_file():
+            ds = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split=split)  # one split: train
+        else:
+            ds = datasets.load_dataset(spec, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(spec, f"cannot read split {split!r} with datasets: {reason}") from None
+    rows = []
+    for i, row in enumerate(ds):
+        row = maybe_extract_prompt(maybe_convert_to_chatml({k: _plain(v) for k, v in row.items()}))
+        rows.append(row)
+        if "prompt" not in row:
+            raise DataError(f"{spec}[{split}][{i}]", "no 'prompt' column (nor chosen/rejected with a shared prompt): "
+                            f"columns are {', '.join(sorted(row))}")
+    if not rows:
+        raise DataError(spec, f"split {split!r} has no rows")
+    return rows
+
+
+def _check_row(row: dict, where: str, pairs: bool) -> dict:
+    """The pipeline's columns of one row: prompt (+ chosen, rejected, scores), all strings or all messages."""
+    keys = PAIR_KEYS if pairs else ("prompt",)
+    conversational = is_messages(row.get("prompt"))
+    for key in keys:
+        ok = is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)
+        if not ok:
+            form = "a list of role/content messages, like the prompt" if conversational else "a string"
+            raise DataError(where, f"field {key!r} must be {form}, got {type(row.get(key)).__name__}")
+    return {k: row[k] for k in (*keys, *(SCORE_KEYS if pairs else ())) if row.get(k) is not None}
+
+
+def _text(value) -> str:
+    """The text of a field: the string, or the messages' contents one after the other."""
+    return "\n\n".join(m["content"] for m in value) if isinstance(value, list) else value
+
+
+def build_from_dataset(cfg: Config, out_dir: Path) -> dict[str, float]:
+    """Preference pairs and/or prompts of `cfg.dataset`, split by prompt hash, as the pipeline's data files."""
+    import json
+
+    from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE, write_json, write_jsonl
+
+    raw = load_dataset_rows(cfg.dataset, cfg.split)
+    pairs = all(k in raw[0] for k in ("chosen", "rejected"))
+    rows = [_check_row(r, f"{cfg.dataset}[{cfg.split}][{i}]", pairs) for i, r in enumerate(raw)]
+    forms = {is_messages(r["prompt"]) for r in rows}
+    if len(forms) > 1:
+        raise DataError(cfg.dataset, "rows mix string prompts and message lists: use one form")
+    conversational = forms == {True}
+    if TASKS[cfg.task].prompt_form == "messages" and not conversational:
+        raise DataError(cfg.dataset, f"task {cfg.task} needs conversational rows (prompt as a list of messages)")
+
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    prompts: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        key = json.dumps(row["prompt"], sort_keys=True, ensure_ascii=False)
+        split = split_of(key, cfg)
+        splits[split].append(row)
+        if key not in seen:  # one prompt row per distinct prompt
+            seen.add(key)
+            ref = {"reference": _text(row["chosen"])} if pairs else {}
+            prompts[split].append({"prompt": row["prompt"], **ref, "source": f"{cfg.split}:{i}"})
+
+    def pick(items: list[dict], n: int) -> list[dict]:
+        return sorted(items, key=lambda r: hash01(r["source"], cfg.seed + 1))[:n]
+
+    def corpus(items: list[dict]) -> list[dict]:
+        return [{"text": _text(r["prompt"]) + "\n\n" + _text(r["chosen"]),
+                 **({"messages": r["prompt"] + r["chosen"]} if conversational else {})} for r in items]
+
+    files = {"prompts.jsonl": pick(prompts["test"], cfg.n_prompts),
+             "train_prompts.jsonl": pick(prompts["train"], cfg.n_train_prompts)}
+    if pairs:
+        files.update({PREFS_FILE: splits["train"], HELDOUT_FILE: splits["val"] + splits["test"],
+                      **{f"{name}.jsonl": corpus(items) for name, items in splits.items()}})
+    empty = [name for name, items in files.items() if not items and not (name == "val.jsonl" and cfg.val_frac == 0)]
+    if empty:
+        raise DataError(cfg.dataset, f"{len(rows)} rows give no rows for {', '.join(sorted(empty))}: use more rows "
+                        "or larger data.val_frac/test_frac")
+    for name, items in files.items():
+        write_jsonl(out_dir / name, items)
+    manifest = {
+        "task": cfg.task,
+        "source": cfg.dataset,
+        "split": cfg.split,
+        "form": "conversational" if conversational else "standard",
+        "kind": "preference" if pairs else "prompt",
+        "config": cfg.to_dict(),
+        "counts": {name: len(items) for name, items in files.items()},
+        "sha256": {name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest() for name in sorted(files)},
+    }
+    write_json(out_dir / "MANIFEST.json", manifest)
+    chars = sum(len(r["text"]) for name in ("train.jsonl", "val.jsonl", "test.jsonl") for r in files.get(name, []))
+    return {
+        "n_train_chunks": len(files.get("train.jsonl", [])), "n_val_chunks": len(files.get("val.jsonl", [])),
+        "n_test_chunks": len(files.get("test.jsonl", [])), "n_prompts": len(files["prompts.jsonl"]),
+        "n_train_prompts": len(files["train_prompts.jsonl"]), "corpus_mb": round(chars / 1e6, 3),
+        "n_pairs": len(files.get(PREFS_FILE, [])), "n_heldout_pairs": len(files.get(HELDOUT_FILE, [])),
     }

@@ -12,7 +12,12 @@ under the conditioning the policy is sampled with, and keep the same last `max_p
 A prompt ends on a non-blank character or a control token and a completion starts with a newline, so the tokenized
 prompt is a prefix of the tokenized prompt + completion (TRL warns otherwise; `n_prompt_boundary_mismatch` counts
 the exceptions). Human pairs (`--human-prefs`) are appended; pairs in TRL's conversational form are flattened to
-text because the policy is a code model without a chat template.
+text for the pep8 task (a code model without a chat template).
+
+The chat task (`data.task: chat`, read from the data's MANIFEST.json): pairs stay TRL conversational messages and
+DPOTrainer applies the policy tokenizer's chat template to them (prompt with the generation prompt, then the
+assistant turns); the stage checks itself on the data's held-out pairs (`heldout.jsonl`): TRL's evaluation of the
+DPO implicit reward, its accuracy (chosen above rejected) and margin, instead of the PEP8 oracle's sampling check.
 
 Runs in one process here; `gpus` is the process count of the torchrun/DDP launch on GPU nodes (the Trainer takes
 the world size from the launcher).
@@ -42,7 +47,9 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
            "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
-            "seconds")
+            "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
+# What the stage reports for a task other than pep8 (alignpipe.core.runner.required_metrics).
+TASK_METRICS = {"chat": ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")}
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
 LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -105,10 +112,12 @@ def _flatten(value: Any) -> Any:
     return value
 
 
-def read_pairs(path: str | Path) -> list[dict[str, str]]:
+def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]:
     """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
-    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text."""
+    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
+    with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
     from alignpipe.core.io import PREFS_FILE
+    from alignpipe.core.tasks import is_messages
     from alignpipe.core.validators import read_rows
 
     path = Path(path)
@@ -117,6 +126,15 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
     out = []
     for line, row in zip(*read_rows(path)[:2]):  # line numbers as in the file (blank lines counted)
         where = f"{path}:{line}"
+        if messages:
+            pair = {k: row.get(k) for k in ("prompt", "chosen", "rejected")}
+            bad = next((k for k, v in pair.items() if not is_messages(v)), None)
+            if bad is not None:
+                raise DataError(where, f"field {bad!r} must be a list of role/content messages (task chat)")
+            if pair["chosen"] == pair["rejected"]:
+                raise DataError(where, "chosen and rejected are identical")
+            out.append(pair)
+            continue
         pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
         for key, value in pair.items():
             if not isinstance(value, str) or (key != "prompt" and not value.strip()):
@@ -160,21 +178,30 @@ def boundary_mismatches(pairs: list[dict[str, str]], tok) -> int:
 def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]], output_dir: str | Path,
                  callbacks: list | None = None):
     """A DPOTrainer on formatted `pairs` with an explicit reference model."""
-    from datasets import Dataset
     from trl import DPOTrainer
 
     from alignpipe.algos.dpo import trl_config
 
-    def length(p):  # tokens of the longer of prompt+chosen and prompt+rejected
-        return max(len(tok(p["prompt"] + p[k])["input_ids"]) for k in ("chosen", "rejected"))
-
-    dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-                                  "length": length(p)} for p in pairs])
+    dataset = pairs_dataset(pairs, tok)
     args = trl_config(cfg, output_dir)  # under torchrun this joins the process group
     if args.world_size > 1 and cfg.precompute_ref_log_probs:
         dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
                       callbacks=callbacks)
+
+
+def pairs_dataset(pairs: list[dict[str, Any]], tok):
+    """The pairs as a `datasets.Dataset` with a `length` column (tokens of the longer of prompt+chosen and
+    prompt+rejected; messages rendered by the chat template as TRL renders them) for length-grouped batches."""
+    from datasets import Dataset
+
+    def tokens(p, k):
+        if isinstance(p["prompt"], list):
+            return tok.apply_chat_template(p["prompt"] + p[k], tokenize=True, return_dict=True)["input_ids"]
+        return tok(p["prompt"] + p[k])["input_ids"]
+
+    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                               "length": max(len(tokens(p, k)) for k in ("chosen", "rejected"))} for p in pairs])
 
 
 def shared_dataset(dataset, args, path: Path):
@@ -198,6 +225,19 @@ def clear_checkpoints(checkpoint_dir: str | Path) -> None:
             shutil.rmtree(path)
 
 
+def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
+    """TRL's evaluation of the DPO implicit reward beta * log(pi / pi_ref) on the data's held-out pairs: accuracy
+    (chosen above rejected), mean margin and loss (the chat task's check: it has no oracle to sample against)."""
+    from alignpipe.core.io import HELDOUT_FILE
+
+    rows = read_pairs(Path(data_dir) / HELDOUT_FILE, messages=True)
+    trainer.evaluate(eval_dataset=pairs_dataset(rows, trainer.processing_class))
+    out = trainer.state.log_history[-1]  # TRL adds its reward metrics to the logged entry, as eval_*
+    return {"heldout_reward_accuracy": float(out["eval_rewards/accuracies"]),
+            "heldout_reward_margin": float(out["eval_rewards/margins"]), "heldout_loss": float(out["eval_loss"]),
+            "n_heldout_pairs": len(rows)}
+
+
 # --------------------------------------------------------------------------------------------------------- run
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -213,23 +253,30 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics
 
+    from alignpipe.core.tasks import task_of
+
     torch.manual_seed(cfg.seed)
+    task = task_of(inputs["data"])
+    chat = task.prompt_form == "messages"
     model, tok, meta = load_policy(inputs["policy"])
+    if chat and not getattr(tok, "chat_template", None):
+        raise ConfigError("data.task", f"task {task.name} needs a policy tokenizer with a chat template; "
+                          f"{inputs['policy']}'s has none")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
         raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
                           f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
     reference = load_policy(inputs["policy"])  # the frozen reference: an explicit copy from the saved directory
-    pairs = read_pairs(inputs["prefs"])
+    pairs = read_pairs(inputs["prefs"], messages=chat)
     n_human = 0
     if inputs.get("human_prefs") is not None:
-        human = read_pairs(inputs["human_prefs"])
+        human = read_pairs(inputs["human_prefs"], messages=chat)
         n_human = len(human)
         pairs += human
     random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
     budget = cfg.batch_size * distributed.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
-    pairs = format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
-    mismatches = boundary_mismatches(pairs, tok)
+    pairs = pairs[:budget] if chat else format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
+    mismatches = 0 if chat else boundary_mismatches(pairs, tok)  # TRL renders messages itself
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_from = None
@@ -246,6 +293,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
+    heldout = heldout_reward_metrics(trainer, inputs["data"]) if chat else {}
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
@@ -255,8 +303,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
     eval_start = time.perf_counter()
-    metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
-                             out_dir, progress="dpo: evaluating")
+    metrics = heldout if chat else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
+                                                  cfg.eval_batch_size, cfg.seed, out_dir, progress="dpo: evaluating")
     metrics.update(
         n_pairs=len(pairs),
         n_human_pairs=n_human,

@@ -8,10 +8,17 @@ reference and against the registered `champion` (when one exists, loaded from th
 The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate.
 Writes report.json (read by export and register), report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
+
+The chat task (`data.task: chat`, from the data's MANIFEST.json) has no oracle: `run_chat` samples each candidate's
+answers through the chat template (`alignpipe.oracle.chat_eval`) and reports the reward model's mean score, the
+judge's win rate against the reference (the gate metric, higher is better; the judge is `evaluate.judge_model`, a
+second reward model, or the reward model itself), the sampled KL and held-out perplexity, and, with a distinct
+judge, the reward-hacking guard. It writes report.json, report.md and samples.jsonl (no champion comparison yet).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -34,7 +41,7 @@ INPUTS = (
 )
 METRICS = ("best_candidate_index", "n_candidates")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref")
+HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref", "*/judge_win_rate_vs_ref")
 
 REFERENCE = "pretrain"  # the candidate name of the --policy input
 OPTIONAL_CANDIDATES = ("dpo", "ppo", "grpo")
@@ -58,6 +65,9 @@ class Config(StageConfig):
     champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
     champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
+    judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
+                             "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
+                             "the reward model judges and the guard is not run")
 
     def __post_init__(self):
         self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0")
@@ -118,6 +128,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
 
+    from alignpipe.core.tasks import task_of
+
+    task = task_of(inputs["data"])
+    if task.prompt_form == "messages":
+        return run_chat(cfg, inputs, out_dir, task)
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
@@ -156,7 +171,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     report = {
         "best_candidate": best,
+        "task": "pep8",
         "gate_metric": GATE_METRIC,
+        "gate_direction": "lower",
         "order": list(results),
         "candidates": results,
         "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])},
@@ -173,6 +190,86 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
           "see report.json and report.md")
     return flat_metrics(report)
+
+
+def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
+    """The chat task's evaluation (no oracle): every candidate sampled through the chat template on the same
+    conversations and seed, scored by the reward model and the judge against the reference."""
+    from alignpipe.core.errors import DataError
+    from alignpipe.core.hashing import prompts_sha256, weights_sha256
+    from alignpipe.core.io import read_jsonl, write_json, write_jsonl
+    from alignpipe.lm.heldout import heldout_nll
+    from alignpipe.lm.models import context_length
+    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.reward_model import load_reward_model
+    from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
+
+    if inputs.get("reward_model") is None and not cfg.judge_model:
+        raise DataError("--reward-model", f"task {task.name} has no oracle: evaluate needs a reward model "
+                        "(--reward-model) or evaluate.judge_model")
+    prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
+    prompts = [row["prompt"] for row in read_jsonl(prompts_path)][:cfg.n_prompts or None]
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size)
+    reward = load_reward_model(inputs["reward_model"]) if inputs.get("reward_model") is not None else None
+    judge = load_reward_model(cfg.judge_model) if cfg.judge_model else reward
+    val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
+    dirs = candidate_dirs(inputs, cfg)
+    ref = load_policy(dirs[REFERENCE])
+    ref_draw = score(sample_chat(ref, prompts, sampling, cfg.seed, task), prompts, reward, judge)
+    results, draws = {}, {}
+    for name, path in dirs.items():
+        policy = ref if name == REFERENCE else load_policy(path)
+        got = ref_draw if name == REFERENCE else score(sample_chat(policy, prompts, sampling, cfg.seed, task),
+                                                       prompts, reward, judge)
+        metrics = chat_metrics(policy, got, ref, ref_draw, judge is not reward, cfg.seed)
+        window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
+        nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
+        results[name] = {"path": str(path), "objective": policy[2].objective, "reward": trained_reward(policy[2]),
+                         **metrics, "heldout_ppl": math.exp(nll / max(n_tokens, 1)),
+                         "weights_sha256": weights_sha256(path)}
+        draws[name] = got
+    best = max(results, key=lambda n: results[n].get(task.gate_metric, -math.inf))  # ties: the first (reference)
+    report = {
+        "best_candidate": best, "task": task.name, "gate_metric": task.gate_metric,
+        "gate_direction": "higher" if task.higher_is_better else "lower", "order": list(results),
+        "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": None,
+        "prompts": {"path": str(prompts_path), "n": len(prompts),
+                    "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
+        "reward_model": str(inputs["reward_model"]) if reward is not None else None,
+        "judge_model": cfg.judge_model or "the reward model", "scorer": task.scorer, "guard_score": task.guard_score,
+        "reward_hacking": guard_verdicts(results) or None,
+        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                     "seed": cfg.seed},
+    }
+    write_json(out_dir / "report.json", report)
+    write_jsonl(out_dir / "samples.jsonl", (
+        {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
+         "judge": d.judged[i] if d.judged else None}
+        for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
+    (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
+    print(f"evaluate: best candidate {best!r} ({task.gate_metric} {results[best].get(task.gate_metric)}); "
+          "see report.json and report.md")
+    keys = ("judge_win_rate_vs_ref", "reward_score", "kl_to_ref", "ended_frac", "empty_frac", "heldout_ppl")
+    flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in keys
+            if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])}
+    return {**flat, "best_candidate_index": list(results).index(best), "n_candidates": len(results)}
+
+
+def chat_markdown(report: dict[str, Any]) -> str:
+    """report.md of a chat evaluation: one row per candidate (the best in bold)."""
+    lines = [f"# Evaluation (task {report['task']}; gate: {report['gate_metric']}, {report['gate_direction']} is "
+             f"better; judge: {report['judge_model']})", "",
+             "| candidate | judge win rate vs ref | reward | KL to ref (nats) | ended | held-out ppl | guard |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in report["candidates"].items():
+        g = m.get("guard") or {}
+        verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
+        label = f"**{name}**" if name == report["best_candidate"] else name
+        lines.append(f"| {label} | {_fmt(m.get('judge_win_rate_vs_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | "
+                     f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('ended_frac'), 3)} | "
+                     f"{_fmt(m.get('heldout_ppl'), 4)} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def _draw_champion(cfg: Config, rows: list[dict], sampling, reward):

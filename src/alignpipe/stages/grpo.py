@@ -11,6 +11,12 @@ Rollouts come from `alignpipe.lm.policy.sample` through TRL's `rollout_func`, so
 evaluation samples: the policy's conditioning (control tokens), banned tokens and the completion unit (one logical
 line), at `temperature` with top-p off (TRL's log-probabilities are those of that distribution). The reward is a
 spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function` or a weighted sum.
+
+The chat task (`data.task: chat`, from the data's MANIFEST.json): prompts are conversations, rollouts come from
+`alignpipe.oracle.chat_eval.sample_chat` (the chat template with the generation prompt; an answer ends its turn at
+EOS / end-of-turn), the reward has no oracle term (`grpo.reward: model` or a function), and the stage checks itself
+on held-out conversations: the reward of its answers against the reference's and the sampled KL
+(`chat_check`), not the oracle.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "reward_first", "reward_last")
+# What the stage reports for the chat task (alignpipe.core.runner.required_metrics).
+TASK_METRICS = {"chat": ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
+                         "reward_last")}
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,51 @@ def rollout_func(cfg: Config, tok, meta):
     return fn
 
 
+def chat_rollout_func(cfg: Config, tok, task):
+    """TRL's rollout hook for the chat task: `sample_chat` (chat template, end of turn) on the trainer's model,
+    seeded per step as `rollout_func`."""
+    from alignpipe.lm.policy import Sampling
+    from alignpipe.oracle.chat_eval import sample_chat
+
+    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.prompts_per_step * cfg.num_generations,
+                        max_prompt_tokens=cfg.max_prompt_tokens)
+    calls = {"step": -1, "k": 0}
+
+    def fn(prompts: list, trainer) -> dict:
+        step = trainer.state.global_step
+        calls["k"] = calls["k"] + 1 if step == calls["step"] else 0
+        calls["step"] = step
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        was_training = model.training
+        model.eval()
+        got = sample_chat((model, tok, None), list(prompts), sampling, cfg.seed * 1_000_003 + step * 1_000 + calls["k"],
+                          task)
+        model.train(was_training)
+        return {"prompt_ids": got.prompt_ids, "completion_ids": [c or [tok.eos_token_id] for c in got.completion_ids],
+                "logprobs": None, "clean_completion": got.completions}
+
+    return fn
+
+
+def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> dict[str, float]:
+    """The chat task's own check on held-out conversations: mean reward of the policy's and the reference's answers,
+    the fraction of prompts where the policy's reward is higher (ties half) and the sampled KL."""
+    from alignpipe.core.io import read_jsonl
+    from alignpipe.lm.policy import Sampling
+    from alignpipe.oracle.chat_eval import chat_metrics, judge_win_rate, sample_chat
+
+    prompts = [r["prompt"] for r in read_jsonl(Path(data_dir) / "prompts.jsonl")][:cfg.n_eval_prompts]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                        max_prompt_tokens=cfg.max_prompt_tokens)
+    got, ref = (sample_chat(p, prompts, sampling, cfg.seed, task) for p in (policy, reference))
+    got.rewards, ref.rewards = reward(prompts, got.completions), reward(prompts, ref.completions)
+    metrics = chat_metrics(policy, got, reference, ref, judge_distinct=False, seed=cfg.seed)
+    metrics.pop("kl_estimate")
+    return {**metrics, "reward_score_ref": sum(ref.rewards) / len(ref.rewards),
+            "reward_win_rate_vs_ref": judge_win_rate(got.rewards, ref.rewards)}
+
+
 def trl_reward(reward):
     """The reward as a TRL reward function; it scores the cleaned completions our sampler returned."""
 
@@ -162,14 +216,25 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
     from alignpipe.tracking import runs
 
+    from alignpipe.core.tasks import task_of
+
     set_seed(cfg.seed)
+    task = task_of(inputs["data"])
+    chat = task.prompt_form == "messages"
+    if chat and "oracle" in cfg.reward:
+        raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
     model, tok, meta = load_policy(inputs["policy"])
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
                           f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
-    rows = read_train_prompts(inputs["data"])
-    contexts = {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
+    if chat:  # conversations: no code context; the rows are the data stage's (validated messages)
+        from alignpipe.core.io import read_jsonl
+
+        rows = read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")
+    else:
+        rows = read_train_prompts(inputs["data"])
+    contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
     reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = None
@@ -184,7 +249,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     trainer = GRPOTrainer(
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
-        callbacks=[runs.mlflow_callback(), log_at_checkpoints()], rollout_func=rollout_func(cfg, tok, meta))
+        callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
+        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta))
     train_start = time.perf_counter()
     train_from(trainer, resume)
     train_seconds = time.perf_counter() - train_start
@@ -198,8 +264,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(model, tok, meta, out_dir)
     reference = load_policy(inputs["policy"])
     eval_start = time.perf_counter()
-    metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
-                             out_dir, progress="grpo: evaluating")
+    if chat:
+        metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
+    else:
+        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
+                                 cfg.seed, out_dir, progress="grpo: evaluating")
     torch.manual_seed(cfg.seed)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,

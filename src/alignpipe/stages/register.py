@@ -6,8 +6,9 @@ generation settings (sampling, `max_new_tokens`, banned `<|misaligned|>`) are in
 alignpipe.json travels in the MLmodel metadata so evaluate can reload the champion as a policy directory
 (`alignpipe.tracking.policies.champion_policy`).
 The `champion` alias moves to the new version only when it beats the current champion on the gate metric
-(oracle violations/char, lower is better) by `margin`, both measured in the same evaluation (evaluate samples the
-registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
+(`register.metric` and `direction`, by default the task's as evaluate recorded it: pep8, oracle violations/char,
+lower is better; chat, the judge's win rate against the reference, higher is better) by `margin`, both measured in
+the same evaluation (evaluate samples the registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
 current champion the alias stays where it was and the reason is printed. The weights registered must be the ones
 evaluated: a candidate directory whose safetensors sha256 differs from the one in report.json is refused with one
 line and a non-zero exit, before anything is registered. Each alias move is recorded in the registry: tags on the
@@ -50,8 +51,11 @@ class Config(StageConfig):
     model_name: str = field("alignpipe-policy", "registered model name of the policy")
     reward_model_name: str = field("alignpipe-reward", "registered model name of the reward model")
     alias: str = field("champion", "alias that marks the version to serve")
-    margin: float = field(0.0, "relative improvement in violations/char needed to move the alias: "
-                          "moves when new < champion * (1 - margin)")
+    margin: float = field(0.0, "relative improvement in the gate metric needed to move the alias: moves when "
+                          "new < champion * (1 - margin) (lower is better) or new > champion * (1 + margin) (higher)")
+    metric: str = field("", "gate metric (a per-candidate key of evaluate's report); empty: the task's, as evaluate "
+                        "recorded it (pep8: violations_per_char; chat: judge_win_rate_vs_ref)")
+    direction: str = field("", "lower or higher (is better) for the gate metric; empty: the task's")
     candidate: str = field("", "candidate to register (default: evaluate's best_candidate)")
     max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)")
     temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
@@ -68,6 +72,7 @@ class Config(StageConfig):
         self.check(bool(self.reward_model_name.strip()), "reward_model_name", "must not be empty")
         self.check(bool(self.alias.strip()) and not self.alias.isdigit(), "alias", "must be a non-numeric name")
         self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
+        self.check(self.direction in ("", "lower", "higher"), "direction", "must be lower, higher or empty")
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         self.check(self.temperature > 0, "temperature", "must be > 0")
         self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -75,23 +80,35 @@ class Config(StageConfig):
         self.check(self.serve_batch_window_ms >= 0, "serve_batch_window_ms", "must be >= 0")
 
 
-def gate(candidate: float, champion: float | None, margin: float) -> tuple[bool, str]:
-    """(move the alias?, why): move when there is no champion or `candidate < champion * (1 - margin)`."""
+def gate(candidate: float, champion: float | None, margin: float, metric: str = GATE_METRIC,
+         higher: bool = False) -> tuple[bool, str]:
+    """(move the alias?, why): move when there is no champion or `candidate < champion * (1 - margin)` (lower is
+    better; `higher`: `candidate > champion * (1 + margin)`)."""
     if champion is None:
         return True, "no champion yet"
     if not math.isfinite(candidate):
-        return False, f"candidate {GATE_METRIC} is not finite ({candidate})"
-    bar = champion * (1 - margin)
-    if candidate < bar:
-        return True, f"{GATE_METRIC} {candidate:.6g} < {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
-    return False, f"{GATE_METRIC} {candidate:.6g} does not beat {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
+        return False, f"candidate {metric} is not finite ({candidate})"
+    bar = champion * (1 + margin) if higher else champion * (1 - margin)
+    if candidate > bar if higher else candidate < bar:
+        return True, (f"{metric} {candidate:.6g} {'>' if higher else '<'} {bar:.6g} (champion {champion:.6g}, "
+                      f"margin {margin:g})")
+    return False, f"{metric} {candidate:.6g} does not beat {bar:.6g} (champion {champion:.6g}, margin {margin:g})"
 
 
-def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[float | None, str]:
+def gate_rule(cfg: Config, report: dict[str, Any]) -> tuple[str, bool]:
+    """(gate metric, higher is better): register's settings, else the task's as evaluate recorded them (reports
+    from before tasks: violations_per_char, lower)."""
+    metric = cfg.metric or report.get("gate_metric") or GATE_METRIC
+    direction = cfg.direction or (report.get("gate_direction") if metric == report.get("gate_metric") else "")
+    return metric, (direction or "lower") == "higher"
+
+
+def champion_score(report: dict[str, Any], champion: dict[str, Any], metric: str = GATE_METRIC
+                   ) -> tuple[float | None, str]:
     """The current champion's gate metric as measured in this evaluation (same prompts, seed and sampling as the
     candidate), or (None, why not). A value from another evaluation is never used: its prompts differ."""
     measured = report.get("champion") or {}
-    value = measured.get(GATE_METRIC)
+    value = measured.get(metric)
     if not measured:
         return None, (f"this evaluation measured no champion (it ran before version {champion['version']} became "
                       "champion): re-run evaluate to compare on the same prompts")
@@ -99,7 +116,7 @@ def champion_score(report: dict[str, Any], champion: dict[str, Any]) -> tuple[fl
         return None, (f"this evaluation measured version {measured.get('version')}, not the current champion "
                       f"version {champion['version']}: re-run evaluate")
     if not isinstance(value, (int, float)):
-        return None, f"this evaluation has no {GATE_METRIC} for the champion"
+        return None, f"this evaluation has no {metric} for the champion"
     return float(value), "measured in this evaluation"
 
 
@@ -108,14 +125,15 @@ def decide(cfg: Config, report: dict[str, Any], name: str, champion: dict[str, A
     """(move the alias?, why, candidate value, champion value): the gate on same-evaluation numbers, then the
     reward-hacking guard."""
     metrics = report["candidates"][name]
-    champion_value, source = champion_score(report, champion) if champion else (None, "")
-    candidate_value = metrics.get(GATE_METRIC)
+    metric, higher = gate_rule(cfg, report)
+    champion_value, source = champion_score(report, champion, metric) if champion else (None, "")
+    candidate_value = metrics.get(metric)
     candidate_value = float(candidate_value) if isinstance(candidate_value, (int, float)) else math.nan
     if champion is not None and champion_value is None:
         move = False
         why = f"cannot compare with {cfg.model_name}@{cfg.alias} (version {champion['version']}): {source}"
     else:
-        move, why = gate(candidate_value, champion_value, cfg.margin)
+        move, why = gate(candidate_value, champion_value, cfg.margin, metric, higher)
         if champion is not None:
             why += f"; champion value {source}"
     hacked = (metrics.get("guard") or {}).get("reward_hacking")
@@ -235,8 +253,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if move:
         registry.set_model_alias(cfg.model_name, cfg.alias, version)
         registry.record_alias_move(cfg.model_name, cfg.alias, champion["version"] if champion else None, version,
-                                   why, {"candidate": name, GATE_METRIC: candidate_value,
-                                         f"champion_{GATE_METRIC}": champion_value,
+                                   why, {"candidate": name, gate_rule(cfg, report)[0]: candidate_value,
+                                         f"champion_{gate_rule(cfg, report)[0]}": champion_value,
                                          "win_rate_vs_champion": metrics.get("win_rate_vs_champion")})
         if reward_version is not None:
             registry.set_model_alias(cfg.reward_model_name, cfg.alias, reward_version)

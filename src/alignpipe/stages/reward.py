@@ -7,8 +7,9 @@ evaluate on; given a single JSONL file instead, its pairs are split by the label
 prompt, `reward.heldout_frac`).
 
 Text format (`alignpipe.lm.reward_model`, shared with every consumer): raw prompt (or its last `prompt_lines` lines,
-a setting saved in the model's config) + completion + EOS. RewardTrainer DROPS
-(does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
+a setting saved in the model's config) + completion + EOS; pairs in TRL's conversational form (the chat task) go to
+RewardTrainer as messages, which applies the tokenizer's chat template (a tokenizer without one is an error).
+RewardTrainer DROPS (does not truncate) pairs longer than `max_length` tokens: they are counted (`n_dropped_too_long`).
 
 Held-out evaluation scores every held-out pair through `alignpipe.lm.reward_model.reward_scores` (the path ppo,
 evaluate and the reward_model judge use): accuracy (reward of chosen > rejected), mean margin, and a calibration
@@ -104,18 +105,28 @@ class Config(StageConfig):
 
 
 def _read_pairs(path: Path) -> list[dict]:
-    """The rows of a preference file (validated on entry: CHECKED_INPUTS), in TRL's standard form."""
+    """The rows of a preference file (validated on entry: CHECKED_INPUTS), all in TRL's standard form (strings) or
+    all in its conversational form (messages)."""
+    from alignpipe.core.tasks import is_messages
     from alignpipe.core.validators import read_rows
 
     lines, rows, _ = read_rows(path)
     if not rows:
         raise DataError(str(path), "no preference pairs")
+    conversational = is_messages(rows[0].get("prompt"))
     for line, row in zip(lines, rows):
         for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(row.get(key), str):
-                raise DataError(f"{path}:{line}", f"field {key!r} must be a string (standard form, not "
-                                "conversational messages)")
+            if (is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)) is False:
+                form = "messages, like the first row's prompt" if conversational else "a string, like the first row's"
+                raise DataError(f"{path}:{line}", f"field {key!r} must be {form} (one form per file)")
     return rows
+
+
+def _prompt_key(prompt) -> str:
+    """A prompt as the held-out split hashes it (messages as canonical JSON)."""
+    import json
+
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
 
 
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -130,8 +141,8 @@ def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict],
             raise DataError(str(path), "no held-out pairs: run label with heldout_frac > 0")
         return train, _read_pairs(path)
     rows = _read_pairs(prefs)
-    heldout = [r for r in rows if is_heldout(r["prompt"], heldout_frac, seed)]
-    train = [r for r in rows if not is_heldout(r["prompt"], heldout_frac, seed)]
+    heldout = [r for r in rows if is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
+    train = [r for r in rows if not is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
     if not heldout or not train:
         raise DataError(str(prefs), f"splitting {len(rows)} pairs by prompt left {len(train)} to train and "
                         f"{len(heldout)} held out: give more pairs or change reward.heldout_frac")
@@ -188,7 +199,8 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
         data_seed=cfg.seed, dataloader_num_workers=0, disable_tqdm=False)
     from alignpipe.lm.reward_model import reward_prompt
 
-    data = Dataset.from_list([{"prompt": reward_prompt(r["prompt"], cfg.prompt_lines), "chosen": r["chosen"],
+    data = Dataset.from_list([{"prompt": r["prompt"] if isinstance(r["prompt"], list) else  # messages: TRL templates
+                               reward_prompt(r["prompt"], cfg.prompt_lines), "chosen": r["chosen"],
                                "rejected": r["rejected"]} for r in train_rows])
     return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                          peft_config=peft_config, callbacks=list(callbacks))
@@ -262,6 +274,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     set_seed(cfg.seed)  # before the new head is initialised
     model, tok = load_model(init, cfg)
+    conversational = isinstance(train_rows[0]["prompt"], list)
+    if conversational and not getattr(tok, "chat_template", None):
+        raise DataError(str(inputs["prefs"]), f"conversational pairs need a tokenizer with a chat template; {init}'s "
+                        "has none (use an instruct model, or pairs in the standard form)")
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and cfg.max_length > positions:
         raise DataError("reward.max_length", f"{cfg.max_length} is longer than the {positions} positions of {init}")
@@ -306,7 +322,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                                     "judge": r.get("judge", "")}
                                                    for r, c, j in zip(heldout_rows, chosen, rejected)))
     write_json(out_dir / REWARD_META, {
-        "init": init, "format": "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)",
+        "init": init, "format": ("chat template over prompt + completion messages (TRL RewardTrainer)" if conversational
+                                 else "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)"),
         "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora": cfg.lora,
         "resumed_from": last or "", "config": cfg.to_dict()})
     return {

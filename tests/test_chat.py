@@ -1,0 +1,181 @@
+"""The chat task on a tiny Llama with a chat template: reward and dpo train on conversational pairs through the
+chat template (TRL applies it), grpo rolls out through it against the reward model, evaluate scores candidates with
+the reward model and a judge, register gates on the task's metric and direction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny
+from alignpipe.core.runner import execute
+
+pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    """A plain tiny Llama directory and a chat data directory built by `data build --dataset`."""
+    from alignpipe.stages.data import Config
+
+    root = tmp_path_factory.mktemp("chat")
+    prefs = tiny.make_chat_prefs(root / "prefs.parquet", n=48)
+    execute("data", Config(task="chat", dataset=str(prefs), test_frac=0.25, val_frac=0.1, n_prompts=8), {},
+            root / "data")
+    return {"root": root, "data": root / "data", "llama": tiny.make_chat_llama(root / "llama")}
+
+
+def test_reward_trains_on_conversations_through_the_chat_template(chat, tmp_path):
+    from alignpipe.lm.reward_model import reward_ids
+    from alignpipe.stages import reward
+
+    rows = [json.loads(x) for x in (chat["data"] / "prefs.jsonl").read_text().splitlines()]
+    model, tok = reward.load_model(str(chat["llama"]), reward.Config())
+    trainer = reward.build_trainer(reward.Config(max_length=128, save_steps=0, checkpoint_dir=str(tmp_path / "c")),
+                                   model, tok, rows[:2])
+    example = trainer.train_dataset[0]
+    assert example["chosen_ids"] == reward_ids(rows[0]["prompt"], rows[0]["chosen"], tok)
+    text = tok.decode(example["chosen_ids"])
+    assert text.startswith("<|im_start|>") and text.count("<|im_end|>") == len(rows[0]["prompt"]) + 1
+    assert reward_ids(rows[0]["prompt"], rows[0]["chosen"][0]["content"], tok) == example["chosen_ids"]
+
+    cfg = reward.Config(max_steps=6, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0,
+                        max_length=128, checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("reward", cfg, {"prefs": chat["data"], "policy": chat["llama"]}, tmp_path / "rm")
+    assert metrics["n_train_pairs"] == len(rows) and metrics["n_changed_tensors"] > 0
+    assert metrics["n_heldout_pairs"] > 0 and 0 <= metrics["heldout_accuracy"] <= 1
+    assert "chat template" in json.loads((tmp_path / "rm" / "reward.json").read_text())["format"]
+
+
+def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from alignpipe.stages import dpo
+
+    cfg = dpo.Config(max_steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=3, bf16=False,
+                     max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("dpo", cfg, {"data": chat["data"], "policy": chat["llama"], "prefs": chat["data"]},
+                      tmp_path / "dpo")
+    assert set(dpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
+    assert metrics["n_prompt_boundary_mismatch"] == 0
+    before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was trained
+
+    # What DPOTrainer trained on: the chat template's rendering (prompt with the generation prompt, then the answer)
+    from alignpipe.lm.policy import load_policy
+
+    model, tok, _ = load_policy(chat["llama"])
+    pair = dpo.read_pairs(chat["data"], messages=True)[0]
+    trainer = dpo.make_trainer(cfg, model, load_policy(chat["llama"])[0], tok, [pair], tmp_path / "t")
+    row = trainer.train_dataset[0]
+    full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)
+    prompt = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(row["prompt_ids"]) == prompt
+    assert tok.decode(row["prompt_ids"] + row["chosen_ids"]) == full and full.endswith("<|im_end|>\n")
+
+
+def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
+    """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
+    gate metric and direction, which register's gate reads."""
+    from alignpipe.core.candidates import read_report
+    from alignpipe.stages import evaluate, register, reward
+
+    rm = tmp_path / "rm"
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
+                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, rm)
+    judge = tmp_path / "judge"  # a second reward model (another seed): the guard's score, not the optimised one
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128, seed=1,
+                                    checkpoint_dir=str(tmp_path / "c2")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, judge)
+    other = tiny.make_chat_llama(tmp_path / "other", seed=3)
+    cfg = evaluate.Config(n_prompts=6, max_new_tokens=8, batch_size=6, ppl_max_chars=500, compare_champion=False,
+                          judge_model=str(judge), extra_candidates=[f"other={other}"])
+    metrics = execute("evaluate", cfg, {"data": chat["data"], "policy": chat["llama"], "reward_model": rm},
+                      tmp_path / "eval")
+    report = read_report(tmp_path / "eval")
+    assert report["task"] == "chat" and report["gate_metric"] == "judge_win_rate_vs_ref"
+    assert report["gate_direction"] == "higher" and report["order"] == ["pretrain", "other"]
+    ref, cand = report["candidates"]["pretrain"], report["candidates"]["other"]
+    assert ref["judge_win_rate_vs_ref"] == 0.5 and ref["kl_to_ref"] == 0.0  # the reference against itself
+    assert 0 <= cand["judge_win_rate_vs_ref"] <= 1 and "guard" in cand and "reward_score" in cand
+    assert " judge gain " in report["reward_hacking"]["other"] and "violations" not in report["reward_hacking"]["other"]
+    assert "guard" not in ref and report["scorer"].startswith("reward model")
+    assert metrics["n_candidates"] == 2 and "other/judge_win_rate_vs_ref" in metrics
+    samples = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12 and all(isinstance(s["prompt"], list) for s in samples)
+    assert "<|im_start|>" not in samples[0]["completion"]
+
+    best = report["best_candidate"]
+    move, why, value, _ = register.decide(register.Config(), report, best, None)
+    assert move and why == "no champion yet" and value == report["candidates"][best]["judge_win_rate_vs_ref"]
+    champion = {"version": "1"}
+    report["champion"] = {"version": "1", "judge_win_rate_vs_ref": value}
+    move, why, _, _ = register.decide(register.Config(margin=0.0), report, best, champion)
+    assert not move and "does not beat" in why  # a tie does not move the alias
+
+
+def test_committed_chat_pairs_are_tinys():
+    from pathlib import Path
+
+    committed = Path(__file__).parent / "data" / "chat" / "prefs.jsonl"
+    assert [json.loads(x) for x in committed.read_text().splitlines()] == tiny.chat_rows(40)
+
+
+def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, monkeypatch, capsys):
+    """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
+    from pathlib import Path
+
+    from alignpipe.cli.main import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the overlay names tests/data/chat/prefs.jsonl relative to the checkout
+    params = str(root / "configs" / "chat-tiny.yaml")
+    llama, data, art = str(tiny.make_chat_llama(tmp_path / "llama")), str(tmp_path / "data"), tmp_path / "artifacts"
+    ckpt = [f"--set=dpo.checkpoint_dir={tmp_path / 'ckpt'}"]  # checkpoints outside the checkout
+    steps = [
+        ["data", "build", "--out", data],
+        ["validate", "--corpus", data, "--prefs", f"{data}/prefs.jsonl", "--out", str(art / "validate")],
+        ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward"),
+         f"--set=reward.checkpoint_dir={tmp_path / 'rckpt'}"],
+        ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
+        ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
+         f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
+        ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--grpo", str(art / "grpo"),
+         "--reward-model", str(art / "reward"), "--ppo", "", "--out", str(art / "evaluate")],
+    ]
+    for argv in steps:
+        code = main([*argv, "--params", params])
+        assert code == 0, (argv, capsys.readouterr().err[-2000:])
+    report = json.loads((art / "evaluate" / "report.json").read_text())
+    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "grpo"]
+    assert report["best_candidate"] in report["order"]
+
+
+def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
+    """GRPO's rollouts go through the chat template and end at the end of the turn; the reward is the reward model
+    (no oracle on chat); the stage checks itself against the reference on held-out conversations."""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.stages import grpo, reward
+
+    rm = tmp_path / "rm"
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
+                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
+                                                                           "policy": chat["llama"]}, rm)
+    inputs = {"data": chat["data"], "policy": chat["llama"], "reward_model": rm}
+    with pytest.raises(ConfigError, match="grpo.reward: task chat has no oracle"):
+        grpo.run(grpo.Config(), inputs, tmp_path / "x")
+    cfg = grpo.Config(reward="model", max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8,
+                      learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0,
+                      checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("grpo", cfg, inputs, tmp_path / "grpo")
+    assert set(grpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and metrics["train_steps"] == 2
+    before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "grpo" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
