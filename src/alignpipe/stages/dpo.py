@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
@@ -50,7 +51,7 @@ LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "dpo"
 
     loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...")
@@ -94,6 +95,7 @@ class Config(StageConfig):
         self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
         self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
         self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        self.check_lora()
 
 
 # ----------------------------------------------------------------------------------------------- preference pairs
@@ -164,6 +166,7 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
     from trl import DPOTrainer
 
     from alignpipe.algos.dpo import trl_config
+    from alignpipe.algos.lora import lora_config
 
     def length(p):  # tokens of the longer of prompt+chosen and prompt+rejected
         return max(len(tok(p["prompt"] + p[k])["input_ids"]) for k in ("chosen", "rejected"))
@@ -174,7 +177,7 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
     if args.world_size > 1 and cfg.precompute_ref_log_probs:
         dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
-                      callbacks=callbacks)
+                      callbacks=callbacks, peft_config=lora_config(cfg, model))
 
 
 def shared_dataset(dataset, args, path: Path):
@@ -214,13 +217,15 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     import torch
 
+    from alignpipe.algos.lora import check_4bit, merged, quantization_config
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics
 
+    check_4bit(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"])
+    model, tok, meta = load_policy(inputs["policy"], quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
         raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
@@ -254,9 +259,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
-    trained = trainer.model
+    trained = merged(trainer.model)  # LoRA: adapters folded into the weights, a plain model directory
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "dpo", "parent": str(inputs["policy"]),
-                                            "loss_type": cfg.loss_type, "beta": cfg.beta})
+                                            "loss_type": cfg.loss_type, "beta": cfg.beta,
+                                            **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
     eval_start = time.perf_counter()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
@@ -37,7 +38,7 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "grpo"
 
     reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
@@ -81,6 +82,7 @@ class Config(StageConfig):
                 raise ConfigError(f"grpo.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.beta < 0:
             raise ConfigError("grpo.beta", f"must be >= 0, got {self.beta}")
+        self.check_lora()
 
 
 def trl_args(cfg: Config, output_dir: Path):
@@ -157,13 +159,15 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOTrainer
 
+    from alignpipe.algos.lora import check_4bit, lora_config, merged, quantization_config
     from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
     from alignpipe.tracking import runs
 
+    check_4bit(cfg)
     set_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"])
+    model, tok, meta = load_policy(inputs["policy"], quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
@@ -184,7 +188,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     trainer = GRPOTrainer(
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
-        callbacks=[runs.mlflow_callback()], rollout_func=rollout_func(cfg, tok, meta))
+        callbacks=[runs.mlflow_callback()], rollout_func=rollout_func(cfg, tok, meta),
+        peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.perf_counter() - train_start
@@ -192,9 +197,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     logs = [h for h in trainer.state.log_history if "loss" in h]
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = merged(trainer.accelerator.unwrap_model(trainer.model))  # LoRA: adapters folded into the weights
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "grpo", "parent": str(inputs["policy"]),
-                                            "reward": str(reward.spec)})
+                                            "reward": str(reward.spec), **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
     reference = load_policy(inputs["policy"])
     eval_start = time.perf_counter()
