@@ -69,6 +69,7 @@ class Config(StageConfig, LoraFields):
     bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
     gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process")
     seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
     logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps")
     save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output")
@@ -225,12 +226,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     check_4bit(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"], quantization_config=quantization_config(cfg))
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
         raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
                           f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
-    reference = load_policy(inputs["policy"])  # the frozen reference: an explicit copy from the saved directory
+    # the frozen reference: an explicit copy from the saved directory
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     pairs = read_pairs(inputs["prefs"])
     n_human = 0
     if inputs.get("human_prefs") is not None:

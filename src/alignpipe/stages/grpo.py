@@ -65,6 +65,7 @@ class Config(StageConfig, LoraFields):
     n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
     eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
     seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
@@ -167,7 +168,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     check_4bit(cfg)
     set_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"], quantization_config=quantization_config(cfg))
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
@@ -199,9 +201,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     model = merged(trainer.accelerator.unwrap_model(trainer.model))  # LoRA: adapters folded into the weights
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "grpo", "parent": str(inputs["policy"]),
-                                            "reward": str(reward.spec), **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
+                                            "reward": str(reward.spec),
+                                            **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
-    reference = load_policy(inputs["policy"])
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     eval_start = time.perf_counter()
     metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
                              out_dir, progress="grpo: evaluating")

@@ -79,6 +79,7 @@ class Config(StageConfig, LoraFields):
     max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does")
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
     seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
     save_every: int = field(5, "checkpoint every N iterations into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
@@ -355,13 +356,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     check_4bit(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"], quantization_config=quantization_config(cfg))
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
     model = with_lora(cfg, model)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("ppo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the policy's "
                           f"{positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
-    reference = load_policy(inputs["policy"])
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
     reward = build_reward(cfg.reward, inputs.get("reward_model"), {r["prompt"]: r["context"] for r in rows},
