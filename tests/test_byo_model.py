@@ -1,5 +1,6 @@
 """Bring your own model: plain Hugging Face causal LMs of three families (Llama, Qwen2, GPT-NeoX; tiny, random,
-built from config, no alignpipe.json) through reward, dpo (full and LoRA), grpo, ppo (LoRA), evaluate and export;
+built from config, no alignpipe.json) through reward (LoRA), dpo (full and LoRA), grpo (LoRA on GPT-NeoX), ppo
+(LoRA), evaluate and export;
 LoRA settings and QLoRA's error; pretrain continuing a plain Llama."""
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
         assert set(saved) == set(base_weights) and _changed(base_weights, saved) > 0, name  # plain, merged
         assert not list((tmp_path / name).glob("adapter_*"))
 
+    lora = {"lora_r": 4} if family == "gpt_neox" else {}  # GRPO with LoRA on one family (TRL's peft path)
     g = execute("grpo", grpo.Config(max_steps=1, prompts_per_step=4, num_generations=2, max_new_tokens=8,
                                     max_prompt_tokens=64, n_eval_prompts=4, eval_batch_size=4, learning_rate=1e-2,
-                                    checkpoint_dir=str(tmp_path / "ck_grpo")),
+                                    checkpoint_dir=str(tmp_path / "ck_grpo"), **lora),
                 {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "grpo")
-    assert g["train_steps"] == 1 and _changed(base_weights, _weights(tmp_path / "grpo")) > 0
+    grpo_weights = _weights(tmp_path / "grpo")
+    assert g["train_steps"] == 1 and set(grpo_weights) == set(base_weights)
+    assert _changed(base_weights, grpo_weights) > 0
 
     ev = execute("evaluate", evaluate.Config(n_prompts=4, max_new_tokens=8, batch_size=4, ppl_max_chars=500),
                  {"data": tiny_data, "policy": base, "dpo": tmp_path / "dpo_lora", "grpo": tmp_path / "grpo",
