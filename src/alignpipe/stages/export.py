@@ -97,8 +97,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
     ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts)
 
-    ox.export_policy(policy, out_dir / "policy.onnx", cfg.opset)
-    ox.export_reward(reward, out_dir / "reward.onnx", cfg.opset)
+    for name, model, source, export in (("policy", policy, policy_dir, ox.export_policy),
+                                        ("reward", reward, inputs["reward_model"], ox.export_reward)):
+        try:
+            export(model, out_dir / f"{name}.onnx", cfg.opset)
+        except Exception as e:  # torch.export/onnx raise many types; one line naming the model is what helps
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(str(source), f"ONNX export of this {model.config.model_type} model failed "
+                            f"(torch {torch.__version__}): {type(e).__name__}: {first}") from e
     ort_policy, ort_reward = _sessions(cfg, out_dir, "", providers)
     providers = ort_policy.session.get_providers()  # what runs: onnxruntime may have fallen back to the CPU
     if providers[0] == ox.CUDA:  # time PyTorch on the same device
