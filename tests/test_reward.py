@@ -104,7 +104,7 @@ def test_lora_resume_and_drop_count(tmp_path):
     rows[0]["prompt"] = "x = [1, 2, 3]\n" * 40 + rows[0]["prompt"]  # longer than max_length: dropped, counted
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     policy = make_policy(tmp_path / "policy")
-    common = dict(lora=True, lora_r=4, lora_alpha=8, batch_size=4, prompt_lines=0, save_steps=2, max_length=128,
+    common = dict(lora_r=4, lora_alpha=8, batch_size=4, prompt_lines=0, save_steps=2, max_length=128,
                   heldout_frac=0.25, checkpoint_dir=str(tmp_path / "ckpt"), learning_rate=1e-3)
     first = execute("reward", reward.Config(max_steps=2, **common), {"prefs": prefs, "policy": policy},
                     tmp_path / "a")

@@ -21,8 +21,9 @@ def make_data(out_dir: Path, n_prompts: int = 32) -> Path:
     return out_dir
 
 
-def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer with the control tokens, trained on `texts` (default: a few code lines)."""
+def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 400, control: bool = True):
+    """A byte-level BPE tokenizer with the control tokens (unless `control` is False), trained on `texts` (default:
+    a few code lines)."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -30,10 +31,10 @@ def make_tokenizer(texts: list[str] | None = None, vocab_size: int = 400):
                       "class A:\n    def g(self):\n        pass\n"] * 4
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>", "<|pad|>", *CONTROL])
+                            special_tokens=["<|endoftext|>", "<|pad|>", *(CONTROL if control else ())])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>", pad_token="<|pad|>",
-                                   additional_special_tokens=list(CONTROL))
+                                   additional_special_tokens=list(CONTROL) if control else [])
 
 
 def _config(tok, **kw):
@@ -151,6 +152,33 @@ def make_chat_llama(out_dir: Path, seed: int = 0) -> Path:
     tok.save_pretrained(str(out_dir))
     return out_dir
 
+
+
+FAMILIES = ("llama", "qwen2", "gpt_neox")  # plain Hugging Face causal LMs (no alignpipe.json) the suite runs
+
+
+def make_hf_model(out_dir: Path, family: str, seed: int = 0, control_tokens: bool = True) -> Path:
+    """A random tiny causal LM of `family` (about 100k parameters) saved as a plain Hugging Face directory: config
+    + safetensors + tokenizer (with the control tokens unless `control_tokens` is False), no alignpipe.json. The
+    Llama tokenizer has no pad token (as Llama's own), so loaders must fall back to EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    tok = make_tokenizer(control=control_tokens)
+    if family == "llama":
+        tok.pad_token = None
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = {"llama": lambda: LlamaConfig(num_key_value_heads=2, **common),
+              "qwen2": lambda: Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common),
+              "gpt_neox": lambda: GPTNeoXConfig(rotary_pct=0.5, **common)}[family]()
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return out_dir
 
 if __name__ == "__main__":  # `python tests/tiny.py chat-llama DIR` / `chat-prefs FILE`: configs/chat-tiny.yaml's inputs
     import sys

@@ -156,6 +156,11 @@ class TokenDistribution:
     autocast: bool = False  # bf16 autocast for the transformer (the head and log-softmax stay fp32)
 
 
+def _backbone(model):
+    """The transformer under the LM head (a LoRA-wrapped policy: the one inside peft's wrapper, adapters in place)."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+
+
 def token_forward(model, value_head, batch: PPOBatch, dist: TokenDistribution):
     """Per-token log pi(y_t|s_t) of the distribution sampling draws from: logits / temperature, banned tokens
     masked and, with `first_ids`, the first token restricted to them (as `alignpipe.lm.policy.sample` restricts it to
@@ -165,7 +170,7 @@ def token_forward(model, value_head, batch: PPOBatch, dist: TokenDistribution):
 
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dist.autocast):
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        hidden = _backbone(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   position_ids=batch.position_ids).last_hidden_state
     h = hidden[:, batch.prompt_width - 1:-1].float()  # the state before each completion token
     with torch.autocast(device_type, enabled=False):

@@ -32,7 +32,8 @@ def device_and_dtype(precision: str):
 
 def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, init_model: str = ""):
     """A GPT-2 LM: from scratch (no dropout: every run here sees each token at most about once), or
-    `init_model` (Hugging Face id or path, safetensors) with its embeddings resized to the tokenizer."""
+    `init_model` (any Hugging Face causal LM, id or path, safetensors, no custom code) with its embeddings resized
+    to the tokenizer (which gained the control tokens) and the tokenizer's pad token recorded in its config."""
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if init_model:
@@ -40,6 +41,8 @@ def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, i
             model = AutoModelForCausalLM.from_pretrained(init_model, use_safetensors=True)
         if model.get_input_embeddings().num_embeddings < len(tok):
             model.resize_token_embeddings(len(tok))
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tok.pad_token_id
         return model
     config = GPT2Config(vocab_size=len(tok), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                         n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,

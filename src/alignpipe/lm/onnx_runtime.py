@@ -40,12 +40,22 @@ def position_ids_from_mask(attention_mask):
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
-def _decoder_with_past(model):
+def cache_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of a causal LM's KV cache, read from one forward pass (so grouped-query
+    attention, Llama's head_dim and GPT-NeoX's head size need no per-family config reading)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=True)
+    layers = out.past_key_values.layers
+    _, heads, _, head_dim = layers[0].keys.shape
+    return len(layers), int(heads), int(head_dim)
+
+
+def _decoder_with_past(model, n_layer: int):
     """Wrap a causal LM so that its cache goes in and out as flat tensors (transformers 5 uses Cache objects)."""
     import torch
     from transformers import DynamicCache
-
-    n_layer = model.config.n_layer
 
     class DecoderWithPast(torch.nn.Module):
         def __init__(self):
@@ -94,12 +104,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_policy(model, path: str | Path, opset: int = 18) -> None:
-    """Export a GPT-2-style causal LM as a KV-cache decoder (dynamic batch, sequence and past lengths)."""
+    """Export a causal LM (GPT-2, Llama, Qwen2, GPT-NeoX, ...) as a KV-cache decoder (dynamic batch, sequence and
+    past lengths)."""
     import torch
 
     cfg = model.config
-    n_layer, n_head = cfg.n_layer, cfg.n_head
-    head_dim = cfg.n_embd // n_head
+    n_layer, n_head, head_dim = cache_shape(model.eval())
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     # Example shapes: batch 2 and a non-empty past, so the exporter keeps every axis symbolic.
     input_ids = torch.randint(0, cfg.vocab_size, (2, 3))
@@ -108,14 +118,14 @@ def export_policy(model, path: str | Path, opset: int = 18) -> None:
     dynamic_shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                       "past": tuple({0: batch, 2: past} for _ in pasts)}
     with _quiet_exporter(), torch.no_grad():
-        torch.onnx.export(_decoder_with_past(model.eval()), (input_ids, attention_mask, *pasts), str(path),
+        torch.onnx.export(_decoder_with_past(model.eval(), n_layer), (input_ids, attention_mask, *pasts), str(path),
                           dynamo=True, verbose=False, external_data=False, opset_version=opset,
                           input_names=[*POLICY_INPUTS, *past_names(n_layer)],
                           output_names=["logits", *present_names(n_layer)], dynamic_shapes=dynamic_shapes)
 
 
 def export_reward(model, path: str | Path, opset: int = 18) -> None:
-    """Export a one-label GPT-2 sequence classifier as `rewards = f(input_ids, attention_mask)`."""
+    """Export a one-label sequence classifier as `rewards = f(input_ids, attention_mask)`."""
     import torch
 
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")

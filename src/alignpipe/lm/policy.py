@@ -85,20 +85,31 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_policy(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
-    """(model, tokenizer, meta) of a policy directory (or a Hugging Face id for the model); safetensors only."""
+def load_policy(path: str | Path, trust_remote_code: bool = False, device: str | None = None,
+                quantization_config=None):
+    """(model, tokenizer, meta) of a policy: an alignpipe policy directory, or any Hugging Face causal LM (a plain
+    directory with config, safetensors and tokenizer, or a hub id), which gets the default `PolicyMeta` (raw
+    prompts). Safetensors only; custom model code only with `trust_remote_code`; a tokenizer without a pad token
+    pads with EOS. `quantization_config` (QLoRA's 4-bit base) leaves the placement to transformers."""
     from transformers import AutoModelForCausalLM
 
     from alignpipe.lm.tokenizers import load_tokenizer
 
     local = Path(str(path)).exists()
+    if local and not (Path(path) / "config.json").is_file():
+        raise DataError(str(path), "not a model directory: no config.json (expected a save_pretrained folder)")
     if local and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
     with loading(path, "policy weights"):
-        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    model.to(device or torch_device()).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if quantization_config is None:
+        model.to(device or torch_device())
+    model.eval()
     meta = PolicyMeta.load(path) if local else PolicyMeta()
     return model, tok, meta
 

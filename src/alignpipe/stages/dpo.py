@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
@@ -57,7 +58,7 @@ LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "dpo"
 
     loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...")
@@ -75,6 +76,7 @@ class Config(StageConfig):
     bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
     gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process")
     seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
     logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps")
     save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output")
@@ -101,6 +103,7 @@ class Config(StageConfig):
         self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
         self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
         self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        self.check_lora()
 
 
 # ----------------------------------------------------------------------------------------------- preference pairs
@@ -181,13 +184,14 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
     from trl import DPOTrainer
 
     from alignpipe.algos.dpo import trl_config
+    from alignpipe.algos.lora import lora_config
 
     dataset = pairs_dataset(pairs, tok)
     args = trl_config(cfg, output_dir)  # under torchrun this joins the process group
     if args.world_size > 1 and cfg.precompute_ref_log_probs:
         dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
-                      callbacks=callbacks)
+                      callbacks=callbacks, peft_config=lora_config(cfg, model))
 
 
 def pairs_dataset(pairs: list[dict[str, Any]], tok):
@@ -247,6 +251,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     import torch
 
+    from alignpipe.algos.lora import check_4bit, merged, quantization_config
     from alignpipe.tracking import runs
     from alignpipe.core import distributed
     from alignpipe.lm.policy import load_policy, save_policy
@@ -255,10 +260,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.core.tasks import task_of
 
+    check_4bit(cfg)
     torch.manual_seed(cfg.seed)
     task = task_of(inputs["data"])
     chat = task.prompt_form == "messages"
-    model, tok, meta = load_policy(inputs["policy"])
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
     if chat and not getattr(tok, "chat_template", None):
         raise ConfigError("data.task", f"task {task.name} needs a policy tokenizer with a chat template; "
                           f"{inputs['policy']}'s has none")
@@ -266,7 +273,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
         raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
                           f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
-    reference = load_policy(inputs["policy"])  # the frozen reference: an explicit copy from the saved directory
+    # the frozen reference: an explicit copy from the saved directory
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     pairs = read_pairs(inputs["prefs"], messages=chat)
     n_human = 0
     if inputs.get("human_prefs") is not None:
@@ -297,9 +305,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
-    trained = trainer.model
+    trained = merged(trainer.model)  # LoRA: adapters folded into the weights, a plain model directory
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "dpo", "parent": str(inputs["policy"]),
-                                            "loss_type": cfg.loss_type, "beta": cfg.beta})
+                                            "loss_type": cfg.loss_type, "beta": cfg.beta,
+                                            **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
     eval_start = time.perf_counter()

@@ -97,8 +97,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
     ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts)
 
-    ox.export_policy(policy, out_dir / "policy.onnx", cfg.opset)
-    ox.export_reward(reward, out_dir / "reward.onnx", cfg.opset)
+    for name, model, source, export in (("policy", policy, policy_dir, ox.export_policy),
+                                        ("reward", reward, inputs["reward_model"], ox.export_reward)):
+        try:
+            export(model, out_dir / f"{name}.onnx", cfg.opset)
+        except Exception as e:  # torch.export/onnx raise many types; one line naming the model is what helps
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(str(source), f"ONNX export of this {model.config.model_type} model failed "
+                            f"(torch {torch.__version__}): {type(e).__name__}: {first}") from e
     ort_policy, ort_reward = _sessions(cfg, out_dir, "", providers)
     providers = ort_policy.session.get_providers()  # what runs: onnxruntime may have fallen back to the CPU
     if providers[0] == ox.CUDA:  # time PyTorch on the same device
@@ -178,10 +184,13 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
     """Left-padded formatted prompts (as `alignpipe.lm.policy` formats them) and the generation settings."""
     from alignpipe.lm.policy import banned_token_ids, encode_prompts
 
-    max_prompt = policy.config.n_positions - cfg.max_new_tokens
+    from alignpipe.lm.models import context_length
+
+    positions = context_length(policy)
+    max_prompt = positions - cfg.max_new_tokens
     if max_prompt < 1:
-        raise ConfigError("export.max_new_tokens", f"must be < the policy's n_positions "
-                          f"({policy.config.n_positions}), got {cfg.max_new_tokens}")
+        raise ConfigError("export.max_new_tokens", f"must be < the policy's {positions} positions, "
+                          f"got {cfg.max_new_tokens}")
     encoded = encode_prompts(tok, meta, prompts, max_prompt)
     if not all(encoded):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
@@ -197,8 +206,10 @@ def _reference(policy, tok, reward, reward_tok, prompts, ids, mask, gen_kw) -> _
     seqs = ox.torch_generate(policy, ids, mask, **gen_kw)
     full_mask = np.concatenate([mask, np.ones((len(ids), seqs.shape[1] - ids.shape[1]), mask.dtype)], axis=1)
     completions = tok.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True)
+    from alignpipe.lm.models import context_length
+
     r_ids, r_mask = _encode_reward(reward_tok, reward.config.pad_token_id, prompts, completions,
-                                   reward.config.n_positions)
+                                   context_length(reward))
     return _Reference(ids, mask, gen_kw, seqs, full_mask, ox.torch_logits(policy, seqs, full_mask), completions,
                       r_ids, r_mask, ox.torch_rewards(reward, r_ids, r_mask),
                       int((seqs[:, ids.shape[1]:] != tok.pad_token_id).sum()))
@@ -248,10 +259,6 @@ def _load_models(policy_dir: Path, reward_dir: Path):
 
     policy, tok, meta = load_policy(policy_dir, device="cpu")
     reward, reward_tok = load_reward_model(reward_dir, device="cpu")
-    for path, model in ((policy_dir, policy), (reward_dir, reward)):
-        if model.config.model_type != "gpt2":
-            raise DataError(str(path / "config.json"),
-                            f"model_type {model.config.model_type!r}: only gpt2 models are exported")
     if tok.pad_token_id is None:
         raise DataError(str(policy_dir), "tokenizer has no pad token")
     return policy.float(), tok, meta, reward.float(), reward_tok

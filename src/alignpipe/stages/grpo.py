@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
@@ -46,7 +47,7 @@ TASK_METRICS = {"chat": ("reward_score", "reward_score_ref", "reward_win_rate_vs
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "grpo"
 
     reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
@@ -73,6 +74,7 @@ class Config(StageConfig):
     n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
     eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
     seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
@@ -90,6 +92,7 @@ class Config(StageConfig):
                 raise ConfigError(f"grpo.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.beta < 0:
             raise ConfigError("grpo.beta", f"must be >= 0, got {self.beta}")
+        self.check_lora()
 
 
 def trl_args(cfg: Config, output_dir: Path):
@@ -210,6 +213,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from transformers import set_seed
     from trl import GRPOTrainer
 
+    from alignpipe.algos.lora import check_4bit, lora_config, merged, quantization_config
     from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
@@ -218,12 +222,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.core.tasks import task_of
 
+    check_4bit(cfg)
     set_seed(cfg.seed)
     task = task_of(inputs["data"])
     chat = task.prompt_form == "messages"
     if chat and "oracle" in cfg.reward:
         raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
-    model, tok, meta = load_policy(inputs["policy"])
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
@@ -250,7 +256,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta))
+        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta),
+        peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)
     train_seconds = time.perf_counter() - train_start
@@ -258,11 +265,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     logs = [h for h in trainer.state.log_history if "loss" in h]
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = merged(trainer.accelerator.unwrap_model(trainer.model))  # LoRA: adapters folded into the weights
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "grpo", "parent": str(inputs["policy"]),
-                                            "reward": str(reward.spec)})
+                                            "reward": str(reward.spec),
+                                            **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
-    reference = load_policy(inputs["policy"])
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     eval_start = time.perf_counter()
     if chat:
         metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)

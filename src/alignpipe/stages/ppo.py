@@ -35,6 +35,7 @@ from typing import Callable, ClassVar
 from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBatch, TokenDistribution, action_ids,
                                  gae, kl_shaped_rewards, make_batch, make_value_head, masked_mean, ppo_loss,
                                  token_forward, whiten)
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import ConfigError, DataError, loading
 from alignpipe.stages import Input
@@ -51,10 +52,11 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name: a LoRA run's checkpoints hold only the adapters
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "ppo"
 
     reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
@@ -78,6 +80,7 @@ class Config(StageConfig):
     max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does")
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
     seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
     save_every: int = field(5, "checkpoint every N iterations into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
@@ -103,6 +106,7 @@ class Config(StageConfig):
         self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         self.check(self.temperature > 0, "temperature", "must be > 0")
         self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
+        self.check_lora()
 
 
 # ---------------------------------------------------------------------------------------------------- rollouts
@@ -214,14 +218,20 @@ def init_training(cfg: Config, model, resume_from: Path | None):
     from safetensors.torch import load_file
 
     value_head = make_value_head(model)
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(value_head.parameters()), lr=cfg.learning_rate,
-                                  eps=1e-5)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or the LoRA adapters
+    optimizer = torch.optim.AdamW(trained + list(value_head.parameters()), lr=cfg.learning_rate, eps=1e-5)
     state = PPOState(kl_coef=cfg.kl_coef)
-    if resume_from is not None:
+    if resume_from is not None and cfg.lora_r:  # a LoRA checkpoint holds the adapters (peft's save_pretrained)
+        from peft import set_peft_model_state_dict
+
+        with loading(resume_from / ADAPTER_FILE, "LoRA adapters (truncated or corrupt)"):
+            set_peft_model_state_dict(model, load_file(str(resume_from / ADAPTER_FILE)))
+    elif resume_from is not None:
         from alignpipe.lm.policy import load_policy
 
         resumed, _, _ = load_policy(resume_from, device=str(next(model.parameters()).device))
         model.load_state_dict(resumed.state_dict())
+    if resume_from is not None:
         with loading(resume_from / VALUE_HEAD_FILE, "value head (truncated or corrupt)"):
             value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
         with loading(resume_from / "trainer.pt", "PPO trainer state (truncated or corrupt)"):
@@ -343,17 +353,21 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
     from safetensors.torch import save_file
 
+    from alignpipe.algos.lora import check_4bit, merged, quantization_config, with_lora
     from alignpipe.algos.rewards import build_reward
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
+    check_4bit(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok, meta = load_policy(inputs["policy"])
+    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
+                                   quantization_config=quantization_config(cfg))
+    model = with_lora(cfg, model)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
         raise ConfigError("ppo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the policy's "
                           f"{positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
-    reference = load_policy(inputs["policy"])
+    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
     reward = build_reward(cfg.reward, inputs.get("reward_model"), {r["prompt"]: r["context"] for r in rows},
@@ -377,8 +391,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "ppo", "parent": str(inputs["policy"]),
                                             "reward": str(reward.spec),
-                                            "reward_model": str(inputs.get("reward_model"))})
-    save_policy(model, tok, meta, out_dir)
+                                            "reward_model": str(inputs.get("reward_model")),
+                                            **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
+    save_policy(merged(model), tok, meta, out_dir)  # LoRA: adapters folded into the weights
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
     eval_start = time.perf_counter()
     metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,

@@ -224,15 +224,15 @@ def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
 
 
 def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool):
-    """The checkpoint's tokenizer when resuming, else `cfg.tokenizer` (control tokens added), else a BPE trained on
-    the training texts; the main process saves it beside the checkpoints."""
+    """The checkpoint's tokenizer when resuming, else `cfg.tokenizer` or `cfg.init_model`'s (control tokens added),
+    else a BPE trained on the training texts; the main process saves it beside the checkpoints."""
     from alignpipe.lm.tokenizers import load_tokenizer, train_tokenizer
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     if resuming:
         tok = load_tokenizer(ckpt_dir / "tokenizer", add_control_tokens=True)
-    elif cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer, add_control_tokens=True)
+    elif cfg.tokenizer or cfg.init_model:  # continuing a model: its own tokenizer unless another is named
+        tok = load_tokenizer(cfg.tokenizer or cfg.init_model, add_control_tokens=True)
     else:
         tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent_units=cfg.tokenizer_indent)
     if main:

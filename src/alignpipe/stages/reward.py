@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError, loading
 from alignpipe.stages import Input
@@ -48,7 +49,7 @@ REWARD_META = "reward.json"
 
 
 @dataclass(frozen=True)
-class Config(StageConfig):
+class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "reward"
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
@@ -65,11 +66,6 @@ class Config(StageConfig):
     lr_scheduler: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
     center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
     bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
-    lora: bool = field(False, "train LoRA adapters (peft) instead of all weights; merged before saving")
-    lora_r: int = field(16, "LoRA rank")
-    lora_alpha: int = field(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = field(0.05, "LoRA dropout")
-    lora_target_modules: list[str] = field([], "modules LoRA adapts (empty: peft's default for the architecture)")
     heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)")
     calibration_buckets: int = field(4, "|margin| quantile buckets of the calibration check")
     eval_batch_size: int = field(64, "pairs per forward pass in the held-out evaluation")
@@ -92,9 +88,7 @@ class Config(StageConfig):
         self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         self.check(self.center_rewards >= 0, "center_rewards", "must be >= 0")
-        self.check(self.lora_r >= 1, "lora_r", "must be >= 1")
-        self.check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
-        self.check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        self.check_lora()
         self.check(0 < self.heldout_frac < 1, "heldout_frac", "must be in (0, 1)")
         self.check(self.calibration_buckets >= 1, "calibration_buckets", "must be >= 1")
         self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
@@ -156,6 +150,7 @@ def load_model(init: str, cfg: Config):
     import transformers
     from transformers import AutoModelForSequenceClassification
 
+    from alignpipe.algos.lora import quantization_config
     from alignpipe.lm.tokenizers import load_tokenizer
     from alignpipe.lm.reward_model import PROMPT_LINES_KEY
 
@@ -165,7 +160,8 @@ def load_model(init: str, cfg: Config):
     try:
         with loading(init, "reward.init_model weights"):
             model = AutoModelForSequenceClassification.from_pretrained(
-                init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+                init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
+                **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
     finally:
         transformers.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
@@ -179,14 +175,9 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig, TaskType
+    from alignpipe.algos.lora import lora_config
 
-        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 stores weights transposed
-        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, fan_in_fan_out=conv1d,
-                                 target_modules=list(cfg.lora_target_modules) or None)
+    peft_config = lora_config(cfg, model, "SEQ_CLS")
     args = RewardConfig(
         output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -265,11 +256,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core import distributed
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
+    from alignpipe.algos.lora import check_4bit, merged
     from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, train_from, trainer_checkpoint
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
         raise DataError("--policy", "no initial model: give an existing --policy directory or set reward.model")
+    check_4bit(cfg)
     train_rows, heldout_rows = load_pairs(inputs["prefs"], cfg.heldout_frac, cfg.seed)
 
     set_seed(cfg.seed)  # before the new head is initialised
@@ -305,10 +298,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     if not distributed.is_main_process():  # rank 0 evaluates and saves the (identical) DDP-trained weights
         return {"n_train_pairs": n_trained}
-    model = trainer.model
-    if cfg.lora:
-        model = model.merge_and_unload()
-    model = model.float()
+    model = merged(trainer.model).float()
     changed = sum(not torch.equal(before[k], v.detach().cpu()) for k, v in model.state_dict().items()
                   if k in before)
     metrics, chosen, rejected = evaluate(model, tok, heldout_rows, cfg)
@@ -324,7 +314,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     write_json(out_dir / REWARD_META, {
         "init": init, "format": ("chat template over prompt + completion messages (TRL RewardTrainer)" if conversational
                                  else "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)"),
-        "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora": cfg.lora,
+        "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora_r": cfg.lora_r,
         "resumed_from": last or "", "config": cfg.to_dict()})
     return {
         **metrics,
