@@ -244,6 +244,39 @@ def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------------------- run
 
+def load_models(cfg: Config, policy: Path, task) -> tuple[tuple, tuple]:
+    """(model, tok, meta) of the policy to train and the frozen reference, an explicit copy from the saved
+    directory; checks 4-bit support, the chat template a messages task needs and the policy's positions."""
+    from alignpipe.algos.lora import check_4bit, quantization_config
+    from alignpipe.lm.policy import load_policy
+
+    check_4bit(cfg)
+    model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
+    if task.prompt_form == "messages" and not getattr(tok, "chat_template", None):
+        raise ConfigError("data.task", f"task {task.name} needs a policy tokenizer with a chat template; "
+                          f"{policy}'s has none")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
+        raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
+                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
+    return (model, tok, meta), load_policy(policy, cfg.trust_remote_code)
+
+
+def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
+    """The checkpoint `resume` continues from (an error when there is none); a fresh run clears old ones."""
+    from alignpipe.core import distributed
+    from alignpipe.lm.training import trainer_checkpoint
+
+    if cfg.resume:
+        found = trainer_checkpoint(checkpoint_dir, "dpo")
+        if found is None:
+            raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
+        return found
+    if distributed.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
+        clear_checkpoints(checkpoint_dir)
+    return None
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with DPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it with the oracle."""
     import random
@@ -251,30 +284,18 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     import torch
 
-    from alignpipe.algos.lora import check_4bit, merged, quantization_config
-    from alignpipe.tracking import runs
+    from alignpipe.algos.lora import merged
     from alignpipe.core import distributed
-    from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
-    from alignpipe.oracle.policy_eval import oracle_metrics
-
     from alignpipe.core.tasks import task_of
+    from alignpipe.lm.policy import save_policy
+    from alignpipe.lm.training import log_at_checkpoints, train_from
+    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.tracking import runs
 
-    check_4bit(cfg)
     torch.manual_seed(cfg.seed)
     task = task_of(inputs["data"])
     chat = task.prompt_form == "messages"
-    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
-                                   quantization_config=quantization_config(cfg))
-    if chat and not getattr(tok, "chat_template", None):
-        raise ConfigError("data.task", f"task {task.name} needs a policy tokenizer with a chat template; "
-                          f"{inputs['policy']}'s has none")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
-        raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
-                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
-    # the frozen reference: an explicit copy from the saved directory
-    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+    (model, tok, meta), reference = load_models(cfg, inputs["policy"], task)
     pairs = read_pairs(inputs["prefs"], messages=chat)
     n_human = 0
     if inputs.get("human_prefs") is not None:
@@ -287,13 +308,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     mismatches = 0 if chat else boundary_mismatches(pairs, tok)  # TRL renders messages itself
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
-    resume_from = None
-    if cfg.resume:
-        resume_from = trainer_checkpoint(checkpoint_dir, "dpo")
-        if resume_from is None:
-            raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
-    elif distributed.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
-        clear_checkpoints(checkpoint_dir)
+    resume_from = resume_checkpoint(cfg, checkpoint_dir)
     trainer = make_trainer(cfg, model, reference[0], tok, pairs, checkpoint_dir,
                            [runs.mlflow_callback(), log_at_checkpoints()])
     train_start = time.perf_counter()
