@@ -18,6 +18,8 @@ WHEELS ?=
 INDEX_URL ?=
 EXTRA_INDEX_URL ?=
 BUILD_FLAGS ?=
+SERVE_MODEL ?= models:/alignpipe-policy-onnx@champion
+SERVE_IMAGE ?= localhost/alignpipe-policy-onnx:champion
 IMAGE_SOURCES := pyproject.toml README.md src components pipelines
 comma := ,
 
@@ -34,19 +36,37 @@ git ls-files -z -co --exclude-standard -- $(IMAGE_SOURCES) | xargs -0 cp --paren
 $(if $(WHEELS),cp -l $(WHEELS)/*.whl $(1)/wheels/ 2>/dev/null || cp $(WHEELS)/*.whl $(1)/wheels/)
 endef
 
-.PHONY: images image-gpu image-cpu push-images
+# $(call sources_digest,DIR): a digest of the staged sources and the wheel names, passed as the build arg
+# SOURCES_DIGEST: buildah (podman) keys its layer cache on the build args, not on the bind-mounted context, and
+# would otherwise reuse an install of older sources.
+sources_digest = $$(cd $(1) && { find alignpipe -type f -print0 | sort -z | xargs -0 sha256sum; ls wheels; } | \
+	sha256sum | cut -c1-16)
+
+.PHONY: images image-gpu image-cpu image-serve push-images
 
 images: image-gpu image-cpu
 
 image-gpu:
 	$(call stage_context,.tmp/image-context-gpu)
-	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile -t $(IMAGE_GPU) $(image_args) .tmp/image-context-gpu
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile -t $(IMAGE_GPU) $(image_args) \
+		--build-arg SOURCES_DIGEST=$(call sources_digest,.tmp/image-context-gpu) .tmp/image-context-gpu
 	rm -rf .tmp/image-context-gpu
 
 image-cpu:
 	$(call stage_context,.tmp/image-context-cpu)
-	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE_CPU) $(image_args) .tmp/image-context-cpu
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile.cpu -t $(IMAGE_CPU) $(image_args) \
+		--build-arg SOURCES_DIGEST=$(call sources_digest,.tmp/image-context-cpu) .tmp/image-context-cpu
 	rm -rf .tmp/image-context-cpu
+
+# `make image-serve`: the serving image of SERVE_MODEL from the registry at MLFLOW_TRACKING_URI (docker/Dockerfile.serve:
+# the CPU image plus the model's files, `mlflow models serve` on port 8080), tagged SERVE_IMAGE. Build the CPU image
+# first (`make image-cpu`).
+image-serve:
+	rm -rf .tmp/image-context-serve && mkdir -p .tmp/image-context-serve
+	MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false mlflow artifacts download -u $(SERVE_MODEL) -d .tmp/image-context-serve/model >/dev/null
+	$(DOCKER) build -f docker/Dockerfile.serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(IMAGE_CPU) $(BUILD_FLAGS) \
+		.tmp/image-context-serve
+	rm -rf .tmp/image-context-serve
 
 push-images: images
 	$(DOCKER) push $(IMAGE_GPU)

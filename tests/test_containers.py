@@ -8,7 +8,9 @@ folder it removes) and DOCKER_HOST set; without them (e.g. in `make test`) they 
 import json
 import os
 import re
+import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -128,6 +130,8 @@ def test_tiny_dag_runs_every_task_in_the_image():
     (run_dir,) = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("alignpipe")]
     for stage in STAGES:
         assert list(run_dir.glob(f"{stage}*/*/metrics.json")), stage
+    # the tasks' MLflow artifacts (the registered models' files) outlive their containers: under the root
+    assert list((root / "mlartifacts").glob("models/*/artifacts/MLmodel")), sorted((root / "mlartifacts").rglob("*"))
 
 
 def test_a_failing_component_fails_the_containerized_run():
@@ -160,3 +164,75 @@ def test_a_failing_component_fails_the_containerized_run():
     assert "FAILURE" in error.value.reason and "fail" in error.value.reason
     (run_dir,) = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("fails")]
     assert (run_dir / "write" / "out").read_text() == "ok"  # the task before it ran, in its container
+
+
+# ------------------------------------------------------------------------------------------ (d) the serving image
+
+SERVE_IMAGE = "localhost/alignpipe-policy-onnx:test-images"
+SERVE_PROMPTS = [f"def {name}(a, b):" for name in ("add", "sub", "mul", "div", "pow", "mod", "eq", "lt", "gt", "ne")]
+SERVE_PROMPTS += [
+    "for name in sorted(names):", "with open(path) as f:", "if x is None:", "class Parser:", "import os",
+    "while queue:", "try:", "return [x for x in", "def __init__(self, path):", "headers = {"]
+
+
+def test_serving_image_of_the_tiny_runs_champion_answers_prompts_and_rejects_malformed_requests(monkeypatch):
+    """After (c): the ONNX policy the containerized tiny DAG registered as champion, built into the serving image
+    (`make image-serve`) and run as a container; 20 prompts (concurrent requests) get the same greedy answers as
+    the registered model loaded here, and malformed requests get a 4xx."""
+    from alignpipe.tracking import runs
+    from alignpipe.tracking.serving import post_json, wait_ready
+
+    store = SCRATCH / "kfp" / "mlflow.db"
+    assert store.is_file(), f"needs the registry of the tiny DAG's run ({store}): run the DAG test first"
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # conftest's store has set both
+        monkeypatch.setenv(name, f"sqlite:///{store}")
+    start = time.time()
+    build = subprocess.run(["make", "-s", "image-serve", "DOCKER=podman", f"SERVE_IMAGE={SERVE_IMAGE}"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    size = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", SERVE_IMAGE], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    print(f"\n`make image-serve DOCKER=podman SERVE_IMAGE={SERVE_IMAGE}`: {time.time() - start:.1f} s, "
+          f"{int(size) / 1e9:.2f} GB")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"alignpipe-serve-{port}"
+    run = ["podman", "run", "-d", "--name", name, "--network", "host", "-e", f"PORT={port}", SERVE_IMAGE]
+    print(" ".join(run))
+    subprocess.run(run, capture_output=True, text=True, check=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            print(f"GET {url}/ping: 200 after {wait_ready(url, timeout=240):.1f} s")
+        except TimeoutError as e:
+            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+            pytest.fail(f"{e}: {(logs.stdout + logs.stderr)[-3000:]}")
+        answers = {}
+
+        def client(i: int) -> None:
+            body = json.dumps({"inputs": [SERVE_PROMPTS[i]], "params": {"do_sample": False}}).encode()
+            answers[i] = post_json(f"{url}/invocations", body)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(SERVE_PROMPTS))]
+        start = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = [answers[i][0] for i in range(len(SERVE_PROMPTS))]
+        print(f"POST /invocations, {len(SERVE_PROMPTS)} concurrent one-prompt requests: statuses {statuses} "
+              f"in {time.time() - start:.1f} s; e.g. {SERVE_PROMPTS[0]!r} -> {answers[0][1]}")
+        assert statuses == [200] * len(SERVE_PROMPTS), answers
+        served = [answers[i][1]["predictions"][0] for i in range(len(SERVE_PROMPTS))]
+        expected = runs.mlflow_module().pyfunc.load_model("models:/alignpipe-policy-onnx@champion").predict(
+            SERVE_PROMPTS, params={"do_sample": False})
+        assert served == expected  # the container serves the registered champion, verbatim
+        for bad in (b"not json", json.dumps({"inputs": []}).encode(),
+                    json.dumps({"inputs": ["def f():"], "params": {"max_new_tokens": "many"}}).encode()):
+            status, body = post_json(f"{url}/invocations", bad)
+            print(f"POST /invocations {bad[:60]!r}: {status} {str(body)[:120]}")
+            assert 400 <= status < 500, (bad, status, body)
+    finally:
+        subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+        subprocess.run(["podman", "rmi", "--force", SERVE_IMAGE], capture_output=True)

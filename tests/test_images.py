@@ -58,8 +58,9 @@ def pip_installs(text: str) -> list[str]:
 
 
 def make_n(*args: str) -> str:
-    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout
+    out = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    return re.sub(r"\s*\\\n\s*", " ", out)  # continuation lines joined
 
 
 def test_dockerfiles_share_every_step_but_the_base_and_the_variant_args():
@@ -131,12 +132,16 @@ def test_build_context_is_a_staged_copy_mounted_read_only():
     (mount,) = re.findall(r"--mount=type=bind,(\S+)", shared)
     assert mount == "target=/ctx"  # read-only (no `rw`): the build writes nothing into the context
     assert "cp -r /ctx/alignpipe /tmp/alignpipe-src" in shared and "rm -rf /tmp/alignpipe-src" in shared
+    # buildah keys its cache on build args, not on the mounted context: the sources' digest is one, before the install
+    assert shared.index("ARG SOURCES_DIGEST=") < shared.index("--mount=type=bind")
+    assert f"--build-arg SOURCES_DIGEST=$(cd {context} && " in out
 
 
 @needs_make
 def test_network_knobs_pass_through_to_the_build():
     plain = make_n("-f", "docker/images.mk", "image-cpu")
-    assert "--secret" not in plain and "--build-arg" not in plain and "wheels/" not in plain.split("mkdir")[1]
+    assert "--secret" not in plain and "wheels/" not in plain.split("mkdir")[1]
+    assert re.findall(r"--build-arg (\w+)", plain) == ["SOURCES_DIGEST"]  # the only one without knobs
     out = make_n("-f", "docker/images.mk", "image-cpu", "DOCKER=podman", "CA_BUNDLE=ca.pem", "WHEELS=/w",
                  "INDEX_URL=https://pypi.example/simple", "EXTRA_INDEX_URL=https://more.example/simple",
                  "TORCH_INDEX_URL=", "BUILD_FLAGS=--network host")
@@ -164,3 +169,50 @@ def test_runtime_of_the_image(flavor):
     assert Requirement(f"python{PYPROJECT['project']['requires-python']}").specifier.contains(f"{python}.0")
     if flavor == "gpu":
         assert "cudnn" in arg_default(head, "CUDA_IMAGE") and "cu13" in arg_default(head, "TORCH_INDEX_URL")
+
+
+@needs_make
+def test_serving_image_is_the_cpu_image_plus_the_registered_model():
+    from alignpipe.cli.serve import PORT
+
+    out = make_n("-f", "docker/images.mk", "image-serve", "DOCKER=podman", "SERVE_IMAGE=serve:test")
+    context = ".tmp/image-context-serve"
+    assert f"mlflow artifacts download -u models:/alignpipe-policy-onnx@champion -d {context}/model" in out
+    assert f"podman build -f docker/Dockerfile.serve -t serve:test --build-arg BASE_IMAGE={CPU_IMAGE} " in out
+    assert out.rstrip().endswith(f"rm -rf {context}")
+    dockerfile = (ROOT / "docker" / "Dockerfile.serve").read_text()
+    assert "FROM ${BASE_IMAGE}" in dockerfile and "COPY model /opt/ml/model" in dockerfile
+    # the port the KServe manifest probes; the model served from the image's environment (no virtualenv, offline)
+    assert f"PORT={PORT}" in dockerfile and "mlflow models serve -m /opt/ml/model --env-manager local" in dockerfile
+
+
+def test_every_package_folder_is_installed():
+    """The image installs the package (not the checkout): a subpackage missing from pyproject.toml's list imports in
+    the editable install here and fails only in the image."""
+    dirs = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    found = set()
+    for name, folder in dirs.items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            rel = init.parent.relative_to(base)
+            if name == "" or rel == Path("."):
+                found.add(".".join(((name,) if name else ()) + rel.parts))
+    assert sorted(PYPROJECT["tool"]["setuptools"]["packages"]) == sorted(found)
+
+
+@needs_make
+def test_sources_digest_changes_with_the_sources(tmp_path):
+    out = make_n("-f", "docker/images.mk", "image-cpu")
+    (snippet,) = re.findall(r"--build-arg SOURCES_DIGEST=(\$\(cd \S+ && .*?cut -c1-16\))", out)
+    snippet = snippet.replace(".tmp/image-context-cpu", str(tmp_path))
+    (tmp_path / "alignpipe").mkdir()
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "alignpipe" / "a.py").write_text("x = 1\n")
+
+    def digest() -> str:
+        return subprocess.run(["bash", "-c", f"echo {snippet}"], capture_output=True, text=True, check=True).stdout
+
+    first = digest()
+    assert re.fullmatch(r"[0-9a-f]{16}\n", first) and digest() == first
+    (tmp_path / "alignpipe" / "a.py").write_text("x = 2\n")
+    assert digest() != first

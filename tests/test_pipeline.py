@@ -552,6 +552,23 @@ def test_python3_in_a_path_is_refused_for_local_runs(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
+def test_containerized_runs_keep_mlflow_artifacts_under_the_pipeline_root(tmp_path):
+    from alignpipe.cli.containers import tracking_store
+    from alignpipe.tracking import runs
+
+    root = tmp_path / "root"
+    root.mkdir()
+    uri = tracking_store(root)
+    assert uri == f"sqlite:///{root / 'mlflow.db'}" and (root / "mlflow.db").stat().st_mode & 0o777 == 0o666
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(uri).get_experiment_by_name(runs.EXPERIMENT)
+    # not ./mlruns of a task's container (lost with it): the root, which every task mounts at its own path
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+    assert (root / "mlartifacts").stat().st_mode & 0o777 == 0o777
+    assert tracking_store(root) == uri  # a second call keeps the experiment
+
+
 # ------------------------------------------------------------------------------------------- full tiny DAG
 
 

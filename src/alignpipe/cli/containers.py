@@ -35,6 +35,23 @@ def run_container(client: Any, image: str, command: list[str], volumes: dict[str
         container.remove(force=True)
 
 
+def tracking_store(root: Path) -> str:
+    """The MLflow store of a containerized run: a sqlite file and an artifact folder under the pipeline root (which
+    every task sees at its own path), writable by the image's user. The experiment is created here, with its
+    artifacts there: left to MLflow, they would go to `./mlruns` inside each task's container and be lost with it
+    (and the registered models with them)."""
+    from alignpipe.tracking import runs
+
+    root = root.resolve()
+    artifacts = root / "mlartifacts"
+    artifacts.mkdir(exist_ok=True)
+    artifacts.chmod(0o777)  # mkdir applies the umask
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    runs.create_experiment(uri, artifacts)
+    (root / "mlflow.db").chmod(0o666)
+    return uri
+
+
 @contextlib.contextmanager
 def docker_runner(image: str, pipeline_root: str | Path, network: str = "none") -> Iterator[Any]:
     """A kfp.local.DockerRunner that runs every task in the local `image` with `network`; for `kfp.local.init`.

@@ -413,11 +413,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = make_output_dir(args.root, "--root")
-    if args.image:  # the tasks see the pipeline root only: MLflow's store goes there
-        from alignpipe.cli.containers import docker_runner
+    if args.image:  # the tasks see the pipeline root only: MLflow's store (and its artifacts) go there
+        from alignpipe.cli.containers import docker_runner, tracking_store
 
-        args.mlflow_uri = args.mlflow_uri or f"sqlite:///{root.resolve() / 'mlflow.db'}"
         with docker_runner(args.image, root, args.network) as runner:
+            args.mlflow_uri = args.mlflow_uri or tracking_store(root)
             pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
             run = run_local(pipeline_yaml, root, runner=runner)
     else:

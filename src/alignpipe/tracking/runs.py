@@ -77,6 +77,18 @@ def _mlflow():
     return mlflow
 
 
+def create_experiment(uri: str, artifact_location: Path) -> str:
+    """Create the EXPERIMENT in the store at `uri` with its artifacts under `artifact_location` (a folder), unless it
+    exists; returns its id. MLflow's default artifact root is `./mlruns` of whichever process first creates it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(EXPERIMENT, artifact_location=artifact_location.resolve().as_uri())
+
+
 def git_commit(cwd: str | Path = ".") -> str:
     """ALIGNPIPE_GIT_COMMIT when set (a pipeline run passes it), else HEAD's commit with `-dirty` when tracked
     files changed; `unknown` outside a git checkout."""
