@@ -204,6 +204,49 @@ def trl_reward(reward):
     return alignpipe_reward
 
 
+def load_model(cfg: Config, policy: Path, task) -> tuple:
+    """(model, tok, meta) of the policy to train; checks 4-bit support, the reward against the task and the
+    policy's positions."""
+    from alignpipe.algos.lora import check_4bit, quantization_config
+    from alignpipe.lm.policy import load_policy
+
+    check_4bit(cfg)
+    if task.prompt_form == "messages" and "oracle" in cfg.reward:
+        raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
+    model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
+        raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
+                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
+    return model, tok, meta
+
+
+def training_prompts(data: Path, chat: bool) -> list[dict]:
+    """The rollout prompts: the data stage's conversations (validated messages) or the code prompts."""
+    if chat:  # conversations: no code context
+        from alignpipe.core.io import read_jsonl
+
+        return read_jsonl(Path(data) / "train_prompts.jsonl")
+    from alignpipe.oracle.policy_eval import read_train_prompts
+
+    return read_train_prompts(data)
+
+
+def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
+    """The checkpoint `resume` continues from (an error when there is none); a fresh run removes its own old
+    checkpoints, which must not be resumed later in place of the new ones."""
+    from alignpipe.lm.training import trainer_checkpoint
+
+    if cfg.resume:
+        found = trainer_checkpoint(checkpoint_dir, "grpo")
+        if found is None:
+            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
+        return found
+    for old in checkpoint_dir.glob("checkpoint-*"):
+        shutil.rmtree(old)
+    return None
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
     import os
@@ -213,44 +256,23 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from alignpipe.algos.lora import check_4bit, lora_config, merged, quantization_config
+    from alignpipe.algos.lora import lora_config, merged
     from alignpipe.algos.rewards import build_reward
+    from alignpipe.core.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from, trainer_checkpoint
-    from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
+    from alignpipe.lm.training import log_at_checkpoints, train_from
+    from alignpipe.oracle.policy_eval import oracle_metrics
     from alignpipe.tracking import runs
 
-    from alignpipe.core.tasks import task_of
-
-    check_4bit(cfg)
     set_seed(cfg.seed)
     task = task_of(inputs["data"])
     chat = task.prompt_form == "messages"
-    if chat and "oracle" in cfg.reward:
-        raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
-    model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
-                                   quantization_config=quantization_config(cfg))
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
-        raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
-                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
-    if chat:  # conversations: no code context; the rows are the data stage's (validated messages)
-        from alignpipe.core.io import read_jsonl
-
-        rows = read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")
-    else:
-        rows = read_train_prompts(inputs["data"])
+    model, tok, meta = load_model(cfg, inputs["policy"], task)
+    rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
     reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
     checkpoint_dir = Path(cfg.checkpoint_dir)
-    resume = None
-    if cfg.resume:
-        resume = trainer_checkpoint(checkpoint_dir, "grpo")
-        if resume is None:
-            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
-    else:  # a fresh run: its own old checkpoints must not be resumed later in place of the new ones
-        for old in checkpoint_dir.glob("checkpoint-*"):
-            shutil.rmtree(old)
+    resume = resume_checkpoint(cfg, checkpoint_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
     trainer = GRPOTrainer(
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
