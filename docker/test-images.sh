@@ -113,20 +113,26 @@ build_image() {
 }
 
 # Can podman start a container here at all? A trivial one, with no image (the host's /bin/true and its libraries as
-# the root filesystem). Where it cannot (a sandbox without the kernel features podman needs), print podman's error
-# and one line saying so, and skip the image tests: exit 0. Any failure after this one fails the run.
+# the root filesystem), then an image of those files built and run with the overlay storage the real build uses.
+# Where it cannot (a sandbox without the kernel features podman needs), print podman's error and one line saying
+# so, and skip the image tests: exit 0. Any failure after this one fails the run.
 preflight() {
-    local rootfs=$WORK/preflight-rootfs error
+    local rootfs=$WORK/preflight-rootfs file=$WORK/preflight.Containerfile tag=localhost/alignpipe-preflight error
     mkdir -p "$rootfs"
     # shellcheck disable=SC2046  # ldd's paths: one word each
     cp --parents -L /bin/true $(ldd /bin/true | grep -o '/[^ ]*') "$rootfs/"
-    if error=$(podman run --rm --network none --rootfs "$rootfs" /bin/true 2>&1); then
-        rm -rf "$rootfs"
-        echo "podman started a trivial container"
+    printf 'FROM scratch\nCOPY . /\n' > "$file"
+    # the container alone, then an image of it built and run with this run's (overlay) storage, as the build does
+    if error=$(podman run --rm --network none --rootfs "$rootfs" /bin/true 2>&1) &&
+            error=$(podman build --quiet --network none -t "$tag" -f "$file" "$rootfs" 2>&1) &&
+            error=$(podman run --rm --network none "$tag" /bin/true 2>&1); then
+        podman rmi --force "$tag" >/dev/null
+        rm -rf "$rootfs" "$file"
+        echo "podman built and started a trivial container (overlay storage, runc)"
         return 0
     fi
     printf '%s\n' "$error" >&2
-    echo "make test-images: SKIPPED, podman cannot start a container on this machine: ${error##*$'\n'}"
+    echo "make test-images: SKIPPED, podman cannot build or start a container on this machine: ${error##*$'\n'}"
     exit 0
 }
 
