@@ -208,7 +208,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest complete `iter-N` checkpoint (past a corrupt one, saying so on stderr), or None."""
     from alignpipe.lm.training import latest_complete
 
-    return latest_complete(directory, "iter", ("model.safetensors", VALUE_HEAD_FILE, "trainer.pt"),
+    # weights: the whole model, or only the adapters of a LoRA run (ADAPTER_FILE)
+    return latest_complete(directory, "iter", (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "trainer.pt"),
                            log=lambda m: print(f"ppo: {m}", file=sys.stderr))
 
 
