@@ -121,39 +121,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def rollout_func(cfg: Config, tok, meta):
-    """TRL's rollout hook: our sampler (conditioning, banned tokens, one logical line) on the trainer's model.
-    Each call gets its own seed from the trainer's step (and the call's rank within that step), so a run is
-    deterministic for a seed and a resumed run samples what the uninterrupted one did."""
-    from alignpipe.lm.policy import Sampling, sample
-
-    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.prompts_per_step * cfg.num_generations,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    calls = {"step": -1, "k": 0}
-
-    def fn(prompts: list[str], trainer) -> dict:
-        step = trainer.state.global_step
-        calls["k"] = calls["k"] + 1 if step == calls["step"] else 0
-        calls["step"] = step
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        was_training = model.training
-        model.eval()
-        samples = sample(model, tok, meta, list(prompts), sampling,
-                         seed=cfg.seed * 1_000_003 + step * 1_000 + calls["k"])
-        model.train(was_training)
-        return {"prompt_ids": [s.prompt_ids for s in samples],
-                "completion_ids": [s.completion_ids or [tok.eos_token_id] for s in samples],
-                "logprobs": None, "clean_completion": [s.completion for s in samples]}
-
-    return fn
-
-
-def chat_rollout_func(cfg: Config, tok, task):
-    """TRL's rollout hook for the chat task: `sample_chat` (chat template, end of turn) on the trainer's model,
-    seeded per step as `rollout_func`."""
+def seeded_rollout(cfg: Config, tok, draw):
+    """TRL's rollout hook around `draw(model, prompts, sampling, seed) -> (prompt_ids, completion_ids,
+    completions)` on the trainer's model in eval mode. Each call gets its own seed from the trainer's step (and
+    the call's rank within that step), so a run is deterministic for a seed and a resumed run samples what the
+    uninterrupted one did."""
     from alignpipe.lm.policy import Sampling
-    from alignpipe.oracle.chat_eval import sample_chat
 
     sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.prompts_per_step * cfg.num_generations,
@@ -167,13 +140,35 @@ def chat_rollout_func(cfg: Config, tok, task):
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
         model.eval()
-        got = sample_chat((model, tok, None), list(prompts), sampling, cfg.seed * 1_000_003 + step * 1_000 + calls["k"],
-                          task)
+        prompt_ids, completion_ids, completions = draw(model, list(prompts), sampling,
+                                                       cfg.seed * 1_000_003 + step * 1_000 + calls["k"])
         model.train(was_training)
-        return {"prompt_ids": got.prompt_ids, "completion_ids": [c or [tok.eos_token_id] for c in got.completion_ids],
-                "logprobs": None, "clean_completion": got.completions}
+        return {"prompt_ids": prompt_ids, "completion_ids": [c or [tok.eos_token_id] for c in completion_ids],
+                "logprobs": None, "clean_completion": completions}
 
     return fn
+
+
+def rollout_func(cfg: Config, tok, meta):
+    """The rollout hook of the code task: our sampler (conditioning, banned tokens, one logical line)."""
+    from alignpipe.lm.policy import sample
+
+    def draw(model, prompts, sampling, seed):
+        samples = sample(model, tok, meta, prompts, sampling, seed=seed)
+        return [s.prompt_ids for s in samples], [s.completion_ids for s in samples], [s.completion for s in samples]
+
+    return seeded_rollout(cfg, tok, draw)
+
+
+def chat_rollout_func(cfg: Config, tok, task):
+    """The rollout hook of the chat task: `sample_chat` (chat template, end of turn)."""
+    from alignpipe.oracle.chat_eval import sample_chat
+
+    def draw(model, prompts, sampling, seed):
+        got = sample_chat((model, tok, None), prompts, sampling, seed, task)
+        return got.prompt_ids, got.completion_ids, got.completions
+
+    return seeded_rollout(cfg, tok, draw)
 
 
 def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> dict[str, float]:
