@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run test test-images status images clean
+.PHONY: setup data run quality test test-images status images clean
 
 # torch first: the CPU wheel (a plain `torch` requirement would pull a CUDA build of several GB).
 $(BIN)/.installed: pyproject.toml
@@ -34,6 +34,11 @@ run: data
 	@$(BIN)/python -m alignpipe.cli.report
 	@echo; echo "Results: artifacts/<stage>/ (metrics.json in each); 'dvc metrics show' prints them all."
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
+
+# The quality budget (issue 15): the whole PEP8 pipeline at configs/quality.yaml's budget plus an MLE baseline
+# (~75 min on an idle 2-core machine); outputs in artifacts-quality/, the table in benchmarks/results/quality.md.
+quality: setup
+	$(BIN)/python benchmarks/quality.py --params configs/quality.yaml --work artifacts-quality
 
 status: setup
 	dvc status
