@@ -179,3 +179,55 @@ def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
     assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and metrics["train_steps"] == 2
     before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "grpo" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pretrain_fine_tunes_a_chat_model_on_the_conversations(chat, tmp_path):
+    """On chat, pretrain continues `init_model` with MLE on the templated conversations and samples answers through
+    the chat template; the PHF objectives and a GPT-2 from scratch are refused with one line."""
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.stages import pretrain
+
+    cfg = dict(objective="mle", init_model=str(chat["llama"]), max_steps=3, batch_size=2, seq_len=64,
+               eval_prompts=4, eval_max_new_tokens=6, save_every=3, checkpoint_dir=str(tmp_path / "ckpt"))
+    metrics = execute("pretrain", pretrain.Config(**cfg), {"data": chat["data"]}, tmp_path / "policy")
+    assert metrics["train_tokens"] == 3 * 2 * 64 and metrics["heldout_loss"] > 0
+    assert 0 <= metrics["ended_frac"] <= 1 and "violations_per_char" not in metrics
+    model, tok, meta = load_policy(tmp_path / "policy")
+    assert tok.chat_template and meta.objective == "mle" and model.config.model_type == "llama"
+    samples = [json.loads(x) for x in (tmp_path / "policy" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(isinstance(s["prompt"], list) for s in samples)
+    for bad, key in ((dict(objective="conditional"), "pretrain.objective"), (dict(init_model=""), "pretrain.init_model")):
+        with pytest.raises(ConfigError, match=key):
+            pretrain.run(pretrain.Config(**{**cfg, **bad}), {"data": chat["data"]}, tmp_path / "x")
+
+
+def test_label_on_chat_passes_the_datasets_pairs_and_adds_reward_model_labelled_pairs(chat, tmp_path):
+    """No oracle on chat: label hands on the dataset's pairs; with judge reward_model it also samples answers
+    through the chat template and lets the reward model order each pair."""
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.lm.reward_model import reward_scores
+    from alignpipe.stages import label, reward
+
+    plain = execute("label", label.Config(), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "plain")
+    dataset = [(chat["data"] / f).read_text() for f in ("prefs.jsonl", "heldout.jsonl")]
+    assert [(tmp_path / "plain" / f).read_text() for f in ("prefs.jsonl", "heldout.jsonl")] == dataset
+    assert plain["n_pairs"] == plain["n_dataset_pairs"] == sum(len(d.splitlines()) for d in dataset)
+
+    judge, tok = reward.load_model(str(chat["llama"]), reward.Config())
+    judge.save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    cfg = label.Config(judge="reward_model", k=4, n_prompts=6, max_new_tokens=16, keep_ties=True)
+    ending = tiny.make_chat_llama(tmp_path / "ending", end_logit=2.0)  # a random Llama never ends its turn
+    got = execute("label", cfg, {"data": chat["data"], "policy": ending, "judge_model": tmp_path / "judge"},
+                  tmp_path / "rlaif")
+    rows = [json.loads(x) for f in ("prefs.jsonl", "heldout.jsonl")
+            for x in (tmp_path / "rlaif" / f).read_text().splitlines()]
+    judged = [r for r in rows if r.get("source") == "rlaif"]
+    assert got["n_pairs"] == len(rows) == plain["n_pairs"] + len(judged)
+    assert got["n_judged"] == len(judged) > 0 and got["n_judged"] + got["n_dropped_unended_pairs"] == 6 * 6
+    for r in judged:  # the judge prefers the chosen answer: its own scores, recomputed
+        sc, sr = reward_scores(judge, tok, [r["prompt"]] * 2, [r["chosen"][0]["content"], r["rejected"][0]["content"]])
+        assert sc >= sr and r["chosen"][0]["role"] == "assistant"
+    with pytest.raises(ConfigError, match="label.judge"):
+        label.run(label.Config(judge="llm"), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "x")

@@ -135,9 +135,12 @@ def make_chat_tokenizer():
     return tok
 
 
-def make_chat_llama(out_dir: Path, seed: int = 0) -> Path:
+def make_chat_llama(out_dir: Path, seed: int = 0, end_logit: float = 0.0) -> Path:
     """A plain Hugging Face directory of a random tiny Llama (config + safetensors + tokenizer with a chat template,
-    no alignpipe.json), a few hundred thousand parameters."""
+    no alignpipe.json), a few hundred thousand parameters. A random model almost never samples <|im_end|>: with
+    `end_logit` > 0 every position's <|im_end|> logit is raised by about that much (embedding dimension 0 carries a
+    constant the final norm keeps positive; the LM head reads it only for <|im_end|>), so answers end their turn
+    after a few tokens (end_logit 2: about 4 tokens on average at temperature 0.7, 1 in 6 answers empty)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -147,6 +150,11 @@ def make_chat_llama(out_dir: Path, seed: int = 0) -> Path:
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg)
+    if end_logit:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = 4.0
+            model.lm_head.weight[:, 0] = 0.0
+            model.lm_head.weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = end_logit / cfg.hidden_size ** 0.5
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tok.save_pretrained(str(out_dir))

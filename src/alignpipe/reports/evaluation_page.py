@@ -21,6 +21,19 @@ COLUMNS = (
     ("reward_score", "reward", 3),
     ("heldout_ppl", "held-out ppl", 4),
 )
+CHAT_COLUMNS = (  # the chat task has no oracle: the judge's win rate (the gate), the reward, KL, ended turns
+    ("judge_win_rate_vs_ref", "judge win vs ref", 3),
+    ("reward_score", "reward", 3),
+    ("kl_to_ref", "KL to ref (nats)", 3),
+    ("ended_frac", "ended turn", 3),
+    ("empty_frac", "empty", 3),
+    ("mean_answer_tokens", "answer tokens", 3),
+    ("heldout_ppl", "held-out ppl", 4),
+)
+
+
+def _columns(report: dict[str, Any]) -> tuple:
+    return CHAT_COLUMNS if report.get("task") == "chat" else COLUMNS
 
 
 def _cell(m: dict[str, Any], key: str, digits: int) -> str:
@@ -31,7 +44,8 @@ def _cell(m: dict[str, Any], key: str, digits: int) -> str:
 
 
 def _candidates_table(report: dict[str, Any]) -> str:
-    head = "".join(f"<th>{esc(title)}</th>" for _, title, _ in COLUMNS)
+    columns = _columns(report)
+    head = "".join(f"<th>{esc(title)}</th>" for _, title, _ in columns)
     rows = []
     for name in report.get("order") or list(report["candidates"]):
         m = report["candidates"][name]
@@ -39,23 +53,25 @@ def _candidates_table(report: dict[str, Any]) -> str:
         label = f"<strong>{esc(name)}</strong> (best)" if best else esc(name)
         rows.append(f'<tr class="candidate{" best" if best else ""}" data-name="{esc(name)}"><td>{label}</td>'
                     f'<td>{esc(m.get("objective", ""))}</td>'
-                    + "".join(_cell(m, key, digits) for key, _, digits in COLUMNS) + "</tr>")
+                    + "".join(_cell(m, key, digits) for key, _, digits in columns) + "</tr>")
     champion = report.get("champion")
     if champion:
         rows.append(f'<tr class="champion"><td>champion v{esc(champion.get("version"))}</td><td></td>'
                     + "".join(_cell(champion, key, digits) if key in champion else "<td></td>"
-                              for key, _, digits in COLUMNS) + "</tr>")
+                              for key, _, digits in columns) + "</tr>")
     return (f'<table id="candidates"><thead><tr><th>candidate</th><th>objective</th>{head}</tr></thead>'
             "<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
 
 
 def _gate(report: dict[str, Any]) -> str:
     metric, best = report["gate_metric"], report["best_candidate"]
+    higher = report.get("gate_direction") == "higher"
     value = report["candidates"][best].get(metric)
-    text = f"Best candidate: <strong>{esc(best)}</strong>, lowest {esc(metric)} ({esc(num(value))}; lower is better)."
+    text = (f"Best candidate: <strong>{esc(best)}</strong>, {'highest' if higher else 'lowest'} {esc(metric)} "
+            f"({esc(num(value))}; {'higher' if higher else 'lower'} is better).")
     champion = report.get("champion")
     if champion and isinstance(champion.get(metric), (int, float)):
-        ahead = isinstance(value, (int, float)) and value < champion[metric]
+        ahead = isinstance(value, (int, float)) and (value > champion[metric] if higher else value < champion[metric])
         text += (f" Registered champion {esc(champion.get('model', ''))} v{esc(champion.get('version'))}: "
                  f"{esc(num(champion[metric]))}, so the best candidate is "
                  f'<span class="{"good" if ahead else "bad"}">{"ahead of" if ahead else "not ahead of"}</span> it '
@@ -90,8 +106,11 @@ def evaluation_html(report: dict[str, Any], out_dir: Path) -> str:
     setup = (f'<p class="summary">{prompts["n"]} held-out prompts from <code>{esc(prompts["path"])}</code>, one '
              f'sample each (temperature {esc(s["temperature"])}, top-p {esc(s["top_p"])}, at most '
              f'{esc(s["max_new_tokens"])} new tokens, seed {esc(s["seed"])}); reference: '
-             f'<code>{esc(report["reference"]["name"])}</code>. Lower is better for violations/char, KL and '
-             "perplexity; win rates count ties as half.</p>")
+             f'<code>{esc(report["reference"]["name"])}</code>. '
+             + ("Scored by the reward model and the judge (" + esc(report.get("judge_model", "")) + "); higher is "
+                "better for the judge's win rate and the reward, lower for KL and perplexity; ties count half.</p>"
+                if report.get("task") == "chat" else
+                "Lower is better for violations/char, KL and perplexity; win rates count ties as half.</p>"))
     body = ["<h1>alignpipe evaluation</h1>", _gate(report), _candidates_table(report), setup,
             _reward_hacking(report), _plots(out_dir)]
     return document("alignpipe evaluation", "\n".join(part for part in body if part))

@@ -203,6 +203,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
+    from alignpipe.reports.evaluation_page import write_evaluation_page
 
     if inputs.get("reward_model") is None and not cfg.judge_model:
         raise DataError("--reward-model", f"task {task.name} has no oracle: evaluate needs a reward model "
@@ -248,6 +249,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
          "judge": d.judged[i] if d.judged else None}
         for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
     (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
+    write_evaluation_page(report, out_dir)
     print(f"evaluate: best candidate {best!r} ({task.gate_metric} {results[best].get(task.gate_metric)}); "
           "see report.json and report.md")
     keys = ("judge_win_rate_vs_ref", "reward_score", "kl_to_ref", "ended_frac", "empty_frac", "heldout_ppl")

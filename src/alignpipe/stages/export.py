@@ -85,6 +85,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Export, check parity (raising ParityError), time, optionally quantize, and log the ONNX models."""
     import torch
 
+    from alignpipe.core.tasks import task_of
     from alignpipe.lm import onnx_runtime as ox
 
     torch.manual_seed(cfg.seed)
@@ -95,7 +96,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     candidate, policy_dir = best_candidate(inputs)
     policy, tok, meta, reward, reward_tok = _load_models(policy_dir, inputs["reward_model"])
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
-    ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts)
+    ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts, task_of(inputs.get("data")))
 
     for name, model, source, export in (("policy", policy, policy_dir, ox.export_policy),
                                         ("reward", reward, inputs["reward_model"], ox.export_reward)):
@@ -180,8 +181,10 @@ class _Reference:
     new_tokens: int  # generated tokens, padding excluded
 
 
-def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
-    """Left-padded formatted prompts (as `alignpipe.lm.policy` formats them) and the generation settings."""
+def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list, task):
+    """Left-padded formatted prompts (as `alignpipe.lm.policy` formats them; chat: the chat template with the
+    generation prompt, as `alignpipe.oracle.chat_eval.sample_chat`) and the generation settings (chat: greedy
+    answers stop at the end-of-turn token)."""
     from alignpipe.lm.policy import banned_token_ids, encode_prompts
 
     from alignpipe.lm.models import context_length
@@ -191,11 +194,14 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list[str]):
     if max_prompt < 1:
         raise ConfigError("export.max_new_tokens", f"must be < the policy's {positions} positions, "
                           f"got {cfg.max_new_tokens}")
-    encoded = encode_prompts(tok, meta, prompts, max_prompt)
+    chat = task.prompting == "chat_template"
+    encoded = ([tok(task.format_prompt(p, tok), add_special_tokens=False)["input_ids"][-max_prompt:] for p in prompts]
+               if chat else encode_prompts(tok, meta, prompts, max_prompt))
     if not all(encoded):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
     ids, mask = pad(encoded, tok.pad_token_id, "left")
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+    eos = task.stop_token_ids(tok)[-1] if chat else tok.eos_token_id  # chat: the end-of-turn token when it has one
+    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                   pad_token_id=tok.pad_token_id, bad_token_ids=banned_token_ids(tok, meta))
     return ids, mask, gen_kw
 
@@ -236,15 +242,18 @@ def _compare(ref: _Reference, ort_policy, ort_reward) -> dict[str, Any]:
             "greedy_match_frac": float(np.mean(matches)), "matches": matches, "seqs": seqs}
 
 
-def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list[str]:
-    """`n` prompts sampled with `seed` from `<data>/prompts.jsonl` (all when fewer), else the fixed prompts."""
+def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list:
+    """`n` prompts sampled with `seed` from `<data>/prompts.jsonl` (all when fewer), else the fixed prompts; a
+    prompt is a string, or a list of messages (chat)."""
+    from alignpipe.core.tasks import is_messages
+
     path = data_dir / "prompts.jsonl" if data_dir is not None else None
     if path is None or not path.is_file():
         return list(FALLBACK_PROMPTS[:n])
     prompts = []
     for i, row in enumerate(iter_jsonl(path), start=1):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise DataError(f"{path}: row {i}", "expected a non-empty string field 'prompt'")
+        if not (isinstance(row.get("prompt"), str) and row["prompt"]) and not is_messages(row.get("prompt")):
+            raise DataError(f"{path}: row {i}", "expected a field 'prompt': a non-empty string or a list of messages")
         prompts.append(row["prompt"])
     if len(prompts) > n:
         prompts = [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), n))]
@@ -267,9 +276,9 @@ def _load_models(policy_dir: Path, reward_dir: Path):
 def _encode_reward(tok, pad_id: int, prompts: list[str], completions: list[str],
                    max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded reward inputs, formatted as `alignpipe.lm.reward_model` formats them (the last `max_len` tokens)."""
-    from alignpipe.lm.reward_model import reward_text
+    from alignpipe.lm.reward_model import reward_ids
 
-    rows = [tok(reward_text(p, c, tok))["input_ids"][-max_len:] for p, c in zip(prompts, completions)]
+    rows = [reward_ids(p, c, tok)[-max_len:] for p, c in zip(prompts, completions)]
     return pad(rows, pad_id, "right")
 
 

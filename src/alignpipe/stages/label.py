@@ -16,6 +16,12 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 `source`.
 - `prefs.jsonl`: the training pairs; `heldout.jsonl`: the pairs whose prompt hashes into the held-out fraction
   (deterministic: sha256 of seed and prompt), kept out of training for the reward model's evaluation.
+
+On the chat task (`run_chat`) there is no oracle: the pairs are the dataset's own (its preference labels, which
+`data build --dataset` split into data/prefs.jsonl and data/heldout.jsonl), in conversational form; with
+`judge: reward_model` and `--judge-model`, K answers per training conversation are also sampled through the chat
+template (ending the turn), paired, and labelled by that reward model (RLAIF); answers that did not end their turn
+within `max_new_tokens`, blank ones and identical pairs are dropped and counted.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ INPUTS = (
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"human_prefs": "prefs"}
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "cap_reached_frac", "seconds")
+TASK_METRICS = {"pep8": METRICS, "chat": ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")}
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 
@@ -240,11 +247,82 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
     return pairs, capped, n_invalid, n_identical
 
 
+def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
+    """The chat task: the dataset's pairs, plus (judge reward_model) sampled answer pairs labelled by the judge."""
+    import json
+
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.core.io import read_jsonl, write_jsonl
+
+    data = Path(inputs["data"])
+    if cfg.judge == "llm" or (cfg.judge == "reward_model") != (inputs.get("judge_model") is not None):
+        raise ConfigError("label.judge", f"task {task.name}: the dataset's pairs (judge scorer, no --judge-model), "
+                          "or RLAIF pairs as well with judge reward_model and --judge-model (an llm judge: pep8 only)")
+    train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
+    n_dataset = len(train) + len(heldout)
+    stats: dict[str, float] = {}
+    if inputs.get("judge_model") is not None:
+        judged, stats = rlaif_chat_pairs(cfg, inputs, task)
+        held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
+        train += [r for r, h in zip(judged, held) if not h]
+        heldout += [r for r, h in zip(judged, held) if h]
+    write_jsonl(out_dir / PREFS_FILE, train)
+    write_jsonl(out_dir / HELDOUT_FILE, heldout)
+    return {"n_pairs": len(train) + len(heldout), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
+            "n_dataset_pairs": n_dataset, **stats}
+
+
+def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple[list[dict], dict[str, float]]:
+    """K answers per training conversation (chat template, end of turn), all pairs of answers that ended their
+    turn, labelled by the reward-model judge (higher score chosen; ties dropped unless keep_ties)."""
+    from alignpipe.core.io import read_jsonl
+    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.reward_model import load_reward_model, reward_scores
+    from alignpipe.oracle.chat_eval import sample_chat
+
+    start = time.perf_counter()
+    prompts = [r["prompt"] for r in read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")]
+    prompts = prompts[:cfg.n_prompts or None]
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.batch_size)
+    got = sample_chat(load_policy(inputs["policy"]), [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed,
+                      task)
+    pairs, n_dropped = [], 0
+    for i, prompt in enumerate(prompts):
+        for a, b in index_pairs(cfg.k, cfg.pairing):
+            (ta, ea), (tb, eb) = ((got.completions[i * cfg.k + j], got.ended[i * cfg.k + j]) for j in (a, b))
+            if ea and eb and ta and tb and ta != tb:
+                pairs.append((prompt, ta, tb))
+            else:
+                n_dropped += 1
+    judge, jtok = load_reward_model(inputs["judge_model"], cfg.trust_remote_code)
+    flat = [(p, c) for p, a, b in pairs for c in (a, b)]
+    scores = reward_scores(judge, jtok, [p for p, _ in flat], [c for _, c in flat], cfg.judge_batch_size,
+                           cfg.judge_max_length) if flat else []
+    rows, n_ties = [], 0
+    for k, (prompt, a, b) in enumerate(pairs):
+        sa, sb = scores[2 * k], scores[2 * k + 1]
+        n_ties += abs(sa - sb) <= cfg.tie_threshold
+        if abs(sa - sb) <= cfg.tie_threshold and not cfg.keep_ties:
+            continue
+        (chosen, sc), (rejected, sr) = sorted(((a, sa), (b, sb)), key=lambda x: -x[1])
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
+                     "score_rejected": sr, "judge": "reward_model", "source": "rlaif"})
+    return rows, {"n_judged": len(pairs), "n_ties": n_ties, "n_dropped_unended_pairs": n_dropped,
+                  "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
+                  "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
     from alignpipe.core.io import write_jsonl
+    from alignpipe.core.tasks import task_of
+
+    if Path(inputs["data"]).is_dir() and task_of(inputs["data"]).prompt_form == "messages":
+        return run_chat(cfg, inputs, out_dir, task_of(inputs["data"]))
     from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy, sample
 

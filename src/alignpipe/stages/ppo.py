@@ -349,6 +349,14 @@ def rollout_stats(batch: Rollout, seq_kl: float, kl_coef: float, t_rollout: floa
 
 # --------------------------------------------------------------------------------------------------------- run
 
+def check_task(task) -> None:
+    """PPO's rollouts are the pep8 sampler's one logical line (its token distribution, first-token rule and oracle
+    check); the chat task's RL stage is grpo."""
+    if task.prompt_form == "messages":
+        raise ConfigError("ppo", f"task {task.name} is not supported by ppo (its rollouts are one line of code): use "
+                          "grpo, and run the pipeline without ppo (run_ppo=false, `pipeline ... --no-ppo`)")
+
+
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, evaluate with the oracle."""
     import torch
@@ -356,10 +364,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.lora import check_4bit, merged, quantization_config, with_lora
     from alignpipe.algos.rewards import build_reward
+    from alignpipe.core.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
     check_4bit(cfg)
+    check_task(task_of(inputs["data"]))
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
                                    quantization_config=quantization_config(cfg))

@@ -6,6 +6,12 @@ where the hardware has it, checkpoints with `--resume`, DDP when launched by tor
 held-out loss in nats per character on plain validation text, and one-line completions of the held-out prompts
 (PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`;
 training pieces (DDP, blocks, optimizer, checkpoints): `alignpipe.lm.training`.
+
+On the chat task (`data.task: chat`) pretrain is supervised fine-tuning of `init_model` (a chat model: its
+tokenizer has a chat template) on the data's conversations (each row's `messages`, the prompt and the chosen
+answer, through the chat template), objective `mle` only (the other objectives score segments with the PEP8
+oracle); its evaluation is the held-out loss on the templated val conversations and one sampled answer per held-out
+prompt (chat template, ending the turn): the fraction of answers that end their turn, answer length.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
 METRICS = ("heldout_loss", "violations_per_char", "zero_violation_frac", "tokens_per_s", "train_tokens", "seconds")
+TASK_METRICS = {"pep8": METRICS, "chat": ("heldout_loss", "ended_frac", "tokens_per_s", "train_tokens", "seconds")}
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("heldout_loss", "violations_per_char", "zero_violation_frac", "seconds")
 
@@ -178,16 +185,47 @@ def heldout_loss(model, tok, texts: list[str], seq_len: int, batch_size: int = 1
             "heldout_chars_per_token": chars / max(n_tokens, 1)}
 
 
-def _val_texts(data_dir: Path, max_chars: int) -> list[str]:
+def _val_texts(data_dir: Path, max_chars: int, tok=None) -> list[str]:
+    """val.jsonl's texts (chat: each conversation through `tok`'s chat template), up to `max_chars` (0: all)."""
     from alignpipe.core.io import read_jsonl
 
     texts, total = [], 0
     for row in read_jsonl(data_dir / "val.jsonl"):
         if max_chars and total >= max_chars:
             break
-        texts.append(row["text"])
-        total += len(row["text"])
+        text = tok.apply_chat_template(row["messages"], tokenize=False) if "messages" in row else row["text"]
+        texts.append(text)
+        total += len(text)
     return texts
+
+
+def check_task(cfg: Config, task) -> None:
+    """What the chat task needs of pretrain: MLE (no oracle scores segments) and a chat model to continue."""
+    from alignpipe.core.errors import ConfigError
+
+    if task.prompt_form != "messages":
+        return
+    if cfg.objective != "mle":
+        raise ConfigError("pretrain.objective", f"task {task.name} trains with mle only (supervised fine-tuning on "
+                          f"the chosen conversations): {cfg.objective} needs the PEP8 oracle's segment scores")
+    if not cfg.init_model:
+        raise ConfigError("pretrain.init_model", f"task {task.name} continues a chat model (a Hugging Face id or "
+                          "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
+
+
+def chat_rows(rows: list[dict], tok, path: Path) -> list[dict]:
+    """Conversations as pretraining rows: the chat-templated text, every line scored 0 (MLE ignores scores)."""
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.core.tasks import check_messages
+
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError("pretrain.init_model", "the chat task needs a tokenizer with a chat template")
+    out = []
+    for i, row in enumerate(rows):
+        check_messages(row.get("messages"), f"{path}:{i + 1}: field 'messages'")
+        text = tok.apply_chat_template(row["messages"], tokenize=False)
+        out.append({"text": text, "line_violations": [0] * len(text.splitlines()), "violations_per_char": 0.0})
+    return out
 
 
 def _check_rows(rows: list[dict], path: Path) -> None:
@@ -302,7 +340,21 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
     return loss_value, time.perf_counter() - t_start
 
 
-def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path) -> dict[str, float]:
+def _chat_samples(cfg: Config, policy, data_dir: Path, sampling, task, out_dir: Path) -> dict[str, float]:
+    """One answer per held-out conversation (chat template, ending the turn), written to samples.jsonl."""
+    from alignpipe.core.io import read_jsonl, write_jsonl
+    from alignpipe.oracle.chat_eval import sample_chat
+
+    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][:cfg.eval_prompts]
+    got = sample_chat(policy, prompts, sampling, cfg.seed, task)
+    write_jsonl(out_dir / "samples.jsonl", ({"prompt": p, "completion": c, "ended": e}
+                                            for p, c, e in zip(prompts, got.completions, got.ended)))
+    n = max(len(prompts), 1)
+    return {"ended_frac": sum(got.ended) / n, "empty_frac": sum(not c for c in got.completions) / n,
+            "mean_answer_tokens": sum(len(c) for c in got.completion_ids) / n}
+
+
+def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -> dict[str, float]:
     """Held-out loss on val.jsonl and the oracle on one-line completions of the held-out prompts (written to
     `out_dir/samples.jsonl`); saves the policy into `out_dir`."""
     import torch
@@ -313,11 +365,17 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path) -> dict
 
     lm.eval()
     meta = policy_meta(cfg)
-    metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars), cfg.seq_len, dtype=dtype)
-    prompts = load_prompts(data_dir, cfg.eval_prompts)
+    chat = task.prompt_form == "messages"
+    metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars, tok if chat else None), cfg.seq_len,
+                           dtype=dtype)
     max_prompt = min(cfg.eval_max_prompt_tokens, lm.config.max_position_embeddings - cfg.eval_max_new_tokens)
     sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                         max_new_tokens=cfg.eval_max_new_tokens, max_prompt_tokens=max_prompt)
+    if chat:
+        metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
+        save_policy(lm, tok, meta, out_dir)
+        return metrics
+    prompts = load_prompts(data_dir, cfg.eval_prompts)
     device_type = next(lm.parameters()).device.type
     with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
         oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
@@ -336,10 +394,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch.distributed as dist
 
     from alignpipe.core.io import read_jsonl
+    from alignpipe.core.tasks import task_of
     from alignpipe.lm import training
     from alignpipe.lm.models import build_model, device_and_dtype, training_flops_per_token
 
     data_dir = Path(inputs["data"])
+    task = task_of(data_dir)
+    check_task(cfg, task)
     device, dtype = device_and_dtype(cfg.precision)
     proc = training.setup_process(device)
     if cfg.threads:
@@ -347,8 +408,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     latest = prepare_checkpoints(cfg, proc.main)
     rows = read_jsonl(data_dir / "train.jsonl")
-    _check_rows(rows, data_dir / "train.jsonl")
+    chat = task.prompt_form == "messages"
+    if not chat:
+        _check_rows(rows, data_dir / "train.jsonl")
     tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main)
+    if chat:  # the templated conversations, in the rows' form
+        rows = chat_rows(rows, tok, data_dir / "train.jsonl")
     ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
     data = training.token_blocks(ids, scores, cfg.seq_len, cfg.batch_size * proc.world, cfg.max_steps, cfg.seed + 1)
 
@@ -373,7 +438,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     metrics: dict[str, float] = {}
     if proc.main:
-        metrics = evaluate(cfg, lm, tok, data_dir, dtype, out_dir)
+        metrics = evaluate(cfg, lm, tok, data_dir, dtype, out_dir, task)
         tokens_per_step = cfg.batch_size * proc.world * cfg.seq_len
         trained_tokens = (cfg.max_steps - start_step) * tokens_per_step
         tokens_per_s = trained_tokens / train_seconds if trained_tokens else 0.0
