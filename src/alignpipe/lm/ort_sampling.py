@@ -1,10 +1,13 @@
-"""Policy sampling on the exported ONNX KV-cache decoder, with the completion unit of `alignpipe.lm.policy.sample`.
+"""Policy sampling on the exported ONNX KV-cache decoder, with the completion unit of `alignpipe.lm.policy.sample`
+(pep8) or of `alignpipe.oracle.chat_eval.sample_chat` (chat), as the `task` says.
 
-The same conditioning (`meta.format_prompt`, the last `max_prompt_tokens` prompt tokens, left padding), the same
-constraints (banned tokens, a first token that starts a new line), the same stop (a row ends once its completion
-holds a finished logical line, or at EOS) and the same post-processing (`finish_completion`). Greedy decoding
-therefore gives `sample(..., greedy=True)`'s completions; sampling applies temperature then top-p as `generate()`
-does, from numpy's generator (same distribution, not the same draws as torch).
+The same conditioning (`task.format_prompt`: `meta.format_prompt` for text, the chat template with the generation
+prompt for messages; the last `max_prompt_tokens` prompt tokens, left padding), the same constraints (banned tokens;
+pep8: a first token that starts a new line), the same stop (a stop token of `task.stop_token_ids`; pep8: also once
+the completion holds a finished logical line) and the same post-processing (pep8: `finish_completion`; chat: decoded
+without special tokens, stripped). Greedy decoding therefore gives `sample(..., greedy=True)`'s completions (and chat
+answers equal to a greedy `generate()` stopped at the same tokens); sampling applies temperature then top-p as
+`generate()` does, from numpy's generator (same distribution, not the same draws as torch).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alignpipe.core.tasks import DEFAULT_TASK, TASKS, Task
 from alignpipe.lm.batching import pad
 from alignpipe.lm.onnx_runtime import OrtPolicy
 from alignpipe.lm.policy import (PolicyMeta, banned_token_ids, encode_prompts, finish_completion, line_complete,
@@ -30,19 +34,33 @@ class Decoding:
 
 
 class OrtCompleter:
-    """Completions of plain prompts from one ONNX policy session (the vocabulary tables computed once)."""
+    """Completions from one ONNX policy session (the vocabulary tables computed once): one logical line of code per
+    prompt string (pep8), or the assistant's turn per list of {"role", "content"} messages (chat)."""
 
-    def __init__(self, policy: OrtPolicy, tok, meta: PolicyMeta, max_prompt_tokens: int):
-        self.policy, self.tok, self.meta, self.max_prompt_tokens = policy, tok, meta, max_prompt_tokens
-        self.line_ids, self.start_ids = newline_ids(tok)
+    def __init__(self, policy: OrtPolicy, tok, meta: PolicyMeta, max_prompt_tokens: int,
+                 task: Task = TASKS[DEFAULT_TASK]):
+        self.policy, self.tok, self.meta, self.max_prompt_tokens, self.task = policy, tok, meta, max_prompt_tokens, task
+        # a line task starts its completion on a new line and ends it with the line; a turn ends at a stop token only
+        self.line_ids, self.start_ids = newline_ids(tok) if task.completion_end == "line" else (set(), [])
         self.bad = banned_token_ids(tok, meta)
+        self.stops = set(task.stop_token_ids(tok))
 
-    def complete(self, prompts: list[str], decoding: Decoding, rng: np.random.Generator) -> list[str]:
-        """One cleaned completion per prompt (whitespace kept), all prompts in one batch."""
-        encoded = encode_prompts(self.tok, self.meta, prompts, self.max_prompt_tokens)
+    def complete(self, prompts: list, decoding: Decoding, rng: np.random.Generator) -> list[str]:
+        """One cleaned completion per prompt, all prompts in one batch."""
+        return [self.finish(row) for row in self.generate(prompts, decoding, rng)]
+
+    def generate(self, prompts: list, decoding: Decoding, rng: np.random.Generator) -> list[list[int]]:
+        """The new token ids of each prompt, up to and with the token that stopped it."""
+        encoded = encode_prompts(self.tok, self.meta, prompts, self.max_prompt_tokens, self.task)
         ids, mask = pad(encoded, self.tok.pad_token_id, side="left")
-        new = self._generate(ids, mask, decoding, rng)
-        return [finish_completion(self.tok, self.meta, row)[1] for row in new]
+        return self._generate(ids, mask, decoding, rng)
+
+    def finish(self, new_ids: list[int]) -> str:
+        """The completion text of `generate`'s ids: pep8's unit with whitespace kept (`finish_completion`), chat's
+        answer without special tokens, stripped (as `sample_chat`)."""
+        if self.task.completion_end == "turn":
+            return self.tok.decode(new_ids, skip_special_tokens=True).strip()
+        return finish_completion(self.tok, self.meta, new_ids)[1]
 
     def _generate(self, ids: np.ndarray, mask: np.ndarray, decoding: Decoding,
                   rng: np.random.Generator) -> list[list[int]]:
@@ -66,7 +84,7 @@ class OrtCompleter:
             token = np.where(done, tok.pad_token_id, token)
             for r in np.flatnonzero(~done):
                 new[r].append(int(token[r]))
-                if token[r] == tok.eos_token_id or (int(token[r]) in self.line_ids and line_complete(
+                if int(token[r]) in self.stops or (int(token[r]) in self.line_ids and line_complete(
                         tok.decode(new[r], skip_special_tokens=True))):
                     done[r] = True
             if done.all():

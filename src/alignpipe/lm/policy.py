@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.core.errors import DataError, loading
+from alignpipe.core.tasks import DEFAULT_TASK, TASKS
 
 META_FILE = "alignpipe.json"
 
@@ -214,9 +215,11 @@ def banned_token_ids(tok, meta: PolicyMeta) -> list[int]:
     return [i for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
 
 
-def encode_prompts(tok, meta: PolicyMeta, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Token ids of the formatted prompts, keeping the last `max_prompt_tokens` tokens."""
-    return [tok(meta.format_prompt(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int, task=None) -> list[list[int]]:
+    """Token ids of the prompts as `task` formats them (`Task.format_prompt`; default pep8: the policy's own
+    formatting of text), keeping the last `max_prompt_tokens` tokens."""
+    task = task or TASKS[DEFAULT_TASK]
+    return [tok(task.format_prompt(p, tok, meta), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
             for p in prompts]
 
 

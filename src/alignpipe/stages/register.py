@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from alignpipe.core.candidates import GATE_METRIC, candidate_dir, check_weights, read_report
 from alignpipe.core.config import StageConfig, field
+from alignpipe.core.tasks import DEFAULT_TASK
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -261,7 +262,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     champion_after = version if move else (champion["version"] if champion else None)  # None: still no champion
 
     onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg, policy_dir,
-                          inputs.get("reward_model"), move)
+                          inputs.get("reward_model"), move, report.get("task", DEFAULT_TASK))
     record = {"policy_name": cfg.model_name, "version": version, "candidate": name, "source_path": str(policy_dir),
               "alias": cfg.alias, "champion_before": champion["version"] if champion else None,
               "champion_after": champion_after, "champion_moved": move, "gate": why,
@@ -283,9 +284,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
 
 def _register_onnx(export_dir: Path | None, version: str, reward_version: str | None, cfg: Config,
-                   policy_dir: Path, reward_dir: Path | None, move: bool) -> dict | None:
+                   policy_dir: Path, reward_dir: Path | None, move: bool, task: str) -> dict | None:
     """Register the export stage's ONNX graphs, wrapped in batching onnxruntime pyfunc serving models, linked to
-    these versions (when --export is given); their `alias` moves with the policy's."""
+    these versions (when --export is given); their `alias` moves with the policy's. The policy's serving model is
+    the evaluated `task`'s: prompt strings in (pep8), or a chat-completions request of messages in (chat)."""
     if export_dir is None:
         return None
     from alignpipe.core.errors import DataError
@@ -300,7 +302,7 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
     serving = {
         "policy": log_policy_model(Path(export_dir) / "policy.onnx", policy_dir, {
             **batching, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_prompt_tokens": model_config["tokenizer_encode_kwargs"]["max_length"]}),
+            "max_prompt_tokens": model_config["tokenizer_encode_kwargs"]["max_length"]}, task=task),
         "reward": log_reward_model(Path(export_dir) / "reward.onnx", reward_dir, {**batching,
                                                                                 **_reward_settings(reward_dir)})}
     versions = register_onnx(export_dir, version, reward_version, registry.client(),

@@ -3,9 +3,11 @@
 `mlflow models serve` calls `predict` from a thread pool (one thread per request in flight), so concurrent
 requests meet in a `RequestBatcher`: the first request waits up to `batch_window_ms` for others with the same
 settings, and up to `max_batch_size` prompts go through the decoder together. The policy model answers like
-`alignpipe.lm.policy.sample` (conditioning, banned tokens, one logical line, whitespace kept); the reward model
-scores prompt/completion pairs as `alignpipe.lm.reward_model.reward_scores` does. Bad requests raise
-MlflowException(INVALID_PARAMETER_VALUE): the server answers 400.
+`alignpipe.lm.policy.sample` (conditioning, banned tokens, one logical line, whitespace kept); the chat model (a
+`ChatModel`: OpenAI's chat-completions request and response) answers a conversation with the assistant's turn like
+`alignpipe.oracle.chat_eval.sample_chat`; the reward model scores prompt/completion pairs as
+`alignpipe.lm.reward_model.reward_scores` does. Bad requests raise MlflowException(INVALID_PARAMETER_VALUE): the
+server answers 400.
 """
 
 from __future__ import annotations
@@ -107,50 +109,126 @@ def _strings(model_input: Any, what: str) -> list:
     return model_input
 
 
+DECODING_PARAMS = ("max_new_tokens", "temperature", "top_p", "do_sample")
+# ChatParams fields the chat model does not implement: refused rather than ignored
+UNSUPPORTED_CHAT_PARAMS = ("stop", "top_k", "frequency_penalty", "presence_penalty", "tools", "custom_inputs")
+
+
+def decoding(config: dict[str, Any], params: dict[str, Any] | None, names: dict[str, str] | None = None):
+    """The request's Decoding: the model_config defaults with the request's params, checked; `names` maps a
+    Decoding field to the request's name for it in the error line (default `params.<field>`)."""
+    from alignpipe.lm.ort_sampling import Decoding
+
+    params = params or {}
+    unknown = set(params) - set(DECODING_PARAMS)
+    if unknown:
+        raise bad_request(f"unknown params {sorted(unknown)}")
+    merged = {k: params.get(k, config[k]) for k in DECODING_PARAMS}
+    name = {k: (names or {}).get(k, f"params.{k}") for k in DECODING_PARAMS}
+    cap = int(config["max_new_tokens"])
+    if not isinstance(merged["max_new_tokens"], int) or not 1 <= merged["max_new_tokens"] <= cap:
+        raise bad_request(f"{name['max_new_tokens']} must be an integer in [1, {cap}], got "
+                          f"{merged['max_new_tokens']!r}")
+    if not isinstance(merged["temperature"], (int, float)) or merged["temperature"] <= 0:
+        raise bad_request(f"{name['temperature']} must be > 0, got {merged['temperature']!r}")
+    if not isinstance(merged["top_p"], (int, float)) or not 0 < merged["top_p"] <= 1:
+        raise bad_request(f"{name['top_p']} must be in (0, 1], got {merged['top_p']!r}")
+    return Decoding(int(merged["max_new_tokens"]), bool(merged["do_sample"]), float(merged["temperature"]),
+                    float(merged["top_p"]))
+
+
+def chat_decoding(config: dict[str, Any], params):
+    """The Decoding of a chat request's ChatParams: `max_tokens`, `temperature` (0: greedy, as OpenAI's) and
+    `top_p`, checked as `decoding` does; a field left None takes the model_config's value."""
+    given = [k for k in UNSUPPORTED_CHAT_PARAMS if getattr(params, k) is not None]
+    if params.n != 1:
+        given.append("n")
+    if given:
+        raise bad_request(f"unsupported chat params {given} (supported: max_tokens, temperature, top_p)")
+    fields = {"max_new_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p}
+    request = {k: v for k, v in fields.items() if v is not None}
+    if request.get("temperature") == 0:  # OpenAI's greedy
+        request["do_sample"] = False
+        del request["temperature"]
+    elif request.get("temperature", 1) < 0:
+        raise bad_request(f"temperature must be >= 0 (0: greedy), got {request['temperature']!r}")
+    return decoding(config, request, {"max_new_tokens": "max_tokens", "temperature": "temperature",
+                                      "top_p": "top_p"})
+
+
+def _conversation(messages) -> list[dict[str, str]]:
+    """A chat request's ChatMessages as {"role", "content"} dicts, checked as validate checks a prompt: known roles,
+    non-blank string contents, turns alternating user/assistant after an optional system turn, ending on a user."""
+    import re
+
+    from alignpipe.core.validators import PROMPT_TURNS, ROLES, TURN_RULES, roles_of
+
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    roles = roles_of(conversation)
+    if not roles:
+        raise bad_request(f"messages must be a non-empty list of {{\"role\": {'|'.join(ROLES)}, \"content\": "
+                          "a non-blank string}")
+    if not re.match(PROMPT_TURNS, roles):
+        raise bad_request(f"messages: {TURN_RULES[PROMPT_TURNS]}; got roles {roles}")
+    return conversation
+
+
+def _load_policy(model, context, task: str, run: Callable[[Hashable, list], list]) -> None:
+    """Give a policy serving model its `config` (POLICY_DEFAULTS, then the model_config), the OrtCompleter of its
+    artifacts (policy_onnx, tokenizer with alignpipe.json) for `task`, a seeded `rng` and a `batcher` of
+    `run(decoding, prompts)`."""
+    import numpy as np
+
+    from alignpipe.core.tasks import TASKS
+    from alignpipe.lm.onnx_runtime import OrtPolicy
+    from alignpipe.lm.ort_sampling import OrtCompleter
+    from alignpipe.lm.policy import PolicyMeta
+    from alignpipe.lm.tokenizers import load_tokenizer
+
+    model.config = config = {**POLICY_DEFAULTS, **(context.model_config or {})}
+    tok_dir = context.artifacts["tokenizer"]
+    model.completer = OrtCompleter(OrtPolicy(_session(context.artifacts["policy_onnx"], config)),
+                                   load_tokenizer(tok_dir), PolicyMeta.load(tok_dir), int(config["max_prompt_tokens"]),
+                                   TASKS[task])
+    model.rng = np.random.default_rng(int(config["seed"]))
+    model.batcher = RequestBatcher(run, int(config["max_batch_size"]), float(config["batch_window_ms"]) / 1e3)
+
+
 class OnnxPolicyModel(mlflow.pyfunc.PythonModel):
     """Plain prompt strings in, completions out (one logical line, whitespace kept)."""
 
     def load_context(self, context):
-        import numpy as np
-
-        from alignpipe.lm.onnx_runtime import OrtPolicy
-        from alignpipe.lm.ort_sampling import OrtCompleter
-        from alignpipe.lm.policy import PolicyMeta
-        from alignpipe.lm.tokenizers import load_tokenizer
-
-        self.config = {**POLICY_DEFAULTS, **(context.model_config or {})}
-        tok_dir = context.artifacts["tokenizer"]
-        policy = OrtPolicy(_session(context.artifacts["policy_onnx"], self.config))
-        self.completer = OrtCompleter(policy, load_tokenizer(tok_dir), PolicyMeta.load(tok_dir),
-                                      int(self.config["max_prompt_tokens"]))
-        self.rng = np.random.default_rng(int(self.config["seed"]))
-        self.batcher = RequestBatcher(lambda key, prompts: self.completer.complete(prompts, key, self.rng),
-                                      int(self.config["max_batch_size"]), float(self.config["batch_window_ms"]) / 1e3)
-
-    def decoding(self, params: dict[str, Any] | None):
-        """The request's Decoding: the model_config defaults with the request's params, checked."""
-        from alignpipe.lm.ort_sampling import Decoding
-
-        params = params or {}
-        unknown = set(params) - {"max_new_tokens", "temperature", "top_p", "do_sample"}
-        if unknown:
-            raise bad_request(f"unknown params {sorted(unknown)}")
-        merged = {k: params.get(k, self.config[k]) for k in ("max_new_tokens", "temperature", "top_p", "do_sample")}
-        cap = int(self.config["max_new_tokens"])
-        if not isinstance(merged["max_new_tokens"], int) or not 1 <= merged["max_new_tokens"] <= cap:
-            raise bad_request(f"params.max_new_tokens must be an integer in [1, {cap}], got {merged['max_new_tokens']!r}")
-        if not isinstance(merged["temperature"], (int, float)) or merged["temperature"] <= 0:
-            raise bad_request(f"params.temperature must be > 0, got {merged['temperature']!r}")
-        if not isinstance(merged["top_p"], (int, float)) or not 0 < merged["top_p"] <= 1:
-            raise bad_request(f"params.top_p must be in (0, 1], got {merged['top_p']!r}")
-        return Decoding(int(merged["max_new_tokens"]), bool(merged["do_sample"]), float(merged["temperature"]),
-                        float(merged["top_p"]))
+        _load_policy(self, context, "pep8", lambda key, prompts: self.completer.complete(prompts, key, self.rng))
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         prompts = _strings(model_input, "prompt strings")
         if not all(isinstance(p, str) and p.strip() for p in prompts):
             raise bad_request("every input must be a non-blank prompt string")
-        return self.batcher.submit(self.decoding(params), prompts)
+        return self.batcher.submit(decoding(self.config, params), prompts)
+
+
+class OnnxChatModel(mlflow.pyfunc.ChatModel):
+    """A conversation ({"role", "content"} messages ending on a user turn) in, the assistant's answer out (its
+    turn decoded without special tokens, stripped), through the tokenizer's chat template."""
+
+    def load_context(self, context):
+        _load_policy(self, context, "chat", self._answer)
+
+    def __getstate__(self):  # MLflow pickles the model after a trial predict: the session is rebuilt on load
+        return {}
+
+    def _answer(self, decoding, conversations: list) -> list[tuple[str, str]]:
+        """(answer, finish reason) per conversation: "stop" at the end of the turn, "length" at the token cap."""
+        rows = self.completer.generate(conversations, decoding, self.rng)
+        return [(self.completer.finish(r), "stop" if r and r[-1] in self.completer.stops else "length") for r in rows]
+
+    def predict(self, context, messages, params):
+        from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage
+
+        conversation = _conversation(messages)
+        answer, finish = self.batcher.submit(chat_decoding(self.config, params), [conversation])[0]
+        return ChatCompletionResponse(choices=[ChatChoice(message=ChatMessage(role="assistant", content=answer),
+                                                          finish_reason=finish)])
 
 
 class OnnxRewardModel(mlflow.pyfunc.PythonModel):
@@ -188,26 +266,33 @@ class OnnxRewardModel(mlflow.pyfunc.PythonModel):
         return self.batcher.submit(None, pairs)
 
 
-def log_policy_model(onnx_path: Path, policy_dir: Path, model_config: dict[str, Any], name: str = "policy_serving"):
-    """Log the ONNX policy as an `OnnxPolicyModel` pyfunc to the active run; returns the ModelInfo."""
+def log_policy_model(onnx_path: Path, policy_dir: Path, model_config: dict[str, Any], name: str = "policy_serving",
+                     task: str = "pep8"):
+    """Log the ONNX policy to the active run as `task`'s serving model: an `OnnxPolicyModel` pyfunc (prompt
+    strings in) or, for a task prompted with messages (chat), an `OnnxChatModel`; returns the ModelInfo."""
     from mlflow.models import infer_signature
 
-    from alignpipe.tracking.registry import pip_requirements
-
+    from alignpipe.core.tasks import get_task
     from alignpipe.lm.policy import PolicyMeta
     from alignpipe.lm.tokenizers import load_tokenizer
+    from alignpipe.tracking.registry import pip_requirements
 
     config = {**POLICY_DEFAULTS, **model_config}
-    # MLflow fills a request's missing params with the signature's values: they must be the model_config's.
-    signature = infer_signature(["def add(a, b):"], ["\n    return a + b"],
-                                params={k: config[k] for k in ("max_new_tokens", "temperature", "top_p", "do_sample")})
+    if get_task(task).prompt_form == "messages":
+        # A ChatModel's signature is MLflow's chat schema; MLflow runs `predict` on the example while logging (its
+        # default example asks for `stop`, which this model refuses).
+        served = {"python_model": OnnxChatModel(),
+                  "input_example": {"messages": [{"role": "user", "content": "Hello!"}]}}
+    else:
+        # MLflow fills a request's missing params with the signature's values: they must be the model_config's.
+        served = {"python_model": OnnxPolicyModel(), "signature": infer_signature(
+            ["def add(a, b):"], ["\n    return a + b"], params={k: config[k] for k in DECODING_PARAMS})}
     with tempfile.TemporaryDirectory() as tmp:  # the tokenizer and alignpipe.json, not the PyTorch weights
         load_tokenizer(policy_dir).save_pretrained(tmp)
         PolicyMeta.load(policy_dir).save(tmp)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=OnnxPolicyModel(), signature=signature,
-            artifacts={"policy_onnx": str(onnx_path), "tokenizer": tmp}, code_paths=[_package_dir()],
-            model_config=config, pip_requirements=pip_requirements(*SERVING_PACKAGES))
+            name=name, **served, artifacts={"policy_onnx": str(onnx_path), "tokenizer": tmp},
+            code_paths=[_package_dir()], model_config=config, pip_requirements=pip_requirements(*SERVING_PACKAGES))
 
 
 def log_reward_model(onnx_path: Path, reward_dir: Path, model_config: dict[str, Any], name: str = "reward_serving"):
