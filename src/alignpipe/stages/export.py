@@ -195,8 +195,7 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list, task):
         raise ConfigError("export.max_new_tokens", f"must be < the policy's {positions} positions, "
                           f"got {cfg.max_new_tokens}")
     chat = task.prompting == "chat_template"
-    encoded = ([tok(task.format_prompt(p, tok), add_special_tokens=False)["input_ids"][-max_prompt:] for p in prompts]
-               if chat else encode_prompts(tok, meta, prompts, max_prompt))
+    encoded = encode_prompts(tok, meta, prompts, max_prompt, task)
     if not all(encoded):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
     ids, mask = pad(encoded, tok.pad_token_id, "left")
