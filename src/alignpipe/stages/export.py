@@ -22,6 +22,7 @@ from alignpipe.core.candidates import best_candidate
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
 from alignpipe.core.io import iter_jsonl, write_json
+from alignpipe.core.tasks import task_of
 from alignpipe.lm.batching import pad
 from alignpipe.stages import Input
 from alignpipe.tracking import runs
@@ -85,7 +86,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Export, check parity (raising ParityError), time, optionally quantize, and log the ONNX models."""
     import torch
 
-    from alignpipe.core.tasks import task_of
     from alignpipe.lm import onnx_runtime as ox
 
     torch.manual_seed(cfg.seed)
