@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import tiny
 
@@ -21,7 +20,7 @@ TASKS = ("data", "validate", "pretrain", "label", "reward", "dpo", "grpo", "eval
 
 def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(tmp_path, monkeypatch):
     from alignpipe.tracking import runs
-    from alignpipe.tracking.serving import post_json, start_server, stop_server, wait_ready
+    from alignpipe.tracking.serving import post_json, served
 
     llama = tiny.make_chat_llama(tmp_path / "llama", end_logit=2.0)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -46,18 +45,10 @@ def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(
     uri = "models:/alignpipe-policy-onnx@champion"
     assert runs.mlflow_module().models.get_model_info(uri).flavors["python_function"]["loader_module"] == \
         "mlflow.pyfunc.loaders.chat_model"
-    log = tmp_path / "serve.log"
-    server, url = start_server(uri, 1, log)
-    try:
-        try:
-            wait_ready(url, timeout=180, proc=server)
-        except (RuntimeError, TimeoutError) as e:
-            pytest.fail(f"{e}: {log.read_text()[-3000:]}")
+    with served(uri, tmp_path / "serve.log") as url:
         status, body = post_json(f"{url}/invocations", json.dumps(
             {"messages": [{"role": "user", "content": "Name a prime number."}], "max_tokens": 8}).encode())
         assert status == 200 and body["choices"][0]["message"]["role"] == "assistant", body
         assert isinstance(body["choices"][0]["message"]["content"], str)
         status, _ = post_json(f"{url}/invocations", json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode())
         assert status == 400
-    finally:
-        stop_server(server)

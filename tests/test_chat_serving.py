@@ -134,7 +134,7 @@ def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.stages import register
     from alignpipe.tracking import runs
-    from alignpipe.tracking.serving import post_json, start_server, stop_server, wait_ready
+    from alignpipe.tracking.serving import post_json, served
 
     reward_dir = tiny.make_reward(tmp_path / "reward", tok=tiny.make_chat_tokenizer())
     export = tmp_path / "export"
@@ -157,13 +157,7 @@ def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
     model, tok = chat_policy["model"], chat_policy["tok"]
     expected = _answers(tok, _torch_rows(model, tok, CONVERSATIONS, 192, 8))
 
-    log = tmp_path / "serve.log"
-    proc, url = start_server(uri, 1, log)
-    try:
-        try:
-            wait_ready(url, timeout=120, proc=proc)
-        except (RuntimeError, TimeoutError) as e:
-            pytest.fail(f"{e}: {log.read_text()[-3000:]}")
+    with served(uri, tmp_path / "serve.log", timeout=120) as url:
         for conversation, answer in zip(CONVERSATIONS[:2], expected):
             status, body = post_json(f"{url}/invocations", json.dumps(
                 {"messages": conversation, "max_tokens": 8, "temperature": 0}).encode())
@@ -174,8 +168,6 @@ def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
                     {"messages": user, "max_tokens": 10_000}, {"messages": user, "max_tokens": "many"}):
             status, body = post_json(f"{url}/invocations", bad if isinstance(bad, bytes) else json.dumps(bad).encode())
             assert 400 <= status < 500, (bad, status, body)
-    finally:
-        stop_server(proc)
 
 
 def _log_export(export) -> None:

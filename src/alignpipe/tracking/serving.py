@@ -12,7 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
@@ -27,6 +29,21 @@ def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subproce
                                  "local", "-p", str(port), "--host", "127.0.0.1", "--workers", str(workers)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def served(model_uri: str, log_path: Path, timeout: float = 180.0, workers: int = 1) -> Iterator[str]:
+    """A started, ready server's URL for the `with` body (`start_server`, `wait_ready`), stopped afterwards; a
+    server that exits or does not answer raises RuntimeError with the tail of its log."""
+    proc, url = start_server(model_uri, workers, log_path)
+    try:
+        try:
+            wait_ready(url, timeout=timeout, proc=proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}: {log_path.read_text()[-3000:]}") from None
+        yield url
+    finally:
+        stop_server(proc)
 
 
 def wait_ready(url: str, timeout: float = 180.0, proc: subprocess.Popen | None = None) -> float:
