@@ -127,7 +127,7 @@ def test_label_stage_writes_valid_oracle_preferences(tiny, tmp_path, monkeypatch
     from alignpipe.stages import validate
 
     monkeypatch.setattr("alignpipe.lm.policy.sample", fake_sample)
-    metrics = _run_label(tiny, tmp_path / "label")
+    metrics = _run_label(tiny, tmp_path / "label", cap_retries=0)  # no new draws: some pairs stay unscorable
     out = tmp_path / "label"
     train = [json.loads(line) for line in (out / "prefs.jsonl").read_text().splitlines()]
     heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
@@ -151,7 +151,7 @@ def test_label_reports_drops_by_cause_and_the_cap_rate(tiny, tmp_path, monkeypat
     from alignpipe.lm.policy import PolicyMeta
 
     monkeypatch.setattr("alignpipe.lm.policy.sample", fake_sample)
-    m = _run_label(tiny, tmp_path / "label")
+    m = _run_label(tiny, tmp_path / "label", cap_retries=0)
     prompts = [r["prompt"] for r in label.load_train_prompts(tiny["data"], 16, 0) for _ in range(3)]
     drawn = fake_sample(None, None, PolicyMeta(prompt_suffix="<|aligned|>"), prompts, None, seed=0, progress="x")
     assert 0 < m["cap_reached_frac"] == sum(s.capped for s in drawn) / len(drawn)
@@ -161,6 +161,29 @@ def test_label_reports_drops_by_cause_and_the_cap_rate(tiny, tmp_path, monkeypat
     assert m["dropped_tie_frac"] == m["n_ties"] / n_sampled > 0
     dropped = (m["n_invalid_pairs"] + m["n_identical_pairs"] + m["n_unscorable_pairs"] + m["n_ties"]) / n_sampled
     assert abs(dropped + m["kept_pair_frac"] - 1) < 1e-9  # every sampled pair is kept or dropped for one cause
+
+
+def test_label_draws_rows_cut_at_the_cap_again(tiny, tmp_path, monkeypatch):
+    """Rows whose sample reached the cap mid-line are sampled again (the next seed, only those rows) up to
+    cap_retries times: fewer pairs are dropped for truncation, and the rates before and after are reported."""
+    calls = []
+
+    def counting(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
+        drawn = fake_sample(model, tok, meta, prompts, sampling, seed=seed, greedy=greedy, progress=progress)
+        calls.append((len(prompts), seed, sum(s.capped for s in drawn)))
+        return drawn
+
+    monkeypatch.setattr("alignpipe.lm.policy.sample", counting)
+    before = _run_label(tiny, tmp_path / "none", cap_retries=0)
+    assert len(calls) == 1 and before["cap_final_frac"] == before["cap_reached_frac"] > 0
+    calls.clear()
+    after = _run_label(tiny, tmp_path / "three", cap_retries=3)
+    assert calls[0] == (16 * 3, 0, round(after["cap_reached_frac"] * 48))  # the same first draw
+    for (_, seed, capped), (rows, next_seed, _) in zip(calls, calls[1:]):
+        assert rows == capped and next_seed == seed + 1  # only the capped rows, each time with the next seed
+    assert len(calls) <= 4 and after["cap_final_frac"] == calls[-1][2] / 48 < after["cap_reached_frac"]
+    assert after["n_unscorable_capped_pairs"] < before["n_unscorable_capped_pairs"]
+    assert after["n_pairs"] > before["n_pairs"]
 
 
 def test_label_mixes_validated_human_pairs_and_reports_agreement(tiny, tmp_path, monkeypatch):

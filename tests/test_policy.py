@@ -70,6 +70,28 @@ def test_no_sample_ends_mid_line_unless_the_cap_was_reached(policy, monkeypatch)
     assert capped[3] > capped[64] and capped[64] < 1
 
 
+@pytest.mark.parametrize("family", ["gpt2", *tiny.FAMILIES])
+def test_static_cache_sampler_gives_the_reference_samples(tmp_path, family):
+    """The default sampler (generate() with a preallocated static KV cache, benchmarks/results/sampler.md) draws
+    exactly the reference's (the dynamic cache's) samples for a seed, sampled and greedy, across batch widths."""
+    from alignpipe.lm.policy import cache_kwargs
+
+    path = (tiny.make_policy(tmp_path / "p", conditional=True) if family == "gpt2"
+            else tiny.make_hf_model(tmp_path / "p", family))
+    model, tok, meta = load_policy(path)
+    assert cache_kwargs(model, "static") == {"cache_implementation": "static", "disable_compile": True}
+    assert cache_kwargs(model, "dynamic") == {}
+    prompts = ["def f(a, b):", "x = 1", "class A:\n    def g(self):", "    y = [1,"] * 5
+    for greedy in (False, True):
+        got = {cache: sample(model, tok, meta, prompts, Sampling(max_new_tokens=12, batch_size=7, cache=cache),
+                             seed=5, greedy=greedy) for cache in ("static", "dynamic")}
+        assert [(s.completion_ids, s.capped) for s in got["static"]] == \
+            [(s.completion_ids, s.capped) for s in got["dynamic"]]
+        assert any(s.completion_ids for s in got["static"])
+    with pytest.raises(ValueError, match="cache"):
+        Sampling(cache="paged")
+
+
 def test_sequence_logprobs_match_a_manual_sum(policy):
     model, tok, _ = policy
     prompt, completion = [5, 6, 7], [8, 9]

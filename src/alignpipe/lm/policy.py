@@ -78,6 +78,12 @@ class Sampling:
     max_new_tokens: int = 48
     batch_size: int = 64
     max_prompt_tokens: int = 192
+    cache: str = "static"  # KV cache of generate(): "static" (preallocated; same samples, ~1.5x faster here:
+    #                        benchmarks/results/sampler.md) where the model supports it, else "dynamic"
+
+    def __post_init__(self):
+        if self.cache not in ("static", "dynamic"):
+            raise ValueError(f"Sampling.cache: {self.cache!r} is not 'static' or 'dynamic'")
 
 
 def torch_device() -> str:
@@ -250,11 +256,19 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
                 max_new_tokens=sampling.max_new_tokens, bad_words_ids=bad or None,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                 logits_processor=[_start_new_line(tok, width)], stopping_criteria=[_stopping(tok, width)],
-                use_cache=True)
+                use_cache=True, **cache_kwargs(model, sampling.cache))
         for r, x in enumerate(ids):
             cut, text, capped = finish_completion(tok, meta, generated[r, width:].tolist())
             out.append(Sample(prompts[start + r], text, x, cut, capped=capped))
     return out
+
+
+def cache_kwargs(model, cache: str) -> dict[str, Any]:
+    """generate() arguments for the KV cache: a static (preallocated) cache when asked and the model supports it
+    (transformers marks those models `_can_compile_fullgraph`), never compiled (shapes change every batch)."""
+    if cache == "static" and getattr(model, "_can_compile_fullgraph", False):
+        return {"cache_implementation": "static", "disable_compile": True}
+    return {}
 
 
 def finish_completion(tok, meta: PolicyMeta, new_ids: list[int]) -> tuple[list[int], str, bool]:

@@ -35,6 +35,8 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
     generation prompt; an answer ends at EOS or the template's end-of-turn token (`task.stop_token_ids`)."""
     import torch
 
+    from alignpipe.lm.policy import cache_kwargs
+
     model, tok, _ = policy
     stops = set(task.stop_token_ids(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -51,7 +53,7 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
             gen = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
                                  temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(stops),
-                                 pad_token_id=pad)
+                                 pad_token_id=pad, **cache_kwargs(model, sampling.cache))
         for prompt, row in zip(ids, gen[:, width:].tolist()):
             end = next((i for i, t in enumerate(row) if t in stops), None)
             answer = row if end is None else row[:end + 1]

@@ -70,6 +70,8 @@ class Config(StageConfig):
     temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
     top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)")
     max_new_tokens: int = field(32, "max tokens of one completion (one logical line)")
+    cap_retries: int = field(3, "rows whose sample reached max_new_tokens mid-line are sampled again (a new draw), "
+                             "up to this many times, so pairs are of finished lines (0 = never)")
     batch_size: int = field(256, "rows (prompt x sample) per generation batch")
     judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
     judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
@@ -89,6 +91,7 @@ class Config(StageConfig):
         self.check(self.temperature > 0, "temperature", "must be > 0")
         self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        self.check(self.cap_retries >= 0, "cap_retries", "must be >= 0")
         self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
         self.check(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1")
         self.check(self.judge_max_length >= 8, "judge_max_length", "must be >= 8")
@@ -228,6 +231,26 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
     return rows, stats
 
 
+def sample_to_line_end(policy, rows: list[str], sampling, seed: int, retries: int) -> tuple[list, int]:
+    """One sample per row (`alignpipe.lm.policy.sample`); the rows whose sample reached the cap mid-line are drawn
+    again with the next seed, up to `retries` times, and keep the last draw. Returns (samples, the number capped
+    at the first draw). The pairs are then of the policy's finished lines (its samples given that the line ends
+    within the cap), not truncated ones the oracle cannot judge."""
+    from alignpipe.lm.policy import sample
+
+    samples = sample(*policy, rows, sampling, seed=seed, progress="label: sampling")
+    first = sum(s.capped for s in samples)
+    for attempt in range(1, retries + 1):
+        redo = [i for i, s in enumerate(samples) if s.capped]
+        if not redo:
+            break
+        again = sample(*policy, [rows[i] for i in redo], sampling, seed=seed + attempt,
+                       progress=f"label: {len(redo)} capped rows, draw {attempt + 1}")
+        for i, s in zip(redo, again):
+            samples[i] = s
+    return samples, first
+
+
 def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list, list[bool], int, int]:
     """The candidate pairs (judges.Pair) of each prompt's K samples (`samples` in prompt order, K per prompt):
     (pairs, per pair whether a completion reached max_new_tokens mid-line, n_invalid, n_identical)."""
@@ -324,7 +347,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if Path(inputs["data"]).is_dir() and task_of(inputs["data"]).prompt_form == "messages":
         return run_chat(cfg, inputs, out_dir, task_of(inputs["data"]))
     from alignpipe.oracle.judges import oracle_score
-    from alignpipe.lm.policy import Sampling, load_policy, sample
+    from alignpipe.lm.policy import Sampling, load_policy
 
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
@@ -337,7 +360,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     repeated = [r["prompt"] for r in prompts for _ in range(cfg.k)]  # K rows per prompt: K different draws
-    samples = sample(model, tok, meta, repeated, sampling, seed=cfg.seed, progress="label: sampling")
+    samples, first_capped = sample_to_line_end((model, tok, meta), repeated, sampling, cfg.seed, cfg.cap_retries)
     sampling_s = time.perf_counter() - start
     del model
 
@@ -379,7 +402,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "n_invalid_pairs": n_invalid, "n_identical_pairs": n_identical, "n_unscorable_pairs": n_unscorable,
         "n_unscorable_capped_pairs": n_unscorable_capped,
         "n_unscorable_other_pairs": n_unscorable - n_unscorable_capped,
-        "cap_reached_frac": sum(s.capped for s in samples) / max(len(samples), 1),
+        "cap_reached_frac": first_capped / max(len(samples), 1),
+        "cap_final_frac": sum(s.capped for s in samples) / max(len(samples), 1),
         "kept_pair_frac": (len(pairs) - n_tie_dropped) / max(n_sampled, 1),
         "dropped_capped_frac": n_unscorable_capped / max(n_sampled, 1),
         "dropped_unscorable_other_frac": (n_unscorable - n_unscorable_capped) / max(n_sampled, 1),
