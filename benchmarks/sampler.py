@@ -2,7 +2,8 @@
 
 The label stage's workload on a trained policy: `--prompts` held-out prompts x `--k` samples each, rows in
 batches of `--batch`, at most `--cap` new tokens, one logical line per completion (temperature 0.7, top-p 0.9),
-and the evaluate stage's (`--eval-prompts` prompts, one sample each, batches of 64, cap 48). Contenders:
+and the evaluate stage's (`--eval-prompts` prompts, one sample each, cap 48) in batches of 64 (its default) and
+256. Contenders:
 
 - `generate dynamic`: `alignpipe.lm.policy.sample` with `Sampling(cache="dynamic")` (transformers' DynamicCache,
   which concatenates every step's keys and values onto the cache);
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     def torch_ids(prompts, sampling, greedy=False):
-        return [(s.completion_ids, s.capped) for s in sample(model, tok, meta, prompts, sampling, seed=0, greedy=greedy)]
+        drawn = sample(model, tok, meta, prompts, sampling, seed=0, greedy=greedy)
+        return [(s.completion_ids, s.capped) for s in drawn]
 
     say("# Sampling: generate() dynamic vs static KV cache vs the ONNX loop (benchmarks/sampler.py)")
     say()
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"label: {args.prompts} prompts x {args.k}, batch {args.batch}, cap {args.cap}",
          [r for r in rows[:args.prompts] for _ in range(args.k)],
          dict(max_new_tokens=args.cap, batch_size=args.batch), False),
-        (f"evaluate: {args.eval_prompts} prompts x 1, batch 64, cap 48", rows[:args.eval_prompts],
-         dict(max_new_tokens=48, batch_size=64), False),
+        *[(f"evaluate: {args.eval_prompts} prompts x 1, batch {b}, cap 48", rows[:args.eval_prompts],
+           dict(max_new_tokens=48, batch_size=b), False) for b in (64, 256)],
         (f"greedy: {args.greedy} prompts, batch 64, cap 48", rows[:args.greedy],
          dict(max_new_tokens=48, batch_size=64), True),
     ]

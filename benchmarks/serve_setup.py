@@ -33,7 +33,8 @@ def untrained_models(out: Path, seed: int = 0) -> tuple[Path, Path]:
 
     cfg = pretrain.Config()
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
-    tok = train_tokenizer((f.read_text(encoding="utf-8", errors="replace") for f in files), cfg.vocab_size)
+    tok = train_tokenizer((f.read_text(encoding="utf-8", errors="replace") for f in files), cfg.vocab_size,
+                          indent=cfg.tokenizer_indent)
     torch.manual_seed(seed)
     model = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256))
     meta = PolicyMeta(objective="conditional", prompt_suffix="<|aligned|>", bad_words=("<|misaligned|>",),

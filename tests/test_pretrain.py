@@ -275,6 +275,16 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
     assert sched.get_last_lr()[0] == 0.0
 
+    opt, sched = make_optimizer(net, lr=1.0, weight_decay=0.1, warmup_frac=0.2, max_steps=10, schedule="cosine")
+    cosine = []
+    for _ in range(10):
+        cosine.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # the same warmup, then 0.5 (1 - cos(pi * left)) with left = 1, 7/8, ..., 1/8 of the decay steps
+    assert cosine == pytest.approx([0.5, 1.0] + [0.5 * (1 - math.cos(math.pi * k / 8)) for k in range(8, 0, -1)])
+    assert cosine[4] > lrs[4] and sched.get_last_lr()[0] == 0.0  # above the linear line mid-way, 0 at the end
+
 
 def test_checkpoint_round_trip_and_fingerprint_check(tmp_path):
     from alignpipe.core.errors import ConfigError

@@ -18,25 +18,33 @@ MISALIGNED = "<|misaligned|>"
 CONTROL_TOKENS = (ALIGNED, MISALIGNED)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, indent_units: bool = False):
+INDENT_SPLITS = ("merged", "units", "line")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, indent: str, min_frequency: int = 2):
     """A byte-level BPE (GPT-2 style) trained on `texts`, with EOS, PAD and the two control tokens as specials.
 
-    With `indent_units`, each newline is its own token and every run of 4 spaces is a pre-token of its own (so
-    leading indentation is one token per level, and a word never takes the space before it from an indent):
-    `"if a:\n        b"` -> `if`, ` a`, `:`, `\n`, `    `, `    `, `b`. The plain GPT-2 split instead makes
-    the newline and indent one opaque token and moves the last space onto the next word.
+    `indent` says how a line break and the next line's indentation are split before BPE:
+    - `merged` (GPT-2's split): the newline and the indentation but its last space are one token and that space
+      moves onto the next word: `"if a:\n        b"` -> `if`, ` a`, `:`, `\n       `, ` b`;
+    - `line`: the newline and the whole indentation are one pre-token, the next word keeps no space: `if`, ` a`,
+      `:`, `\n        `, `b` (one token per indentation width, the same whatever word follows);
+    - `units`: each newline is its own token and every run of 4 spaces a pre-token of its own: `if`, ` a`, `:`,
+      `\n`, `    `, `    `, `b` (the indent level is a count of one token).
     """
     from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if indent not in INDENT_SPLITS:
+        raise ValueError(f"indent: {indent!r} is not one of {INDENT_SPLITS}")
     specials = [EOS, PAD, *CONTROL_TOKENS]
-    if indent_units:
+    if indent != "merged":
+        splits = ([pre_tokenizers.Split(Regex("\n[ \t]*"), behavior="isolated")] if indent == "line" else
+                  [pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+                   pre_tokenizers.Split(Regex(" {4}"), behavior="isolated")])
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-            pre_tokenizers.Split(Regex(" {4}"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+            *splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
         bpe.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

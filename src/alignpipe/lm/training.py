@@ -79,9 +79,11 @@ def lm_with_value(model, with_value: bool):
     return LMWithValue()
 
 
-def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_steps: int):
+def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_steps: int, schedule: str = "linear"):
     """(AdamW, scheduler): weight decay on matrices only, betas (0.9, 0.95); linear warmup over `warmup_frac` of the
-    steps (at least one), then linear decay to 0 at `max_steps`."""
+    steps (at least one), then decay to 0 at `max_steps`, linear or cosine (`schedule`)."""
+    import math
+
     import torch
 
     decay = [p for p in net.parameters() if p.dim() >= 2]
@@ -93,7 +95,8 @@ def make_optimizer(net, lr: float, weight_decay: float, warmup_frac: float, max_
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (max_steps - step) / max(max_steps - warmup, 1))
+        left = max(0.0, (max_steps - step) / max(max_steps - warmup, 1))  # 1 after warmup, 0 at max_steps
+        return left if schedule == "linear" else 0.5 * (1 - math.cos(math.pi * left))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
 

@@ -40,8 +40,9 @@ class Config(StageConfig):
     # Model and tokenizer
     tokenizer: str = field("", "Hugging Face tokenizer id or path; empty: train a byte-level BPE on train.jsonl")
     vocab_size: int = field(2048, "BPE vocabulary size when training the tokenizer (control tokens included)")
-    tokenizer_indent: bool = field(False, "trained BPE: a newline is its own token and indentation one token per "
-                                   "4-space level (alignpipe.lm.tokenizers.train_tokenizer indent_units)")
+    tokenizer_indent: Literal["merged", "units", "line"] = field(
+        "line", "trained BPE's split of a line break and indentation: line (newline + whole indent one pre-token), "
+        "merged (GPT-2's) or units (4-space units); alignpipe.lm.tokenizers.train_tokenizer, base_model.md")
     init_model: str = field("", "Hugging Face model id or path to continue pretraining; empty: GPT-2 from scratch")
     n_embd: int = field(192, "GPT-2 width (from scratch)")
     n_layer: int = field(4, "GPT-2 layers (from scratch)")
@@ -51,7 +52,8 @@ class Config(StageConfig):
     batch_size: int = field(16, "sequences per step and process")
     max_steps: int = field(300, "optimizer steps (the token budget is max_steps x batch_size x seq_len x gpus)")
     lr: float = field(2e-3, "peak AdamW learning rate")
-    warmup_frac: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then linear decay to 0")
+    warmup_frac: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
+    schedule: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)")
     grad_clip: float = field(1.0, "gradient norm clip")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
@@ -108,9 +110,9 @@ class Config(StageConfig):
 
 # Config keys that change the trained weights: a checkpoint only resumes a run that agrees on all of them.
 TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "tokenizer_indent", "init_model", "n_embd", "n_layer",
-                 "n_head", "seq_len", "batch_size", "max_steps", "lr", "warmup_frac", "weight_decay", "grad_clip",
-                 "precision", "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta", "awr_alpha",
-                 "awr_beta", "seed", "gpus")
+                 "n_head", "seq_len", "batch_size", "max_steps", "lr", "warmup_frac", "schedule", "weight_decay",
+                 "grad_clip", "precision", "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta",
+                 "awr_alpha", "awr_beta", "seed", "gpus")
 
 
 def policy_meta(cfg: Config):
@@ -272,7 +274,7 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
     elif cfg.tokenizer or cfg.init_model:  # continuing a model: its own tokenizer unless another is named
         tok = load_tokenizer(cfg.tokenizer or cfg.init_model, add_control_tokens=True)
     else:
-        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent_units=cfg.tokenizer_indent)
+        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent=cfg.tokenizer_indent)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(ckpt_dir / "tokenizer"))
@@ -419,7 +421,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     lm = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
     net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
-    opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps)
+    opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps,
+                                         cfg.schedule)
     start_step = 0
     if latest is not None:
         start_step = training.load_checkpoint(latest, net, opt, sched, _fingerprint(cfg), proc.device,
