@@ -88,6 +88,9 @@ def test_static_cache_sampler_gives_the_reference_samples(tmp_path, family):
         assert [(s.completion_ids, s.capped) for s in got["static"]] == \
             [(s.completion_ids, s.capped) for s in got["dynamic"]]
         assert any(s.completion_ids for s in got["static"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # pretrain's evaluation samples under bf16 autocast
+        assert cache_kwargs(model, "static") == {}
+        assert len(sample(model, tok, meta, prompts[:3], Sampling(max_new_tokens=4), seed=5)) == 3
     with pytest.raises(ValueError, match="cache"):
         Sampling(cache="paged")
 

@@ -265,8 +265,12 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
 
 def cache_kwargs(model, cache: str) -> dict[str, Any]:
     """generate() arguments for the KV cache: a static (preallocated) cache when asked and the model supports it
-    (transformers marks those models `_can_compile_fullgraph`), never compiled (shapes change every batch)."""
-    if cache == "static" and getattr(model, "_can_compile_fullgraph", False):
+    (transformers marks those models `_can_compile_fullgraph`), never compiled (shapes change every batch). Not
+    under autocast: the static cache is allocated in the weights' dtype and autocast's keys and values differ."""
+    import torch
+
+    device = next(model.parameters()).device.type
+    if cache == "static" and getattr(model, "_can_compile_fullgraph", False) and not torch.is_autocast_enabled(device):
         return {"cache_implementation": "static", "disable_compile": True}
     return {}
 
