@@ -1,7 +1,8 @@
 """RLAIF labelling: sample K completions per training prompt from the policy, pair them, and let a judge pick.
 
 For each training prompt (`data/train_prompts.jsonl`), K completions are sampled from the policy through
-`alignpipe.lm.policy.sample` (its conditioning and its completion unit: one logical line), paired (all K(K-1)/2
+`alignpipe.lm.policy.sample` (its conditioning and its completion unit: one logical line; a row cut at
+`max_new_tokens` mid-line is drawn again, up to `cap_retries` times), paired (all K(K-1)/2
 pairs, as InstructGPT, or disjoint pairs), and judged (`alignpipe.oracle.judges`: the oracle scorer, a reward model or an
 LLM). Pairs with an invalid completion (blank, or not starting a new line) or two identical ones are dropped;
 so are, by default, pairs with a completion the oracle cannot check (a tokenize error, E9: pycodestyle stops
