@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from alignpipe.core.config import StageConfig, field
+from alignpipe.lm.tokenizers import INDENT_SPLITS
 from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
@@ -40,7 +41,7 @@ class Config(StageConfig):
     # Model and tokenizer
     tokenizer: str = field("", "Hugging Face tokenizer id or path; empty: train a byte-level BPE on train.jsonl")
     vocab_size: int = field(2048, "BPE vocabulary size when training the tokenizer (control tokens included)")
-    tokenizer_indent: Literal["merged", "units", "line"] = field(
+    tokenizer_indent: Literal[INDENT_SPLITS] = field(
         "line", "trained BPE's split of a line break and indentation: line (newline + whole indent one pre-token), "
         "merged (GPT-2's) or units (4-space units); alignpipe.lm.tokenizers.train_tokenizer, base_model.md")
     init_model: str = field("", "Hugging Face model id or path to continue pretraining; empty: GPT-2 from scratch")
