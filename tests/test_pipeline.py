@@ -29,10 +29,10 @@ from alignpipe.core.config import StageConfig, field, load_params
 from alignpipe.core.errors import ConfigError
 from alignpipe.stages import MULTI_GPU, STAGE_NAMES, load_stage
 from alignpipe.cli import kfp as pipeline_cli
-from components import runtime
-from components.image import CPU_IMAGE, GPU_IMAGE
-from components.stages import COMPONENTS
-from pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGES, build_pipeline
+from alignpipe.components import runtime
+from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE
+from alignpipe.components.stages import COMPONENTS
+from alignpipe.pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGES, build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
