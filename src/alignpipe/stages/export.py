@@ -89,8 +89,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         providers = ox.choose_providers(cfg.providers)
     except ValueError as e:
         raise ConfigError("export.providers", f"{cfg.providers!r}: {e}") from None
-    policy_dir = inputs["best"]
-    candidate, _ = best_candidate(policy_dir)
+    candidate, policy_dir = best_candidate(inputs["best"])[0], inputs["best"]
     policy, tok, meta, reward, reward_tok = _load_models(policy_dir, inputs["reward_model"])
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
     ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts, task_of(inputs.get("data")))
