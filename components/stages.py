@@ -11,6 +11,7 @@ function, as KFP requires, and hands over to `alignpipe.components.runtime.run_s
 are set in pipelines/, not here.
 """
 
+import json
 import linecache
 
 from kfp import dsl
@@ -32,6 +33,7 @@ EXTRA_OUTPUTS = {
 
 def component_source(stage: str) -> str:
     """The Python source of `stage`'s component function."""
+    q = json.dumps  # a double-quoted string literal
     module = load_stage(stage)
     output = OUTPUTS[stage]
     params = ["config: dict", "env: dict"]
@@ -49,11 +51,11 @@ def component_source(stage: str) -> str:
     params += [f"{i.name}: Input[{ARTIFACT_TYPES.get(i.name, 'Model')}] = None" for i in module.INPUTS
                if not i.required]
     if extra:
-        call["extra_outputs"] = "{" + ", ".join(f"{n!r}: ({n}, {path!r})" for n, (_, path) in extra.items()) + "}"
-    inputs = "{" + ", ".join(f"{i.name!r}: {i.name}" for i in module.INPUTS) + "}"
-    args = ", ".join([repr(stage), "config", inputs, output, "metrics", "env", *(f"{k}={v}" for k, v in call.items())])
+        call["extra_outputs"] = "{" + ", ".join(f"{q(n)}: ({n}, {q(path)})" for n, (_, path) in extra.items()) + "}"
+    inputs = "{" + ", ".join(f"{q(i.name)}: {i.name}" for i in module.INPUTS) + "}"
+    args = ", ".join([q(stage), "config", inputs, output, "metrics", "env", *(f"{k}={v}" for k, v in call.items())])
     return (f"def {stage}({', '.join(params)}):\n"
-            f"    {STAGE_HELP[stage].split(' (')[0]!r}\n"
+            f"    {q(STAGE_HELP[stage].split(' (')[0])}\n"
             f"    from alignpipe.components.runtime import run_stage\n\n"
             f"    run_stage({args})\n")
 

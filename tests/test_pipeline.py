@@ -77,7 +77,7 @@ def test_every_component_compiles_to_the_pinned_image_without_pip(name, tmp_path
     command = " ".join(container["command"])
     assert "pip install" not in command  # the image has the pinned kfp: pods start offline
     body = container["command"][-1]
-    assert f'run_stage("{name}", config' in body and "from components.runtime import" in body
+    assert f'run_stage("{name}", config' in body and "from alignpipe.components.runtime import" in body
     assert set(spec["root"]["outputDefinitions"]["artifacts"]) >= {"metrics"}
     assert ("launcher" in spec["root"]["inputDefinitions"]["parameters"]) == (name in MULTI_GPU)
 
@@ -424,6 +424,8 @@ def run(cfg, inputs, out_dir):
     write_json(out_dir / "inputs.json", {k: (str(v) if v is not None else None) for k, v in inputs.items()})
     (out_dir / "report.md").write_text("# " + NAME)
     (out_dir / "report.html").write_text("<p>" + NAME)
+    (out_dir / "best").mkdir()  # evaluate's chosen policy
+    (out_dir / "best" / "from.txt").write_text(NAME)
     return {"seed": cfg.seed}
 """
 
@@ -489,7 +491,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     env_db = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     db = shutil.copy(env_db, tmp_path / "kfp-mlflow.db")  # conftest's migrated, empty store: saves the migration
     monkeypatch.chdir(tmp_path)  # like a pod: no git checkout, no data.dvc, so the run tags come from `env`
-    func = build_pipeline(sections, imports=imports, run_ppo=run_ppo, mlflow_tracking_uri=f"sqlite:///{db}",
+    func = build_pipeline(sections, imports=imports, run={"ppo": run_ppo}, mlflow_tracking_uri=f"sqlite:///{db}",
                           git_commit="abc123", data_version="v-test")
     yaml_path = pipeline_cli.compile_pipeline(func, tmp_path / "root" / "pipeline.yaml")
     run = pipeline_cli.run_local(yaml_path, tmp_path / "root")
@@ -512,11 +514,8 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         "grpo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
         "evaluate": {"data": path["data"], "policy": path["pretrain"], "dpo": path["dpo"], "ppo": path.get("ppo"),
                      "grpo": path["grpo"], "reward_model": path["reward"], "prompts": None},
-        "export": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                   "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"], "data": path["data"]},
-        "register": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                     "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"],
-                     "export": path["export"]},
+        "export": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "data": path["data"]},
+        "register": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "export": path["export"]},
     }
     for name, inputs in wiring.items():
         if name in expected:
@@ -535,6 +534,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     assert "PASSED: all" in out["validate"]["report_html"].read_text()  # the validate stage's own page
     assert out["evaluate"]["report"].read_text() == "# evaluate"
     assert out["evaluate"]["report_html"].read_text() == "<p>evaluate"
+    assert (out["evaluate"]["best"] / "from.txt").read_text() == "evaluate"  # best/ of evaluate's output
 
     runs = mlflow_runs(db)
     assert set(runs) == set(expected)  # one run per stage, named after it, in the parameter's store
