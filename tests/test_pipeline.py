@@ -107,6 +107,38 @@ def test_stage_names_match_across_params_dvc_cli_components_and_pipeline(tmp_pat
         assert load_stage(name).Config.SECTION == name
 
 
+def test_components_and_pipelines_are_subpackages_not_top_level_names():
+    """components/ and pipelines/ stay top-level folders, installed as alignpipe.components/.pipelines (no generic
+    `components`/`pipelines` in site-packages); a source checkout imports the same files."""
+    import tomllib
+
+    import alignpipe.components.stages
+    import alignpipe.pipelines.align
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"": "src", "alignpipe.components": "components",
+                                         "alignpipe.pipelines": "pipelines"}
+    assert all(p.startswith("alignpipe") for p in setuptools["packages"])
+    assert Path(alignpipe.components.stages.__file__) == ROOT / "components" / "stages.py"
+    assert Path(alignpipe.pipelines.align.__file__) == ROOT / "pipelines" / "align.py"
+
+
+def test_candidates_come_from_the_registry():
+    """One list of policy-producing stages: evaluate has one optional input per candidate after the reference,
+    export and register take evaluate's `best` alone, and the DAG trains every candidate."""
+    from alignpipe.stages import CANDIDATES, REFERENCE
+
+    assert CANDIDATES[0] == (REFERENCE, "policy")
+    ev = {i.name: i for i in load_stage("evaluate").INPUTS}
+    for stage, output in CANDIDATES[1:]:
+        assert ev[output].default == f"artifacts/{stage}" and not ev[output].required
+        assert output in COMPONENTS[stage].component_spec.outputs
+        assert stage in NO_CACHE and stage in GPU_STAGES
+    assert {i.name for i in load_stage("export").INPUTS} == {"best", "reward_model", "data"}
+    assert {i.name for i in load_stage("register").INPUTS} == {"best", "reward_model", "export"}
+    assert "best" in COMPONENTS["evaluate"].component_spec.outputs
+
+
 def test_committed_dvc_yaml_is_the_generated_one():
     from alignpipe.cli import dvcgen
 
