@@ -63,7 +63,8 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = "label"
 
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
-                                                            "model (--judge-model) or an LLM (--judge-model)")
+                                                            "model (--judge-model) or an LLM (--judge-model; on "
+                                                            "chat without it, the policy itself)")
     n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)")
     k: int = field(4, "completions sampled per prompt")
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
@@ -83,7 +84,8 @@ class Config(StageConfig):
     llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges."
                               "LLM_TEMPLATE, or CHAT_LLM_TEMPLATE on chat)")
     llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
-    llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template")
+    llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template (a chat "
+                                    "judge; its answers then usually start without a space: llm_answers [A, B])")
     human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
     trust_remote_code: bool = field(False, "allow custom model code for a hub judge model")
     seed: int = field(0, "seed of prompt selection, sampling and the held-out split")
