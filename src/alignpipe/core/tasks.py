@@ -61,36 +61,15 @@ class Task:
             ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
         return ids
 
+    def conversational(self) -> bool:
+        """Whether a prompt is TRL's conversational form (a list of role/content messages) rather than a string: it
+        is sampled through the chat template and its completion is one assistant turn."""
+        return self.prompt_form == "messages"
+
     def has_oracle(self) -> bool:
         """Whether an exact scorer judges completions (the `oracle` reward term, the oracle evaluation of a trained
         policy); without one, an RL stage checks itself with its reward against the reference."""
         return self.completion_end == "line"
-
-    def sample(self, policy, prompts: list, sampling, seed: int) -> list:
-        """One completion per prompt from `policy` = (model, tokenizer, meta) in the task's unit, as
-        `alignpipe.lm.policy.Sample`s: pep8 through `alignpipe.lm.policy.sample` (one logical line, the ending EOS
-        dropped); chat through `alignpipe.oracle.chat_eval.sample_chat` (the chat template, the answer's ids up to
-        and with the end-of-turn token; `capped` when the turn did not end within `max_new_tokens`)."""
-        if self.completion_end == "line":
-            from alignpipe.lm.policy import sample
-
-            return sample(*policy, prompts, sampling, seed=seed)
-        from alignpipe.lm.policy import Sample
-        from alignpipe.oracle.chat_eval import sample_chat
-
-        got = sample_chat(policy, prompts, sampling, seed, self)
-        return [Sample(p, text, pids, cids, capped=not ended) for p, text, pids, cids, ended in
-                zip(prompts, got.completions, got.prompt_ids, got.completion_ids, got.ended)]
-
-    def sampling_constraints(self, tok, meta) -> tuple[list[int], list[int] | None]:
-        """(token ids `sample` never draws, the only ids a completion may start with or None): what an RL stage's
-        log-probabilities must restrict so that they are those of the sampled distribution. pep8: the policy's
-        banned words and tokens that start a new line; chat: none."""
-        if self.completion_end == "line":
-            from alignpipe.lm.policy import banned_token_ids, newline_ids
-
-            return banned_token_ids(tok, meta), newline_ids(tok)[1]
-        return [], None
 
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")

@@ -64,6 +64,16 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
     return out
 
 
+def chat_samples(policy, prompts: list[list[dict]], sampling, seed: int, task) -> list:
+    """`sample_chat`'s answers as `alignpipe.lm.policy.Sample`s (what an RL stage's rollouts hold): the answer's ids
+    up to and with its end-of-turn token; `capped` when the turn did not end within `max_new_tokens`."""
+    from alignpipe.lm.policy import Sample
+
+    got = sample_chat(policy, prompts, sampling, seed, task)
+    return [Sample(p, text, pids, cids, capped=not ended) for p, text, pids, cids, ended in
+            zip(prompts, got.completions, got.prompt_ids, got.completion_ids, got.ended)]
+
+
 def judge_win_rate(candidate: list[float], reference: list[float]) -> float:
     """Fraction of prompts where the judge scores the candidate's answer above the reference's; ties count 1/2."""
     if len(candidate) != len(reference) or not candidate:

@@ -12,14 +12,14 @@ TRL removed PPOTrainer after 1.12, so PPO is written here, in the spirit of clea
 - a value head (one linear layer on the policy's last hidden state), GAE (Schulman et al. 2016,
   https://arxiv.org/abs/1506.02438), advantage whitening, the clipped surrogate and clipped value loss (Schulman et
   al. 2017, https://arxiv.org/abs/1707.06347 eq. 7), several PPO epochs over minibatches of each rollout batch;
-- rollouts from the task's sampler (`Task.sample`: HF generate with a KV cache), at `temperature` (0.7, as the
-  evaluation and TRL's PPOTrainer) with top-p off, so that the sampling distribution is the one whose
-  log-probabilities PPO computes (same temperature, and the task's `sampling_constraints`: banned words, first token).
-  pep8: the completion unit is one logical line, the reward sees the cleaned line. chat (any Hugging Face causal LM
-  with a chat template): prompts are conversations rendered by the chat template with the generation prompt, an
-  answer ends at EOS or the end-of-turn token (`Task.stop_token_ids`, the last action), and the reward model scores
-  the whole answer as one assistant turn after the conversation, as the reward stage trained it
-  (`alignpipe.lm.reward_model.reward_scores`).
+- rollouts (HF generate with a KV cache) at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p
+  and top-k off, so that the sampling distribution is the one whose log-probabilities PPO computes (same
+  temperature, banned words, first token). Text prompts (pep8): `alignpipe.lm.policy.sample`, one logical line, the
+  first token one that starts a new line, the reward on the cleaned line. Conversational prompts (chat; any Hugging
+  Face causal LM with a chat template): `alignpipe.oracle.chat_eval.sample_chat`, the conversation rendered by the
+  chat template with the generation prompt, the answer ending at EOS or the end-of-turn token
+  (`Task.stop_token_ids`; kept as the last action), the reward model scoring the whole answer as one assistant
+  turn after the conversation, as the reward stage trained it (`alignpipe.lm.reward_model.reward_scores`).
 
 After training, pep8 checks the policy with the oracle (`alignpipe.oracle.policy_eval.oracle_metrics`); a task
 without an oracle with the reward on held-out conversations against the reference (`alignpipe.oracle.chat_eval.
@@ -146,15 +146,30 @@ class Rollout:
 
 
 def token_distribution(cfg: Config, tok, meta, autocast: bool, task) -> TokenDistribution:
-    """The distribution the task's sampler draws rollouts from (temperature, and `Task.sampling_constraints`: pep8's
-    banned words and a first token that starts a new line), so that PPO's log-probabilities are those of the sampled
+    """The distribution `draw` samples rollouts from (temperature; for text prompts banned words and a first token
+    that starts a new line; a chat answer has neither), so that PPO's log-probabilities are those of the sampled
     tokens."""
-    return TokenDistribution(cfg.temperature, *task.sampling_constraints(tok, meta), autocast)
+    from alignpipe.lm.policy import banned_token_ids, newline_ids
+
+    if task.conversational():
+        return TokenDistribution(cfg.temperature, [], None, autocast)
+    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), newline_ids(tok)[1], autocast)
+
+
+def draw(task, model, tok, meta, prompts: list, sampling, seed: int) -> list:
+    """One rollout per prompt (`alignpipe.lm.policy.Sample`s): through the chat template to the end of the turn for
+    conversational prompts (`alignpipe.oracle.chat_eval.chat_samples`), else the policy's one logical line."""
+    from alignpipe.lm.policy import sample
+    from alignpipe.oracle.chat_eval import chat_samples
+
+    if task.conversational():
+        return chat_samples((model, tok, meta), prompts, sampling, seed, task)
+    return sample(model, tok, meta, prompts, sampling, seed=seed)
 
 
 def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list, reward_fn: RewardFn,
             seed: int, dist: TokenDistribution, task) -> Rollout:
-    """Sample one completion per prompt (`Task.sample`), score it, and record the old log-probabilities, reference
+    """Sample one completion per prompt (`draw`), score it, and record the old log-probabilities, reference
     log-probabilities and values."""
     import torch
 
@@ -164,7 +179,7 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list,
                         batch_size=len(prompts), max_prompt_tokens=cfg.max_prompt_tokens)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dist.autocast):
-        samples = task.sample((model, tok, meta), prompts, sampling, seed)
+        samples = draw(task, model, tok, meta, prompts, sampling, seed)
     scores = torch.tensor(reward_fn(samples), dtype=torch.float32)
     prompt_ids = [s.prompt_ids for s in samples]
     stops = task.stop_token_ids(tok)
@@ -271,8 +286,8 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: Re
           resume_from: Path | None = None, progress: str | None = "ppo",
           task=None) -> tuple[object, PPOState, list[dict]]:
     """The PPO loop. Returns (value head, final state, per-iteration stats). Checkpoints every `save_every`
-    iterations and at the end into cfg.checkpoint_dir; `resume_from` restores one. `task` samples the rollouts
-    (default: the default task, pep8)."""
+    iterations and at the end into cfg.checkpoint_dir; `resume_from` restores one. `task` says how rollouts are
+    prompted and where they end (default: the default task, pep8)."""
     import random
 
     import torch
