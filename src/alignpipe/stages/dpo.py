@@ -49,7 +49,7 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task other than pep8 (alignpipe.core.runner.required_metrics).
+# What the stage reports for a task other than pep8 (alignpipe.run.runner.required_metrics).
 TASK_METRICS = {"chat": ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")}
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
@@ -121,7 +121,7 @@ def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]
     with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
     from alignpipe.core.io import PREFS_FILE
     from alignpipe.core.tasks import is_messages
-    from alignpipe.core.validators import read_rows
+    from alignpipe.data.validators import read_rows
 
     path = Path(path)
     if path.is_dir():
