@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run quality test test-images status images clean
+.PHONY: setup data run quality test test-fast test-images status images clean
 
 # torch first: the CPU wheel (a plain `torch` requirement would pull a CUDA build of several GB).
 $(BIN)/.installed: pyproject.toml
@@ -46,6 +46,11 @@ status: setup
 test: setup
 	mkdir -p .tmp
 	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
+
+# The edit-test loop: every test not marked `slow` (end-to-end runs, subprocess launches); `make test` runs all.
+test-fast: setup
+	mkdir -p .tmp
+	$(BIN)/python -m pytest -q -m "not slow" --basetemp=.tmp/pytest-fast
 
 # The CPU image built with podman and the components run in it (needs root; installs podman when missing).
 test-images: setup
