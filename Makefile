@@ -43,14 +43,18 @@ quality: setup
 status: setup
 	dvc status
 
+# Two pytest-xdist workers (this machine's 2 cores); tests/conftest.py says how the tests are split between them.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: setup
 	mkdir -p .tmp
-	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) --basetemp=.tmp/pytest
 
 # The edit-test loop: every test not marked `slow` (end-to-end runs, subprocess launches); `make test` runs all.
 test-fast: setup
 	mkdir -p .tmp
-	$(BIN)/python -m pytest -q -m "not slow" --basetemp=.tmp/pytest-fast
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not slow" --basetemp=.tmp/pytest-fast
 
 # The CPU image built with podman and the components run in it (needs root; installs podman when missing).
 test-images: setup
