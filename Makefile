@@ -35,8 +35,8 @@ run: data
 	@echo; echo "Results: artifacts/<stage>/ (metrics.json in each); 'dvc metrics show' prints them all."
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 
-# The quality budget (issue 15): the whole PEP8 pipeline at configs/quality.yaml's budget plus an MLE baseline
-# (39.9 min measured on an idle 2-core machine); outputs in artifacts-quality/, the table in benchmarks/results/quality.md.
+# The quality budget: the whole PEP8 pipeline at configs/quality.yaml's budget plus an MLE baseline;
+# outputs in artifacts-quality/, the table in benchmarks/results/quality.md.
 quality: setup
 	$(BIN)/python benchmarks/quality.py --params configs/quality.yaml --work artifacts-quality
 
