@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 import tiny
 
@@ -18,6 +19,7 @@ CHAT_TINY = ROOT / "configs" / "chat-tiny.yaml"
 TASKS = ("data", "validate", "pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export", "register")
 
 
+@pytest.mark.slow
 def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(tmp_path, monkeypatch):
     from alignpipe.tracking import runs
     from alignpipe.serving.server import post_json, served

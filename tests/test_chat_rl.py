@@ -32,6 +32,7 @@ def chat(tmp_path_factory):
     return {"root": root, "data": root / "data", "rm": root / "rm"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,lora_r", [("llama", 0), ("qwen2", 2), ("gpt_neox", 0)])
 def test_ppo_trains_a_chat_model_against_the_reward_model(chat, tmp_path, family, lora_r):
     import torch
@@ -136,6 +137,7 @@ def test_chat_llm_judge_averages_both_orders_and_ties_by_threshold():
     assert rows[1]["score_chosen"] == pytest.approx(0.55) and rows[1]["judge"] == "llm"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt_neox", None])
 def test_label_llm_judge_on_chat_labels_sampled_answer_pairs(chat, tmp_path, family):
     """label --set label.judge=llm on chat: K answers per conversation through the chat template, each pair judged
