@@ -19,7 +19,7 @@ TINY=0
 OUT=${OUT:-$ROOT/.tmp/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+WORK=$(mktemp -d -t gpu_check.XXXXXX)
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
@@ -81,8 +81,8 @@ C=$WORK/ckpt
 R=$OUT/results.jsonl
 : > "$R"
 # Stages run in $WORK, so MLflow's default artifact root (./mlruns) and any stray output land there, not here.
-ALIGNPIPE_GIT_COMMIT=${ALIGNPIPE_GIT_COMMIT:-$("$PYTHON" -c 'from alignpipe.tracking import git_commit; print(git_commit())' 2>/dev/null || echo unknown)}
-ALIGNPIPE_DATA_VERSION=${ALIGNPIPE_DATA_VERSION:-$("$PYTHON" -c 'from alignpipe.tracking import data_version; print(data_version())' 2>/dev/null || echo unknown)}
+ALIGNPIPE_GIT_COMMIT=${ALIGNPIPE_GIT_COMMIT:-$("$PYTHON" -c 'from alignpipe.tracking.runs import git_commit; print(git_commit())' 2>/dev/null || echo unknown)}
+ALIGNPIPE_DATA_VERSION=${ALIGNPIPE_DATA_VERSION:-$("$PYTHON" -c 'from alignpipe.tracking.runs import data_version; print(data_version())' 2>/dev/null || echo unknown)}
 export ALIGNPIPE_GIT_COMMIT ALIGNPIPE_DATA_VERSION
 stage() { (cd "$WORK" && "$PYTHON" "$ROOT/benchmarks/gpu_check.py" run "$R" -- "$@"); }
 

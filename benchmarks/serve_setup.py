@@ -19,7 +19,7 @@ import sysconfig
 from pathlib import Path
 
 from alignpipe.core.hashing import weights_sha256
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.reports.candidates import write_best
 from alignpipe.stages import export, pretrain, register
 

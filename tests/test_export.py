@@ -16,7 +16,7 @@ from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.hashing import weights_sha256
 from alignpipe.core.io import write_json
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.reports.candidates import BEST_FILE, best_candidate, write_best
 from alignpipe.stages import export
 

@@ -12,7 +12,7 @@ import pytest
 import tiny
 from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.hashing import weights_sha256
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.reports.candidates import BEST_FILE, write_best
 from alignpipe.stages import register
 

@@ -16,10 +16,10 @@ import pytest
 
 import tiny
 from alignpipe.core.hashing import weights_sha256
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.reports.candidates import write_best
 from alignpipe.stages import register
-from alignpipe.tracking.serving import post_json, start_server, stop_server, wait_ready
+from alignpipe.serving.server import post_json, start_server, stop_server, wait_ready
 
 BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow")
@@ -58,6 +58,7 @@ def _expected_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) 
     return out
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers(tmp_path):
     policy_dir = _register_champion(tmp_path)
     log = tmp_path / "serve.log"
@@ -89,6 +90,7 @@ def test_mlflow_models_serve_answers(tmp_path):
         urllib.request.urlopen(f"{url}/ping", timeout=2)
 
 
+@pytest.mark.slow
 def test_generate_serving_dockerfile(tmp_path):
     _register_champion(tmp_path)
     out = tmp_path / "image"

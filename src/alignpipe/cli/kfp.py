@@ -157,10 +157,6 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
                               "compiled pipeline would store: give the pods credentials through the MLflow secret")
         mlflow_uri = ""  # a local run's tasks inherit MLFLOW_TRACKING_URI from this process
     run = {stage: not getattr(args, f"no_{stage}") for stage in SWITCHED}
-    if run.get("ppo") and sections["data"].get("task") == "chat":  # until ppo takes chat (the chat issue)
-        print("alignpipe pipeline: note: task chat: run_ppo defaults to false (ppo samples one line of code; grpo is "
-              "the chat task's RL stage)", file=sys.stderr)
-        run["ppo"] = False
     return build_pipeline(sections, gpus, imports, run=run, mlflow_tracking_uri=mlflow_uri,
                           git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
