@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 import tiny
+from alignpipe.stages import CANDIDATES, STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TINY = ROOT / "configs" / "chat-tiny.yaml"
-TASKS = ("data", "validate", "pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export", "register")
+TASKS = ("data", *STAGE_NAMES)
 
 
 @pytest.mark.slow
@@ -39,7 +40,7 @@ def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
     (report,) = run_dir.glob("evaluate*/evaluation/report.json")
     report = json.loads(report.read_text())
-    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "ppo", "grpo"]
+    assert report["task"] == "chat" and report["order"] == [stage for stage, _ in CANDIDATES]
     (registered,) = run_dir.glob("register*/registry/registered.json")
     assert json.loads(registered.read_text())["champion_moved"]  # the first version becomes the champion
 

@@ -27,7 +27,7 @@ import yaml
 from alignpipe.cli.main import build_parser, main
 from alignpipe.core.config import StageConfig, field, load_params
 from alignpipe.core.errors import ConfigError
-from alignpipe.stages import MULTI_GPU, OUTPUTS, STAGE_NAMES, load_stage
+from alignpipe.stages import CANDIDATES, MULTI_GPU, OUTPUTS, STAGE_NAMES, SWITCHED, STAGES as REGISTRY, load_stage
 from alignpipe.cli import kfp as pipeline_cli
 from alignpipe.components import runtime
 from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE
@@ -168,8 +168,8 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert dvc["metrics"] == [f"artifacts/{n}/metrics_headline.json" for n in STAGE_NAMES]
     plots = [next(iter(p)) for p in dvc["plots"]]
-    assert plots == [f"artifacts/{n}/curves" for n in ("pretrain", "reward", "dpo", "ppo")] + \
-        ["artifacts/evaluate/frontier.tsv"]
+    assert plots == [f"artifacts/{s.name}/curves" for s in REGISTRY if s.curves] + ["artifacts/evaluate/frontier.tsv"]
+    assert {"pretrain", "reward", "dpo", "ppo"} <= {s.name for s in REGISTRY if s.curves}
     deps = dvc["stages"]["dpo"]["deps"]
     assert {"src/alignpipe/stages/dpo.py", "src/alignpipe/lm/policy.py", "src/alignpipe/run/runner.py"} <= set(deps)
 
@@ -180,8 +180,11 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
 def test_compiled_pipeline_has_every_stage_with_gpus_only_on_gpu_tasks(tmp_path):
     out, rows = compile_cli(tmp_path)
     by_task = {r["task"]: r for r in rows}
-    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", "dpo", "grpo", "ppo-on/ppo",
-                            *(f"{b}/{s}" for b in ("ppo-on", "ppo-off") for s in ("evaluate", "export", "register"))}
+    (switch,) = SWITCHED  # one run-time switch (ppo): two branches, each with the evaluate -> register tail
+    trainers = {stage for stage, _ in CANDIDATES[1:] if stage != switch}
+    assert {"dpo", "grpo"} <= trainers and switch == "ppo"
+    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", *trainers, f"{switch}-on/{switch}",
+                            *(f"{switch}-{b}/{s}" for b in ("on", "off") for s in ("evaluate", "export", "register"))}
     for row in rows:
         gpu = row["stage"] in GPU_STAGES
         assert row["gpus"] == (1 if gpu else 0), row
@@ -533,10 +536,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     expected = [s for s in STAGES if run_ppo or s != "ppo"]
     assert sorted(t.name for t in run.tasks) == sorted(expected)
     out = {t.name: t.outputs for t in run.tasks}
-    main_output = {"data": "data", "validate": "validation", "pretrain": "policy", "label": "prefs",
-                   "reward": "reward_model", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo", "evaluate": "evaluation",
-                   "export": "export", "register": "registry"}
-    path = {name: str(out[name][main_output[name]]) for name in expected}
+    path = {name: str(out[name][OUTPUTS[name]]) for name in expected}
     folder = {name: Path(p).parent for name, p in path.items()}  # `evaluate-2` in the ppo-off branch
     human = imports.get("human_prefs")
     wiring = {
@@ -546,8 +546,8 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         "dpo": {"data": path["data"], "policy": path["pretrain"], "prefs": path["label"], "human_prefs": human},
         "ppo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
         "grpo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
-        "evaluate": {"data": path["data"], "policy": path["pretrain"], "dpo": path["dpo"], "ppo": path.get("ppo"),
-                     "grpo": path["grpo"], "reward_model": path["reward"], "prompts": None},
+        "evaluate": {"data": path["data"], **{output: path.get(stage) for stage, output in CANDIDATES},
+                     "reward_model": path["reward"], "prompts": None},
         "export": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "data": path["data"]},
         "register": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "export": path["export"]},
     }
