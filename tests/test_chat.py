@@ -96,7 +96,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
 def test_evaluate_and_register_gate_on_the_chat_task(chat, chat_rm, tmp_path):
     """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
     gate metric and direction, which register's gate reads."""
-    from alignpipe.core.candidates import read_report
+    from alignpipe.reports.candidates import read_report
     from alignpipe.stages import evaluate, register, reward
 
     rm = chat_rm
@@ -139,7 +139,7 @@ def test_committed_chat_pairs_are_tinys():
 
 
 @pytest.mark.slow
-def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, monkeypatch, capsys):
+def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_ppo_evaluate(tmp_path, monkeypatch, capsys):
     """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
     from pathlib import Path
 
@@ -158,14 +158,16 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, 
         ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
         ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
          f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
+        ["ppo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "ppo"),
+         f"--set=ppo.checkpoint_dir={tmp_path / 'pckpt'}"],
         ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--grpo", str(art / "grpo"),
-         "--reward-model", str(art / "reward"), "--ppo", "", "--out", str(art / "evaluate")],
+         "--reward-model", str(art / "reward"), "--ppo", str(art / "ppo"), "--out", str(art / "evaluate")],
     ]
     for argv in steps:
         code = main([*argv, "--params", params])
         assert code == 0, (argv, capsys.readouterr().err[-2000:])
     report = json.loads((art / "evaluate" / "report.json").read_text())
-    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "grpo"]
+    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "ppo", "grpo"]
     assert report["best_candidate"] in report["order"]
 
 
@@ -243,5 +245,5 @@ def test_label_on_chat_passes_the_datasets_pairs_and_adds_reward_model_labelled_
     for r in judged:  # the judge prefers the chosen answer: its own scores, recomputed
         sc, sr = reward_scores(judge, tok, [r["prompt"]] * 2, [r["chosen"][0]["content"], r["rejected"][0]["content"]])
         assert sc >= sr and r["chosen"][0]["role"] == "assistant"
-    with pytest.raises(ConfigError, match="label.judge"):
-        label.run(label.Config(judge="llm"), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "x")
+    with pytest.raises(ConfigError, match="label.judge"):  # a reward-model judge needs its model
+        label.run(label.Config(judge="reward_model"), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "x")
