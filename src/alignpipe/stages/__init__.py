@@ -29,6 +29,7 @@ STAGE_HELP = {
     "label": "RLAIF: sample completion pairs and let a judge label them",
     "reward": "train a reward model on preference pairs (TRL RewardTrainer)",
     "dpo": "direct preference optimisation against a frozen reference (TRL DPOTrainer)",
+    "orpo": "odds-ratio preference optimisation, no reference model (TRL ORPOTrainer)",
     "ppo": "PPO against the reward model with a KL penalty to the reference",
     "grpo": "GRPO (TRL GRPOTrainer) against a reward: the oracle, the reward model or your function",
     "evaluate": "compare every candidate policy on held-out prompts",
