@@ -9,7 +9,7 @@ import json
 import pytest
 
 import tiny
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 
 pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
 

@@ -127,7 +127,7 @@ def _stage_inputs(tmp_path, tiny_data):
 
 def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
@@ -155,7 +155,7 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
 
 
 def test_resume_without_a_checkpoint_fails_loudly(tmp_path, monkeypatch, tiny_data):
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     monkeypatch.chdir(tmp_path)
     cfg = dpo.Config(max_steps=1, batch_size=4, bf16=False, resume=True, n_eval_prompts=4)

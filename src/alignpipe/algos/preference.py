@@ -31,7 +31,7 @@ def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]
     with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
     from alignpipe.core.io import PREFS_FILE
     from alignpipe.core.tasks import is_messages
-    from alignpipe.core.validators import read_rows
+    from alignpipe.data.validators import read_rows
 
     path = Path(path)
     if path.is_dir():
