@@ -16,7 +16,7 @@ import tiny  # noqa: E402
 
 from alignpipe.algos import preference  # noqa: E402
 from alignpipe.core.errors import DataError  # noqa: E402
-from alignpipe.core.runner import execute  # noqa: E402
+from alignpipe.run.runner import execute  # noqa: E402
 from alignpipe.stages import orpo  # noqa: E402
 
 

@@ -47,7 +47,7 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task other than pep8 (alignpipe.core.runner.required_metrics).
+# What the stage reports for a task other than pep8 (alignpipe.run.runner.required_metrics).
 TASK_METRICS = {"chat": ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")}
 
 
