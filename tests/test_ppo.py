@@ -142,6 +142,7 @@ def _mean_reward(model, tok, meta, prompts, reward_fn):
     return sum(reward_fn(samples)) / len(samples)
 
 
+@pytest.mark.slow
 def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     from alignpipe.lm.policy import load_policy
 
@@ -162,6 +163,7 @@ def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     assert history[-1]["objective/kl"] > 0  # the policy moved away from the reference
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     from alignpipe.lm.policy import load_policy
 
@@ -197,6 +199,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     assert torch.allclose(head2.weight, head.weight, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
     from alignpipe.run.runner import execute

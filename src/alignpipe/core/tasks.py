@@ -61,6 +61,16 @@ class Task:
             ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
         return ids
 
+    def conversational(self) -> bool:
+        """Whether a prompt is TRL's conversational form (a list of role/content messages) rather than a string: it
+        is sampled through the chat template and its completion is one assistant turn."""
+        return self.prompt_form == "messages"
+
+    def has_oracle(self) -> bool:
+        """Whether an exact scorer judges completions (the `oracle` reward term, the oracle evaluation of a trained
+        policy); without one, an RL stage checks itself with its reward against the reference."""
+        return self.completion_end == "line"
+
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
