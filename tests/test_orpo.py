@@ -89,6 +89,7 @@ def _margin(model, tok, pairs):
     return out
 
 
+@pytest.mark.slow
 def test_training_raises_the_chosen_vs_rejected_margin_and_changes_the_weights(tmp_path):
     from alignpipe.lm.policy import load_policy
 
@@ -128,6 +129,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_plain_model(tmp_path):
     assert any(not torch.equal(v, initial[k]) for k, v in plain.state_dict().items())
 
 
+@pytest.mark.slow
 def test_orpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data, registered):
     from alignpipe.lm.policy import load_policy
 
@@ -164,6 +166,7 @@ def test_orpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data, regi
     assert not (tmp_path / "out3").exists()
 
 
+@pytest.mark.slow
 def test_orpo_trains_a_chat_model_through_its_chat_template(tmp_path, registered):
     from safetensors.torch import load_file
 
