@@ -84,7 +84,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
 def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
     """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
     gate metric and direction, which register's gate reads."""
-    from alignpipe.core.candidates import read_report
+    from alignpipe.reports.candidates import read_report
     from alignpipe.stages import evaluate, register, reward
 
     rm = tmp_path / "rm"

@@ -13,10 +13,11 @@ import tiny
 
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.tracking import policies, registry, runs
-from alignpipe.core.candidates import best_candidate
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.hashing import weights_sha256
 from alignpipe.core.io import write_json
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import BEST_FILE, best_candidate, write_best
 from alignpipe.stages import export
 
 PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self):", "y = 1", "print(os.name)"]
@@ -24,7 +25,7 @@ PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A conditional tiny policy named best candidate `dpo` by an evaluate report, a reward model, prompts."""
+    """A conditional tiny policy, copied to best/ as evaluate's best candidate `dpo`, a reward model, prompts."""
     root = tmp_path_factory.mktemp("export")
     tok = tiny.make_tokenizer()
     policy = tiny.make_policy(root / "dpo", conditional=True, tok=tok)
@@ -32,11 +33,11 @@ def sources(tmp_path_factory):
     (root / "data").mkdir()
     (root / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (root / "evaluate").mkdir()
-    write_json(root / "evaluate" / "report.json", {"best_candidate": "dpo", "candidates": {
-        "pretrain": {"path": str(root / "pretrain")}, "dpo": {"path": str(policy)}}})
-    inputs = {"evaluation": root / "evaluate", "policy": None, "dpo": None, "ppo": None, "reward_model": reward,
-              "data": root / "data"}
-    return {"root": root, "policy": policy, "reward": reward, "inputs": inputs, "tok": tok}
+    best = write_best({"best_candidate": "dpo", "candidates": {
+        "pretrain": {"path": str(root / "pretrain")},
+        "dpo": {"path": str(policy), "weights_sha256": weights_sha256(policy)}}}, root / "evaluate")
+    inputs = {"best": best, "reward_model": reward, "data": root / "data"}
+    return {"root": root, "policy": policy, "best": best, "reward": reward, "inputs": inputs, "tok": tok}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(expor
     assert m["greedy_match_frac"] == 1.0 and m["n_parity_prompts"] == 4
     assert m["ort_speedup_reward"] > 0 and m["ort_speedup_generate"] > 0
     report = json.loads((exported["out"] / "report.json").read_text())
-    assert report["candidate"] == "dpo" and report["policy_dir"] == str(sources["policy"])
+    assert report["candidate"] == "dpo" and report["policy_dir"] == str(sources["best"])
     assert report["prompt_format"] == "{prompt}<|aligned|>"  # the conditional policy's control suffix
     assert all(p["greedy_equal"] for p in report["parity"]["prompts"])
     assert json.loads((exported["out"] / "metrics.json").read_text()) == pytest.approx(m)
@@ -192,18 +193,18 @@ def test_greedy_divergence_is_named_in_the_error(sources):
         export._check_parity(1e-3, result, ref, tok)
 
 
-def test_policy_is_resolved_from_the_evaluate_report(sources, tmp_path):
-    inputs = dict(sources["inputs"])
-    assert best_candidate(inputs) == ("dpo", sources["policy"])
-    assert best_candidate({**inputs, "dpo": tmp_path}) == ("dpo", tmp_path)  # the input wins
-    assert best_candidate({**inputs, "evaluation": None, "policy": tmp_path}) == ("policy", tmp_path)
-    write_json(tmp_path / "report.json", {"best_candidate": "pretrain",
-                                          "candidates": {"pretrain": {"path": str(tmp_path / "gone")}}})
-    with pytest.raises(DataError, match="no --policy given"):
-        best_candidate({**inputs, "evaluation": tmp_path})
-    write_json(tmp_path / "report.json", {"best_candidate": "sft", "candidates": {}})
+def test_best_names_evaluates_candidate_with_its_weights_checked(sources, tmp_path):
+    name, report = best_candidate(sources["best"])
+    assert name == "dpo" and report["order"] == ["dpo"] and set(report["candidates"]) == {"dpo"}
+    assert best_candidate(sources["policy"]) == ("policy", None)  # a plain policy directory exports as itself
+    tampered = shutil.copytree(sources["best"], tmp_path / "best")
+    tiny.make_policy(tmp_path / "other", seed=7, tok=sources["tok"])
+    shutil.copy(tmp_path / "other" / "model.safetensors", tampered / "model.safetensors")
+    with pytest.raises(DataError, match="weights sha256 .* are not the ones evaluate measured for candidate 'dpo'"):
+        best_candidate(tampered)
+    write_json(tampered / BEST_FILE, {"best_candidate": "sft", "candidates": {}})
     with pytest.raises(DataError, match="best_candidate"):
-        best_candidate({**inputs, "evaluation": tmp_path})
+        best_candidate(tampered)
 
 
 def test_held_out_prompts_are_sampled_checked_or_fixed(sources, tmp_path):
