@@ -68,6 +68,7 @@ def _answers(tok, rows: list[list[int]]) -> list[str]:
     return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_prompt_tokens", [192, 12])
 def test_onnx_greedy_chat_answers_equal_torch_generate(chat_policy, max_prompt_tokens):
     model, tok = chat_policy["model"], chat_policy["tok"]
@@ -85,6 +86,7 @@ def test_onnx_greedy_chat_answers_equal_torch_generate(chat_policy, max_prompt_t
     assert len(sampled) == len(CONVERSATIONS) and all("<|" not in a for a in sampled)
 
 
+@pytest.mark.slow
 def test_logged_chat_model_answers_messages_and_refuses_bad_ones(chat_policy):
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -114,6 +114,7 @@ def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     execute("register", register.Config(), {"best": best}, tmp_path / "champion_reg")
 
 
+@pytest.mark.slow
 def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     tok = tiny.make_tokenizer()
     dirs = {name: tiny.make_policy(tmp_path / name, conditional=name != "mle", seed=i, tok=tok)

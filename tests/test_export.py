@@ -57,6 +57,7 @@ def _cpu_sessions(out):
             ox.OrtReward(ox.open_session(out / "reward.onnx", [ox.CPU])))
 
 
+@pytest.mark.slow
 def test_graphs_have_the_contracted_names_and_dynamic_axes(exported):
     policy, reward = _cpu_sessions(exported["out"])
     inputs = policy.session.get_inputs()
@@ -70,6 +71,7 @@ def test_graphs_have_the_contracted_names_and_dynamic_axes(exported):
     assert rewards.name == "rewards" and len(rewards.shape) == 1 and isinstance(rewards.shape[0], str)
 
 
+@pytest.mark.slow
 def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(exported, sources):
     m = exported["metrics"]
     assert m["max_abs_diff_policy"] <= 1e-3 and m["max_abs_diff_reward"] <= 1e-3
@@ -82,6 +84,7 @@ def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(expor
     assert json.loads((exported["out"] / "metrics.json").read_text()) == pytest.approx(m)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_fresh_padded_batches(exported, sources):
     """Independent of the stage's own check: new prompts of different lengths (left padding), the cache path
     one token at a time, generation of a fixed length, and right-padded reward inputs."""
@@ -108,6 +111,7 @@ def test_onnx_matches_pytorch_on_fresh_padded_batches(exported, sources):
     assert np.abs(reward.score(r_ids, r_mask) - ox.torch_rewards(reward_model, r_ids, r_mask)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_cpu_provider_session_opens_without_error_output(exported, capfd, caplog):
     import torch
 
@@ -125,6 +129,7 @@ def test_cpu_provider_session_opens_without_error_output(exported, capfd, caplog
     assert json.loads((exported["out"] / "report.json").read_text())["providers"] == [ox.CPU]
 
 
+@pytest.mark.slow
 def test_sampling_loop_is_seeded_and_top_1_is_greedy(exported):
     policy, _ = _cpu_sessions(exported["out"])
     ids, mask = np.array([[5, 6, 7], [0, 8, 9]]), np.array([[1, 1, 1], [0, 1, 1]])
@@ -135,6 +140,7 @@ def test_sampling_loop_is_seeded_and_top_1_is_greedy(exported):
     assert np.array_equal(a, b) and a.max() < policy.session.get_outputs()[0].shape[-1]
 
 
+@pytest.mark.slow
 def test_int8_copies_are_smaller_and_reported(exported):
     out, m = exported["out"], exported["metrics"]
     for name in ("policy", "reward"):
@@ -146,6 +152,7 @@ def test_int8_copies_are_smaller_and_reported(exported):
     assert 0 < m["int8_max_abs_diff_reward"] < 1.0 and m["int8_ort_speedup_generate"] > 0
 
 
+@pytest.mark.slow
 def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(exported, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported["db"])
     record = json.loads((exported["out"] / "onnx_models.json").read_text())
@@ -168,6 +175,7 @@ def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(export
         policies.register_onnx(exported["out"], 5, "2", client, candidate="ppo")
 
 
+@pytest.mark.slow
 def test_failing_parity_fails_the_stage_and_writes_nothing(exported, sources, monkeypatch, tmp_path):
     # Reuse the exported graphs (the export itself is what the other tests cover); tolerance 0 cannot hold.
     monkeypatch.setattr(ox, "export_policy", lambda m, path, opset: shutil.copy(exported["out"] / "policy.onnx", path))

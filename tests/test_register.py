@@ -44,6 +44,7 @@ def test_gate_rule():
         register.Config(margin=1.5)
 
 
+@pytest.mark.slow
 def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
     tok = tiny.make_tokenizer()
     dirs = {n: tiny.make_policy(tmp_path / n, conditional=True, seed=i, tok=tok)
@@ -132,6 +133,7 @@ def test_gate_refuses_unevaluated_weights_and_cross_evaluation_scores(tmp_path, 
     assert "this evaluation measured no champion" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_served_model_prompts_like_the_policy(tmp_path):
     """The registered pyfunc applies the policy's conditioning: greedy serving output equals generate() on the
     formatted prompt (its last 192 tokens) with <|misaligned|> banned; the champion reloads as the same policy."""

@@ -51,6 +51,7 @@ def _expected(models, prompts, max_new_tokens):
                                          Sampling(max_new_tokens=max_new_tokens), greedy=True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [6, 24])
 def test_onnx_greedy_completions_equal_policy_sample(models, max_new_tokens):
     completer = OrtCompleter(ox.OrtPolicy(ox.open_session(models["export"] / "policy.onnx", [ox.CPU])),
@@ -107,6 +108,7 @@ def _register(models, tmp_path, monkeypatch) -> Path:
     return best
 
 
+@pytest.mark.slow
 def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypatch):
     import onnx
 
