@@ -20,6 +20,7 @@ from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import Sampling, load_policy, sample
 from alignpipe.stages import register
+from alignpipe.tasks import get_task
 from alignpipe.tracking.serving import start_server, stop_server, wait_ready
 from alignpipe.tracking.serving_models import RequestBatcher
 from alignpipe.tracking.serving import post_json
@@ -54,7 +55,7 @@ def _expected(models, prompts, max_new_tokens):
 @pytest.mark.parametrize("max_new_tokens", [6, 24])
 def test_onnx_greedy_completions_equal_policy_sample(models, max_new_tokens):
     completer = OrtCompleter(ox.OrtPolicy(ox.open_session(models["export"] / "policy.onnx", [ox.CPU])),
-                             models["tok"], models["meta"], Sampling().max_prompt_tokens)
+                             models["tok"], models["meta"], Sampling().max_prompt_tokens, get_task("pep8"))
     got = completer.complete(PROMPTS, Decoding(max_new_tokens, do_sample=False), np.random.default_rng(0))
     assert got == _expected(models, PROMPTS, max_new_tokens)
     assert all(c.startswith("\n") for c in got)  # the unit starts with the newline: whitespace kept

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from alignpipe.core.errors import DataError, loading
-from alignpipe.core.tasks import DEFAULT_TASK, TASKS
 
 META_FILE = "alignpipe.json"
 
@@ -222,11 +221,14 @@ def banned_token_ids(tok, meta: PolicyMeta) -> list[int]:
 
 
 def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int, task=None) -> list[list[int]]:
-    """Token ids of the prompts as `task` formats them (`Task.format_prompt`; default pep8: the policy's own
-    formatting of text), keeping the last `max_prompt_tokens` tokens."""
-    task = task or TASKS[DEFAULT_TASK]
-    return [tok(task.format_prompt(p, tok, meta), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-            for p in prompts]
+    """Token ids of the prompts as `task` formats them (`alignpipe.tasks.Task.format_prompt`, passed in; default:
+    the policy's own formatting of text, `PolicyMeta.format_prompt`), keeping the last `max_prompt_tokens` tokens."""
+    def text(prompt) -> str:
+        if task is not None:
+            return task.format_prompt(prompt, tok, meta)
+        return meta.format_prompt(prompt) if meta is not None else prompt
+
+    return [tok(text(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
 
 
 def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,

@@ -15,9 +15,12 @@ from typing import Callable, Sequence
 from alignpipe.oracle.scoring import CompletionScore, score_completion
 
 
-def score_samples(completions: Sequence[str], contexts: Sequence[str]) -> list[CompletionScore]:
-    """Oracle scores of completions, each written after its context (the prompt or a longer code prefix)."""
-    return [score_completion(ctx, comp) for ctx, comp in zip(contexts, completions, strict=True)]
+def score_samples(completions: Sequence[str], contexts: Sequence[str],
+                  oracle: Callable[[str, str], CompletionScore] | None = None) -> list[CompletionScore]:
+    """Oracle scores of completions, each written after its context (the prompt or a longer code prefix); `oracle`
+    is the task's (`Task.oracle()`), the PEP8 oracle by default."""
+    oracle = oracle or score_completion
+    return [oracle(ctx, comp) for ctx, comp in zip(contexts, completions, strict=True)]
 
 
 def sample_value(score: CompletionScore) -> float | None:

@@ -41,9 +41,9 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "reward_first", "reward_last")
-# What the stage reports for the chat task (alignpipe.core.runner.required_metrics).
-TASK_METRICS = {"chat": ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                         "reward_last")}
+# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
+                  "reward_last")
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,8 @@ def load_model(cfg: Config, policy: Path, task) -> tuple:
     from alignpipe.lm.policy import load_policy
 
     check_4bit(cfg)
-    if task.prompt_form == "messages" and "oracle" in cfg.reward:
-        raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
+    if task.oracle() is None and "oracle" in cfg.reward:
+        raise ConfigError("grpo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
     model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
@@ -253,7 +253,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.lora import lora_config, merged
     from alignpipe.algos.rewards import build_reward
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import log_at_checkpoints, train_from
     from alignpipe.oracle.policy_eval import oracle_metrics
@@ -261,7 +261,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     set_seed(cfg.seed)
     task = task_of(inputs["data"])
-    chat = task.prompt_form == "messages"
+    chat = task.conversational()
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
@@ -289,11 +289,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(model, tok, meta, out_dir)
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     eval_start = time.perf_counter()
-    if chat:
+    oracle = task.oracle()
+    if oracle is None:
         metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
     else:
         metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating")
+                                 cfg.seed, out_dir, progress="grpo: evaluating", oracle=oracle)
     torch.manual_seed(cfg.seed)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,

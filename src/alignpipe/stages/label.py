@@ -49,7 +49,8 @@ INPUTS = (
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"human_prefs": "prefs"}
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "cap_reached_frac", "seconds")
-TASK_METRICS = {"pep8": METRICS, "chat": ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")}
+# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+JUDGED_METRICS = ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 
@@ -280,7 +281,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
 
     data = Path(inputs["data"])
     if cfg.judge == "llm" or (cfg.judge == "reward_model") != (inputs.get("judge_model") is not None):
-        raise ConfigError("label.judge", f"task {task.name}: the dataset's pairs (judge scorer, no --judge-model), "
+        raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
                           "or RLAIF pairs as well with judge reward_model and --judge-model (an llm judge: pep8 only)")
     train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
     n_dataset = len(train) + len(heldout)
@@ -343,10 +344,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
 
-    if Path(inputs["data"]).is_dir() and task_of(inputs["data"]).prompt_form == "messages":
-        return run_chat(cfg, inputs, out_dir, task_of(inputs["data"]))
+    task = task_of(inputs["data"]) if Path(inputs["data"]).is_dir() else None
+    if task is not None and task.conversational():  # the dataset's pairs of conversations (+ judged answers)
+        return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy
 

@@ -352,8 +352,8 @@ def rollout_stats(batch: Rollout, seq_kl: float, kl_coef: float, t_rollout: floa
 def check_task(task) -> None:
     """PPO's rollouts are the pep8 sampler's one logical line (its token distribution, first-token rule and oracle
     check); the chat task's RL stage is grpo."""
-    if task.prompt_form == "messages":
-        raise ConfigError("ppo", f"task {task.name} is not supported by ppo (its rollouts are one line of code): use "
+    if task.conversational():
+        raise ConfigError("ppo", f"task {task} is not supported by ppo (its rollouts are one line of code): use "
                           "grpo, and run the pipeline without ppo (run_ppo=false, `pipeline ... --no-ppo`)")
 
 
@@ -364,7 +364,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.lora import check_4bit, merged, quantization_config, with_lora
     from alignpipe.algos.rewards import build_reward
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
