@@ -16,6 +16,9 @@ import tiny  # noqa: E402
 
 from alignpipe.algos import ppo as algo  # noqa: E402
 from alignpipe.stages import ppo  # noqa: E402
+from alignpipe.tasks.pep8 import LogicalLine  # noqa: E402
+
+LINE = LogicalLine()  # the PEP8 task's completion unit: PPO's rollouts are one logical line
 
 
 def test_kl_shaped_rewards_match_the_formula():
@@ -94,7 +97,8 @@ def test_token_forward_matches_sequence_logprobs(tiny_policy):
     from alignpipe.lm.policy import Sampling, load_policy, newline_ids, sample, sequence_logprobs
 
     model, tok, meta = load_policy(tiny_policy)
-    samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3)
+    samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3,
+                     unit=LINE)
     prompt_ids = [s.prompt_ids for s in samples]
     actions = [s.completion_ids or [tok.eos_token_id] for s in samples]
     batch = algo.make_batch(prompt_ids, actions, tok.pad_token_id, "cpu")
@@ -138,7 +142,8 @@ def _emit_x_reward(token_id):
 def _mean_reward(model, tok, meta, prompts, reward_fn):
     from alignpipe.lm.policy import Sampling, sample
 
-    samples = sample(model, tok, meta, prompts, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6), seed=123)
+    samples = sample(model, tok, meta, prompts, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6), seed=123,
+                     unit=LINE)
     return sum(reward_fn(samples)) / len(samples)
 
 
@@ -151,7 +156,8 @@ def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     reward_fn = _emit_x_reward(tok.convert_tokens_to_ids("Ġ="))
     prompts = ["x = 1", "def f(a, b):", "import os", "y = [1, 2]", "class A:", "print(os.name)"] * 4
     before = _mean_reward(model, tok, meta, prompts, reward_fn)
-    _, state, history = ppo.train(_toy_cfg(tmp_path), model, tok, meta, ref, prompts, reward_fn, progress=None)
+    _, state, history = ppo.train(_toy_cfg(tmp_path), model, tok, meta, ref, prompts, reward_fn, progress=None,
+                                  unit=LINE)
     after = _mean_reward(model, tok, meta, prompts, reward_fn)
     assert state.iteration == 4 and len(history) == 4
     assert after > before + 0.15, (before, after)
@@ -176,20 +182,20 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     model, tok, meta, ref = fresh()
     meta = _few_token_meta(tok, meta, "Ġ=")
     reward_fn = _emit_x_reward(tok.convert_tokens_to_ids("Ġ="))
-    head, state, history = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None)
+    head, state, history = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None, unit=LINE)
     full = {k: v.clone() for k, v in model.state_dict().items()}
     assert [p.name for p in sorted((tmp_path / "ckpt").glob("iter-*"))] == ["iter-000002", "iter-000004"]
 
     shutil.rmtree(tmp_path / "ckpt" / "iter-000004")  # as if the run had died after iteration 2
     model, tok, _, ref = fresh()
     head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn,
-                                        resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
+                                        resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None, unit=LINE)
     # The history travels in the checkpoint: a resumed run reports the whole run's first/last reward and KL.
     assert len(history2) == 4 and state2.iteration == 4
     for key in ("env/reward_mean", "objective/kl"):
         assert [h[key] for h in history2] == pytest.approx([h[key] for h in history], abs=1e-5), key
     _, _, history3 = ppo.train(cfg, *fresh()[:2], meta, ref, prompts, reward_fn,  # resumed from the final one
-                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
+                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None, unit=LINE)
     assert [h["env/reward_mean"] for h in history3] == pytest.approx([h["env/reward_mean"] for h in history])
     assert state2.kl_coef == pytest.approx(state.kl_coef)
     for k, v in model.state_dict().items():

@@ -49,7 +49,8 @@ def models(tmp_path_factory):
 
 def _expected(models, prompts, max_new_tokens):
     return [s.completion for s in sample(models["model"], models["tok"], models["meta"], prompts,
-                                         Sampling(max_new_tokens=max_new_tokens), greedy=True)]
+                                         Sampling(max_new_tokens=max_new_tokens), greedy=True,
+                                         unit=get_task("pep8").completion_unit())]
 
 
 @pytest.mark.parametrize("max_new_tokens", [6, 24])

@@ -49,8 +49,8 @@ def offences(source: str, filename: str = "<snippet>") -> list[str]:
             found.append(f"{where}: reads the task's field {ast.unparse(node)} (call a method instead)")
         elif isinstance(node, ast.Name) and node.id == "TASKS":
             found.append(f"{where}: a per-task table TASKS")
-        elif isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value in TASK_NAMES
-                                                 for k in node.keys):
+        elif isinstance(node, ast.Dict) and any(
+                isinstance(k, ast.Constant) and k.value in TASK_NAMES for k in node.keys):
             found.append(f"{where}: a table keyed by task name")
     return found
 

@@ -16,10 +16,9 @@ from alignpipe.oracle.scoring import CompletionScore, score_completion
 
 
 def score_samples(completions: Sequence[str], contexts: Sequence[str],
-                  oracle: Callable[[str, str], CompletionScore] | None = None) -> list[CompletionScore]:
+                  oracle: Callable[[str, str], CompletionScore] = score_completion) -> list[CompletionScore]:
     """Oracle scores of completions, each written after its context (the prompt or a longer code prefix); `oracle`
-    is the task's (`Task.oracle()`), the PEP8 oracle by default."""
-    oracle = oracle or score_completion
+    is the task's (`Task.oracle()`; the PEP8 oracle by default)."""
     return [oracle(ctx, comp) for ctx, comp in zip(contexts, completions, strict=True)]
 
 

@@ -328,7 +328,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     eval_start = time.perf_counter()
     metrics = heldout if oracle is None else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
                                                             cfg.eval_batch_size, cfg.seed, out_dir,
-                                                            progress="dpo: evaluating", oracle=oracle)
+                                                            progress="dpo: evaluating", task=task)
     metrics.update(
         n_pairs=len(pairs),
         n_human_pairs=n_human,

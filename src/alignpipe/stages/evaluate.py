@@ -130,8 +130,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])
-    oracle = task.oracle()
-    if oracle is None:  # no oracle: the reward model and a judge score the candidates
+    if task.oracle() is None:  # no oracle: the reward model and a judge score the candidates
         return run_chat(cfg, inputs, out_dir, task)
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
@@ -148,8 +147,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         reward = load_reward_model(inputs["reward_model"])
 
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", oracle=oracle)
-    champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward, oracle) if cfg.compare_champion
+    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task)
+    champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward, task) if cfg.compare_champion
                                else (None, None))
 
     results: dict[str, dict[str, Any]] = {}
@@ -157,7 +156,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
         metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
-                                                  reward, progress=f"evaluate {name}", oracle=oracle)
+                                                  reward, progress=f"evaluate {name}", task=task)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
@@ -276,7 +275,7 @@ def chat_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, oracle):
+def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
     """(registry info with its oracle summary, Draw) of the registered champion, or (None, None) when there is
     none; its download is removed afterwards."""
     from alignpipe.lm.policy import load_policy
@@ -290,7 +289,7 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, oracle):
         if found is None:
             return None, None
         champion, champion_dir = found
-        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, oracle)
+        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     champion.update(summarize(got.scores, seed=cfg.seed))

@@ -149,12 +149,12 @@ def seeded_rollout(cfg: Config, tok, draw):
     return fn
 
 
-def rollout_func(cfg: Config, tok, meta):
-    """The rollout hook of the code task: our sampler (conditioning, banned tokens, one logical line)."""
+def rollout_func(cfg: Config, tok, meta, task):
+    """The rollout hook of a text task: our sampler (conditioning, banned tokens, the task's completion unit)."""
     from alignpipe.lm.policy import sample
 
     def draw(model, prompts, sampling, seed):
-        samples = sample(model, tok, meta, prompts, sampling, seed=seed)
+        samples = sample(model, tok, meta, prompts, sampling, seed=seed, unit=task.completion_unit())
         return [s.prompt_ids for s in samples], [s.completion_ids for s in samples], [s.completion for s in samples]
 
     return seeded_rollout(cfg, tok, draw)
@@ -273,7 +273,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta),
+        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta, task),
         peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)
@@ -294,7 +294,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
     else:
         metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating", oracle=oracle)
+                                 cfg.seed, out_dir, progress="grpo: evaluating", task=task)
     torch.manual_seed(cfg.seed)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,

@@ -133,16 +133,16 @@ class Rollout:
         return make_batch([self.prompt_ids[i] for i in idx], [self.action_ids[i] for i in idx], pad_id, device)
 
 
-def token_distribution(cfg: Config, tok, meta, autocast: bool) -> TokenDistribution:
-    """The distribution `alignpipe.lm.policy.sample` draws rollouts from (temperature, banned words, a first token
-    that starts a new line), so that PPO's log-probabilities are those of the sampled tokens."""
-    from alignpipe.lm.policy import banned_token_ids, newline_ids
+def token_distribution(cfg: Config, tok, meta, autocast: bool, unit) -> TokenDistribution:
+    """The distribution `alignpipe.lm.policy.sample` draws rollouts from (temperature, banned words, the first
+    tokens the task's completion `unit` allows), so that PPO's log-probabilities are those of the sampled tokens."""
+    from alignpipe.lm.policy import banned_token_ids
 
-    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), newline_ids(tok)[1], autocast)
+    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), unit.first_token_ids(tok) or None, autocast)
 
 
 def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[str], reward_fn: RewardFn,
-            seed: int, dist: TokenDistribution) -> Rollout:
+            seed: int, dist: TokenDistribution, unit) -> Rollout:
     """Sample one completion per prompt, score it, and record the old log-probabilities, reference log-probabilities
     and values."""
     import torch
@@ -153,10 +153,10 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[
                         batch_size=len(prompts), max_prompt_tokens=cfg.max_prompt_tokens)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dist.autocast):
-        samples = sample(model, tok, meta, prompts, sampling, seed=seed)
+        samples = sample(model, tok, meta, prompts, sampling, seed=seed, unit=unit)
     scores = torch.tensor(reward_fn(samples), dtype=torch.float32)
     prompt_ids = [s.prompt_ids for s in samples]
-    actions = [action_ids(s, tok, meta, cfg.max_new_tokens) for s in samples]
+    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, unit) for s in samples]
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "mask": []}
     with torch.no_grad():
         for start in range(0, len(samples), cfg.minibatch_size):
@@ -256,9 +256,11 @@ def check_kl(seq_kls, iteration: int, state: PPOState) -> float:
 
 
 def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_fn: RewardFn,
-          resume_from: Path | None = None, progress: str | None = "ppo") -> tuple[object, PPOState, list[dict]]:
-    """The PPO loop. Returns (value head, final state, per-iteration stats). Checkpoints every `save_every`
-    iterations and at the end into cfg.checkpoint_dir; `resume_from` restores one."""
+          resume_from: Path | None = None, progress: str | None = "ppo", *,
+          unit) -> tuple[object, PPOState, list[dict]]:
+    """The PPO loop, rollouts ending where the task's completion `unit` says. Returns (value head, final state,
+    per-iteration stats). Checkpoints every `save_every` iterations and at the end into cfg.checkpoint_dir;
+    `resume_from` restores one."""
     import random
 
     import torch
@@ -268,7 +270,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
     from alignpipe.tracking import runs
 
     torch.manual_seed(cfg.seed)
-    dist = token_distribution(cfg, tok, meta, autocast=cfg.bf16 and bf16_supported())
+    dist = token_distribution(cfg, tok, meta, cfg.bf16 and bf16_supported(), unit)
     model.eval()  # dropout off: the PPO ratio compares the same deterministic network before and after updates
     ref_model.eval().requires_grad_(False)
     value_head, optimizer, state = init_training(cfg, model, resume_from)
@@ -289,7 +291,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
         start = iteration * cfg.rollout_batch_size
         batch_prompts = [prompts[order[(start + i) % len(order)]] for i in range(cfg.rollout_batch_size)]
         batch = rollout(cfg, model, value_head, ref_model, tok, meta, batch_prompts, reward_fn,
-                        seed=cfg.seed * 1_000_003 + iteration, dist=dist)
+                        seed=cfg.seed * 1_000_003 + iteration, dist=dist, unit=unit)
         t_rollout = time.perf_counter() - t0
         # 2. advantages: KL-shaped rewards, GAE, whitening
         rewards, kl = kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, kl_ctl.value)
@@ -369,7 +371,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
     check_4bit(cfg)
-    check_task(task_of(inputs["data"]))
+    task = task_of(inputs["data"])
+    check_task(task)
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
                                    quantization_config=quantization_config(cfg))
@@ -397,7 +400,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         for old in checkpoint_dir.glob("iter-*"):
             shutil.rmtree(old)
     train_start = time.perf_counter()
-    value_head, state, history = train(cfg, model, tok, meta, reference[0], prompts, reward_fn, resume_from)
+    value_head, state, history = train(cfg, model, tok, meta, reference[0], prompts, reward_fn, resume_from,
+                                       unit=task.completion_unit())
     train_seconds = time.perf_counter() - train_start
 
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "ppo", "parent": str(inputs["policy"]),
@@ -408,7 +412,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
     eval_start = time.perf_counter()
     metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
-                             out_dir, progress="ppo: evaluating")
+                             out_dir, progress="ppo: evaluating", task=task)
     first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(
         reward_first=first.get("env/reward_mean", 0.0),

@@ -374,8 +374,7 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
     max_prompt = min(cfg.eval_max_prompt_tokens, lm.config.max_position_embeddings - cfg.eval_max_new_tokens)
     sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                         max_new_tokens=cfg.eval_max_new_tokens, max_prompt_tokens=max_prompt)
-    oracle = task.oracle()
-    if oracle is None:  # no oracle to score the answers: their samples and how they ended
+    if task.oracle() is None:  # no oracle to score the answers: their samples and how they ended
         metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
         save_policy(lm, tok, meta, out_dir)
         return metrics
@@ -383,7 +382,7 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
     device_type = next(lm.parameters()).device.type
     with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
         oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
-                                          progress="pretrain: sampling", oracle=oracle)
+                                          progress="pretrain: sampling", task=task)
     metrics.update(oracle)
     write_jsonl(out_dir / "samples.jsonl", (
         {"source": p.get("source", ""), "prompt": p["prompt"], "completion": c, "violations_per_char": v}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.lm.policy import CompletionUnit
 
 MANIFEST_FILE = "MANIFEST.json"
 DEFAULT_TASK = "pep8"
@@ -61,6 +62,11 @@ class Task(ABC):
         """Token ids that end a completion besides the task's own rule (`completion_done`): EOS."""
         return [tok.eos_token_id] if tok.eos_token_id is not None else []
 
+    def completion_unit(self) -> CompletionUnit:
+        """Where a completion of the policy sampler (`alignpipe.lm.policy.sample`) ends: at EOS by default."""
+        return CompletionUnit()
+
+    # The ONNX sampler's unit (`alignpipe.lm.ort_sampling`): the same ends as the task's torch sampler.
     def first_token_ids(self, tok) -> list[int]:
         """The tokens a completion may start with (empty: any)."""
         return []

@@ -7,8 +7,10 @@
   prompts (for label, dpo, ppo) from the train split. `data.dataset` builds from a preference dataset instead.
 - a prompt is a string of Python code; the policy sees it raw (or between the control tokens of conditional
   training, `PolicyMeta.format_prompt`);
-- a completion is one logical line (`alignpipe.lm.policy`'s unit: it starts on a new line and ends once the line is
-  finished, brackets closed);
+- a completion is one logical line (`LogicalLine`): a prompt is code that ends on a non-blank line (no trailing
+  newline); the completion starts with the newline and ends at the end of the first non-blank logical line
+  (brackets closed), or at `max_new_tokens`. The first sampled token is restricted to tokens that start a new line
+  (`\n...`): the unit is "the next line", and a barely trained model would otherwise continue the prompt's line;
 - the pycodestyle oracle scores it (`alignpipe.oracle.scoring.score_completion`: violations per character, lower is
   better); the gate is `violations_per_char`, lower; the guard compares the reward model's gain with the oracle's.
 """
@@ -17,23 +19,25 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import io
 import statistics
 import sys
 import sysconfig
+import tokenize
 from pathlib import Path
 from typing import Any, Iterator
 
 from alignpipe.core.errors import DataError
 from alignpipe.core.hashing import hash01
+from alignpipe.lm.policy import CompletionUnit, finish_completion, newline_ids
 from alignpipe.tasks.base import Task, split_of
-
 
 
 class Pep8(Task):
     """Python code, one logical line per completion, scored by the pycodestyle oracle."""
 
     def __init__(self):
-        self._line_ids: dict[int, tuple[Any, set[int]]] = {}
+        self.unit = LogicalLine()
 
     def conversational(self) -> bool:
         return False
@@ -46,25 +50,18 @@ class Pep8(Task):
         """The policy's own formatting of the code (`PolicyMeta.format_prompt`: control tokens), or the code."""
         return meta.format_prompt(prompt) if meta is not None else prompt
 
-    def first_token_ids(self, tok) -> list[int]:
-        """Tokens that start a new line: the unit is "the next line" (`alignpipe.lm.policy`)."""
-        from alignpipe.lm.policy import newline_ids
+    def completion_unit(self) -> CompletionUnit:
+        return self.unit
 
-        return newline_ids(tok)[1]
+    def first_token_ids(self, tok) -> list[int]:
+        return self.unit.first_token_ids(tok)
 
     def completion_done(self, tok, new_ids: list[int]) -> bool:
-        """The completion holds a finished logical line (checked when a token with a newline was drawn)."""
-        from alignpipe.lm.policy import line_complete, newline_ids
-
-        if id(tok) not in self._line_ids:  # the tokens holding a newline, once per tokenizer (kept alive with it)
-            self._line_ids[id(tok)] = (tok, newline_ids(tok)[0])
-        return new_ids[-1] in self._line_ids[id(tok)][1] and line_complete(tok.decode(new_ids, skip_special_tokens=True))
+        return self.unit.done(tok, new_ids)
 
     def finish_completion(self, tok, meta, new_ids: list[int]) -> str:
-        """`alignpipe.lm.policy.finish_completion`: up to the end of the line, whitespace kept."""
-        from alignpipe.lm.policy import finish_completion
-
-        return finish_completion(tok, meta, new_ids)[1]
+        """Up to the end of the line, whitespace kept (`alignpipe.lm.policy.finish_completion`)."""
+        return finish_completion(tok, meta, new_ids, self.unit)[1]
 
     def oracle(self):
         from alignpipe.oracle.scoring import score_completion
@@ -79,6 +76,98 @@ class Pep8(Task):
                 "guard_score": "oracle violations/char"}
 
 
+# ---------------------------------------------------------------------------------- the unit: one logical line
+
+class LogicalLine(CompletionUnit):
+    """A completion is the next logical line of code (module docstring)."""
+
+    def __init__(self):
+        self._line_ids: dict[int, tuple[Any, set[int]]] = {}
+
+    def line_ids(self, tok) -> set[int]:
+        """The tokens holding a newline, computed once per tokenizer (kept alive with it)."""
+        if id(tok) not in self._line_ids:
+            self._line_ids[id(tok)] = (tok, newline_ids(tok)[0])
+        return self._line_ids[id(tok)][1]
+
+    def first_token_ids(self, tok) -> list[int]:
+        """Tokens that start a new line."""
+        return newline_ids(tok)[1]
+
+    def stopping_criteria(self, tok, prompt_len: int) -> list:
+        """Stop each row once its completion holds a finished logical line (checked when a newline is produced)."""
+        import torch
+        from transformers import StoppingCriteria
+
+        line_ids = self.line_ids(tok)
+
+        class _LineDone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                if not any(int(x) in line_ids for x in input_ids[:, -1]):
+                    return done
+                for row in range(input_ids.shape[0]):
+                    if int(input_ids[row, -1]) in line_ids:
+                        text = tok.decode(input_ids[row, prompt_len:], skip_special_tokens=True)
+                        done[row] = line_complete(text)
+                return done
+
+        return [_LineDone()]
+
+    def done(self, tok, new_ids: list[int]) -> bool:
+        """The completion so far (its last token just drawn) holds a finished logical line: the ONNX sampler's
+        check, the stopping criterion's."""
+        return new_ids[-1] in self.line_ids(tok) and line_complete(tok.decode(new_ids, skip_special_tokens=True))
+
+    def cut(self, tok, meta, ids: list[int]) -> tuple[list[int], bool]:
+        """(the generated ids up to the token that finished the line, or EOS, excluded, without padding; whether
+        the row ended there: False when it ran out of tokens, i.e. reached `max_new_tokens`, mid-line)."""
+        out: list[int] = []
+        for i in ids:
+            if i == tok.eos_token_id or i == tok.pad_token_id:
+                return out, True
+            out.append(i)
+            if self.ended_by_unit(tok, meta, out):
+                return out, True
+        return out, False
+
+    def ended_by_unit(self, tok, meta, ids: list[int]) -> bool:
+        """Whether the last of `ids` finished the line."""
+        return bool(ids) and "\n" in tok.decode([ids[-1]]) and line_complete(
+            meta.clean(tok.decode(ids, skip_special_tokens=True)))
+
+    def trim(self, text: str) -> str:
+        return cut_completion(text)
+
+
+def line_complete(text: str) -> bool:
+    """True when `text` (a completion starting with a newline) holds a finished non-blank logical line
+    followed by a newline."""
+    lines = text.lstrip("\n").split("\n")
+    return any(_closed("\n".join(lines[:end])) for end in range(1, len(lines)) if "\n".join(lines[:end]).strip())
+
+
+def cut_completion(text: str) -> str:
+    """The completion up to the end of its first finished non-blank logical line (without the newline after)."""
+    lead = len(text) - len(text.lstrip("\n"))
+    lines = text[lead:].split("\n")
+    for end in range(1, len(lines) + 1):
+        candidate = "\n".join(lines[:end])
+        if candidate.strip() and _closed(candidate):
+            return text[:lead] + candidate
+    return text
+
+
+def _closed(code: str) -> bool:
+    """Whether the tokenizer sees no open bracket or string at the end of `code`."""
+    try:
+        for _ in tokenize.generate_tokens(io.StringIO(code.strip("\n").lstrip() + "\n").readline):
+            pass
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------- the corpus build
 
 # Config keys of a --dataset build, left out of the PEP8 corpus build's MANIFEST (it stays as it was before them).
@@ -87,6 +176,7 @@ DATASET_KEYS = ("task", "dataset", "split")
 EXCLUDED_PARTS = ("test", "tests", "idle_test", "site-packages", "_bundled", "__pycache__", "__phello__")
 # Generated files whose tables would dominate the violation counts (codec tables, pydoc topics, stringprep...).
 GENERATED_MARKERS = ("generated by", "automatically generated", "do not edit", "decoding_table = (")
+
 
 def stdlib_files(root: Path) -> Iterator[tuple[str, str]]:
     """(relative path, text) of the hand-written UTF-8 .py files under `root`, in sorted order."""
