@@ -24,7 +24,8 @@ from typing import ClassVar
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.hashing import hash01
 from alignpipe.core.errors import DataError
-from alignpipe.tasks.base import BUILTIN, DEFAULT_TASK, get_task, is_messages, split_of, write_manifest
+from alignpipe.core.io import is_messages
+from alignpipe.tasks.base import BUILTIN, DEFAULT_TASK, get_task, split_of, write_manifest
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)

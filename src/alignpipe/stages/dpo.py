@@ -120,7 +120,7 @@ def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]
     a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
     with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
     from alignpipe.core.io import PREFS_FILE
-    from alignpipe.tasks import is_messages
+    from alignpipe.core.io import is_messages
     from alignpipe.core.validators import read_rows
 
     path = Path(path)

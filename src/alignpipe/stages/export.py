@@ -244,7 +244,7 @@ def _compare(ref: _Reference, ort_policy, ort_reward) -> dict[str, Any]:
 def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list:
     """`n` prompts sampled with `seed` from `<data>/prompts.jsonl` (all when fewer), else the fixed prompts; a
     prompt is a string, or a list of messages (chat)."""
-    from alignpipe.tasks import is_messages
+    from alignpipe.core.io import is_messages
 
     path = data_dir / "prompts.jsonl" if data_dir is not None else None
     if path is None or not path.is_file():

@@ -220,7 +220,7 @@ def check_task(cfg: Config, task) -> None:
 def chat_rows(rows: list[dict], tok, path: Path) -> list[dict]:
     """Conversations as pretraining rows: the chat-templated text, every line scored 0 (MLE ignores scores)."""
     from alignpipe.core.errors import ConfigError
-    from alignpipe.tasks import check_messages
+    from alignpipe.core.io import check_messages
 
     if not getattr(tok, "chat_template", None):
         raise ConfigError("pretrain.init_model", "the chat task needs a tokenizer with a chat template")

@@ -151,14 +151,3 @@ def split_of(key: str, cfg) -> str:
     h = hash01(key, cfg.seed)
     return "test" if h < cfg.test_frac else "val" if h < cfg.test_frac + cfg.val_frac else "train"
 
-
-def is_messages(value: Any) -> bool:
-    """Whether `value` is TRL's conversational form: a non-empty list of {"role", "content"} dicts."""
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
-
-
-def check_messages(value: Any, where: str) -> None:
-    """A DataError unless `value` is a list of role/content messages."""
-    if not is_messages(value):
-        raise DataError(where, "expected a list of {'role', 'content'} messages (TRL's conversational form)")

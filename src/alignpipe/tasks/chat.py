@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from alignpipe.core.errors import ConfigError
-from alignpipe.tasks.base import Task, check_messages
+from alignpipe.core.io import check_messages
+from alignpipe.tasks.base import Task
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
