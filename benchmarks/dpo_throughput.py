@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     import trl
 
+    from alignpipe.algos import preference
     from alignpipe.core.config import build_config, load_params
     from alignpipe.lm.policy import load_policy
     from alignpipe.stages import dpo
@@ -96,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dpo.Config(**{**cfg.to_dict(), "max_steps": args.steps,
                         "batch_size": args.batch_size or cfg.batch_size})
     _, tok, meta = load_policy(args.policy)
-    pairs = dpo.read_pairs(args.prefs)
+    pairs = preference.read_pairs(args.prefs)
     random.Random(cfg.seed).shuffle(pairs)
-    pairs = dpo.format_pairs(pairs[:cfg.batch_size * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
+    pairs = preference.format_pairs(pairs[:cfg.batch_size * cfg.max_steps], tok, meta, cfg.max_prompt_tokens)
 
     results: dict[str, list[dict]] = {"trl_defaults": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -81,8 +81,8 @@ C=$WORK/ckpt
 R=$OUT/results.jsonl
 : > "$R"
 # Stages run in $WORK, so MLflow's default artifact root (./mlruns) and any stray output land there, not here.
-ALIGNPIPE_GIT_COMMIT=${ALIGNPIPE_GIT_COMMIT:-$("$PYTHON" -c 'from alignpipe.tracking import git_commit; print(git_commit())' 2>/dev/null || echo unknown)}
-ALIGNPIPE_DATA_VERSION=${ALIGNPIPE_DATA_VERSION:-$("$PYTHON" -c 'from alignpipe.tracking import data_version; print(data_version())' 2>/dev/null || echo unknown)}
+ALIGNPIPE_GIT_COMMIT=${ALIGNPIPE_GIT_COMMIT:-$("$PYTHON" -c 'from alignpipe.tracking.runs import git_commit; print(git_commit())' 2>/dev/null || echo unknown)}
+ALIGNPIPE_DATA_VERSION=${ALIGNPIPE_DATA_VERSION:-$("$PYTHON" -c 'from alignpipe.tracking.runs import data_version; print(data_version())' 2>/dev/null || echo unknown)}
 export ALIGNPIPE_GIT_COMMIT ALIGNPIPE_DATA_VERSION
 stage() { (cd "$WORK" && "$PYTHON" "$ROOT/benchmarks/gpu_check.py" run "$R" -- "$@"); }
 

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from alignpipe.tracking.serving import start_server, stop_server, wait_ready
+from alignpipe.serving.server import start_server, stop_server, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, also when tests import this
 from machine import cpu_name  # noqa: E402

@@ -18,7 +18,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.stages import export, pretrain, register
 
 

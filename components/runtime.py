@@ -2,7 +2,7 @@
 
 A component hands over its stage name, its config dict (a params.yaml section), its KFP input artifacts and its
 main output artifact; `run_stage` sets the environment, builds the stage's frozen Config and calls the same
-`alignpipe.core.runner.execute` as the CLI and DVC, then copies the metrics into the `Output[Metrics]` artifact.
+`alignpipe.run.runner.execute` as the CLI and DVC, then copies the metrics into the `Output[Metrics]` artifact.
 With a `launcher` (e.g. `torchrun --nproc_per_node 4 -m alignpipe`, set by the pipeline when a stage asks for
 several GPUs) the stage runs as `<launcher> <stage> --params ... --<input> ... --out ...` instead: the CLI path.
 """
@@ -37,7 +37,7 @@ def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metric
     if launcher:
         result = launch(list(launcher), stage, config, paths, out.path, input_limits)
     else:
-        from alignpipe.core.runner import execute, input_limits as limits_of
+        from alignpipe.run.runner import execute, input_limits as limits_of
 
         result = execute(stage, cfg_cls.from_dict(config), paths, out.path,
                          limits_of({"validate": restore_ints(load_stage("validate").Config, input_limits or {})}))

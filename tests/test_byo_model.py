@@ -13,7 +13,7 @@ import tiny
 import torch
 
 from alignpipe.core.errors import ConfigError, DataError
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.stages import dpo, evaluate, export, grpo, ppo, reward
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 import tiny
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 
 pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
 
@@ -52,6 +52,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     import torch
     from safetensors.torch import load_file
 
+    from alignpipe.algos import preference
     from alignpipe.stages import dpo
 
     cfg = dpo.Config(max_steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=3, bf16=False,
@@ -68,7 +69,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     from alignpipe.lm.policy import load_policy
 
     model, tok, _ = load_policy(chat["llama"])
-    pair = dpo.read_pairs(chat["data"], messages=True)[0]
+    pair = preference.read_pairs(chat["data"], messages=True)[0]
     trainer = dpo.make_trainer(cfg, model, load_policy(chat["llama"])[0], tok, [pair], tmp_path / "t")
     row = trainer.train_dataset[0]
     full = tok.apply_chat_template(pair["prompt"] + pair["chosen"], tokenize=False)

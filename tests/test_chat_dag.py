@@ -20,7 +20,7 @@ TASKS = ("data", "validate", "pretrain", "label", "reward", "dpo", "grpo", "eval
 
 def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(tmp_path, monkeypatch):
     from alignpipe.tracking import runs
-    from alignpipe.tracking.serving import post_json, served
+    from alignpipe.serving.server import post_json, served
 
     llama = tiny.make_chat_llama(tmp_path / "llama", end_logit=2.0)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tiny
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import PolicyMeta, load_policy
@@ -88,7 +88,7 @@ def test_logged_chat_model_answers_messages_and_refuses_bad_ones(chat_policy):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from alignpipe.tracking.serving_models import log_policy_model
+    from alignpipe.serving.models import log_policy_model
 
     with mlflow.start_run():
         info = log_policy_model(chat_policy["onnx"], chat_policy["llama"],
@@ -134,7 +134,7 @@ def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.stages import register
     from alignpipe.tracking import runs
-    from alignpipe.tracking.serving import post_json, served
+    from alignpipe.serving.server import post_json, served
 
     reward_dir = tiny.make_reward(tmp_path / "reward", tok=tiny.make_chat_tokenizer())
     export = tmp_path / "export"

@@ -41,7 +41,7 @@ def test_bad_user_corpus_is_one_line_exit_1(tmp_path, capsys):
     code = main(["data", "build", "--out", str(tmp_path / "d"), "--corpus", str(corpus)])
     err = capsys.readouterr().err.strip()
     assert code == 1
-    # the validators every entry runs (alignpipe.core.validators): one line per failed check, then the error line
+    # the validators every entry runs (alignpipe.data.validators): one line per failed check, then the error line
     fails = [line for line in err.splitlines() if line.startswith("validate: FAIL ")]
     assert len(fails) == 1 and f"{corpus}: expect_lines_to_be_json" in fails[0] and "Traceback" not in err
     assert err.splitlines()[-1].endswith(f"{corpus}: 1 of 4 expectations failed (listed above)")

@@ -180,7 +180,7 @@ def test_serving_image_of_the_tiny_runs_champion_answers_prompts_and_rejects_mal
     (`make image-serve`) and run as a container; 20 prompts (concurrent requests) get the same greedy answers as
     the registered model loaded here, and malformed requests get a 4xx."""
     from alignpipe.tracking import runs
-    from alignpipe.tracking.serving import post_json, wait_ready
+    from alignpipe.serving.server import post_json, wait_ready
 
     store = SCRATCH / "kfp" / "mlflow.db"
     assert store.is_file(), f"needs the registry of the tiny DAG's run ({store}): run the DAG test first"

@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 
 import tiny  # noqa: E402
 
-from alignpipe.core.errors import DataError  # noqa: E402
+from alignpipe.algos import preference  # noqa: E402
 from alignpipe.algos.dpo import trl_config  # noqa: E402
+from alignpipe.core.errors import DataError  # noqa: E402
 from alignpipe.stages import dpo  # noqa: E402
 
 
@@ -28,14 +29,14 @@ def test_read_pairs_checks_rows_and_flattens_conversational(tmp_path):
     good = {"prompt": "def f(a):", "chosen": "\n    return a", "rejected": "\n    return(a)"}
     conv = {"prompt": [{"role": "user", "content": "x = 1"}], "chosen": [{"role": "assistant", "content": "\ny = 2"}],
             "rejected": [{"role": "assistant", "content": "\ny=2"}]}
-    pairs = dpo.read_pairs(_write(tmp_path / "p.jsonl", [good, conv]))
+    pairs = preference.read_pairs(_write(tmp_path / "p.jsonl", [good, conv]))
     assert pairs[1] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
     bad_rows = [({**good, "prompt": "def f(a):\n"}, "ends on whitespace"),
                 ({**good, "rejected": good["chosen"]}, "identical"),
                 ({"prompt": "x", "chosen": "\ny"}, "'rejected'")]
     for row, message in bad_rows:
         with pytest.raises(DataError, match=message) as err:
-            dpo.read_pairs(_write(tmp_path / "bad.jsonl", [good, row]))
+            preference.read_pairs(_write(tmp_path / "bad.jsonl", [good, row]))
         assert err.value.where.endswith("bad.jsonl:2")
 
 
@@ -44,14 +45,14 @@ def test_prompt_is_a_token_prefix_of_prompt_plus_completion(tmp_path):
 
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     model, tok, meta = load_policy(policy)
-    pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=8))
-    formatted = dpo.format_pairs(pairs, tok, meta, max_prompt_tokens=192)
+    pairs = preference.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=8))
+    formatted = preference.format_pairs(pairs, tok, meta, max_prompt_tokens=192)
     assert formatted[0]["prompt"] == pairs[0]["prompt"] + "<|aligned|>"
-    assert dpo.boundary_mismatches(formatted, tok) == 0
-    plain = dpo.format_pairs(pairs, tok, PolicyMeta(), max_prompt_tokens=192)  # MLE policy: no control token
-    assert dpo.boundary_mismatches(plain, tok) == 0
+    assert preference.boundary_mismatches(formatted, tok) == 0
+    plain = preference.format_pairs(pairs, tok, PolicyMeta(), max_prompt_tokens=192)  # MLE policy: no control token
+    assert preference.boundary_mismatches(plain, tok) == 0
     trailing_space = [{"prompt": "x =", "chosen": " 1", "rejected": " 2"}]  # the control case: ids merge
-    assert dpo.boundary_mismatches([{**p, "prompt": p["prompt"] + " ", "chosen": p["chosen"][1:],
+    assert preference.boundary_mismatches([{**p, "prompt": p["prompt"] + " ", "chosen": p["chosen"][1:],
                                      "rejected": p["rejected"][1:]} for p in trailing_space], tok) == 1
 
     # TRL tokenizes the prompt exactly as sampling does (so DPO trains under the sampling conditioning) and does
@@ -76,7 +77,7 @@ def test_format_pairs_keeps_the_last_prompt_tokens(tmp_path):
 
     _, tok, meta = load_policy(tiny.make_policy(tmp_path / "policy", conditional=True))
     prompt = "\n".join(f"x{i} = {i}" for i in range(40))
-    formatted = dpo.format_pairs([{"prompt": prompt, "chosen": "\ny = 1", "rejected": "\ny=1"}], tok, meta, 16)
+    formatted = preference.format_pairs([{"prompt": prompt, "chosen": "\ny = 1", "rejected": "\ny=1"}], tok, meta, 16)
     assert tok(formatted[0]["prompt"])["input_ids"] == encode_prompts(tok, meta, [prompt], 16)[0]
 
 
@@ -99,12 +100,12 @@ def test_each_loss_type_raises_the_chosen_vs_rejected_margin(loss_type, tmp_path
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     model, tok, meta = load_policy(policy)
     ref, _, _ = load_policy(policy)
-    pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))
+    pairs = preference.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))
     before = _margin(model, tok, meta, pairs)
     cfg = dpo.Config(loss_type=loss_type, beta=0.1, label_smoothing=0.1 if loss_type == "robust" else 0.0,
                      learning_rate=2e-3, warmup_steps=0, batch_size=8, max_steps=6, bf16=False, logging_steps=1,
                      save_steps=100)
-    trainer = dpo.make_trainer(cfg, model, ref, tok, dpo.format_pairs(pairs, tok, meta, 192), tmp_path / "ckpt")
+    trainer = dpo.make_trainer(cfg, model, ref, tok, preference.format_pairs(pairs, tok, meta, 192), tmp_path / "ckpt")
     trainer.train()
     after = _margin(trainer.model.eval(), tok, meta, pairs)
     assert after > before + 1.0, (loss_type, before, after)
@@ -126,7 +127,7 @@ def _stage_inputs(tmp_path, tiny_data):
 
 def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
@@ -154,7 +155,7 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
 
 
 def test_resume_without_a_checkpoint_fails_loudly(tmp_path, monkeypatch, tiny_data):
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     monkeypatch.chdir(tmp_path)
     cfg = dpo.Config(max_steps=1, batch_size=4, bf16=False, resume=True, n_eval_prompts=4)
@@ -182,13 +183,13 @@ def test_sft_weight_adds_the_chosen_nll_rpo(tmp_path):
     assert list(trl_config(dpo.Config(), tmp_path / "args").loss_type) == ["sigmoid"]
 
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
-    pairs = dpo.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))
+    pairs = preference.read_pairs(tiny.make_prefs(tmp_path / "prefs.jsonl", n=16))
     chosen_logp = {}
     for weight in (0.0, 1.0):
         model, tok, meta = load_policy(policy)
         ref, _, _ = load_policy(policy)
         trainer = dpo.make_trainer(dpo.Config(**{**cfg.to_dict(), "sft_weight": weight}), model, ref, tok,
-                                   dpo.format_pairs(pairs, tok, meta, 192), tmp_path / f"ckpt-{weight}")
+                                   preference.format_pairs(pairs, tok, meta, 192), tmp_path / f"ckpt-{weight}")
         trainer.train()
         prompt_ids = encode_prompts(tok, meta, [p["prompt"] for p in pairs], 192)
         chosen = [tok(p["chosen"], add_special_tokens=False)["input_ids"] for p in pairs]

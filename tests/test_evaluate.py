@@ -103,7 +103,7 @@ def test_extra_candidates_are_checked():
 def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     """Register `policy_dir` as alignpipe-policy@champion through the register stage (a one-candidate report)."""
     from alignpipe.core.hashing import weights_sha256
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
     from alignpipe.stages import register
 
     ev = tmp_path / "champion_eval"
@@ -125,7 +125,7 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
                                ["def add(a, b):", "x = [1, 2,", "import os", "class A:", "for i in range(3):"]))
     cfg = evaluate.Config(n_prompts=0, max_new_tokens=8, batch_size=8, ppl_max_chars=1500,
                           extra_candidates=[f"mle={dirs['mle']}"])
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     out = tmp_path / "evaluate"
     metrics = execute("evaluate", cfg, {"data": tiny_data, "policy": dirs["pretrain"], "dpo": dirs["dpo"],

@@ -16,7 +16,7 @@ from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.candidates import best_candidate
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import write_json
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.stages import export
 
 PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self):", "y = 1", "print(os.name)"]

@@ -49,7 +49,7 @@ def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progr
 
 
 def _run_label(tiny, out, **kw):
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     inputs = {"data": tiny["data"], "policy": tiny["policy"], **kw.pop("inputs", {})}
     cfg = label.Config(**{"n_prompts": 16, "k": 3, "max_new_tokens": 12, "heldout_frac": 0.25, **kw})

@@ -139,7 +139,7 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
     assert plots == [f"artifacts/{n}/curves" for n in ("pretrain", "reward", "dpo", "ppo")] + \
         ["artifacts/evaluate/frontier.tsv"]
     deps = dvc["stages"]["dpo"]["deps"]
-    assert {"src/alignpipe/stages/dpo.py", "src/alignpipe/lm/policy.py", "src/alignpipe/core/runner.py"} <= set(deps)
+    assert {"src/alignpipe/stages/dpo.py", "src/alignpipe/lm/policy.py", "src/alignpipe/run/runner.py"} <= set(deps)
 
 
 # ------------------------------------------------------------------------------------------- compile
@@ -279,7 +279,7 @@ def test_torchrun_command_line():
 
 def test_launched_stage_gives_the_same_outputs_as_in_process(tmp_path):
     """The launcher path (here `python -m alignpipe`, torchrun on GPU nodes) runs the same stage as in process."""
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     config = {"source_dir": str(EMAIL), "test_frac": 0.3, "val_frac": 0.1, "n_prompts": 8}
     cfg = load_stage("data").Config.from_dict(config)

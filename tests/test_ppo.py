@@ -205,7 +205,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
 
 def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     monkeypatch.chdir(tmp_path)
     tok = tiny.make_tokenizer()

@@ -11,7 +11,7 @@ import pytest
 import tiny
 from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.hashing import weights_sha256
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.stages import register
 
 

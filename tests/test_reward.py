@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per mo
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny reward model trained by the stage (through the runner) on separable pairs."""
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     root = tmp_path_factory.mktemp("reward")
     (root / "label").mkdir()
@@ -96,7 +96,7 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
 
 
 def test_lora_resume_and_drop_count(tmp_path):
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
     from transformers import AutoModelForSequenceClassification
 
     prefs = make_prefs(tmp_path / "prefs.jsonl", n=20)
@@ -123,7 +123,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_and_matches_an_uninterrupte
     """A kill during a save leaves the newest checkpoint truncated or without trainer_state.json: --resume says so
     in one line, resumes from the one before and ends where an uninterrupted run ends (train_loss included, with
     checkpoints that do not fall on logging steps)."""
-    from alignpipe.core.runner import execute
+    from alignpipe.run.runner import execute
 
     prefs = make_prefs(tmp_path / "prefs.jsonl", n=40)
     policy = make_policy(tmp_path / "policy")

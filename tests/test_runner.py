@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from alignpipe.core import runner
+from alignpipe.run import runner
 from alignpipe.tracking import registry, runs
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError

@@ -18,7 +18,7 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from alignpipe.core import runner
+from alignpipe.run import runner
 from alignpipe.cli import trainjob as scaleout
 from alignpipe.tracking import runs
 from alignpipe.core import distributed

@@ -16,9 +16,9 @@ import pytest
 
 import tiny
 from alignpipe.core.hashing import weights_sha256
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.stages import register
-from alignpipe.tracking.serving import post_json, start_server, stop_server, wait_ready
+from alignpipe.serving.server import post_json, start_server, stop_server, wait_ready
 
 BIN = Path(sys.executable).parent
 MLFLOW = str(BIN / "mlflow")

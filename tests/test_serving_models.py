@@ -15,15 +15,14 @@ import pytest
 from alignpipe.core.hashing import weights_sha256
 
 import tiny
-from alignpipe.core.runner import execute
+from alignpipe.run.runner import execute
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import Sampling, load_policy, sample
 from alignpipe.stages import register
+from alignpipe.serving.models import RequestBatcher
+from alignpipe.serving.server import post_json, start_server, stop_server, wait_ready
 from alignpipe.tasks import get_task
-from alignpipe.tracking.serving import start_server, stop_server, wait_ready
-from alignpipe.tracking.serving_models import RequestBatcher
-from alignpipe.tracking.serving import post_json
 
 PROMPTS = ["def add(a, b):", "for i in range(3):", "x = [1, 2,", "class A:\n    def g(self):", "import os",
            "if x:\n    y = 1", "while True:", "    return None"]

@@ -194,9 +194,9 @@ def test_help_lists_inputs_and_config(capsys):
 
 
 def test_validators_library_checks_a_file_without_the_stage(capsys):
-    """Other stages call `alignpipe.core.validators` directly: same checks, the limits passed in, no Data Docs."""
+    """Other stages call `alignpipe.data.validators` directly: same checks, the limits passed in, no Data Docs."""
     from alignpipe.core.errors import DataError
-    from alignpipe.core.validators import Limits, validate_files
+    from alignpipe.data.validators import Limits, validate_files
 
     good = DATA / "good" / "prefs.jsonl"
     (entry,) = validate_files([(good, "prefs")], Limits())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from alignpipe.core.runner import CURVES_DIR, HEADLINE_FILE
+from alignpipe.run.runner import CURVES_DIR, HEADLINE_FILE
 from alignpipe.stages import STAGE_NAMES, load_stage
 
 PACKAGE = "alignpipe"
@@ -91,7 +91,7 @@ def stage_entry(name: str) -> dict:
     return {
         "cmd": f"alignpipe {name} {args} --out {out}".replace("  ", " "),
         "deps": [*dict.fromkeys([*(spec.default for spec in inputs), *GATES.get(name, [])]),
-                 *sorted(set(code_deps(f"{PACKAGE}.stages.{name}")) | set(code_deps(f"{PACKAGE}.core.runner")))],
+                 *sorted(set(code_deps(f"{PACKAGE}.stages.{name}")) | set(code_deps(f"{PACKAGE}.run.runner")))],
         "params": [name],
         "outs": [out],
     }

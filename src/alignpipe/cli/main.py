@@ -1,4 +1,4 @@
-"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.core.runner.execute`), plus `data build`,
+"""`alignpipe`: one subcommand per stage (a thin adapter over `alignpipe.run.runner.execute`), plus `data build`,
 `config show`, `pipeline compile|run|submit|dvc-yaml|trainjob` and `serve kserve-manifest`."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    from alignpipe.core.runner import execute, input_limits
+    from alignpipe.run.runner import execute, input_limits
 
     known = config_classes()
     params = apply_overrides(load_params(args.params), args.sets, known)

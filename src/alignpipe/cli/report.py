@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from alignpipe.core.runner import HEADLINE_FILE
+from alignpipe.run.runner import HEADLINE_FILE
 from alignpipe.stages import STAGE_NAMES
 from alignpipe.tracking.runs import redact, tracking_uri
 

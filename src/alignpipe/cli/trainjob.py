@@ -9,7 +9,7 @@ node runs the image pinned in components/image.py with
 the torch-distributed runtime hands torchrun the node count, node rank and master address (PET_* variables); the
 PyTorchJob passes the operator's MASTER_ADDR/RANK/WORLD_SIZE to torchrun explicitly. Inputs, outputs and
 checkpoints live on one ReadWriteMany volume mounted at /workspace on every node, laid out like the DVC repo
-(`data/`, `artifacts/<stage>/`); rank 0 alone writes the outputs and the MLflow run (alignpipe.core.runner).
+(`data/`, `artifacts/<stage>/`); rank 0 alone writes the outputs and the MLflow run (alignpipe.run.runner).
 
 `add_trainjob_parser(actions)` adds the `trainjob` command to `alignpipe pipeline`.
 """

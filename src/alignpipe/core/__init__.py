@@ -1,1 +1,2 @@
-"""Core: typed configs, errors, JSON/JSONL io, the one run path (runner), distributed-launch helpers."""
+"""Core, the ground floor: typed configs, errors, JSON/JSONL io, output folders, hashing, distributed-launch helpers.
+It imports nothing above it (tests/test_layers.py)."""

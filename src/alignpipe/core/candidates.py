@@ -1,7 +1,7 @@
 """Candidates: the policies evaluate compares, and how a later stage (export, register) finds one of them again.
 
 evaluate's report.json names every candidate with its metrics and the directory it was read from, and the best
-one on `GATE_METRIC`. A later stage takes the directory from its own input of that candidate when given (paths in
+one on the task's gate. A later stage takes the directory from its own input of that candidate when given (paths in
 a KFP run differ from the ones evaluate recorded), else the recorded path.
 """
 
@@ -13,7 +13,6 @@ from typing import Any
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import read_json
 
-GATE_METRIC = "violations_per_char"  # lower is better: picks evaluate's best candidate and gates register
 REPORT_FILE = "report.json"
 # Candidate names in evaluate's report -> the stage input that carries that candidate's directory.
 CANDIDATE_INPUTS = {"pretrain": "policy", "dpo": "dpo", "ppo": "ppo", "grpo": "grpo"}

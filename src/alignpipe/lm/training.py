@@ -178,6 +178,30 @@ def trainer_checkpoint(directory: str | Path, stage: str) -> str | None:
     return str(found) if found is not None else None
 
 
+def clear_checkpoints(checkpoint_dir: str | Path) -> None:
+    """Remove the Trainer's `checkpoint-N` folders (a fresh run must not resume or mix with an old one)."""
+    for path in Path(checkpoint_dir).glob("checkpoint-*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def resume_checkpoint(cfg, checkpoint_dir: Path) -> str | None:
+    """The Trainer checkpoint a stage with `cfg.resume` continues from (an error naming `<stage>.resume` when there
+    is none); a fresh run clears the old ones (rank 0 alone: the other ranks never read a fresh run's checkpoints)."""
+    from alignpipe.core import distributed
+
+    stage = cfg.section()
+    if cfg.resume:
+        found = trainer_checkpoint(checkpoint_dir, stage)
+        if found is None:
+            raise DataError(str(checkpoint_dir), f"{stage}.resume is set but there is no checkpoint-N folder to "
+                                                 "resume from")
+        return found
+    if distributed.is_main_process():
+        clear_checkpoints(checkpoint_dir)
+    return None
+
+
 def train_from(trainer, checkpoint: str | None):
     """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint of the last step (a run killed
     during its evaluation or publishing): there a resumed Trainer whose epoch is not finished trains one step past

@@ -4,7 +4,7 @@
 - `INPUTS`: the input paths it reads, as `Input`s (their defaults match dvc.yaml);
 - `METRICS`: the metric keys it must write (../shared/METRICS.md);
 - `run(cfg, inputs, out_dir) -> dict[str, float]`: the stage's whole logic; writes its outputs into `out_dir`
-  and returns its metrics. `alignpipe.core.runner.execute` wraps it with tracking, metrics.json and atomic output.
+  and returns its metrics. `alignpipe.run.runner.execute` wraps it with tracking, metrics.json and atomic output.
 """
 
 from __future__ import annotations

@@ -29,11 +29,10 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -49,7 +48,7 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
 JUDGED_METRICS = ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
@@ -106,76 +105,6 @@ class Config(StageConfig, LoraFields):
         self.check_lora()
 
 
-# ----------------------------------------------------------------------------------------------- preference pairs
-
-def _flatten(value: Any) -> Any:
-    """Text of a TRL conversational field (a list of {"role", "content"} messages); other values unchanged."""
-    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
-        return "".join(m["content"] for m in value)
-    return value
-
-
-def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]:
-    """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
-    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
-    with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
-    from alignpipe.core.io import PREFS_FILE
-    from alignpipe.core.io import is_messages
-    from alignpipe.core.validators import read_rows
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / PREFS_FILE
-    out = []
-    for line, row in zip(*read_rows(path)[:2]):  # line numbers as in the file (blank lines counted)
-        where = f"{path}:{line}"
-        if messages:
-            pair = {k: row.get(k) for k in ("prompt", "chosen", "rejected")}
-            bad = next((k for k, v in pair.items() if not is_messages(v)), None)
-            if bad is not None:
-                raise DataError(where, f"field {bad!r} must be a list of role/content messages (task chat)")
-            if pair["chosen"] == pair["rejected"]:
-                raise DataError(where, "chosen and rejected are identical")
-            out.append(pair)
-            continue
-        pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
-        for key, value in pair.items():
-            if not isinstance(value, str) or (key != "prompt" and not value.strip()):
-                raise DataError(where, f"field {key!r} must be a non-empty string (or TRL conversational messages)")
-        if pair["prompt"] != pair["prompt"].rstrip():
-            raise DataError(where, "the prompt ends on whitespace; prompts end on code and completions start with "
-                                   "the newline (otherwise the tokenized prompt is not a prefix of prompt+completion)")
-        if pair["chosen"] == pair["rejected"]:
-            raise DataError(where, "chosen and rejected are identical")
-        out.append(pair)
-    return out
-
-
-def format_pairs(pairs: list[dict[str, str]], tok, meta, max_prompt_tokens: int) -> list[dict[str, str]]:
-    """Pairs with the prompt as the policy sees it at sampling: `meta.format_prompt`, its last `max_prompt_tokens`
-    tokens (as `alignpipe.lm.policy.encode_prompts`)."""
-    out = []
-    for pair in pairs:
-        text = meta.format_prompt(pair["prompt"])
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            text = tok.decode(ids[-max_prompt_tokens:], skip_special_tokens=False)
-        out.append({**pair, "prompt": text})
-    return out
-
-
-def boundary_mismatches(pairs: list[dict[str, str]], tok) -> int:
-    """Pairs whose tokenized prompt is not a prefix of the tokenized prompt + completion (TRL's warning case)."""
-    n = 0
-    for pair in pairs:
-        prompt = tok(pair["prompt"])["input_ids"]
-        for key in ("chosen", "rejected"):
-            if tok(pair["prompt"] + pair[key])["input_ids"][:len(prompt)] != prompt:
-                n += 1
-                break
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------- training
 
 def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]], output_dir: str | Path,
@@ -185,6 +114,7 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
 
     from alignpipe.algos.dpo import trl_config
     from alignpipe.algos.lora import lora_config
+    from alignpipe.algos.preference import pairs_dataset
 
     dataset = pairs_dataset(pairs, tok)
     args = trl_config(cfg, output_dir)  # under torchrun this joins the process group
@@ -192,20 +122,6 @@ def make_trainer(cfg: Config, model, ref_model, tok, pairs: list[dict[str, str]]
         dataset = shared_dataset(dataset, args, Path(output_dir) / "pairs")
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok,
                       callbacks=callbacks, peft_config=lora_config(cfg, model))
-
-
-def pairs_dataset(pairs: list[dict[str, Any]], tok):
-    """The pairs as a `datasets.Dataset` with a `length` column (tokens of the longer of prompt+chosen and
-    prompt+rejected; messages rendered by the chat template as TRL renders them) for length-grouped batches."""
-    from datasets import Dataset
-
-    def tokens(p, k):
-        if isinstance(p["prompt"], list):
-            return tok.apply_chat_template(p["prompt"] + p[k], tokenize=True, return_dict=True)["input_ids"]
-        return tok(p["prompt"] + p[k])["input_ids"]
-
-    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
-                               "length": max(len(tokens(p, k)) for k in ("chosen", "rejected"))} for p in pairs])
 
 
 def shared_dataset(dataset, args, path: Path):
@@ -222,71 +138,29 @@ def shared_dataset(dataset, args, path: Path):
     return load_from_disk(str(path))
 
 
-def clear_checkpoints(checkpoint_dir: str | Path) -> None:
-    """Remove the Trainer's `checkpoint-N` folders (a fresh run must not resume or mix with an old one)."""
-    for path in Path(checkpoint_dir).glob("checkpoint-*"):
-        if path.is_dir():
-            shutil.rmtree(path)
-
-
-def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
-    """TRL's evaluation of the DPO implicit reward beta * log(pi / pi_ref) on the data's held-out pairs: accuracy
-    (chosen above rejected), mean margin and loss (the chat task's check: it has no oracle to sample against)."""
-    from alignpipe.core.io import HELDOUT_FILE
-
-    rows = read_pairs(Path(data_dir) / HELDOUT_FILE, messages=True)
-    trainer.evaluate(eval_dataset=pairs_dataset(rows, trainer.processing_class))
-    out = trainer.state.log_history[-1]  # TRL adds its reward metrics to the logged entry, as eval_*
-    return {"heldout_reward_accuracy": float(out["eval_rewards/accuracies"]),
-            "heldout_reward_margin": float(out["eval_rewards/margins"]), "heldout_loss": float(out["eval_loss"]),
-            "n_heldout_pairs": len(rows)}
-
-
 # --------------------------------------------------------------------------------------------------------- run
 
 def load_models(cfg: Config, policy: Path, task) -> tuple[tuple, tuple]:
-    """(model, tok, meta) of the policy to train and the frozen reference, an explicit copy from the saved
-    directory; checks 4-bit support, the chat template a messages task needs and the policy's positions."""
-    from alignpipe.algos.lora import check_4bit, quantization_config
+    """(model, tok, meta) of the policy to train (`alignpipe.algos.preference.load_trainee`: its checks) and of the
+    frozen reference, an explicit copy from the saved directory."""
+    from alignpipe.algos.preference import load_trainee
     from alignpipe.lm.policy import load_policy
 
-    check_4bit(cfg)
-    model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
-    task.check_tokenizer(tok, "data.task")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
-        raise ConfigError("dpo.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be <= the "
-                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_completion_tokens}")
-    return (model, tok, meta), load_policy(policy, cfg.trust_remote_code)
-
-
-def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
-    """The checkpoint `resume` continues from (an error when there is none); a fresh run clears old ones."""
-    from alignpipe.core import distributed
-    from alignpipe.lm.training import trainer_checkpoint
-
-    if cfg.resume:
-        found = trainer_checkpoint(checkpoint_dir, "dpo")
-        if found is None:
-            raise DataError(str(checkpoint_dir), "dpo.resume is set but there is no checkpoint-N folder to resume from")
-        return found
-    if distributed.is_main_process():  # rank 0 alone: the other ranks never read a fresh run's checkpoints
-        clear_checkpoints(checkpoint_dir)
-    return None
+    return load_trainee(cfg, policy, task), load_policy(policy, cfg.trust_remote_code)
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with DPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it with the oracle."""
-    import random
     import time
 
     import torch
 
     from alignpipe.algos.lora import merged
+    from alignpipe.algos.preference import heldout_reward_metrics, training_pairs
     from alignpipe.core import distributed
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from
+    from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
     from alignpipe.oracle.policy_eval import oracle_metrics
     from alignpipe.tracking import runs
 
@@ -294,16 +168,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     task = task_of(inputs["data"])
     chat = task.conversational()  # pairs of messages: TRL applies the chat template itself
     (model, tok, meta), reference = load_models(cfg, inputs["policy"], task)
-    pairs = read_pairs(inputs["prefs"], messages=chat)
-    n_human = 0
-    if inputs.get("human_prefs") is not None:
-        human = read_pairs(inputs["human_prefs"], messages=chat)
-        n_human = len(human)
-        pairs += human
-    random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
-    budget = cfg.batch_size * distributed.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
-    pairs = pairs[:budget] if chat else format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
-    mismatches = 0 if chat else boundary_mismatches(pairs, tok)  # TRL renders messages itself
+    pairs, n_human, mismatches = training_pairs(cfg, inputs, tok, meta, chat)
 
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume_from = resume_checkpoint(cfg, checkpoint_dir)

@@ -342,48 +342,26 @@ def _quantized_report(cfg: Config, out_dir: Path, providers: list[str], ref: _Re
             "files": {f"{n}.int8.onnx": (out_dir / f"{n}.int8.onnx").stat().st_size for n in ("policy", "reward")}}
 
 
-def _signature(mlflow, session):
-    """An MLflow tensor signature from the graph, -1 on every dynamic axis."""
-    from alignpipe.lm.onnx_runtime import io_signature
-
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-    def schema(specs):
-        return mlflow.types.Schema([
-            mlflow.types.TensorSpec(np.dtype(dtypes[s["type"]]), tuple(-1 if d is None else d for d in s["shape"]),
-                                    s["name"]) for s in specs])
-
-    sig = io_signature(session)
-    return mlflow.models.ModelSignature(inputs=schema(sig["inputs"]), outputs=schema(sig["outputs"]))
-
-
 def _log_onnx_models(out_dir: Path, models: dict[str, tuple[str, str]], providers: list[str],
                      policy_meta: dict[str, str], reward_meta: dict[str, str]) -> dict[str, Any]:
     """Log each ONNX file to the active MLflow run with the onnx flavor; outside a run (a direct call of `run`)
     nothing is logged and the model URIs are null, as `runs.log_metrics` does."""
-    import onnx
-    import onnxruntime as ort
-
     from alignpipe.lm import onnx_runtime as ox
+    from alignpipe.tracking.policies import log_onnx_model
 
-    mlflow = runs.mlflow_module()
-    active = mlflow.active_run()
-    out: dict[str, Any] = {"run_id": active.info.run_id if active else None, "models": {}}
+    run_id = runs.active_run_id()
+    out: dict[str, Any] = {"run_id": run_id, "models": {}}
     for key, (filename, precision) in models.items():
         path = out_dir / filename
         is_policy = key.startswith("policy")
         entry = {"file": filename, "precision": precision, "sha256": _sha256(path), "artifact_path": f"{key}_onnx",
                  "model_uri": None, "model_id": None}
-        if active is not None:
+        if run_id is not None:
             tokenizer_dir = out_dir / ("policy_tokenizer" if is_policy else "reward_tokenizer")
-            info = mlflow.onnx.log_model(
-                onnx.load(str(path)), name=entry["artifact_path"],
-                signature=_signature(mlflow, ox.open_session(path, [ox.CPU])),
-                pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
-                onnx_execution_providers=providers, onnx_session_options={"graph_optimization_level": 99},
+            entry.update(log_onnx_model(
+                path, entry["artifact_path"], ox.io_signature(ox.open_session(path, [ox.CPU])), providers,
                 metadata={**(policy_meta if is_policy else reward_meta), "precision": precision},
-                save_as_external_data=False, extra_files=[str(p) for p in sorted(tokenizer_dir.iterdir())])
-            entry.update(model_uri=info.model_uri, model_id=info.model_id)
+                extra_files=[str(p) for p in sorted(tokenizer_dir.iterdir())]))
         out["models"][key] = entry
     return out
 

@@ -41,7 +41,7 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "reward_first", "reward_last")
-# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
 JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
                   "reward_last")
 

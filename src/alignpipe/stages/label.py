@@ -49,7 +49,7 @@ INPUTS = (
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"human_prefs": "prefs"}
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "cap_reached_frac", "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
 JUDGED_METRICS = ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")

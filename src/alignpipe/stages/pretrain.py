@@ -26,7 +26,7 @@ from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
 METRICS = ("heldout_loss", "violations_per_char", "zero_violation_frac", "tokens_per_s", "train_tokens", "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.core.runner.required_metrics).
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
 JUDGED_METRICS = ("heldout_loss", "ended_frac", "tokens_per_s", "train_tokens", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("heldout_loss", "violations_per_char", "zero_violation_frac", "seconds")

@@ -295,7 +295,7 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
     from alignpipe.core.errors import DataError
     from alignpipe.tracking import registry
     from alignpipe.tracking.policies import register_onnx
-    from alignpipe.tracking.serving_models import log_policy_model, log_reward_model
+    from alignpipe.serving.models import log_policy_model, log_reward_model
 
     if reward_version is None or reward_dir is None:
         raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model")

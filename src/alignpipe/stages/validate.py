@@ -1,7 +1,7 @@
 """Check the corpus and preference JSONL files with Great Expectations before anything trains on them.
 
 The checks (structure, a GX schema suite and a GX content suite per file; standard and conversational preference
-forms) are `alignpipe.core.validators`, the same functions label, reward and dpo run on their inputs; this stage
+forms) are `alignpipe.data.validators`, the same functions label, reward and dpo run on their inputs; this stage
 picks the files from its inputs and runs them with its limits. Outputs: `report.json` (every expectation of every
 file), `report.html` (the same as one self-contained page), Data Docs (`data_docs/index.html`) and metrics.json.
 Any failure raises DataError, so nothing is published (the runner keeps report.json and report.html in
@@ -19,7 +19,7 @@ from typing import ClassVar
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import check_readable_file, write_json
-from alignpipe.core.validators import Limits, Validator, check_files, corpus_files, raise_on_failures
+from alignpipe.data.validators import Limits, Validator, check_files, corpus_files, raise_on_failures
 from alignpipe.reports.validation_page import write_validation_page
 from alignpipe.stages import Input
 

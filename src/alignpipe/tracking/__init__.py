@@ -1,1 +1,1 @@
-"""MLflow: stage runs (runs), the model registry (registry), a local model server (serving)."""
+"""MLflow: stage runs (runs), the model registry (registry), policies and ONNX exports in it (policies)."""

@@ -1,5 +1,6 @@
-"""Policies in the MLflow registry: a registered policy back as a policy directory (the champion that evaluate
-compares against), and the ONNX exports of a policy and reward model registered next to their PyTorch versions.
+"""Policies in MLflow: a registered policy back as a policy directory (the champion that evaluate compares
+against), and the ONNX exports of a policy and reward model, logged to the export run and registered next to their
+PyTorch versions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import read_json
 from alignpipe.tracking import registry
+from alignpipe.tracking.runs import mlflow_module
 
 POLICY_ONNX_NAME = "alignpipe-policy-onnx"
 REWARD_ONNX_NAME = "alignpipe-reward-onnx"
@@ -51,6 +53,32 @@ def policy_dir_from_mlflow_model(model_dir: str | Path, out_dir: str | Path) -> 
     return out_dir
 
 
+def log_onnx_model(path: Path, name: str, io: dict[str, list[dict]], providers: list[str], *,
+                   metadata: dict[str, str], extra_files: list[str]) -> dict[str, str]:
+    """Log the ONNX graph at `path` to the active run with MLflow's onnx flavor as `name`: a tensor signature from
+    `io` (`alignpipe.lm.onnx_runtime.io_signature`'s inputs and outputs; -1 on every dynamic axis), served with
+    onnxruntime's `providers` and every graph optimisation. Returns {"model_uri", "model_id"} of the logged model."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    mlflow = mlflow_module()
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+    def schema(specs):
+        return mlflow.types.Schema([
+            mlflow.types.TensorSpec(np.dtype(dtypes[s["type"]]), tuple(-1 if d is None else d for d in s["shape"]),
+                                    s["name"]) for s in specs])
+
+    info = mlflow.onnx.log_model(
+        onnx.load(str(path)), name=name,
+        signature=mlflow.models.ModelSignature(inputs=schema(io["inputs"]), outputs=schema(io["outputs"])),
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
+        onnx_execution_providers=providers, onnx_session_options={"graph_optimization_level": 99},
+        metadata=metadata, save_as_external_data=False, extra_files=extra_files)
+    return {"model_uri": info.model_uri, "model_id": info.model_id}
+
+
 def register_onnx(export_dir: str | Path, policy_version: str | int, reward_version: str | int, client, *,
                   policy_name: str = "alignpipe-policy", reward_name: str = "alignpipe-reward",
                   precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None,
@@ -61,7 +89,7 @@ def register_onnx(export_dir: str | Path, policy_version: str | int, reward_vers
     `export_dir` holds the export stage's `onnx_models.json`; `client` is an MlflowClient
     (`alignpipe.tracking.registry.client()`); `candidate`, when given, must be the candidate that was exported (so
     a policy version is never linked to another candidate's graph); `serving`, when given, maps "policy" and
-    "reward" to the ModelInfo of the pyfunc serving models (`alignpipe.tracking.serving_models`) that wrap these
+    "reward" to the ModelInfo of the pyfunc serving models (`alignpipe.serving.models`) that wrap these
     graphs: the versions then point at those (what `mlflow models serve` runs) instead of the bare ONNX models.
     Returns {registered name: ModelVersion}.
     """
@@ -94,7 +122,7 @@ def register_onnx(export_dir: str | Path, policy_version: str | int, reward_vers
         info = (serving or {}).get(key.split("_")[0])
         if info is not None:
             source, run_id, model_id = info.model_uri, info.run_id, info.model_id
-            tags["alignpipe.serving"] = "pyfunc: onnxruntime, batched (alignpipe.tracking.serving_models)"
+            tags["alignpipe.serving"] = "pyfunc: onnxruntime, batched (alignpipe.serving.models)"
         versions[onnx_name] = client.create_model_version(onnx_name, source=source, run_id=run_id, tags=tags,
                                                           model_id=model_id)
     return versions

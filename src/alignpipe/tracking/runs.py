@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: stage runs (with serving/, the only code that imports mlflow; tests/test_layers.py).
 
 Each stage invocation is one MLflow run named after the stage, with the config as params, the metrics, small
 artifacts (reports, plots, JSON) and tags for the git commit and the data version (the md5 in `data.dvc`).
@@ -60,6 +60,12 @@ def has_credentials(uri: str) -> bool:
 def mlflow_module():
     """The mlflow module, pointed at the configured store (model flavors, registry)."""
     return _mlflow()
+
+
+def active_run_id() -> str | None:
+    """The id of MLflow's active run (a stage run, or one a caller started), None outside any."""
+    active = _mlflow().active_run()
+    return active.info.run_id if active else None
 
 
 def _mlflow():

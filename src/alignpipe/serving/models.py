@@ -161,7 +161,7 @@ def _conversation(messages) -> list[dict[str, str]]:
     non-blank string contents, turns alternating user/assistant after an optional system turn, ending on a user."""
     import re
 
-    from alignpipe.core.validators import PROMPT_TURNS, ROLES, TURN_RULES, roles_of
+    from alignpipe.data.validators import PROMPT_TURNS, ROLES, TURN_RULES, roles_of
 
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     roles = roles_of(conversation)

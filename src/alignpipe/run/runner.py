@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe.tracking import runs
 from alignpipe.core import distributed
 from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
-from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
-from alignpipe.core.validators import Limits, check_inputs
+from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
+from alignpipe.data.validators import Limits, check_inputs
 from alignpipe.stages import load_stage
+from alignpipe.tracking import runs
 
 METRICS_FILE = "metrics.json"  # every metric: the contract other stages, KFP and MLflow read (docs/METRICS.md)
 HEADLINE_FILE = "metrics_headline.json"  # the stage's HEADLINE metrics: what `dvc metrics show` lists

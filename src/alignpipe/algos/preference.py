@@ -1,0 +1,188 @@
+"""Preference pairs for TRL's pair trainers (the dpo and orpo stages): reading and checking the pairs, formatting
+their prompts as the policy is sampled with, the seeded training subset, the trainee policy, the Trainer arguments
+the stages share, and TRL's check of the implicit reward on held-out pairs (the chat task's).
+
+Prompts are formatted with the policy's `PolicyMeta` (conditional training: `prompt<|aligned|>`) and keep the same
+last `max_prompt_tokens` tokens as sampling. A prompt ends on a non-blank character or a control token and a
+completion starts with a newline, so the tokenized prompt is a prefix of the tokenized prompt + completion
+(`boundary_mismatches` counts the exceptions). Pairs in TRL's conversational form are flattened to text for the
+pep8 task (a code model without a chat template); the chat task keeps them as messages, which the trainer renders
+through the policy tokenizer's chat template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignpipe.core.errors import ConfigError, DataError
+
+
+def _flatten(value: Any) -> Any:
+    """Text of a TRL conversational field (a list of {"role", "content"} messages); other values unchanged."""
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return "".join(m["content"] for m in value)
+    return value
+
+
+def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]:
+    """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
+    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
+    with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
+    from alignpipe.core.io import PREFS_FILE
+    from alignpipe.core.io import is_messages
+    from alignpipe.data.validators import read_rows
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREFS_FILE
+    out = []
+    for line, row in zip(*read_rows(path)[:2]):  # line numbers as in the file (blank lines counted)
+        where = f"{path}:{line}"
+        if messages:
+            pair = {k: row.get(k) for k in ("prompt", "chosen", "rejected")}
+            bad = next((k for k, v in pair.items() if not is_messages(v)), None)
+            if bad is not None:
+                raise DataError(where, f"field {bad!r} must be a list of role/content messages (task chat)")
+            if pair["chosen"] == pair["rejected"]:
+                raise DataError(where, "chosen and rejected are identical")
+            out.append(pair)
+            continue
+        pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
+        for key, value in pair.items():
+            if not isinstance(value, str) or (key != "prompt" and not value.strip()):
+                raise DataError(where, f"field {key!r} must be a non-empty string (or TRL conversational messages)")
+        if pair["prompt"] != pair["prompt"].rstrip():
+            raise DataError(where, "the prompt ends on whitespace; prompts end on code and completions start with "
+                                   "the newline (otherwise the tokenized prompt is not a prefix of prompt+completion)")
+        if pair["chosen"] == pair["rejected"]:
+            raise DataError(where, "chosen and rejected are identical")
+        out.append(pair)
+    return out
+
+
+def format_pairs(pairs: list[dict[str, str]], tok, meta, max_prompt_tokens: int) -> list[dict[str, str]]:
+    """Pairs with the prompt as the policy sees it at sampling: `meta.format_prompt`, its last `max_prompt_tokens`
+    tokens (as `alignpipe.lm.policy.encode_prompts`)."""
+    out = []
+    for pair in pairs:
+        text = meta.format_prompt(pair["prompt"])
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            text = tok.decode(ids[-max_prompt_tokens:], skip_special_tokens=False)
+        out.append({**pair, "prompt": text})
+    return out
+
+
+def boundary_mismatches(pairs: list[dict[str, str]], tok) -> int:
+    """Pairs whose tokenized prompt is not a prefix of the tokenized prompt + completion (TRL's warning case)."""
+    n = 0
+    for pair in pairs:
+        prompt = tok(pair["prompt"])["input_ids"]
+        for key in ("chosen", "rejected"):
+            if tok(pair["prompt"] + pair[key])["input_ids"][:len(prompt)] != prompt:
+                n += 1
+                break
+    return n
+
+
+def training_pairs(cfg, inputs: dict[str, Path | None], tok, meta, chat: bool) -> tuple[list[dict], int, int]:
+    """(pairs, human pairs among them, prompt boundary mismatches): the label stage's pairs plus the optional human
+    ones, shuffled with `cfg.seed`, cut to the budget (`batch_size` pairs per process and step, `max_steps` steps)
+    and, for a text task, formatted as the policy is sampled with. `cfg` is a dpo or orpo stage config."""
+    import random
+
+    from alignpipe.core import distributed
+
+    pairs = read_pairs(inputs["prefs"], messages=chat)
+    n_human = 0
+    if inputs.get("human_prefs") is not None:
+        human = read_pairs(inputs["human_prefs"], messages=chat)
+        n_human = len(human)
+        pairs += human
+    random.Random(cfg.seed).shuffle(pairs)  # a seeded subset when the budget covers less than one epoch
+    budget = cfg.batch_size * distributed.world_size() * cfg.max_steps  # torchrun: batch_size pairs per process
+    pairs = pairs[:budget] if chat else format_pairs(pairs[:budget], tok, meta, cfg.max_prompt_tokens)
+    mismatches = 0 if chat else boundary_mismatches(pairs, tok)  # TRL renders messages itself
+    return pairs, n_human, mismatches
+
+
+def pairs_dataset(pairs: list[dict[str, Any]], tok):
+    """The pairs as a `datasets.Dataset` with a `length` column (tokens of the longer of prompt+chosen and
+    prompt+rejected; messages rendered by the chat template as TRL renders them) for length-grouped batches."""
+    from datasets import Dataset
+
+    def tokens(p, k):
+        if isinstance(p["prompt"], list):
+            return tok.apply_chat_template(p["prompt"] + p[k], tokenize=True, return_dict=True)["input_ids"]
+        return tok(p["prompt"] + p[k])["input_ids"]
+
+    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"],
+                               "length": max(len(tokens(p, k)) for k in ("chosen", "rejected"))} for p in pairs])
+
+
+def load_trainee(cfg, policy: Path, task) -> tuple:
+    """(model, tok, meta) of the policy to train; checks 4-bit support, the chat template a messages task needs and
+    that prompt + completion fit the policy's positions. `cfg` is a pair-trainer stage config (LoRA fields too)."""
+    from alignpipe.algos.lora import check_4bit, quantization_config
+    from alignpipe.lm.policy import load_policy
+
+    check_4bit(cfg)
+    model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
+    task.check_tokenizer(tok, "data.task")  # the task (alignpipe.tasks.Task) is passed in
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
+        total = cfg.max_prompt_tokens + cfg.max_completion_tokens
+        raise ConfigError(f"{cfg.section()}.max_prompt_tokens", f"max_prompt_tokens + max_completion_tokens must be "
+                          f"<= the policy's {positions} positions, got {total}")
+    return model, tok, meta
+
+
+def trainer_args(cfg, output_dir: str | Path) -> dict[str, Any]:
+    """The TrainingArguments the pair trainers share (TRL's DPOConfig, ORPOConfig): linear warmup then decay, the
+    step budget, max_length = prompt + completion tokens, no gradient checkpointing (a small model has memory to
+    spare; recomputing the forward costs ~30%), bf16 only when asked and supported, length-grouped batches, the
+    seed, logging and Trainer checkpoints. `cfg` is a dpo or orpo stage config."""
+    import torch
+
+    from alignpipe.lm.models import bf16_supported
+
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        max_steps=cfg.max_steps,
+        max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens,
+        activation_checkpointing=False,
+        bf16=cfg.bf16 and bf16_supported(),
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=not cfg.group_by_length,  # the sampler reads the `length` column
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        disable_tqdm=False,
+        dataset_num_proc=None,
+    )
+
+
+def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
+    """TRL's evaluation of the trainer's implicit reward (DPO: beta * log(pi / pi_ref); ORPO: beta * the mean token
+    log-probability) on the data's held-out pairs: accuracy (chosen above rejected), mean margin and loss (the chat
+    task's check: it has no oracle to sample against)."""
+    from alignpipe.core.io import HELDOUT_FILE
+
+    rows = read_pairs(Path(data_dir) / HELDOUT_FILE, messages=True)
+    trainer.evaluate(eval_dataset=pairs_dataset(rows, trainer.processing_class))
+    out = trainer.state.log_history[-1]  # TRL adds its reward metrics to the logged entry, as eval_*
+    return {"heldout_reward_accuracy": float(out["eval_rewards/accuracies"]),
+            "heldout_reward_margin": float(out["eval_rewards/margins"]), "heldout_loss": float(out["eval_loss"]),
+            "n_heldout_pairs": len(rows)}

@@ -1,0 +1,1 @@
+"""The one run path (`runner.execute`) that the CLI, DVC and KFP share: above the stages, below the command line."""
