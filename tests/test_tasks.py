@@ -10,10 +10,10 @@ import pytest
 
 from alignpipe.core.errors import ConfigError
 from alignpipe.tasks import get_task, load_task
-from alignpipe.tasks.base import BUILTIN
+from alignpipe.tasks.base import builtin_tasks
 
 STAGES = Path(__file__).resolve().parents[1] / "src" / "alignpipe" / "stages"
-TASK_NAMES = set(BUILTIN)
+TASK_NAMES = set(builtin_tasks())
 # Names a stage binds a task object to (task_of / get_task results and parameters).
 TASK_VARS = {"task"}
 

@@ -25,7 +25,7 @@ from alignpipe.core.config import StageConfig, field
 from alignpipe.core.hashing import hash01
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import is_messages
-from alignpipe.tasks.base import BUILTIN, DEFAULT_TASK, get_task, split_of, write_manifest
+from alignpipe.tasks.base import DEFAULT_TASK, builtin_tasks, get_task, split_of, write_manifest
 from alignpipe.stages import Input
 
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
@@ -56,7 +56,7 @@ class Config(StageConfig):
     n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
     n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
     seed: int = field(0, "salt of the split and prompt-selection hashes")
-    task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(BUILTIN)}, or a plug-in as "
+    task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(builtin_tasks())}, or a plug-in as "
                       "package.module:Name (alignpipe.tasks, docs/tasks.md); recorded in MANIFEST.json, read by later "
                       "stages")
     dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "

@@ -20,8 +20,6 @@ from alignpipe.lm.policy import CompletionUnit
 
 MANIFEST_FILE = "MANIFEST.json"
 DEFAULT_TASK = "pep8"
-# Built-in task name -> its class, loaded like a user's `package.module:Name`.
-BUILTIN = {"pep8": "alignpipe.tasks.pep8:Pep8", "chat": "alignpipe.tasks.chat:Chat"}
 
 
 class Task(ABC):
@@ -116,15 +114,27 @@ def get_task(spec: str, key: str = "data.task") -> Task:
     return _LOADED[spec]
 
 
+def builtin_tasks() -> dict[str, type[Task]]:
+    """The built-in tasks by name."""
+    from alignpipe.tasks.chat import Chat
+    from alignpipe.tasks.pep8 import Pep8
+
+    return {"pep8": Pep8, "chat": Chat}
+
+
 def load_task(spec: str, key: str = "data.task") -> Task:
     """A fresh instance of the task `spec` names (see `get_task`)."""
-    module_name, colon, attr = BUILTIN.get(spec, spec).partition(":")
-    if not colon or not module_name or not attr:
-        raise ConfigError(key, f"unknown task {spec!r}: use {', '.join(BUILTIN)} or package.module:Name")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(key, f"cannot load task {spec!r}: {e}") from None
+    builtin = builtin_tasks()
+    module_name, colon, attr = spec.partition(":")
+    if spec in builtin:
+        cls = builtin[spec]
+    elif not colon or not module_name or not attr:
+        raise ConfigError(key, f"unknown task {spec!r}: use {', '.join(builtin)} or package.module:Name")
+    else:
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(key, f"cannot load task {spec!r}: {e}") from None
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
         raise ConfigError(key, f"task {spec!r} must be a subclass of alignpipe.tasks.Task")
     missing = sorted(getattr(cls, "__abstractmethods__", ()))
