@@ -160,4 +160,3 @@ def split_of(key: str, cfg) -> str:
 
     h = hash01(key, cfg.seed)
     return "test" if h < cfg.test_frac else "val" if h < cfg.test_frac + cfg.val_frac else "train"
-
