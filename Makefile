@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup data run quality test test-images status images clean
+.PHONY: setup data run quality test test-fast test-images status images clean
 
 # torch first: the CPU wheel (a plain `torch` requirement would pull a CUDA build of several GB).
 $(BIN)/.installed: pyproject.toml
@@ -35,17 +35,26 @@ run: data
 	@echo; echo "Results: artifacts/<stage>/ (metrics.json in each); 'dvc metrics show' prints them all."
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db  (then open http://127.0.0.1:5000)"
 
-# The quality budget (issue 15): the whole PEP8 pipeline at configs/quality.yaml's budget plus an MLE baseline
-# (39.9 min measured on an idle 2-core machine); outputs in artifacts-quality/, the table in benchmarks/results/quality.md.
+# The quality budget: the whole PEP8 pipeline at configs/quality.yaml's budget plus an MLE baseline;
+# outputs in artifacts-quality/, the table in benchmarks/results/quality.md.
 quality: setup
 	$(BIN)/python benchmarks/quality.py --params configs/quality.yaml --work artifacts-quality
 
 status: setup
 	dvc status
 
+# Two pytest-xdist workers (this machine's 2 cores); tests/conftest.py says how the tests are split between them.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+
 test: setup
 	mkdir -p .tmp
-	$(BIN)/python -m pytest -q --basetemp=.tmp/pytest
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) --basetemp=.tmp/pytest
+
+# The edit-test loop: every test not marked `slow` (end-to-end runs, subprocess launches); `make test` runs all.
+test-fast: setup
+	mkdir -p .tmp
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) -m "not slow" --basetemp=.tmp/pytest-fast
 
 # The CPU image built with podman and the components run in it (needs root; installs podman when missing).
 test-images: setup

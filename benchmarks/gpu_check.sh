@@ -19,7 +19,7 @@ TINY=0
 OUT=${OUT:-$ROOT/.tmp/gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+WORK=$(mktemp -d -t gpu_check.XXXXXX)
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi

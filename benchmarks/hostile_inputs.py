@@ -297,8 +297,14 @@ def run_case(case: Case, base: Path, policy: Path) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     return {"entry": case.entry, "what": case.what, "command": "alignpipe " + " ".join(
         a if a and " " not in a and len(a) < 40 else repr(a[:37] + "...") if len(a) >= 40 else repr(a)
-        for a in case.argv), "rc": rc, "message": message[:220].replace("|", "\\|"), "verdict": verdict,
+        for a in case.argv), "rc": rc, "message": _in_folder(message, folder)[:220].replace("|", "\\|"), "verdict": verdict,
         "owner": case.owner}
+
+
+
+def _in_folder(message: str, folder: Path) -> str:
+    """`message` with the case's temporary folder written as `{home}` / `{case}`: no path of this machine."""
+    return message.replace(str(folder / "home"), "{home}").replace(str(folder), "{case}")
 
 
 run_case.n = 0

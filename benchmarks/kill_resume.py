@@ -192,7 +192,7 @@ def main() -> int:
 
     load_start, revision = os.getloadavg(), commit()  # as the run starts: later commits are not what ran
     say(f"kill_resume: {PARAMS}, kill seed {args.seed}, tolerance rel {TOLERANCE['rel']:g} / abs "
-        f"{TOLERANCE['abs']:g} (wall-clock metrics {', '.join(IGNORED)} not compared); log {log}")
+        f"{TOLERANCE['abs']:g} (wall-clock metrics {', '.join(IGNORED)} not compared); log {Path(args.work) / 'log.txt'}")
     pre = prerequisites(work, log)
     all_ok = True
     for stage in args.stages.split(","):

@@ -1,8 +1,11 @@
-"""Test environment: offline, no telemetry, MLflow and temp files inside a per-test temp dir."""
+"""Test environment: offline, no telemetry, MLflow and temp files inside a per-test temp dir; under pytest-xdist
+(`make test`: `-n 2 --dist loadgroup`) the work units and their order."""
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +18,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHEAP_MODULE_FIXTURES = {"module_mlflow"}  # module-scoped but cheap: a test using only these may leave its module
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """With `--dist loadgroup`, the work units handed to the workers: the tests of a module that use the same
+    module-scoped fixtures are one unit (the fixtures are built once, on one worker), a `slow` test using none is a
+    unit of its own, and the other tests of a module are one unit. Units holding a slow test go first, the larger
+    first (with `--no-loadscope-reorder`), so that no long end-to-end run starts last while the other worker idles.
+    Without xdist nothing changes."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    group = {}
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        shared = sorted(name for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ())
+                        if defs[-1].scope == "module" and name not in CHEAP_MODULE_FIXTURES)
+        module = item.nodeid.split("::")[0]
+        if shared:  # with the other tests of its module that share these fixtures
+            group[item] = f"{module}::{'+'.join(shared)}"
+        else:
+            group[item] = re.sub(r"[\[\]@]", "_", item.nodeid) if item.get_closest_marker("slow") else module
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    slow = {group[item] for item in items if item.get_closest_marker("slow")}
+    size = collections.Counter(group.values())
+    items.sort(key=lambda item: (group[item] not in slow, -size[group[item]]))  # stable: a unit keeps its order
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ def _changed(a: dict, b: dict) -> int:
     return sum(not torch.equal(a[k], b[k]) for k in a if k in b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path, monkeypatch, tiny_data):
     """One plain HF directory as --policy (and reward's base): every stage runs on it, LoRA runs save plain merged
@@ -81,6 +82,7 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
     assert ex["greedy_match_frac"] == 1.0
 
 
+@pytest.mark.slow
 def test_ppo_with_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     base = tiny.make_hf_model(tmp_path / "base", "qwen2")
@@ -160,6 +162,7 @@ def test_remote_code_stays_off_unless_asked(tmp_path):
         load_policy(base)
 
 
+@pytest.mark.slow
 def test_pretrain_continues_a_plain_llama_with_control_tokens(tmp_path, tiny_data):
     """Conditional pretraining from a plain Llama directory: its tokenizer gains the control tokens, the
     embeddings grow to fit them, and the saved policy is prompted with <|aligned|>."""

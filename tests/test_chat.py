@@ -26,6 +26,7 @@ def chat(tmp_path_factory):
     return {"root": root, "data": root / "data", "llama": tiny.make_chat_llama(root / "llama")}
 
 
+@pytest.mark.slow
 def test_reward_trains_on_conversations_through_the_chat_template(chat, tmp_path):
     from alignpipe.lm.reward_model import reward_ids
     from alignpipe.stages import reward
@@ -48,6 +49,7 @@ def test_reward_trains_on_conversations_through_the_chat_template(chat, tmp_path
     assert "chat template" in json.loads((tmp_path / "rm" / "reward.json").read_text())["format"]
 
 
+@pytest.mark.slow
 def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -78,6 +80,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     assert tok.decode(row["prompt_ids"] + row["chosen_ids"]) == full and full.endswith("<|im_end|>\n")
 
 
+@pytest.mark.slow
 def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
     """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
     gate metric and direction, which register's gate reads."""
@@ -126,7 +129,8 @@ def test_committed_chat_pairs_are_tinys():
     assert [json.loads(x) for x in committed.read_text().splitlines()] == tiny.chat_rows(40)
 
 
-def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_ppo_evaluate(tmp_path, monkeypatch, capsys):
     """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
     from pathlib import Path
 
@@ -145,17 +149,20 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_evaluate(tmp_path, 
         ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
         ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
          f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
+        ["ppo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "ppo"),
+         f"--set=ppo.checkpoint_dir={tmp_path / 'pckpt'}"],
         ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--grpo", str(art / "grpo"),
-         "--reward-model", str(art / "reward"), "--ppo", "", "--out", str(art / "evaluate")],
+         "--reward-model", str(art / "reward"), "--ppo", str(art / "ppo"), "--out", str(art / "evaluate")],
     ]
     for argv in steps:
         code = main([*argv, "--params", params])
         assert code == 0, (argv, capsys.readouterr().err[-2000:])
     report = json.loads((art / "evaluate" / "report.json").read_text())
-    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "grpo"]
+    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "ppo", "grpo"]
     assert report["best_candidate"] in report["order"]
 
 
+@pytest.mark.slow
 def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
     """GRPO's rollouts go through the chat template and end at the end of the turn; the reward is the reward model
     (no oracle on chat); the stage checks itself against the reference on held-out conversations."""
@@ -182,6 +189,7 @@ def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_pretrain_fine_tunes_a_chat_model_on_the_conversations(chat, tmp_path):
     """On chat, pretrain continues `init_model` with MLE on the templated conversations and samples answers through
     the chat template; the PHF objectives and a GPT-2 from scratch are refused with one line."""
@@ -203,6 +211,7 @@ def test_pretrain_fine_tunes_a_chat_model_on_the_conversations(chat, tmp_path):
             pretrain.run(pretrain.Config(**{**cfg, **bad}), {"data": chat["data"]}, tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_label_on_chat_passes_the_datasets_pairs_and_adds_reward_model_labelled_pairs(chat, tmp_path):
     """No oracle on chat: label hands on the dataset's pairs; with judge reward_model it also samples answers
     through the chat template and lets the reward model order each pair."""
@@ -230,5 +239,5 @@ def test_label_on_chat_passes_the_datasets_pairs_and_adds_reward_model_labelled_
     for r in judged:  # the judge prefers the chosen answer: its own scores, recomputed
         sc, sr = reward_scores(judge, tok, [r["prompt"]] * 2, [r["chosen"][0]["content"], r["rejected"][0]["content"]])
         assert sc >= sr and r["chosen"][0]["role"] == "assistant"
-    with pytest.raises(ConfigError, match="label.judge"):
-        label.run(label.Config(judge="llm"), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "x")
+    with pytest.raises(ConfigError, match="label.judge"):  # a reward-model judge needs its model
+        label.run(label.Config(judge="reward_model"), {"data": chat["data"], "policy": chat["llama"]}, tmp_path / "x")

@@ -127,6 +127,7 @@ def test_logged_chat_model_answers_messages_and_refuses_bad_ones(chat_policy):
             served.predict(bad)
 
 
+@pytest.mark.slow
 def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
     """register picks the chat serving model for evaluate's task chat; `mlflow models serve` answers a messages
     request with the greedy PyTorch answer, and bad requests with 4xx."""

@@ -93,6 +93,7 @@ def _margin(model, tok, meta, pairs):
     return sum(c - r for c, r in zip(lp_c, lp_r)) / len(pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", dpo.TESTED_LOSS_TYPES)
 def test_each_loss_type_raises_the_chosen_vs_rejected_margin(loss_type, tmp_path):
     from alignpipe.lm.policy import load_policy
@@ -125,6 +126,7 @@ def _stage_inputs(tmp_path, tiny_data):
     return {"data": tiny_data, "policy": policy, "prefs": prefs, "human_prefs": human}
 
 
+@pytest.mark.slow
 def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
     from alignpipe.run.runner import execute

@@ -92,6 +92,7 @@ def test_model_reward_without_a_reward_model_is_a_config_error():
         build_reward("oracle + model", None)
 
 
+@pytest.mark.slow
 def test_grpo_cli_rejects_a_bad_reward_in_one_line_and_writes_nothing(user_rewards, tmp_path, tiny_data):
     policy = tiny.make_policy(tmp_path / "policy", conditional=True)
     out = tmp_path / "out"
@@ -105,6 +106,7 @@ def test_grpo_cli_rejects_a_bad_reward_in_one_line_and_writes_nothing(user_rewar
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_oracle_reward_and_changes_weights(tmp_path, tiny_data):
     """Six GRPO steps against the oracle on a random tiny policy: the mean oracle reward of samples on fixed
     training prompts (same seed before and after) goes up, and the weights changed."""

@@ -277,6 +277,7 @@ def test_torchrun_command_line():
     assert runtime.cli_command(["python"], "data", "p", {}, "o")[:3] == ["python", "data", "build"]
 
 
+@pytest.mark.slow
 def test_launched_stage_gives_the_same_outputs_as_in_process(tmp_path):
     """The launcher path (here `python -m alignpipe`, torchrun on GPU nodes) runs the same stage as in process."""
     from alignpipe.run.runner import execute
@@ -471,6 +472,7 @@ def mlflow_runs(db: Path) -> dict[str, dict[str, str]]:
     return {name: {k: v for r, k, v in tags if r == uuid} for uuid, name in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_ppo", [True, False], ids=["ppo-on", "ppo-off"])
 def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch):
     """The compiled DAG, run by kfp.local: real data and validate components and stages, stand-ins for the rest.
@@ -592,6 +594,7 @@ def tiny_local_run(tmp_path_factory):
     return run_dir, seconds, proc.stdout
 
 
+@pytest.mark.slow
 def test_pipeline_run_local_completes_the_tiny_dag(tiny_local_run):
     run_dir, seconds, stdout = tiny_local_run
     print(f"the tiny DAG took {seconds:.0f} s")  # reported, not asserted: tests never assert on wall-clock time
@@ -602,6 +605,7 @@ def test_pipeline_run_local_completes_the_tiny_dag(tiny_local_run):
     assert f"pipeline run --local: {len(STAGES)} tasks in" in stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("dvc", path=str(Path(sys.executable).parent)) is None, reason="needs dvc")
 def test_dvc_repro_and_local_pipeline_give_the_same_metrics(tiny_local_run, tmp_path):
     run_dir, _, _ = tiny_local_run

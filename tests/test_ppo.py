@@ -147,6 +147,7 @@ def _mean_reward(model, tok, meta, prompts, reward_fn):
     return sum(reward_fn(samples)) / len(samples)
 
 
+@pytest.mark.slow
 def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     from alignpipe.lm.policy import load_policy
 
@@ -156,8 +157,7 @@ def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     reward_fn = _emit_x_reward(tok.convert_tokens_to_ids("Ġ="))
     prompts = ["x = 1", "def f(a, b):", "import os", "y = [1, 2]", "class A:", "print(os.name)"] * 4
     before = _mean_reward(model, tok, meta, prompts, reward_fn)
-    _, state, history = ppo.train(_toy_cfg(tmp_path), model, tok, meta, ref, prompts, reward_fn, progress=None,
-                                  unit=LINE)
+    _, state, history = ppo.train(_toy_cfg(tmp_path), model, tok, meta, ref, prompts, reward_fn, progress=None)
     after = _mean_reward(model, tok, meta, prompts, reward_fn)
     assert state.iteration == 4 and len(history) == 4
     assert after > before + 0.15, (before, after)
@@ -168,6 +168,7 @@ def test_ppo_updates_raise_a_toy_reward(tiny_policy, tmp_path):
     assert history[-1]["objective/kl"] > 0  # the policy moved away from the reference
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     from alignpipe.lm.policy import load_policy
 
@@ -182,20 +183,20 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     model, tok, meta, ref = fresh()
     meta = _few_token_meta(tok, meta, "Ġ=")
     reward_fn = _emit_x_reward(tok.convert_tokens_to_ids("Ġ="))
-    head, state, history = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None, unit=LINE)
+    head, state, history = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, progress=None)
     full = {k: v.clone() for k, v in model.state_dict().items()}
     assert [p.name for p in sorted((tmp_path / "ckpt").glob("iter-*"))] == ["iter-000002", "iter-000004"]
 
     shutil.rmtree(tmp_path / "ckpt" / "iter-000004")  # as if the run had died after iteration 2
     model, tok, _, ref = fresh()
     head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn,
-                                        resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None, unit=LINE)
+                                        resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
     # The history travels in the checkpoint: a resumed run reports the whole run's first/last reward and KL.
     assert len(history2) == 4 and state2.iteration == 4
     for key in ("env/reward_mean", "objective/kl"):
         assert [h[key] for h in history2] == pytest.approx([h[key] for h in history], abs=1e-5), key
     _, _, history3 = ppo.train(cfg, *fresh()[:2], meta, ref, prompts, reward_fn,  # resumed from the final one
-                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None, unit=LINE)
+                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
     assert [h["env/reward_mean"] for h in history3] == pytest.approx([h["env/reward_mean"] for h in history])
     assert state2.kl_coef == pytest.approx(state.kl_coef)
     for k, v in model.state_dict().items():
@@ -203,6 +204,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
     assert torch.allclose(head2.weight, head.weight, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     from alignpipe.lm.policy import load_policy
     from alignpipe.run.runner import execute

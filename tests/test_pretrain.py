@@ -191,6 +191,7 @@ def _weights(path):
     return load_file(str(Path(path) / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"])
 def test_tiny_run_changes_weights_and_resumes(objective, tiny_data, tmp_path):
     from alignpipe.lm.models import build_model

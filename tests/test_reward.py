@@ -95,6 +95,7 @@ def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):
     assert reward_text("a\nb\nc", "\nd", tok, 2) == "b\nc\nd<|endoftext|>"
 
 
+@pytest.mark.slow
 def test_lora_resume_and_drop_count(tmp_path):
     from alignpipe.run.runner import execute
     from transformers import AutoModelForSequenceClassification
@@ -119,6 +120,7 @@ def test_lora_resume_and_drop_count(tmp_path):
     assert first["n_changed_tensors"] > 0
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupt_checkpoint_and_matches_an_uninterrupted_run(tmp_path, capfd):
     """A kill during a save leaves the newest checkpoint truncated or without trainer_state.json: --resume says so
     in one line, resumes from the one before and ends where an uninterrupted run ends (train_loss included, with

@@ -48,6 +48,7 @@ def _runs(db: Path) -> list[dict]:
                                               key=lambda m: m.step)]} for r in runs]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tiny_data):
     """Acceptance: `torchrun --nproc_per_node 2` (gloo) at batch 2 per process vs 1 process at batch 4."""
     from safetensors.torch import load_file
@@ -79,6 +80,7 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
     assert not list(tmp_path.glob(".out-*.partial"))
 
 
+@pytest.mark.slow
 def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
     """DPO (TRL) runs unchanged under torchrun: 2 processes at batch 2 log the losses of 1 process at batch 4 (the
     same pairs: the subset scales with the world size); the precomputed reference log-probabilities are shared
@@ -97,6 +99,7 @@ def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
     assert not list(tmp_path.glob(".out-*.partial"))
 
 
+@pytest.mark.slow
 def test_reward_under_torchrun_trains_like_one_process(tmp_path):
     """TRL's RewardTrainer under torchrun: 2 processes at batch 4 log the losses of 1 process at batch 8."""
     import tiny

@@ -59,6 +59,7 @@ def _expected_greedy(policy_dir: Path, prompts: list[str], max_new_tokens: int) 
     return out
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers(tmp_path):
     policy_dir = _register_champion(tmp_path)
     log = tmp_path / "serve.log"
@@ -90,6 +91,7 @@ def test_mlflow_models_serve_answers(tmp_path):
         urllib.request.urlopen(f"{url}/ping", timeout=2)
 
 
+@pytest.mark.slow
 def test_generate_serving_dockerfile(tmp_path):
     _register_champion(tmp_path)
     out = tmp_path / "image"

@@ -161,6 +161,31 @@ def make_chat_llama(out_dir: Path, seed: int = 0, end_logit: float = 0.0) -> Pat
     return out_dir
 
 
+def make_chat_model(out_dir: Path, family: str, seed: int = 0, end_logit: float = 2.0) -> Path:
+    """`make_chat_llama`'s model in another family (`FAMILIES`: llama, qwen2, gpt_neox): a plain Hugging Face
+    directory with the ChatML tokenizer, whose answers end their turn after a few tokens (`end_logit`, the same
+    trick through the input and output embeddings)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    tok = make_chat_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = {"llama": lambda: LlamaConfig(num_key_value_heads=1, **common),
+              "qwen2": lambda: Qwen2Config(num_key_value_heads=1, **common),
+              "gpt_neox": lambda: GPTNeoXConfig(rotary_pct=0.5, **common)}[family]()
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 4.0
+        model.get_output_embeddings().weight[:, 0] = 0.0
+        model.get_output_embeddings().weight[tok.convert_tokens_to_ids("<|im_end|>"), 0] = end_logit / 32 ** 0.5
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return out_dir
+
 
 FAMILIES = ("llama", "qwen2", "gpt_neox")  # plain Hugging Face causal LMs (no alignpipe.json) the suite runs
 

@@ -154,12 +154,7 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
             raise ConfigError(f"--mlflow-uri {runs.redact(mlflow_uri)}", "holds a password or token, which the "
                               "compiled pipeline would store: give the pods credentials through the MLflow secret")
         mlflow_uri = ""  # a local run's tasks inherit MLFLOW_TRACKING_URI from this process
-    run_ppo = not args.no_ppo
-    if run_ppo and sections["data"].get("task") == "chat":
-        print("alignpipe pipeline: note: task chat: run_ppo defaults to false (ppo samples one line of code; grpo is "
-              "the chat task's RL stage)", file=sys.stderr)
-        run_ppo = False
-    return build_pipeline(sections, gpus, imports, run_ppo=run_ppo, mlflow_tracking_uri=mlflow_uri,
+    return build_pipeline(sections, gpus, imports, run_ppo=not args.no_ppo, mlflow_tracking_uri=mlflow_uri,
                           git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
 

@@ -1,6 +1,6 @@
 """ONNX export of the policy (a KV-cache decoder) and the reward model, and onnxruntime sessions to run them.
 
-Written by hand because optimum's exporter does not install beside transformers 5 (../shared/STACK_NOTES.md).
+Written by hand because optimum's exporter does not install beside transformers 5.
 The policy graph takes `input_ids`, `attention_mask` and the past keys/values as flat tensors and returns
 `logits` and the present keys/values, so one graph serves both the prompt (empty past) and every decoding step;
 `OrtPolicy.generate` is the greedy/sampling loop over it. The reward graph maps `input_ids`, `attention_mask` to

@@ -51,7 +51,7 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=sampling.temperature, top_p=sampling.top_p,
+                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(stops),
                                  pad_token_id=pad, **cache_kwargs(model, sampling.cache))
         for prompt, row in zip(ids, gen[:, width:].tolist()):
@@ -62,6 +62,16 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
             out.completions.append(tok.decode(answer, skip_special_tokens=True).strip())
             out.ended.append(end is not None)
     return out
+
+
+def chat_samples(policy, prompts: list[list[dict]], sampling, seed: int, task) -> list:
+    """`sample_chat`'s answers as `alignpipe.lm.policy.Sample`s (what an RL stage's rollouts hold): the answer's ids
+    up to and with its end-of-turn token; `capped` when the turn did not end within `max_new_tokens`."""
+    from alignpipe.lm.policy import Sample
+
+    got = sample_chat(policy, prompts, sampling, seed, task)
+    return [Sample(p, text, pids, cids, capped=not ended) for p, text, pids, cids, ended in
+            zip(prompts, got.completions, got.prompt_ids, got.completion_ids, got.ended)]
 
 
 def judge_win_rate(candidate: list[float], reference: list[float]) -> float:
@@ -81,6 +91,18 @@ def score(got: ChatDraw, prompts: list[list[dict]], reward, judge) -> ChatDraw:
         got.judged = (got.rewards if judge is reward else
                       reward_scores(judge[0], judge[1], prompts, got.completions))
     return got
+
+
+def reward_check(policy, reference, prompts: list[list[dict]], reward, sampling, seed: int, task) -> dict[str, float]:
+    """An RL stage's own check where the task has no oracle: one answer per held-out conversation from `policy` and
+    from `reference` (same seed), the mean reward of each (`reward(prompts, completions)`), the fraction of prompts
+    where the policy's reward is higher (ties half) and the sampled KL (`chat_metrics`)."""
+    got, ref = (sample_chat(p, prompts, sampling, seed, task) for p in (policy, reference))
+    got.rewards, ref.rewards = reward(prompts, got.completions), reward(prompts, ref.completions)
+    metrics = chat_metrics(policy, got, reference, ref, judge_distinct=False, seed=seed)
+    metrics.pop("kl_estimate")
+    return {**metrics, "reward_score_ref": sum(ref.rewards) / len(ref.rewards),
+            "reward_win_rate_vs_ref": judge_win_rate(got.rewards, ref.rewards)}
 
 
 def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_distinct: bool,

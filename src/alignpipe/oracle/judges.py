@@ -9,6 +9,9 @@ label stage turns the two scores into chosen/rejected (equal scores, within a th
 - `LLMJudge` — any causal LM asked "which completion is better, A or B?"; its score is the probability it
   prefers each completion, from the log-probabilities of the answer strings, averaged over both orders of the
   pair so that a preference for a position cancels out (Zheng et al. 2023, "Judging LLM-as-a-judge", sec. 3.4).
+  How often both orders pick the same completion is its position consistency (`position_consistency`, ibid.).
+  On chat the prompt is the conversation as text (`conversation_text`) in `CHAT_LLM_TEMPLATE`, and the judge may be
+  any causal LM with a chat template, or the policy itself.
 """
 
 from __future__ import annotations
@@ -27,6 +30,27 @@ LLM_TEMPLATE = (
     "### Question\nWhich next line follows the PEP 8 style guide better, A or B?\n\n### Answer:"
 )
 LLM_ANSWERS = (" A", " B")
+# The default comparison prompt of the llm judge on chat: {prompt} is the conversation (`conversation_text`), {a}
+# and {b} two answers to its last user turn.
+CHAT_LLM_TEMPLATE = (
+    "Below is a conversation and two candidate answers to its last user turn, A and B.\n\n"
+    "### Conversation\n{prompt}\n\n### Answer A\n{a}\n\n### Answer B\n{b}\n\n"
+    "### Question\nWhich answer is more helpful and correct, A or B?\n\n### Answer:"
+)
+
+
+def conversation_text(messages: Sequence[dict]) -> str:
+    """A conversation (role/content messages) as the llm judge reads it: one `Role: content` paragraph a turn."""
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def position_consistency(orders: Sequence[tuple[float, float]]) -> float:
+    """The fraction of pairs where the judge prefers the same completion in both orders: from `LLMJudge.orders`,
+    (P(a | a shown first), P(a | a shown second)) both above or both below 1/2 (an exact 1/2 is no preference, so
+    not consistent). 1.0 when there are no pairs."""
+    if not orders:
+        return 1.0
+    return sum((p1 - 0.5) * (p2 - 0.5) > 0 for p1, p2 in orders) / len(orders)
 
 
 @dataclass(frozen=True)
@@ -153,7 +177,16 @@ class LLMJudge:
             probs.append(1.0 - p_first if swap else p_first)
         return probs
 
-    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+    def orders(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        """(P(prefers a | a shown first), P(prefers a | a shown second)) for each pair."""
         shown_first = self.prefer_first(pairs)
         shown_second = self.prefer_first(pairs, swap=True)
-        return [((p1 + p2) / 2, 1 - (p1 + p2) / 2) for p1, p2 in zip(shown_first, shown_second)]
+        return list(zip(shown_first, shown_second))
+
+    @staticmethod
+    def averaged(orders: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+        """The scores (P(a), P(b)) of both orders averaged: a preference for a position cancels out."""
+        return [((p1 + p2) / 2, 1 - (p1 + p2) / 2) for p1, p2 in orders]
+
+    def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
+        return self.averaged(self.orders(pairs))

@@ -2,7 +2,7 @@
 interval, win rate against a reference (ties count half) and the sampled KL to a reference. Sampling a policy and
 comparing it with a reference is `alignpipe.oracle.policy_eval`.
 
-Conventions (../shared/METRICS.md): the score of a sample is its violations per character (lower is better);
+Conventions (docs/METRICS.md): the score of a sample is its violations per character (lower is better);
 an empty completion has no score: it is left out of means and loses every comparison against a non-empty one.
 """
 

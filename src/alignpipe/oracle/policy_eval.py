@@ -18,17 +18,20 @@ from alignpipe.oracle.scoring import CompletionScore
 
 
 def load_prompts(path, limit: int | None = None) -> list[dict]:
-    """Held-out prompts: `data/prompts.jsonl` (or any JSONL with `prompt`; `context` defaults to the prompt)."""
+    """Held-out prompts: `data/prompts.jsonl` (or any JSONL with `prompt`, a string or a list of chat messages;
+    `context` defaults to the prompt)."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.io import read_jsonl
+    from alignpipe.core.io import is_messages
 
     path = Path(path)
     if path.is_dir():
         path = path / "prompts.jsonl"
     rows = read_jsonl(path)
     for i, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise DataError(f"{path}:{i + 1}", "field 'prompt' must be a non-empty string")
+        prompt = row.get("prompt")
+        if not is_messages(prompt) and (not isinstance(prompt, str) or not prompt.strip()):
+            raise DataError(f"{path}:{i + 1}", "field 'prompt' must be a non-empty string or a list of messages")
         row.setdefault("context", row["prompt"])
     return rows[:limit] if limit else rows
 

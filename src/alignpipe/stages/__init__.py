@@ -2,7 +2,7 @@
 
 - `Config`: a frozen `StageConfig` dataclass whose `SECTION` is the stage name (its params.yaml section);
 - `INPUTS`: the input paths it reads, as `Input`s (their defaults match dvc.yaml);
-- `METRICS`: the metric keys it must write (../shared/METRICS.md);
+- `METRICS`: the metric keys it must write (docs/METRICS.md);
 - `run(cfg, inputs, out_dir) -> dict[str, float]`: the stage's whole logic; writes its outputs into `out_dir`
   and returns its metrics. `alignpipe.run.runner.execute` wraps it with tracking, metrics.json and atomic output.
 """

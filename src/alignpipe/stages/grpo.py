@@ -176,17 +176,12 @@ def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> 
     the fraction of prompts where the policy's reward is higher (ties half) and the sampled KL."""
     from alignpipe.core.io import read_jsonl
     from alignpipe.lm.policy import Sampling
-    from alignpipe.oracle.chat_eval import chat_metrics, judge_win_rate, sample_chat
+    from alignpipe.oracle.chat_eval import reward_check
 
     prompts = [r["prompt"] for r in read_jsonl(Path(data_dir) / "prompts.jsonl")][:cfg.n_eval_prompts]
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
                         max_prompt_tokens=cfg.max_prompt_tokens)
-    got, ref = (sample_chat(p, prompts, sampling, cfg.seed, task) for p in (policy, reference))
-    got.rewards, ref.rewards = reward(prompts, got.completions), reward(prompts, ref.completions)
-    metrics = chat_metrics(policy, got, reference, ref, judge_distinct=False, seed=cfg.seed)
-    metrics.pop("kl_estimate")
-    return {**metrics, "reward_score_ref": sum(ref.rewards) / len(ref.rewards),
-            "reward_win_rate_vs_ref": judge_win_rate(got.rewards, ref.rewards)}
+    return reward_check(policy, reference, prompts, reward, sampling, cfg.seed, task)
 
 
 def trl_reward(reward):

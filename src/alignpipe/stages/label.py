@@ -20,9 +20,13 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 
 On the chat task (`run_chat`) there is no oracle: the pairs are the dataset's own (its preference labels, which
 `data build --dataset` split into data/prefs.jsonl and data/heldout.jsonl), in conversational form; with
-`judge: reward_model` and `--judge-model`, K answers per training conversation are also sampled through the chat
-template (ending the turn), paired, and labelled by that reward model (RLAIF); answers that did not end their turn
-within `max_new_tokens`, blank ones and identical pairs are dropped and counted.
+`judge: reward_model` and `--judge-model`, or `judge: llm` (with `--judge-model`, any causal LM, or without: the
+policy judges its own answers), K answers per training conversation are also sampled through the chat template
+(ending the turn), paired, and labelled by that judge (RLAIF); answers that did not end their turn within
+`max_new_tokens`, blank ones and identical pairs are dropped and counted. The llm judge reads the conversation and
+both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
+a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
+prefer the same answer) is reported.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = "label"
 
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
-                                                            "model (--judge-model) or an LLM (--judge-model)")
+                                                            "model (--judge-model) or an LLM (--judge-model; on "
+                                                            "chat without it, the policy itself)")
     n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)")
     k: int = field(4, "completions sampled per prompt")
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
@@ -77,9 +82,11 @@ class Config(StageConfig):
     batch_size: int = field(256, "rows (prompt x sample) per generation batch")
     judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
     judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
-    llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges.LLM_TEMPLATE)")
+    llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges."
+                              "LLM_TEMPLATE, or CHAT_LLM_TEMPLATE on chat)")
     llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
-    llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template")
+    llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template (a chat "
+                                    "judge; its answers then usually start without a space: llm_answers [A, B])")
     human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
     trust_remote_code: bool = field(False, "allow custom model code for a hub judge model")
     seed: int = field(0, "seed of prompt selection, sampling and the held-out split")
@@ -206,9 +213,10 @@ def build_judge(cfg: Config, judge_model: Path | str | None):
 def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
     """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
     the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
-    from alignpipe.oracle.judges import oracle
+    from alignpipe.oracle.judges import LLMJudge, oracle, position_consistency
 
-    scores = judge.score(pairs)
+    orders = judge.orders(pairs) if isinstance(judge, LLMJudge) else None  # the llm judge: both orders
+    scores = LLMJudge.averaged(orders) if orders is not None else judge.score(pairs)
     oracles = oracle(pairs)
     rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
     for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
@@ -230,6 +238,8 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
              "oracle_decided_frac": n_oracle_decided / max(len(pairs), 1)}
     if judge.name != "scorer":
         stats["judge_oracle_agreement"] = agree / n_oracle_decided if n_oracle_decided else 0.5
+    if orders is not None:
+        stats["judge_position_consistency"] = position_consistency(orders)
     return rows, stats
 
 
@@ -273,20 +283,23 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
 
 
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
-    """The chat task: the dataset's pairs, plus (judge reward_model) sampled answer pairs labelled by the judge."""
+    """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
+    judge."""
     import json
 
     from alignpipe.core.errors import ConfigError
     from alignpipe.core.io import read_jsonl, write_jsonl
 
     data = Path(inputs["data"])
-    if cfg.judge == "llm" or (cfg.judge == "reward_model") != (inputs.get("judge_model") is not None):
+    judge_model = inputs.get("judge_model")
+    if (cfg.judge == "scorer" and judge_model is not None) or (cfg.judge == "reward_model" and judge_model is None):
         raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
-                          "or RLAIF pairs as well with judge reward_model and --judge-model (an llm judge: pep8 only)")
+                          "or RLAIF pairs as well: judge reward_model with --judge-model, or judge llm (with "
+                          "--judge-model, or the policy as its own judge)")
     train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
-    if inputs.get("judge_model") is not None:
+    if cfg.judge != "scorer":
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
         held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
         train += [r for r, h in zip(judged, held) if not h]
@@ -299,10 +312,9 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
 
 def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple[list[dict], dict[str, float]]:
     """K answers per training conversation (chat template, end of turn), all pairs of answers that ended their
-    turn, labelled by the reward-model judge (higher score chosen; ties dropped unless keep_ties)."""
+    turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties)."""
     from alignpipe.core.io import read_jsonl
     from alignpipe.lm.policy import Sampling, load_policy
-    from alignpipe.lm.reward_model import load_reward_model, reward_scores
     from alignpipe.oracle.chat_eval import sample_chat
 
     start = time.perf_counter()
@@ -310,8 +322,8 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
     prompts = prompts[:cfg.n_prompts or None]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
-    got = sample_chat(load_policy(inputs["policy"]), [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed,
-                      task)
+    policy = load_policy(inputs["policy"])
+    got = sample_chat(policy, [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed, task)
     pairs, n_dropped = [], 0
     for i, prompt in enumerate(prompts):
         for a, b in index_pairs(cfg.k, cfg.pairing):
@@ -320,23 +332,54 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
                 pairs.append((prompt, ta, tb))
             else:
                 n_dropped += 1
-    judge, jtok = load_reward_model(inputs["judge_model"], cfg.trust_remote_code)
-    flat = [(p, c) for p, a, b in pairs for c in (a, b)]
-    scores = reward_scores(judge, jtok, [p for p, _ in flat], [c for _, c in flat], cfg.judge_batch_size,
-                           cfg.judge_max_length) if flat else []
+    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
+    rows, stats = order_chat_pairs(pairs, scores, cfg)
+    return rows, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
+                  "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
+                  "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+
+
+def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
+                     pairs: list[tuple]) -> tuple[list[tuple[float, float]], dict[str, float]]:
+    """The judge's scores (higher preferred) of each (conversation, answer a, answer b), and its own statistics:
+    a reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
+    the llm judge (`judge_model`, or the policy = (model, tok, meta) itself) compares both answers in both orders,
+    averaged, and reports its position consistency."""
+    if cfg.judge == "reward_model":
+        from alignpipe.lm.reward_model import load_reward_model, reward_scores
+
+        judge, jtok = load_reward_model(judge_model, cfg.trust_remote_code)
+        flat = [(p, c) for p, a, b in pairs for c in (a, b)]
+        scores = reward_scores(judge, jtok, [p for p, _ in flat], [c for _, c in flat], cfg.judge_batch_size,
+                               cfg.judge_max_length) if flat else []
+        return [(scores[2 * k], scores[2 * k + 1]) for k in range(len(pairs))], {}
+    from alignpipe.oracle.judges import CHAT_LLM_TEMPLATE, LLMJudge, Pair, conversation_text, position_consistency
+
+    template = cfg.llm_template or CHAT_LLM_TEMPLATE
+    own = {"model": policy[0], "tok": policy[1]} if judge_model is None else {}
+    judge = LLMJudge(str(judge_model or "policy"), template, cfg.llm_answers, cfg.judge_batch_size,
+                     cfg.judge_max_length, cfg.llm_chat_template, cfg.trust_remote_code, **own)
+    orders = judge.orders([Pair(conversation_text(p), a, b) for p, a, b in pairs]) if pairs else []
+    return LLMJudge.averaged(orders), {"judge_position_consistency": position_consistency(orders),
+                                       "judge_is_policy": float(judge_model is None)}
+
+
+def order_chat_pairs(pairs: list[tuple], scores: list[tuple[float, float]],
+                     cfg: Config) -> tuple[list[dict], dict[str, float]]:
+    """Conversational preference rows of judged (conversation, a, b) pairs: the higher score chosen (a on a kept
+    tie); a pair whose scores are within `tie_threshold` is a tie, dropped unless keep_ties."""
     rows, n_ties = [], 0
-    for k, (prompt, a, b) in enumerate(pairs):
-        sa, sb = scores[2 * k], scores[2 * k + 1]
-        n_ties += abs(sa - sb) <= cfg.tie_threshold
-        if abs(sa - sb) <= cfg.tie_threshold and not cfg.keep_ties:
+    for (prompt, a, b), (sa, sb) in zip(pairs, scores, strict=True):
+        tie = abs(sa - sb) <= cfg.tie_threshold
+        n_ties += tie
+        if tie and not cfg.keep_ties:
             continue
         (chosen, sc), (rejected, sr) = sorted(((a, sa), (b, sb)), key=lambda x: -x[1])
         rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
-                     "score_rejected": sr, "judge": "reward_model", "source": "rlaif"})
-    return rows, {"n_judged": len(pairs), "n_ties": n_ties, "n_dropped_unended_pairs": n_dropped,
-                  "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
-                  "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+                     "score_rejected": sr, "judge": cfg.judge, "source": "rlaif"})
+    gaps = [r["score_chosen"] - r["score_rejected"] for r in rows]
+    return rows, {"n_judged": len(pairs), "n_ties": n_ties, "mean_score_gap": sum(gaps) / len(gaps) if gaps else 0.0}
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:

@@ -12,9 +12,18 @@ TRL removed PPOTrainer after 1.12, so PPO is written here, in the spirit of clea
 - a value head (one linear layer on the policy's last hidden state), GAE (Schulman et al. 2016,
   https://arxiv.org/abs/1506.02438), advantage whitening, the clipped surrogate and clipped value loss (Schulman et
   al. 2017, https://arxiv.org/abs/1707.06347 eq. 7), several PPO epochs over minibatches of each rollout batch;
-- rollouts from `alignpipe.lm.policy.sample` (HF generate with a KV cache; the completion unit is one logical line),
-  at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p off, so that the sampling
-  distribution is the one whose log-probabilities PPO computes (same temperature, banned words, first token).
+- rollouts (HF generate with a KV cache) at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p
+  and top-k off, so that the sampling distribution is the one whose log-probabilities PPO computes (same
+  temperature, banned words, first token). Text prompts (pep8): `alignpipe.lm.policy.sample`, one logical line, the
+  first token one that starts a new line, the reward on the cleaned line. Conversational prompts (chat; any Hugging
+  Face causal LM with a chat template): `alignpipe.oracle.chat_eval.sample_chat`, the conversation rendered by the
+  chat template with the generation prompt, the answer ending at EOS or the end-of-turn token
+  (`Task.stop_token_ids`; kept as the last action), the reward model scoring the whole answer as one assistant
+  turn after the conversation, as the reward stage trained it (`alignpipe.lm.reward_model.reward_scores`).
+
+After training, pep8 checks the policy with the oracle (`alignpipe.oracle.policy_eval.oracle_metrics`); a task
+without an oracle with the reward on held-out conversations against the reference (`alignpipe.oracle.chat_eval.
+reward_check`: mean reward, reward win rate, sampled KL), as grpo does.
 
 The saved policy is a plain causal LM (loadable by `alignpipe.lm.policy.load_policy`, same PolicyMeta); the value head
 is saved beside it in `value_head.safetensors`. PPO runs in a single process (no DDP), on one GPU when present.
@@ -48,6 +57,9 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "seconds")
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
+                  "reward_last", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "seconds")
@@ -133,30 +145,48 @@ class Rollout:
         return make_batch([self.prompt_ids[i] for i in idx], [self.action_ids[i] for i in idx], pad_id, device)
 
 
-def token_distribution(cfg: Config, tok, meta, autocast: bool, unit) -> TokenDistribution:
-    """The distribution `alignpipe.lm.policy.sample` draws rollouts from (temperature, banned words, the first
-    tokens the task's completion `unit` allows), so that PPO's log-probabilities are those of the sampled tokens."""
+def token_distribution(cfg: Config, tok, meta, autocast: bool, task) -> TokenDistribution:
+    """The distribution `draw` samples rollouts from (temperature; for text prompts banned words and a first token
+    that starts a new line; a chat answer has neither), so that PPO's log-probabilities are those of the sampled
+    tokens."""
     from alignpipe.lm.policy import banned_token_ids
 
-    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), unit.first_token_ids(tok) or None, autocast)
+    if task.conversational():
+        return TokenDistribution(cfg.temperature, [], None, autocast)
+    first = task.completion_unit().first_token_ids(tok)  # pep8: tokens that start a new line
+    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), first or None, autocast)
 
 
-def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list[str], reward_fn: RewardFn,
-            seed: int, dist: TokenDistribution, unit) -> Rollout:
-    """Sample one completion per prompt, score it, and record the old log-probabilities, reference log-probabilities
-    and values."""
+def draw(task, model, tok, meta, prompts: list, sampling, seed: int) -> list:
+    """One rollout per prompt (`alignpipe.lm.policy.Sample`s): through the chat template to the end of the turn for
+    conversational prompts (`alignpipe.oracle.chat_eval.chat_samples`), else the task's completion unit (pep8: one
+    logical line)."""
+    from alignpipe.lm.policy import sample
+    from alignpipe.oracle.chat_eval import chat_samples
+
+    if task.conversational():
+        return chat_samples((model, tok, meta), prompts, sampling, seed, task)
+    return sample(model, tok, meta, prompts, sampling, seed=seed, unit=task.completion_unit())
+
+
+def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list, reward_fn: RewardFn,
+            seed: int, dist: TokenDistribution, task) -> Rollout:
+    """Sample one completion per prompt (`draw`), score it, and record the old log-probabilities, reference
+    log-probabilities and values."""
     import torch
 
-    from alignpipe.lm.policy import Sampling, sample
+    from alignpipe.lm.policy import Sampling
 
     sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                         batch_size=len(prompts), max_prompt_tokens=cfg.max_prompt_tokens)
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dist.autocast):
-        samples = sample(model, tok, meta, prompts, sampling, seed=seed, unit=unit)
+        samples = draw(task, model, tok, meta, prompts, sampling, seed)
     scores = torch.tensor(reward_fn(samples), dtype=torch.float32)
     prompt_ids = [s.prompt_ids for s in samples]
-    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, unit) for s in samples]
+    stops = task.stop_token_ids(tok)
+    unit = task.completion_unit()
+    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, unit, stops) for s in samples]
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "mask": []}
     with torch.no_grad():
         for start in range(0, len(samples), cfg.minibatch_size):
@@ -255,22 +285,24 @@ def check_kl(seq_kls, iteration: int, state: PPOState) -> float:
     return seq_kl
 
 
-def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_fn: RewardFn,
-          resume_from: Path | None = None, progress: str | None = "ppo", *,
-          unit) -> tuple[object, PPOState, list[dict]]:
-    """The PPO loop, rollouts ending where the task's completion `unit` says. Returns (value head, final state,
-    per-iteration stats). Checkpoints every `save_every` iterations and at the end into cfg.checkpoint_dir;
-    `resume_from` restores one."""
+def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: RewardFn,
+          resume_from: Path | None = None, progress: str | None = "ppo",
+          task=None) -> tuple[object, PPOState, list[dict]]:
+    """The PPO loop. Returns (value head, final state, per-iteration stats). Checkpoints every `save_every`
+    iterations and at the end into cfg.checkpoint_dir; `resume_from` restores one. `task` says how rollouts are
+    prompted and where they end (default: the default task, pep8)."""
     import random
 
     import torch
     from tqdm import tqdm
 
+    from alignpipe.tasks import task_of
     from alignpipe.lm.models import bf16_supported
     from alignpipe.tracking import runs
 
+    task = task or task_of(None)
     torch.manual_seed(cfg.seed)
-    dist = token_distribution(cfg, tok, meta, cfg.bf16 and bf16_supported(), unit)
+    dist = token_distribution(cfg, tok, meta, autocast=cfg.bf16 and bf16_supported(), task=task)
     model.eval()  # dropout off: the PPO ratio compares the same deterministic network before and after updates
     ref_model.eval().requires_grad_(False)
     value_head, optimizer, state = init_training(cfg, model, resume_from)
@@ -291,7 +323,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list[str], reward_f
         start = iteration * cfg.rollout_batch_size
         batch_prompts = [prompts[order[(start + i) % len(order)]] for i in range(cfg.rollout_batch_size)]
         batch = rollout(cfg, model, value_head, ref_model, tok, meta, batch_prompts, reward_fn,
-                        seed=cfg.seed * 1_000_003 + iteration, dist=dist, unit=unit)
+                        seed=cfg.seed * 1_000_003 + iteration, dist=dist, task=task)
         t_rollout = time.perf_counter() - t0
         # 2. advantages: KL-shaped rewards, GAE, whitening
         rewards, kl = kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, kl_ctl.value)
@@ -351,16 +383,29 @@ def rollout_stats(batch: Rollout, seq_kl: float, kl_coef: float, t_rollout: floa
 
 # --------------------------------------------------------------------------------------------------------- run
 
-def check_task(task) -> None:
-    """PPO's rollouts are the pep8 sampler's one logical line (its token distribution, first-token rule and oracle
-    check); the chat task's RL stage is grpo."""
-    if task.conversational():
-        raise ConfigError("ppo", f"task {task} is not supported by ppo (its rollouts are one line of code): use "
-                          "grpo, and run the pipeline without ppo (run_ppo=false, `pipeline ... --no-ppo`)")
+def check_reward(cfg: Config, task) -> None:
+    """A task without an oracle has no `oracle` reward term."""
+    from alignpipe.algos.rewards import parse_reward
+
+    if not task.has_oracle() and any(name == "oracle" for _, name in parse_reward(cfg.reward).terms):
+        raise ConfigError("ppo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
+
+
+def chat_check(cfg: Config, policy_dir: Path, reference, data_dir: Path, reward, task) -> dict[str, float]:
+    """The check of a task without an oracle: the reward on held-out conversations against the reference."""
+    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.oracle.chat_eval import reward_check
+    from alignpipe.oracle.policy_eval import load_prompts
+
+    prompts = [r["prompt"] for r in load_prompts(data_dir, cfg.n_eval_prompts)]
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                        max_prompt_tokens=cfg.max_prompt_tokens)
+    return reward_check(load_policy(policy_dir), reference, prompts, reward, sampling, cfg.seed, task)
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, evaluate with the oracle."""
+    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, check it (the oracle, or the
+    reward against the reference where the task has no oracle)."""
     import torch
     from safetensors.torch import save_file
 
@@ -372,7 +417,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     check_4bit(cfg)
     task = task_of(inputs["data"])
-    check_task(task)
+    check_reward(cfg, task)
     torch.manual_seed(cfg.seed)
     model, tok, meta = load_policy(inputs["policy"], cfg.trust_remote_code,
                                    quantization_config=quantization_config(cfg))
@@ -384,8 +429,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), {r["prompt"]: r["context"] for r in rows},
-                          probe=prompts)
+    contexts = {r["prompt"]: r["context"] for r in rows} if task.has_oracle() else {}
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts)
 
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
@@ -401,7 +446,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             shutil.rmtree(old)
     train_start = time.perf_counter()
     value_head, state, history = train(cfg, model, tok, meta, reference[0], prompts, reward_fn, resume_from,
-                                       unit=task.completion_unit())
+                                       task=task)
     train_seconds = time.perf_counter() - train_start
 
     meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "ppo", "parent": str(inputs["policy"]),
@@ -411,8 +456,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(merged(model), tok, meta, out_dir)  # LoRA: adapters folded into the weights
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
     eval_start = time.perf_counter()
-    metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size, cfg.seed,
-                             out_dir, progress="ppo: evaluating", task=task)
+    if task.has_oracle():
+        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
+                                 cfg.seed, out_dir, progress="ppo: evaluating", task=task)
+    else:
+        metrics = chat_check(cfg, out_dir, reference, inputs["data"], reward, task)
     first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(
         reward_first=first.get("env/reward_mean", 0.0),

@@ -85,6 +85,11 @@ class Task(ABC):
         characters: lower violations per character is better), or None when the task has none (then candidates
         are scored by the reward model and a judge)."""
 
+    def has_oracle(self) -> bool:
+        """Whether an oracle judges completions (the `oracle` reward term, the oracle check of a trained policy);
+        without one a stage checks itself with the reward against the reference."""
+        return self.oracle() is not None
+
     @abstractmethod
     def gate(self) -> tuple[str, bool]:
         """(metric, higher is better): the per-candidate key of evaluate's report that picks the best candidate and
