@@ -46,9 +46,9 @@ def commands(params: str, w: Path) -> list[tuple[str, list[str]]]:
                   "--out", f"{w}/grpo", ck("grpo")]),
         ("evaluate", ["evaluate", "--data", f"{w}/data", *models, "--reward-model", f"{w}/reward",
                       "--out", f"{w}/evaluate", f"--set=evaluate.extra_candidates=[mle={w}/mle]"]),
-        ("export", ["export", "--evaluation", f"{w}/evaluate", *models, "--reward-model", f"{w}/reward",
+        ("export", ["export", "--best", f"{w}/evaluate/best", "--reward-model", f"{w}/reward",
                     "--data", f"{w}/data", "--out", f"{w}/export"]),
-        ("register", ["register", "--evaluation", f"{w}/evaluate", *models, "--reward-model", f"{w}/reward",
+        ("register", ["register", "--best", f"{w}/evaluate/best", "--reward-model", f"{w}/reward",
                       "--export", f"{w}/export", "--out", f"{w}/register"]),
     ]
 

@@ -3,8 +3,8 @@
     python benchmarks/same_results.py BEFORE [AFTER]   # AFTER defaults to the working tree
 
 Each commit is exported (`git archive`) into a scratch folder and runs, with this environment's Python and its
-own `src/` first on the path, the stages in `dvc.yaml` order with that commit's `configs/tiny.yaml`: data build,
-validate, pretrain, label, reward, dpo, ppo, evaluate, export, register, each in its own MLflow store. It then
+own `src/` first on the path, `data build` and then that commit's own `dvc.yaml` stage commands in order (each
+commit's CLI: its inputs, its candidates) with that commit's `configs/tiny.yaml`, in one MLflow store per tree. It then
 compares every metric a stage wrote before (the union of its metrics*.json files) with the same key after and prints one line per difference.
 Exit 0 when every non-timing metric is identical. Metrics measured with a clock (durations, throughputs,
 latencies, speedups) are listed as skipped.
@@ -23,22 +23,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.yaml"
-STAGES = [
-    ("data", "data build --out data"),
-    ("validate", "validate --corpus data --out artifacts/validate"),
-    ("pretrain", "pretrain --data data --out artifacts/pretrain"),
-    ("label", "label --data data --policy artifacts/pretrain --out artifacts/label"),
-    ("reward", "reward --prefs artifacts/label --policy artifacts/pretrain --out artifacts/reward"),
-    ("dpo", "dpo --data data --policy artifacts/pretrain --prefs artifacts/label --out artifacts/dpo"),
-    ("ppo", "ppo --data data --policy artifacts/pretrain --reward-model artifacts/reward --out artifacts/ppo"),
-    ("evaluate", "evaluate --data data --policy artifacts/pretrain --dpo artifacts/dpo --ppo artifacts/ppo "
-                 "--reward-model artifacts/reward --out artifacts/evaluate"),
-    ("export", "export --evaluation artifacts/evaluate --policy artifacts/pretrain --dpo artifacts/dpo "
-               "--ppo artifacts/ppo --reward-model artifacts/reward --data data --out artifacts/export"),
-    ("register", "register --evaluation artifacts/evaluate --policy artifacts/pretrain --dpo artifacts/dpo "
-                 "--ppo artifacts/ppo --reward-model artifacts/reward --export artifacts/export "
-                 "--out artifacts/register"),
-]
+DATA = ("data", "alignpipe data build --out data")  # data/ is tracked by data.dvc, not a dvc.yaml stage
+
+
+def stage_commands(tree: Path) -> list[tuple[str, str]]:
+    """(stage, command) for `data build`, then every stage of the tree's dvc.yaml, in its order."""
+    import yaml
+
+    stages = yaml.safe_load((tree / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    return [DATA, *((name, " ".join(stage["cmd"].split())) for name, stage in stages.items())]
 
 
 def is_timing(key: str) -> bool:
@@ -69,16 +62,19 @@ def run_pipeline(tree: Path) -> dict[str, dict[str, float]]:
            "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     metrics: dict[str, dict[str, float]] = {}
-    for stage, args in STAGES:
-        cmd = [sys.executable, "-m", "alignpipe", *args.split(), "--params", TINY]
+    for stage, command in stage_commands(tree):
+        program, *args = command.split()
+        assert program == "alignpipe", command
+        cmd = [sys.executable, "-m", "alignpipe", *args, "--params", TINY]
         print(f"[{tree.name}] {stage}", flush=True)
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{tree.name}: {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        out = tree / args.split("--out ")[1].split()[0]
+        out = tree / args[args.index("--out") + 1]
         metrics[stage] = {}
         for f in sorted(out.rglob("metrics*.json")):
-            metrics[stage].update(json.loads(f.read_text()))
+            if "best" not in f.relative_to(out).parts[:-1]:  # evaluate's best/ holds the chosen trainer's
+                metrics[stage].update(json.loads(f.read_text()))
     return metrics
 
 

@@ -14,11 +14,13 @@ max_new_tokens (the most work per request).
 from __future__ import annotations
 
 import argparse
-import json
+import shutil
 import sysconfig
 from pathlib import Path
 
+from alignpipe.core.hashing import weights_sha256
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import write_best
 from alignpipe.stages import export, pretrain, register
 
 
@@ -55,13 +57,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     policy, reward = (Path(args.policy), Path(args.reward)) if args.policy else untrained_models(out)
-    execute("export", export.Config(), {"policy": policy, "reward_model": reward}, out / "export")
     ev = out / "evaluate"
     ev.mkdir(exist_ok=True)
-    (ev / "report.json").write_text(json.dumps(
-        {"best_candidate": "pretrain", "candidates": {"pretrain": {"path": str(policy.resolve())}}}))
-    execute("register", register.Config(), {"evaluation": ev, "policy": policy, "reward_model": reward,
-                                            "export": out / "export"}, out / "register")
+    shutil.rmtree(ev / "best", ignore_errors=True)  # this script's own folder, from an earlier run
+    best = write_best({"best_candidate": "pretrain", "candidates": {"pretrain": {
+        "path": str(policy.resolve()), "weights_sha256": weights_sha256(policy)}}}, ev)
+    execute("export", export.Config(), {"best": best, "reward_model": reward}, out / "export")
+    execute("register", register.Config(), {"best": best, "reward_model": reward, "export": out / "export"},
+            out / "register")
 
 
 if __name__ == "__main__":

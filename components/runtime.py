@@ -23,9 +23,11 @@ import yaml
 
 
 def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metrics: Any, env: dict,
-              launcher: list | None = None, input_limits: dict | None = None) -> dict[str, float]:
+              launcher: list | None = None, input_limits: dict | None = None,
+              extra_outputs: dict[str, tuple[Any, str]] | None = None) -> dict[str, float]:
     """Run `stage` on the KFP artifacts `inputs` (name -> artifact or None) into `out.path`; log its metrics.
-    `input_limits`: the `validate` params section, for the stages that validate their input files."""
+    `input_limits`: the `validate` params section, for the stages that validate their input files;
+    `extra_outputs`: name -> (output artifact, the file or folder of the stage's output copied to it)."""
     for key, value in env.items():
         if value:  # an empty pipeline parameter keeps what the pod already has (e.g. from the MLflow secret)
             os.environ[key] = str(value)
@@ -43,6 +45,8 @@ def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metric
                          limits_of({"validate": restore_ints(load_stage("validate").Config, input_limits or {})}))
     for key, value in result.items():
         metrics.log_metric(key, value)
+    for artifact, relative in (extra_outputs or {}).values():
+        copy_output(Path(out.path) / relative, artifact.path)
     return result
 
 
@@ -83,7 +87,11 @@ def launch(launcher: list[str], stage: str, config: dict, paths: dict[str, str |
     return json.loads((Path(out_dir) / "metrics.json").read_text(encoding="utf-8"))
 
 
-def copy_file(src: str | Path, dst: str | Path) -> None:
-    """Copy one file of a stage's output to a KFP output artifact (HTML, Markdown) the UI renders."""
+def copy_output(src: str | Path, dst: str | Path) -> None:
+    """Copy a file (HTML, Markdown the UI renders) or a folder (evaluate's best/) of a stage's output to a KFP
+    output artifact."""
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+        shutil.copyfile(src, dst)

@@ -1,137 +1,79 @@
-"""One KFP v2 lightweight component per stage: the same `run(cfg, inputs, out_dir)` as the CLI and DVC.
+"""One KFP v2 lightweight component per stage, generated from the stage registry (`alignpipe.stages`): the same
+`run(cfg, inputs, out_dir)` as the CLI and DVC.
 
-Each body is serialized into the compiled YAML and runs in the pinned image (components/image.py), where
-alignpipe and this package are installed: it imports inside the function, as KFP requires, and hands over to
-`components.runtime.run_stage`. Parameters: `config` (the stage's params.yaml section), `env` (MLflow URI, git
-commit, data version; empty values are skipped) and, for the stages that scale to several GPUs, `launcher`
-([] = in process, else e.g. torchrun). Inputs and outputs keep the stage modules' INPUTS names; the main output
-is named as the downstream stages call it. Resources, GPUs and caching are set in pipelines/, not here.
+Each component's signature is its stage's: `config` (the stage's params.yaml section), `env` (MLflow URI, git
+commit, data version; empty values are skipped), `launcher` for the stages that scale to several GPUs ([] = in
+process, else e.g. torchrun), `input_limits` (the `validate` section) for the stages that validate input files,
+one input artifact per entry of the stage module's INPUTS (optional where the stage can do without it), its main
+output (named as the stages downstream call it: `alignpipe.stages.OUTPUTS`), `metrics`, and the EXTRA_OUTPUTS.
+Its body, serialized into the compiled YAML and run in the pinned image (components/image.py), imports inside the
+function, as KFP requires, and hands over to `alignpipe.components.runtime.run_stage`. Resources, GPUs and caching
+are set in pipelines/, not here.
 """
 
-# No `from __future__ import annotations`: KFP reads the real annotation objects.
+import json
+import linecache
+
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from alignpipe.stages import MULTI_GPU  # noqa: F401 (the stages whose component takes a `launcher`)
-from components.image import CPU_IMAGE, GPU_IMAGE
+from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE
+from alignpipe.reports.candidates import BEST_DIR
+from alignpipe.stages import MULTI_GPU, OUTPUTS, STAGE_HELP, load_stage
 
-
-# install_kfp_package=False: the image already has the pinned kfp, so pods start without pip (and offline).
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data(config: dict, env: dict, input_limits: dict, data: Output[Dataset], metrics: Output[Metrics],
-         corpus: Input[Dataset] = None):
-    """data build: train/val/test chunks and held-out prompts (from the image's stdlib or a user corpus)."""
-    from components.runtime import run_stage
-
-    run_stage("data", config, {"corpus": corpus}, data, metrics, env, input_limits=input_limits)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def validate(config: dict, env: dict, corpus: Input[Dataset], validation: Output[Artifact],
-             report_html: Output[HTML], metrics: Output[Metrics], prefs: Input[Dataset] = None):
-    """validate: Great Expectations suites on the corpus (and human preferences); the results page to the UI
-    (the full GX Data Docs site stays in the `validation` artifact)."""
-    from components.runtime import copy_file, run_stage
-
-    run_stage("validate", config, {"corpus": corpus, "prefs": prefs}, validation, metrics, env)
-    copy_file(f"{validation.path}/report.html", report_html.path)
+CPU_STAGES = ("data", "validate", "register")  # the CPU image; every other stage runs on the GPU image
+# The KFP artifact class of an input or output, by name; every other one (policies, reward model, export) is a Model.
+ARTIFACT_TYPES = {"data": "Dataset", "corpus": "Dataset", "prefs": "Dataset", "human_prefs": "Dataset",
+                  "prompts": "Dataset", "validation": "Artifact", "evaluation": "Artifact", "registry": "Artifact"}
+# Outputs beside a stage's main one: name -> (KFP artifact class, the file or folder of the stage's output it is).
+EXTRA_OUTPUTS = {
+    "validate": {"report_html": ("HTML", "report.html")},  # the results page (the GX site stays in `validation`)
+    "evaluate": {"best": ("Model", BEST_DIR), "report": ("Markdown", "report.md"), "report_html": ("HTML", "report.html")},
+}
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def pretrain(config: dict, env: dict, launcher: list, data: Input[Dataset], policy: Output[Model],
-             metrics: Output[Metrics]):
-    """pretrain: the policy, trained with human preferences (PHF objectives)."""
-    from components.runtime import run_stage
-
-    run_stage("pretrain", config, {"data": data}, policy, metrics, env, launcher)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def label(config: dict, env: dict, input_limits: dict, data: Input[Dataset], policy: Input[Model],
-          prefs: Output[Dataset], metrics: Output[Metrics], judge_model: Input[Model] = None,
-          human_prefs: Input[Dataset] = None):
-    """label: sampled completion pairs labelled by a judge (RLAIF), plus optional human preferences."""
-    from components.runtime import run_stage
-
-    run_stage("label", config, {"data": data, "policy": policy, "judge_model": judge_model,
-                                "human_prefs": human_prefs}, prefs, metrics, env, input_limits=input_limits)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def reward(config: dict, env: dict, launcher: list, input_limits: dict, prefs: Input[Dataset], policy: Input[Model],
-           reward_model: Output[Model], metrics: Output[Metrics]):
-    """reward: a reward model trained on the preference pairs."""
-    from components.runtime import run_stage
-
-    run_stage("reward", config, {"prefs": prefs, "policy": policy}, reward_model, metrics, env, launcher,
-              input_limits)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def dpo(config: dict, env: dict, launcher: list, input_limits: dict, data: Input[Dataset], policy: Input[Model],
-        prefs: Input[Dataset], dpo: Output[Model], metrics: Output[Metrics], human_prefs: Input[Dataset] = None):
-    """dpo: direct preference optimisation of the policy against its frozen copy."""
-    from components.runtime import run_stage
-
-    run_stage("dpo", config, {"data": data, "policy": policy, "prefs": prefs, "human_prefs": human_prefs}, dpo,
-              metrics, env, launcher, input_limits)
+def component_source(stage: str) -> str:
+    """The Python source of `stage`'s component function."""
+    q = json.dumps  # a double-quoted string literal
+    module = load_stage(stage)
+    output = OUTPUTS[stage]
+    params = ["config: dict", "env: dict"]
+    call = {}
+    if stage in MULTI_GPU:
+        params.append("launcher: list")
+        call["launcher"] = "launcher"
+    if getattr(module, "CHECKED_INPUTS", None):
+        params.append("input_limits: dict")
+        call["input_limits"] = "input_limits"
+    params += [f"{i.name}: Input[{ARTIFACT_TYPES.get(i.name, 'Model')}]" for i in module.INPUTS if i.required]
+    params += [f"{output}: Output[{ARTIFACT_TYPES.get(output, 'Model')}]", "metrics: Output[Metrics]"]
+    extra = EXTRA_OUTPUTS.get(stage, {})
+    params += [f"{name}: Output[{kind}]" for name, (kind, _) in extra.items()]
+    params += [f"{i.name}: Input[{ARTIFACT_TYPES.get(i.name, 'Model')}] = None" for i in module.INPUTS
+               if not i.required]
+    if extra:
+        call["extra_outputs"] = "{" + ", ".join(f"{q(n)}: ({n}, {q(path)})" for n, (_, path) in extra.items()) + "}"
+    inputs = "{" + ", ".join(f"{q(i.name)}: {i.name}" for i in module.INPUTS) + "}"
+    args = ", ".join([q(stage), "config", inputs, output, "metrics", "env", *(f"{k}={v}" for k, v in call.items())])
+    return (f"def {stage}({', '.join(params)}):\n"
+            f"    {q(STAGE_HELP[stage].split(' (')[0])}\n"
+            f"    from alignpipe.components.runtime import run_stage\n\n"
+            f"    run_stage({args})\n")
 
 
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def ppo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], reward_model: Input[Model],
-        ppo: Output[Model], metrics: Output[Metrics]):
-    """ppo: RL against the reward model with a KL penalty to the reference policy."""
-    from components.runtime import run_stage
+def make_component(stage: str):
+    """`stage`'s component: its generated source, compiled (and put in linecache, where KFP reads it back)."""
+    from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-    run_stage("ppo", config, {"data": data, "policy": policy, "reward_model": reward_model}, ppo, metrics, env)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def grpo(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], grpo: Output[Model],
-         metrics: Output[Metrics], reward_model: Input[Model] = None):
-    """grpo: group-relative RL (TRL GRPOTrainer) against the configured reward (oracle, reward model, function)."""
-    from components.runtime import run_stage
-
-    run_stage("grpo", config, {"data": data, "policy": policy, "reward_model": reward_model}, grpo, metrics, env)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def evaluate(config: dict, env: dict, data: Input[Dataset], policy: Input[Model], dpo: Input[Model],
-             reward_model: Input[Model], evaluation: Output[Artifact], report: Output[Markdown],
-             report_html: Output[HTML], metrics: Output[Metrics], ppo: Input[Model] = None,
-             grpo: Input[Model] = None, prompts: Input[Dataset] = None):
-    """evaluate: every candidate on held-out prompts; the report (Markdown, and a page with the plots) to the UI."""
-    from components.runtime import copy_file, run_stage
-
-    run_stage("evaluate", config, {"data": data, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
-                                   "reward_model": reward_model, "prompts": prompts},
-              evaluation, metrics, env)
-    copy_file(f"{evaluation.path}/report.md", report.path)
-    copy_file(f"{evaluation.path}/report.html", report_html.path)
-
-
-@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def export(config: dict, env: dict, evaluation: Input[Artifact], policy: Input[Model], dpo: Input[Model],
-           reward_model: Input[Model], data: Input[Dataset], export: Output[Model], metrics: Output[Metrics],
-           ppo: Input[Model] = None, grpo: Input[Model] = None):
-    """export: the chosen policy and the reward model to ONNX, checked against PyTorch."""
-    from components.runtime import run_stage
-
-    run_stage("export", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
-                                 "reward_model": reward_model, "data": data}, export, metrics, env)
-
-
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register(config: dict, env: dict, evaluation: Input[Artifact], policy: Input[Model], dpo: Input[Model],
-             reward_model: Input[Model], export: Input[Model], registry: Output[Artifact],
-             metrics: Output[Metrics], ppo: Input[Model] = None, grpo: Input[Model] = None):
-    """register: the best candidate in the MLflow registry, behind a quality gate."""
-    from components.runtime import run_stage
-
-    run_stage("register", config, {"evaluation": evaluation, "policy": policy, "dpo": dpo, "ppo": ppo, "grpo": grpo,
-                                   "reward_model": reward_model, "export": export}, registry, metrics, env)
+    source = component_source(stage)
+    filename = f"<alignpipe component {stage}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": __name__, "Input": Input, "Output": Output, "Artifact": Artifact, "Dataset": Dataset,
+                 "HTML": HTML, "Markdown": Markdown, "Metrics": Metrics, "Model": Model}
+    exec(compile(source, filename, "exec"), namespace)
+    image = CPU_IMAGE if stage in CPU_STAGES else GPU_IMAGE
+    # install_kfp_package=False: the image already has the pinned kfp, so pods start without pip (and offline).
+    return dsl.component(base_image=image, install_kfp_package=False)(namespace[stage])
 
 
 # Stage name -> component, in DAG order (the names of params.yaml sections, CLI commands and DVC stages).
-COMPONENTS = {c.name: c for c in (data, validate, pretrain, label, reward, dpo, ppo, grpo, evaluate, export,
-                                          register)}
+COMPONENTS = {name: make_component(name) for name in OUTPUTS}

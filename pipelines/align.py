@@ -1,5 +1,5 @@
-"""The Kubeflow DAG: data -> validate -> pretrain -> label -> reward -> dpo, grpo, [ppo] -> evaluate -> export ->
-register.
+"""The Kubeflow DAG: data -> validate -> pretrain -> label -> reward -> the other candidates -> evaluate -> export ->
+register, generated from the stage registry (`alignpipe.stages`).
 
 Wiring only: which output feeds which input, per-task CPU/memory/GPU, node selectors and tolerations, caching,
 the MLflow secret. The stage logic is in alignpipe.stages, the components in components/.
@@ -7,38 +7,43 @@ the MLflow secret. The stage logic is in alignpipe.stages, the components in com
 - Data: the first task builds it (`data` stage, from the image's stdlib or an imported `corpus`), unless the
   pipeline was compiled with `imports={"data": URI}`: then a `dsl.importer` brings in an existing data/ and its URI
   is the `data_uri` run parameter (a recurring run re-imports it on every run). Likewise `human_prefs` (checked by
-  validate, used by label and dpo) and `judge_model` (label's judge) are imported only when given at compile time.
-  evaluate's optional `prompts` input is not wired (evaluate reads data's prompts.jsonl).
-- PPO is optional at run time: `run_ppo` picks one of two branches. The branch with PPO gives its policy to
-  evaluate/export/register as a candidate; the other runs the same three tasks without it. The tail is a
-  sub-pipeline because KFP's local runner cannot merge artifacts from two branches (`dsl.OneOf` on artifacts).
+  validate, used by label and the preference trainers) and `judge_model` (label's judge) are imported only when
+  given at compile time. evaluate's optional `prompts` input is not wired (evaluate reads data's prompts.jsonl).
+- Candidates: every policy-producing stage of the registry after pretrain gets each of its inputs from the artifact
+  of that name (data, policy, prefs, reward_model, an imported human_prefs); evaluate takes them all and hands its
+  `best` output alone to export and register.
+- A candidate stage registered with `switch` is optional at run time: its `run_<stage>` parameter picks one of two
+  branches, with and without it, each running the same evaluate -> export -> register sub-pipeline (one definition,
+  built per set of candidates: KFP's local runner cannot merge artifacts from two branches, `dsl.OneOf`).
 - GPUs: the training, sampling and export tasks request `nvidia.com/gpu` and land on GPU nodes; data, validate
-  and register run on the CPU image. `gpus[stage]` (pretrain, reward, dpo; default 1) is the GPU request: above 1
+  and register run on the CPU image. `gpus[stage]` (the multi-GPU stages; default 1) is the GPU request: above 1
   the stage starts under torchrun, one process per GPU; 0 runs it on a CPU node.
 """
 
 import inspect
+import itertools
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input, Model
 
-from components import stages as c
-from components.stages import MULTI_GPU
+from alignpipe.components import stages as c
+from alignpipe.components.stages import CPU_STAGES
+from alignpipe.stages import CANDIDATES, MULTI_GPU, SWITCHED
 
 PIPELINE_NAME = "alignpipe"
-STAGES = tuple(c.COMPONENTS)  # data, validate, pretrain, label, reward, dpo, ppo, grpo, evaluate, export, register
+STAGES = tuple(c.COMPONENTS)  # data, then the registry's stages in DAG order
+TRAINERS = tuple(stage for stage, _ in CANDIDATES[1:])  # the candidates after the reference (pretrain)
 
-# (CPU cores, memory GiB) per task; GPU tasks get this per GPU.
-RESOURCES = {
-    "data": (2, 8), "validate": (2, 8), "pretrain": (8, 32), "label": (4, 32), "reward": (4, 32),
-    "dpo": (8, 32), "ppo": (8, 32), "grpo": (8, 32), "evaluate": (4, 32), "export": (4, 32), "register": (2, 8),
-}
-GPU_STAGES = ("pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export")
+# (CPU cores, memory GiB) per task; GPU tasks get this per GPU. A candidate stage not listed gets TRAINING.
+TRAINING = (8, 32)
+RESOURCES = {"data": (2, 8), "validate": (2, 8), "label": (4, 32), "reward": (4, 32), "evaluate": (4, 32),
+             "export": (4, 32), "register": (2, 8), **{stage: TRAINING for stage, _ in CANDIDATES}}
+GPU_STAGES = tuple(s for s in STAGES if s not in CPU_STAGES)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set on GPU nodes by NVIDIA GPU feature discovery
-# Never served from the KFP cache: the stages whose outputs or metrics are sampled from the policy, and register,
-# whose point is its side effect (a new registry version).
-NO_CACHE = ("pretrain", "label", "dpo", "ppo", "grpo", "evaluate", "register")
+# Never served from the KFP cache: the stages whose outputs or metrics are sampled from the policy (label, every
+# candidate, evaluate), and register, whose point is its side effect (a new registry version).
+NO_CACHE = ("label", *(stage for stage, _ in CANDIDATES), "evaluate", "register")
 # Kubernetes secret with the MLflow address and credentials, mounted as env on every task (optional: a cluster
 # without it falls back to the `mlflow_tracking_uri` parameter). Each key is the env variable of the same name.
 MLFLOW_SECRET = "alignpipe-mlflow"
@@ -46,6 +51,7 @@ MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW
                       "MLFLOW_TRACKING_TOKEN", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 # Artifacts a pipeline can import instead of producing (compile-time choice; the URI is a run parameter).
 IMPORTS = {"data": Dataset, "corpus": Dataset, "human_prefs": Dataset, "judge_model": Model}
+RUN_INFO = ("mlflow_tracking_uri", "git_commit", "data_version")
 
 
 def launcher(gpus: int) -> list[str]:
@@ -78,84 +84,116 @@ def _env(mlflow_tracking_uri, git_commit, data_version) -> dict:
             "ALIGNPIPE_DATA_VERSION": data_version}
 
 
-def _release_pipelines(caching: bool):
-    """The evaluate -> export -> register sub-pipelines: with the PPO policy as a candidate, and without."""
+def _release_pipelines(caching: bool) -> dict[tuple[str, ...], object]:
+    """The evaluate -> export -> register sub-pipeline, one per set of switched candidates that run (a tuple of
+    their stage names): inputs data, reward_model and one policy per candidate present."""
 
-    def tasks(data, policy, dpo, grpo, reward_model, ppo, evaluate, export, register, run_info) -> None:
-        env = _env(**run_info)
-        models = dict(policy=policy, dpo=dpo, grpo=grpo, reward_model=reward_model, **_given(ppo=ppo))
-        ev = _configure(c.evaluate(config=evaluate, env=env, data=data, **models), "evaluate", caching)
-        ex = _configure(c.export(config=export, env=env, evaluation=ev.outputs["evaluation"], data=data, **models),
-                        "export", caching)
-        _configure(c.register(config=register, env=env, evaluation=ev.outputs["evaluation"],
-                              export=ex.outputs["export"], **models), "register", caching)
+    def release(present: tuple[str, ...]):
+        outputs = [output for stage, output in CANDIDATES if stage not in SWITCHED or stage in present]
 
-    def release_with_ppo(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], grpo: Input[Model],
-                         reward_model: Input[Model], ppo: Input[Model], evaluate: dict, export: dict, register: dict,
-                         mlflow_tracking_uri: str, git_commit: str, data_version: str):
-        tasks(data, policy, dpo, grpo, reward_model, ppo, evaluate, export, register,
-              dict(mlflow_tracking_uri=mlflow_tracking_uri, git_commit=git_commit, data_version=data_version))
+        def tail(*args, **kwargs):
+            p = tail.__signature__.bind(*args, **kwargs).arguments
+            env = _env(**{k: p[k] for k in RUN_INFO})
+            policies = {output: p[output] for output in outputs}
+            ev = _configure(c.COMPONENTS["evaluate"](config=p["evaluate"], env=env, data=p["data"],
+                                                     reward_model=p["reward_model"], **policies), "evaluate", caching)
+            best = ev.outputs["best"]
+            ex = _configure(c.COMPONENTS["export"](config=p["export"], env=env, best=best, data=p["data"],
+                                                   reward_model=p["reward_model"]), "export", caching)
+            _configure(c.COMPONENTS["register"](config=p["register"], env=env, best=best, export=ex.outputs["export"],
+                                                reward_model=p["reward_model"]), "register", caching)
 
-    def release(data: Input[Dataset], policy: Input[Model], dpo: Input[Model], grpo: Input[Model],
-                reward_model: Input[Model], evaluate: dict, export: dict, register: dict, mlflow_tracking_uri: str,
-                git_commit: str, data_version: str):
-        tasks(data, policy, dpo, grpo, reward_model, None, evaluate, export, register,
-              dict(mlflow_tracking_uri=mlflow_tracking_uri, git_commit=git_commit, data_version=data_version))
+        artifacts = [("data", Input[Dataset]), ("reward_model", Input[Model]), *((o, Input[Model]) for o in outputs)]
+        params = [*((s, dict) for s in ("evaluate", "export", "register")), *((k, str) for k in RUN_INFO)]
+        tail.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t)
+                                                for n, t in [*artifacts, *params]])
+        tail.__name__ = "release" + "".join(f"_with_{s}" for s in present)
+        names = ", ".join(s for s, _ in CANDIDATES if s not in SWITCHED or s in present)
+        return dsl.pipeline(name=tail.__name__.replace("_", "-"),
+                            description=f"evaluate, export, register; candidates {names}")(tail)
 
-    return (dsl.pipeline(name="release-with-ppo", description="evaluate, export, register; PPO among the candidates")(
-                release_with_ppo),
-            dsl.pipeline(name="release", description="evaluate, export, register (no PPO policy)")(release))
+    subsets = itertools.product(*[[(s,), ()] for s in SWITCHED])
+    return {present: release(present) for present in (sum(subset, ()) for subset in subsets)}
 
 
-def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool, releases: tuple) -> None:
-    run_info = {k: p[k] for k in ("mlflow_tracking_uri", "git_commit", "data_version")}
+def _trainer(stage: str, p: dict, env: dict, artifacts: dict, gpus: dict[str, int], caching: bool):
+    """A candidate stage's task: each of its inputs from the artifact of that name (left out when absent)."""
+    component = c.COMPONENTS[stage]
+    spec = component.component_spec.inputs
+    kwargs = {name: artifacts[name] for name in spec if name in artifacts}
+    missing = [name for name, s in spec.items() if name not in kwargs and not s.optional
+               and name not in ("config", "env", "launcher", "input_limits")]
+    if missing:
+        raise ValueError(f"{stage}: no artifact in the DAG for its input(s) {', '.join(missing)}")
+    if "launcher" in spec:
+        kwargs["launcher"] = launcher(gpus[stage])
+    if "input_limits" in spec:
+        kwargs["input_limits"] = p["validate"]
+    return _configure(component(config=p[stage], env=env, **kwargs), stage, caching, gpus.get(stage, 1))
+
+
+def _branches(p: dict, switched: tuple[str, ...], present: tuple[str, ...], tail: dict, artifacts: dict,
+              gpus: dict[str, int], caching: bool, releases: dict) -> None:
+    """One dsl.If/Else per switched candidate (`run_<stage>`), the release sub-pipeline in every leaf."""
+    if not switched:
+        releases[present](**tail).set_display_name("evaluate-export-register")
+        return
+    stage, rest = switched[0], switched[1:]
+    with dsl.If(p[f"run_{stage}"] == True, name=f"{stage}-on"):  # noqa: E712 (a KFP condition, compiled)
+        task = _trainer(stage, p, _env(**{k: p[k] for k in RUN_INFO}), artifacts, gpus, caching)
+        output = dict(CANDIDATES)[stage]
+        _branches(p, rest, (*present, stage), {**tail, output: task.outputs[output]}, artifacts, gpus, caching,
+                  releases)
+    with dsl.Else(name=f"{stage}-off"):
+        _branches(p, rest, present, tail, artifacts, gpus, caching, releases)
+
+
+def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool, releases: dict) -> None:
+    run_info = {k: p[k] for k in RUN_INFO}
     env = _env(**run_info)
     imported = {}
     for name in imports:
         task = dsl.importer(artifact_uri=p[f"{name}_uri"], artifact_class=IMPORTS[name], reimport=True)
         imported[name] = task.set_display_name(f"import-{name}").set_caching_options(caching).output
+    components = c.COMPONENTS
     if "data" in imported:
         data = imported["data"]
     else:
-        data = _configure(c.data(config=p["data"], env=env, input_limits=p["validate"],
-                                 **_given(corpus=imported.get("corpus"))), "data", caching).outputs["data"]
+        data = _configure(components["data"](config=p["data"], env=env, input_limits=p["validate"],
+                                             **_given(corpus=imported.get("corpus"))), "data", caching).outputs["data"]
     human_prefs = imported.get("human_prefs")
-    validate = _configure(c.validate(config=p["validate"], env=env, corpus=data, **_given(prefs=human_prefs)),
-                          "validate", caching)
-    pretrain = _configure(c.pretrain(config=p["pretrain"], env=env, launcher=launcher(gpus["pretrain"]), data=data),
-                          "pretrain", caching, gpus["pretrain"]).after(validate)
+    validate = _configure(components["validate"](config=p["validate"], env=env, corpus=data,
+                                                 **_given(prefs=human_prefs)), "validate", caching)
+    pretrain = _configure(components["pretrain"](config=p["pretrain"], env=env, launcher=launcher(gpus["pretrain"]),
+                                                 data=data), "pretrain", caching, gpus["pretrain"]).after(validate)
     policy = pretrain.outputs["policy"]
-    label = _configure(c.label(config=p["label"], env=env, input_limits=p["validate"], data=data, policy=policy,
-                               **_given(judge_model=imported.get("judge_model"), human_prefs=human_prefs)),
-                       "label", caching)
+    label = _configure(components["label"](config=p["label"], env=env, input_limits=p["validate"], data=data,
+                                           policy=policy, **_given(judge_model=imported.get("judge_model"),
+                                                                   human_prefs=human_prefs)), "label", caching)
     prefs = label.outputs["prefs"]
-    reward = _configure(c.reward(config=p["reward"], env=env, input_limits=p["validate"],
-                                 launcher=launcher(gpus["reward"]), prefs=prefs, policy=policy),
+    reward = _configure(components["reward"](config=p["reward"], env=env, input_limits=p["validate"],
+                                             launcher=launcher(gpus["reward"]), prefs=prefs, policy=policy),
                         "reward", caching, gpus["reward"])
-    dpo = _configure(c.dpo(config=p["dpo"], env=env, input_limits=p["validate"], launcher=launcher(gpus["dpo"]),
-                           data=data, policy=policy, prefs=prefs, **_given(human_prefs=human_prefs)),
-                     "dpo", caching, gpus["dpo"])
-    grpo = _configure(c.grpo(config=p["grpo"], env=env, data=data, policy=policy,
-                             reward_model=reward.outputs["reward_model"]), "grpo", caching)
-    tail = dict(data=data, policy=policy, dpo=dpo.outputs["dpo"], grpo=grpo.outputs["grpo"],
-                reward_model=reward.outputs["reward_model"],
-                evaluate=p["evaluate"], export=p["export"], register=p["register"], **run_info)
-    release_with_ppo, release = releases
-    with dsl.If(p["run_ppo"] == True, name="ppo-on"):  # noqa: E712 (a KFP condition, compiled, not evaluated)
-        ppo = _configure(c.ppo(config=p["ppo"], env=env, data=data, policy=policy,
-                               reward_model=reward.outputs["reward_model"]), "ppo", caching)
-        release_with_ppo(ppo=ppo.outputs["ppo"], **tail).set_display_name("evaluate-export-register")
-    with dsl.Else(name="ppo-off"):
-        release(**tail).set_display_name("evaluate-export-register")
+    reward_model = reward.outputs["reward_model"]
+    artifacts = {"data": data, "policy": policy, "prefs": prefs, "reward_model": reward_model,
+                 **_given(human_prefs=human_prefs)}
+    tail = dict(data=data, reward_model=reward_model, policy=policy, evaluate=p["evaluate"], export=p["export"],
+                register=p["register"], **run_info)
+    for stage in TRAINERS:
+        if stage not in SWITCHED:
+            output = dict(CANDIDATES)[stage]
+            tail[output] = _trainer(stage, p, env, artifacts, gpus, caching).outputs[output]
+    _branches(p, SWITCHED, (), tail, artifacts, gpus, caching, releases)
 
 
 def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = None,
-                   imports: dict[str, str] | None = None, run_ppo: bool = True, mlflow_tracking_uri: str = "",
-                   git_commit: str = "", data_version: str = "", caching: bool = True):
+                   imports: dict[str, str] | None = None, run: dict[str, bool] | None = None,
+                   mlflow_tracking_uri: str = "", git_commit: str = "", data_version: str = "", caching: bool = True):
     """The pipeline function, its parameters' defaults taken from here (KFP reads them when compiling):
 
-    `stage_params`: stage -> its params.yaml section (one dict parameter per stage); `gpus`: GPUs for pretrain,
-    reward, dpo (default 1); `imports`: artifact name (see IMPORTS) -> URI to import instead of building it;
+    `stage_params`: stage -> its params.yaml section (one dict parameter per stage); `gpus`: GPUs for the
+    MULTI_GPU stages (default 1); `imports`: artifact name (see IMPORTS) -> URI to import instead of building it;
+    `run`: a SWITCHED stage -> the default of its `run_<stage>` parameter (default true);
     `caching=False` turns the KFP cache off for every task (recurring runs), else it is off only for NO_CACHE.
     """
     gpus = {stage: int((gpus or {}).get(stage, 1)) for stage in MULTI_GPU}
@@ -167,7 +205,8 @@ def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = 
     stages = [s for s in STAGES if not (s == "data" and "data" in imports)]
     params = [
         *[(s, dict, dict(stage_params.get(s, {})), f"the `{s}` section of params.yaml") for s in stages],
-        ("run_ppo", bool, run_ppo, "run the PPO stage and offer its policy as a candidate"),
+        *[(f"run_{stage}", bool, bool((run or {}).get(stage, True)),
+           f"run the {stage} stage and offer its policy as a candidate") for stage in SWITCHED],
         ("mlflow_tracking_uri", str, mlflow_tracking_uri,
          f"MLflow tracking URI (empty: MLFLOW_TRACKING_URI from the `{MLFLOW_SECRET}` secret)"),
         ("git_commit", str, git_commit, "commit of the code, tagged on every MLflow run"),

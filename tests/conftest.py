@@ -49,8 +49,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def _mlflow_template_db(tmp_path_factory):
-    """An empty, migrated MLflow sqlite store, made once (migrations take seconds) and copied per test."""
+    """An MLflow sqlite store, migrated (migrations take seconds) and holding the alignpipe experiment, made once and
+    copied per test. The experiment keeps its artifacts under pytest's temp dir: MLflow's default, `./mlruns` of the
+    working directory, is the checkout."""
+    from alignpipe.tracking import runs
+
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    runs.create_experiment(f"sqlite:///{db}", db.parent / "mlartifacts")
     return db
 
 
@@ -58,10 +63,6 @@ def _mlflow_template_db(tmp_path_factory):
 def _isolated_env(tmp_path, monkeypatch, _mlflow_template_db):
     """Each test gets its own MLflow store (env and MLflow's global URIs) and TMPDIR under pytest's temp dir (cleaned by
     pytest): nothing a test does reads or writes a ./mlflow.db that `make run` left in the checkout."""
-    if not _mlflow_template_db.exists():
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(f"sqlite:///{_mlflow_template_db}").search_experiments()
     shutil.copy(_mlflow_template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -90,8 +91,10 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def module_mlflow(tmp_path_factory):
-    """One MLflow store for a whole test module (creating a sqlite store takes seconds)."""
+def module_mlflow(tmp_path_factory, _mlflow_template_db):
+    """One MLflow store for a whole test module (a copy of the template: creating a sqlite store takes seconds)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    shutil.copy(_mlflow_template_db, db)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
         yield

@@ -75,8 +75,7 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
     assert set(report["candidates"]) == {"pretrain", "dpo", "grpo"} and ev["n_candidates"] == 3
 
     ex = execute("export", export.Config(n_parity_prompts=3, max_new_tokens=8, latency_repeats=1),
-                 {"evaluation": tmp_path / "evaluate", "policy": base, "dpo": tmp_path / "dpo_lora",
-                  "grpo": tmp_path / "grpo", "reward_model": tmp_path / "reward", "data": tiny_data},
+                 {"best": tmp_path / "evaluate" / "best", "reward_model": tmp_path / "reward", "data": tiny_data},
                  tmp_path / "export")
     assert ex["max_abs_diff_policy"] <= 1e-3 and ex["max_abs_diff_reward"] <= 1e-3
     assert ex["greedy_match_frac"] == 1.0

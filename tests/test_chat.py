@@ -26,6 +26,18 @@ def chat(tmp_path_factory):
     return {"root": root, "data": root / "data", "llama": tiny.make_chat_llama(root / "llama")}
 
 
+@pytest.fixture(scope="module")
+def chat_rm(chat, module_mlflow, tmp_path_factory):
+    """A reward model trained 2 steps on the chat pairs, once for the tests that score with it (read-only)."""
+    from alignpipe.stages import reward
+
+    root = tmp_path_factory.mktemp("chat_rm")
+    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
+                                    checkpoint_dir=str(root / "c1")), {"prefs": chat["data"],
+                                                                       "policy": chat["llama"]}, root / "rm")
+    return root / "rm"
+
+
 @pytest.mark.slow
 def test_reward_trains_on_conversations_through_the_chat_template(chat, tmp_path):
     from alignpipe.lm.reward_model import reward_ids
@@ -81,16 +93,13 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
 
 
 @pytest.mark.slow
-def test_evaluate_and_register_gate_on_the_chat_task(chat, tmp_path):
+def test_evaluate_and_register_gate_on_the_chat_task(chat, chat_rm, tmp_path):
     """evaluate scores chat candidates with the reward model and a judge (no oracle); the report carries the task's
     gate metric and direction, which register's gate reads."""
-    from alignpipe.core.candidates import read_report
+    from alignpipe.reports.candidates import read_report
     from alignpipe.stages import evaluate, register, reward
 
-    rm = tmp_path / "rm"
-    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
-                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
-                                                                           "policy": chat["llama"]}, rm)
+    rm = chat_rm
     judge = tmp_path / "judge"  # a second reward model (another seed): the guard's score, not the optimised one
     execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128, seed=1,
                                     checkpoint_dir=str(tmp_path / "c2")), {"prefs": chat["data"],
@@ -163,19 +172,16 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_ppo_evaluate(tmp_pa
 
 
 @pytest.mark.slow
-def test_grpo_on_conversations_with_the_reward_model(chat, tmp_path):
+def test_grpo_on_conversations_with_the_reward_model(chat, chat_rm, tmp_path):
     """GRPO's rollouts go through the chat template and end at the end of the turn; the reward is the reward model
     (no oracle on chat); the stage checks itself against the reference on held-out conversations."""
     import torch
     from safetensors.torch import load_file
 
     from alignpipe.core.errors import ConfigError
-    from alignpipe.stages import grpo, reward
+    from alignpipe.stages import grpo
 
-    rm = tmp_path / "rm"
-    execute("reward", reward.Config(max_steps=2, batch_size=8, save_steps=0, max_length=128,
-                                    checkpoint_dir=str(tmp_path / "c1")), {"prefs": chat["data"],
-                                                                           "policy": chat["llama"]}, rm)
+    rm = chat_rm
     inputs = {"data": chat["data"], "policy": chat["llama"], "reward_model": rm}
     with pytest.raises(ConfigError, match="grpo.reward: task chat has no oracle"):
         grpo.run(grpo.Config(), inputs, tmp_path / "x")

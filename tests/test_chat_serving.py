@@ -17,6 +17,7 @@ from alignpipe.run.runner import execute
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import PolicyMeta, load_policy
+from alignpipe.reports.candidates import write_best
 from alignpipe.tasks import get_task
 
 CONVERSATIONS = [r["prompt"] for r in tiny.chat_rows(6)]  # plain, with a system turn, with a second user turn
@@ -67,6 +68,7 @@ def _answers(tok, rows: list[list[int]]) -> list[str]:
     return [tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_prompt_tokens", [192, 12])
 def test_onnx_greedy_chat_answers_equal_torch_generate(chat_policy, max_prompt_tokens):
     model, tok = chat_policy["model"], chat_policy["tok"]
@@ -84,6 +86,7 @@ def test_onnx_greedy_chat_answers_equal_torch_generate(chat_policy, max_prompt_t
     assert len(sampled) == len(CONVERSATIONS) and all("<|" not in a for a in sampled)
 
 
+@pytest.mark.slow
 def test_logged_chat_model_answers_messages_and_refuses_bad_ones(chat_policy):
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -146,12 +149,12 @@ def test_register_serves_the_chat_model_as_champion(chat_policy, tmp_path):
     ev = tmp_path / "ev"
     ev.mkdir()
     llama = chat_policy["llama"]
-    (ev / "report.json").write_text(json.dumps({
+    best = write_best({
         "best_candidate": "dpo", "task": "chat", "gate_metric": "judge_win_rate_vs_ref", "gate_direction": "higher",
         "candidates": {"dpo": {"path": str(llama), "judge_win_rate_vs_ref": 0.6,
-                               "weights_sha256": weights_sha256(llama)}}}))
+                               "weights_sha256": weights_sha256(llama)}}}, ev)
     execute("register", register.Config(max_new_tokens=8, serve_max_batch_size=4),
-            {"evaluation": ev, "dpo": llama, "reward_model": reward_dir, "export": export}, tmp_path / "reg")
+            {"best": best, "reward_model": reward_dir, "export": export}, tmp_path / "reg")
     uri = "models:/alignpipe-policy-onnx@champion"
     assert runs.mlflow_module().models.get_model_info(uri).flavors["python_function"]["loader_module"] == \
         "mlflow.pyfunc.loaders.chat_model"

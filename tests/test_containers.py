@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from alignpipe.core.errors import AlignpipeError
-from pipelines.align import STAGES
+from alignpipe.pipelines.align import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("ALIGNPIPE_TEST_IMAGE", "")
@@ -55,10 +55,13 @@ def test_cli_help_runs_in_the_image():
 
 
 def test_components_and_pipeline_import_from_the_installed_package():
-    proc = podman_run(IMAGE, "python", "-c", "import components.stages, pipelines.align; "
-                      "print(components.stages.__file__); print(len(components.stages.COMPONENTS))")
-    path, count = proc.stdout.split()
-    assert path.startswith("/opt/venv/lib/python3.11/site-packages/components/"), path  # installed, not a source copy
+    proc = podman_run(IMAGE, "python", "-c", "import alignpipe.components.stages as c, alignpipe.pipelines.align; "
+                      "import importlib.util as u; print(c.__file__); print(len(c.COMPONENTS)); "
+                      "print(u.find_spec('components'), u.find_spec('pipelines'))")
+    path, count, *top_level = proc.stdout.split()
+    # installed inside the package, not a source copy, and no generic top-level `components`/`pipelines`
+    assert path.startswith("/opt/venv/lib/python3.11/site-packages/alignpipe/components/"), path
+    assert top_level == ["None", "None"]
     assert int(count) == len(STAGES)
 
 

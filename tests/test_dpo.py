@@ -173,6 +173,7 @@ def test_config_errors_name_the_key():
         dpo.Config(loss_type="nope")
 
 
+@pytest.mark.slow
 def test_sft_weight_adds_the_chosen_nll_rpo(tmp_path):
     """sft_weight > 0 (RPO) adds TRL's "sft" loss on the chosen completions with that weight, which keeps the
     chosen log-probability higher than plain DPO does from the same start."""

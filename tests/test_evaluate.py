@@ -104,16 +104,17 @@ def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     """Register `policy_dir` as alignpipe-policy@champion through the register stage (a one-candidate report)."""
     from alignpipe.core.hashing import weights_sha256
     from alignpipe.run.runner import execute
+    from alignpipe.reports.candidates import write_best
     from alignpipe.stages import register
 
     ev = tmp_path / "champion_eval"
     ev.mkdir()
-    (ev / "report.json").write_text(json.dumps({
-        "best_candidate": "dpo", "candidates": {"dpo": {"path": str(policy_dir), "violations_per_char": 0.5,
-                                                        "weights_sha256": weights_sha256(policy_dir)}}}))
-    execute("register", register.Config(), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "champion_reg")
+    best = write_best({"best_candidate": "dpo", "candidates": {"dpo": {
+        "path": str(policy_dir), "violations_per_char": 0.5, "weights_sha256": weights_sha256(policy_dir)}}}, ev)
+    execute("register", register.Config(), {"best": best}, tmp_path / "champion_reg")
 
 
+@pytest.mark.slow
 def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     tok = tiny.make_tokenizer()
     dirs = {name: tiny.make_policy(tmp_path / name, conditional=name != "mle", seed=i, tok=tok)
@@ -147,6 +148,13 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     assert metrics["best_candidate_index"] == report["order"].index(best)
     assert report["candidates"][best]["violations_per_char"] == min(
         c["violations_per_char"] for c in report["candidates"].values())
+    # best/: the chosen policy's directory with its report entry (what export and register read)
+    from alignpipe.core.hashing import weights_sha256
+
+    chosen = json.loads((out / "best" / "candidate.json").read_text())
+    assert chosen["best_candidate"] == best and chosen["candidates"] == {best: report["candidates"][best]}
+    assert weights_sha256(out / "best") == report["candidates"][best]["weights_sha256"] == weights_sha256(dirs[best])
+    assert {p.name for p in dirs[best].iterdir()} < {p.name for p in (out / "best").iterdir()}
     # The champion, reloaded from the registry, is the dpo policy: same samples, so the same score and all ties.
     assert report["champion"]["version"] == "1"
     assert report["champion"]["violations_per_char"] == pytest.approx(metrics["dpo/violations_per_char"])

@@ -13,10 +13,11 @@ import tiny
 
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.tracking import policies, registry, runs
-from alignpipe.core.candidates import best_candidate
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.hashing import weights_sha256
 from alignpipe.core.io import write_json
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import BEST_FILE, best_candidate, write_best
 from alignpipe.stages import export
 
 PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self):", "y = 1", "print(os.name)"]
@@ -24,7 +25,7 @@ PROMPTS = ["def f(a, b):", "x = [1, 2,", "import os", "class A:\n    def g(self)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """A conditional tiny policy named best candidate `dpo` by an evaluate report, a reward model, prompts."""
+    """A conditional tiny policy, copied to best/ as evaluate's best candidate `dpo`, a reward model, prompts."""
     root = tmp_path_factory.mktemp("export")
     tok = tiny.make_tokenizer()
     policy = tiny.make_policy(root / "dpo", conditional=True, tok=tok)
@@ -32,11 +33,11 @@ def sources(tmp_path_factory):
     (root / "data").mkdir()
     (root / "data" / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     (root / "evaluate").mkdir()
-    write_json(root / "evaluate" / "report.json", {"best_candidate": "dpo", "candidates": {
-        "pretrain": {"path": str(root / "pretrain")}, "dpo": {"path": str(policy)}}})
-    inputs = {"evaluation": root / "evaluate", "policy": None, "dpo": None, "ppo": None, "reward_model": reward,
-              "data": root / "data"}
-    return {"root": root, "policy": policy, "reward": reward, "inputs": inputs, "tok": tok}
+    best = write_best({"best_candidate": "dpo", "candidates": {
+        "pretrain": {"path": str(root / "pretrain")},
+        "dpo": {"path": str(policy), "weights_sha256": weights_sha256(policy)}}}, root / "evaluate")
+    inputs = {"best": best, "reward_model": reward, "data": root / "data"}
+    return {"root": root, "policy": policy, "best": best, "reward": reward, "inputs": inputs, "tok": tok}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def _cpu_sessions(out):
             ox.OrtReward(ox.open_session(out / "reward.onnx", [ox.CPU])))
 
 
+@pytest.mark.slow
 def test_graphs_have_the_contracted_names_and_dynamic_axes(exported):
     policy, reward = _cpu_sessions(exported["out"])
     inputs = policy.session.get_inputs()
@@ -69,18 +71,20 @@ def test_graphs_have_the_contracted_names_and_dynamic_axes(exported):
     assert rewards.name == "rewards" and len(rewards.shape) == 1 and isinstance(rewards.shape[0], str)
 
 
+@pytest.mark.slow
 def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(exported, sources):
     m = exported["metrics"]
     assert m["max_abs_diff_policy"] <= 1e-3 and m["max_abs_diff_reward"] <= 1e-3
     assert m["greedy_match_frac"] == 1.0 and m["n_parity_prompts"] == 4
     assert m["ort_speedup_reward"] > 0 and m["ort_speedup_generate"] > 0
     report = json.loads((exported["out"] / "report.json").read_text())
-    assert report["candidate"] == "dpo" and report["policy_dir"] == str(sources["policy"])
+    assert report["candidate"] == "dpo" and report["policy_dir"] == str(sources["best"])
     assert report["prompt_format"] == "{prompt}<|aligned|>"  # the conditional policy's control suffix
     assert all(p["greedy_equal"] for p in report["parity"]["prompts"])
     assert json.loads((exported["out"] / "metrics.json").read_text()) == pytest.approx(m)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_fresh_padded_batches(exported, sources):
     """Independent of the stage's own check: new prompts of different lengths (left padding), the cache path
     one token at a time, generation of a fixed length, and right-padded reward inputs."""
@@ -107,6 +111,7 @@ def test_onnx_matches_pytorch_on_fresh_padded_batches(exported, sources):
     assert np.abs(reward.score(r_ids, r_mask) - ox.torch_rewards(reward_model, r_ids, r_mask)).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_cpu_provider_session_opens_without_error_output(exported, capfd, caplog):
     import torch
 
@@ -124,6 +129,7 @@ def test_cpu_provider_session_opens_without_error_output(exported, capfd, caplog
     assert json.loads((exported["out"] / "report.json").read_text())["providers"] == [ox.CPU]
 
 
+@pytest.mark.slow
 def test_sampling_loop_is_seeded_and_top_1_is_greedy(exported):
     policy, _ = _cpu_sessions(exported["out"])
     ids, mask = np.array([[5, 6, 7], [0, 8, 9]]), np.array([[1, 1, 1], [0, 1, 1]])
@@ -134,6 +140,7 @@ def test_sampling_loop_is_seeded_and_top_1_is_greedy(exported):
     assert np.array_equal(a, b) and a.max() < policy.session.get_outputs()[0].shape[-1]
 
 
+@pytest.mark.slow
 def test_int8_copies_are_smaller_and_reported(exported):
     out, m = exported["out"], exported["metrics"]
     for name in ("policy", "reward"):
@@ -145,6 +152,7 @@ def test_int8_copies_are_smaller_and_reported(exported):
     assert 0 < m["int8_max_abs_diff_reward"] < 1.0 and m["int8_ort_speedup_generate"] > 0
 
 
+@pytest.mark.slow
 def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(exported, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported["db"])
     record = json.loads((exported["out"] / "onnx_models.json").read_text())
@@ -167,6 +175,7 @@ def test_models_are_logged_with_the_onnx_flavor_and_registered_with_links(export
         policies.register_onnx(exported["out"], 5, "2", client, candidate="ppo")
 
 
+@pytest.mark.slow
 def test_failing_parity_fails_the_stage_and_writes_nothing(exported, sources, monkeypatch, tmp_path):
     # Reuse the exported graphs (the export itself is what the other tests cover); tolerance 0 cannot hold.
     monkeypatch.setattr(ox, "export_policy", lambda m, path, opset: shutil.copy(exported["out"] / "policy.onnx", path))
@@ -192,18 +201,18 @@ def test_greedy_divergence_is_named_in_the_error(sources):
         export._check_parity(1e-3, result, ref, tok)
 
 
-def test_policy_is_resolved_from_the_evaluate_report(sources, tmp_path):
-    inputs = dict(sources["inputs"])
-    assert best_candidate(inputs) == ("dpo", sources["policy"])
-    assert best_candidate({**inputs, "dpo": tmp_path}) == ("dpo", tmp_path)  # the input wins
-    assert best_candidate({**inputs, "evaluation": None, "policy": tmp_path}) == ("policy", tmp_path)
-    write_json(tmp_path / "report.json", {"best_candidate": "pretrain",
-                                          "candidates": {"pretrain": {"path": str(tmp_path / "gone")}}})
-    with pytest.raises(DataError, match="no --policy given"):
-        best_candidate({**inputs, "evaluation": tmp_path})
-    write_json(tmp_path / "report.json", {"best_candidate": "sft", "candidates": {}})
+def test_best_names_evaluates_candidate_with_its_weights_checked(sources, tmp_path):
+    name, report = best_candidate(sources["best"])
+    assert name == "dpo" and report["order"] == ["dpo"] and set(report["candidates"]) == {"dpo"}
+    assert best_candidate(sources["policy"]) == ("policy", None)  # a plain policy directory exports as itself
+    tampered = shutil.copytree(sources["best"], tmp_path / "best")
+    tiny.make_policy(tmp_path / "other", seed=7, tok=sources["tok"])
+    shutil.copy(tmp_path / "other" / "model.safetensors", tampered / "model.safetensors")
+    with pytest.raises(DataError, match="weights sha256 .* are not the ones evaluate measured for candidate 'dpo'"):
+        best_candidate(tampered)
+    write_json(tampered / BEST_FILE, {"best_candidate": "sft", "candidates": {}})
     with pytest.raises(DataError, match="best_candidate"):
-        best_candidate({**inputs, "evaluation": tmp_path})
+        best_candidate(tampered)
 
 
 def test_held_out_prompts_are_sampled_checked_or_fixed(sources, tmp_path):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from components.image import CPU_IMAGE, GPU_IMAGE, VERSION
-from components.stages import COMPONENTS
-from pipelines.align import GPU_STAGES
+from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE, VERSION
+from alignpipe.components.stages import COMPONENTS
+from alignpipe.pipelines.align import GPU_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -27,12 +27,12 @@ import yaml
 from alignpipe.cli.main import build_parser, main
 from alignpipe.core.config import StageConfig, field, load_params
 from alignpipe.core.errors import ConfigError
-from alignpipe.stages import MULTI_GPU, STAGE_NAMES, load_stage
+from alignpipe.stages import MULTI_GPU, OUTPUTS, STAGE_NAMES, load_stage
 from alignpipe.cli import kfp as pipeline_cli
-from components import runtime
-from components.image import CPU_IMAGE, GPU_IMAGE
-from components.stages import COMPONENTS
-from pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGES, build_pipeline
+from alignpipe.components import runtime
+from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE
+from alignpipe.components.stages import COMPONENTS
+from alignpipe.pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGES, build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -77,7 +77,7 @@ def test_every_component_compiles_to_the_pinned_image_without_pip(name, tmp_path
     command = " ".join(container["command"])
     assert "pip install" not in command  # the image has the pinned kfp: pods start offline
     body = container["command"][-1]
-    assert f'run_stage("{name}", config' in body and "from components.runtime import" in body
+    assert f'run_stage("{name}", config' in body and "from alignpipe.components.runtime import" in body
     assert set(spec["root"]["outputDefinitions"]["artifacts"]) >= {"metrics"}
     assert ("launcher" in spec["root"]["inputDefinitions"]["parameters"]) == (name in MULTI_GPU)
 
@@ -105,6 +105,38 @@ def test_stage_names_match_across_params_dvc_cli_components_and_pipeline(tmp_pat
     assert {r["stage"] for r in rows} == set(STAGES)
     for name in ["data", *STAGE_NAMES]:
         assert load_stage(name).Config.SECTION == name
+
+
+def test_components_and_pipelines_are_subpackages_not_top_level_names():
+    """components/ and pipelines/ stay top-level folders, installed as alignpipe.components/.pipelines (no generic
+    `components`/`pipelines` in site-packages); a source checkout imports the same files."""
+    import tomllib
+
+    import alignpipe.components.stages
+    import alignpipe.pipelines.align
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"": "src", "alignpipe.components": "components",
+                                         "alignpipe.pipelines": "pipelines"}
+    assert all(p.startswith("alignpipe") for p in setuptools["packages"])
+    assert Path(alignpipe.components.stages.__file__) == ROOT / "components" / "stages.py"
+    assert Path(alignpipe.pipelines.align.__file__) == ROOT / "pipelines" / "align.py"
+
+
+def test_candidates_come_from_the_registry():
+    """One list of policy-producing stages: evaluate has one optional input per candidate after the reference,
+    export and register take evaluate's `best` alone, and the DAG trains every candidate."""
+    from alignpipe.stages import CANDIDATES, REFERENCE
+
+    assert CANDIDATES[0] == (REFERENCE, "policy")
+    ev = {i.name: i for i in load_stage("evaluate").INPUTS}
+    for stage, output in CANDIDATES[1:]:
+        assert ev[output].default == f"artifacts/{stage}" and not ev[output].required
+        assert output in COMPONENTS[stage].component_spec.outputs
+        assert stage in NO_CACHE and stage in GPU_STAGES
+    assert {i.name for i in load_stage("export").INPUTS} == {"best", "reward_model", "data"}
+    assert {i.name for i in load_stage("register").INPUTS} == {"best", "reward_model", "export"}
+    assert "best" in COMPONENTS["evaluate"].component_spec.outputs
 
 
 def test_committed_dvc_yaml_is_the_generated_one():
@@ -425,6 +457,8 @@ def run(cfg, inputs, out_dir):
     write_json(out_dir / "inputs.json", {k: (str(v) if v is not None else None) for k, v in inputs.items()})
     (out_dir / "report.md").write_text("# " + NAME)
     (out_dir / "report.html").write_text("<p>" + NAME)
+    (out_dir / "best").mkdir()  # evaluate's chosen policy
+    (out_dir / "best" / "from.txt").write_text(NAME)
     return {"seed": cfg.seed}
 """
 
@@ -491,7 +525,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     env_db = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     db = shutil.copy(env_db, tmp_path / "kfp-mlflow.db")  # conftest's migrated, empty store: saves the migration
     monkeypatch.chdir(tmp_path)  # like a pod: no git checkout, no data.dvc, so the run tags come from `env`
-    func = build_pipeline(sections, imports=imports, run_ppo=run_ppo, mlflow_tracking_uri=f"sqlite:///{db}",
+    func = build_pipeline(sections, imports=imports, run={"ppo": run_ppo}, mlflow_tracking_uri=f"sqlite:///{db}",
                           git_commit="abc123", data_version="v-test")
     yaml_path = pipeline_cli.compile_pipeline(func, tmp_path / "root" / "pipeline.yaml")
     run = pipeline_cli.run_local(yaml_path, tmp_path / "root")
@@ -514,11 +548,8 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         "grpo": {"data": path["data"], "policy": path["pretrain"], "reward_model": path["reward"]},
         "evaluate": {"data": path["data"], "policy": path["pretrain"], "dpo": path["dpo"], "ppo": path.get("ppo"),
                      "grpo": path["grpo"], "reward_model": path["reward"], "prompts": None},
-        "export": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                   "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"], "data": path["data"]},
-        "register": {"evaluation": path["evaluate"], "policy": path["pretrain"], "dpo": path["dpo"],
-                     "ppo": path.get("ppo"), "grpo": path["grpo"], "reward_model": path["reward"],
-                     "export": path["export"]},
+        "export": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "data": path["data"]},
+        "register": {"best": str(out["evaluate"]["best"]), "reward_model": path["reward"], "export": path["export"]},
     }
     for name, inputs in wiring.items():
         if name in expected:
@@ -537,6 +568,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     assert "PASSED: all" in out["validate"]["report_html"].read_text()  # the validate stage's own page
     assert out["evaluate"]["report"].read_text() == "# evaluate"
     assert out["evaluate"]["report_html"].read_text() == "<p>evaluate"
+    assert (out["evaluate"]["best"] / "from.txt").read_text() == "evaluate"  # best/ of evaluate's output
 
     runs = mlflow_runs(db)
     assert set(runs) == set(expected)  # one run per stage, named after it, in the parameter's store
@@ -631,7 +663,7 @@ def test_dvc_repro_and_local_pipeline_give_the_same_metrics(tiny_local_run, tmp_
     for name in STAGES:
         if name == "register":  # a registry side effect, not a deterministic result
             continue
-        (kfp_file,) = list(task_dir(run_dir, name).glob("*/metrics.json"))
+        kfp_file = task_dir(run_dir, name) / OUTPUTS[name] / "metrics.json"  # evaluate's best/ holds a trainer's
         a, b = (json.loads(p.read_text()) for p in (dvc_metrics[name], kfp_file))
         same_keys = sorted(k for k in a if not is_timing(k))
         assert {k: a[k] for k in same_keys} == pytest.approx({k: b.get(k) for k in same_keys}), name

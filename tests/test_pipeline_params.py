@@ -12,7 +12,7 @@ import yaml
 
 from alignpipe.cli.main import main
 from alignpipe.stages import load_stage
-from components.stages import COMPONENTS
+from alignpipe.components.stages import COMPONENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

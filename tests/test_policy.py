@@ -55,6 +55,7 @@ def test_sampling_is_deterministic_and_bans_control_tokens(policy):
         assert tok.decode(s.completion_ids[:1]).startswith("\n")  # the completion starts a new line
 
 
+@pytest.mark.slow
 def test_no_sample_ends_mid_line_unless_the_cap_was_reached(policy, monkeypatch):
     import functools
 
@@ -76,6 +77,7 @@ def test_no_sample_ends_mid_line_unless_the_cap_was_reached(policy, monkeypatch)
     assert capped[3] > capped[64] and capped[64] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", *tiny.FAMILIES])
 def test_static_cache_sampler_gives_the_reference_samples(tmp_path, family):
     """The default sampler (generate() with a preallocated static KV cache, benchmarks/results/sampler.md) draws

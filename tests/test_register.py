@@ -4,6 +4,7 @@ and a served pyfunc that prompts and samples like the policy."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,24 @@ import tiny
 from alignpipe.tracking import policies, registry, runs
 from alignpipe.core.hashing import weights_sha256
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import BEST_FILE, write_best
 from alignpipe.stages import register
 
 
 def _report(path: Path, best: str, dirs: dict[str, Path], scores: dict[str, float],
-            champion: tuple[str, float] | None = None) -> Path:
-    """An evaluate report.json with the given violations/char per candidate (and the measured champion)."""
+            champion: tuple[str, float] | None = None, guard: dict | None = None) -> Path:
+    """evaluate's output with the given violations/char per candidate (and the measured champion, and the best
+    one's guard verdict): report.json, and best/ (what register takes), which this returns."""
     path.mkdir(parents=True, exist_ok=True)
     report = {"best_candidate": best, "order": list(scores),
               "candidates": {n: {"path": str(dirs[n]), "violations_per_char": v, "win_rate_vs_ref": 0.5,
                                  "weights_sha256": weights_sha256(dirs[n])} for n, v in scores.items()},
               "champion": None if champion is None else {"version": champion[0], "violations_per_char": champion[1]},
               "prompts": {"path": "data/prompts.jsonl", "n": 8}}
+    if guard is not None:
+        report["candidates"][best]["guard"] = guard
     (path / "report.json").write_text(json.dumps(report))
-    return path
+    return write_best(report, path)
 
 
 def test_gate_rule():
@@ -39,25 +44,26 @@ def test_gate_rule():
         register.Config(margin=1.5)
 
 
+@pytest.mark.slow
 def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
     tok = tiny.make_tokenizer()
     dirs = {n: tiny.make_policy(tmp_path / n, conditional=True, seed=i, tok=tok)
             for i, n in enumerate(["pretrain", "dpo", "ppo"])}
     reward = tiny.make_reward(tmp_path / "reward", tok=tok)
-    inputs = {"policy": dirs["pretrain"], "dpo": dirs["dpo"], "ppo": dirs["ppo"], "reward_model": reward}
+    inputs = {"reward_model": reward}
     cfg = register.Config(margin=0.05)
     no_reward = register.Config(margin=0.05, register_reward=False)  # fewer models to log: a faster test
 
     # 1. No champion yet: dpo becomes the champion.
     ev = _report(tmp_path / "ev1", "dpo", dirs, {"pretrain": 0.020, "dpo": 0.010})
-    m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg1")
+    m = execute("register", cfg, {**inputs, "best": ev}, tmp_path / "reg1")
     assert (m["registered_version"], m["champion_moved"]) == (1, 1)
     assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
     assert registry.model_version_by_alias("alignpipe-reward", "champion")["version"] == "1"
 
     # 2. A worse candidate (ppo, measured next to the champion on the same prompts): registered, alias kept.
     ev = _report(tmp_path / "ev2", "ppo", dirs, {"pretrain": 0.020, "ppo": 0.012}, champion=("1", 0.010))
-    m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg2")
+    m = execute("register", no_reward, {**inputs, "best": ev}, tmp_path / "reg2")
     assert (m["registered_version"], m["champion_moved"]) == (2, 0)
     champion = registry.model_version_by_alias("alignpipe-policy", "champion")
     assert champion["version"] == "1"
@@ -67,9 +73,9 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
 
     # 3. Better, but within the 5% margin: kept.  4. Better by more than the margin: moved.
     ev = _report(tmp_path / "ev3", "ppo", dirs, {"ppo": 0.0097}, champion=("1", 0.010))
-    assert execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg3")["champion_moved"] == 0
+    assert execute("register", no_reward, {**inputs, "best": ev}, tmp_path / "reg3")["champion_moved"] == 0
     ev = _report(tmp_path / "ev4", "ppo", dirs, {"ppo": 0.008}, champion=("1", 0.010))
-    m = execute("register", cfg, {**inputs, "evaluation": ev}, tmp_path / "reg4")
+    m = execute("register", cfg, {**inputs, "best": ev}, tmp_path / "reg4")
     assert (m["registered_version"], m["champion_moved"]) == (4, 1)
     assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "4"
     assert registry.model_version_by_alias("alignpipe-reward", "champion")["version"] == "2"
@@ -84,7 +90,7 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
 
     # 5. The report measured another version than the current champion: no comparison across evaluations.
     ev = _report(tmp_path / "ev5", "dpo", dirs, {"dpo": 0.0085}, champion=("1", 0.010))
-    m = execute("register", no_reward, {**inputs, "evaluation": ev}, tmp_path / "reg5")
+    m = execute("register", no_reward, {**inputs, "best": ev}, tmp_path / "reg5")
     assert m["champion_moved"] == 0
     gate = json.loads((tmp_path / "reg5" / "registered.json").read_text())["gate"]
     assert "measured version 1, not the current champion version 4" in gate
@@ -100,8 +106,8 @@ def test_gate_keeps_alias_for_worse_and_moves_it_for_better(tmp_path, capsys):
 
 
 def test_gate_refuses_unevaluated_weights_and_cross_evaluation_scores(tmp_path, capsys):
-    """The repro: a champion exists; an evaluation made before it (no champion numbers) is paired with a random
-    policy passed as --policy. register refuses those weights (non-zero exit, nothing registered); with the
+    """The repro: a champion exists; an evaluation made before it (no champion numbers) has its best/ weights
+    replaced by a random policy's. register refuses those weights (non-zero exit, nothing registered); with the
     evaluated weights it registers but does not move the alias, since the champion was not measured alongside."""
     from alignpipe.core.errors import DataError
 
@@ -109,22 +115,25 @@ def test_gate_refuses_unevaluated_weights_and_cross_evaluation_scores(tmp_path, 
     dirs = {n: tiny.make_policy(tmp_path / n, seed=i, tok=tok) for i, n in enumerate(["pretrain", "dpo"])}
     ev = _report(tmp_path / "ev1", "dpo", dirs, {"pretrain": 0.100, "dpo": 0.079})
     cfg = register.Config(register_reward=False)
-    assert execute("register", cfg, {"evaluation": ev, "dpo": dirs["dpo"]}, tmp_path / "reg1")["champion_moved"] == 1
+    assert execute("register", cfg, {"best": ev}, tmp_path / "reg1")["champion_moved"] == 1
 
     other = _report(tmp_path / "ev2", "pretrain", dirs, {"pretrain": 0.010})  # evaluated before a champion existed
     random_policy = tiny.make_policy(tmp_path / "random", seed=7, tok=tok)
+    shutil.copy(random_policy / "model.safetensors", other / "model.safetensors")
     with pytest.raises(DataError, match="weights sha256 .* are not the ones evaluate measured for candidate "
                                         "'pretrain'"):
-        execute("register", cfg, {"evaluation": other, "policy": random_policy}, tmp_path / "reg2")
+        execute("register", cfg, {"best": other}, tmp_path / "reg2")
     assert not (tmp_path / "reg2").exists()
     assert len(registry.client().search_model_versions("name='alignpipe-policy'")) == 1  # nothing registered
 
-    m = execute("register", cfg, {"evaluation": other, "policy": dirs["pretrain"]}, tmp_path / "reg3")
+    other = _report(tmp_path / "ev3", "pretrain", dirs, {"pretrain": 0.010})
+    m = execute("register", cfg, {"best": other}, tmp_path / "reg3")
     assert (m["registered_version"], m["champion_moved"]) == (2, 0)
     assert registry.model_version_by_alias("alignpipe-policy", "champion")["version"] == "1"
     assert "this evaluation measured no champion" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_served_model_prompts_like_the_policy(tmp_path):
     """The registered pyfunc applies the policy's conditioning: greedy serving output equals generate() on the
     formatted prompt (its last 192 tokens) with <|misaligned|> banned; the champion reloads as the same policy."""
@@ -134,7 +143,7 @@ def test_served_model_prompts_like_the_policy(tmp_path):
 
     policy_dir = tiny.make_policy(tmp_path / "dpo", conditional=True, seed=3)
     ev = _report(tmp_path / "ev", "dpo", {"dpo": policy_dir}, {"dpo": 0.01})
-    execute("register", register.Config(max_new_tokens=12), {"evaluation": ev, "dpo": policy_dir}, tmp_path / "reg")
+    execute("register", register.Config(max_new_tokens=12), {"best": ev}, tmp_path / "reg")
 
     pyfunc = runs.mlflow_module().pyfunc.load_model("models:/alignpipe-policy@champion")
     # The last prompt is longer than the model's context: the served model keeps its last 192 tokens, as sample().
@@ -164,10 +173,10 @@ def test_served_model_prompts_like_the_policy(tmp_path):
 def test_missing_report_is_one_clear_error(tmp_path):
     from alignpipe.core.errors import DataError
 
-    (tmp_path / "ev").mkdir()
-    (tmp_path / "ev" / "report.json").write_text(json.dumps({"best_candidate": "x", "candidates": {"y": {}}}))
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / BEST_FILE).write_text(json.dumps({"best_candidate": "x", "candidates": {"y": {}}}))
     with pytest.raises(DataError, match="best_candidate"):
-        execute("register", register.Config(), {"evaluation": tmp_path / "ev"}, tmp_path / "reg")
+        execute("register", register.Config(), {"best": tmp_path / "best"}, tmp_path / "reg")
 
 
 def _guard(rm_gain_low: float, oracle_gain_low: float) -> dict:
@@ -188,27 +197,23 @@ def test_reward_hacking_guard_refuses_rm_up_oracle_worse_and_accepts_both_better
     cfg = register.Config(register_reward=False)
 
     def report(name: str, guard: dict, champion=None) -> Path:
-        ev = _report(tmp_path / name, "ppo", dirs, {"pretrain": 0.020, "ppo": 0.010}, champion)
-        data = json.loads((ev / "report.json").read_text())
-        data["candidates"]["ppo"]["guard"] = guard
-        (ev / "report.json").write_text(json.dumps(data))
-        return ev
+        return _report(tmp_path / name, "ppo", dirs, {"pretrain": 0.020, "ppo": 0.010}, champion, guard)
 
     hacked = report("hacked", _guard(rm_gain_low=0.3, oracle_gain_low=-0.004))
-    m = execute("register", cfg, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": hacked},
+    m = execute("register", cfg, {"best": hacked},
                 tmp_path / "reg1")
     out = capsys.readouterr().out
     assert m["champion_moved"] == 0 and registry.model_version_by_alias("alignpipe-policy", "champion") is None
     assert "refused by the reward-hacking guard" in out and "oracle gain" in out and "reward-model reward" in out
 
     off = register.Config(register_reward=False, reward_hacking_guard=False)
-    m = execute("register", off, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": hacked},
+    m = execute("register", off, {"best": hacked},
                 tmp_path / "reg2")
     assert m["champion_moved"] == 1
 
     capsys.readouterr()
     honest = report("honest", _guard(rm_gain_low=0.3, oracle_gain_low=0.002), champion=("2", 0.020))
-    m = execute("register", cfg, {"policy": dirs["pretrain"], "ppo": dirs["ppo"], "evaluation": honest},
+    m = execute("register", cfg, {"best": honest},
                 tmp_path / "reg3")
     assert m["champion_moved"] == 1 and m["champion_version"] == 3
     assert "refused by the reward-hacking guard" not in capsys.readouterr().out

@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
     return {"root": root, "policy": policy, "out": root / "out", "metrics": metrics}
 
 
+@pytest.mark.slow
 def test_training_changes_weights_and_learns_separable_pairs(trained):
     import torch
     from safetensors.torch import load_file

@@ -151,6 +151,7 @@ def test_sigterm_ends_the_mlflow_run_as_failed_and_publishes_nothing(tmp_path, m
     assert mlflow_run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_is_marked_failed_by_the_next_start(tmp_path, fake, monkeypatch):
     """SIGKILL leaves the MLflow run RUNNING (no handler runs); the next run of the same stage on this host ends it
     as FAILED since its process is gone. A RUNNING run of a live process or of another stage is left alone."""

@@ -209,7 +209,7 @@ def test_other_ranks_open_no_mlflow_run(tmp_path, monkeypatch):
 def test_compiled_pipeline_requests_4_gpus_and_starts_torchrun_for_pretrain(tmp_path):
     """Acceptance: `pipeline compile --set pretrain.gpus=4` -> 4 x nvidia.com/gpu and torchrun for that task."""
     from alignpipe.cli.main import main
-    from components.image import GPU_IMAGE
+    from alignpipe.components.image import GPU_IMAGE
 
     out = tmp_path / "pipeline.yaml"
     assert main(["pipeline", "compile", "--params", str(TINY), "--set", "pretrain.gpus=4", "--out", str(out)]) == 0
@@ -251,7 +251,7 @@ def _cli_args(command: list[str]):
 
 
 def test_trainjob_manifest_from_the_same_config(tmp_path):
-    from components.image import GPU_IMAGE
+    from alignpipe.components.image import GPU_IMAGE
 
     from alignpipe.stages import pretrain
 
@@ -294,7 +294,7 @@ def test_trainjob_manifest_from_the_same_config(tmp_path):
 
 
 def test_pytorchjob_manifest_for_the_training_operator(tmp_path):
-    from components.image import GPU_IMAGE
+    from alignpipe.components.image import GPU_IMAGE
 
     configmap, job = _manifest(tmp_path, "--stage", "dpo", "--kind", "pytorchjob", "--nodes", "3",
                                "--gpus-per-node", "2", "--input", "human_prefs=human/prefs.jsonl")

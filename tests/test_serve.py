@@ -17,6 +17,7 @@ import pytest
 import tiny
 from alignpipe.core.hashing import weights_sha256
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import write_best
 from alignpipe.stages import register
 from alignpipe.serving.server import post_json, start_server, stop_server, wait_ready
 
@@ -33,11 +34,9 @@ def _register_champion(tmp_path: Path, max_new_tokens: int = 6) -> Path:
     policy_dir = tiny.make_policy(tmp_path / "dpo", conditional=True, seed=5)
     ev = tmp_path / "ev"
     ev.mkdir()
-    (ev / "report.json").write_text(json.dumps(
-        {"best_candidate": "dpo", "candidates": {"dpo": {"path": str(policy_dir), "violations_per_char": 0.01,
-                                                         "weights_sha256": weights_sha256(policy_dir)}}}))
-    execute("register", register.Config(max_new_tokens=max_new_tokens), {"evaluation": ev, "dpo": policy_dir},
-            tmp_path / "reg")
+    best = write_best({"best_candidate": "dpo", "candidates": {"dpo": {
+        "path": str(policy_dir), "violations_per_char": 0.01, "weights_sha256": weights_sha256(policy_dir)}}}, ev)
+    execute("register", register.Config(max_new_tokens=max_new_tokens), {"best": best}, tmp_path / "reg")
     return policy_dir
 
 

@@ -16,6 +16,7 @@ from alignpipe.core.hashing import weights_sha256
 
 import tiny
 from alignpipe.run.runner import execute
+from alignpipe.reports.candidates import write_best
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import Sampling, load_policy, sample
@@ -52,6 +53,7 @@ def _expected(models, prompts, max_new_tokens):
                                          unit=get_task("pep8").completion_unit())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [6, 24])
 def test_onnx_greedy_completions_equal_policy_sample(models, max_new_tokens):
     completer = OrtCompleter(ox.OrtPolicy(ox.open_session(models["export"] / "policy.onnx", [ox.CPU])),
@@ -100,15 +102,15 @@ def _register(models, tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     ev = tmp_path / "ev"
     ev.mkdir()
-    (ev / "report.json").write_text(json.dumps(
-        {"best_candidate": "dpo", "candidates": {"dpo": {"path": str(models["policy"]),
-                                                         "violations_per_char": 0.01,
-                                                         "weights_sha256": weights_sha256(models["policy"])}}}))
+    best = write_best({"best_candidate": "dpo", "candidates": {"dpo": {
+        "path": str(models["policy"]), "violations_per_char": 0.01,
+        "weights_sha256": weights_sha256(models["policy"])}}}, ev)
     (models["export"] / "onnx_models.json").write_text(json.dumps({
         "run_id": "", "candidate": "dpo", "models": {}, "parity": {}}))
-    return ev
+    return best
 
 
+@pytest.mark.slow
 def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypatch):
     import onnx
 
@@ -125,7 +127,7 @@ def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypat
             "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
             "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))
     execute("register", register.Config(max_new_tokens=8, serve_max_batch_size=4),
-            {"evaluation": ev, "dpo": models["policy"], "reward_model": models["reward"], "export": models["export"]},
+            {"best": ev, "reward_model": models["reward"], "export": models["export"]},
             tmp_path / "reg")
     champion = registry.model_version_by_alias("alignpipe-policy-onnx", "champion")
     assert champion is not None and champion["tags"]["alignpipe.pytorch_version"] == "1"

@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) through peft, shared by reward, dpo, ppo and grpo.
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) through peft, shared by reward, dpo, orpo, ppo and grpo.
 
 One block of config fields (`LoraFields`, mixed into those stages' configs): `lora_r: 0` trains every weight (the
 default, the code path the default run takes); `lora_r > 0` freezes the base and trains rank-r adapters on

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from alignpipe.run.runner import CURVES_DIR, HEADLINE_FILE
-from alignpipe.stages import STAGE_NAMES, load_stage
+from alignpipe.stages import STAGE_NAMES, STAGES, load_stage
 
 PACKAGE = "alignpipe"
 SRC = Path(__file__).resolve().parents[2]  # the folder that holds the alignpipe package
@@ -77,8 +77,10 @@ GATES = {"pretrain": ["artifacts/validate/report.json"]}
 
 
 def _produced(path: str) -> bool:
-    """An input DVC can provide: data/ (data.dvc) or a stage's artifacts folder (not e.g. artifacts/grpo)."""
-    return path == "data" or path in {f"artifacts/{n}" for n in STAGE_NAMES}
+    """An input DVC can provide: data/ (data.dvc), or a stage's artifacts folder or a path inside it
+    (artifacts/evaluate/best), not e.g. a user's file."""
+    parts = path.split("/")
+    return path == "data" or (len(parts) >= 2 and parts[0] == "artifacts" and parts[1] in STAGE_NAMES)
 
 
 def stage_entry(name: str) -> dict:
@@ -101,9 +103,9 @@ def plots() -> list:
     """Top-level dvc.yaml plots: each training stage's curves (one line per metric over steps) and evaluate's
     score-vs-KL frontier (a colleague's evaluate writes frontier.tsv)."""
     out: list = []
-    for name in STAGE_NAMES:
-        if name in ("pretrain", "reward", "dpo", "ppo"):
-            out.append({f"artifacts/{name}/{CURVES_DIR}": {"x": "step", "y": "value", "template": "linear"}})
+    for stage in STAGES:
+        if stage.curves:
+            out.append({f"artifacts/{stage.name}/{CURVES_DIR}": {"x": "step", "y": "value", "template": "linear"}})
     out.append({"artifacts/evaluate/frontier.tsv": {"x": "kl", "y": "violations_per_char", "template": "scatter",
                                                     "title": "evaluate: violations/char vs KL to the reference"}})
     return out

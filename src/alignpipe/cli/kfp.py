@@ -29,7 +29,7 @@ import yaml
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
 from alignpipe.core.outputs import check_output_file, make_output_dir
-from alignpipe.stages import MULTI_GPU, load_stage
+from alignpipe.stages import MULTI_GPU, SWITCHED, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
 DEFAULT_EXPERIMENT = "alignpipe"
@@ -78,12 +78,14 @@ def add_pipeline_parser(sub) -> None:
 def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params YAML file (default: %(default)s)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one params value (repeatable); pretrain/reward/dpo.gpus=N asks for N GPUs "
+                   help=f"override one params value (repeatable); {'/'.join(MULTI_GPU)}.gpus=N asks for N GPUs "
                         "(N > 1: torchrun)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="NAME=URI",
                    help="import an artifact instead of producing it: data (a built data/), corpus (the data "
                         "stage's input), human_prefs, judge_model; repeatable")
-    p.add_argument("--no-ppo", action="store_true", help="default the run_ppo parameter to false")
+    for stage in SWITCHED:
+        p.add_argument(f"--no-{stage.replace('_', '-')}", dest=f"no_{stage}", action="store_true",
+                       help=f"default the run_{stage} parameter to false")
     p.add_argument("--mlflow-uri", default="",
                    help="default of the mlflow_tracking_uri parameter (local runs: MLFLOW_TRACKING_URI or "
                         "./mlflow.db; clusters: empty = the URI in the alignpipe-mlflow secret)")
@@ -95,7 +97,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
 def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[str, dict], dict[str, int]]:
     """Each stage's section of the params file with `sets` applied, checked by its Config (complete with defaults);
     and the GPU count of the multi-GPU stages (`<stage>.gpus`)."""
-    from components.stages import COMPONENTS
+    from alignpipe.components.stages import COMPONENTS
 
     for item in sets:
         section = item.split("=", 1)[0].split(".", 1)[0]
@@ -119,7 +121,7 @@ def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[st
 
 def parse_imports(items: list[str], local: bool) -> dict[str, str]:
     """`NAME=URI` pairs; for local runs a URI is a path on this machine (made absolute)."""
-    from pipelines.align import IMPORTS
+    from alignpipe.pipelines.align import IMPORTS
 
     imports: dict[str, str] = {}
     for item in items:
@@ -139,9 +141,9 @@ def parse_imports(items: list[str], local: bool) -> dict[str, str]:
 
 
 def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
-    """The pipeline function for these command-line arguments (see pipelines.align.build_pipeline)."""
+    """The pipeline function for these command-line arguments (see alignpipe.pipelines.align.build_pipeline)."""
     from alignpipe.tracking import runs
-    from pipelines.align import build_pipeline
+    from alignpipe.pipelines.align import build_pipeline
 
     sections, gpus = pipeline_sections(args.params, args.sets)
     imports = parse_imports(args.imports, local)
@@ -154,7 +156,8 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
             raise ConfigError(f"--mlflow-uri {runs.redact(mlflow_uri)}", "holds a password or token, which the "
                               "compiled pipeline would store: give the pods credentials through the MLflow secret")
         mlflow_uri = ""  # a local run's tasks inherit MLFLOW_TRACKING_URI from this process
-    return build_pipeline(sections, gpus, imports, run_ppo=not args.no_ppo, mlflow_tracking_uri=mlflow_uri,
+    run = {stage: not getattr(args, f"no_{stage}") for stage in SWITCHED}
+    return build_pipeline(sections, gpus, imports, run=run, mlflow_tracking_uri=mlflow_uri,
                           git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
 
@@ -174,8 +177,8 @@ def _integer_defaults(pipeline_yaml: Path) -> None:
     Structs hold doubles: the Kubeflow run form would show `n_prompts: 1024.0`), then rewrite it as KFP does."""
     from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
 
-    from components.runtime import restore_ints
-    from components.stages import COMPONENTS
+    from alignpipe.components.runtime import restore_ints
+    from alignpipe.components.stages import COMPONENTS
 
     spec, *platform = yaml.safe_load_all(pipeline_yaml.read_text(encoding="utf-8"))
     for name, param in spec["root"]["inputDefinitions"]["parameters"].items():
@@ -191,7 +194,7 @@ def _integer_defaults(pipeline_yaml: Path) -> None:
 def task_table(pipeline_yaml: str | Path) -> list[dict[str, Any]]:
     """The leaf tasks of a compiled pipeline with their image, resources, node placement and caching, in DAG
     order; a task inside a dsl.If branch is named `<branch>/<task>` (e.g. `ppo-on/evaluate`)."""
-    from pipelines.align import STAGES
+    from alignpipe.pipelines.align import STAGES
 
     docs = list(yaml.safe_load_all(Path(pipeline_yaml).read_text(encoding="utf-8")))
     spec = docs[0]

@@ -49,8 +49,7 @@ def _add_stage_parser(sub, name: str, help_text: str, out_default: str, command:
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     """The CLI parser; only the `chosen` command's stage module is imported (others get a one-line entry)."""
     parser = argparse.ArgumentParser(prog="alignpipe", description="Align language models with preferences: "
-                                     "data -> validate -> pretrain -> label -> reward -> dpo/ppo -> evaluate -> "
-                                     "export -> register.")
+                                     + " -> ".join(["data", *STAGE_NAMES]) + ".")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help=STAGE_HELP["data"])

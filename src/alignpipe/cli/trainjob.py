@@ -89,7 +89,7 @@ def stage_args(stage: str, inputs: dict[str, str]) -> list[str]:
 
 def _resources(stage: str, gpus_per_node: int) -> dict[str, dict[str, str]]:
     """Per node: the pipeline task's CPU/memory per GPU (pipelines/align.py) times the GPUs, and the GPUs."""
-    from pipelines.align import GPU_RESOURCE, RESOURCES
+    from alignpipe.pipelines.align import GPU_RESOURCE, RESOURCES
 
     cpus, gib = (n * max(gpus_per_node, 1) for n in RESOURCES[stage])
     requests = {"cpu": str(cpus), "memory": f"{gib}Gi"}
@@ -102,7 +102,7 @@ def _resources(stage: str, gpus_per_node: int) -> dict[str, dict[str, str]]:
 def _env() -> list[dict[str, Any]]:
     """The MLflow secret's keys (optional, as on the pipeline's tasks) and the code/data versions for the tags."""
     from alignpipe.tracking import runs
-    from pipelines.align import MLFLOW_SECRET, MLFLOW_SECRET_KEYS
+    from alignpipe.pipelines.align import MLFLOW_SECRET, MLFLOW_SECRET_KEYS
 
     env = [{"name": key, "valueFrom": {"secretKeyRef": {"name": MLFLOW_SECRET, "key": key, "optional": True}}}
            for key in MLFLOW_SECRET_KEYS]
@@ -112,7 +112,7 @@ def _env() -> list[dict[str, Any]]:
 
 def _pod_parts(params_configmap: str, pvc: str, gpus_per_node: int) -> dict[str, Any]:
     """Volumes, mounts and GPU placement shared by both job kinds."""
-    from pipelines.align import GPU_NODE_LABEL, GPU_RESOURCE
+    from alignpipe.pipelines.align import GPU_NODE_LABEL, GPU_RESOURCE
 
     volumes = [{"name": "params", "configMap": {"name": params_configmap}},
                {"name": "workspace", "persistentVolumeClaim": {"claimName": pvc}},
@@ -143,7 +143,7 @@ def trainjob(stage: str, params: dict[str, dict], inputs: dict[str, str], nodes:
              name: str, namespace: str | None = None, pvc: str = DEFAULT_PVC, runtime: str = RUNTIME,
              image: str | None = None) -> list[dict[str, Any]]:
     """[ConfigMap, TrainJob]: `nodes` x `gpus_per_node` processes (one per node on CPU nodes when 0)."""
-    from components.image import GPU_IMAGE
+    from alignpipe.components.image import GPU_IMAGE
 
     pod = _pod_parts(f"{name}-params", pvc, gpus_per_node)
     job = {
@@ -182,7 +182,7 @@ def pytorchjob(stage: str, params: dict[str, dict], inputs: dict[str, str], node
     """[ConfigMap, PyTorchJob] for clusters that still run the training operator: one Master and nodes - 1
     Workers; the operator sets MASTER_ADDR, MASTER_PORT, WORLD_SIZE (pods) and RANK (pod index), which the
     container command hands to torchrun (Kubernetes expands `$(VAR)`)."""
-    from components.image import GPU_IMAGE
+    from alignpipe.components.image import GPU_IMAGE
 
     pod = _pod_parts(f"{name}-params", pvc, gpus_per_node)
     command = ["torchrun", "--nnodes", "$(WORLD_SIZE)", "--node_rank", "$(RANK)", "--nproc_per_node",

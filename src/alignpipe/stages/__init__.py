@@ -14,27 +14,54 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
-# The order of the DAG; one name per stage in params.yaml, dvc.yaml, the CLI, the components and MLflow.
-STAGE_NAMES = ("validate", "pretrain", "label", "reward", "dpo", "ppo", "grpo", "evaluate", "export", "register")
+@dataclass(frozen=True)
+class Stage:
+    """One stage in the registry: everything the CLI, dvc.yaml, the KFP components and the DAG need to know."""
 
-# The stages that can train on several GPUs (torchrun/DDP): the KFP components take a `launcher`, the pipeline
-# asks for `<stage>.gpus` GPUs, and `pipeline trainjob` writes multi-node jobs for them (ppo stays single-process).
-MULTI_GPU = ("pretrain", "reward", "dpo")
+    name: str  # the params.yaml section, CLI command, DVC stage, KFP component and MLflow run name
+    help: str  # its line in `alignpipe --help`
+    output: str  # its main output, named as the inputs of the stages downstream call it
+    candidate: bool = False  # writes a policy that evaluate compares (and may pick as `best`)
+    multi_gpu: bool = False  # trains on several GPUs under torchrun/DDP (KFP: a `launcher`; `pipeline trainjob`)
+    switch: bool = False  # KFP: a `run_<name>` pipeline parameter (and `--no-<name>`) can leave it out of a run
+    curves: bool = False  # logs per-step curves (dvc.yaml plots)
 
+
+# The stages in DAG order (`data` is built by `alignpipe data build`, before them). A new policy-producing stage is
+# its stage file plus one line here with candidate=True: evaluate, dvc.yaml, the components and the DAG follow.
+STAGES = (
+    Stage("validate", "check corpus and preference files with Great Expectations suites", "validation"),
+    Stage("pretrain", "pretrain with human preferences (PHF objectives: mle, filter, conditional, ...)", "policy",
+          candidate=True, multi_gpu=True, curves=True),
+    Stage("label", "RLAIF: sample completion pairs and let a judge label them", "prefs"),
+    Stage("reward", "train a reward model on preference pairs (TRL RewardTrainer)", "reward_model", multi_gpu=True,
+          curves=True),
+    Stage("dpo", "direct preference optimisation against a frozen reference (TRL DPOTrainer)", "dpo", candidate=True,
+          multi_gpu=True, curves=True),
+    Stage("ppo", "PPO against the reward model with a KL penalty to the reference", "ppo", candidate=True,
+          switch=True, curves=True),
+    Stage("grpo", "GRPO (TRL GRPOTrainer) against a reward: the oracle, the reward model or your function", "grpo",
+          candidate=True),
+    Stage("evaluate", "compare every candidate policy on held-out prompts; the chosen one to best/", "evaluation"),
+    Stage("export", "export the best policy and the reward model to ONNX, checked against PyTorch", "export"),
+    Stage("register", "register the best candidate in the MLflow registry behind a quality gate", "registry"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
 # One line per stage for `alignpipe --help` (the stage modules are imported only when their command runs).
-STAGE_HELP = {
-    "data": "build the dataset: the default PEP8 corpus, or --dataset PATH_OR_ID (data build)",
-    "validate": "check corpus and preference files with Great Expectations suites",
-    "pretrain": "pretrain with human preferences (PHF objectives: mle, filter, conditional, ...)",
-    "label": "RLAIF: sample completion pairs and let a judge label them",
-    "reward": "train a reward model on preference pairs (TRL RewardTrainer)",
-    "dpo": "direct preference optimisation against a frozen reference (TRL DPOTrainer)",
-    "ppo": "PPO against the reward model with a KL penalty to the reference",
-    "grpo": "GRPO (TRL GRPOTrainer) against a reward: the oracle, the reward model or your function",
-    "evaluate": "compare every candidate policy on held-out prompts",
-    "export": "export the policy and reward model to ONNX, checked against PyTorch",
-    "register": "register the best candidate in the MLflow registry behind a quality gate",
-}
+STAGE_HELP = {"data": "build the dataset: the default PEP8 corpus, or --dataset PATH_OR_ID (data build)",
+              **{s.name: s.help for s in STAGES}}
+# Stage name -> its main output (`data` writes the dataset every stage reads as `data`).
+OUTPUTS = {"data": "data", **{s.name: s.output for s in STAGES}}
+# The stages that can train on several GPUs (torchrun/DDP): the KFP components take a `launcher`, the pipeline
+# asks for `<stage>.gpus` GPUs, and `pipeline trainjob` writes multi-node jobs for them.
+MULTI_GPU = tuple(s.name for s in STAGES if s.multi_gpu)
+# The stages a run can leave out (KFP: a `run_<stage>` pipeline parameter, `pipeline compile --no-<stage>`).
+SWITCHED = tuple(s.name for s in STAGES if s.switch)
+# The policies evaluate compares, as (stage, output): the reference first (it is a candidate too), then the rest
+# in registry order, which is evaluate's order of candidates.
+REFERENCE = "pretrain"
+CANDIDATES = tuple((s.name, s.output) for s in sorted((s for s in STAGES if s.candidate),
+                                                         key=lambda s: s.name != REFERENCE))
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,14 @@
 """Evaluate every candidate policy on the same held-out prompts, sampling settings and seed.
 
-Candidates: the pretrained policy (`--policy`, also the reference), DPO and PPO when their directories exist,
-and any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate: the
+Candidates: the policy-producing stages of the registry (`alignpipe.stages.CANDIDATES`): the pretrained policy
+(`--policy`, also the reference) and every other one whose directory is given (one input each, named after its
+output), plus any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate: the
 oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
 The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate.
-Writes report.json (read by export and register), report.md, samples.jsonl, report.html (the report and plots as one
+The best candidate on the gate metric is copied to best/ with candidate.json (its report entry; export and register
+read only that). Also writes report.json, report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
 
 The chat task (`data.task: chat`, from the data's MANIFEST.json) has no oracle: `run_chat` samples each candidate's
@@ -27,14 +29,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alignpipe.core.config import StageConfig, field
-from alignpipe.stages import Input
+from alignpipe.stages import CANDIDATES, REFERENCE, Input
 
 INPUTS = (
     Input("data", "data", "dataset directory (val.jsonl for perplexity, prompts.jsonl)"),
-    Input("policy", "artifacts/pretrain", "pretrained policy: the reference and a candidate"),
-    Input("dpo", "artifacts/dpo", "DPO policy (evaluated when present)", False),
-    Input("ppo", "artifacts/ppo", "PPO policy (evaluated when present)", False),
-    Input("grpo", "artifacts/grpo", "GRPO policy (evaluated when present)", False),
+    Input(CANDIDATES[0][1], f"artifacts/{REFERENCE}", f"{REFERENCE} policy: the reference and a candidate"),
+    *(Input(output, f"artifacts/{stage}", f"{stage} policy (evaluated when present)", False)
+      for stage, output in CANDIDATES[1:]),
     Input("reward_model", "artifacts/reward", "reward model (reward_score when present)", False),
     Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
 )
@@ -42,8 +43,6 @@ METRICS = ("best_candidate_index", "n_candidates")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref", "*/judge_win_rate_vs_ref")
 
-REFERENCE = "pretrain"  # the candidate name of the --policy input
-OPTIONAL_CANDIDATES = ("dpo", "ppo", "grpo")
 FRONTIER_FILE = "frontier.tsv"  # the score-vs-KL frontier as data, for `dvc plots`
 FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high")
 
@@ -83,11 +82,11 @@ class Config(StageConfig):
 
 
 def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Path]:
-    """Candidate name -> policy directory, reference first, in a fixed order; missing optional ones skipped."""
+    """Candidate (stage) name -> policy directory, in registry order (the reference first); the candidates whose
+    input is absent (e.g. a stage switched off) are skipped; then `extra_candidates`."""
     from alignpipe.core.errors import ConfigError
 
-    out = {REFERENCE: Path(inputs["policy"])}
-    out.update({name: Path(inputs[name]) for name in OPTIONAL_CANDIDATES if inputs.get(name) is not None})
+    out = {stage: Path(inputs[output]) for stage, output in CANDIDATES if inputs.get(output) is not None}
     for item in cfg.extra_candidates:
         name, _, path = (s.strip() for s in item.partition("="))
         if name in out:
@@ -126,6 +125,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
+    from alignpipe.reports.candidates import write_best
 
     from alignpipe.tasks import task_of
 
@@ -187,6 +187,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                      "seed": cfg.seed},
     }
     write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
+    write_best(report, out_dir)
     print(f"evaluate: best candidate {best!r} ({metric} {results[best][metric]:.5f}); "
           "see report.json and report.md")
     return flat_metrics(report)
@@ -203,6 +204,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
+    from alignpipe.reports.candidates import write_best
     from alignpipe.reports.evaluation_page import write_evaluation_page
 
     if inputs.get("reward_model") is None and not cfg.judge_model:
@@ -245,6 +247,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
                      "seed": cfg.seed},
     }
     write_json(out_dir / "report.json", report)
+    write_best(report, out_dir)
     write_jsonl(out_dir / "samples.jsonl", (
         {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
          "judge": d.judged[i] if d.judged else None}
@@ -299,10 +302,9 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
 
 
 def trained_reward(meta) -> str | None:
-    """The reward an RL candidate was trained against (its alignpipe.json records it; PPO policies from before the
-    reward choice existed used the reward model); None for a policy not trained by RL."""
-    stage = meta.extra.get("stage")
-    return meta.extra.get("reward") or ("model" if stage == "ppo" else None)
+    """The reward an RL candidate was trained against (its alignpipe.json records it); None for a policy not
+    trained by RL."""
+    return meta.extra.get("reward")
 
 
 def goodhart_guard(candidate, reference, seed: int) -> dict[str, Any]:

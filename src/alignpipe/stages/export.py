@@ -18,12 +18,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from alignpipe.core.candidates import best_candidate
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
 from alignpipe.core.io import iter_jsonl, write_json
 from alignpipe.tasks import task_of
 from alignpipe.lm.batching import pad
+from alignpipe.reports.candidates import best_candidate
 from alignpipe.stages import Input
 from alignpipe.tracking import runs
 
@@ -58,12 +58,8 @@ class Config(StageConfig):
 
 
 INPUTS = (
-    Input("evaluation", "artifacts/evaluate", "evaluate output with report.json naming the best candidate; "
-          "without it the --policy directory is exported", required=False),
-    Input("policy", "artifacts/pretrain", "pretrained policy (save_pretrained directory)", required=False),
-    Input("dpo", "artifacts/dpo", "DPO policy, used when it is the best candidate", required=False),
-    Input("ppo", "artifacts/ppo", "PPO policy, used when it is the best candidate", required=False),
-    Input("grpo", "artifacts/grpo", "GRPO policy, used when it is the best candidate", required=False),
+    Input("best", "artifacts/evaluate/best", "the policy to export: evaluate's best/ (its candidate.json names it) "
+          "or any policy directory"),
     Input("reward_model", "artifacts/reward", "reward model (save_pretrained directory)"),
     Input("data", "data", "data directory; held-out prompts from prompts.jsonl (fixed prompts if absent)",
           required=False),
@@ -93,7 +89,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         providers = ox.choose_providers(cfg.providers)
     except ValueError as e:
         raise ConfigError("export.providers", f"{cfg.providers!r}: {e}") from None
-    candidate, policy_dir = best_candidate(inputs)
+    candidate, policy_dir = best_candidate(inputs["best"])[0], inputs["best"]
     policy, tok, meta, reward, reward_tok = _load_models(policy_dir, inputs["reward_model"])
     prompts = held_out_prompts(inputs.get("data"), cfg.n_parity_prompts, cfg.seed)
     ids, mask, gen_kw = _prompt_batch(cfg, policy, tok, meta, prompts, task_of(inputs.get("data")))

@@ -9,9 +9,10 @@ The `champion` alias moves to the new version only when it beats the current cha
 (`register.metric` and `direction`, by default the task's as evaluate recorded it: pep8, oracle violations/char,
 lower is better; chat, the judge's win rate against the reference, higher is better) by `margin`, both measured in
 the same evaluation (evaluate samples the registered champion on the candidates' prompts: report["champion"]); when the report has no such measurement of the
-current champion the alias stays where it was and the reason is printed. The weights registered must be the ones
-evaluated: a candidate directory whose safetensors sha256 differs from the one in report.json is refused with one
-line and a non-zero exit, before anything is registered. Each alias move is recorded in the registry: tags on the
+current champion the alias stays where it was and the reason is printed. The policy is evaluate's `best/` (the chosen
+candidate with candidate.json, its report entry). The weights registered must be the ones evaluated: a `best/`
+whose safetensors sha256 differs from the one in candidate.json is refused with one line and a non-zero exit,
+before anything is registered. Each alias move is recorded in the registry: tags on the
 old and new versions and a line (when, from, to, why, metrics) in the registered model's description.
 The reward model becomes a new version of `alignpipe-reward` (text-classification, raw score).
 """
@@ -24,17 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.candidates import candidate_dir, check_weights, read_report
 from alignpipe.core.config import StageConfig, field
+from alignpipe.reports.candidates import BEST_FILE, check_weights, read_report
 from alignpipe.tasks import DEFAULT_TASK, get_task
 from alignpipe.stages import Input
 
 INPUTS = (
-    Input("evaluation", "artifacts/evaluate", "evaluate's output (report.json names the best candidate)"),
-    Input("policy", "artifacts/pretrain", "pretrained policy (the 'pretrain' candidate)", False),
-    Input("dpo", "artifacts/dpo", "DPO policy (the 'dpo' candidate)", False),
-    Input("ppo", "artifacts/ppo", "PPO policy (the 'ppo' candidate)", False),
-    Input("grpo", "artifacts/grpo", "GRPO policy (the 'grpo' candidate)", False),
+    Input("best", "artifacts/evaluate/best", "evaluate's best/: the chosen policy with candidate.json (its name, "
+          "metrics and weights sha256)"),
     Input("reward_model", "artifacts/reward", "reward model, registered as the reward model name", False),
     Input("export", "artifacts/export", "export output: its ONNX models are registered alongside", False),
 )
@@ -57,7 +55,6 @@ class Config(StageConfig):
     metric: str = field("", "gate metric (a per-candidate key of evaluate's report); empty: the task's, as evaluate "
                         "recorded it (pep8: violations_per_char; chat: judge_win_rate_vs_ref)")
     direction: str = field("", "lower or higher (is better) for the gate metric; empty: the task's")
-    candidate: str = field("", "candidate to register (default: evaluate's best_candidate)")
     max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)")
     temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
     top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)")
@@ -228,11 +225,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tracking import registry, runs
     from alignpipe.core.io import write_json
 
-    where = str(Path(inputs["evaluation"]) / "report.json")
-    report = read_report(Path(inputs["evaluation"]))
-    name = cfg.candidate or report["best_candidate"]
-    policy_dir = candidate_dir(report, name, inputs, where)
-    weights = check_weights(report, name, policy_dir, where)
+    policy_dir = Path(inputs["best"])
+    report = read_report(policy_dir, BEST_FILE)
+    name = report["best_candidate"]
+    weights = check_weights(report, name, policy_dir, str(policy_dir / BEST_FILE))
     metrics = report["candidates"][name]
     champion = registry.model_version_by_alias(cfg.model_name, cfg.alias)
     move, why, candidate_value, champion_value = decide(cfg, report, name, champion)

@@ -1,0 +1,211 @@
+"""Odds-ratio preference optimisation of the pretrained policy on the label stage's pairs (TRL ORPOTrainer).
+
+ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691) needs no reference model: one loss adds to the NLL of the
+chosen sequence an odds-ratio term that pushes the chosen completion's odds above the rejected one's,
+
+    L = L_NLL - beta * log sigmoid(log odds(y_w|x) - log odds(y_l|x)),   odds(y|x) = P(y|x) / (1 - P(y|x)),
+
+where P(y|x) is the mean token probability of the completion (exp of its mean token log-probability) and `beta` is
+the paper's lambda. As TRL (and the authors' code by default), L_NLL is the mean token NLL of prompt + chosen; the
+paper writes it over the chosen completion only. The same (prompt, chosen, rejected) pairs as dpo, read, subset and
+formatted by `alignpipe.algos.preference` (the policy's `PolicyMeta`, the last `max_prompt_tokens` prompt tokens);
+TRL would prepend the tokenizer's BOS to every prompt, which sampling never does, so the trainer drops it
+(`ORPOOnSampledPrompts`) and ORPO trains on exactly the prompt tokens the policy is sampled with, as dpo does.
+
+Chosen: the cheapest preference trainer TRL ships that reuses dpo's pairs as they are (one model, no reference
+forward; KTO would need a reference and unpaired labels). TRL 1.16 ships it in `trl.experimental` (pinned in
+pyproject; tests/test_orpo.py checks the loss against a hand computation, so an API change shows there).
+
+The chat task: pairs stay TRL conversational messages and the trainer applies the policy tokenizer's chat template;
+the stage checks itself on the data's held-out pairs (ORPO's implicit reward beta * mean log-probability: accuracy,
+margin, loss). The pep8 task: the oracle evaluation against the pretrained policy, as dpo. Output: the trained
+policy (same files, PolicyMeta and tokenizer as its parent; LoRA adapters merged), a candidate like dpo's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from alignpipe.algos.lora import LoraFields
+from alignpipe.core.config import StageConfig, field
+from alignpipe.stages import Input
+
+INPUTS = (
+    Input("data", "data", "dataset directory; its held-out prompts.jsonl feed the oracle evaluation"),
+    Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy (and the evaluation's "
+          "reference)"),
+    Input("prefs", "artifacts/label", "label stage output holding prefs.jsonl (prompt, chosen, rejected)"),
+    Input("human_prefs", None, "optional extra pairs: a JSONL file, or a directory holding prefs.jsonl", False),
+)
+# Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
+CHECKED_INPUTS = {"prefs": "prefs", "human_prefs": "prefs"}
+METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
+           "seconds")
+# The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
+HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
+            "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")
+
+
+@dataclass(frozen=True)
+class Config(StageConfig, LoraFields):
+    SECTION: ClassVar[str] = "orpo"
+
+    beta: float = field(0.1, "weight of the odds-ratio term against the NLL (lambda in the ORPO paper)")
+    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)")
+    warmup_steps: int = field(5, "linear warmup steps")
+    batch_size: int = field(16, "preference pairs per optimizer step (per process)")
+    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used")
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does")
+    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens")
+    group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
+    bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
+    seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
+    logging_steps: int = field(5, "log the train metrics (loss, nll_loss, log_odds_ratio, ...) every N steps")
+    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
+    checkpoint_dir: str = field("checkpoints/orpo", "Trainer checkpoints, outside the stage output")
+    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+
+    def __post_init__(self):
+        self.check(self.beta > 0, "beta", "must be > 0")
+        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.check(self.max_steps >= 1, "max_steps", "must be >= 1")
+        self.check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
+        self.check(self.max_completion_tokens >= 2, "max_completion_tokens", "must be >= 2")
+        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        self.check(self.save_steps >= 1, "save_steps", "must be >= 1")
+        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
+        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
+        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        self.check_lora()
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+def _trl_orpo():
+    """`trl.experimental.orpo`, imported without its warning that experimental APIs change (trl is pinned, and
+    tests/test_orpo.py checks the loss against a hand computation)."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module("trl.experimental.orpo")
+
+
+def trainer_class():
+    """`ORPOOnSampledPrompts`: TRL's ORPOTrainer without the BOS it prepends to prompts, evaluating raw pairs."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    class ORPOOnSampledPrompts(_trl_orpo().ORPOTrainer):
+        """ORPOTrainer whose rows start with the prompt's own tokens: TRL prepends the tokenizer's BOS to a prompt
+        that lacks it, a token `alignpipe.lm.policy.encode_prompts` (sampling) and DPOTrainer never add. Pairs
+        given to `evaluate` are rendered and tokenized as the training pairs (TRL does so only at construction;
+        DPOTrainer does it for both)."""
+
+        def tokenize_row(self, feature, model=None):
+            row = super().tokenize_row(feature, model)
+            bos = self.processing_class.bos_token_id
+            given = self.processing_class(feature["prompt"], add_special_tokens=False)["input_ids"]
+            if bos is not None and row["prompt_input_ids"][:1] == [bos] and given[:1] != [bos]:
+                row = {k: v[1:] if k.endswith(("input_ids", "attention_mask", "labels")) else v
+                       for k, v in row.items()}
+            return row
+
+        def evaluate(self, eval_dataset=None, *args, **kwargs):
+            if eval_dataset is not None and "chosen_input_ids" not in eval_dataset.column_names:
+                eval_dataset = (eval_dataset.map(maybe_extract_prompt)
+                                .map(maybe_apply_chat_template, fn_kwargs={"processing_class": self.processing_class})
+                                .map(self.tokenize_row))
+            return super().evaluate(eval_dataset, *args, **kwargs)
+
+    return ORPOOnSampledPrompts
+
+
+def trl_config(cfg: Config, output_dir: str | Path):
+    """TRL's ORPOConfig: the arguments the pair trainers share (`alignpipe.algos.preference.trainer_args`) and beta."""
+    from alignpipe.algos.preference import trainer_args
+
+    return _trl_orpo().ORPOConfig(**trainer_args(cfg, output_dir), beta=cfg.beta)
+
+
+def make_trainer(cfg: Config, model, tok, pairs: list[dict], output_dir: str | Path, callbacks: list | None = None):
+    """An ORPO trainer on formatted `pairs` (text, or the chat task's messages)."""
+    from alignpipe.algos.lora import lora_config
+    from alignpipe.algos.preference import pairs_dataset
+
+    return trainer_class()(model=model, args=trl_config(cfg, output_dir), train_dataset=pairs_dataset(pairs, tok),
+                           processing_class=tok, callbacks=callbacks, peft_config=lora_config(cfg, model))
+
+
+# --------------------------------------------------------------------------------------------------------- run
+
+def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
+    """Train with ORPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it against the
+    pretrained policy with the oracle (pep8) or on the held-out pairs (chat)."""
+    import time
+
+    import torch
+
+    from alignpipe.algos.lora import merged
+    from alignpipe.algos.preference import heldout_reward_metrics, load_trainee, training_pairs
+    from alignpipe.core import distributed
+    from alignpipe.tasks import task_of
+    from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
+    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.tracking import runs
+
+    torch.manual_seed(cfg.seed)
+    task = task_of(inputs["data"])
+    chat = task.conversational()  # pairs of messages: TRL applies the chat template itself
+    model, tok, meta = load_trainee(cfg, inputs["policy"], task)
+    pairs, n_human, mismatches = training_pairs(cfg, inputs, tok, meta, chat)
+
+    checkpoint_dir = Path(cfg.checkpoint_dir)
+    resume_from = resume_checkpoint(cfg, checkpoint_dir)
+    trainer = make_trainer(cfg, model, tok, pairs, checkpoint_dir, [runs.mlflow_callback(), log_at_checkpoints()])
+    train_start = time.perf_counter()
+    result = train_from(trainer, resume_from)
+    train_seconds = time.perf_counter() - train_start
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    last = logs[-1] if logs else {}
+    heldout = heldout_reward_metrics(trainer, inputs["data"]) if not task.has_oracle() else {}
+
+    if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
+        return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
+    trained = merged(trainer.model)  # LoRA: adapters folded into the weights, a plain model directory
+    meta = dataclasses.replace(meta, extra={**meta.extra, "stage": "orpo", "parent": str(inputs["policy"]),
+                                            "beta": cfg.beta, **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
+    save_policy(trained, tok, meta, out_dir)
+    del trainer, trained, model
+    eval_start = time.perf_counter()
+    if not task.has_oracle():
+        metrics = heldout
+    else:  # the reference of the evaluation only: ORPO trains without one
+        reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
+                                 cfg.seed, out_dir, progress="orpo: evaluating", task=task)
+    metrics.update(
+        n_pairs=len(pairs),
+        n_human_pairs=n_human,
+        n_prompt_boundary_mismatch=mismatches,
+        train_loss=float(last.get("loss", result.training_loss)),
+        train_nll_loss=float(last.get("nll_loss", 0.0)),
+        train_log_odds_ratio=float(last.get("log_odds_ratio", 0.0)),
+        train_reward_margin=float(last.get("rewards/margins", 0.0)),
+        train_reward_accuracy=float(last.get("rewards/accuracies", 0.0)),
+        train_samples_per_s=result.metrics.get("train_samples_per_second", 0.0),
+        train_seconds=round(train_seconds, 2),
+        eval_seconds=round(time.perf_counter() - eval_start, 2),
+    )
+    return metrics
