@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy, sample
     from alignpipe.stages.label import Config, load_train_prompts
+    from alignpipe.tasks import get_task
 
     cfg = Config()
     prompts = load_train_prompts(Path(args.data), args.prompts, args.seed)
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     room = context_length(model) - Sampling.max_prompt_tokens
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=room, batch_size=128)
     samples = sample(model, tok, meta, [r["prompt"] for r in prompts for _ in range(args.k)], sampling,
-                     seed=args.seed)
+                     seed=args.seed, unit=get_task("pep8").completion_unit())
     n = len(samples)
     # a sample that ended its line used len(ids) tokens (the line-end token included): cut at cap c iff it
     # needed more than c tokens, or ran out of room altogether

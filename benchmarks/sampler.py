@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignpipe.lm import onnx_runtime as ox
     from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
     from alignpipe.lm.policy import Sampling, finish_completion, load_policy, sample
+    from alignpipe.tasks import get_task
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ox.export_policy(model, work / "policy.onnx")
     export_s = time.perf_counter() - t0
-    completer = OrtCompleter(ox.OrtPolicy(ox.open_session(work / "policy.onnx", [ox.CPU], threads)), tok, meta, 192)
+    unit = get_task("pep8").completion_unit()
+    completer = OrtCompleter(ox.OrtPolicy(ox.open_session(work / "policy.onnx", [ox.CPU], threads)), tok, meta, 192,
+                             get_task("pep8"))
 
     def onnx(prompts: list[str], sampling: Sampling, greedy: bool = False) -> list[list[int]]:
         rng = np.random.default_rng(0)
@@ -75,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         out = []
         for start in range(0, len(prompts), sampling.batch_size):
             for new in completer.generate(prompts[start:start + sampling.batch_size], decoding, rng):
-                cut, _, capped = finish_completion(tok, meta, new)
+                cut, _, capped = finish_completion(tok, meta, new, unit)
                 out.append((cut, capped))
         return out
 
     def torch_ids(prompts, sampling, greedy=False):
-        drawn = sample(model, tok, meta, prompts, sampling, seed=0, greedy=greedy)
+        drawn = sample(model, tok, meta, prompts, sampling, seed=0, greedy=greedy, unit=unit)
         return [(s.completion_ids, s.capped) for s in drawn]
 
     say("# Sampling: generate() dynamic vs static KV cache vs the ONNX loop (benchmarks/sampler.py)")

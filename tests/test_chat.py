@@ -73,7 +73,7 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
                      max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("dpo", cfg, {"data": chat["data"], "policy": chat["llama"], "prefs": chat["data"]},
                       tmp_path / "dpo")
-    assert set(dpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert set(dpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
     assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
     assert metrics["n_prompt_boundary_mismatch"] == 0
     before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
@@ -189,7 +189,7 @@ def test_grpo_on_conversations_with_the_reward_model(chat, chat_rm, tmp_path):
                       learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0,
                       checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("grpo", cfg, inputs, tmp_path / "grpo")
-    assert set(grpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert set(grpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
     assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and metrics["train_steps"] == 2
     before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "grpo" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)

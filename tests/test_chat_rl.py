@@ -47,7 +47,7 @@ def test_ppo_trains_a_chat_model_against_the_reward_model(chat, tmp_path, family
                      checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, eval_batch_size=4, lora_r=lora_r)
     metrics = execute("ppo", cfg, {"data": chat["data"], "policy": policy, "reward_model": chat["rm"]},
                       tmp_path / "ppo")
-    assert set(ppo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert set(ppo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
     assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and math.isfinite(metrics["kl_to_ref"])
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["reward_last"] == metrics["reward_last"]
     before, after = load_file(policy / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
@@ -66,7 +66,7 @@ def test_ppo_rollouts_end_at_the_end_of_turn_and_start_at_kl_zero(chat, tmp_path
     from alignpipe.algos.ppo import make_value_head
     from alignpipe.core.errors import ConfigError
     from alignpipe.core.io import read_jsonl
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy
     from alignpipe.stages import ppo
 

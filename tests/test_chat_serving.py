@@ -14,11 +14,11 @@ import pytest
 
 import tiny
 from alignpipe.run.runner import execute
-from alignpipe.core.tasks import TASKS
 from alignpipe.lm import onnx_runtime as ox
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 from alignpipe.lm.policy import PolicyMeta, load_policy
 from alignpipe.reports.candidates import write_best
+from alignpipe.tasks import get_task
 
 CONVERSATIONS = [r["prompt"] for r in tiny.chat_rows(6)]  # plain, with a system turn, with a second user turn
 MAX_NEW_TOKENS = 12
@@ -51,7 +51,7 @@ def _torch_rows(model, tok, conversations, max_prompt_tokens: int, max_new_token
     `max_prompt_tokens` tokens), stopping at EOS or <|im_end|>; each row's new ids up to and with its stop."""
     import torch
 
-    stops = TASKS["chat"].stop_token_ids(tok)
+    stops = get_task("chat").stop_token_ids(tok)
     ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for c in conversations]
     width = max(len(x) for x in ids)
@@ -73,7 +73,7 @@ def _answers(tok, rows: list[list[int]]) -> list[str]:
 def test_onnx_greedy_chat_answers_equal_torch_generate(chat_policy, max_prompt_tokens):
     model, tok = chat_policy["model"], chat_policy["tok"]
     completer = OrtCompleter(ox.OrtPolicy(ox.open_session(chat_policy["onnx"], [ox.CPU])), tok, PolicyMeta(),
-                             max_prompt_tokens, TASKS["chat"])
+                             max_prompt_tokens, get_task("chat"))
     greedy, rng = Decoding(MAX_NEW_TOKENS, do_sample=False), np.random.default_rng(0)
     expected = _torch_rows(model, tok, CONVERSATIONS, max_prompt_tokens, MAX_NEW_TOKENS)
     assert completer.generate(CONVERSATIONS, greedy, rng) == expected

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from alignpipe.oracle.scoring import line_violations
-from alignpipe.stages.data import Config, chunk_ranges, run, split_of, stdlib_files
+from alignpipe.stages.data import Config, run, split_of
+from alignpipe.tasks.pep8 import chunk_ranges, stdlib_files
 
 MODULE = '''"""Doc."""
 import os

@@ -10,7 +10,7 @@ import pytest
 
 import tiny
 from alignpipe.cli.main import main
-from alignpipe.core.tasks import task_of
+from alignpipe.tasks import task_of
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "configs" / "tiny.yaml")
@@ -33,7 +33,7 @@ def test_conversational_pairs_become_the_pipelines_files_and_pass_validate(suffi
     assert code == 0, err
     manifest = json.loads((out / "MANIFEST.json").read_text())
     assert manifest["task"] == "chat" and manifest["form"] == "conversational" and manifest["kind"] == "preference"
-    assert task_of(out).name == "chat"
+    assert str(task_of(out)) == "chat"
     prefs, heldout = _rows(out / "prefs.jsonl"), _rows(out / "heldout.jsonl")
     assert len(prefs) + len(heldout) == 40 and prefs and heldout
     by_prompt = {json.dumps(r["prompt"]): r for r in tiny.chat_rows(40)}
@@ -61,7 +61,7 @@ def test_standard_pairs_and_prompt_only_data(tmp_path, capsys):
                              for i in range(30)))
     code, err = build(capsys, tmp_path / "a", "--dataset", str(pairs))
     assert code == 0, err
-    assert task_of(tmp_path / "a").name == "pep8"
+    assert str(task_of(tmp_path / "a")) == "pep8"
     assert isinstance(_rows(tmp_path / "a" / "prefs.jsonl")[0]["chosen"], str)
 
     prompts = tmp_path / "prompts.jsonl"
@@ -86,7 +86,7 @@ def test_implicit_prompt_is_extracted(tmp_path, capsys):
 @pytest.mark.parametrize("case,message", [
     ("missing", "cannot read split 'train' with datasets"),
     ("split", "cannot read split 'test' with datasets"),
-    ("chat_needs_dataset", "data.task needs data.dataset"),
+    ("chat_needs_dataset", "task chat has no data of its own"),
     ("standard_for_chat", "task chat needs conversational rows"),
 ])
 def test_bad_dataset_is_one_line_and_nothing_written(case, message, tmp_path, capsys):

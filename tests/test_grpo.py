@@ -13,6 +13,7 @@ import pytest
 import tiny
 from alignpipe.algos.rewards import EMPTY_PENALTY, build_reward, oracle_rewards, parse_reward
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.tasks.pep8 import LogicalLine
 
 PROMPTS = ["def f(a, b):", "x = [1, 2]"]
 CLEAN, DIRTY = "\n    return a + b", "\ny=x [0]"  # 0 violations; E225 + E211 on 7 characters
@@ -121,7 +122,8 @@ def test_grpo_raises_the_oracle_reward_and_changes_weights(tmp_path, tiny_data):
     def mean_oracle_reward(path):
         model, tok, meta = load_policy(path)
         samples = sample(model, tok, meta, [r["prompt"] for r in rows],
-                         Sampling(temperature=0.7, top_p=1.0, max_new_tokens=16, batch_size=32), seed=123)
+                         Sampling(temperature=0.7, top_p=1.0, max_new_tokens=16, batch_size=32), seed=123,
+                         unit=LogicalLine())
         values = oracle_rewards([s.completion for s in samples], [r["context"] for r in rows])
         return sum(values) / len(values), model
 

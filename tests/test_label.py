@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 LINES = ("x = 1", "x=1", "y = [1, 2]", "y = [1,2]", "return None", "z  = 3", "f(a , b)", "g = (1,")
 
 
-def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
+def fake_sample(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None, unit=None):
     """Stands in for alignpipe.lm.policy.sample (a random tiny policy rarely ends a line): a new line, indented like
     the prompt's last line, drawn from LINES; the unclosed line is what a sample cut at max_new_tokens looks like."""
     import random
@@ -168,7 +168,7 @@ def test_label_draws_rows_cut_at_the_cap_again(tiny, tmp_path, monkeypatch):
     cap_retries times: fewer pairs are dropped for truncation, and the rates before and after are reported."""
     calls = []
 
-    def counting(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None):
+    def counting(model, tok, meta, prompts, sampling, seed=0, greedy=False, progress=None, unit=None):
         drawn = fake_sample(model, tok, meta, prompts, sampling, seed=seed, greedy=greedy, progress=progress)
         calls.append((len(prompts), seed, sum(s.capped for s in drawn)))
         return drawn

@@ -181,7 +181,7 @@ def test_orpo_trains_a_chat_model_through_its_chat_template(tmp_path, registered
                       max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("orpo", cfg, {"data": tmp_path / "data", "policy": llama, "prefs": tmp_path / "data"},
                       tmp_path / "orpo")
-    assert set(orpo.TASK_METRICS["chat"]) <= set(metrics) and "violations_per_char" not in metrics
+    assert set(orpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
     assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
     before, after = load_file(llama / "model.safetensors"), load_file(tmp_path / "orpo" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was trained

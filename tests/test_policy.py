@@ -6,8 +6,14 @@ import pytest
 import torch
 
 import tiny
-from alignpipe.lm.policy import (PolicyMeta, Sampling, cut_completion, line_complete, load_policy, sample,
-                              sequence_logprobs)
+from alignpipe.lm.policy import PolicyMeta, Sampling, load_policy, sequence_logprobs
+from alignpipe.lm.policy import sample as sample_any
+from alignpipe.tasks.pep8 import LogicalLine, cut_completion, line_complete
+
+
+def sample(*args, **kwargs):
+    """The sampler with the PEP8 task's unit (one logical line)."""
+    return sample_any(*args, **kwargs, unit=LogicalLine())
 
 
 @pytest.mark.parametrize("text, done", [

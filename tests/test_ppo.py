@@ -16,6 +16,9 @@ import tiny  # noqa: E402
 
 from alignpipe.algos import ppo as algo  # noqa: E402
 from alignpipe.stages import ppo  # noqa: E402
+from alignpipe.tasks.pep8 import LogicalLine  # noqa: E402
+
+LINE = LogicalLine()  # the PEP8 task's completion unit: PPO's rollouts are one logical line
 
 
 def test_kl_shaped_rewards_match_the_formula():
@@ -94,7 +97,8 @@ def test_token_forward_matches_sequence_logprobs(tiny_policy):
     from alignpipe.lm.policy import Sampling, load_policy, newline_ids, sample, sequence_logprobs
 
     model, tok, meta = load_policy(tiny_policy)
-    samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3)
+    samples = sample(model, tok, meta, ["x = 1", "def f(a, b):", "import os"], Sampling(max_new_tokens=6), seed=3,
+                     unit=LINE)
     prompt_ids = [s.prompt_ids for s in samples]
     actions = [s.completion_ids or [tok.eos_token_id] for s in samples]
     batch = algo.make_batch(prompt_ids, actions, tok.pad_token_id, "cpu")
@@ -138,7 +142,8 @@ def _emit_x_reward(token_id):
 def _mean_reward(model, tok, meta, prompts, reward_fn):
     from alignpipe.lm.policy import Sampling, sample
 
-    samples = sample(model, tok, meta, prompts, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6), seed=123)
+    samples = sample(model, tok, meta, prompts, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=6), seed=123,
+                     unit=LINE)
     return sum(reward_fn(samples)) / len(samples)
 
 

@@ -150,6 +150,7 @@ def test_conditional_sampling_never_emits_misaligned(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from alignpipe.lm.policy import PolicyMeta, Sampling, sample
+    from alignpipe.tasks.pep8 import LogicalLine
 
     tok = make_tokenizer()
     torch.manual_seed(0)
@@ -165,10 +166,11 @@ def test_conditional_sampling_never_emits_misaligned(tmp_path):
     sampling = Sampling(max_new_tokens=6, batch_size=8)
     meta = policy_meta(Config(objective="conditional"))
     assert meta.prompt_suffix == ALIGNED and meta.bad_words == (MISALIGNED,)
-    banned = sample(model, tok, meta, prompts, sampling, seed=0)
+    banned = sample(model, tok, meta, prompts, sampling, seed=0, unit=LogicalLine())
     assert all(mis not in s.completion_ids for s in banned)
     assert all(s.prompt_ids[-1] == tok.convert_tokens_to_ids(ALIGNED) for s in banned)
-    free = sample(model, tok, PolicyMeta(), prompts, sampling, seed=0)  # the test can fail: unbanned, it shows up
+    free = sample(model, tok, PolicyMeta(), prompts, sampling, seed=0,  # the test can fail: unbanned, it shows up
+                  unit=LogicalLine())
     assert any(mis in s.completion_ids for s in free)
 
 

@@ -23,6 +23,7 @@ from alignpipe.lm.policy import Sampling, load_policy, sample
 from alignpipe.stages import register
 from alignpipe.serving.models import RequestBatcher
 from alignpipe.serving.server import post_json, start_server, stop_server, wait_ready
+from alignpipe.tasks import get_task
 
 PROMPTS = ["def add(a, b):", "for i in range(3):", "x = [1, 2,", "class A:\n    def g(self):", "import os",
            "if x:\n    y = 1", "while True:", "    return None"]
@@ -48,14 +49,15 @@ def models(tmp_path_factory):
 
 def _expected(models, prompts, max_new_tokens):
     return [s.completion for s in sample(models["model"], models["tok"], models["meta"], prompts,
-                                         Sampling(max_new_tokens=max_new_tokens), greedy=True)]
+                                         Sampling(max_new_tokens=max_new_tokens), greedy=True,
+                                         unit=get_task("pep8").completion_unit())]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_new_tokens", [6, 24])
 def test_onnx_greedy_completions_equal_policy_sample(models, max_new_tokens):
     completer = OrtCompleter(ox.OrtPolicy(ox.open_session(models["export"] / "policy.onnx", [ox.CPU])),
-                             models["tok"], models["meta"], Sampling().max_prompt_tokens)
+                             models["tok"], models["meta"], Sampling().max_prompt_tokens, get_task("pep8"))
     got = completer.complete(PROMPTS, Decoding(max_new_tokens, do_sample=False), np.random.default_rng(0))
     assert got == _expected(models, PROMPTS, max_new_tokens)
     assert all(c.startswith("\n") for c in got)  # the unit starts with the newline: whitespace kept

@@ -189,17 +189,14 @@ def token_forward(model, value_head, batch: PPOBatch, dist: TokenDistribution):
     return logprobs.clamp(min=-1e4).masked_fill(batch.mask == 0, 0.0), entropy, values
 
 
-def action_ids(sample, tok, meta, max_new_tokens: int, stop_ids: list[int] = ()) -> list[int]:
+def action_ids(sample, tok, meta, max_new_tokens: int, unit, stop_ids: list[int] = ()) -> list[int]:
     """The tokens the policy chose for one sample: its completion ids, plus the EOS that ended it when generation
-    stopped neither on a finished line, nor at max_new_tokens, nor on a stop token the ids already end with
-    (`alignpipe.lm.policy.sample` drops the EOS; a chat answer keeps its end-of-turn token, `stop_ids`)."""
-    from alignpipe.lm.policy import line_complete
-
+    stopped neither by the task's completion `unit` (pep8: a finished line), nor at max_new_tokens, nor on a stop
+    token the ids already end with (`alignpipe.lm.policy.sample` drops the EOS; a chat answer keeps its end-of-turn
+    token, `stop_ids`)."""
     ids = list(sample.completion_ids)
     if ids and ids[-1] in stop_ids:
         return ids
-    ended_on_line = bool(ids) and "\n" in tok.decode([ids[-1]]) and line_complete(
-        meta.clean(tok.decode(ids, skip_special_tokens=True)))
-    if not ended_on_line and len(ids) < max_new_tokens:
+    if not unit.ended_by_unit(tok, meta, ids) and len(ids) < max_new_tokens:
         ids.append(tok.eos_token_id)
     return ids

@@ -30,7 +30,7 @@ def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]
     a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
     with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
     from alignpipe.core.io import PREFS_FILE
-    from alignpipe.core.tasks import is_messages
+    from alignpipe.core.io import is_messages
     from alignpipe.data.validators import read_rows
 
     path = Path(path)
@@ -129,9 +129,7 @@ def load_trainee(cfg, policy: Path, task) -> tuple:
 
     check_4bit(cfg)
     model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
-    if task.prompt_form == "messages" and not getattr(tok, "chat_template", None):
-        raise ConfigError("data.task", f"task {task.name} needs a policy tokenizer with a chat template; "
-                          f"{policy}'s has none")
+    task.check_tokenizer(tok, "data.task")  # the task (alignpipe.tasks.Task) is passed in
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_completion_tokens > positions:
         total = cfg.max_prompt_tokens + cfg.max_completion_tokens

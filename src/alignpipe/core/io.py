@@ -185,3 +185,15 @@ def write_curves(folder: str | Path, curves: dict[str, list[tuple[int, float]]])
                         encoding="utf-8")
         written.append(path)
     return written
+
+
+def is_messages(value: Any) -> bool:
+    """Whether `value` is TRL's conversational form: a non-empty list of {"role", "content"} dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def check_messages(value: Any, where: str) -> None:
+    """A DataError unless `value` is a list of role/content messages."""
+    if not is_messages(value):
+        raise DataError(where, "expected a list of {'role', 'content'} messages (TRL's conversational form)")

@@ -1,11 +1,10 @@
-"""Policy sampling on the exported ONNX KV-cache decoder, with the completion unit of `alignpipe.lm.policy.sample`
-(pep8) or of `alignpipe.oracle.chat_eval.sample_chat` (chat), as the `task` says.
+"""Policy sampling on the exported ONNX KV-cache decoder, with the completion unit of the `task` (an
+`alignpipe.tasks.Task`, passed in): pep8's `alignpipe.lm.policy.sample`, chat's `alignpipe.oracle.chat_eval.sample_chat`.
 
 The same conditioning (`task.format_prompt`: `meta.format_prompt` for text, the chat template with the generation
 prompt for messages; the last `max_prompt_tokens` prompt tokens, left padding), the same constraints (banned tokens;
-pep8: a first token that starts a new line), the same stop (a stop token of `task.stop_token_ids`; pep8: also once
-the completion holds a finished logical line) and the same post-processing (pep8: `finish_completion`; chat: decoded
-without special tokens, stripped). Greedy decoding therefore gives `sample(..., greedy=True)`'s completions (and chat
+`task.first_token_ids`: pep8's first token starts a new line), the same stop (a stop token of `task.stop_token_ids`,
+or `task.completion_done`: pep8's finished logical line) and the same post-processing (`task.finish_completion`). Greedy decoding therefore gives `sample(..., greedy=True)`'s completions (and chat
 answers equal to a greedy `generate()` stopped at the same tokens); sampling applies temperature then top-p as
 `generate()` does, from numpy's generator (same distribution, not the same draws as torch).
 """
@@ -16,11 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignpipe.core.tasks import DEFAULT_TASK, TASKS, Task
 from alignpipe.lm.batching import pad
 from alignpipe.lm.onnx_runtime import OrtPolicy
-from alignpipe.lm.policy import (PolicyMeta, banned_token_ids, encode_prompts, finish_completion, line_complete,
-                                 newline_ids)
+from alignpipe.lm.policy import PolicyMeta, banned_token_ids, encode_prompts
 
 
 @dataclass(frozen=True)
@@ -37,11 +34,9 @@ class OrtCompleter:
     """Completions from one ONNX policy session (the vocabulary tables computed once): one logical line of code per
     prompt string (pep8), or the assistant's turn per list of {"role", "content"} messages (chat)."""
 
-    def __init__(self, policy: OrtPolicy, tok, meta: PolicyMeta, max_prompt_tokens: int,
-                 task: Task = TASKS[DEFAULT_TASK]):
+    def __init__(self, policy: OrtPolicy, tok, meta: PolicyMeta, max_prompt_tokens: int, task):
         self.policy, self.tok, self.meta, self.max_prompt_tokens, self.task = policy, tok, meta, max_prompt_tokens, task
-        # a line task starts its completion on a new line and ends it with the line; a turn ends at a stop token only
-        self.line_ids, self.start_ids = newline_ids(tok) if task.completion_end == "line" else (set(), [])
+        self.start_ids = task.first_token_ids(tok)
         self.bad = banned_token_ids(tok, meta)
         self.stops = set(task.stop_token_ids(tok))
 
@@ -56,11 +51,8 @@ class OrtCompleter:
         return self._generate(ids, mask, decoding, rng)
 
     def finish(self, new_ids: list[int]) -> str:
-        """The completion text of `generate`'s ids: pep8's unit with whitespace kept (`finish_completion`), chat's
-        answer without special tokens, stripped (as `sample_chat`)."""
-        if self.task.completion_end == "turn":
-            return self.tok.decode(new_ids, skip_special_tokens=True).strip()
-        return finish_completion(self.tok, self.meta, new_ids)[1]
+        """The completion text of `generate`'s ids, as the task's sampler cleans it."""
+        return self.task.finish_completion(self.tok, self.meta, new_ids)
 
     def _generate(self, ids: np.ndarray, mask: np.ndarray, decoding: Decoding,
                   rng: np.random.Generator) -> list[list[int]]:
@@ -84,8 +76,7 @@ class OrtCompleter:
             token = np.where(done, tok.pad_token_id, token)
             for r in np.flatnonzero(~done):
                 new[r].append(int(token[r]))
-                if int(token[r]) in self.stops or (int(token[r]) in self.line_ids and line_complete(
-                        tok.decode(new[r], skip_special_tokens=True))):
+                if int(token[r]) in self.stops or self.task.completion_done(tok, new[r]):
                     done[r] = True
             if done.all():
                 break

@@ -1,27 +1,23 @@
 """Policies: loading, conditioning, sampling completions and scoring their log-probabilities.
 
-Every stage that samples (pretrain's evaluation, label, dpo, ppo, evaluate) goes through this module, so all use
-the same completion unit and the same conditioning. A policy directory is a Hugging Face `save_pretrained`
+Every stage that samples text prompts (pretrain's evaluation, label, dpo, ppo, grpo, evaluate) goes through this
+module, so all use the same sampling and the same conditioning. A policy directory is a Hugging Face `save_pretrained`
 folder (safetensors weights + tokenizer) plus `alignpipe.json`, the `PolicyMeta` below, which says how the
 policy expects to be prompted (e.g. conditional training: end the prompt on `<|aligned|>`, ban `<|misaligned|>`).
 
-The completion unit is one logical line of code: a prompt is code that ends on a non-blank line (no trailing
-newline); the completion starts with the newline and ends at the end of the first non-blank logical line
-(brackets closed), or at `max_new_tokens`. The first sampled token is restricted to tokens that start a new line
-(`\n...`): the unit is "the next line", and a barely trained model would otherwise continue the prompt's line.
+Where a completion ends is the task's (`CompletionUnit`, passed in by the caller: `Task.completion_unit()`); this
+module knows only EOS and `max_new_tokens`. PEP8's unit, one logical line of code, is
+`alignpipe.tasks.pep8.LogicalLine`.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import tokenize
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alignpipe.core.errors import DataError, loading
-from alignpipe.core.tasks import DEFAULT_TASK, TASKS
 
 META_FILE = "alignpipe.json"
 
@@ -129,32 +125,33 @@ def save_policy(model, tok, meta: PolicyMeta, out_dir: str | Path) -> None:
     meta.save(out_dir)
 
 
-def line_complete(text: str) -> bool:
-    """True when `text` (a completion starting with a newline) holds a finished non-blank logical line
-    followed by a newline."""
-    lines = text.lstrip("\n").split("\n")
-    return any(_closed("\n".join(lines[:end])) for end in range(1, len(lines)) if "\n".join(lines[:end]).strip())
+class CompletionUnit:
+    """Where a sampled completion ends: the hook a task fills in (`alignpipe.tasks.Task.completion_unit`). This base
+    ends a completion at EOS (or padding) only, or at `max_new_tokens`."""
 
+    def first_token_ids(self, tok) -> list[int]:
+        """The tokens a completion may start with (empty: any)."""
+        return []
 
-def cut_completion(text: str) -> str:
-    """The completion up to the end of its first finished non-blank logical line (without the newline after)."""
-    lead = len(text) - len(text.lstrip("\n"))
-    lines = text[lead:].split("\n")
-    for end in range(1, len(lines) + 1):
-        candidate = "\n".join(lines[:end])
-        if candidate.strip() and _closed(candidate):
-            return text[:lead] + candidate
-    return text
+    def stopping_criteria(self, tok, prompt_len: int) -> list:
+        """`generate()`'s stopping criteria besides EOS (prompts left-padded to `prompt_len` tokens)."""
+        return []
 
+    def cut(self, tok, meta: "PolicyMeta", ids: list[int]) -> tuple[list[int], bool]:
+        """(the generated ids up to the end of the completion, EOS excluded, without padding; whether the row ended
+        there: False when it ran out of tokens, i.e. reached `max_new_tokens`)."""
+        for n, i in enumerate(ids):
+            if i == tok.eos_token_id or i == tok.pad_token_id:
+                return list(ids[:n]), True
+        return list(ids), False
 
-def _closed(code: str) -> bool:
-    """Whether the tokenizer sees no open bracket or string at the end of `code`."""
-    try:
-        for _ in tokenize.generate_tokens(io.StringIO(code.strip("\n").lstrip() + "\n").readline):
-            pass
-    except (tokenize.TokenError, IndentationError, SyntaxError):
+    def ended_by_unit(self, tok, meta: "PolicyMeta", ids: list[int]) -> bool:
+        """Whether `ids` (a sample's completion ids) end by the unit's own rule rather than at EOS or the cap."""
         return False
-    return True
+
+    def trim(self, text: str) -> str:
+        """The completion text of the cut ids (decoded, control tokens removed), trimmed to the unit."""
+        return text
 
 
 def newline_ids(tok) -> tuple[set[int], list[int]]:
@@ -162,46 +159,6 @@ def newline_ids(tok) -> tuple[set[int], list[int]]:
     strings = {i: tok.convert_tokens_to_string([t]) for t, i in tok.get_vocab().items()}
     return ({i for i, s in strings.items() if "\n" in s},
             sorted(i for i, s in strings.items() if s.startswith("\n")))
-
-
-def _start_new_line(tok, prompt_len: int):
-    """Allow only tokens that start a new line as the first token of a completion."""
-    import torch
-    from transformers import LogitsProcessor
-
-    allowed = torch.tensor(newline_ids(tok)[1], dtype=torch.long)
-
-    class _StartNewLine(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            if input_ids.shape[1] != prompt_len or len(allowed) == 0:
-                return scores
-            masked = torch.full_like(scores, float("-inf"))
-            idx = allowed.to(scores.device)
-            masked[:, idx] = scores[:, idx]
-            return masked
-
-    return _StartNewLine()
-
-
-def _stopping(tok, prompt_len: int):
-    """Stop each row once its completion holds a finished logical line (checked when a newline is produced)."""
-    import torch
-    from transformers import StoppingCriteria
-
-    line_ids = newline_ids(tok)[0]
-
-    class _LineDone(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            if not any(int(x) in line_ids for x in input_ids[:, -1]):
-                return done
-            for row in range(input_ids.shape[0]):
-                if int(input_ids[row, -1]) in line_ids:
-                    text = tok.decode(input_ids[row, prompt_len:], skip_special_tokens=True)
-                    done[row] = line_complete(text)
-            return done
-
-    return _LineDone()
 
 
 @dataclass
@@ -221,17 +178,40 @@ def banned_token_ids(tok, meta: PolicyMeta) -> list[int]:
     return [i for w in meta.bad_words if (i := tok.convert_tokens_to_ids(w)) is not None and i != tok.unk_token_id]
 
 
+def _first_tokens(allowed_ids: list[int], prompt_len: int):
+    """Allow only `allowed_ids` as the first token of a completion."""
+    import torch
+    from transformers import LogitsProcessor
+
+    allowed = torch.tensor(allowed_ids, dtype=torch.long)
+
+    class _FirstTokens(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] != prompt_len or len(allowed) == 0:
+                return scores
+            masked = torch.full_like(scores, float("-inf"))
+            idx = allowed.to(scores.device)
+            masked[:, idx] = scores[:, idx]
+            return masked
+
+    return _FirstTokens()
+
+
 def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int, task=None) -> list[list[int]]:
-    """Token ids of the prompts as `task` formats them (`Task.format_prompt`; default pep8: the policy's own
-    formatting of text), keeping the last `max_prompt_tokens` tokens."""
-    task = task or TASKS[DEFAULT_TASK]
-    return [tok(task.format_prompt(p, tok, meta), add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
-            for p in prompts]
+    """Token ids of the prompts as `task` formats them (`alignpipe.tasks.Task.format_prompt`, passed in; default:
+    the policy's own formatting of text, `PolicyMeta.format_prompt`), keeping the last `max_prompt_tokens` tokens."""
+    def text(prompt) -> str:
+        if task is not None:
+            return task.format_prompt(prompt, tok, meta)
+        return meta.format_prompt(prompt) if meta is not None else prompt
+
+    return [tok(text(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
 
 
 def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,
-           greedy: bool = False, progress: str | None = None) -> list[Sample]:
-    """One completion per prompt, with a KV cache, in batches; deterministic for a given seed."""
+           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit) -> list[Sample]:
+    """One completion per prompt, ending where `unit` (the task's `completion_unit()`) says, with a KV cache, in
+    batches; deterministic for a given seed."""
     import torch
     from tqdm import tqdm
 
@@ -240,6 +220,7 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
     device = next(model.parameters()).device
     encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
     bad = [[i] for i in banned_token_ids(tok, meta)]
+    first = unit.first_token_ids(tok)
     out: list[Sample] = []
     gen = torch.Generator(device="cpu").manual_seed(seed)
     batches = range(0, len(prompts), sampling.batch_size)
@@ -255,10 +236,11 @@ def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling 
                 top_p=sampling.top_p if not greedy else None, top_k=0 if not greedy else None,
                 max_new_tokens=sampling.max_new_tokens, bad_words_ids=bad or None,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                logits_processor=[_start_new_line(tok, width)], stopping_criteria=[_stopping(tok, width)],
+                logits_processor=[_first_tokens(first, width)] if first else [],
+                stopping_criteria=unit.stopping_criteria(tok, width),
                 use_cache=True, **cache_kwargs(model, sampling.cache))
         for r, x in enumerate(ids):
-            cut, text, capped = finish_completion(tok, meta, generated[r, width:].tolist())
+            cut, text, capped = finish_completion(tok, meta, generated[r, width:].tolist(), unit)
             out.append(Sample(prompts[start + r], text, x, cut, capped=capped))
     return out
 
@@ -275,12 +257,12 @@ def cache_kwargs(model, cache: str) -> dict[str, Any]:
     return {}
 
 
-def finish_completion(tok, meta: PolicyMeta, new_ids: list[int]) -> tuple[list[int], str, bool]:
-    """(ids up to the end of the completion unit, cleaned completion text, whether the cap cut it mid-line) of
-    freshly generated ids: the one post-processing every sampler applies (`sample` here, the ONNX serving model in
-    `alignpipe.lm.ort_sampling`)."""
-    cut, ended = _cut_ids(tok, meta, new_ids)
-    text = cut_completion(meta.clean(tok.decode(cut, skip_special_tokens=False)))
+def finish_completion(tok, meta: PolicyMeta, new_ids: list[int], unit: CompletionUnit) -> tuple[list[int], str, bool]:
+    """(ids up to the end of the completion `unit`, cleaned completion text, whether the cap cut it before the unit
+    ended) of freshly generated ids: the one post-processing every sampler applies (`sample` here, the ONNX serving
+    model in `alignpipe.lm.ort_sampling` through the task)."""
+    cut, ended = unit.cut(tok, meta, new_ids)
+    text = unit.trim(meta.clean(tok.decode(cut, skip_special_tokens=False)))
     return cut, _strip_special(tok, text), not ended
 
 
@@ -289,20 +271,6 @@ def _strip_special(tok, text: str) -> str:
         if special:
             text = text.replace(special, "")
     return text
-
-
-def _cut_ids(tok, meta: PolicyMeta, ids: list[int]) -> tuple[list[int], bool]:
-    """(the generated ids up to the token that finished the line, or EOS, excluded, without padding; whether
-    the row ended there: False when it ran out of tokens, i.e. reached `max_new_tokens`, mid-line)."""
-    out: list[int] = []
-    for i in ids:
-        if i == tok.eos_token_id or i == tok.pad_token_id:
-            return out, True
-        out.append(i)
-        text = meta.clean(tok.decode(out, skip_special_tokens=True))
-        if "\n" in tok.decode([i]) and line_complete(text):
-            return out, True
-    return out, False
 
 
 def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],

@@ -15,9 +15,11 @@ from typing import Callable, Sequence
 from alignpipe.oracle.scoring import CompletionScore, score_completion
 
 
-def score_samples(completions: Sequence[str], contexts: Sequence[str]) -> list[CompletionScore]:
-    """Oracle scores of completions, each written after its context (the prompt or a longer code prefix)."""
-    return [score_completion(ctx, comp) for ctx, comp in zip(contexts, completions, strict=True)]
+def score_samples(completions: Sequence[str], contexts: Sequence[str],
+                  oracle: Callable[[str, str], CompletionScore] = score_completion) -> list[CompletionScore]:
+    """Oracle scores of completions, each written after its context (the prompt or a longer code prefix); `oracle`
+    is the task's (`Task.oracle()`; the PEP8 oracle by default)."""
+    return [oracle(ctx, comp) for ctx, comp in zip(contexts, completions, strict=True)]
 
 
 def sample_value(score: CompletionScore) -> float | None:

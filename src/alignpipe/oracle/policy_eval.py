@@ -22,7 +22,7 @@ def load_prompts(path, limit: int | None = None) -> list[dict]:
     `context` defaults to the prompt)."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.io import read_jsonl
-    from alignpipe.core.tasks import is_messages
+    from alignpipe.core.io import is_messages
 
     path = Path(path)
     if path.is_dir():
@@ -58,14 +58,17 @@ class Draw:
         return [s.completion for s in self.samples]
 
 
-def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None = None, reward=None) -> Draw:
-    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed`, score each completion with the
-    oracle (after the prompt's context) and, given `reward` = (model, tokenizer), with the reward model."""
+def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None = None, reward=None, *,
+         task) -> Draw:
+    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed` (ending each completion where `task`,
+    an `alignpipe.tasks.Task`, says), score each completion with the task's oracle (after the prompt's context) and,
+    given `reward` = (model, tokenizer), with the reward model."""
     from alignpipe.lm.policy import sample
 
     texts = [r["prompt"] for r in prompts]
-    samples = sample(*policy, texts, sampling, seed=seed, progress=progress)
-    out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts]))
+    samples = sample(*policy, texts, sampling, seed=seed, progress=progress, unit=task.completion_unit())
+    out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts],
+                                      task.oracle()))
     if reward is not None:
         out.rewards = reward_values(reward, texts, out.completions())
     return out
@@ -110,8 +113,8 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
 
 
 def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, reference, ref_draw: Draw,
-                       champion: Draw | None = None, reward=None,
-                       progress: str | None = None) -> tuple[dict[str, Any], Draw]:
+                       champion: Draw | None = None, reward=None, progress: str | None = None, *,
+                       task) -> tuple[dict[str, Any], Draw]:
     """(metrics, draw) of one candidate against the reference (drawn once, `ref_draw`) and the champion: the
     oracle summary, win rates, the sampled KL (`kl_estimate`: token, or text with another tokenizer) and the mean
     reward score. The reference itself (`policy is reference`) reuses `ref_draw`."""
@@ -121,7 +124,7 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
         if reward is not None:
             got.rewards = reward_values(reward, texts, got.completions())
     else:
-        got = draw(policy, prompts, sampling, seed, progress, reward)
+        got = draw(policy, prompts, sampling, seed, progress, reward, task=task)
     logp_policy, logp_ref, same_vocab = sampled_logprobs(policy, got.samples, reference, texts,
                                                          sampling.max_prompt_tokens)
     metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,
@@ -133,20 +136,20 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
 
 
 def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, reference=None,
-                    progress: str | None = None) -> tuple[dict[str, float], dict]:
+                    progress: str | None = None, *, task) -> tuple[dict[str, float], dict]:
     """Sample one completion per prompt from `policy` = (model, tokenizer, meta), score it with the oracle and,
     given `reference` = (model, tokenizer, meta), add win_rate_vs_ref and kl_to_ref (ref samples use the same
     prompts and seed). Returns (metrics, details with the samples and per-sample scores)."""
     from alignpipe.lm.policy import Sampling
 
     sampling = sampling or Sampling()
-    got = draw(policy, prompts, sampling, seed, progress)
+    got = draw(policy, prompts, sampling, seed, progress, task=task)
     metrics = summarize(got.scores, seed=seed)
     details = {"completions": got.completions(), "scores": [sample_value(s) for s in got.scores]}
     if reference is not None:
         if reference[1].get_vocab() != policy[1].get_vocab():
             raise ValueError("policy and reference must share a tokenizer to compare log-probabilities")
-        ref = draw(reference, prompts, sampling, seed, progress and f"{progress} (reference)")
+        ref = draw(reference, prompts, sampling, seed, progress and f"{progress} (reference)", task=task)
         metrics["win_rate_vs_ref"] = win_rate(got.scores, ref.scores)
         metrics["win_rate_vs_ref_nontied"] = win_rate_nontied(got.scores, ref.scores)
         metrics["win_rate_ceiling"] = win_rate_ceiling(ref.scores)
@@ -160,7 +163,7 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
 
 
 def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
-                   seed: int, out_dir: str | Path, progress: str) -> dict[str, float]:
+                   seed: int, out_dir: str | Path, progress: str, *, task) -> dict[str, float]:
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
     `evaluate_policy`'s metrics (win rate with ties as half, its ceiling, and over non-tied prompts) plus
     win/tie/loss fractions. Writes the samples to `out_dir/samples.jsonl`."""
@@ -171,7 +174,7 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
     policy = load_policy(policy_dir)
     prompts = load_prompts(data_dir, n_prompts)
     metrics, details = evaluate_policy(policy, prompts, Sampling(batch_size=batch_size), seed=seed,
-                                       reference=reference, progress=progress)
+                                       reference=reference, progress=progress, task=task)
     wins = ties = 0
     for c, r in zip(details["scores"], details["ref_scores"]):
         if c is None or r is None:
@@ -189,4 +192,3 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
         for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
                                    details["ref_scores"])))
     return metrics
-

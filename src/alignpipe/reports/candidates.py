@@ -1,7 +1,7 @@
 """Candidates: evaluate's report of the policies it compared, and the chosen one it hands on as `best/`.
 
 evaluate's report.json names every candidate with its metrics, the directory it was read from and the sha256 of its
-weights, and the best one on `GATE_METRIC`. evaluate copies that candidate's directory to `<evaluation>/best/`
+weights, and the best one on the task's gate. evaluate copies that candidate's directory to `<evaluation>/best/`
 with `candidate.json` beside the weights: the report restricted to that one candidate (same schema as report.json).
 export and register take `best/` alone: its weights must still hash to what evaluate measured.
 """
@@ -15,7 +15,6 @@ from typing import Any
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import read_json, write_json
 
-GATE_METRIC = "violations_per_char"  # lower is better: picks evaluate's best candidate and gates register
 REPORT_FILE = "report.json"
 BEST_DIR = "best"  # evaluate's copy of the chosen candidate (its output `best`)
 BEST_FILE = "candidate.json"  # in best/: the report restricted to the chosen candidate

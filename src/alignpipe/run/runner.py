@@ -105,12 +105,12 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
 
 
 def required_metrics(stage, resolved: dict[str, Path | None]) -> tuple[str, ...]:
-    """The metric keys a stage must write: its METRICS, or its TASK_METRICS for the task of its `data` input
-    (`alignpipe.core.tasks.task_of`) when the stage reports differently per task."""
-    from alignpipe.core.tasks import task_of
+    """The metric keys a stage must write: its METRICS, or its JUDGED_METRICS when the task of its `data` input
+    (`alignpipe.tasks.task_of`) has no oracle and the stage reports differently then."""
+    from alignpipe.tasks import task_of
 
-    by_task = getattr(stage, "TASK_METRICS", {})
-    return by_task.get(task_of(resolved.get("data")).name, stage.METRICS) if by_task else stage.METRICS
+    judged = getattr(stage, "JUDGED_METRICS", None)
+    return judged if judged and task_of(resolved.get("data")).oracle() is None else stage.METRICS
 
 
 def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:

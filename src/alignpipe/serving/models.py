@@ -179,17 +179,17 @@ def _load_policy(model, context, task: str, run: Callable[[Hashable, list], list
     `run(decoding, prompts)`."""
     import numpy as np
 
-    from alignpipe.core.tasks import TASKS
     from alignpipe.lm.onnx_runtime import OrtPolicy
     from alignpipe.lm.ort_sampling import OrtCompleter
     from alignpipe.lm.policy import PolicyMeta
     from alignpipe.lm.tokenizers import load_tokenizer
+    from alignpipe.tasks import get_task
 
     model.config = config = {**POLICY_DEFAULTS, **(context.model_config or {})}
     tok_dir = context.artifacts["tokenizer"]
     model.completer = OrtCompleter(OrtPolicy(_session(context.artifacts["policy_onnx"], config)),
                                    load_tokenizer(tok_dir), PolicyMeta.load(tok_dir), int(config["max_prompt_tokens"]),
-                                   TASKS[task])
+                                   get_task(task))
     model.rng = np.random.default_rng(int(config["seed"]))
     model.batcher = RequestBatcher(run, int(config["max_batch_size"]), float(config["batch_window_ms"]) / 1e3)
 
@@ -272,13 +272,13 @@ def log_policy_model(onnx_path: Path, policy_dir: Path, model_config: dict[str, 
     strings in) or, for a task prompted with messages (chat), an `OnnxChatModel`; returns the ModelInfo."""
     from mlflow.models import infer_signature
 
-    from alignpipe.core.tasks import get_task
     from alignpipe.lm.policy import PolicyMeta
     from alignpipe.lm.tokenizers import load_tokenizer
+    from alignpipe.tasks import get_task
     from alignpipe.tracking.registry import pip_requirements
 
     config = {**POLICY_DEFAULTS, **model_config}
-    if get_task(task).prompt_form == "messages":
+    if get_task(task).conversational():
         # A ChatModel's signature is MLflow's chat schema; MLflow runs `predict` on the example while logging (its
         # default example asks for `stop`, which this model refuses).
         served = {"python_model": OnnxChatModel(),

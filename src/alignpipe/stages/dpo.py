@@ -48,8 +48,8 @@ METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task other than pep8 (alignpipe.run.runner.required_metrics).
-TASK_METRICS = {"chat": ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")}
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
 LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -158,7 +158,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.lora import merged
     from alignpipe.algos.preference import heldout_reward_metrics, training_pairs
     from alignpipe.core import distributed
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import save_policy
     from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
     from alignpipe.oracle.policy_eval import oracle_metrics
@@ -166,7 +166,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     torch.manual_seed(cfg.seed)
     task = task_of(inputs["data"])
-    chat = task.prompt_form == "messages"
+    chat = task.conversational()  # pairs of messages: TRL applies the chat template itself
     (model, tok, meta), reference = load_models(cfg, inputs["policy"], task)
     pairs, n_human, mismatches = training_pairs(cfg, inputs, tok, meta, chat)
 
@@ -179,7 +179,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
-    heldout = heldout_reward_metrics(trainer, inputs["data"]) if chat else {}
+    oracle = task.oracle()
+    heldout = heldout_reward_metrics(trainer, inputs["data"]) if oracle is None else {}
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
@@ -190,8 +191,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
     eval_start = time.perf_counter()
-    metrics = heldout if chat else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
-                                                  cfg.eval_batch_size, cfg.seed, out_dir, progress="dpo: evaluating")
+    metrics = heldout if oracle is None else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
+                                                            cfg.eval_batch_size, cfg.seed, out_dir,
+                                                            progress="dpo: evaluating", task=task)
     metrics.update(
         n_pairs=len(pairs),
         n_human_pairs=n_human,

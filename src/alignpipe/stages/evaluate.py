@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alignpipe.core.config import StageConfig, field
-from alignpipe.reports.candidates import GATE_METRIC
 from alignpipe.stages import CANDIDATES, REFERENCE, Input
 
 INPUTS = (
@@ -128,10 +127,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
     from alignpipe.reports.candidates import write_best
 
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])
-    if task.prompt_form == "messages":
+    if task.oracle() is None:  # no oracle: the reward model and a judge score the candidates
         return run_chat(cfg, inputs, out_dir, task)
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
@@ -148,8 +147,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         reward = load_reward_model(inputs["reward_model"])
 
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}")
-    champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward) if cfg.compare_champion
+    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task)
+    champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward, task) if cfg.compare_champion
                                else (None, None))
 
     results: dict[str, dict[str, Any]] = {}
@@ -157,7 +156,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
         metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
-                                                  reward, progress=f"evaluate {name}")
+                                                  reward, progress=f"evaluate {name}", task=task)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
@@ -167,13 +166,14 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         del policy
     if champion_draw is not None:
         draws["champion"] = champion_draw
-    best = min(results, key=lambda n: _gate_value(results[n]))
+    metric, higher = task.gate()
+    best = best_candidate(results, metric, higher)
 
     report = {
         "best_candidate": best,
-        "task": "pep8",
-        "gate_metric": GATE_METRIC,
-        "gate_direction": "lower",
+        "task": str(task),
+        "gate_metric": metric,
+        "gate_direction": "higher" if higher else "lower",
         "order": list(results),
         "candidates": results,
         "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])},
@@ -188,7 +188,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     }
     write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
     write_best(report, out_dir)
-    print(f"evaluate: best candidate {best!r} ({GATE_METRIC} {results[best][GATE_METRIC]:.5f}); "
+    print(f"evaluate: best candidate {best!r} ({metric} {results[best][metric]:.5f}); "
           "see report.json and report.md")
     return flat_metrics(report)
 
@@ -208,7 +208,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     from alignpipe.reports.evaluation_page import write_evaluation_page
 
     if inputs.get("reward_model") is None and not cfg.judge_model:
-        raise DataError("--reward-model", f"task {task.name} has no oracle: evaluate needs a reward model "
+        raise DataError("--reward-model", f"task {task} has no oracle: evaluate needs a reward model "
                         "(--reward-model) or evaluate.judge_model")
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     prompts = [row["prompt"] for row in read_jsonl(prompts_path)][:cfg.n_prompts or None]
@@ -232,15 +232,16 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
                          **metrics, "heldout_ppl": math.exp(nll / max(n_tokens, 1)),
                          "weights_sha256": weights_sha256(path)}
         draws[name] = got
-    best = max(results, key=lambda n: results[n].get(task.gate_metric, -math.inf))  # ties: the first (reference)
+    metric, higher = task.gate()
+    best = best_candidate(results, metric, higher)
     report = {
-        "best_candidate": best, "task": task.name, "gate_metric": task.gate_metric,
-        "gate_direction": "higher" if task.higher_is_better else "lower", "order": list(results),
+        "best_candidate": best, "task": str(task), "gate_metric": metric,
+        "gate_direction": "higher" if higher else "lower", "order": list(results),
         "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": None,
         "prompts": {"path": str(prompts_path), "n": len(prompts),
                     "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
-        "judge_model": cfg.judge_model or "the reward model", "scorer": task.scorer, "guard_score": task.guard_score,
+        "judge_model": cfg.judge_model or "the reward model", **task.describe(),
         "reward_hacking": guard_verdicts(results) or None,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
@@ -253,7 +254,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
     (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
     write_evaluation_page(report, out_dir)
-    print(f"evaluate: best candidate {best!r} ({task.gate_metric} {results[best].get(task.gate_metric)}); "
+    print(f"evaluate: best candidate {best!r} ({metric} {results[best].get(metric)}); "
           "see report.json and report.md")
     keys = ("judge_win_rate_vs_ref", "reward_score", "kl_to_ref", "ended_frac", "empty_frac", "heldout_ppl")
     flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in keys
@@ -277,7 +278,7 @@ def chat_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _draw_champion(cfg: Config, rows: list[dict], sampling, reward):
+def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
     """(registry info with its oracle summary, Draw) of the registered champion, or (None, None) when there is
     none; its download is removed afterwards."""
     from alignpipe.lm.policy import load_policy
@@ -291,7 +292,7 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward):
         if found is None:
             return None, None
         champion, champion_dir = found
-        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward)
+        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     champion.update(summarize(got.scores, seed=cfg.seed))
@@ -356,7 +357,8 @@ def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_d
 def frontier_tsv(report: dict[str, Any]) -> str:
     """The score-vs-KL frontier, one row per candidate: candidate, kl, violations_per_char, ci_low, ci_high
     (tab-separated with a header row; a missing or non-finite value is written as `nan`)."""
-    keys = ("kl_to_ref", GATE_METRIC, f"{GATE_METRIC}_ci_low", f"{GATE_METRIC}_ci_high")
+    score = FRONTIER_COLUMNS[2]  # the oracle's summary key (alignpipe.oracle.metrics.summarize)
+    keys = ("kl_to_ref", score, f"{score}_ci_low", f"{score}_ci_high")
     lines = ["\t".join(FRONTIER_COLUMNS)]
     for name, m in report["candidates"].items():
         values = [m.get(k) for k in keys]
@@ -364,9 +366,14 @@ def frontier_tsv(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _gate_value(metrics: dict[str, Any]) -> float:
-    value = metrics.get(GATE_METRIC)
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+def best_candidate(results: dict[str, dict[str, Any]], metric: str, higher: bool) -> str:
+    """The candidate best on the gate `metric` (the task's `gate()`); a missing or non-finite value ranks last, ties
+    go to the first (the reference)."""
+    def value(name: str) -> float:
+        v = results[name].get(metric)
+        return (v if higher else -v) if isinstance(v, (int, float)) and math.isfinite(v) else -math.inf
+
+    return max(results, key=value)
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -21,7 +21,7 @@ import numpy as np
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
 from alignpipe.core.io import iter_jsonl, write_json
-from alignpipe.core.tasks import task_of
+from alignpipe.tasks import task_of
 from alignpipe.lm.batching import pad
 from alignpipe.reports.candidates import best_candidate
 from alignpipe.stages import Input
@@ -190,12 +190,12 @@ def _prompt_batch(cfg: Config, policy, tok, meta, prompts: list, task):
     if max_prompt < 1:
         raise ConfigError("export.max_new_tokens", f"must be < the policy's {positions} positions, "
                           f"got {cfg.max_new_tokens}")
-    chat = task.prompting == "chat_template"
     encoded = encode_prompts(tok, meta, prompts, max_prompt, task)
     if not all(encoded):
         raise DataError(f"held-out prompt {encoded.index([])}", "tokenizes to nothing")
     ids, mask = pad(encoded, tok.pad_token_id, "left")
-    eos = task.stop_token_ids(tok)[-1] if chat else tok.eos_token_id  # chat: the end-of-turn token when it has one
+    stops = task.stop_token_ids(tok)
+    eos = stops[-1] if stops else None  # the task's last stop token: chat's end-of-turn token when it has one
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                   pad_token_id=tok.pad_token_id, bad_token_ids=banned_token_ids(tok, meta))
     return ids, mask, gen_kw
@@ -240,7 +240,7 @@ def _compare(ref: _Reference, ort_policy, ort_reward) -> dict[str, Any]:
 def held_out_prompts(data_dir: Path | None, n: int, seed: int) -> list:
     """`n` prompts sampled with `seed` from `<data>/prompts.jsonl` (all when fewer), else the fixed prompts; a
     prompt is a string, or a list of messages (chat)."""
-    from alignpipe.core.tasks import is_messages
+    from alignpipe.core.io import is_messages
 
     path = data_dir / "prompts.jsonl" if data_dir is not None else None
     if path is None or not path.is_file():

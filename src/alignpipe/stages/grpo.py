@@ -41,9 +41,9 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "reward_first", "reward_last")
-# What the stage reports for the chat task (alignpipe.run.runner.required_metrics).
-TASK_METRICS = {"chat": ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                         "reward_last")}
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
+                  "reward_last")
 
 
 @dataclass(frozen=True)
@@ -149,12 +149,12 @@ def seeded_rollout(cfg: Config, tok, draw):
     return fn
 
 
-def rollout_func(cfg: Config, tok, meta):
-    """The rollout hook of the code task: our sampler (conditioning, banned tokens, one logical line)."""
+def rollout_func(cfg: Config, tok, meta, task):
+    """The rollout hook of a text task: our sampler (conditioning, banned tokens, the task's completion unit)."""
     from alignpipe.lm.policy import sample
 
     def draw(model, prompts, sampling, seed):
-        samples = sample(model, tok, meta, prompts, sampling, seed=seed)
+        samples = sample(model, tok, meta, prompts, sampling, seed=seed, unit=task.completion_unit())
         return [s.prompt_ids for s in samples], [s.completion_ids for s in samples], [s.completion for s in samples]
 
     return seeded_rollout(cfg, tok, draw)
@@ -201,8 +201,8 @@ def load_model(cfg: Config, policy: Path, task) -> tuple:
     from alignpipe.lm.policy import load_policy
 
     check_4bit(cfg)
-    if task.prompt_form == "messages" and "oracle" in cfg.reward:
-        raise ConfigError("grpo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
+    if task.oracle() is None and "oracle" in cfg.reward:
+        raise ConfigError("grpo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
     model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
@@ -248,7 +248,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.lora import lora_config, merged
     from alignpipe.algos.rewards import build_reward
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import log_at_checkpoints, train_from
     from alignpipe.oracle.policy_eval import oracle_metrics
@@ -256,7 +256,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     set_seed(cfg.seed)
     task = task_of(inputs["data"])
-    chat = task.prompt_form == "messages"
+    chat = task.conversational()
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
@@ -268,7 +268,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta),
+        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta, task),
         peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)
@@ -284,11 +284,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     save_policy(model, tok, meta, out_dir)
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     eval_start = time.perf_counter()
-    if chat:
+    oracle = task.oracle()
+    if oracle is None:
         metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
     else:
         metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating")
+                                 cfg.seed, out_dir, progress="grpo: evaluating", task=task)
     torch.manual_seed(cfg.seed)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,

@@ -53,7 +53,8 @@ INPUTS = (
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"human_prefs": "prefs"}
 METRICS = ("n_pairs", "n_ties", "mean_score_gap", "cap_reached_frac", "seconds")
-TASK_METRICS = {"pep8": METRICS, "chat": ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")}
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("n_pairs", "n_train_pairs", "n_heldout_pairs", "n_dataset_pairs", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 
@@ -242,21 +243,21 @@ def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]
     return rows, stats
 
 
-def sample_to_line_end(policy, rows: list[str], sampling, seed: int, retries: int) -> tuple[list, int]:
-    """One sample per row (`alignpipe.lm.policy.sample`); the rows whose sample reached the cap mid-line are drawn
-    again with the next seed, up to `retries` times, and keep the last draw. Returns (samples, the number capped
-    at the first draw). The pairs are then of the policy's finished lines (its samples given that the line ends
-    within the cap), not truncated ones the oracle cannot judge."""
+def sample_to_line_end(policy, rows: list[str], sampling, seed: int, retries: int, unit) -> tuple[list, int]:
+    """One sample per row (`alignpipe.lm.policy.sample`, ending where the task's `unit` says); the rows whose sample
+    reached the cap mid-line are drawn again with the next seed, up to `retries` times, and keep the last draw.
+    Returns (samples, the number capped at the first draw). The pairs are then of the policy's finished lines (its
+    samples given that the line ends within the cap), not truncated ones the oracle cannot judge."""
     from alignpipe.lm.policy import sample
 
-    samples = sample(*policy, rows, sampling, seed=seed, progress="label: sampling")
+    samples = sample(*policy, rows, sampling, seed=seed, progress="label: sampling", unit=unit)
     first = sum(s.capped for s in samples)
     for attempt in range(1, retries + 1):
         redo = [i for i, s in enumerate(samples) if s.capped]
         if not redo:
             break
         again = sample(*policy, [rows[i] for i in redo], sampling, seed=seed + attempt,
-                       progress=f"label: {len(redo)} capped rows, draw {attempt + 1}")
+                       progress=f"label: {len(redo)} capped rows, draw {attempt + 1}", unit=unit)
         for i, s in zip(redo, again):
             samples[i] = s
     return samples, first
@@ -292,7 +293,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     data = Path(inputs["data"])
     judge_model = inputs.get("judge_model")
     if (cfg.judge == "scorer" and judge_model is not None) or (cfg.judge == "reward_model" and judge_model is None):
-        raise ConfigError("label.judge", f"task {task.name}: the dataset's pairs (judge scorer, no --judge-model), "
+        raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
                           "or RLAIF pairs as well: judge reward_model with --judge-model, or judge llm (with "
                           "--judge-model, or the policy as its own judge)")
     train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
@@ -386,10 +387,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
 
-    if Path(inputs["data"]).is_dir() and task_of(inputs["data"]).prompt_form == "messages":
-        return run_chat(cfg, inputs, out_dir, task_of(inputs["data"]))
+    task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
+    if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
+        return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy
 
@@ -404,7 +406,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     repeated = [r["prompt"] for r in prompts for _ in range(cfg.k)]  # K rows per prompt: K different draws
-    samples, first_capped = sample_to_line_end((model, tok, meta), repeated, sampling, cfg.seed, cfg.cap_retries)
+    samples, first_capped = sample_to_line_end((model, tok, meta), repeated, sampling, cfg.seed, cfg.cap_retries,
+                                               task.completion_unit())
     sampling_s = time.perf_counter() - start
     del model
 

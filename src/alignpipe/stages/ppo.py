@@ -57,9 +57,9 @@ INPUTS = (
 )
 METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
            "seconds")
-# What the stage reports for a task without an oracle (alignpipe.run.runner.required_metrics).
-TASK_METRICS = {"chat": ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                         "reward_last", "seconds")}
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
+                  "reward_last", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
             "seconds")
@@ -149,22 +149,24 @@ def token_distribution(cfg: Config, tok, meta, autocast: bool, task) -> TokenDis
     """The distribution `draw` samples rollouts from (temperature; for text prompts banned words and a first token
     that starts a new line; a chat answer has neither), so that PPO's log-probabilities are those of the sampled
     tokens."""
-    from alignpipe.lm.policy import banned_token_ids, newline_ids
+    from alignpipe.lm.policy import banned_token_ids
 
     if task.conversational():
         return TokenDistribution(cfg.temperature, [], None, autocast)
-    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), newline_ids(tok)[1], autocast)
+    first = task.completion_unit().first_token_ids(tok)  # pep8: tokens that start a new line
+    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), first or None, autocast)
 
 
 def draw(task, model, tok, meta, prompts: list, sampling, seed: int) -> list:
     """One rollout per prompt (`alignpipe.lm.policy.Sample`s): through the chat template to the end of the turn for
-    conversational prompts (`alignpipe.oracle.chat_eval.chat_samples`), else the policy's one logical line."""
+    conversational prompts (`alignpipe.oracle.chat_eval.chat_samples`), else the task's completion unit (pep8: one
+    logical line)."""
     from alignpipe.lm.policy import sample
     from alignpipe.oracle.chat_eval import chat_samples
 
     if task.conversational():
         return chat_samples((model, tok, meta), prompts, sampling, seed, task)
-    return sample(model, tok, meta, prompts, sampling, seed=seed)
+    return sample(model, tok, meta, prompts, sampling, seed=seed, unit=task.completion_unit())
 
 
 def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list, reward_fn: RewardFn,
@@ -183,7 +185,8 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list,
     scores = torch.tensor(reward_fn(samples), dtype=torch.float32)
     prompt_ids = [s.prompt_ids for s in samples]
     stops = task.stop_token_ids(tok)
-    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, stops) for s in samples]
+    unit = task.completion_unit()
+    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, unit, stops) for s in samples]
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "mask": []}
     with torch.no_grad():
         for start in range(0, len(samples), cfg.minibatch_size):
@@ -293,7 +296,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: Re
     import torch
     from tqdm import tqdm
 
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.models import bf16_supported
     from alignpipe.tracking import runs
 
@@ -385,7 +388,7 @@ def check_reward(cfg: Config, task) -> None:
     from alignpipe.algos.rewards import parse_reward
 
     if not task.has_oracle() and any(name == "oracle" for _, name in parse_reward(cfg.reward).terms):
-        raise ConfigError("ppo.reward", f"task {task.name} has no oracle: use model or a function, got {cfg.reward!r}")
+        raise ConfigError("ppo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
 
 
 def chat_check(cfg: Config, policy_dir: Path, reference, data_dir: Path, reward, task) -> dict[str, float]:
@@ -408,7 +411,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     from alignpipe.algos.lora import check_4bit, merged, quantization_config, with_lora
     from alignpipe.algos.rewards import build_reward
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
@@ -455,7 +458,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     eval_start = time.perf_counter()
     if task.has_oracle():
         metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="ppo: evaluating")
+                                 cfg.seed, out_dir, progress="ppo: evaluating", task=task)
     else:
         metrics = chat_check(cfg, out_dir, reference, inputs["data"], reward, task)
     first, last = (history[0], history[-1]) if history else ({}, {})

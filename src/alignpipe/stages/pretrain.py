@@ -26,7 +26,8 @@ from alignpipe.stages import Input
 
 INPUTS = (Input("data", "data", "dataset directory (train.jsonl, val.jsonl, prompts.jsonl)"),)
 METRICS = ("heldout_loss", "violations_per_char", "zero_violation_frac", "tokens_per_s", "train_tokens", "seconds")
-TASK_METRICS = {"pep8": METRICS, "chat": ("heldout_loss", "ended_frac", "tokens_per_s", "train_tokens", "seconds")}
+# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
+JUDGED_METRICS = ("heldout_loss", "ended_frac", "tokens_per_s", "train_tokens", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("heldout_loss", "violations_per_char", "zero_violation_frac", "seconds")
 
@@ -203,23 +204,23 @@ def _val_texts(data_dir: Path, max_chars: int, tok=None) -> list[str]:
 
 
 def check_task(cfg: Config, task) -> None:
-    """What the chat task needs of pretrain: MLE (no oracle scores segments) and a chat model to continue."""
+    """What a conversational task needs of pretrain: MLE (no oracle scores segments) and a chat model to continue."""
     from alignpipe.core.errors import ConfigError
 
-    if task.prompt_form != "messages":
+    if not task.conversational():
         return
     if cfg.objective != "mle":
-        raise ConfigError("pretrain.objective", f"task {task.name} trains with mle only (supervised fine-tuning on "
+        raise ConfigError("pretrain.objective", f"task {task} trains with mle only (supervised fine-tuning on "
                           f"the chosen conversations): {cfg.objective} needs the PEP8 oracle's segment scores")
     if not cfg.init_model:
-        raise ConfigError("pretrain.init_model", f"task {task.name} continues a chat model (a Hugging Face id or "
+        raise ConfigError("pretrain.init_model", f"task {task} continues a chat model (a Hugging Face id or "
                           "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
 
 
 def chat_rows(rows: list[dict], tok, path: Path) -> list[dict]:
     """Conversations as pretraining rows: the chat-templated text, every line scored 0 (MLE ignores scores)."""
     from alignpipe.core.errors import ConfigError
-    from alignpipe.core.tasks import check_messages
+    from alignpipe.core.io import check_messages
 
     if not getattr(tok, "chat_template", None):
         raise ConfigError("pretrain.init_model", "the chat task needs a tokenizer with a chat template")
@@ -368,13 +369,12 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
 
     lm.eval()
     meta = policy_meta(cfg)
-    chat = task.prompt_form == "messages"
-    metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars, tok if chat else None), cfg.seq_len,
-                           dtype=dtype)
+    metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars, tok if task.conversational() else None),
+                           cfg.seq_len, dtype=dtype)
     max_prompt = min(cfg.eval_max_prompt_tokens, lm.config.max_position_embeddings - cfg.eval_max_new_tokens)
     sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                         max_new_tokens=cfg.eval_max_new_tokens, max_prompt_tokens=max_prompt)
-    if chat:
+    if task.oracle() is None:  # no oracle to score the answers: their samples and how they ended
         metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
         save_policy(lm, tok, meta, out_dir)
         return metrics
@@ -382,7 +382,7 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
     device_type = next(lm.parameters()).device.type
     with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
         oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
-                                          progress="pretrain: sampling")
+                                          progress="pretrain: sampling", task=task)
     metrics.update(oracle)
     write_jsonl(out_dir / "samples.jsonl", (
         {"source": p.get("source", ""), "prompt": p["prompt"], "completion": c, "violations_per_char": v}
@@ -397,7 +397,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch.distributed as dist
 
     from alignpipe.core.io import read_jsonl
-    from alignpipe.core.tasks import task_of
+    from alignpipe.tasks import task_of
     from alignpipe.lm import training
     from alignpipe.lm.models import build_model, device_and_dtype, training_flops_per_token
 
@@ -411,7 +411,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     latest = prepare_checkpoints(cfg, proc.main)
     rows = read_jsonl(data_dir / "train.jsonl")
-    chat = task.prompt_form == "messages"
+    chat = task.conversational()
     if not chat:
         _check_rows(rows, data_dir / "train.jsonl")
     tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main)

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.tasks import DEFAULT_TASK
-from alignpipe.reports.candidates import BEST_FILE, GATE_METRIC, check_weights, read_report
+from alignpipe.reports.candidates import BEST_FILE, check_weights, read_report
+from alignpipe.tasks import DEFAULT_TASK, get_task
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -78,7 +78,7 @@ class Config(StageConfig):
         self.check(self.serve_batch_window_ms >= 0, "serve_batch_window_ms", "must be >= 0")
 
 
-def gate(candidate: float, champion: float | None, margin: float, metric: str = GATE_METRIC,
+def gate(candidate: float, champion: float | None, margin: float, metric: str = "the gate metric",
          higher: bool = False) -> tuple[bool, str]:
     """(move the alias?, why): move when there is no champion or `candidate < champion * (1 - margin)` (lower is
     better; `higher`: `candidate > champion * (1 + margin)`)."""
@@ -94,15 +94,17 @@ def gate(candidate: float, champion: float | None, margin: float, metric: str = 
 
 
 def gate_rule(cfg: Config, report: dict[str, Any]) -> tuple[str, bool]:
-    """(gate metric, higher is better): register's settings, else the task's as evaluate recorded them (reports
-    from before tasks: violations_per_char, lower)."""
-    metric = cfg.metric or report.get("gate_metric") or GATE_METRIC
+    """(gate metric, higher is better): register's settings, else the task's gate as evaluate recorded it (reports
+    from before tasks: the pep8 task's `gate()`)."""
+    metric = cfg.metric or report.get("gate_metric")
     direction = cfg.direction or (report.get("gate_direction") if metric == report.get("gate_metric") else "")
+    if not metric:
+        metric, higher = get_task(DEFAULT_TASK).gate()
+        return metric, direction == "higher" if direction else higher
     return metric, (direction or "lower") == "higher"
 
 
-def champion_score(report: dict[str, Any], champion: dict[str, Any], metric: str = GATE_METRIC
-                   ) -> tuple[float | None, str]:
+def champion_score(report: dict[str, Any], champion: dict[str, Any], metric: str) -> tuple[float | None, str]:
     """The current champion's gate metric as measured in this evaluation (same prompts, seed and sampling as the
     candidate), or (None, why not). A value from another evaluation is never used: its prompts differ."""
     measured = report.get("champion") or {}

@@ -101,7 +101,7 @@ class Config(StageConfig, LoraFields):
 def _read_pairs(path: Path) -> list[dict]:
     """The rows of a preference file (validated on entry: CHECKED_INPUTS), all in TRL's standard form (strings) or
     all in its conversational form (messages)."""
-    from alignpipe.core.tasks import is_messages
+    from alignpipe.core.io import is_messages
     from alignpipe.data.validators import read_rows
 
     lines, rows, _ = read_rows(path)
