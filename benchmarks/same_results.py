@@ -1,6 +1,7 @@
 """Same seed, same results: run the tiny pipeline at two commits and diff every non-timing metric.
 
     python benchmarks/same_results.py BEFORE [AFTER]   # AFTER defaults to the working tree
+    python benchmarks/same_results.py --artifacts OLD_CLONE NEW_CLONE   # two finished `make run` checkouts
 
 Each commit is exported (`git archive`) into a scratch folder and runs, with this environment's Python and its
 own `src/` first on the path, `data build` and then that commit's own `dvc.yaml` stage commands in order (each
@@ -70,27 +71,44 @@ def run_pipeline(tree: Path) -> dict[str, dict[str, float]]:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{tree.name}: {stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        out = tree / args[args.index("--out") + 1]
-        metrics[stage] = {}
-        for f in sorted(out.rglob("metrics*.json")):
-            if "best" not in f.relative_to(out).parts[:-1]:  # evaluate's best/ holds the chosen trainer's
-                metrics[stage].update(json.loads(f.read_text()))
+        metrics[stage] = stage_metrics(tree / args[args.index("--out") + 1])
     return metrics
+
+
+def stage_metrics(out: Path) -> dict[str, float]:
+    """The union of a stage output's metrics*.json files (evaluate's best/ holds a copy of the chosen trainer's)."""
+    metrics: dict[str, float] = {}
+    for f in sorted(out.rglob("metrics*.json")):
+        if "best" not in f.relative_to(out).parts[:-1]:
+            metrics.update(json.loads(f.read_text()))
+    return metrics
+
+
+def finished_run(clone: Path) -> dict[str, dict[str, float]]:
+    """Every stage's metrics in a checkout where `make run` finished: the stages of its own dvc.yaml."""
+    return {stage: stage_metrics(clone / command.split("--out ")[1].split()[0])
+            for stage, command in stage_commands(clone) if stage != "data"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("before")
+    ap.add_argument("before", help="a commit (or, with --artifacts, a checkout where `make run` finished)")
     ap.add_argument("after", nargs="?", default=None, help="default: the working tree")
+    ap.add_argument("--artifacts", action="store_true",
+                    help="compare two finished default runs (BEFORE and AFTER are checkouts) instead of running tiny")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args()
-    scratch = Path(tempfile.mkdtemp(prefix="same-results-", dir=ROOT / ".tmp" if (ROOT / ".tmp").is_dir() else None))
-    try:
-        before = run_pipeline(checkout(args.before, scratch / "before"))
-        after = run_pipeline(checkout(args.after, scratch / "after"))
-    finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+    if args.artifacts:
+        before, after = finished_run(Path(args.before)), finished_run(Path(args.after or ROOT))
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="same-results-",
+                                        dir=ROOT / ".tmp" if (ROOT / ".tmp").is_dir() else None))
+        try:
+            before = run_pipeline(checkout(args.before, scratch / "before"))
+            after = run_pipeline(checkout(args.after, scratch / "after"))
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
     diffs = compared = skipped = added = 0
     for stage in before:
         a, b = before[stage], after.get(stage, {})
@@ -103,8 +121,10 @@ def main() -> int:
             if a.get(key) != b.get(key):
                 diffs += 1
                 print(f"DIFF {stage}.{key}: before={a.get(key)!r} after={b.get(key)!r}")
+    only_after = sorted(set(after) - set(before))
     print(f"{compared} non-timing metrics compared over {len(before)} stages, {diffs} differ "
-          f"({skipped} timing metrics skipped; {added} metrics only after)")
+          f"({skipped} timing metrics skipped; {added} metrics only after; stages only after: "
+          f"{', '.join(only_after) or 'none'})")
     return 1 if diffs else 0
 
 
