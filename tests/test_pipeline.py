@@ -168,7 +168,7 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert dvc["metrics"] == [f"artifacts/{n}/metrics_headline.json" for n in STAGE_NAMES]
     plots = [next(iter(p)) for p in dvc["plots"]]
-    assert plots == [f"artifacts/{n}/curves" for n in ("pretrain", "reward", "dpo", "ppo")] + \
+    assert plots == [f"artifacts/{n}/curves" for n in ("pretrain", "reward", "dpo", "orpo", "ppo")] + \
         ["artifacts/evaluate/frontier.tsv"]
     deps = dvc["stages"]["dpo"]["deps"]
     assert {"src/alignpipe/stages/dpo.py", "src/alignpipe/lm/policy.py", "src/alignpipe/run/runner.py"} <= set(deps)
@@ -180,7 +180,7 @@ def test_dvc_yaml_lists_headline_metrics_and_plots():
 def test_compiled_pipeline_has_every_stage_with_gpus_only_on_gpu_tasks(tmp_path):
     out, rows = compile_cli(tmp_path)
     by_task = {r["task"]: r for r in rows}
-    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", "dpo", "grpo", "ppo-on/ppo",
+    assert set(by_task) == {"data", "validate", "pretrain", "label", "reward", "dpo", "orpo", "grpo", "ppo-on/ppo",
                             *(f"{b}/{s}" for b in ("ppo-on", "ppo-off") for s in ("evaluate", "export", "register"))}
     for row in rows:
         gpu = row["stage"] in GPU_STAGES
