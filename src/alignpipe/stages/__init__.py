@@ -38,6 +38,8 @@ STAGES = (
           curves=True),
     Stage("dpo", "direct preference optimisation against a frozen reference (TRL DPOTrainer)", "dpo", candidate=True,
           multi_gpu=True, curves=True),
+    Stage("orpo", "odds-ratio preference optimisation, no reference model (TRL ORPOTrainer)", "orpo",
+          candidate=True, curves=True),
     Stage("ppo", "PPO against the reward model with a KL penalty to the reference", "ppo", candidate=True,
           switch=True, curves=True),
     Stage("grpo", "GRPO (TRL GRPOTrainer) against a reward: the oracle, the reward model or your function", "grpo",
