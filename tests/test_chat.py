@@ -10,6 +10,7 @@ import pytest
 
 import tiny
 from alignpipe.run.runner import execute
+from alignpipe.stages import CANDIDATES
 
 pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
 
@@ -139,7 +140,7 @@ def test_committed_chat_pairs_are_tinys():
 
 
 @pytest.mark.slow
-def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_ppo_evaluate(tmp_path, monkeypatch, capsys):
+def test_chat_tiny_config_runs_data_validate_reward_and_every_candidate_then_evaluate(tmp_path, monkeypatch, capsys):
     """configs/chat-tiny.yaml through the CLI, as its header says (a tiny Llama built locally)."""
     from pathlib import Path
 
@@ -156,18 +157,22 @@ def test_chat_tiny_config_runs_data_validate_reward_dpo_grpo_ppo_evaluate(tmp_pa
         ["reward", "--prefs", data, "--policy", llama, "--out", str(art / "reward"),
          f"--set=reward.checkpoint_dir={tmp_path / 'rckpt'}"],
         ["dpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "dpo"), *ckpt],
+        ["orpo", "--data", data, "--prefs", data, "--policy", llama, "--out", str(art / "orpo"),
+         f"--set=orpo.checkpoint_dir={tmp_path / 'ockpt'}"],
         ["grpo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "grpo"),
          f"--set=grpo.checkpoint_dir={tmp_path / 'gckpt'}"],
         ["ppo", "--data", data, "--policy", llama, "--reward-model", str(art / "reward"), "--out", str(art / "ppo"),
          f"--set=ppo.checkpoint_dir={tmp_path / 'pckpt'}"],
-        ["evaluate", "--data", data, "--policy", llama, "--dpo", str(art / "dpo"), "--grpo", str(art / "grpo"),
-         "--reward-model", str(art / "reward"), "--ppo", str(art / "ppo"), "--out", str(art / "evaluate")],
+        # every candidate given explicitly: the checkout's own artifacts/<stage> (a PEP8 run) must not be picked up
+        ["evaluate", "--data", data, "--policy", llama, *(a for s, o in CANDIDATES[1:] for a in (f"--{o}", str(art / s))),
+         "--reward-model", str(art / "reward"), "--out", str(art / "evaluate")],
     ]
     for argv in steps:
         code = main([*argv, "--params", params])
         assert code == 0, (argv, capsys.readouterr().err[-2000:])
     report = json.loads((art / "evaluate" / "report.json").read_text())
-    assert report["task"] == "chat" and report["order"] == ["pretrain", "dpo", "ppo", "grpo"]
+    assert report["task"] == "chat" and report["order"] == [s for s, _ in CANDIDATES] == ["pretrain", "dpo", "orpo",
+                                                                                         "ppo", "grpo"]
     assert report["best_candidate"] in report["order"]
 
 

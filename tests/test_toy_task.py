@@ -72,8 +72,10 @@ class Mute(Task):
         return {}
 
 
-def test_a_toy_task_runs_data_validate_reward_dpo_evaluate_through_the_cli(tmp_path, capsys):
+def test_a_toy_task_runs_data_validate_reward_dpo_evaluate_through_the_cli(tmp_path, capsys, monkeypatch):
     from alignpipe.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # evaluate's optional candidates default to artifacts/<stage>: none here
     from alignpipe.tasks import task_of
 
     root = Path(__file__).resolve().parents[1]
