@@ -186,3 +186,17 @@ def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
     return {"heldout_reward_accuracy": float(out["eval_rewards/accuracies"]),
             "heldout_reward_margin": float(out["eval_rewards/margins"]), "heldout_loss": float(out["eval_loss"]),
             "n_heldout_pairs": len(rows)}
+
+
+def training_metrics(last: dict[str, Any], result, counts: tuple[int, int, int], train_seconds: float,
+                     eval_seconds: float, **logged: str) -> dict[str, float]:
+    """The metrics every pair trainer reports: pair counts, the last logged loss and TRL's reward margin/accuracy,
+    throughput and times. `logged` adds trainer-specific keys: metric name -> key of TRL's last log entry."""
+    n_pairs, n_human, mismatches = counts
+    return {"n_pairs": n_pairs, "n_human_pairs": n_human, "n_prompt_boundary_mismatch": mismatches,
+            "train_loss": float(last.get("loss", result.training_loss)),
+            **{name: float(last.get(key, 0.0)) for name, key in logged.items()},
+            "train_reward_margin": float(last.get("rewards/margins", 0.0)),
+            "train_reward_accuracy": float(last.get("rewards/accuracies", 0.0)),
+            "train_samples_per_s": result.metrics.get("train_samples_per_second", 0.0),
+            "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}

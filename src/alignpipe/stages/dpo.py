@@ -156,7 +156,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     import torch
 
     from alignpipe.algos.lora import merged
-    from alignpipe.algos.preference import heldout_reward_metrics, training_pairs
+    from alignpipe.algos.preference import heldout_reward_metrics, training_metrics, training_pairs
     from alignpipe.core import distributed
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import save_policy
@@ -194,15 +194,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     metrics = heldout if oracle is None else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
                                                             cfg.eval_batch_size, cfg.seed, out_dir,
                                                             progress="dpo: evaluating", task=task)
-    metrics.update(
-        n_pairs=len(pairs),
-        n_human_pairs=n_human,
-        n_prompt_boundary_mismatch=mismatches,
-        train_loss=float(last.get("loss", result.training_loss)),
-        train_reward_margin=float(last.get("rewards/margins", 0.0)),
-        train_reward_accuracy=float(last.get("rewards/accuracies", 0.0)),
-        train_samples_per_s=result.metrics.get("train_samples_per_second", 0.0),
-        train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
-    )
+    metrics.update(training_metrics(last, result, (len(pairs), n_human, mismatches), train_seconds,
+                                    time.perf_counter() - eval_start))
     return metrics
