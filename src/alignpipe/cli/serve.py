@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from alignpipe.core.errors import ConfigError
+from alignpipe.core.outputs import write_output_file
 
 PORT = 8080  # the port of the image's nginx (mlflow's generated Dockerfile)
 
@@ -58,8 +59,7 @@ def cmd_kserve_manifest(args: argparse.Namespace) -> int:
     if args.out == "-":
         sys.stdout.write(text)
     else:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_output_file(args.out, text, force=args.force)
         print(f"wrote {args.out} ({args.model} version {version}, image {image})")
     return 0
 
@@ -79,4 +79,5 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
     p.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu limit (default: %(default)s)")
     p.add_argument("--out", default="-", help="output file, - for stdout (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     p.set_defaults(func=cmd_kserve_manifest)
