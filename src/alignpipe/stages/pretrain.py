@@ -7,11 +7,14 @@ held-out loss in nats per character on plain validation text, and one-line compl
 (PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`;
 training pieces (DDP, blocks, optimizer, checkpoints): `alignpipe.lm.training`.
 
-On the chat task (`data.task: chat`) pretrain is supervised fine-tuning of `init_model` (a chat model: its
-tokenizer has a chat template) on the data's conversations (each row's `messages`, the prompt and the chosen
-answer, through the chat template), objective `mle` only (the other objectives score segments with the PEP8
-oracle); its evaluation is the held-out loss on the templated val conversations and one sampled answer per held-out
-prompt (chat template, ending the turn): the fraction of answers that end their turn, answer length.
+What differs between tasks comes from the task (`alignpipe.tasks.Task`): the objectives it allows
+(`pretrain_objectives`), how its train.jsonl rows become scored segments (`pretrain_documents`), the tokenizer and
+model trained from scratch (`train_tokenizer`, `new_model`). On the chat task (`data.task: chat`) pretrain is
+supervised fine-tuning of `init_model` (a chat model: its tokenizer has a chat template) on the data's conversations
+through the chat template, objective `mle` only; its evaluation is the held-out loss on the templated val
+conversations and one sampled answer per held-out prompt (the fraction that end their turn, answer length). The
+arith task (a chat task with an oracle) trains a Llama from scratch with any objective (its answers scored by the
+oracle; conditional training tags wrong ones) and is evaluated by its oracle (accuracy with its interval).
 """
 
 from __future__ import annotations
@@ -134,20 +137,22 @@ def policy_meta(cfg: Config):
     return PolicyMeta(objective=cfg.objective, bad_words=CONTROL_TOKENS, strip_tokens=CONTROL_TOKENS, extra=extra)
 
 
-def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int):
-    """The training token stream: documents (shuffled; filtered for `filter`) as EOS + segments, with a control
+def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int, task=None, where: str = "train.jsonl"):
+    """The training token stream: the rows as the task's documents (`Task.pretrain_documents`: a score and
+    segments; `task` default pep8), shuffled (filtered by score for `filter`), as EOS + segments, with a control
     token before each segment for `conditional`. Returns (ids, scores, stats): numpy arrays of token ids and of
     each token's segment score (violations/char), and counts."""
     import numpy as np
 
-    from alignpipe.algos.phf import control_token, keep_document, split_segments
+    from alignpipe.algos.phf import control_token, keep_document
     from alignpipe.lm.tokenizers import control_ids
+    from alignpipe.tasks import DEFAULT_TASK, get_task
 
+    docs = (task or get_task(DEFAULT_TASK)).pretrain_documents(rows, tok, where)
     rng = np.random.default_rng(seed)
     if cfg.objective == "filter":
-        rows = [r for r in rows if keep_document(r["violations_per_char"], cfg.filter_threshold)]
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    docs = [split_segments(r["text"], r["line_violations"]) for r in rows]
+        docs = [d for d in docs if keep_document(d[0], cfg.filter_threshold)]
+    docs = [docs[i][1] for i in rng.permutation(len(docs))]
     flat = [s for segs in docs for s in segs]
     encoded = tok([s.text for s in flat], add_special_tokens=False)["input_ids"]
     conditional = cfg.objective == "conditional"
@@ -208,42 +213,13 @@ def _val_texts(data_dir: Path, max_chars: int, tok=None) -> list[str]:
 
 
 def check_task(cfg: Config, task) -> None:
-    """What a conversational task needs of pretrain: MLE (no oracle scores segments) and a chat model to continue."""
+    """The objectives the task trains with (`Task.pretrain_objectives`: chat is mle only)."""
     from alignpipe.core.errors import ConfigError
 
-    if not task.conversational():
-        return
-    if cfg.objective != "mle":
-        raise ConfigError("pretrain.objective", f"task {task} trains with mle only (supervised fine-tuning on "
-                          f"the chosen conversations): {cfg.objective} needs the PEP8 oracle's segment scores")
-    if not cfg.init_model:
-        raise ConfigError("pretrain.init_model", f"task {task} continues a chat model (a Hugging Face id or "
-                          "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
-
-
-def chat_rows(rows: list[dict], tok, path: Path) -> list[dict]:
-    """Conversations as pretraining rows: the chat-templated text, every line scored 0 (MLE ignores scores)."""
-    from alignpipe.core.errors import ConfigError
-    from alignpipe.core.io import check_messages
-
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError("pretrain.init_model", "the chat task needs a tokenizer with a chat template")
-    out = []
-    for i, row in enumerate(rows):
-        check_messages(row.get("messages"), f"{path}:{i + 1}: field 'messages'")
-        text = tok.apply_chat_template(row["messages"], tokenize=False)
-        out.append({"text": text, "line_violations": [0] * len(text.splitlines()), "violations_per_char": 0.0})
-    return out
-
-
-def _check_rows(rows: list[dict], path: Path) -> None:
-    from alignpipe.core.errors import DataError
-
-    for i, row in enumerate(rows):
-        for key, kind in (("text", str), ("line_violations", list), ("violations_per_char", (int, float))):
-            if not isinstance(row.get(key), kind):
-                what = getattr(kind, "__name__", "number")
-                raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
+    allowed = task.pretrain_objectives()
+    if cfg.objective not in allowed:
+        raise ConfigError("pretrain.objective", f"task {task} trains with {', '.join(allowed)} only "
+                          f"({cfg.objective} needs oracle scores of the corpus' segments, which it has not)")
 
 
 CHECKPOINT_FILES = ("state.pt", "fingerprint.json")  # what training.save_checkpoint writes
@@ -269,10 +245,11 @@ def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
     return latest
 
 
-def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool):
+def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool, task):
     """The checkpoint's tokenizer when resuming, else `cfg.tokenizer` or `cfg.init_model`'s (control tokens added),
-    else a BPE trained on the training texts; the main process saves it beside the checkpoints."""
-    from alignpipe.lm.tokenizers import load_tokenizer, train_tokenizer
+    else the task's trained on the training texts (`Task.train_tokenizer`: a BPE); the main process saves it
+    beside the checkpoints."""
+    from alignpipe.lm.tokenizers import load_tokenizer
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     if resuming:
@@ -280,7 +257,7 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
     elif cfg.tokenizer or cfg.init_model:  # continuing a model: its own tokenizer unless another is named
         tok = load_tokenizer(cfg.tokenizer or cfg.init_model, add_control_tokens=True)
     else:
-        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent=cfg.tokenizer_indent)
+        tok = task.train_tokenizer((r["text"] for r in rows), cfg)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(ckpt_dir / "tokenizer"))
@@ -415,16 +392,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     latest = prepare_checkpoints(cfg, proc.main)
     rows = read_jsonl(data_dir / "train.jsonl")
-    chat = task.conversational()
-    if not chat:
-        _check_rows(rows, data_dir / "train.jsonl")
-    tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main)
-    if chat:  # the templated conversations, in the rows' form
-        rows = chat_rows(rows, tok, data_dir / "train.jsonl")
-    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
+    task.check_pretrain_rows(rows, data_dir / "train.jsonl")  # before a tokenizer is trained on them
+    tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main, task)
+    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed, task, data_dir / "train.jsonl")
     data = training.token_blocks(ids, scores, cfg.seq_len, cfg.batch_size * proc.world, cfg.max_steps, cfg.seed + 1)
 
-    lm = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
+    lm = (build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
+          if cfg.init_model else task.new_model(tok, cfg))
     net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
     opt, sched = training.make_optimizer(net, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps,
                                          cfg.lr_scheduler_type)
