@@ -134,6 +134,9 @@ def parse_imports(items: list[str], local: bool) -> dict[str, str]:
             if not Path(uri).exists():
                 raise ConfigError(uri, f"--import {name}: no such file or directory (local runs import local paths)")
             uri = str(Path(uri).resolve())
+        elif not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^\s]+", uri) or ".." in uri.split("/"):
+            raise ConfigError(f"--import {name}={uri}", "expects an artifact URI of the cluster's store "
+                              "(gs://..., s3://..., minio://..., https://...), without spaces or '..'")
         imports[name] = uri
     if "data" in imports and "corpus" in imports:
         raise ConfigError("--import", "import either data (a built data/) or corpus (to build data/ from), not both")
