@@ -138,8 +138,8 @@ def _check_row(row: dict, where: str, pairs: bool) -> dict:
     for key in keys:
         ok = is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)
         if not ok:
-            form = ("a list of role/content messages with string contents" + (", like the prompt" if key != "prompt"
-                                                                              else "") if conversational else "a string")
+            like = ", like the prompt" if key != "prompt" else ""
+            form = f"a list of role/content messages with string contents{like}" if conversational else "a string"
             raise DataError(where, f"field {key!r} must be {form}, got {type(row.get(key)).__name__}")
     return {k: row[k] for k in (*keys, *(SCORE_KEYS if pairs else ())) if row.get(k) is not None}
 

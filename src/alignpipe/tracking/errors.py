@@ -10,7 +10,7 @@ import re
 
 from alignpipe.core.errors import AlignpipeError
 
-_FROM = ("mlflow", "sqlalchemy", "alembic")  # the libraries behind the tracking store and the registry
+_FROM = ("mlflow", "sqlalchemy", "alembic", "sqlite3")  # the libraries behind the tracking store and the registry
 _USERINFO = re.compile(r"(//[^/:@\s]+):[^@/\s]+@")  # //user:password@ -> //user:***@
 
 
