@@ -39,10 +39,13 @@ def hold(path: str | Path, where: str, wait: float = 0.0) -> Iterator[Path]:
     """Hold the lock of `path` while the block runs. Taken by another live process: wait up to `wait` seconds,
     then a ConfigError naming `where` and the holder's pid."""
     lock = lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder, a file where a folder should be: said in one line
+            raise ConfigError(f"{where} {path}", f"cannot create it: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

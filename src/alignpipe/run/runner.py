@@ -4,6 +4,7 @@ Beside the stage's outputs it writes metrics.json (all metrics), metrics_headlin
 HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric logged through `tracking.runs`, for
 `dvc plots show`; absent when the stage logged none) and, for a stage with CHECKED_INPUTS, input_validation.json:
 its input files checked, before any work, by the validate stage's validators with the `validate` section's limits.
+A stage with CHECKED_OUTPUTS has the files it wrote checked the same way before they are published.
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
@@ -30,7 +31,7 @@ from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
 from alignpipe.core.locks import hold
 from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
-from alignpipe.data.validators import Limits, check_inputs
+from alignpipe.data.validators import Limits, check_inputs, output_files, validate_files
 from alignpipe.stages import load_stage
 from alignpipe.tracking import runs
 
@@ -75,11 +76,11 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         held.enter_context(hold(out_dir, "--out"))
         for where, path in check_config_dirs(cfg, out_dir, resolved.values()):
             held.enter_context(hold(path, where))
-        return _run_and_publish(name, stage, cfg, resolved, checked, out_dir)
+        return _run_and_publish(name, stage, cfg, resolved, checked, out_dir, limits or Limits())
 
 
 def _run_and_publish(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None], checked: list,
-                     out_dir: Path) -> dict[str, float]:
+                     out_dir: Path, limits: Limits) -> dict[str, float]:
     """Run the stage into a staging folder beside `out_dir` (marked as `name`'s) and move it into place."""
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     if staging.exists() and not is_ours(staging):
@@ -92,6 +93,9 @@ def _run_and_publish(name: str, stage, cfg: StageConfig, resolved: dict[str, Pat
     try:
         with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
             metrics = dict(stage.run(cfg, resolved, staging))
+            written = output_files(staging, getattr(stage, "CHECKED_OUTPUTS", ()))
+            if written:  # e.g. data build publishes only what validate accepts
+                validate_files(written, limits)
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
@@ -173,8 +177,9 @@ def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, 
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) into SystemExit while a stage runs,
-    so the MLflow run ends as FAILED instead of staying RUNNING and the staging folder is removed."""
+    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) and SIGHUP (the terminal or SSH
+    session closed) into SystemExit while a stage runs, so the MLflow run ends as FAILED instead of staying RUNNING
+    and the staging folder is removed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -182,8 +187,9 @@ def _sigterm_as_exit():
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)

@@ -21,7 +21,7 @@ import yaml
 from alignpipe.core.distributed import is_main_process
 from alignpipe.core.errors import AlignpipeError
 from alignpipe.core.locks import hold
-from alignpipe.core.redaction import has_credentials, redact, redact_logs, redact_text
+from alignpipe.core.redaction import has_credentials, redact, redact_logs
 
 __all__ = ["has_credentials", "redact"]  # the one redaction (core/redaction.py), as callers of tracking know it
 
@@ -90,38 +90,21 @@ def _create_schema_once(mlflow, uri: str) -> None:
     _schema_ready.add(uri)
 
 
-_TRACKING_ERRORS = ("MlflowException", "RequestException", "HTTPError", "OperationalError", "ProgrammingError")
-
-
 @contextlib.contextmanager
 def tracking_errors() -> Iterator[None]:
-    """Turn the tracking store's failures (a refused connection, a server that timed out, an HTTP error, a broken
-    database) into one AlignpipeError line naming the redacted store; the message is redacted too."""
+    """Turn the tracking store's failures inside the block (a refused connection, a server that timed out, an HTTP
+    error, a broken database) into one redacted AlignpipeError line (`tracking.errors.store_error`)."""
+    from alignpipe.tracking.errors import store_error
+
     try:
         yield
     except AlignpipeError:
         raise
     except Exception as e:
-        if not any(cls.__name__ in _TRACKING_ERRORS for cls in type(e).__mro__):
+        error = store_error(e)
+        if error is None:
             raise
-        raise AlignpipeError(f"MLFLOW_TRACKING_URI {redact(tracking_uri())}",
-                             f"tracking store failed: {_why(e)}", exit_code=1) from None
-
-
-def _why(error: Exception) -> str:
-    """What went wrong with the tracking store, in a few words (MLflow's message nests urllib3's whole chain)."""
-    text = str(error)
-    low = text.lower()
-    timeout, retries = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"), os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    if "read timed out" in low or "readtimeout" in low or "connecttimeout" in low:
-        return (f"no answer: timed out after {timeout} s, {retries} retries (MLFLOW_HTTP_REQUEST_TIMEOUT, "
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
-    if "connection refused" in low:
-        return f"connection refused, {retries} retries (is the server running?)"
-    if "failed to resolve" in low or "name or service not known" in low:
-        return "the host name does not resolve"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return f"{type(error).__name__}: {redact_text(first)[:300]}"
+        raise error from None
 
 
 def create_experiment(uri: str, artifact_location: Path) -> str:
