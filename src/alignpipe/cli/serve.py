@@ -64,10 +64,9 @@ def cmd_kserve_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve_parser(sub) -> None:
-    serve = sub.add_parser("serve", help="serving: deployment manifests for the registered champion")
-    serve_sub = serve.add_subparsers(dest="serve_command", required=True, metavar="ACTION")
-    p = serve_sub.add_parser("kserve-manifest", help="KServe InferenceService YAML for MODEL@ALIAS's serving image")
+def _manifest_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignpipe serve kserve-manifest",
+                                description="KServe InferenceService YAML for MODEL@ALIAS")
     p.add_argument("--model", default="alignpipe-policy-onnx", help="registered model (default: %(default)s)")
     p.add_argument("--alias", default="champion", help="alias to serve (default: %(default)s)")
     p.add_argument("--name", default="alignpipe-policy", help="InferenceService name (default: %(default)s)")
@@ -79,4 +78,86 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
     p.add_argument("--gpu", type=int, default=0, help="nvidia.com/gpu limit (default: %(default)s)")
     p.add_argument("--out", default="-", help="output file, - for stdout (default: %(default)s)")
-    p.set_defaults(func=cmd_kserve_manifest)
+    return p
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    from alignpipe.serving.openai_api import Limits
+
+    d = Limits()
+    p = argparse.ArgumentParser(prog="alignpipe serve MODEL_URI",
+                                description="OpenAI-compatible server (continuous batching) of an ONNX policy")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--reward", metavar="URI", help="reward serving model for /v1/score (default: "
+                   "alignpipe-reward-onnx at the policy's alias, or the export folder's reward.onnx)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: the CPUs this "
+                   "process may use)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: "
+                   "%(default)s)")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting to join the batch; more: 503 "
+                   "(default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds before a request is answered 504 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="request body limit; larger: 413 "
+                   "(default: %(default)s)")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts per request (default: "
+                   "%(default)s)")
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars, help="characters per prompt "
+                   "(default: %(default)s)")
+    return p
+
+
+SERVE_USAGE = """alignpipe serve MODEL_URI [--host H] [--port P] [...]   OpenAI-compatible server of an ONNX policy
+                                                          (models:/alignpipe-policy-onnx@champion or an export
+                                                          folder); `alignpipe serve MODEL_URI --help` for options
+alignpipe serve kserve-manifest [...]                     KServe InferenceService YAML (--help for options)"""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.target == "kserve-manifest":
+        return cmd_kserve_manifest(_manifest_parser().parse_args(args.rest))
+    opts = _server_parser().parse_args(args.rest)
+    return run_server(args.target, opts)
+
+
+def run_server(uri: str, opts: argparse.Namespace) -> int:
+    """Load MODEL_URI, start the decoder loop, serve until interrupted."""
+    import os
+
+    import uvicorn
+
+    from alignpipe.serving.loading import resolve
+    from alignpipe.serving.openai_api import Limits, build_server, create_app
+
+    for flag, value, low in (("--port", opts.port, 0), ("--threads", opts.threads, 0),
+                             ("--max-batch-size", opts.max_batch_size, 1), ("--max-queue", opts.max_queue, 1),
+                             ("--max-body-bytes", opts.max_body_bytes, 1), ("--max-prompts", opts.max_prompts, 1),
+                             ("--max-prompt-chars", opts.max_prompt_chars, 1)):
+        if value < low:
+            raise ConfigError(flag, f"must be >= {low}, got {value}")
+    if not 0 < opts.timeout <= 3600:
+        raise ConfigError("--timeout", f"must be in (0, 3600] seconds, got {opts.timeout}")
+    threads = opts.threads or len(os.sched_getaffinity(0))
+    served = resolve(uri, opts.reward)
+    limits = Limits(max_body_bytes=opts.max_body_bytes, max_prompts=opts.max_prompts,
+                    max_prompt_chars=opts.max_prompt_chars, timeout_s=opts.timeout)
+    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits)
+    print(f"serving {served.name} ({served.task}, {served.policy_onnx.name}) on http://{opts.host}:{opts.port}/v1 "
+          f"with {threads} onnxruntime threads; reward scoring: "
+          f"{'POST /v1/score' if server.scorer else 'none (' + served.no_reward + ')'}", flush=True)
+    try:
+        uvicorn.run(create_app(server), host=opts.host, port=opts.port, log_level="warning", access_log=False)
+    finally:
+        server.engine.close()
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serving: an OpenAI-compatible server of the champion, or its KServe "
+                           "manifest", usage=SERVE_USAGE, description=SERVE_USAGE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("target", metavar="MODEL_URI|kserve-manifest",
+                       help="models:/NAME@ALIAS or a local folder to serve, or kserve-manifest")
+    serve.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)

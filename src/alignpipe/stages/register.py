@@ -318,12 +318,7 @@ def _policy_for_settings(policy_dir: Path):
 
 
 def _reward_settings(reward_dir: Path) -> dict[str, int]:
-    """What the served reward model needs from the PyTorch one: positions, padding id, prompt lines."""
-    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
+    """What the served reward model needs from the PyTorch one (`alignpipe.serving.models.reward_settings`)."""
+    from alignpipe.serving.models import reward_settings
 
-    config = json.loads((Path(reward_dir) / "config.json").read_text())
-    out = {"max_length": min(256, int(config.get("n_positions") or 256)),
-           "prompt_lines": int(config.get(PROMPT_LINES_KEY) or 0)}
-    if config.get("pad_token_id") is not None:  # else the tokenizer's, as reward_scores does
-        out["pad_token_id"] = int(config["pad_token_id"])
-    return out
+    return reward_settings(json.loads((Path(reward_dir) / "config.json").read_text()))
