@@ -307,3 +307,50 @@ def test_chat_model_answers_through_chat_completions(tmp_path):
             assert status == 404 and "no reward model" in _assert_error(body)
     finally:
         server.engine.close()
+
+
+@pytest.mark.slow
+def test_alignpipe_serve_the_registered_champion(pep8, tmp_path):
+    """`alignpipe serve models:/alignpipe-policy-onnx@champion` (the command `make run` prints), as a process: the
+    champion register made from the export, its greedy answers evaluate's, rewards from alignpipe-reward-onnx at the
+    same alias."""
+    import onnx
+
+    from alignpipe.core.hashing import weights_sha256
+    from alignpipe.reports.candidates import write_best
+    from alignpipe.run.runner import execute
+    from alignpipe.serving.server import served
+    from alignpipe.stages import register
+    from alignpipe.tracking import runs
+
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("policy.onnx", "reward.onnx"):
+        (export / name).write_bytes((pep8["served"].policy_onnx.parent / name).read_bytes())
+    mlflow = runs.mlflow_module()
+    entries = {}
+    with mlflow.start_run() as run:  # what the export stage records after logging its graphs
+        for key in ("policy", "reward"):
+            info = mlflow.onnx.log_model(onnx.load(str(export / f"{key}.onnx")), name=key)
+            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, "sha256": "x"}
+    (export / "onnx_models.json").write_text(json.dumps({
+        "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
+        "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    best = write_best({"best_candidate": "dpo", "candidates": {"dpo": {
+        "path": str(pep8["policy"]), "violations_per_char": 0.01, "weights_sha256": weights_sha256(pep8["policy"])}}},
+        ev)
+    execute("register", register.Config(max_new_tokens=MAX_TOKENS),
+            {"best": best, "reward_model": pep8["reward"], "export": export}, tmp_path / "reg")
+
+    expected = _evaluate_greedy(pep8["policy"], PROMPTS)
+    with served("models:/alignpipe-policy-onnx@champion", tmp_path / "serve.log", timeout=120, openai=True,
+                extra=("--threads", "1")) as url:
+        client = _client(url)
+        assert [m.id for m in client.models.list().data] == ["alignpipe-policy-onnx"]
+        got = client.completions.create(model="alignpipe-policy-onnx", prompt=PROMPTS, temperature=0)
+        assert [c.text for c in got.choices] == expected
+        status, body, _ = _post(f"{url}/v1/score", json.dumps(
+            {"input": [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, expected)]}).encode())
+        assert status == 200 and len(body["data"]) == len(PROMPTS), body
