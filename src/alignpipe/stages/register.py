@@ -29,6 +29,7 @@ from alignpipe.core.config import StageConfig, field
 from alignpipe.reports.candidates import BEST_FILE, check_weights, read_report
 from alignpipe.tasks import DEFAULT_TASK, get_task
 from alignpipe.stages import Input
+from alignpipe.tracking.policies import POLICY_ONNX_NAME
 
 INPUTS = (
     Input("best", "artifacts/evaluate/best", "evaluate's best/: the chosen policy with candidate.json (its name, "
@@ -272,8 +273,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                (f"{cfg.alias} stays at version {champion_after}" if champion_after else f"no {cfg.alias} yet")
                + f"; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
-    print(f"serve:    MLFLOW_TRACKING_URI={runs.redact(runs.tracking_uri())} mlflow models serve "
-          f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
+    uri = runs.redact(runs.tracking_uri())
+    if onnx and POLICY_ONNX_NAME in onnx:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} alignpipe serve models:/{POLICY_ONNX_NAME}@{cfg.alias}")
+    else:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{cfg.model_name}@{cfg.alias} "
+              "--env-manager local -p 5001")
     out = {"registered_version": int(version), "champion_moved": int(move),
            "champion_version": int(champion_after or 0)}  # 0: no champion
     if reward_version is not None:
