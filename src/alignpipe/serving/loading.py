@@ -54,7 +54,8 @@ def resolve(uri: str, reward_uri: str | None = None) -> Served:
         chat = flavor.get("loader_module") == "mlflow.pyfunc.loaders.chat_model"
         served = Served(_name(uri, folder), config.get("task") or ("chat" if chat else "pep8"),
                         model_dir / artifacts["policy_onnx"]["path"], model_dir / artifacts["tokenizer"]["path"],
-                        {**POLICY_DEFAULTS, **config}, workdir=tmp)
+                        {**POLICY_DEFAULTS, **config}, workdir=tmp,
+                        no_reward="started from a folder without reward.onnx (give --reward URI)")
     elif (folder / "policy.onnx").is_file() and (folder / "policy_tokenizer").is_dir():
         served = _export_folder(folder, POLICY_DEFAULTS, tmp)
     else:

@@ -54,6 +54,11 @@ def model_version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
+def download_uri(name: str, version: str) -> str:
+    """Where the files of `name` version `version` are stored (the artifact location a cluster reads them from)."""
+    return client().get_model_version_download_uri(name, str(version))
+
+
 def set_model_alias(name: str, alias: str, version: str) -> None:
     """Point `name@alias` at `version`."""
     client().set_registered_model_alias(name, alias, str(version))
