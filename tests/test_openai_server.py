@@ -6,6 +6,7 @@ OpenAI's error object with the right status (400 naming the field, 404, 413, 503
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -332,7 +333,8 @@ def test_alignpipe_serve_the_registered_champion(pep8, tmp_path):
     with mlflow.start_run() as run:  # what the export stage records after logging its graphs
         for key in ("policy", "reward"):
             info = mlflow.onnx.log_model(onnx.load(str(export / f"{key}.onnx")), name=key)
-            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, "sha256": "x"}
+            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id,
+                            "sha256": hashlib.sha256((export / f"{key}.onnx").read_bytes()).hexdigest()}
     (export / "onnx_models.json").write_text(json.dumps({
         "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
         "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))
