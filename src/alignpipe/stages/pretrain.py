@@ -40,6 +40,10 @@ Objective = Literal["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "pretrain"
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate", "warmup_frac": "warmup_ratio", "schedule": "lr_scheduler_type",
+        "grad_clip": "max_grad_norm", "eval_prompts": "n_eval_prompts", "log_every": "logging_steps",
+        "save_every": "save_steps"}
 
     objective: Objective = field("conditional", "PHF objective: mle, filter, conditional, unlikelihood, rwr, awr")
     # Model and tokenizer
@@ -56,11 +60,11 @@ class Config(StageConfig):
     seq_len: int = field(256, "tokens per training sequence (documents are packed, EOS-separated)")
     batch_size: int = field(16, "sequences per step and process")
     max_steps: int = field(300, "optimizer steps (the token budget is max_steps x batch_size x seq_len x gpus)")
-    lr: float = field(2e-3, "peak AdamW learning rate")
-    warmup_frac: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
-    schedule: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
+    learning_rate: float = field(2e-3, "peak AdamW learning rate")
+    warmup_ratio: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
+    lr_scheduler_type: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)")
-    grad_clip: float = field(1.0, "gradient norm clip")
+    max_grad_norm: float = field(1.0, "gradient norm clip")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
     compile: bool = field(False, "torch.compile the model")
     threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)")
@@ -73,15 +77,15 @@ class Config(StageConfig):
     awr_alpha: float = field(0.05, "awr: weight of the LM term (1 - alpha weighs the value loss)")
     awr_beta: float = field(1.0, "awr: temperature of the advantage weights exp((R - V) / beta)")
     # Evaluation
-    eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
+    n_eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
     eval_max_new_tokens: int = field(48, "token cap of a one-line completion")
     eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)")
     eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)")
     eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)")
     eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)")
     # Run
-    log_every: int = field(10, "steps between logged training metrics")
-    save_every: int = field(100, "steps between checkpoints (one is always written at the end)")
+    logging_steps: int = field(10, "steps between logged training metrics")
+    save_steps: int = field(100, "steps between checkpoints (one is always written at the end)")
     checkpoint_dir: str = field("checkpoints/pretrain", "checkpoints (outside the published output)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
     seed: int = field(0, "seed of initialisation, data order, token dropping and sampling")
@@ -90,14 +94,14 @@ class Config(StageConfig):
     def __post_init__(self):
         self.check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes and the special tokens)")
         for key in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "eval_max_new_tokens",
-                    "log_every", "save_every"):
+                    "logging_steps", "save_steps"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.gpus >= 0, "gpus", "must be >= 0 (0: a CPU node)")
         self.check(self.n_embd % self.n_head == 0, "n_embd", f"must be a multiple of n_head={self.n_head}")
-        self.check(self.lr > 0, "lr", "must be > 0")
-        self.check(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
+        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        self.check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         self.check(self.threshold >= 0, "threshold", "must be >= 0")
         self.check(self.filter_threshold >= 0, "filter_threshold", "must be >= 0")
         self.check(0 <= self.drop_token_prob < 1, "drop_token_prob", "must be in [0, 1)")
@@ -105,7 +109,7 @@ class Config(StageConfig):
         self.check(self.rwr_beta > 0, "rwr_beta", "must be > 0")
         self.check(0 < self.awr_alpha <= 1, "awr_alpha", "must be in (0, 1]")
         self.check(self.awr_beta > 0, "awr_beta", "must be > 0")
-        self.check(self.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
         self.check(self.eval_temperature > 0, "eval_temperature", "must be > 0")
         self.check(0 < self.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
         self.check(self.eval_max_prompt_tokens >= 1, "eval_max_prompt_tokens", "must be >= 1")
@@ -115,9 +119,9 @@ class Config(StageConfig):
 
 # Config keys that change the trained weights: a checkpoint only resumes a run that agrees on all of them.
 TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "tokenizer_indent", "init_model", "n_embd", "n_layer",
-                 "n_head", "seq_len", "batch_size", "max_steps", "lr", "warmup_frac", "schedule", "weight_decay",
-                 "grad_clip", "precision", "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta",
-                 "awr_alpha", "awr_beta", "seed", "gpus")
+                 "n_head", "seq_len", "batch_size", "max_steps", "learning_rate", "warmup_ratio", "lr_scheduler_type",
+                 "weight_decay", "max_grad_norm", "precision", "threshold", "filter_threshold", "drop_token_prob",
+                 "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta", "seed", "gpus")
 
 
 def policy_meta(cfg: Config):
@@ -262,8 +266,8 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool,
 
 def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, checkpoint) -> tuple[float, float]:
     """Steps `start_step` to `max_steps` of the PHF objective on `data` = (blocks, block scores, order), each process
-    taking its slice of the global batch; `checkpoint(step, last logged loss)` every `save_every` steps and at the end. Returns (the
-    last logged loss, training seconds)."""
+    taking its slice of the global batch; `checkpoint(step, last logged loss)` every `save_steps` steps and at the
+    end. Returns (the last logged loss, training seconds)."""
     import contextlib
     import time
 
@@ -296,12 +300,12 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
         loss, logs = token_loss(cfg.objective, logits[:, :-1], x[:, 1:], s[:, 1:],
                                 None if values is None else values[:, :-1], **hp)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        log_step = done % cfg.log_every == 0 or done == cfg.max_steps
+        log_step = done % cfg.logging_steps == 0 or done == cfg.max_steps
         if log_step and proc.world > 1:  # every rank joins: log the global batch's loss, as one process would
             loss = loss.detach().clone()
             dist.all_reduce(loss)
@@ -315,7 +319,7 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
                               "train/tokens_per_s": tps, "train/grad_norm": float(grad_norm),
                               **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_steps == 0 or done == cfg.max_steps:
             checkpoint(done, loss_value)
     bar.close()
     return loss_value, time.perf_counter() - t_start
@@ -326,7 +330,7 @@ def _chat_samples(cfg: Config, policy, data_dir: Path, sampling, task, out_dir: 
     from alignpipe.core.io import read_jsonl, write_jsonl
     from alignpipe.oracle.chat_eval import sample_chat
 
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][:cfg.eval_prompts]
+    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][:cfg.n_eval_prompts]
     got = sample_chat(policy, prompts, sampling, cfg.seed, task)
     write_jsonl(out_dir / "samples.jsonl", ({"prompt": p, "completion": c, "ended": e}
                                             for p, c, e in zip(prompts, got.completions, got.ended)))
@@ -355,7 +359,7 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
         metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
         save_policy(lm, tok, meta, out_dir)
         return metrics
-    prompts = load_prompts(data_dir, cfg.eval_prompts)
+    prompts = load_prompts(data_dir, cfg.n_eval_prompts)
     device_type = next(lm.parameters()).device.type
     with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
         oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
@@ -396,8 +400,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     lm = (build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
           if cfg.init_model else task.new_model(tok, cfg))
     net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
-    opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps,
-                                         cfg.schedule)
+    opt, sched = training.make_optimizer(net, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps,
+                                         cfg.lr_scheduler_type)
     start_step = 0
     if latest is not None:
         start_step = training.load_checkpoint(latest, net, opt, sched, _fingerprint(cfg), proc.device,
