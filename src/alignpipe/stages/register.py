@@ -29,6 +29,7 @@ from alignpipe.core.config import StageConfig, field
 from alignpipe.reports.candidates import BEST_FILE, check_weights, read_report
 from alignpipe.tasks import DEFAULT_TASK, get_task
 from alignpipe.stages import Input
+from alignpipe.tracking.policies import POLICY_ONNX_NAME
 
 INPUTS = (
     Input("best", "artifacts/evaluate/best", "evaluate's best/: the chosen policy with candidate.json (its name, "
@@ -275,8 +276,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                (f"{cfg.alias} stays at version {champion_after}" if champion_after else f"no {cfg.alias} yet")
                + f"; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
-    print(f"serve:    MLFLOW_TRACKING_URI={runs.redact(runs.tracking_uri())} mlflow models serve "
-          f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
+    uri = runs.redact(runs.tracking_uri())
+    if onnx and POLICY_ONNX_NAME in onnx:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} alignpipe serve models:/{POLICY_ONNX_NAME}@{cfg.alias}")
+    else:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{cfg.model_name}@{cfg.alias} "
+              "--env-manager local -p 5001")
     out = {"registered_version": int(version), "champion_moved": int(move),
            "champion_version": int(champion_after or 0)}  # 0: no champion
     if reward_version is not None:
@@ -337,12 +342,7 @@ def _policy_for_settings(policy_dir: Path):
 
 
 def _reward_settings(reward_dir: Path) -> dict[str, int]:
-    """What the served reward model needs from the PyTorch one: positions, padding id, prompt lines."""
-    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
+    """What the served reward model needs from the PyTorch one (`alignpipe.serving.models.reward_settings`)."""
+    from alignpipe.serving.models import reward_settings
 
-    config = json.loads((Path(reward_dir) / "config.json").read_text())
-    out = {"max_length": min(256, int(config.get("n_positions") or 256)),
-           "prompt_lines": int(config.get(PROMPT_LINES_KEY) or 0)}
-    if config.get("pad_token_id") is not None:  # else the tokenizer's, as reward_scores does
-        out["pad_token_id"] = int(config["pad_token_id"])
-    return out
+    return reward_settings(json.loads((Path(reward_dir) / "config.json").read_text()))
