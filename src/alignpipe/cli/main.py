@@ -11,6 +11,7 @@ from typing import Sequence
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, effective_params, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.core.redaction import redact_text
 from alignpipe.stages import STAGE_HELP, STAGE_NAMES, config_classes, load_stage
 
 DATA_FLAGS = ("dataset", "split", "task")  # `data build --dataset PATH_OR_ID [--split S] [--task T]`
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(args: argparse.Namespace, e: AlignpipeError) -> int:
-    print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {e}", file=sys.stderr)
+    print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {redact_text(str(e))}", file=sys.stderr)
     return e.exit_code
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 from alignpipe.core.errors import ConfigError
+from alignpipe.core.outputs import write_output_file
+from alignpipe.core.redaction import redact_text
 
 PORT = 8080  # the port of the serving image (docker/Dockerfile.serve)
 
@@ -84,7 +86,7 @@ def cmd_kserve_manifest(args: argparse.Namespace) -> int:
     manifest = kserve_manifest(args.name or args.model, image, model_uri=f"models:/{args.model}@{args.alias}",
                                version=version, threads=args.threads, cpu=args.cpu, memory=args.memory,
                                gpu=args.gpu or 0)
-    _write(args.out, manifest, f"{args.model} version {version}, image {image}")
+    _write(args.out, manifest, f"{args.model} version {version}, image {image}", args.force)
     return 0
 
 
@@ -105,18 +107,18 @@ def _hf_manifest(args: argparse.Namespace) -> int:
     manifest = kserve_hf_manifest(args.name, storage, model_uri=f"models:/{args.model}@{args.alias}",
                                   version=info["version"], served_name=args.name, cpu=args.cpu, memory=args.memory,
                                   gpu=1 if args.gpu is None else args.gpu)
-    _write(args.out, manifest, f"{args.model} version {info['version']} from {storage}, KServe Hugging Face runtime")
+    _write(args.out, manifest, f"{args.model} version {info['version']} from {storage}, KServe Hugging Face runtime",
+           args.force)
     return 0
 
 
-def _write(out: str, manifest: dict[str, Any], what: str) -> None:
+def _write(out: str, manifest: dict[str, Any], what: str, force: bool = False) -> None:
     text = yaml.safe_dump(manifest, sort_keys=False)
     if out == "-":
         sys.stdout.write(text)
     else:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {out} ({what})")
+        write_output_file(out, text, force=force)  # a file alignpipe did not write is refused unless --force
+        print(f"wrote {out} ({redact_text(what)})")
 
 
 def _manifest_parser() -> argparse.ArgumentParser:
@@ -140,6 +142,7 @@ def _manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
     p.add_argument("--gpu", type=int, help="nvidia.com/gpu limit (default: 0; 1 with --runtime huggingface)")
     p.add_argument("--out", default="-", help="output file, - for stdout (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     return p
 
 
