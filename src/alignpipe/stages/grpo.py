@@ -154,12 +154,12 @@ def rollout_func(cfg: Config, tok, meta, task):
     return seeded_rollout(cfg, tok, draw)
 
 
-def chat_rollout_func(cfg: Config, tok, task):
+def chat_rollout_func(cfg: Config, tok, meta, task):
     """The rollout hook of the chat task: `sample_chat` (chat template, end of turn)."""
     from alignpipe.oracle.chat_eval import sample_chat
 
     def draw(model, prompts, sampling, seed):
-        got = sample_chat((model, tok, None), prompts, sampling, seed, task)
+        got = sample_chat((model, tok, meta), prompts, sampling, seed, task)
         return got.prompt_ids, got.completion_ids, got.completions
 
     return seeded_rollout(cfg, tok, draw)
@@ -254,7 +254,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows],
+                          oracle=task.oracle())
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = resume_checkpoint(cfg, checkpoint_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
@@ -262,7 +263,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta, task),
+        rollout_func=chat_rollout_func(cfg, tok, meta, task) if chat else rollout_func(cfg, tok, meta, task),
         peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)

@@ -26,7 +26,8 @@ policy judges its own answers), K answers per training conversation are also sam
 `max_new_tokens`, blank ones and identical pairs are dropped and counted. The llm judge reads the conversation and
 both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
 a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
-prefer the same answer) is reported.
+prefer the same answer) is reported. A conversational task with an oracle (arith) labels sampled answers with its
+oracle under the default `judge: scorer` (a correct answer over a wrong one; pairs the oracle ties are dropped).
 """
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
-    if cfg.judge != "scorer":
+    if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
         held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
         train += [r for r, h in zip(judged, held) if not h]
@@ -322,19 +323,23 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
                 pairs.append((prompt, ta, tb))
             else:
                 n_dropped += 1
-    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
+    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs, task)
     rows, stats = order_chat_pairs(pairs, scores, cfg)
     return rows, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
                   "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
                   "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
 
 
-def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
-                     pairs: list[tuple]) -> tuple[list[tuple[float, float]], dict[str, float]]:
+def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy, pairs: list[tuple],
+                     task) -> tuple[list[tuple[float, float]], dict[str, float]]:
     """The judge's scores (higher preferred) of each (conversation, answer a, answer b), and its own statistics:
-    a reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
+    the scorer is the task's oracle (minus violations per character: arith's correct answer over a wrong one); a
+    reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
     the llm judge (`judge_model`, or the policy = (model, tok, meta) itself) compares both answers in both orders,
     averaged, and reports its position consistency."""
+    if cfg.judge == "scorer":
+        oracle = task.oracle()
+        return [(-oracle(p, a).per_char, -oracle(p, b).per_char) for p, a, b in pairs], {}
     if cfg.judge == "reward_model":
         from alignpipe.lm.reward_model import load_reward_model, reward_scores
 

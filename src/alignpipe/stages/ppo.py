@@ -420,8 +420,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
-    contexts = {r["prompt"]: r["context"] for r in rows} if task.has_oracle() else {}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts)
+    contexts = {r["prompt"]: r["context"] for r in rows if isinstance(r["prompt"], str)} if task.has_oracle() else {}
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts, oracle=task.oracle())
 
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
