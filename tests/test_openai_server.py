@@ -146,6 +146,39 @@ def test_greedy_completions_equal_evaluates_alone_together_and_concurrently(pep8
 
 
 @pytest.mark.slow
+def test_a_request_joins_the_running_batch_mid_answer_and_answers_as_alone(pep8):
+    """Continuous batching: while a request is being decoded, later ones join its batch (prefilled on their own,
+    their cache left-padded and merged) and leave when done; every greedy answer equals evaluate's."""
+    import numpy as np
+
+    from alignpipe.lm.ort_sampling import Decoding
+    from alignpipe.serving.engine import Job
+
+    engine = pep8["server"].engine
+    expected = _evaluate_greedy(pep8["policy"], PROMPTS)
+    encoded = engine.encode(PROMPTS)
+    done, seen = threading.Semaphore(0), []
+
+    def emit(kind, job):
+        seen.append((kind, job.new[:], engine.steps, engine.live()))
+        done.release()
+
+    jobs = [Job(ids, Decoding(MAX_TOKENS, do_sample=False), np.random.default_rng(0), emit, time.monotonic() + 60)
+            for ids in encoded]
+    start = engine.steps
+    engine.submit(jobs[:1])
+    while engine.steps < start + 2 and not seen:
+        time.sleep(0.001)
+    engine.submit(jobs[1:])
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    assert [j.text for j in jobs] == expected
+    assert all(kind == "done" for kind, *_ in seen)
+    assert max(live for *_, live in seen) > 1  # the first request was not alone in its batch
+    assert engine.live() == 0
+
+
+@pytest.mark.slow
 def test_stream_concatenates_to_the_answer_and_ends_with_done(pep8):
     client, name = _client(pep8["url"]), pep8["served"].name
     full = client.completions.create(model=name, prompt=PROMPTS[:2], temperature=0, max_tokens=MAX_TOKENS)
@@ -356,3 +389,31 @@ def test_alignpipe_serve_the_registered_champion(pep8, tmp_path):
         status, body, _ = _post(f"{url}/v1/score", json.dumps(
             {"input": [{"prompt": p, "completion": c} for p, c in zip(PROMPTS, expected)]}).encode())
         assert status == 200 and len(body["data"]) == len(PROMPTS), body
+
+
+def test_sampling_draws_from_the_nucleus_distribution():
+    """The batched sampler (the k likeliest tokens first) draws from temperature-then-top-p's distribution, each
+    row from its own generator: 20,000 rows of one score vector match the exact nucleus probabilities, and a row
+    whose nucleus lies beyond the k likeliest tokens (a flat distribution) still draws from all of it."""
+    import numpy as np
+
+    from alignpipe.lm.ort_sampling import Decoding
+    from alignpipe.serving.engine import Job, _choose
+
+    scores = (np.random.default_rng(0).standard_normal(2048) * 4).astype(np.float32)
+    n, decoding = 20_000, Decoding(8, True, 0.7, 0.9)
+    jobs = [Job([1], decoding, np.random.default_rng(i), None, 0.0) for i in range(n)]
+    tokens = _choose(np.repeat(scores[None], n, 0), jobs)
+    p = np.exp(scores / 0.7 - (scores / 0.7).max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[(np.cumsum(p[order]) - p[order]) < 0.9]
+    want = np.zeros_like(p)
+    want[keep] = p[keep] / p[keep].sum()
+    freq = np.bincount(tokens, minlength=2048) / n
+    assert set(np.flatnonzero(freq)) <= set(keep) and np.abs(freq - want).max() < 0.02
+    flat = [Job([1], decoding, np.random.default_rng(i), None, 0.0) for i in range(2000)]
+    spread = _choose(np.zeros((2000, 2048), np.float32), flat)
+    assert len(set(spread.tolist())) > 1000  # not only the first 128 tokens
+    greedy = [Job([1], Decoding(8, False), np.random.default_rng(0), None, 0.0)]
+    assert _choose(scores[None].copy(), greedy)[0] == scores.argmax()

@@ -4,6 +4,7 @@ as `alignpipe-policy-onnx@champion`, and `mlflow models serve` answers them (mal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -122,7 +123,8 @@ def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypat
         entries = {}
         for key in ("policy", "reward"):
             info = mlflow.onnx.log_model(onnx.load(str(models["export"] / f"{key}.onnx")), name=key)
-            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, "sha256": "x"}
+            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, 
+                            "sha256": hashlib.sha256((models["export"] / f"{key}.onnx").read_bytes()).hexdigest()}
         (models["export"] / "onnx_models.json").write_text(json.dumps({
             "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
             "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))

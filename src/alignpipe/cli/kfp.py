@@ -112,11 +112,7 @@ def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[st
         section = item.split("=", 1)[0].split(".", 1)[0]
         if section not in COMPONENTS:
             raise ConfigError(item.split("=", 1)[0], f"unknown section {section!r}; sections: {', '.join(COMPONENTS)}")
-    params = apply_overrides(load_params(params_path), sets)
-    ignored = sorted(set(params) - set(COMPONENTS))
-    if ignored:
-        print(f"alignpipe pipeline: note: {params_path}: section(s) {', '.join(ignored)} are not stages; ignored",
-              file=sys.stderr)
+    params = apply_overrides(load_params(params_path, COMPONENTS), sets)
     sections: dict[str, dict] = {}
     gpus: dict[str, int] = {}
     for stage in COMPONENTS:

@@ -50,7 +50,7 @@ def stage_config(stage: str, params_path: str | Path, sets: list[str]):
     if stage not in MULTI_GPU:
         raise ConfigError(f"--stage {stage}", f"does not train under DDP; multi-node stages: {', '.join(MULTI_GPU)}")
     known = config_classes()
-    return build_config(known[stage], apply_overrides(load_params(params_path), sets, known))
+    return build_config(known[stage], apply_overrides(load_params(params_path, known), sets, known))
 
 
 def configmap_params(cfg, world_size: int) -> dict[str, dict]:

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from alignpipe.lm.batching import pad
-from alignpipe.lm.ort_sampling import Decoding, OrtCompleter, _draw
+from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 
 
 class QueueFull(Exception):
@@ -57,17 +57,25 @@ class Job:
 
 
 class Engine:
-    """The decoder loop (a daemon thread) and its bounded queue."""
+    """The decoder loop (a daemon thread) and its bounded queue.
 
-    def __init__(self, completer: OrtCompleter, max_batch_size: int = 32, max_queue: int = 256):
+    Waiting jobs join when the batch is empty, when `join_min` of them wait, or after `join_wait_steps` decoding
+    steps: prefilling a few prompts together costs about as much as one alone. Ended rows stay in the batch
+    (their outputs unused) until the next join or until they are half the batch, so the cache is copied once for
+    both."""
+
+    def __init__(self, completer: OrtCompleter, max_batch_size: int = 32, max_queue: int = 256,
+                 join_min: int = 4, join_wait_steps: int = 3):
         self.completer, self.max_batch_size, self.max_queue = completer, max_batch_size, max_queue
+        self.join_min, self.join_wait_steps = join_min, join_wait_steps
         self.policy = completer.policy
         self.pending: deque[Job] = deque()
         self.cond = threading.Condition()
-        self.running: list[Job] = []
+        self.running: list[Job] = []  # the batch's rows, ended ones included until the next compaction
         self.mask: np.ndarray | None = None  # (batch, columns) attention mask of the running batch's cache
         self.past: list = []  # its present keys/values (OrtValues), as the last step returned them
         self.steps = 0
+        self.waited = 0  # decoding steps since a job started waiting
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, daemon=True, name="decoder")
         self.thread.start()
@@ -91,6 +99,10 @@ class Engine:
     def alive(self) -> bool:
         return self.thread.is_alive() and not self.stopping
 
+    def live(self) -> int:
+        """Rows of the batch still generating."""
+        return sum(_live(j) for j in self.running)
+
     def close(self) -> None:
         with self.cond:
             self.stopping = True
@@ -100,23 +112,34 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
         while True:
+            joining: list[Job] = []
             with self.cond:
                 while not self.pending and not self.running and not self.stopping:
                     self.cond.wait()
                 if self.stopping:
                     return
-                room = self.max_batch_size - len(self.running)
-                joining = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                live = self.live()
+                room = self.max_batch_size - live
+                if self.pending and room > 0 and (not live or len(self.pending) >= self.join_min
+                                                  or self.waited >= self.join_wait_steps):
+                    joining = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+                    self.waited = 0
+                elif self.pending:
+                    self.waited += 1
             try:
-                self._drop_expired()
+                for job in self.running:
+                    if _live(job):
+                        self._keep(job)
                 joining = [j for j in joining if self._keep(j)]
                 if joining:
                     self._join(joining)
+                elif 2 * self.live() <= len(self.running):
+                    self._compact()
                 if self.running:
                     self._step()
             except Exception as e:  # a failed step fails the jobs in it, never the loop
                 for job in self.running + joining:
-                    if job.finish_reason is None and job.error is None:
+                    if _live(job):
                         job.error = e
                         job.emit("error", job)
                 self.running, self.mask, self.past = [], None, []
@@ -131,79 +154,79 @@ class Engine:
             return False
         return True
 
-    def _drop_expired(self) -> None:
-        keep = [i for i, job in enumerate(self.running) if self._keep(job)]
-        if len(keep) < len(self.running):
-            self._select(keep)
-
     def _join(self, jobs: list[Job]) -> None:
-        """Prefill `jobs` (left-padded), choose their first tokens, and merge their cache into the running batch."""
+        """Prefill `jobs` (left-padded), choose their first tokens, and merge their cache into the running batch's
+        live rows (one copy)."""
         policy = self.policy
         ids, mask = pad([j.prompt_ids for j in jobs], self.completer.tok.pad_token_id, side="left")
         logits, past = policy._step(policy.session.io_binding(), ids, mask, policy._empty_past(len(jobs)))
-        alive = self._advance(jobs, logits[:, -1, :], first=True)
-        if not alive:
-            return
-        if len(alive) < len(jobs):
-            jobs, mask, past = [jobs[i] for i in alive], mask[alive], [_ortvalue(_numpy(p)[alive]) for p in past]
-        if not self.running:
-            self.running, self.mask, self.past = jobs, mask, past
+        self._advance(jobs, logits[:, -1, :], first=True)
+        keep = [i for i, j in enumerate(self.running) if _live(j)]
+        new = [i for i, j in enumerate(jobs) if _live(j)]
+        if not new:
+            return self._compact()
+        if not keep:
+            self.running, self.mask = [jobs[i] for i in new], mask[new]
+            self.past = past if len(new) == len(jobs) else [_ortvalue(_numpy(p)[new]) for p in past]
             return
         width = max(mask.shape[1], self.mask.shape[1])
-        old_mask, old_past = _left_pad(self.mask, self.past, width)
-        new_mask, new_past = _left_pad(mask, past, width)
+        old_mask, old_past = _left_pad(self.mask[keep], [_numpy(p)[keep] for p in self.past], width)
+        new_mask, new_past = _left_pad(mask[new], [_numpy(p)[new] for p in past], width)
+        self.running = [self.running[i] for i in keep] + [jobs[i] for i in new]
         self.mask = np.concatenate([old_mask, new_mask], axis=0)
-        self.past = [_ortvalue(np.concatenate([a, b], axis=0)) for a, b in zip(old_past, new_past)]
-        self.running = self.running + jobs
+        self.past = [np.concatenate([a, b], axis=0) for a, b in zip(old_past, new_past)]
+        self._trim()
+
+    def _compact(self) -> None:
+        """Drop the ended rows from the batch and its cache."""
+        keep = [i for i, j in enumerate(self.running) if _live(j)]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.mask, self.past = None, []
+            return
+        self.mask = self.mask[keep]
+        self.past = [_numpy(p)[keep] for p in self.past]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the cache columns no row attends to (the left padding of rows that left); cache as OrtValues."""
+        first = int(np.argmax(self.mask.any(axis=0)))
+        self.mask = self.mask[:, first:]
+        self.past = [_ortvalue(_numpy(p)[:, :, first:]) for p in self.past]
 
     def _step(self) -> None:
-        """One token for every running row; ended rows leave."""
+        """One token for every live row (ended rows are fed their last token; their outputs are unused)."""
         policy = self.policy
         tokens = np.array([[j.new[-1]] for j in self.running], dtype=np.int64)
         mask = np.concatenate([self.mask, np.ones((len(self.running), 1), dtype=np.int64)], axis=1)
         logits, self.past = policy._step(policy.session.io_binding(), tokens, mask, self.past)
         self.mask = mask
         self.steps += 1
-        alive = self._advance(self.running, logits[:, -1, :], first=False)
-        if len(alive) < len(self.running):
-            self._select(alive)
+        self._advance(self.running, logits[:, -1, :], first=False)
 
-    def _select(self, rows: list[int]) -> None:
-        """Keep only `rows` of the running batch, and drop the cache columns no kept row attends to."""
-        self.running = [self.running[i] for i in rows]
-        if not rows:
-            self.mask, self.past = None, []
-            return
-        mask = self.mask[rows]
-        first = int(np.argmax(mask.any(axis=0)))
-        self.mask = mask[:, first:]
-        self.past = [_ortvalue(np.ascontiguousarray(_numpy(p)[rows][:, :, first:])) for p in self.past]
-
-    def _advance(self, jobs: list[Job], scores: np.ndarray, first: bool) -> list[int]:
-        """Choose each job's next token from its last-position logits; returns the indices of the jobs that go on."""
+    def _advance(self, jobs: list[Job], scores: np.ndarray, first: bool) -> None:
+        """Choose each live job's next token from its last-position logits; jobs that end are told."""
         c = self.completer
-        scores = scores.astype(np.float32, copy=True)
+        rows = [r for r, j in enumerate(jobs) if _live(j)]
+        if not rows:
+            return
+        scores = scores[rows].astype(np.float32, copy=True)
         if c.bad:
             scores[:, c.bad] = -np.inf
         if first and c.start_ids:
             start = np.full_like(scores, -np.inf)
             start[:, c.start_ids] = scores[:, c.start_ids]
             scores = start
-        greedy = scores.argmax(-1)
-        alive = []
-        for r, job in enumerate(jobs):
-            if job.cancelled:
-                continue
-            d = job.decoding
-            token = int(greedy[r]) if not d.do_sample else int(_draw(scores[r:r + 1], d, job.rng)[0])
-            job.new.append(token)
+        tokens = _choose(scores, [jobs[r] for r in rows])
+        for r, token in zip(rows, tokens):
+            job = jobs[r]
+            job.new.append(int(token))
             if self._ended(job):
                 job.emit("done", job)
-            else:
-                if job.stream:
-                    self._stream(job)
-                alive.append(r)
-        return alive
+            elif job.stream:
+                self._stream(job)
 
     def _ended(self, job: Job) -> bool:
         """Whether `job` ended with its last token (setting its text and finish reason)."""
@@ -232,6 +255,43 @@ class Engine:
         if text.startswith(job.sent) and len(text) > len(job.sent):
             job.delta, job.sent = text[len(job.sent):], text
             job.emit("delta", job)
+
+
+def _live(job: Job) -> bool:
+    return job.finish_reason is None and job.error is None and not job.cancelled
+
+
+def _choose(scores: np.ndarray, jobs: list[Job], k: int = 128) -> np.ndarray:
+    """Each row's token: greedy argmax, or a draw from its own generator after its temperature and top-p
+    (`alignpipe.lm.ort_sampling._draw`'s distribution, for all sampled rows at once). The nucleus is looked for
+    among the `k` likeliest tokens first (sorting the whole vocabulary costs most of a step); a row whose top-p mass
+    lies beyond them is sorted whole."""
+    tokens = scores.argmax(-1)
+    sampled = [r for r, j in enumerate(jobs) if j.decoding.do_sample]
+    if not sampled:
+        return tokens
+    temperature = np.array([[jobs[r].decoding.temperature] for r in sampled], dtype=np.float32)
+    top_p = np.array([[jobs[r].decoding.top_p] for r in sampled])
+    x = scores[sampled] / temperature
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    vocab = probs.shape[-1]
+    if k < vocab:
+        ids = np.argpartition(-probs, k, axis=-1)[:, :k]
+        if not (np.take_along_axis(probs, ids, -1).sum(-1) >= top_p[:, 0]).all() or (top_p >= 1.0).any():
+            ids = np.broadcast_to(np.arange(vocab), probs.shape)
+    else:
+        ids = np.broadcast_to(np.arange(vocab), probs.shape)
+    cand = np.take_along_axis(probs, ids, -1)
+    order = np.argsort(-cand, axis=-1, kind="stable")
+    ids, sorted_p = np.take_along_axis(ids, order, -1), np.take_along_axis(cand, order, -1)
+    # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+    sorted_p[((sorted_p.cumsum(-1) - sorted_p) >= top_p) & (top_p < 1.0)] = 0.0
+    sorted_p /= sorted_p.sum(-1, keepdims=True)
+    u = np.array([[jobs[r].rng.random()] for r in sampled])
+    pick = np.minimum((sorted_p.cumsum(-1) < u).sum(-1), sorted_p.shape[-1] - 1)
+    tokens[sampled] = ids[np.arange(len(sampled)), pick]
+    return tokens
 
 
 def _numpy(value) -> np.ndarray:

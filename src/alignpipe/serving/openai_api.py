@@ -372,7 +372,7 @@ def create_app(server: Server):
         if not server.engine.alive():
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "model": server.served.name, "queued": len(server.engine.pending),
-                "running": len(server.engine.running)}
+                "running": server.engine.live()}
 
     @app.get("/v1/models")
     async def models():
