@@ -34,6 +34,7 @@ from starlette.requests import Request  # at module level: FastAPI resolves the 
 
 from alignpipe.lm.ort_sampling import Decoding
 from alignpipe.serving.engine import Engine, Job, QueueFull, TimedOut
+from alignpipe.serving.models import MAX_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ApiError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ request shapes
-Temperature = Field(None, ge=0, le=2, allow_inf_nan=False)
+Temperature = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
 TopP = Field(None, gt=0, le=1, allow_inf_nan=False)
 Seed = Field(None, ge=0, lt=2 ** 63)
 Stop = str | list[str] | None
