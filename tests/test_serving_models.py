@@ -182,3 +182,20 @@ def _serve_and_check(tmp_path: Path, expected: list[str]) -> None:
             assert 400 <= status < 500, (bad, status, body)
     finally:
         stop_server(proc)
+
+
+def test_pyfunc_request_params_are_bounded():
+    """The pyfunc models' request params (`mlflow models serve`): NaN, infinite and huge temperatures, a NaN top-p,
+    a boolean token cap, a non-boolean do_sample and unknown params (`stream`) are each refused with the field."""
+    from mlflow.exceptions import MlflowException
+
+    from alignpipe.serving.models import POLICY_DEFAULTS, decoding
+
+    for params, why in (({"temperature": float("nan")}, "params.temperature"),
+                        ({"temperature": float("inf")}, "params.temperature"),
+                        ({"temperature": 1e308}, "params.temperature"), ({"top_p": float("nan")}, "params.top_p"),
+                        ({"max_new_tokens": True}, "params.max_new_tokens"), ({"do_sample": "yes"}, "do_sample"),
+                        ({"stream": True}, r"unknown params \['stream'\]")):
+        with pytest.raises(MlflowException, match=why):
+            decoding(POLICY_DEFAULTS, params)
+    assert decoding(POLICY_DEFAULTS, {"temperature": 2, "top_p": 1}).temperature == 2.0
