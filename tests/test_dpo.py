@@ -29,11 +29,17 @@ def test_read_pairs_checks_rows_and_flattens_conversational(tmp_path):
     good = {"prompt": "def f(a):", "chosen": "\n    return a", "rejected": "\n    return(a)"}
     conv = {"prompt": [{"role": "user", "content": "x = 1"}], "chosen": [{"role": "assistant", "content": "\ny = 2"}],
             "rejected": [{"role": "assistant", "content": "\ny=2"}]}
-    pairs = preference.read_pairs(_write(tmp_path / "p.jsonl", [good, conv]))
-    assert pairs[1] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
+    pairs = preference.read_pairs(_write(tmp_path / "p.jsonl", [conv, {**conv, "source": "human"}]))
+    assert pairs[0] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
+    assert pairs[1]["source"] == "human"  # other fields kept (the label stage's provenance)
+    assert preference.read_pairs(tmp_path / "p.jsonl", messages=True)[0] == conv
+    assert preference.read_pairs(tmp_path / "p.jsonl", messages=None)[0] == conv
+    with pytest.raises(DataError, match="must be a list of role/content messages"):
+        preference.read_pairs(_write(tmp_path / "std.jsonl", [good]), messages=True)
     bad_rows = [({**good, "prompt": "def f(a):\n"}, "ends on whitespace"),
                 ({**good, "rejected": good["chosen"]}, "identical"),
-                ({"prompt": "x", "chosen": "\ny"}, "'rejected'")]
+                ({"prompt": "x", "chosen": "\ny"}, "'rejected'"),
+                (conv, "'prompt' must be a string, like the first row's prompt \\(one form per file")]
     for row, message in bad_rows:
         with pytest.raises(DataError, match=message) as err:
             preference.read_pairs(_write(tmp_path / "bad.jsonl", [good, row]))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,21 +221,6 @@ def training_prompts(data: Path, chat: bool) -> list[dict]:
     return read_train_prompts(data)
 
 
-def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
-    """The checkpoint `resume` continues from (an error when there is none); a fresh run removes its own old
-    checkpoints, which must not be resumed later in place of the new ones."""
-    from alignpipe.lm.training import trainer_checkpoint
-
-    if cfg.resume:
-        found = trainer_checkpoint(checkpoint_dir, "grpo")
-        if found is None:
-            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
-        return found
-    for old in checkpoint_dir.glob("checkpoint-*"):
-        shutil.rmtree(old)
-    return None
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
     """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
     import os
@@ -250,7 +234,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.rewards import build_reward
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from
+    from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
     from alignpipe.oracle.policy_eval import oracle_metrics
     from alignpipe.tracking import runs
 

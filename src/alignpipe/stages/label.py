@@ -16,7 +16,9 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 `oracle_rejected` (the oracle's violations per character, LOWER = better, for every pair), `judge`, `context`,
 `source`.
 - `prefs.jsonl`: the training pairs; `heldout.jsonl`: the pairs whose prompt hashes into the held-out fraction
-  (deterministic: sha256 of seed and prompt), kept out of training for the reward model's evaluation.
+  (deterministic: sha256 of seed and prompt; `alignpipe.algos.preference.split_heldout`, as reward splits a single
+  file), kept out of training for the reward model's evaluation. Human pairs are read as dpo reads its pairs
+  (`alignpipe.algos.preference.read_pairs`).
 
 On the chat task (`run_chat`) there is no oracle: the pairs are the dataset's own (its preference labels, which
 `data build --dataset` split into data/prefs.jsonl and data/heldout.jsonl), in conversational form; with
@@ -38,7 +40,7 @@ from typing import ClassVar, Literal
 
 from alignpipe.core.config import StageConfig, field
 from alignpipe.core.errors import DataError
-from alignpipe.core.hashing import hash01, is_heldout
+from alignpipe.core.hashing import hash01
 from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 from alignpipe.stages import Input
 
@@ -151,18 +153,6 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
         keys = sorted(range(len(rows)), key=lambda i: hash01(f"{rows[i].get('source', '')}|{rows[i]['prompt']}",
                                                              seed))
         rows = [rows[i] for i in sorted(keys[:n])]
-    return rows
-
-
-def load_human_prefs(path: Path) -> list[dict]:
-    """Human pairs from a preference JSONL (already through the validators: CHECKED_INPUTS), in standard form."""
-    from alignpipe.core.io import read_jsonl
-
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise DataError(f"{path}:{i + 1}", "human pairs must be in TRL's standard form (prompt, chosen, "
-                            "rejected strings), not conversational")
     return rows
 
 
@@ -285,10 +275,9 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
     """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
     judge."""
-    import json
-
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.errors import ConfigError
-    from alignpipe.core.io import read_jsonl, write_jsonl
+    from alignpipe.core.io import write_jsonl
 
     data = Path(inputs["data"])
     judge_model = inputs.get("judge_model")
@@ -296,14 +285,14 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
                           "or RLAIF pairs as well: judge reward_model with --judge-model, or judge llm (with "
                           "--judge-model, or the policy as its own judge)")
-    train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
+    train, heldout = read_pairs(data / PREFS_FILE, messages=True), read_pairs(data / HELDOUT_FILE, messages=True)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
     if cfg.judge != "scorer":
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
-        held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
-        train += [r for r, h in zip(judged, held) if not h]
-        heldout += [r for r, h in zip(judged, held) if h]
+        judged_train, judged_heldout = split_heldout(judged, cfg.heldout_frac, cfg.seed)
+        train += judged_train
+        heldout += judged_heldout
     write_jsonl(out_dir / PREFS_FILE, train)
     write_jsonl(out_dir / HELDOUT_FILE, heldout)
     return {"n_pairs": len(train) + len(heldout), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
@@ -386,6 +375,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.io import write_jsonl
     from alignpipe.tasks import task_of
 
@@ -398,8 +388,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
     human = []
-    if inputs.get("human_prefs") is not None:
-        human = load_human_prefs(inputs["human_prefs"])
+    if inputs.get("human_prefs") is not None:  # TRL's standard form (conversational rows flattened, as dpo does)
+        human = read_pairs(inputs["human_prefs"])
 
     start = time.perf_counter()
     model, tok, meta = load_policy(inputs["policy"])
@@ -431,8 +421,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                         f"dropped {n_invalid} with an invalid completion (blank, not a new line) and "
                         f"{n_identical} with identical completions")
 
-    heldout = [r for r in rows if is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
-    train = [r for r in rows if not is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
+    train, heldout = split_heldout(rows, cfg.heldout_frac, cfg.seed)
     if cfg.heldout_frac > 0 and not heldout:
         raise DataError("label.heldout_frac", f"no held-out pairs among {len(rows)}: label more prompts")
     if not train:

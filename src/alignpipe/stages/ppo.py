@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -46,7 +44,7 @@ from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBat
                                  token_forward, whiten)
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError, loading
+from alignpipe.core.errors import ConfigError, loading
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -65,6 +63,8 @@ HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied",
             "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name: a LoRA run's checkpoints hold only the adapters
+# What an `iter-N` checkpoint holds: the weights (the whole model, or a LoRA run's adapters), value head, optimizer.
+CHECKPOINT_FILES = (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "trainer.pt")
 
 
 @dataclass(frozen=True)
@@ -216,31 +216,17 @@ class PPOState:
 
 
 def save_checkpoint(directory: Path, model, value_head, optimizer, tok, meta, state: PPOState) -> None:
-    """Write `iter-N` atomically (a temporary folder renamed) and keep only the newest two."""
+    """Write `iter-N` atomically (`alignpipe.lm.training.new_checkpoint`) and keep only the newest two."""
     import torch
     from safetensors.torch import save_file
 
     from alignpipe.lm.policy import save_policy
+    from alignpipe.lm.training import new_checkpoint
 
-    final = directory / f"iter-{state.iteration:06d}"
-    partial = directory / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    save_policy(model, tok, meta, partial)
-    save_file(value_head.state_dict(), str(partial / VALUE_HEAD_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}, partial / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    for old in sorted(directory.glob("iter-*"))[:-2]:
-        shutil.rmtree(old)
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete `iter-N` checkpoint (past a corrupt one, saying so on stderr), or None."""
-    from alignpipe.lm.training import latest_complete
-
-    # weights: the whole model, or only the adapters of a LoRA run (ADAPTER_FILE)
-    return latest_complete(directory, "iter", (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "trainer.pt"),
-                           log=lambda m: print(f"ppo: {m}", file=sys.stderr))
+    with new_checkpoint(directory, f"iter-{state.iteration:06d}", "iter") as tmp:
+        save_policy(model, tok, meta, tmp)
+        save_file(value_head.state_dict(), str(tmp / VALUE_HEAD_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}, tmp / "trainer.pt")
 
 
 def init_training(cfg: Config, model, resume_from: Path | None):
@@ -413,6 +399,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.rewards import build_reward
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
+    from alignpipe.lm.training import resume_checkpoint
     from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
 
     check_4bit(cfg)
@@ -435,15 +422,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
 
-    checkpoint_dir = Path(cfg.checkpoint_dir)
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(checkpoint_dir)
-        if resume_from is None:
-            raise DataError(str(checkpoint_dir), "ppo.resume is set but there is no iter-N checkpoint to resume from")
-    else:
-        for old in checkpoint_dir.glob("iter-*"):
-            shutil.rmtree(old)
+    resume_from = resume_checkpoint(cfg, cfg.checkpoint_dir, "iter", CHECKPOINT_FILES)
     train_start = time.perf_counter()
     value_head, state, history = train(cfg, model, tok, meta, reference[0], prompts, reward_fn, resume_from,
                                        task=task)
