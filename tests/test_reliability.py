@@ -149,7 +149,8 @@ def test_pipeline_run_local_root_is_guarded(corpus_dir, capsys):
 
 # ----------------------------------------------------------------------------------------------- config values
 
-@pytest.mark.parametrize("item", ["pretrain.lr=1e309", "pretrain.lr=.inf", "pretrain.lr=-.inf", "pretrain.lr=.nan",
+@pytest.mark.parametrize("item", ["pretrain.learning_rate=1e309", "pretrain.learning_rate=.inf",
+                                  "pretrain.learning_rate=-.inf", "pretrain.learning_rate=.nan",
                                   "dpo.beta=1" + "0" * 400])
 def test_non_finite_floats_are_rejected_naming_the_key(item, capsys):
     assert main(["config", "show", "--set", item]) == 2
@@ -157,7 +158,7 @@ def test_non_finite_floats_are_rejected_naming_the_key(item, capsys):
     assert item.split("=")[0] in line
 
 
-@pytest.mark.parametrize("item", ["dpo.beta=.inf", "pretrain.lr=1e309", "reward.learning_rate=-.inf"])
+@pytest.mark.parametrize("item", ["dpo.beta=.inf", "pretrain.learning_rate=1e309", "reward.learning_rate=-.inf"])
 def test_pipeline_compile_rejects_inf_with_one_line(item, tmp_path, capsys):
     assert main(["pipeline", "compile", "--set", item, "--out", str(tmp_path / "p.yaml")]) == 2
     assert item.split("=")[0] in _one_error_line(capsys)

@@ -54,7 +54,8 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
     from safetensors.torch import load_file
 
     common = ["--params", str(TINY), "--data", str(tiny_data), "--set", "pretrain.precision=fp32",
-              "--set", "pretrain.max_steps=6", "--set", "pretrain.log_every=1", "--set", "pretrain.eval_prompts=1",
+              "--set", "pretrain.max_steps=6", "--set", "pretrain.logging_steps=1",
+              "--set", "pretrain.n_eval_prompts=1",
               "--set", "pretrain.eval_val_chars=200", "--set", "pretrain.eval_max_new_tokens=4"]
     launches = {
         1: [str(BIN / "python"), "-m", "alignpipe", "pretrain", *common, "--set", "pretrain.batch_size=4"],

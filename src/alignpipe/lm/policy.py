@@ -208,17 +208,17 @@ def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int,
     return [tok(text(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
 
 
-def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,
-           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit) -> list[Sample]:
+def sample(model, tok, meta: PolicyMeta, prompts: list, sampling: Sampling = Sampling(), seed: int = 0,
+           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit, task=None) -> list[Sample]:
     """One completion per prompt, ending where `unit` (the task's `completion_unit()`) says, with a KV cache, in
-    batches; deterministic for a given seed."""
+    batches; deterministic for a given seed. Prompts are formatted by `task` when given (`encode_prompts`)."""
     import torch
     from tqdm import tqdm
 
     from alignpipe.lm.batching import pad_torch
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
+    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens, task)
     bad = [[i] for i in banned_token_ids(tok, meta)]
     first = unit.first_token_ids(tok)
     out: list[Sample] = []

@@ -62,6 +62,11 @@ class Config(StageConfig):
     dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "
                          "folder in HF layout or a hub id (empty: the PEP8 corpus)")
     split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)")
+    # Generated verifiable tasks (arith: alignpipe.tasks.arith)
+    n_conversations: int = field(8000, "arith: conversations generated from `seed` (train/val/test by question)")
+    max_operand: int = field(99, "arith: operands drawn from 0..max_operand (the difficulty: digits and carries)")
+    wrong_frac: float = field(0.3, "arith: fraction of the corpus' answers that are plausible wrong ones (off by "
+                              "one or ten, a dropped carry, swapped digits), tagged by the oracle")
 
     def __post_init__(self):
         get_task(self.task)  # a ConfigError in one line: unknown, not importable, or lacking a method
@@ -72,6 +77,9 @@ class Config(StageConfig):
         self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
         self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
         self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
+        self.check(self.n_conversations >= 1, "n_conversations", "must be >= 1")
+        self.check(1 <= self.max_operand <= 10**6, "max_operand", "must be in [1, 1000000]")
+        self.check(0 <= self.wrong_frac <= 1, "wrong_frac", "must be in [0, 1]")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:

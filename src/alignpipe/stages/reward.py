@@ -49,6 +49,7 @@ REWARD_META = "reward.json"
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "reward"
+    RENAMED: ClassVar[dict[str, str]] = {"lr_scheduler": "lr_scheduler_type"}
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
     max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
@@ -61,7 +62,7 @@ class Config(StageConfig, LoraFields):
     learning_rate: float = field(3e-4, "peak AdamW learning rate")
     weight_decay: float = field(0.0, "AdamW weight decay")
     warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up")
-    lr_scheduler: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
+    lr_scheduler_type: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
     center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
     bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
     heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)")
@@ -160,7 +161,7 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
         output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler, max_length=cfg.max_length,
+        lr_scheduler_type=cfg.lr_scheduler_type, max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards or None, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
