@@ -244,7 +244,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows],
+                          oracle=task.oracle())
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = resume_checkpoint(cfg, checkpoint_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental

@@ -156,7 +156,7 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
+def _human_rows(rows: list[dict], cfg: Config, score) -> list[dict]:
     from alignpipe.oracle.judges import Pair, oracle
 
     if cfg.human_pairs >= 0:
@@ -165,7 +165,7 @@ def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
         rows = [rows[i] for i in sorted(order[:cfg.human_pairs])]
     pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], r.get("context") or r["prompt"]) for r in rows]
     out = []
-    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs)):
+    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs, score)):
         out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                     "score_chosen": float(r.get("score_chosen", 1.0)),
                     "score_rejected": float(r.get("score_rejected", 0.0)),
@@ -186,12 +186,12 @@ def _unique(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_judge(cfg: Config, judge_model: Path | str | None):
-    """The configured judge (the model is loaded here)."""
+def build_judge(cfg: Config, judge_model: Path | str | None, score):
+    """The configured judge (the model is loaded here); `score` is the task's oracle (the scorer judge's)."""
     from alignpipe.oracle.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
 
     if cfg.judge == "scorer":
-        return ScorerJudge()
+        return ScorerJudge(score)
     if judge_model is None:
         raise DataError("--judge-model", f"judge={cfg.judge} needs a model: a directory or a model id")
     if cfg.judge == "reward_model":
@@ -200,14 +200,14 @@ def build_judge(cfg: Config, judge_model: Path | str | None):
                     cfg.judge_max_length, cfg.llm_chat_template, cfg.trust_remote_code)
 
 
-def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
+def judge_pairs(judge, pairs, cfg: Config, score) -> tuple[list[dict], dict[str, float]]:
     """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
-    the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
+    the rows, and, for a judge other than the oracle, its agreement with the oracle `score`, the task's)."""
     from alignpipe.oracle.judges import LLMJudge, oracle, position_consistency
 
     orders = judge.orders(pairs) if isinstance(judge, LLMJudge) else None  # the llm judge: both orders
     scores = LLMJudge.averaged(orders) if orders is not None else judge.score(pairs)
-    oracles = oracle(pairs)
+    oracles = oracle(pairs, score)
     rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
     for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
         tie = abs(sa - sb) <= cfg.tie_threshold
@@ -382,9 +382,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
+    from alignpipe.core.errors import ConfigError
     from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy
 
+    score = task.oracle()  # every sampled pair is scored by the task's oracle (oracle_chosen, oracle_rejected)
+    if score is None:
+        raise ConfigError("data.task", f"task {task} has no oracle, which label's sampled text pairs are scored with")
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
     human = []
@@ -404,18 +408,18 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
     n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
-        keep = [not (oracle_score(p.context, p.a).truncated or oracle_score(p.context, p.b).truncated)
+        keep = [not (oracle_score(score, p.context, p.a).truncated or oracle_score(score, p.context, p.b).truncated)
                 for p in pairs]
         n_unscorable = keep.count(False)
         n_unscorable_capped = sum(c and not k for c, k in zip(capped, keep))
         pairs = [p for p, k in zip(pairs, keep) if k]
 
     start = time.perf_counter()
-    judge = build_judge(cfg, inputs.get("judge_model"))
-    judged, stats = judge_pairs(judge, pairs, cfg)
+    judge = build_judge(cfg, inputs.get("judge_model"), score)
+    judged, stats = judge_pairs(judge, pairs, cfg, score)
     judged = _unique(judged)
     judging_s = time.perf_counter() - start
-    rows = _unique(judged + (_human_rows(human, cfg) if human else []))
+    rows = _unique(judged + (_human_rows(human, cfg, score) if human else []))
     if not rows:
         raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} judged, {stats['n_ties']} ties; "
                         f"dropped {n_invalid} with an invalid completion (blank, not a new line) and "

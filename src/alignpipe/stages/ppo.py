@@ -418,7 +418,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
     contexts = {r["prompt"]: r["context"] for r in rows} if task.has_oracle() else {}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts)
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts, oracle=task.oracle())
 
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
