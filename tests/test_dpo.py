@@ -17,6 +17,7 @@ import tiny  # noqa: E402
 from alignpipe.algos import preference  # noqa: E402
 from alignpipe.algos.dpo import trl_config  # noqa: E402
 from alignpipe.core.errors import DataError  # noqa: E402
+from alignpipe.core.hashing import weights_sha256  # noqa: E402
 from alignpipe.stages import dpo  # noqa: E402
 
 
@@ -140,8 +141,14 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
     cfg = dpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                     bf16=False, n_eval_prompts=4, eval_batch_size=4)
+                     bf16=False, n_eval_prompts=4, eval_batch_size=4, eval_heldout=True)
     metrics = execute("dpo", cfg, inputs, tmp_path / "out")
+    # The held-out check is off by default (evaluate owns evaluation) and draws on no training random state: the
+    # same weights without it, and only training metrics.
+    quiet = execute("dpo", dpo.Config(**{**cfg.to_dict(), "eval_heldout": False}), inputs, tmp_path / "quiet")
+    assert weights_sha256(tmp_path / "quiet") == weights_sha256(tmp_path / "out")
+    assert "violations_per_char" not in quiet and "kl_to_ref" not in quiet and set(dpo.METRICS) <= set(quiet)
+    assert all(quiet[k] == metrics[k] for k in ("train_loss", "train_reward_margin", "n_pairs"))
     for key in dpo.METRICS:
         assert math.isfinite(metrics[key])
     assert metrics["n_prompt_boundary_mismatch"] == 0 and metrics["n_human_pairs"] == 1

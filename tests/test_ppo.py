@@ -216,7 +216,7 @@ def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     policy = tiny.make_policy(tmp_path / "policy", conditional=True, tok=tok)
     reward = tiny.make_reward(tmp_path / "reward", tok=tok)
     cfg = ppo.Config(max_steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8,
-                     n_eval_prompts=4, eval_batch_size=4, save_steps=1)
+                     n_eval_prompts=4, eval_batch_size=4, save_steps=1, eval_heldout=True)
     metrics = execute("ppo", cfg, {"data": data, "policy": policy, "reward_model": reward}, tmp_path / "out")
     for key in ppo.METRICS:
         assert math.isfinite(metrics[key])

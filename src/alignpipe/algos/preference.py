@@ -216,9 +216,9 @@ def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
 
 
 def training_metrics(last: dict[str, Any], result, counts: tuple[int, int, int], train_seconds: float,
-                     eval_seconds: float, **logged: str) -> dict[str, float]:
+                     **logged: str) -> dict[str, float]:
     """The metrics every pair trainer reports: pair counts, the last logged loss and TRL's reward margin/accuracy,
-    throughput and times. `logged` adds trainer-specific keys: metric name -> key of TRL's last log entry."""
+    throughput and training time. `logged` adds trainer-specific keys: metric name -> key of TRL's last log entry."""
     n_pairs, n_human, mismatches = counts
     return {"n_pairs": n_pairs, "n_human_pairs": n_human, "n_prompt_boundary_mismatch": mismatches,
             "train_loss": float(last.get("loss", result.training_loss)),
@@ -226,4 +226,4 @@ def training_metrics(last: dict[str, Any], result, counts: tuple[int, int, int],
             "train_reward_margin": float(last.get("rewards/margins", 0.0)),
             "train_reward_accuracy": float(last.get("rewards/accuracies", 0.0)),
             "train_samples_per_s": result.metrics.get("train_samples_per_second", 0.0),
-            "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}
+            "train_seconds": round(train_seconds, 2)}

@@ -14,9 +14,11 @@ spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function
 
 The chat task (`data.task: chat`, from the data's MANIFEST.json): prompts are conversations, rollouts come from
 `alignpipe.oracle.chat_eval.sample_chat` (the chat template with the generation prompt; an answer ends its turn at
-EOS / end-of-turn), the reward has no oracle term (`grpo.reward: model` or a function), and the stage checks itself
-on held-out conversations: the reward of its answers against the reference's and the sampled KL
-(`chat_check`), not the oracle.
+EOS / end-of-turn) and the reward has no oracle term (`grpo.reward: model` or a function).
+
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks itself
+on held-out prompts (`alignpipe.oracle.policy_eval.heldout_check`: the oracle against the reference, or on chat the
+reward of its answers against the reference's and the sampled KL).
 """
 
 from __future__ import annotations
@@ -38,11 +40,8 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
     Input("reward_model", None, "reward model directory; needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "reward_first", "reward_last")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                  "reward_last")
+# Training metrics; with `eval_heldout` also the held-out check's (`alignpipe.oracle.policy_eval.heldout_check`).
+METRICS = ("reward_first", "reward_last", "train_kl_last", "train_loss_last", "train_steps")
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,8 @@ class Config(StageConfig, LoraFields):
     save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues")
     checkpoint_dir: str = field("checkpoints/grpo", "where checkpoints go")
     resume: bool = field(False, "continue from the latest checkpoint in checkpoint_dir")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: the reward against it); off: evaluate compares every candidate")
     n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
     eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
     seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
@@ -170,19 +171,6 @@ def chat_rollout_func(cfg: Config, tok, task):
     return seeded_rollout(cfg, tok, draw)
 
 
-def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> dict[str, float]:
-    """The chat task's own check on held-out conversations: mean reward of the policy's and the reference's answers,
-    the fraction of prompts where the policy's reward is higher (ties half) and the sampled KL."""
-    from alignpipe.core.io import read_jsonl
-    from alignpipe.lm.policy import Sampling
-    from alignpipe.oracle.chat_eval import reward_check
-
-    prompts = [r["prompt"] for r in read_jsonl(Path(data_dir) / "prompts.jsonl")][:cfg.n_eval_prompts]
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    return reward_check(policy, reference, prompts, reward, sampling, cfg.seed, task)
-
-
 def trl_reward(reward):
     """The reward as a TRL reward function; it scores the cleaned completions our sampler returned."""
 
@@ -222,10 +210,10 @@ def training_prompts(data: Path, chat: bool) -> list[dict]:
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
+    """Train with GRPO, save the policy (same PolicyMeta, safetensors); with `eval_heldout`, check it on held-out
+    prompts."""
     import os
 
-    import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOTrainer
@@ -235,7 +223,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.oracle.policy_eval import heldout_check
     from alignpipe.tracking import runs
 
     set_seed(cfg.seed)
@@ -267,21 +255,19 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             "reward": str(reward.spec),
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
-    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
-    eval_start = time.perf_counter()
-    oracle = task.oracle()
-    if oracle is None:
-        metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
-    else:
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating", task=task)
-    torch.manual_seed(cfg.seed)
+    metrics: dict[str, float] = {}
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
+                                cfg.seed, out_dir, "grpo: evaluating", reward, cfg.max_new_tokens,
+                                cfg.max_prompt_tokens)
+        metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,
         reward_last=float(rewards[-1]) if rewards else math.nan,
         train_kl_last=float(logs[-1].get("kl", 0.0)) if logs else 0.0,
         train_loss_last=float(logs[-1]["loss"]) if logs else 0.0,
         train_steps=float(trainer.state.global_step), train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
     )
     return metrics

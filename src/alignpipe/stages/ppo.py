@@ -21,9 +21,10 @@ TRL removed PPOTrainer after 1.12, so PPO is written here, in the spirit of clea
   (`Task.stop_token_ids`; kept as the last action), the reward model scoring the whole answer as one assistant
   turn after the conversation, as the reward stage trained it (`alignpipe.lm.reward_model.reward_scores`).
 
-After training, pep8 checks the policy with the oracle (`alignpipe.oracle.policy_eval.oracle_metrics`); a task
-without an oracle with the reward on held-out conversations against the reference (`alignpipe.oracle.chat_eval.
-reward_check`: mean reward, reward win rate, sampled KL), as grpo does.
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks the
+policy on held-out prompts (`alignpipe.oracle.policy_eval.heldout_check`, as grpo does): with the oracle against the
+reference; a task without an oracle with the reward on held-out conversations against the reference (mean reward,
+reward win rate, sampled KL).
 
 The saved policy is a plain causal LM (loadable by `alignpipe.lm.policy.load_policy`, same PolicyMeta); the value head
 is saved beside it in `value_head.safetensors`. PPO runs in a single process (no DDP), on one GPU when present.
@@ -53,14 +54,11 @@ INPUTS = (
     Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score); "
           "needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                  "reward_last", "seconds")
+# Training metrics; with `eval_heldout` also the held-out check's (`alignpipe.oracle.policy_eval.heldout_check`).
+METRICS = ("reward_first", "reward_last", "train_kl_last", "kl_coef_final", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
-            "seconds")
+HEADLINE = ("reward_first", "reward_last", "train_kl_last", "violations_per_char", "win_rate_vs_ref", "kl_to_ref",
+            "reward_win_rate_vs_ref", "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name: a LoRA run's checkpoints hold only the adapters
 # What an `iter-N` checkpoint holds: the weights (the whole model, or a LoRA run's adapters), value head, optimizer.
@@ -97,6 +95,8 @@ class Config(StageConfig, LoraFields):
     save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: the reward against it); off: evaluate compares every candidate")
     n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
     eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
 
@@ -378,21 +378,9 @@ def check_reward(cfg: Config, task) -> None:
         raise ConfigError("ppo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
 
 
-def chat_check(cfg: Config, policy_dir: Path, reference, data_dir: Path, reward, task) -> dict[str, float]:
-    """The check of a task without an oracle: the reward on held-out conversations against the reference."""
-    from alignpipe.lm.policy import Sampling, load_policy
-    from alignpipe.oracle.chat_eval import reward_check
-    from alignpipe.oracle.policy_eval import load_prompts
-
-    prompts = [r["prompt"] for r in load_prompts(data_dir, cfg.n_eval_prompts)]
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    return reward_check(load_policy(policy_dir), reference, prompts, reward, sampling, cfg.seed, task)
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, check it (the oracle, or the
-    reward against the reference where the task has no oracle)."""
+    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head; with `eval_heldout`, check it
+    (the oracle, or the reward against the reference where the task has no oracle)."""
     import torch
     from safetensors.torch import save_file
 
@@ -401,7 +389,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import resume_checkpoint
-    from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
+    from alignpipe.oracle.policy_eval import heldout_check, read_train_prompts
 
     check_4bit(cfg)
     task = task_of(inputs["data"])
@@ -435,12 +423,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(merged(model), tok, meta, out_dir)  # LoRA: adapters folded into the weights
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
-    eval_start = time.perf_counter()
-    if task.has_oracle():
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="ppo: evaluating", task=task)
-    else:
-        metrics = chat_check(cfg, out_dir, reference, inputs["data"], reward, task)
+    metrics: dict[str, float] = {}
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
+                                cfg.seed, out_dir, "ppo: evaluating", reward, cfg.max_new_tokens,
+                                cfg.max_prompt_tokens)
+        metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(
         reward_first=first.get("env/reward_mean", 0.0),
@@ -450,6 +439,5 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         negative_kl_iterations=state.negative_kl_iterations,
         tokens_per_s=sum(h["charts/tokens_per_s"] for h in history) / max(len(history), 1),
         train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
     )
     return metrics
