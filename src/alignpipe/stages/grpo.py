@@ -32,7 +32,7 @@ from typing import ClassVar, Literal
 
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.errors import ConfigError
 from alignpipe.stages import Input
 
 INPUTS = (
