@@ -272,6 +272,18 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
     return pairs, capped, n_invalid, n_identical
 
 
+def scorable_pairs(pairs: list, capped: list[bool], score) -> tuple[list, int, int]:
+    """(the pairs whose two completions the oracle `score` (the task's) can check, n dropped, n dropped among those
+    with a completion cut at the cap): a completion is unscorable when its score is `truncated` (PEP8: a tokenize
+    error, E9, after which pycodestyle stops checking)."""
+    from alignpipe.oracle.judges import oracle_score
+
+    keep = [not (oracle_score(score, p.context, p.a).truncated or oracle_score(score, p.context, p.b).truncated)
+            for p in pairs]
+    n_capped = sum(c and not k for c, k in zip(capped, keep))
+    return [p for p, k in zip(pairs, keep) if k], keep.count(False), n_capped
+
+
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
     """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
     judge."""
@@ -383,7 +395,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.core.errors import ConfigError
-    from alignpipe.oracle.judges import oracle_score
     from alignpipe.lm.policy import Sampling, load_policy
 
     score = task.oracle()  # every sampled pair is scored by the task's oracle (oracle_chosen, oracle_rejected)
@@ -408,11 +419,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
     n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
-        keep = [not (oracle_score(score, p.context, p.a).truncated or oracle_score(score, p.context, p.b).truncated)
-                for p in pairs]
-        n_unscorable = keep.count(False)
-        n_unscorable_capped = sum(c and not k for c, k in zip(capped, keep))
-        pairs = [p for p, k in zip(pairs, keep) if k]
+        pairs, n_unscorable, n_unscorable_capped = scorable_pairs(pairs, capped, score)
 
     start = time.perf_counter()
     judge = build_judge(cfg, inputs.get("judge_model"), score)
