@@ -317,7 +317,9 @@ def test_pytorchjob_manifest_for_the_training_operator(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stage", "pretrain", "--nodes", "0"], "--nodes: must be >= 1"),
+    (["--stage", "pretrain", "--nodes", "0"], "--nodes: must be in [1, 1024]"),
+    (["--stage", "pretrain", "--nodes", "1000000"], "--nodes: must be in [1, 1024]"),
+    (["--stage", "pretrain", "--input", "data=../../../etc"], "without '..'"),
     (["--stage", "pretrain", "--set", "pretrain.bogus=1"], "pretrain.bogus: unknown key"),
     (["--stage", "pretrain", "--name", "Bad_Name"], "must be a lowercase DNS label"),
     (["--stage", "reward", "--input", "data=x"], "--input data: not an input of reward"),

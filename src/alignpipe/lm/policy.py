@@ -96,6 +96,7 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     pads with EOS. `quantization_config` (QLoRA's 4-bit base) leaves the placement to transformers."""
     from transformers import AutoModelForCausalLM
 
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.tokenizers import load_tokenizer
 
     local = Path(str(path)).exists()
@@ -104,10 +105,9 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     if local and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    with loading(path, "policy weights"):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}))
+    model = load_pretrained(AutoModelForCausalLM, path, "policy weights", tok, trust_remote_code=trust_remote_code,
+                            **({"quantization_config": quantization_config} if quantization_config is not None
+                               else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if quantization_config is None:

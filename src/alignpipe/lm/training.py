@@ -199,6 +199,8 @@ def resume_checkpoint(cfg, checkpoint_dir: str | Path, prefix: str = "checkpoint
                                             "resume from")
         if found is None:
             say(f"no checkpoint in {directory}; starting from step 0")
+        elif required == TRAINER_CHECKPOINT:  # the Trainer unpickles its state; our own loaders use weights_only
+            check_torch_files(found)
         return found
     if main:
         clear_checkpoints(directory, prefix)
@@ -219,6 +221,23 @@ def new_checkpoint(directory: str | Path, name: str, prefix: str, keep: int = 2)
     tmp.rename(path)
     for old in checkpoints(Path(directory), prefix)[:-keep]:
         shutil.rmtree(old)
+
+
+def check_torch_files(checkpoint: Path) -> None:
+    """Every torch file of a Trainer checkpoint (optimizer, scheduler, RNG and scaler state) read with
+    `weights_only=True` before the Trainer does, so a pickle that would run code is refused with one line naming
+    the file, before any training (never unpickled)."""
+    import pickle
+
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        with loading(path, "checkpoint state (truncated or corrupt)"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise DataError(str(path), "holds pickled Python objects, not only tensors: refused, never "
+                                "unpickled (remove this checkpoint or drop --resume)") from None
 
 
 def train_from(trainer, checkpoint: str | Path | None):

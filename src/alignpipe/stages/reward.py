@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import DataError, loading
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -124,25 +124,18 @@ def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict],
 
 def load_model(init: str, cfg: Config):
     """(model, tokenizer): a one-output sequence classifier from `init` (a causal LM gets a new score head)."""
-    import logging
-
-    import transformers
     from transformers import AutoModelForSequenceClassification
 
     from alignpipe.algos.lora import quantization_config
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.tokenizers import load_tokenizer
     from alignpipe.lm.reward_model import PROMPT_LINES_KEY
 
     tok = load_tokenizer(init, cfg.trust_remote_code)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity(logging.ERROR)  # "score.weight newly initialized" is the point here
-    try:
-        with loading(init, "reward.init_model weights"):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-                **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    # A causal LM gains a new `score` head and leaves its LM head unused: the point here, not a mismatch.
+    model = load_pretrained(AutoModelForSequenceClassification, init, "reward.init_model weights", tok,
+                            new_head=("score.", "lm_head."), num_labels=1, trust_remote_code=cfg.trust_remote_code,
+                            **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
     model.config.pad_token_id = tok.pad_token_id
     setattr(model.config, PROMPT_LINES_KEY, cfg.prompt_lines)  # reward_scores reads prompts as trained
     return model, tok
