@@ -190,14 +190,16 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
 
     shutil.rmtree(tmp_path / "ckpt" / "iter-000004")  # as if the run had died after iteration 2
     model, tok, _, ref = fresh()
-    head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn,
-                                        resume_from=latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES), progress=None)
+    latest = latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES)
+    head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, resume_from=latest,
+                                        progress=None)
     # The history travels in the checkpoint: a resumed run reports the whole run's first/last reward and KL.
     assert len(history2) == 4 and state2.iteration == 4
     for key in ("env/reward_mean", "objective/kl"):
         assert [h[key] for h in history2] == pytest.approx([h[key] for h in history], abs=1e-5), key
     _, _, history3 = ppo.train(cfg, *fresh()[:2], meta, ref, prompts, reward_fn,  # resumed from the final one
-                               resume_from=latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES), progress=None)
+                               resume_from=latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES),
+                               progress=None)
     assert [h["env/reward_mean"] for h in history3] == pytest.approx([h["env/reward_mean"] for h in history])
     assert state2.kl_coef == pytest.approx(state.kl_coef)
     for k, v in model.state_dict().items():
