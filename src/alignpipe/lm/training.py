@@ -230,11 +230,13 @@ def check_torch_files(checkpoint: Path) -> None:
     import pickle
 
     import torch
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types of the Trainer's own rng_state.pth
 
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
         with loading(path, "checkpoint state (truncated or corrupt)"):
             try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with safe_globals():  # the allowlist the Trainer loads its RNG state with (weights_only=True)
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError:
                 raise DataError(str(path), "holds pickled Python objects, not only tensors: refused, never "
                                 "unpickled (remove this checkpoint or drop --resume)") from None
