@@ -233,6 +233,8 @@ def check_torch_files(checkpoint: Path) -> None:
     from transformers.trainer_pt_utils import safe_globals  # the numpy types of the Trainer's own rng_state.pth
 
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        if path.name == "training_args.bin":  # the pickled TrainingArguments, for people: a resume never loads it
+            continue
         with loading(path, "checkpoint state (truncated or corrupt)"):
             try:
                 with safe_globals():  # the allowlist the Trainer loads its RNG state with (weights_only=True)
