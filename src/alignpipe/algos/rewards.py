@@ -83,7 +83,7 @@ def load_function(name: str, key: str = "reward") -> Callable[..., Sequence[floa
     return fn
 
 
-def oracle_rewards(completions: Sequence[str], contexts: Sequence[str], score: Callable) -> list[float]:
+def oracle_rewards(completions: Sequence[str], contexts: Sequence, score: Callable) -> list[float]:
     """Minus violations per character of each completion written after its context, as `score(context,
     completion)` (the task's oracle, `alignpipe.tasks.Task.oracle()`) counts them; empty: -EMPTY_PENALTY."""
     out = []
@@ -110,7 +110,8 @@ class Reward:
             if name == "model":
                 self._fns[name] = model_fn
             elif name == "oracle":
-                self._fns[name] = lambda p, c: oracle_rewards(c, [self._contexts.get(x, x) for x in p], oracle)
+                self._fns[name] = lambda p, c: oracle_rewards(
+                    c, [self._contexts.get(x, x) if isinstance(x, str) else x for x in p], oracle)
             else:
                 user = load_function(name)
                 self._fns[name] = lambda p, c, user=user: user(prompts=list(p), completions=list(c))
