@@ -390,6 +390,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
+    if cfg.llm_template:  # refused before any sampling, not after
+        from alignpipe.oracle.judges import check_template
+
+        check_template(cfg.llm_template)
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.oracle.judges import oracle_score
