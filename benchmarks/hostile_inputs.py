@@ -320,6 +320,7 @@ def _dangling_alias(folder: Path) -> None:
 
     _best(folder)
     mlflow = runs.mlflow_module()
+    mlflow.set_experiment("setup")  # this case's fresh store (an earlier case's experiment id means nothing here)
     c = registry.client()
     c.create_registered_model("alignpipe-policy")
     with mlflow.start_run() as run:
@@ -477,6 +478,7 @@ def run_case(case: Case, base: Path, policy: Path) -> dict:
     _make_files(folder, case.files)
     old_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", *case.env)}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # mlflow.set_experiment exports it: an id of an earlier case's store
     if case.setup is not None:
         old_cwd = os.getcwd()
         os.chdir(folder)  # a registry's artifacts land in the case folder
