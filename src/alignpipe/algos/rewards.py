@@ -83,13 +83,15 @@ def load_function(name: str, key: str = "reward") -> Callable[..., Sequence[floa
     return fn
 
 
-def oracle_rewards(completions: Sequence[str], contexts: Sequence[str]) -> list[float]:
-    """Minus violations per character of each completion written after its context; empty: -EMPTY_PENALTY."""
+def oracle_rewards(completions: Sequence[str], contexts: Sequence, oracle=None) -> list[float]:
+    """Minus violations per character of each completion written after its context, by `oracle` (the task's;
+    default the PEP8 one); empty: -EMPTY_PENALTY."""
     from alignpipe.oracle.scoring import score_completion
 
+    oracle = oracle or score_completion
     out = []
     for completion, context in zip(completions, contexts, strict=True):
-        score = score_completion(context, completion)
+        score = oracle(context, completion)
         out.append(-EMPTY_PENALTY if score.chars == 0 else -score.per_char)
     return out
 
@@ -99,7 +101,7 @@ class Reward:
     (`last_terms`, for logging)."""
 
     def __init__(self, spec: RewardSpec, model_fn: Callable[[list[str], list[str]], list[float]] | None = None,
-                 contexts: dict[str, str] | None = None):
+                 contexts: dict[str, str] | None = None, oracle=None):
         if spec.needs_model and model_fn is None:
             raise ConfigError("reward", f"{spec} needs a reward model (pass --reward-model)")
         self.spec = spec
@@ -109,7 +111,8 @@ class Reward:
             if name == "model":
                 self._fns[name] = model_fn
             elif name == "oracle":
-                self._fns[name] = lambda p, c: oracle_rewards(c, [self._contexts.get(x, x) for x in p])
+                self._fns[name] = lambda p, c: oracle_rewards(
+                    c, [self._contexts.get(x, x) if isinstance(x, str) else x for x in p], oracle)
             else:
                 user = load_function(name)
                 self._fns[name] = lambda p, c, user=user: user(prompts=list(p), completions=list(c))
@@ -146,9 +149,10 @@ def _checked(name: str, values, n: int) -> list[float]:
 
 
 def build_reward(spec: str, reward_model: str | Path | None, contexts: dict[str, str] | None = None,
-                 probe: Sequence[str] = ()) -> Reward:
-    """The reward of `spec`; loads the reward model when a term needs it. `probe` prompts, when given, are scored
-    once with an empty and a one-line completion so a broken user function fails before training starts."""
+                 probe: Sequence[str] = (), oracle=None) -> Reward:
+    """The reward of `spec`; loads the reward model when a term needs it; the `oracle` term scores with `oracle`
+    (the task's, `Task.oracle()`; default the PEP8 one). `probe` prompts, when given, are scored once with an empty
+    and a one-line completion so a broken user function fails before training starts."""
     parsed = parse_reward(spec)
     model_fn = None
     if parsed.needs_model:
@@ -158,7 +162,7 @@ def build_reward(spec: str, reward_model: str | Path | None, contexts: dict[str,
 
         rm, rm_tok = load_reward_model(reward_model)
         model_fn = lambda p, c: reward_scores(rm, rm_tok, p, c)  # noqa: E731
-    reward = Reward(parsed, model_fn, contexts)
+    reward = Reward(parsed, model_fn, contexts, oracle)
     if probe:
         prompts = list(probe)[:2]
         reward(prompts, ["\n", "\npass\n"][:len(prompts)])

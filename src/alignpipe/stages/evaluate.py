@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (ALIAS, MAX_BATCH, MAX_CHARS, MAX_ROWS, MAX_SEED, MAX_TOKENS, MODEL_NAME,
+                                   StageConfig, field)
 from alignpipe.stages import CANDIDATES, REFERENCE, Input
 
 INPUTS = (
@@ -51,34 +52,26 @@ FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high
 class Config(StageConfig):
     SECTION: ClassVar[str] = "evaluate"
 
-    n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)")
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate")
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate")
-    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)")
-    batch_size: int = field(64, "prompts sampled per generate call")
-    seed: int = field(0, "sampling and bootstrap seed, the same for every candidate")
-    extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)")
-    ppl_max_chars: int = field(50000, "characters of data/val.jsonl text used for held-out perplexity")
-    ppl_window: int = field(256, "tokens per perplexity window (at most the model's context)")
-    champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
-    champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
+    n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)", ge=0, le=MAX_ROWS)
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate", gt=0)
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate", gt=0, le=1)
+    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)",
+                                ge=1, le=MAX_TOKENS)
+    batch_size: int = field(64, "prompts sampled per generate call", ge=1, le=MAX_BATCH)
+    seed: int = field(0, "sampling and bootstrap seed, the same for every candidate", ge=0, le=MAX_SEED)
+    extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)",
+                                        pattern=(r"[^/=]*[^/=\s][^/=]*=.*\S.*", "NAME=PATH"))
+    ppl_max_chars: int = field(50000, "characters of data/val.jsonl text used for held-out perplexity",
+                               ge=1, le=MAX_CHARS)
+    ppl_window: int = field(256, "tokens per perplexity window (at most the model's context)", ge=2, le=MAX_TOKENS)
+    champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against",
+                                pattern=MODEL_NAME)
+    champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)",
+                                pattern=ALIAS)
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
-
-    def __post_init__(self):
-        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.ppl_max_chars >= 1, "ppl_max_chars", "must be >= 1")
-        self.check(self.ppl_window >= 2, "ppl_window", "must be >= 2")
-        for item in self.extra_candidates:
-            name, _, path = item.partition("=")
-            self.check(bool(name.strip()) and bool(path.strip()) and "/" not in name, "extra_candidates",
-                       f"entries must look like NAME=PATH ({item!r} does not)")
 
 
 def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Path]:

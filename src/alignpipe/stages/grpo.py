@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
+                                   field)
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.stages import Input
 
@@ -52,46 +53,39 @@ class Config(StageConfig, LoraFields):
 
     reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
                                   "(0.5*model + oracle)")
-    max_steps: int = field(12, "optimizer steps: the budget (each samples prompts_per_step x num_generations)")
-    prompts_per_step: int = field(16, "distinct prompts per step")
-    num_generations: int = field(4, "completions per prompt: the group of the group-relative advantage")
-    learning_rate: float = field(1e-4, "AdamW learning rate")
-    beta: float = field(0.04, "KL coefficient to the frozen reference (0: no reference)")
+    max_steps: int = field(12, "optimizer steps: the budget (each samples prompts_per_step x num_generations)",
+                           ge=1, le=MAX_STEPS)
+    prompts_per_step: int = field(16, "distinct prompts per step", ge=1, le=MAX_BATCH)
+    num_generations: int = field(4, "completions per prompt: the group of the group-relative advantage",
+                                 ge=2, le=MAX_BATCH)
+    learning_rate: float = field(1e-4, "AdamW learning rate", gt=0)
+    beta: float = field(0.04, "KL coefficient to the frozen reference (0: no reference)", ge=0)
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = field("grpo", "TRL loss aggregation")
     scale_rewards: Literal["group", "batch", "none"] = field(
         "group", "advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO; RLOO up to a constant)")
-    epsilon: float = field(0.2, "clip range of the surrogate")
-    num_iterations: int = field(1, "updates per generation batch (mu)")
-    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)")
-    max_new_tokens: int = field(48, "cap on one completion (one logical line)")
-    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads")
-    warmup_steps: int = field(0, "linear warm-up steps")
+    epsilon: float = field(0.2, "clip range of the surrogate", gt=0)
+    num_iterations: int = field(1, "updates per generation batch (mu)", ge=1, le=MAX_REPEATS)
+    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)", gt=0)
+    max_new_tokens: int = field(48, "cap on one completion (one logical line)", ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads", ge=1, le=MAX_TOKENS)
+    warmup_steps: int = field(0, "linear warm-up steps", ge=0, le=MAX_STEPS)
     bf16: bool = field(False, "bf16 autocast (on CPU measured slower than fp32 at this model size)")
-    logging_steps: int = field(1, "Trainer logging interval (steps)")
-    save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues")
+    logging_steps: int = field(1, "Trainer logging interval (steps)", ge=1, le=MAX_STEPS)
+    save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues",
+                            ge=0, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/grpo", "where checkpoints go")
     resume: bool = field(False, "continue from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
-    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
-    seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
+    n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation", ge=1, le=MAX_BATCH)
+    seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
 
+        super().__post_init__()
         parse_reward(self.reward, "grpo.reward")
-        if self.num_generations < 2:
-            raise ConfigError("grpo.num_generations", f"must be >= 2 (a group needs a baseline), got "
-                                                      f"{self.num_generations}")
-        for key in ("max_steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "n_eval_prompts",
-                    "eval_batch_size", "num_iterations", "logging_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"grpo.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("learning_rate", "temperature", "epsilon"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"grpo.{key}", f"must be > 0, got {getattr(self, key)}")
-        if self.beta < 0:
-            raise ConfigError("grpo.beta", f"must be >= 0, got {self.beta}")
         self.check_lora()
 
 
@@ -160,12 +154,12 @@ def rollout_func(cfg: Config, tok, meta, task):
     return seeded_rollout(cfg, tok, draw)
 
 
-def chat_rollout_func(cfg: Config, tok, task):
+def chat_rollout_func(cfg: Config, tok, meta, task):
     """The rollout hook of the chat task: `sample_chat` (chat template, end of turn)."""
     from alignpipe.oracle.chat_eval import sample_chat
 
     def draw(model, prompts, sampling, seed):
-        got = sample_chat((model, tok, None), prompts, sampling, seed, task)
+        got = sample_chat((model, tok, meta), prompts, sampling, seed, task)
         return got.prompt_ids, got.completion_ids, got.completions
 
     return seeded_rollout(cfg, tok, draw)
@@ -260,7 +254,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows],
+                          oracle=task.oracle())
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = resume_checkpoint(cfg, checkpoint_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
@@ -268,7 +263,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta, task),
+        rollout_func=chat_rollout_func(cfg, tok, meta, task) if chat else rollout_func(cfg, tok, meta, task),
         peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)

@@ -26,7 +26,8 @@ policy judges its own answers), K answers per training conversation are also sam
 `max_new_tokens`, blank ones and identical pairs are dropped and counted. The llm judge reads the conversation and
 both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
 a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
-prefer the same answer) is reported.
+prefer the same answer) is reported. A conversational task with an oracle (arith) labels sampled answers with its
+oracle under the default `judge: scorer` (a correct answer over a wrong one; pairs the oracle ties are dropped).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_TOKENS, StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.hashing import hash01, is_heldout
 from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
@@ -66,47 +67,41 @@ class Config(StageConfig):
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
                                                             "model (--judge-model) or an LLM (--judge-model; on "
                                                             "chat without it, the policy itself)")
-    n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)")
-    k: int = field(4, "completions sampled per prompt")
+    n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)", ge=0, le=MAX_ROWS)
+    k: int = field(4, "completions sampled per prompt", ge=2, le=MAX_BATCH)
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
     keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")
     drop_unscorable: bool = field(True, "drop pairs with a completion pycodestyle cannot tokenize (E9: it stops "
                                   "checking there, so the oracle's count is no judgement)")
-    tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this")
-    heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl")
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)")
-    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)")
+    tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this", ge=0)
+    heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl", ge=0, lt=1)
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)", gt=0)
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)", gt=0, le=1)
+    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)", ge=1, le=MAX_TOKENS)
     cap_retries: int = field(3, "rows whose sample reached max_new_tokens mid-line are sampled again (a new draw), "
-                             "up to this many times, so pairs are of finished lines (0 = never)")
-    batch_size: int = field(256, "rows (prompt x sample) per generation batch")
-    judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
-    judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
+                             "up to this many times, so pairs are of finished lines (0 = never)", ge=0, le=MAX_REPEATS)
+    batch_size: int = field(256, "rows (prompt x sample) per generation batch", ge=1, le=MAX_BATCH)
+    judge_batch_size: int = field(32, "pairs per forward pass of a model judge", ge=1, le=MAX_BATCH)
+    judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)", ge=8, le=MAX_TOKENS)
     llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges."
                               "LLM_TEMPLATE, or CHAT_LLM_TEMPLATE on chat)")
     llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
     llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template (a chat "
                                     "judge; its answers then usually start without a space: llm_answers [A, B])")
-    human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
+    human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)",
+                             ge=-1, le=MAX_ROWS)
     trust_remote_code: bool = field(False, "allow custom model code for a hub judge model")
-    seed: int = field(0, "seed of prompt selection, sampling and the held-out split")
+    seed: int = field(0, "seed of prompt selection, sampling and the held-out split", ge=0, le=MAX_SEED)
 
     def __post_init__(self):
-        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0 (0 = all)")
-        self.check(self.k >= 2, "k", "must be >= 2 (pairs need two completions)")
+        super().__post_init__()
         self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
-        self.check(self.tie_threshold >= 0, "tie_threshold", "must be >= 0")
-        self.check(0 <= self.heldout_frac < 1, "heldout_frac", "must be in [0, 1)")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.cap_retries >= 0, "cap_retries", "must be >= 0")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1")
-        self.check(self.judge_max_length >= 8, "judge_max_length", "must be >= 8")
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
-        self.check(self.human_pairs >= -1, "human_pairs", "must be >= -1 (-1 = all)")
+        if self.llm_template:  # a template the judge cannot fill: refused when the config is built, not after sampling
+            from alignpipe.oracle.judges import check_template
+
+            check_template(self.llm_template)
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
@@ -299,7 +294,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
-    if cfg.judge != "scorer":
+    if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
         held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
         train += [r for r, h in zip(judged, held) if not h]
@@ -332,19 +327,23 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
                 pairs.append((prompt, ta, tb))
             else:
                 n_dropped += 1
-    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
+    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs, task)
     rows, stats = order_chat_pairs(pairs, scores, cfg)
     return rows, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
                   "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
                   "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
 
 
-def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
-                     pairs: list[tuple]) -> tuple[list[tuple[float, float]], dict[str, float]]:
+def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy, pairs: list[tuple],
+                     task) -> tuple[list[tuple[float, float]], dict[str, float]]:
     """The judge's scores (higher preferred) of each (conversation, answer a, answer b), and its own statistics:
-    a reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
+    the scorer is the task's oracle (minus violations per character: arith's correct answer over a wrong one); a
+    reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
     the llm judge (`judge_model`, or the policy = (model, tok, meta) itself) compares both answers in both orders,
     averaged, and reports its position consistency."""
+    if cfg.judge == "scorer":
+        oracle = task.oracle()
+        return [(-oracle(p, a).per_char, -oracle(p, b).per_char) for p, a, b in pairs], {}
     if cfg.judge == "reward_model":
         from alignpipe.lm.reward_model import load_reward_model, reward_scores
 
@@ -390,10 +389,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
-    if cfg.llm_template:  # refused before any sampling, not after
-        from alignpipe.oracle.judges import check_template
-
-        check_template(cfg.llm_template)
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.oracle.judges import oracle_score

@@ -45,7 +45,8 @@ from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBat
                                  gae, kl_shaped_rewards, make_batch, make_value_head, masked_mean, ppo_loss,
                                  token_forward, whiten)
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
+                                   field)
 from alignpipe.core.errors import ConfigError, DataError, loading
 from alignpipe.stages import Input
 
@@ -74,51 +75,40 @@ class Config(StageConfig, LoraFields):
 
     reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
                                  "a weighted sum (0.5*model + oracle); see alignpipe.algos.rewards")
-    max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget")
-    rollout_batch_size: int = field(64, "prompts sampled per iteration")
-    minibatch_size: int = field(16, "rollouts per gradient step")
-    ppo_epochs: int = field(4, "passes over each rollout batch")
-    learning_rate: float = field(3e-5, "AdamW learning rate of the policy and the value head")
-    kl_coef: float = field(0.05, "beta: the per-token KL penalty coefficient (the initial one when adaptive)")
-    kl_target: float = field(0.0, "> 0: adapt beta towards this KL (nats per completion); 0: beta stays fixed")
-    kl_horizon: int = field(10000, "adaptive KL horizon in rollouts (Ziegler et al. 2019: 10000)")
-    gamma: float = field(1.0, "discount")
-    lam: float = field(0.95, "GAE lambda")
-    cliprange: float = field(0.2, "epsilon of the clipped surrogate")
-    cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values")
-    vf_coef: float = field(0.1, "weight of the value loss")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
-    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)")
-    max_new_tokens: int = field(48, "completion length cap in tokens")
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does")
+    max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget", ge=1, le=MAX_STEPS)
+    rollout_batch_size: int = field(64, "prompts sampled per iteration", ge=1, le=MAX_BATCH)
+    minibatch_size: int = field(16, "rollouts per gradient step", ge=1, le=MAX_BATCH)
+    ppo_epochs: int = field(4, "passes over each rollout batch", ge=1, le=MAX_REPEATS)
+    learning_rate: float = field(3e-5, "AdamW learning rate of the policy and the value head", gt=0)
+    kl_coef: float = field(0.05, "beta: the per-token KL penalty coefficient (the initial one when adaptive)", ge=0)
+    kl_target: float = field(0.0, "> 0: adapt beta towards this KL (nats per completion); 0: beta stays fixed", ge=0)
+    kl_horizon: int = field(10000, "adaptive KL horizon in rollouts (Ziegler et al. 2019: 10000)", ge=1, le=MAX_ROWS)
+    gamma: float = field(1.0, "discount", gt=0, le=1)
+    lam: float = field(0.95, "GAE lambda", ge=0, le=1)
+    cliprange: float = field(0.2, "epsilon of the clipped surrogate", gt=0)
+    cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values", gt=0)
+    vf_coef: float = field(0.1, "weight of the value loss", ge=0)
+    max_grad_norm: float = field(1.0, "gradient clipping norm", gt=0)
+    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)", gt=0)
+    max_new_tokens: int = field(48, "completion length cap in tokens", ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does",
+                                   ge=1, le=MAX_TOKENS)
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
-    seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
+    seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir")
-    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
+    save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir", ge=1, le=MAX_STEPS)
+    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)", nonempty=True)
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
 
+        super().__post_init__()
         parse_reward(self.reward, "ppo.reward")
-        for key in ("max_steps", "rollout_batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
-                    "max_new_tokens", "max_prompt_tokens", "save_steps", "n_eval_prompts", "eval_batch_size"):
-            self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size", "must be <= rollout_batch_size")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        self.check(self.kl_target >= 0, "kl_target", "must be >= 0 (0 keeps beta fixed)")
-        self.check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
-        self.check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        self.check(self.cliprange > 0, "cliprange", "must be > 0")
-        self.check(self.cliprange_value > 0, "cliprange_value", "must be > 0")
-        self.check(self.vf_coef >= 0, "vf_coef", "must be >= 0")
-        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
         self.check_lora()
 
 
@@ -430,8 +420,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
-    contexts = {r["prompt"]: r["context"] for r in rows} if task.has_oracle() else {}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts)
+    contexts = {r["prompt"]: r["context"] for r in rows if isinstance(r["prompt"], str)} if task.has_oracle() else {}
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts, oracle=task.oracle())
 
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
