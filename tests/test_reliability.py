@@ -252,7 +252,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path):
     from transformers import GPT2LMHeadModel
 
     from alignpipe.lm import training
-    from alignpipe.stages.pretrain import CHECKPOINT_FILES
+    from alignpipe.lm.training import STEP_CHECKPOINT as CHECKPOINT_FILES
 
     tok = tiny.make_tokenizer()
     net = training.lm_with_value(GPT2LMHeadModel(tiny._config(tok)), False)
