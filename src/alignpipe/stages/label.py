@@ -100,6 +100,10 @@ class Config(StageConfig):
         self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
+        if self.llm_template:  # a template the judge cannot fill: refused when the config is built, not after sampling
+            from alignpipe.oracle.judges import check_template
+
+            check_template(self.llm_template)
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
