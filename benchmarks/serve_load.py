@@ -200,6 +200,7 @@ def ratios(rows: list[tuple[str, dict]]) -> list[str]:
     return out
 
 
+DEFAULT_TOKENIZER = "artifacts/export/policy_tokenizer"  # what `make run` leaves
 ONNX_URI, TORCH_URI = "models:/alignpipe-policy-onnx@champion", "models:/alignpipe-policy@champion"
 OPENAI_ROW = f"alignpipe serve {ONNX_URI}"
 
@@ -265,15 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--prompts", default="data/prompts.jsonl", help="JSONL with 'prompt' (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, help="request max_new_tokens / max_tokens (default: the model's)")
-    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s)")
+    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s; default: "
+                        f"{DEFAULT_TOKENIZER}, when present)")
     parser.add_argument("--warmup", type=int, default=16, help="requests sent before timing (default: %(default)s)")
     parser.add_argument("--reward-dir", default="artifacts/reward", help="PyTorch reward model for the eager "
                         "reference of --compare's reward scoring row (default: %(default)s, when present)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args(argv)
 
+    from alignpipe.tracking.runs import tracking_uri
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the servers started below read the same registry
     prompts = load_prompts(args.prompts)
     tokenizer = None
+    if args.tokenizer is None and Path(DEFAULT_TOKENIZER).is_dir():
+        args.tokenizer = DEFAULT_TOKENIZER
     if args.tokenizer:
         from alignpipe.lm.tokenizers import load_tokenizer
 
