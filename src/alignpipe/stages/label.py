@@ -302,6 +302,11 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     stats: dict[str, float] = {}
     if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
+        def key(r):
+            return json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True)
+
+        seen = {key(r) for r in train + heldout}  # a judged pair the dataset (or another sample) already holds
+        judged = [r for r in judged if key(r) not in seen and not seen.add(key(r))]
         held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
         train += [r for r, h in zip(judged, held) if not h]
         heldout += [r for r, h in zip(judged, held) if h]
