@@ -55,7 +55,10 @@ class Config(StageConfig):
     max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this")
     n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
     n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
-    seed: int = field(0, "salt of the split and prompt-selection hashes")
+    seed: int = field(0, "salt of the split, prompt-selection and corruption hashes")
+    corrupt_frac: float = field(0.0, "fraction of the training chunks rewritten with style violations (PHF's mix; "
+                                "the task's `build_data` does it: pep8 rewrites indentation, spacing, line length, "
+                                "blank lines, trailing whitespace, names); val/test stay as they are")
     task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(builtin_tasks())}, or a plug-in as "
                       "package.module:Name (alignpipe.tasks, docs/tasks.md); recorded in MANIFEST.json, read by later "
                       "stages")
@@ -72,6 +75,7 @@ class Config(StageConfig):
         self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
         self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
         self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
+        self.check(0 <= self.corrupt_frac <= 1, "corrupt_frac", "must be in [0, 1]")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -81,6 +85,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             from alignpipe.core.errors import ConfigError
 
             raise ConfigError("--corpus", "give either --corpus (a PEP8 code corpus) or --dataset, not both")
+        if cfg.corrupt_frac:
+            from alignpipe.core.errors import ConfigError
+
+            raise ConfigError("data.corrupt_frac", "rewrites the task's own corpus build, not a --dataset: set it to 0")
         return build_from_dataset(cfg, out_dir)
     return get_task(cfg.task).build_data(cfg, inputs, out_dir)
 
