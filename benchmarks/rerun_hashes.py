@@ -45,8 +45,9 @@ STORE = ("mlflow.db", "mlruns")
 # Identifiers the MLflow store assigns at random per run (uuids), which export writes for register to find its
 # logged models (export/onnx_models.json): a fresh store gives new ones every run.
 MLFLOW_ID_KEYS = ("run_id", "model_id", "model_uri")
-TIMING_KEYS = ("JSON or checkpoint keys (at any depth) ending in seconds, _per_s, tflops, _ms, _ms_ort, _ms_torch, "
-               "_runtime, _per_second, step_time, or holding speedup / _per_s_, and the curves/<such key>.tsv files; "
+TIMING_KEYS = ("JSON or checkpoint keys (at any depth) ending in _per_s, tflops, _ms, _ms_ort, _ms_torch, "
+               "_runtime, _per_second, step_time, or holding seconds / speedup / _per_s_, and the curves/<such key>.tsv "
+               "files; "
                "MLflow identifiers: the keys "
                + ", ".join(MLFLOW_ID_KEYS))
 
@@ -106,8 +107,8 @@ def digests(root: Path) -> dict[str, str]:
 
 def is_clock(key: str) -> bool:
     """A wall-clock figure: `same_results.is_timing`, plus the names transformers' Trainer and TRL log
-    (train_runtime, *_per_second, step_time)."""
-    return is_timing(key) or key.endswith(("_runtime", "_per_second", "step_time"))
+    (train_runtime, *_per_second, step_time) and export's latency tables (seconds_median)."""
+    return is_timing(key) or key.endswith(("_runtime", "_per_second", "step_time")) or "seconds" in key
 
 
 def excluded(key: str) -> bool:
