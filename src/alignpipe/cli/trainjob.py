@@ -26,7 +26,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
-from alignpipe.core.outputs import check_output_file
+from alignpipe.core.outputs import write_output_file
 from alignpipe.stages import MULTI_GPU
 
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (>= 2.2: runtimePatches)
@@ -37,6 +37,8 @@ PATCH_MANAGER = "alignpipe"
 PARAMS_DIR = "/etc/alignpipe"
 PARAMS_FILE = f"{PARAMS_DIR}/params.yaml"
 WORKSPACE = "/workspace"
+MAX_NODES = 1024  # --nodes above this is a typo, not a cluster: refused before a manifest asks a scheduler for it
+MAX_GPUS_PER_NODE = 64  # the largest nodes sold hold 8-16; a bound, not a fit
 DEFAULT_PVC = "alignpipe-workspace"
 KINDS = ("trainjob", "pytorchjob")
 
@@ -48,7 +50,7 @@ def stage_config(stage: str, params_path: str | Path, sets: list[str]):
     if stage not in MULTI_GPU:
         raise ConfigError(f"--stage {stage}", f"does not train under DDP; multi-node stages: {', '.join(MULTI_GPU)}")
     known = config_classes()
-    return build_config(known[stage], apply_overrides(load_params(params_path), sets, known))
+    return build_config(known[stage], apply_overrides(load_params(params_path, known), sets, known))
 
 
 def configmap_params(cfg, world_size: int) -> dict[str, dict]:
@@ -72,6 +74,9 @@ def stage_inputs(stage: str, given: dict[str, str]) -> dict[str, str]:
     paths = {}
     for name, spec in specs.items():
         path = given.get(name, spec.default)
+        if path and (".." in Path(path).parts or not path.isprintable()):
+            raise ConfigError(f"--input {name}={path}", f"must be a path on the shared volume ({WORKSPACE}), without "
+                              "'..' or control characters")
         if path:
             paths[name] = path if path.startswith("/") else f"{WORKSPACE}/{path}"
         elif spec.required:
@@ -215,12 +220,9 @@ _Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
     "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
 
 
-def write_manifest(docs: list[dict[str, Any]], out: str | Path) -> Path:
+def write_manifest(docs: list[dict[str, Any]], out: str | Path, force: bool = False) -> Path:
     """The documents as one multi-document YAML file."""
-    out = check_output_file(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
-    return out
+    return write_output_file(out, yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False), force=force)
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -249,18 +251,19 @@ def add_trainjob_parser(actions) -> argparse.ArgumentParser:
                    help="ReadWriteMany PersistentVolumeClaim mounted at /workspace (default: %(default)s)")
     p.add_argument("--runtime", default=RUNTIME, help="TrainJob ClusterTrainingRuntime (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="FILE.yaml", help="the manifest to write")
+    p.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     p.set_defaults(func=cmd_trainjob)
     return p
 
 
 def manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The manifest documents for parsed `trainjob` arguments (ConfigErrors name the bad argument)."""
-    if args.nodes < 1:
-        raise ConfigError("--nodes", f"must be >= 1, got {args.nodes}")
+    if not 1 <= args.nodes <= MAX_NODES:
+        raise ConfigError("--nodes", f"must be in [1, {MAX_NODES}], got {args.nodes}")
     cfg = stage_config(args.stage, args.params, args.sets)
     gpus = cfg.gpus if args.gpus_per_node is None else args.gpus_per_node
-    if gpus < 0:
-        raise ConfigError("--gpus-per-node", f"must be >= 0 (0: CPU nodes), got {gpus}")
+    if not 0 <= gpus <= MAX_GPUS_PER_NODE:
+        raise ConfigError("--gpus-per-node", f"must be in [0, {MAX_GPUS_PER_NODE}] (0: CPU nodes), got {gpus}")
     name = args.name or f"alignpipe-{args.stage}"
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63 - len("-params"):
         raise ConfigError(f"--name {name}", "must be a lowercase DNS label (a-z, 0-9, '-'; starts with a letter) "
@@ -280,7 +283,7 @@ def manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_trainjob(args: argparse.Namespace) -> int:
     docs = manifests(args)
-    out = write_manifest(docs, args.out)
+    out = write_manifest(docs, args.out, force=args.force)
     job = docs[-1]
     if job["kind"] == "TrainJob":
         trainer = job["spec"]["trainer"]

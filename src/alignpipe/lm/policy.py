@@ -20,6 +20,9 @@ from typing import Any
 from alignpipe.core.errors import DataError, loading
 
 META_FILE = "alignpipe.json"
+MAX_META_BYTES = 1 << 20  # an alignpipe.json larger than this is refused before reading (1 MiB)
+MAX_META_TEXT = 16_384  # characters of a prompt prefix/suffix or of one bad/strip token (real ones: a few)
+MAX_META_ITEMS = 1024  # bad_words or strip_tokens entries
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class PolicyMeta:
         path = Path(directory) / META_FILE
         if not path.is_file():
             return cls()
+        size = path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise DataError(str(path), f"is {size} bytes, over the {MAX_META_BYTES}-byte limit of policy metadata")
         with loading(path, "policy metadata"):
             data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
@@ -62,7 +68,20 @@ class PolicyMeta:
             raise DataError(str(path), f"unknown keys {sorted(unknown)}")
         data["bad_words"] = tuple(data.get("bad_words", ()))
         data["strip_tokens"] = tuple(data.get("strip_tokens", ()))
+        _check_sizes(path, data)
         return cls(**data)
+
+
+def _check_sizes(path: Path, data: dict[str, Any]) -> None:
+    """Refuse metadata that would make every prompt huge (a 10 MB prompt prefix) or every sampling step slow."""
+    for key in ("prompt_prefix", "prompt_suffix"):
+        if len(str(data.get(key, ""))) > MAX_META_TEXT:
+            raise DataError(f"{path}: {key}", f"{len(str(data[key]))} characters, over the limit of {MAX_META_TEXT}")
+    for key in ("bad_words", "strip_tokens"):
+        if len(data[key]) > MAX_META_ITEMS:
+            raise DataError(f"{path}: {key}", f"{len(data[key])} entries, over the limit of {MAX_META_ITEMS}")
+        if any(len(str(t)) > MAX_META_TEXT for t in data[key]):
+            raise DataError(f"{path}: {key}", f"an entry longer than {MAX_META_TEXT} characters")
 
 
 @dataclass(frozen=True)
@@ -96,6 +115,7 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     pads with EOS. `quantization_config` (QLoRA's 4-bit base) leaves the placement to transformers."""
     from transformers import AutoModelForCausalLM
 
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.tokenizers import load_tokenizer
 
     local = Path(str(path)).exists()
@@ -104,10 +124,9 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     if local and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    with loading(path, "policy weights"):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}))
+    model = load_pretrained(AutoModelForCausalLM, path, "policy weights", tok, trust_remote_code=trust_remote_code,
+                            **({"quantization_config": quantization_config} if quantization_config is not None
+                               else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if quantization_config is None:
@@ -208,17 +227,17 @@ def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int,
     return [tok(text(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
 
 
-def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,
-           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit) -> list[Sample]:
+def sample(model, tok, meta: PolicyMeta, prompts: list, sampling: Sampling = Sampling(), seed: int = 0,
+           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit, task=None) -> list[Sample]:
     """One completion per prompt, ending where `unit` (the task's `completion_unit()`) says, with a KV cache, in
-    batches; deterministic for a given seed."""
+    batches; deterministic for a given seed. Prompts are formatted by `task` when given (`encode_prompts`)."""
     import torch
     from tqdm import tqdm
 
     from alignpipe.lm.batching import pad_torch
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
+    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens, task)
     bad = [[i] for i in banned_token_ids(tok, meta)]
     first = unit.first_token_ids(tok)
     out: list[Sample] = []

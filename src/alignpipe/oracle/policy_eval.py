@@ -66,7 +66,7 @@ def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None 
     from alignpipe.lm.policy import sample
 
     texts = [r["prompt"] for r in prompts]
-    samples = sample(*policy, texts, sampling, seed=seed, progress=progress, unit=task.completion_unit())
+    samples = sample(*policy, texts, sampling, seed=seed, progress=progress, unit=task.completion_unit(), task=task)
     out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts],
                                       task.oracle()))
     if reward is not None:
@@ -129,6 +129,7 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
                                                          sampling.max_prompt_tokens)
     metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,
                       champion.scores if champion is not None else None, seed=seed)
+    metrics.update(task.summarize(got.scores, seed))
     metrics["kl_estimate"] = "token" if same_vocab else "text"
     if got.rewards is not None:
         metrics["reward_score"] = sum(got.rewards) / len(got.rewards)
@@ -144,7 +145,7 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
 
     sampling = sampling or Sampling()
     got = draw(policy, prompts, sampling, seed, progress, task=task)
-    metrics = summarize(got.scores, seed=seed)
+    metrics = {**summarize(got.scores, seed=seed), **task.summarize(got.scores, seed)}
     details = {"completions": got.completions(), "scores": [sample_value(s) for s in got.scores]}
     if reference is not None:
         if reference[1].get_vocab() != policy[1].get_vocab():
@@ -157,6 +158,8 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
                                                     sampling.max_prompt_tokens)
         metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
         metrics["ref_violations_per_char"] = summarize(ref.scores, seed=seed)["violations_per_char"]
+        metrics.update({f"ref_{k}": v for k, v in task.summarize(ref.scores, seed).items() if not k.endswith(
+            ("_ci_low", "_ci_high"))})
         details["ref_completions"] = ref.completions()
         details["ref_scores"] = [sample_value(s) for s in ref.scores]
     return metrics, details
@@ -192,3 +195,27 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
         for p, c, s, rc, rs in zip(prompts, details["completions"], details["scores"], details["ref_completions"],
                                    details["ref_scores"])))
     return metrics
+
+
+def heldout_check(policy_dir: str | Path, reference, data_dir: str | Path, task, n_prompts: int, batch_size: int,
+                  seed: int, out_dir: str | Path, progress: str, reward=None, max_new_tokens: int | None = None,
+                  max_prompt_tokens: int | None = None) -> dict[str, float]:
+    """A training stage's own quick check of its saved policy on `n_prompts` held-out prompts against `reference`
+    = (model, tok, meta), the one evaluation function of the training stages (each calls it only with its
+    `eval_heldout` switch on: evaluate owns evaluation and compares every candidate). Where the task has an oracle:
+    `oracle_metrics` (samples to `out_dir/samples.jsonl`); else, given the stage's `reward`, the reward against the
+    reference on held-out conversations (`alignpipe.oracle.chat_eval.reward_check`; `max_new_tokens` and
+    `max_prompt_tokens` as the stage samples). It runs after training, so it draws on no training random state."""
+    if task.has_oracle():
+        return oracle_metrics(policy_dir, reference, data_dir, n_prompts, batch_size, seed, out_dir, progress,
+                              task=task)
+    from alignpipe.core.errors import ConfigError
+    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.oracle.chat_eval import reward_check
+
+    if reward is None:
+        raise ConfigError("eval_heldout", f"task {task} has no oracle: the held-out check needs the stage's reward")
+    prompts = [r["prompt"] for r in load_prompts(data_dir, n_prompts)]
+    sampling = Sampling(batch_size=batch_size, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+                        **({"max_prompt_tokens": max_prompt_tokens} if max_prompt_tokens else {}))
+    return reward_check(load_policy(policy_dir), reference, prompts, reward, sampling, seed, task)

@@ -4,6 +4,7 @@ Beside the stage's outputs it writes metrics.json (all metrics), metrics_headlin
 HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric logged through `tracking.runs`, for
 `dvc plots show`; absent when the stage logged none) and, for a stage with CHECKED_INPUTS, input_validation.json:
 its input files checked, before any work, by the validate stage's validators with the `validate` section's limits.
+A stage with CHECKED_OUTPUTS has the files it wrote checked the same way before they are published.
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
@@ -30,8 +31,9 @@ from alignpipe.core import determinism, distributed
 from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
+from alignpipe.core.locks import hold
 from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
-from alignpipe.data.validators import Limits, check_inputs
+from alignpipe.data.validators import Limits, check_inputs, output_files, validate_files
 from alignpipe.stages import load_stage
 from alignpipe.tracking import runs
 
@@ -71,13 +73,22 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     checked = check_inputs(getattr(stage, "CHECKED_INPUTS", {}), resolved, limits or Limits())
     if not distributed.is_main_process():
         return _execute_other_rank(name, stage, cfg, resolved)
-    out_dir = check_output_dir(out_dir, "--out", resolved.values())
-    check_config_dirs(cfg, out_dir, resolved.values())
+    out_dir = check_output_dir(out_dir, "--out", resolved.values(), owner=name)
+    with contextlib.ExitStack() as held:  # a second run on the same --out or checkpoint folder is refused
+        held.enter_context(hold(out_dir, "--out"))
+        for where, path in check_config_dirs(cfg, out_dir, resolved.values()):
+            held.enter_context(hold(path, where))
+        return _run_and_publish(name, stage, cfg, resolved, checked, out_dir, limits or Limits())
+
+
+def _run_and_publish(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None], checked: list,
+                     out_dir: Path, limits: Limits) -> dict[str, float]:
+    """Run the stage into a staging folder beside `out_dir` (marked as `name`'s) and move it into place."""
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     if staging.exists() and not is_ours(staging):
         raise ConfigError(str(staging), f"exists and alignpipe did not create it (no {MARKER}); remove or rename it")
     remove_ours(staging)  # a killed run's leftover
-    make_output_dir(staging, str(staging))
+    make_output_dir(staging, str(staging), owner=name)
     if checked:
         write_json(staging / INPUT_CHECKS_FILE, {"files": checked})
     numerics = determinism.pin()  # the same thread count and kernels on every run on this machine
@@ -85,6 +96,9 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     try:
         with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict(), tags=numerics):
             metrics = dict(stage.run(cfg, resolved, staging))
+            written = output_files(staging, getattr(stage, "CHECKED_OUTPUTS", ()))
+            if written:  # e.g. data build publishes only what validate accepts
+                validate_files(written, limits)
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
@@ -101,7 +115,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     remove_ours(out_dir.with_name(f"{out_dir.name}.failed"))  # a stale failure report
-    check_output_dir(out_dir, "--out")  # again: the stage ran for a while
+    check_output_dir(out_dir, "--out", owner=name)  # again: the stage ran for a while
     remove_ours(out_dir)
     staging.rename(out_dir)
     return metrics
@@ -116,15 +130,19 @@ def required_metrics(stage, resolved: dict[str, Path | None]) -> tuple[str, ...]
     return judged if judged and task_of(resolved.get("data")).oracle() is None else stage.METRICS
 
 
-def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:
+def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> list[tuple[str, Path]]:
     """Every directory a config names for alignpipe to write into (`*_dir`: checkpoints) follows the `--out` rule:
-    new, empty or alignpipe's own, and neither the output, an input, the current directory nor a system folder."""
+    new, empty or alignpipe's own for this key (its marker names `<section>.<key>`), and neither the output, an
+    input, the current directory nor a system folder. Returns them as (key, path)."""
+    dirs = []
     for key, value in cfg.to_dict().items():
         if key.endswith("_dir") and key != "source_dir" and isinstance(value, str):
             where = f"{cfg.section()}.{key}"
-            path = check_output_dir(value, where, [*inputs, out_dir])
+            path = check_output_dir(value, where, [*inputs, out_dir], owner=where)
             if not path.exists() and distributed.is_main_process():
-                make_output_dir(path, where)
+                make_output_dir(path, where, owner=where)
+            dirs.append((where, path))
+    return dirs
 
 
 def input_limits(params: dict[str, Any]) -> Limits:
@@ -163,8 +181,9 @@ def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, 
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) into SystemExit while a stage runs,
-    so the MLflow run ends as FAILED instead of staying RUNNING and the staging folder is removed."""
+    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) and SIGHUP (the terminal or SSH
+    session closed) into SystemExit while a stage runs, so the MLflow run ends as FAILED instead of staying RUNNING
+    and the staging folder is removed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -172,8 +191,9 @@ def _sigterm_as_exit():
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)

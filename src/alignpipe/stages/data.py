@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_LINES, MAX_ROWS, MAX_SEED, StageConfig, field
 from alignpipe.core.hashing import hash01
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import is_messages
@@ -31,6 +31,8 @@ from alignpipe.stages import Input
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"corpus": "corpus"}
+# What it writes passes the same validators before it is published: data build accepts only what validate accepts.
+CHECKED_OUTPUTS = ("corpus", "prefs")
 METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb")  # pep8 corpus: also
 # mean_violations_per_char; a --dataset build: also n_pairs, n_heldout_pairs
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
@@ -48,34 +50,40 @@ class Config(StageConfig):
 
     source_dir: str = field("", "directory of .py files to use (default: the running interpreter's stdlib)")
     stdlib_subdir: str = field("", "only this package of the stdlib (e.g. 'email': a small corpus for tests)")
-    max_chunk_lines: int = field(64, "pack top-level statements into chunks of at most this many lines")
-    val_frac: float = field(0.05, "fraction of files in the validation split (by path hash)")
-    test_frac: float = field(0.05, "fraction of files in the test split (by path hash); prompts come from it")
-    prompt_lines: int = field(8, "lines of code shown to the model in each held-out prompt")
-    max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this")
-    n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
-    n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
-    seed: int = field(0, "salt of the split, prompt-selection and corruption hashes")
+    max_chunk_lines: int = field(64, "pack top-level statements into chunks of at most this many lines",
+                                 ge=4, le=MAX_LINES)
+    val_frac: float = field(0.05, "fraction of files in the validation split (by path hash)", ge=0, lt=0.5)
+    test_frac: float = field(0.05, "fraction of files in the test split (by path hash); prompts come from it",
+                             gt=0, lt=0.5)
+    prompt_lines: int = field(8, "lines of code shown to the model in each held-out prompt", ge=1, le=MAX_LINES)
+    max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this",
+                                   ge=1, le=MAX_LINES)
+    n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)",
+                           ge=1, le=MAX_ROWS)
+    n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo",
+                                 ge=1, le=MAX_ROWS)
+    seed: int = field(0, "salt of the split, prompt-selection and corruption hashes", ge=0, le=MAX_SEED)
     corrupt_frac: float = field(0.0, "fraction of the training chunks rewritten with style violations (PHF's mix; "
                                 "the task's `build_data` does it: pep8 rewrites indentation, spacing, line length, "
-                                "blank lines, trailing whitespace, names); val/test stay as they are")
+                                "blank lines, trailing whitespace, names); val/test stay as they are", ge=0, le=1)
     task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(builtin_tasks())}, or a plug-in as "
                       "package.module:Name (alignpipe.tasks, docs/tasks.md); recorded in MANIFEST.json, read by later "
                       "stages")
     dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "
                          "folder in HF layout or a hub id (empty: the PEP8 corpus)")
-    split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)")
+    split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)",
+                       nonempty=True)
+    # Generated verifiable tasks (arith: alignpipe.tasks.arith)
+    n_conversations: int = field(8000, "arith: conversations generated from `seed` (train/val/test by question)",
+                                 ge=1, le=MAX_ROWS)
+    max_operand: int = field(99, "arith: operands drawn from 0..max_operand (the difficulty: digits and carries)",
+                             ge=1, le=MAX_ROWS)
+    wrong_frac: float = field(0.3, "arith: fraction of the corpus' answers that are plausible wrong ones (off by "
+                              "one or ten, a dropped carry, swapped digits), tagged by the oracle", ge=0, le=1)
 
     def __post_init__(self):
+        super().__post_init__()
         get_task(self.task)  # a ConfigError in one line: unknown, not importable, or lacking a method
-        self.check(bool(self.split.strip()), "split", "must name a split (e.g. train)")
-        self.check(self.max_chunk_lines >= 4, "max_chunk_lines", "must be >= 4")
-        self.check(0 <= self.val_frac < 0.5, "val_frac", "must be in [0, 0.5)")
-        self.check(0 < self.test_frac < 0.5, "test_frac", "must be in (0, 0.5)")
-        self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
-        self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
-        self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
-        self.check(0 <= self.corrupt_frac <= 1, "corrupt_frac", "must be in [0, 1]")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -122,6 +130,11 @@ def load_dataset_rows(spec: str, split: str) -> list[dict]:
         raise DataError(spec, f"cannot read split {split!r} with datasets: {reason}") from None
     rows = []
     for i, row in enumerate(ds):
+        wrong = next((k for k in (*PAIR_KEYS, "messages", "conversations") if row.get(k) is not None
+                      and not isinstance(row[k], (str, list))), None)
+        if wrong is not None:  # TRL's helpers index into these: an object would be a KeyError deep inside them
+            raise DataError(f"{spec}[{split}][{i}]", f"field {wrong!r} must be a string or a list of role/content "
+                            f"messages, got {type(row[wrong]).__name__}")
         row = maybe_extract_prompt(maybe_convert_to_chatml({k: _plain(v) for k, v in row.items()}))
         rows.append(row)
         if "prompt" not in row:
@@ -135,11 +148,12 @@ def load_dataset_rows(spec: str, split: str) -> list[dict]:
 def _check_row(row: dict, where: str, pairs: bool) -> dict:
     """The pipeline's columns of one row: prompt (+ chosen, rejected, scores), all strings or all messages."""
     keys = PAIR_KEYS if pairs else ("prompt",)
-    conversational = is_messages(row.get("prompt"))
+    conversational = isinstance(row.get("prompt"), list)
     for key in keys:
         ok = is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)
         if not ok:
-            form = "a list of role/content messages, like the prompt" if conversational else "a string"
+            like = ", like the prompt" if key != "prompt" else ""
+            form = f"a list of role/content messages with string contents{like}" if conversational else "a string"
             raise DataError(where, f"field {key!r} must be {form}, got {type(row.get(key)).__name__}")
     return {k: row[k] for k in (*keys, *(SCORE_KEYS if pairs else ())) if row.get(k) is not None}
 
