@@ -200,6 +200,7 @@ def ratios(rows: list[tuple[str, dict]]) -> list[str]:
     return out
 
 
+DEFAULT_TOKENIZER = "artifacts/export/policy_tokenizer"  # what `make run` leaves
 ONNX_URI, TORCH_URI = "models:/alignpipe-policy-onnx@champion", "models:/alignpipe-policy@champion"
 OPENAI_ROW = f"alignpipe serve {ONNX_URI}"
 
@@ -218,6 +219,39 @@ def plan(args) -> list[tuple[str, str, str, int]]:
     return rows or [(args.url, "url", args.url.rstrip("/"), c)]
 
 
+def score_speed(url: str, prompts: list[str], reward_dir: str | None, batch: int = 8, repeats: int = 30) -> dict:
+    """Reward scoring at batch `batch`: the median ms of one POST /v1/score of `batch` pairs (sequential requests)
+    and, given `reward_dir` (the PyTorch reward model), of PyTorch eager `reward_scores` on the same pairs."""
+    pairs = [{"prompt": p, "completion": "\n    return None"} for p in prompts[:batch]]
+    body = json.dumps({"input": pairs}).encode()
+
+    def served():
+        req = urllib.request.Request(f"{url}/v1/score", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert len(json.loads(r.read())["data"]) == batch
+
+    fns = {"server": served}
+    if reward_dir:
+        import torch
+
+        from alignpipe.lm.reward_model import load_reward_model, reward_scores
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        model, tok = load_reward_model(reward_dir, device="cpu")
+        fns["eager"] = lambda: reward_scores(model, tok, [p["prompt"] for p in pairs],
+                                             [p["completion"] for p in pairs], batch_size=batch)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):  # taking turns, so a change of load hits both alike
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    out = {f"{k}_ms": 1000 * statistics.median(v[1:]) for k, v in times.items()}
+    if "eager_ms" in out:
+        out["speedup"] = out["eager_ms"] / out["server_ms"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url", nargs="?", default="http://127.0.0.1:5001", help="server base URL (MLflow protocol)")
@@ -232,18 +266,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--prompts", default="data/prompts.jsonl", help="JSONL with 'prompt' (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, help="request max_new_tokens / max_tokens (default: the model's)")
-    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s)")
+    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s; default: "
+                        f"{DEFAULT_TOKENIZER}, when present)")
     parser.add_argument("--warmup", type=int, default=16, help="requests sent before timing (default: %(default)s)")
+    parser.add_argument("--reward-dir", default="artifacts/reward", help="PyTorch reward model for the eager "
+                        "reference of --compare's reward scoring row (default: %(default)s, when present)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args(argv)
 
+    from alignpipe.tracking.runs import tracking_uri
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the servers started below read the same registry
     prompts = load_prompts(args.prompts)
     tokenizer = None
+    if args.tokenizer is None and Path(DEFAULT_TOKENIZER).is_dir():
+        args.tokenizer = DEFAULT_TOKENIZER
     if args.tokenizer:
         from alignpipe.lm.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    rows, ready, servers = [], {}, {}
+    rows, ready, servers, scoring = [], {}, {}, {}
     try:
         for name, kind, target, clients in plan(args):
             api = "openai-stream" if kind == "openai-stream" else "openai" if kind == "openai" else "mlflow"
@@ -262,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.warmup:
                 run_load(url, prompts, args.warmup, min(clients, args.warmup), params, api=api)
             stats = run_load(url, prompts, args.requests, clients, params, api=api)
+            if args.compare and api == "openai" and clients == 1:  # the ONNX reward model, through the server
+                scoring = score_speed(url, prompts, args.reward_dir if Path(args.reward_dir).is_dir() else None)
+                print("reward scoring, batch 8: " + ", ".join(f"{k} {v:.2f}" for k, v in scoring.items()), flush=True)
             add_tokens(stats, tokenizer)
             rows.append((name, stats))
             print(f"{name}: {stats['requests']} requests, {clients} clients, {stats['seconds']:.1f} s: "
@@ -287,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                  "machine": f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs, "
                             f"Python {platform.python_version()}; uptime at the end: {_uptime()}"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if scoring:
+            eager = (f"; PyTorch eager reward_scores on the same 8: {scoring['eager_ms']:.1f} ms, "
+                     f"{scoring['speedup']:.1f}x (target >= 2x)" if "eager_ms" in scoring else "")
+            setup["reward scoring, POST /v1/score of 8 pairs (median of sequential requests)"] = (
+                f"{scoring['server_ms']:.1f} ms{eager}")
         Path(args.out).write_text(markdown(rows, setup), encoding="utf-8")
     return 0 if all(st["errors"] == 0 for _, st in rows) else 1
 

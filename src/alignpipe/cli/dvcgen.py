@@ -1,6 +1,7 @@
 """`alignpipe pipeline dvc-yaml`: dvc.yaml generated from the stage registry, so its deps cannot go stale.
 
-Each stage's `cmd` passes its inputs' default paths (the stage module's INPUTS), `deps` are those paths plus the
+Each stage's `cmd` passes its inputs' default paths (the stage module's INPUTS; an optional input without a default,
+its `pipeline_path`: evaluate's candidates), `deps` are those paths plus the
 code the stage runs (the stage module and its transitive imports inside the alignpipe package, found by walking
 the import statements with `ast`, function-local imports included), `params` is its params.yaml section, `outs`
 its artifacts folder; `metrics` are each stage's metrics_headline.json and `plots` its curves/ folder (per-step loss,
@@ -89,11 +90,12 @@ def stage_entry(name: str) -> dict:
     their imports), params, outs."""
     stage = load_stage(name)
     out = f"artifacts/{name}"
-    inputs = [spec for spec in stage.INPUTS if spec.default and _produced(spec.default)]
-    args = " ".join(f"--{spec.name.replace('_', '-')} {spec.default}" for spec in inputs)
+    paths = {spec.name: spec.default or spec.pipeline_path for spec in stage.INPUTS}
+    paths = {k: v for k, v in paths.items() if v and _produced(v)}
+    args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in paths.items())
     return {
         "cmd": f"alignpipe {name} {args} --out {out}".replace("  ", " "),
-        "deps": [*dict.fromkeys([*(spec.default for spec in inputs), *GATES.get(name, [])]),
+        "deps": [*dict.fromkeys([*paths.values(), *GATES.get(name, [])]),
                  *sorted(set(code_deps(f"{PACKAGE}.stages.{name}")) | set(code_deps(f"{PACKAGE}.run.runner")))],
         "params": [name],
         "outs": [out],

@@ -12,6 +12,7 @@ server answers 400.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import threading
 import time
@@ -110,6 +111,7 @@ def _strings(model_input: Any, what: str) -> list:
 
 
 DECODING_PARAMS = ("max_new_tokens", "temperature", "top_p", "do_sample")
+MAX_TEMPERATURE = 2.0  # OpenAI's bound: a larger temperature is a uniform draw in all but name
 # ChatParams fields the chat model does not implement: refused rather than ignored
 UNSUPPORTED_CHAT_PARAMS = ("stop", "top_k", "frequency_penalty", "presence_penalty", "tools", "custom_inputs")
 
@@ -126,13 +128,21 @@ def decoding(config: dict[str, Any], params: dict[str, Any] | None, names: dict[
     merged = {k: params.get(k, config[k]) for k in DECODING_PARAMS}
     name = {k: (names or {}).get(k, f"params.{k}") for k in DECODING_PARAMS}
     cap = int(config["max_new_tokens"])
-    if not isinstance(merged["max_new_tokens"], int) or not 1 <= merged["max_new_tokens"] <= cap:
+
+    def number(key: str) -> bool:  # NaN and infinities fail every bound below
+        value = merged[key]
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number("max_new_tokens") or not isinstance(merged["max_new_tokens"], int) \
+            or not 1 <= merged["max_new_tokens"] <= cap:
         raise bad_request(f"{name['max_new_tokens']} must be an integer in [1, {cap}], got "
                           f"{merged['max_new_tokens']!r}")
-    if not isinstance(merged["temperature"], (int, float)) or merged["temperature"] <= 0:
-        raise bad_request(f"{name['temperature']} must be > 0, got {merged['temperature']!r}")
-    if not isinstance(merged["top_p"], (int, float)) or not 0 < merged["top_p"] <= 1:
+    if not number("temperature") or not 0 < merged["temperature"] <= MAX_TEMPERATURE:
+        raise bad_request(f"{name['temperature']} must be > 0 and <= {MAX_TEMPERATURE}, got {merged['temperature']!r}")
+    if not number("top_p") or not 0 < merged["top_p"] <= 1:
         raise bad_request(f"{name['top_p']} must be in (0, 1], got {merged['top_p']!r}")
+    if not isinstance(merged["do_sample"], bool):
+        raise bad_request(f"params.do_sample must be true or false, got {merged['do_sample']!r}")
     return Decoding(int(merged["max_new_tokens"]), bool(merged["do_sample"]), float(merged["temperature"]),
                     float(merged["top_p"]))
 

@@ -30,10 +30,12 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request  # at module level: FastAPI resolves the routes' annotations here
 
 from alignpipe.lm.ort_sampling import Decoding
 from alignpipe.serving.engine import Engine, Job, QueueFull, TimedOut
+from alignpipe.serving.models import MAX_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ApiError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ request shapes
-Temperature = Field(None, ge=0, le=2, allow_inf_nan=False)
+Temperature = Field(None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
 TopP = Field(None, gt=0, le=1, allow_inf_nan=False)
 Seed = Field(None, ge=0, lt=2 ** 63)
 Stop = str | list[str] | None
@@ -250,8 +252,8 @@ class Server:
                            "n")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        try:
-            encoded = self.engine.encode(prompts)
+        try:  # off the event loop: a long prompt list takes a while to tokenize
+            encoded = await run_in_threadpool(self.engine.encode, prompts)
         except Exception as e:  # a chat template that fails on these messages, a tokenizer error
             raise ApiError(400, f"the prompt cannot be formatted for this model: {type(e).__name__}: {e}",
                            "messages" if self.chat else "prompt") from None
@@ -328,7 +330,6 @@ def create_app(server: Server):
     """The FastAPI app of `server`."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="alignpipe", docs_url=None, redoc_url=None, openapi_url=None)
     limits = server.limits

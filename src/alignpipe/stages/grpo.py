@@ -14,16 +14,17 @@ spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function
 
 The chat task (`data.task: chat`, from the data's MANIFEST.json): prompts are conversations, rollouts come from
 `alignpipe.oracle.chat_eval.sample_chat` (the chat template with the generation prompt; an answer ends its turn at
-EOS / end-of-turn), the reward has no oracle term (`grpo.reward: model` or a function), and the stage checks itself
-on held-out conversations: the reward of its answers against the reference's and the sampled KL
-(`chat_check`), not the oracle.
+EOS / end-of-turn) and the reward has no oracle term (`grpo.reward: model` or a function).
+
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks itself
+on held-out prompts (`alignpipe.oracle.policy_eval.heldout_check`: the oracle against the reference, or on chat the
+reward of its answers against the reference's and the sampled KL).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import ClassVar, Literal
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
                                    field)
-from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.errors import ConfigError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -40,11 +41,8 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
     Input("reward_model", None, "reward model directory; needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "reward_first", "reward_last")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                  "reward_last")
+# Training metrics; with `eval_heldout` also the held-out check's (`alignpipe.oracle.policy_eval.heldout_check`).
+METRICS = ("reward_first", "reward_last", "train_kl_last", "train_loss_last", "train_steps")
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,8 @@ class Config(StageConfig, LoraFields):
                             ge=0, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/grpo", "where checkpoints go")
     resume: bool = field(False, "continue from the latest checkpoint in checkpoint_dir")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: the reward against it); off: evaluate compares every candidate")
     n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)",
                                 ge=1, le=MAX_ROWS)
     eval_batch_size: int = field(64, "prompts per generation batch in the evaluation", ge=1, le=MAX_BATCH)
@@ -165,19 +165,6 @@ def chat_rollout_func(cfg: Config, tok, meta, task):
     return seeded_rollout(cfg, tok, draw)
 
 
-def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> dict[str, float]:
-    """The chat task's own check on held-out conversations: mean reward of the policy's and the reference's answers,
-    the fraction of prompts where the policy's reward is higher (ties half) and the sampled KL."""
-    from alignpipe.core.io import read_jsonl
-    from alignpipe.lm.policy import Sampling
-    from alignpipe.oracle.chat_eval import reward_check
-
-    prompts = [r["prompt"] for r in read_jsonl(Path(data_dir) / "prompts.jsonl")][:cfg.n_eval_prompts]
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    return reward_check(policy, reference, prompts, reward, sampling, cfg.seed, task)
-
-
 def trl_reward(reward):
     """The reward as a TRL reward function; it scores the cleaned completions our sampler returned."""
 
@@ -216,26 +203,11 @@ def training_prompts(data: Path, chat: bool) -> list[dict]:
     return read_train_prompts(data)
 
 
-def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
-    """The checkpoint `resume` continues from (an error when there is none); a fresh run removes its own old
-    checkpoints, which must not be resumed later in place of the new ones."""
-    from alignpipe.lm.training import trainer_checkpoint
-
-    if cfg.resume:
-        found = trainer_checkpoint(checkpoint_dir, "grpo")
-        if found is None:
-            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
-        return found
-    for old in checkpoint_dir.glob("checkpoint-*"):
-        shutil.rmtree(old)
-    return None
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
+    """Train with GRPO, save the policy (same PolicyMeta, safetensors); with `eval_heldout`, check it on held-out
+    prompts."""
     import os
 
-    import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOTrainer
@@ -244,8 +216,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.rewards import build_reward
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
+    from alignpipe.oracle.policy_eval import heldout_check
     from alignpipe.tracking import runs
 
     set_seed(cfg.seed)
@@ -277,21 +249,19 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             "reward": str(reward.spec),
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
-    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
-    eval_start = time.perf_counter()
-    oracle = task.oracle()
-    if oracle is None:
-        metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
-    else:
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating", task=task)
-    torch.manual_seed(cfg.seed)
+    metrics: dict[str, float] = {}
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
+                                cfg.seed, out_dir, "grpo: evaluating", reward, cfg.max_new_tokens,
+                                cfg.max_prompt_tokens)
+        metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,
         reward_last=float(rewards[-1]) if rewards else math.nan,
         train_kl_last=float(logs[-1].get("kl", 0.0)) if logs else 0.0,
         train_loss_last=float(logs[-1]["loss"]) if logs else 0.0,
         train_steps=float(trainer.state.global_step), train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
     )
     return metrics

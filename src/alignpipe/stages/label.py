@@ -16,7 +16,9 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 `oracle_rejected` (the oracle's violations per character, LOWER = better, for every pair), `judge`, `context`,
 `source`.
 - `prefs.jsonl`: the training pairs; `heldout.jsonl`: the pairs whose prompt hashes into the held-out fraction
-  (deterministic: sha256 of seed and prompt), kept out of training for the reward model's evaluation.
+  (deterministic: sha256 of seed and prompt; `alignpipe.algos.preference.split_heldout`, as reward splits a single
+  file), kept out of training for the reward model's evaluation. Human pairs are read as dpo reads its pairs
+  (`alignpipe.algos.preference.read_pairs`).
 
 On the chat task (`run_chat`) there is no oracle: the pairs are the dataset's own (its preference labels, which
 `data build --dataset` split into data/prefs.jsonl and data/heldout.jsonl), in conversational form; with
@@ -39,7 +41,7 @@ from typing import ClassVar, Literal
 
 from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_TOKENS, StageConfig, field
 from alignpipe.core.errors import DataError
-from alignpipe.core.hashing import hash01, is_heldout
+from alignpipe.core.hashing import hash01
 from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 from alignpipe.stages import Input
 
@@ -98,6 +100,10 @@ class Config(StageConfig):
         self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
+        if self.llm_template:  # a template the judge cannot fill: refused when the config is built, not after sampling
+            from alignpipe.oracle.judges import check_template
+
+            check_template(self.llm_template)
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
@@ -145,19 +151,7 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def load_human_prefs(path: Path) -> list[dict]:
-    """Human pairs from a preference JSONL (already through the validators: CHECKED_INPUTS), in standard form."""
-    from alignpipe.core.io import read_jsonl
-
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise DataError(f"{path}:{i + 1}", "human pairs must be in TRL's standard form (prompt, chosen, "
-                            "rejected strings), not conversational")
-    return rows
-
-
-def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
+def _human_rows(rows: list[dict], cfg: Config, score) -> list[dict]:
     from alignpipe.oracle.judges import Pair, oracle
 
     if cfg.human_pairs >= 0:
@@ -166,7 +160,7 @@ def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
         rows = [rows[i] for i in sorted(order[:cfg.human_pairs])]
     pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], r.get("context") or r["prompt"]) for r in rows]
     out = []
-    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs)):
+    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs, score)):
         out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                     "score_chosen": float(r.get("score_chosen", 1.0)),
                     "score_rejected": float(r.get("score_rejected", 0.0)),
@@ -187,12 +181,12 @@ def _unique(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_judge(cfg: Config, judge_model: Path | str | None):
-    """The configured judge (the model is loaded here)."""
+def build_judge(cfg: Config, judge_model: Path | str | None, score):
+    """The configured judge (the model is loaded here); `score` is the task's oracle (the scorer judge's)."""
     from alignpipe.oracle.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
 
     if cfg.judge == "scorer":
-        return ScorerJudge()
+        return ScorerJudge(score)
     if judge_model is None:
         raise DataError("--judge-model", f"judge={cfg.judge} needs a model: a directory or a model id")
     if cfg.judge == "reward_model":
@@ -201,14 +195,14 @@ def build_judge(cfg: Config, judge_model: Path | str | None):
                     cfg.judge_max_length, cfg.llm_chat_template, cfg.trust_remote_code)
 
 
-def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
+def judge_pairs(judge, pairs, cfg: Config, score) -> tuple[list[dict], dict[str, float]]:
     """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
-    the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
+    the rows, and, for a judge other than the oracle, its agreement with the oracle `score`, the task's)."""
     from alignpipe.oracle.judges import LLMJudge, oracle, position_consistency
 
     orders = judge.orders(pairs) if isinstance(judge, LLMJudge) else None  # the llm judge: both orders
     scores = LLMJudge.averaged(orders) if orders is not None else judge.score(pairs)
-    oracles = oracle(pairs)
+    oracles = oracle(pairs, score)
     rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
     for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
         tie = abs(sa - sb) <= cfg.tie_threshold
@@ -273,13 +267,24 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
     return pairs, capped, n_invalid, n_identical
 
 
+def scorable_pairs(pairs: list, capped: list[bool], score) -> tuple[list, int, int]:
+    """(the pairs whose two completions the oracle `score` (the task's) can check, n dropped, n dropped among those
+    with a completion cut at the cap): a completion is unscorable when its score is `truncated` (PEP8: a tokenize
+    error, E9, after which pycodestyle stops checking)."""
+    from alignpipe.oracle.judges import oracle_score
+
+    keep = [not (oracle_score(score, p.context, p.a).truncated or oracle_score(score, p.context, p.b).truncated)
+            for p in pairs]
+    n_capped = sum(c and not k for c, k in zip(capped, keep))
+    return [p for p, k in zip(pairs, keep) if k], keep.count(False), n_capped
+
+
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
     """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
     judge."""
-    import json
-
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.errors import ConfigError
-    from alignpipe.core.io import read_jsonl, write_jsonl
+    from alignpipe.core.io import write_jsonl
 
     data = Path(inputs["data"])
     judge_model = inputs.get("judge_model")
@@ -287,14 +292,14 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
                           "or RLAIF pairs as well: judge reward_model with --judge-model, or judge llm (with "
                           "--judge-model, or the policy as its own judge)")
-    train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
+    train, heldout = read_pairs(data / PREFS_FILE, messages=True), read_pairs(data / HELDOUT_FILE, messages=True)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
     if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
-        held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
-        train += [r for r, h in zip(judged, held) if not h]
-        heldout += [r for r, h in zip(judged, held) if h]
+        judged_train, judged_heldout = split_heldout(judged, cfg.heldout_frac, cfg.seed)
+        train += judged_train
+        heldout += judged_heldout
     write_jsonl(out_dir / PREFS_FILE, train)
     write_jsonl(out_dir / HELDOUT_FILE, heldout)
     return {"n_pairs": len(train) + len(heldout), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
@@ -381,20 +386,24 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.io import write_jsonl
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
-    from alignpipe.oracle.judges import oracle_score
+    from alignpipe.core.errors import ConfigError
     from alignpipe.lm.policy import Sampling, load_policy
 
+    score = task.oracle()  # every sampled pair is scored by the task's oracle (oracle_chosen, oracle_rejected)
+    if score is None:
+        raise ConfigError("data.task", f"task {task} has no oracle, which label's sampled text pairs are scored with")
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
     human = []
-    if inputs.get("human_prefs") is not None:
-        human = load_human_prefs(inputs["human_prefs"])
+    if inputs.get("human_prefs") is not None:  # TRL's standard form (conversational rows flattened, as dpo does)
+        human = read_pairs(inputs["human_prefs"])
 
     start = time.perf_counter()
     model, tok, meta = load_policy(inputs["policy"])
@@ -409,25 +418,20 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
     n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
-        keep = [not (oracle_score(p.context, p.a).truncated or oracle_score(p.context, p.b).truncated)
-                for p in pairs]
-        n_unscorable = keep.count(False)
-        n_unscorable_capped = sum(c and not k for c, k in zip(capped, keep))
-        pairs = [p for p, k in zip(pairs, keep) if k]
+        pairs, n_unscorable, n_unscorable_capped = scorable_pairs(pairs, capped, score)
 
     start = time.perf_counter()
-    judge = build_judge(cfg, inputs.get("judge_model"))
-    judged, stats = judge_pairs(judge, pairs, cfg)
+    judge = build_judge(cfg, inputs.get("judge_model"), score)
+    judged, stats = judge_pairs(judge, pairs, cfg, score)
     judged = _unique(judged)
     judging_s = time.perf_counter() - start
-    rows = _unique(judged + (_human_rows(human, cfg) if human else []))
+    rows = _unique(judged + (_human_rows(human, cfg, score) if human else []))
     if not rows:
         raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} judged, {stats['n_ties']} ties; "
                         f"dropped {n_invalid} with an invalid completion (blank, not a new line) and "
                         f"{n_identical} with identical completions")
 
-    heldout = [r for r in rows if is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
-    train = [r for r in rows if not is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
+    train, heldout = split_heldout(rows, cfg.heldout_frac, cfg.seed)
     if cfg.heldout_frac > 0 and not heldout:
         raise DataError("label.heldout_frac", f"no held-out pairs among {len(rows)}: label more prompts")
     if not train:

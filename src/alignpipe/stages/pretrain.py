@@ -213,26 +213,16 @@ def check_task(cfg: Config, task) -> None:
                           f"({cfg.objective} needs oracle scores of the corpus' segments, which it has not)")
 
 
-CHECKPOINT_FILES = ("state.pt", "fingerprint.json")  # what training.save_checkpoint writes
-
-
 def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
-    """The newest complete checkpoint to resume from (None without `resume`, or when there is none); a fresh run
-    clears the stage's own old ones."""
+    """The newest complete checkpoint to resume from (`alignpipe.lm.training.resume_checkpoint`: None without
+    `resume`, or when there is none); a fresh run clears the stage's own old ones and their tokenizer."""
     import shutil
-    import sys
 
-    from alignpipe.lm.training import checkpoints, latest_complete
+    from alignpipe.lm.training import STEP_CHECKPOINT, resume_checkpoint
 
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    say = (lambda m: print(f"pretrain: {m}", file=sys.stderr)) if main else (lambda m: None)
-    latest = latest_complete(ckpt_dir, "step", CHECKPOINT_FILES, log=say) if cfg.resume else None
-    if cfg.resume and latest is None:
-        say(f"no checkpoint in {ckpt_dir}; starting from step 0")
+    latest = resume_checkpoint(cfg, cfg.checkpoint_dir, "step", STEP_CHECKPOINT, must_exist=False)
     if main and not cfg.resume:
-        for old in checkpoints(ckpt_dir):
-            shutil.rmtree(old)
-        shutil.rmtree(ckpt_dir / "tokenizer", ignore_errors=True)
+        shutil.rmtree(Path(cfg.checkpoint_dir) / "tokenizer", ignore_errors=True)
     return latest
 
 

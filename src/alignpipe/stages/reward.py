@@ -24,8 +24,6 @@ to `checkpoint_dir` (outside the output directory) and `--resume` continues from
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -91,45 +89,25 @@ class Config(StageConfig, LoraFields):
         self.check(not self.resume or self.save_steps > 0, "resume", "needs save_steps > 0 (no checkpoints)")
 
 
-def _read_pairs(path: Path) -> list[dict]:
-    """The rows of a preference file (validated on entry: CHECKED_INPUTS), all in TRL's standard form (strings) or
-    all in its conversational form (messages)."""
-    from alignpipe.core.io import is_messages
-    from alignpipe.data.validators import read_rows
-
-    lines, rows, _ = read_rows(path)
-    if not rows:
-        raise DataError(str(path), "no preference pairs")
-    conversational = is_messages(rows[0].get("prompt"))
-    for line, row in zip(lines, rows):
-        for key in ("prompt", "chosen", "rejected"):
-            if (is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)) is False:
-                form = "messages, like the first row's prompt" if conversational else "a string, like the first row's"
-                raise DataError(f"{path}:{line}", f"field {key!r} must be {form} (one form per file)")
-    return rows
-
-
-def _prompt_key(prompt) -> str:
-    """A prompt as the held-out split hashes it (messages as canonical JSON)."""
-    import json
-
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
-    from alignpipe.core.hashing import is_heldout
+    """(train, held-out) pairs (`alignpipe.algos.preference.read_pairs`, in the file's form): the label stage's two
+    files, or one file split by the label stage's rule (`alignpipe.algos.preference.split_heldout`)."""
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 
+    def nonempty(path: Path) -> list[dict]:
+        rows = read_pairs(path, messages=None)
+        if not rows:
+            raise DataError(str(path), "no preference pairs")
+        return rows
+
     if prefs.is_dir():
-        train = _read_pairs(prefs / PREFS_FILE)
-        path = prefs / HELDOUT_FILE
+        train, path = nonempty(prefs / PREFS_FILE), prefs / HELDOUT_FILE
         if not path.is_file() or path.stat().st_size == 0:
             raise DataError(str(path), "no held-out pairs: run label with heldout_frac > 0")
-        return train, _read_pairs(path)
-    rows = _read_pairs(prefs)
-    heldout = [r for r in rows if is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
-    train = [r for r in rows if not is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
+        return train, nonempty(path)
+    rows = nonempty(prefs)
+    train, heldout = split_heldout(rows, heldout_frac, seed)
     if not heldout or not train:
         raise DataError(str(prefs), f"splitting {len(rows)} pairs by prompt left {len(train)} to train and "
                         f"{len(heldout)} held out: give more pairs or change reward.heldout_frac")
@@ -243,7 +221,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
     from alignpipe.algos.lora import check_4bit, merged
-    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, train_from, trainer_checkpoint
+    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, resume_checkpoint, train_from
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -267,13 +245,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         raise DataError("reward.max_length", f"all {len(train_rows)} training pairs are longer than "
                         f"{cfg.max_length} tokens: raise it")
 
-    ckpt = Path(cfg.checkpoint_dir)
-    last = trainer_checkpoint(ckpt, "reward") if cfg.resume else None
-    if cfg.resume and last is None:
-        print(f"reward: no checkpoint in {ckpt}; starting from step 0", file=sys.stderr)
-    if not cfg.resume and distributed.is_main_process():  # rank 0 alone (the other ranks never read them)
-        for stale in ckpt.glob("checkpoint-*"):
-            shutil.rmtree(stale)
+    last = resume_checkpoint(cfg, cfg.checkpoint_dir, must_exist=False)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[runs.mlflow_callback(), log_at_checkpoints()])
     n_trained = len(trainer.train_dataset)
@@ -301,7 +273,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "init": init, "format": ("chat template over prompt + completion messages (TRL RewardTrainer)" if conversational
                                  else "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)"),
         "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora_r": cfg.lora_r,
-        "resumed_from": last or "", "config": cfg.to_dict()})
+        "resumed_from": str(last or ""), "config": cfg.to_dict()})
     return {
         **metrics,
         "n_dropped_too_long": too_long, "n_train_pairs": n_trained,

@@ -68,6 +68,9 @@ def _mlflow():
 
     # Both globals, always: MLflow's registry store looks logged models up through a client on the GLOBAL
     # tracking URI (not the one a client was built with), which would otherwise fall back to ./mlflow.db.
+    from alignpipe.tracking.errors import check_tracking_uri
+
+    check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     _create_schema_once(mlflow, uri)
