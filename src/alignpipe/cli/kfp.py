@@ -469,15 +469,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_here(args: argparse.Namespace, root: Path) -> int:
+    # root is alignpipe's own folder (make_output_dir): the pipeline.yaml in it is ours to replace
     if args.image:  # the tasks see the pipeline root only: MLflow's store (and its artifacts) go there
         from alignpipe.cli.containers import docker_runner, tracking_store
 
         with docker_runner(args.image, root, args.network) as runner:
             args.mlflow_uri = args.mlflow_uri or tracking_store(root)
-            pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+            pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml", force=True)
             run = run_local(pipeline_yaml, root, runner=runner)
     else:
-        pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+        pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml", force=True)
         run = run_local(pipeline_yaml, root)
     print(format_local_run(run))
     return 0
