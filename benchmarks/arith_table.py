@@ -39,7 +39,8 @@ def evaluate_table(evaluation: Path, reward: Path | None) -> list[str]:
         rows.setdefault(r["candidate"], []).append(correct(r))
     ref = rows[report["reference"]["name"]]
     out = [f"Evaluate: {report['prompts']['n']} held-out questions, one sample each (temperature "
-           f"{report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, seed {report['sampling']['seed']}); "
+           f"{report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, "
+           f"seed {report['sampling']['seed']}); "
            f"best candidate **{report['best_candidate']}** (gate {report['gate_metric']}, {report['gate_direction']}).",
            "", "| candidate | trained on | accuracy [95% CI] | gain over reference [95% CI, paired] | KL to ref | "
            "reward | guard |", "|---|---|---|---|---|---|---|"]
@@ -65,7 +66,8 @@ def pretrain_table(runs: dict[str, Path]) -> list[str]:
                for k, d in runs.items()}
     metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in runs.items()}
     base = "mle" if "mle" in runs else next(iter(runs))
-    out = ["| objective | accuracy [95% CI] | gain over MLE [95% CI, paired] | held-out loss (nats/char) | loss / MLE |",
+    out = ["| objective | accuracy [95% CI] | gain over MLE [95% CI, paired] | held-out loss (nats/char) | "
+           "loss / MLE |",
            "|---|---|---|---|---|"]
     for k in runs:
         m = metrics[k]
