@@ -170,6 +170,25 @@ def cases(policy: Path) -> list[Case]:
              says="mapping"),
         Case("config", "--params an overlay loop", ["config", "show", "--params", "p.yaml"],
              files={"p.yaml": "overlay: p.yaml\n"}, says="loops"),
+        # config that used to fail only at run time (issue 29): refused when the config is built
+        Case("config", "--params a typo'd section", ["config", "show", "--params", "p.yaml"],
+             files={"p.yaml": "pretrian:\n  max_steps: 5\n"}, says="did you mean pretrain"),
+        Case("config", "--params a duplicate section", ["config", "show", "--params", "p.yaml"],
+             files={"p.yaml": "dpo:\n  beta: 0.2\ndpo:\n  max_steps: 3\n"}, says="duplicate key 'dpo'"),
+        Case("config", "--params a YAML alias bomb", ["config", "show", "--params", "p.yaml"],
+             files={"p.yaml": "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+                 f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 9))
+                 + "pretrain:\n  n_embd: *a8\n"}, says="aliases expand"),
+        *[Case("config", f"--set {item} (an impossible budget)", ["config", "show", "--set", item],
+               says=item.split("=")[0]) for item in
+          ("pretrain.max_steps=1000000000000", "pretrain.n_layer=100000", "pretrain.n_embd=1000000",
+           "pretrain.vocab_size=1000000000", "evaluate.max_new_tokens=1000000000", "pretrain.threads=100000")],
+        Case("config", "--set a seed of 1e29", ["config", "show", "--set", "pretrain.seed=" + "1" + "0" * 29],
+             says="pretrain.seed"),
+        Case("config", "--set reward.lr_scheduler_type=evil", ["config", "show", "--set",
+             "reward.lr_scheduler_type=evil"], says="reward.lr_scheduler_type"),
+        Case("config", "--set an invalid registered-model name", ["config", "show", "--set",
+             "register.model_name=a/b:c"], says="register.model_name"),
         Case("config", "--set a 100k-deep value", ["config", "show", "--set", "dpo.beta=" + "[" * 100_000],
              says="dpo.beta"),
         Case("config", "--params 100k-deep YAML", ["config", "show", "--params", "p.yaml"],
