@@ -11,11 +11,14 @@ The best candidate on the gate metric is copied to best/ with candidate.json (it
 read only that). Also writes report.json, report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
 
-The chat task (`data.task: chat`, from the data's MANIFEST.json) has no oracle: `run_chat` samples each candidate's
-answers through the chat template (`alignpipe.oracle.chat_eval`) and reports the reward model's mean score, the
-judge's win rate against the reference (the gate metric, higher is better; the judge is `evaluate.judge_model`, a
-second reward model, or the reward model itself), the sampled KL and held-out perplexity, and, with a distinct
-judge, the reward-hacking guard. It writes report.json, report.md and samples.jsonl (no champion comparison yet).
+A conversational task (`data.task: chat` or a verifiable chat task, from the data's MANIFEST.json): `run_chat`
+samples each candidate's and the registered champion's answers through the chat template
+(`alignpipe.oracle.chat_eval`; `greedy`: greedy decoding) and reports the reward model's mean score, the judge's win
+rates against the reference and the champion (the judge is `evaluate.judge_model`, a second reward model, or the
+reward model itself), where the task has an oracle its accuracy with a 95% CI and win rates, the sampled KL and
+held-out perplexity, and the reward-hacking guard (against the oracle, or a distinct judge). The champion's row is
+measured on the same conversations and seed, so register's gate compares like with like. The gate metric is the
+task's. It writes report.json, report.md, report.html and samples.jsonl.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class Config(StageConfig):
     champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
     champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
+    greedy: bool = field(False, "conversational tasks: answer greedily (temperature and top_p unused), as the served "
+                         "model answers at temperature 0")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
@@ -130,8 +135,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])
-    if task.oracle() is None:  # no oracle: the reward model and a judge score the candidates
+    if task.conversational():  # answers through the chat template, scored by the reward model, a judge, the oracle
         return run_chat(cfg, inputs, out_dir, task)
+    if cfg.greedy:
+        from alignpipe.core.errors import ConfigError
+
+        raise ConfigError("evaluate.greedy", f"task {task} is not conversational: its candidates are sampled "
+                          "(greedy decoding is for conversational tasks)")
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
@@ -194,87 +204,157 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
 
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
-    """The chat task's evaluation (no oracle): every candidate sampled through the chat template on the same
-    conversations and seed, scored by the reward model and the judge against the reference."""
+    """A conversational task's evaluation: every candidate and the registered champion answer the same
+    conversations through the chat template with the same seed; the answers are scored by the reward model, the
+    judge against the reference (and the champion) and, where the task has one, the oracle."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.hashing import prompts_sha256, weights_sha256
-    from alignpipe.core.io import read_jsonl, write_json, write_jsonl
+    from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.lm.reward_model import load_reward_model
-    from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
+    from alignpipe.oracle.chat_eval import chat_metrics
+    from alignpipe.oracle.policy_eval import load_prompts
     from alignpipe.reports.candidates import write_best
     from alignpipe.reports.evaluation_page import write_evaluation_page
 
-    if inputs.get("reward_model") is None and not cfg.judge_model:
+    if inputs.get("reward_model") is None and not cfg.judge_model and not task.has_oracle():
         raise DataError("--reward-model", f"task {task} has no oracle: evaluate needs a reward model "
                         "(--reward-model) or evaluate.judge_model")
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
-    prompts = [row["prompt"] for row in read_jsonl(prompts_path)][:cfg.n_prompts or None]
+    rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
+    prompts = [row["prompt"] for row in rows]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     reward = load_reward_model(inputs["reward_model"]) if inputs.get("reward_model") is not None else None
     judge = load_reward_model(cfg.judge_model) if cfg.judge_model else reward
+
+    def answer(policy):  # one answer per conversation, scored
+        return _chat_draw(policy, rows, sampling, cfg, task, reward, judge)
+
     val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
     dirs = candidate_dirs(inputs, cfg)
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = score(sample_chat(ref, prompts, sampling, cfg.seed, task), prompts, reward, judge)
+    ref_draw = answer(ref)
+    champion, champion_draw = (_chat_champion(cfg, answer, ref, ref_draw, judge is not reward)
+                               if cfg.compare_champion else (None, None))
     results, draws = {}, {}
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
-        got = ref_draw if name == REFERENCE else score(sample_chat(policy, prompts, sampling, cfg.seed, task),
-                                                       prompts, reward, judge)
-        metrics = chat_metrics(policy, got, ref, ref_draw, judge is not reward, cfg.seed)
+        got = ref_draw if name == REFERENCE else answer(policy)
+        metrics = chat_metrics(policy, got, ref, ref_draw, judge is not reward, cfg.seed, champion=champion_draw)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = {"path": str(path), "objective": policy[2].objective, "reward": trained_reward(policy[2]),
                          **metrics, "heldout_ppl": math.exp(nll / max(n_tokens, 1)),
                          "weights_sha256": weights_sha256(path)}
         draws[name] = got
+    if champion_draw is not None:
+        draws["champion"] = champion_draw
     metric, higher = task.gate()
     best = best_candidate(results, metric, higher)
     report = {
         "best_candidate": best, "task": str(task), "gate_metric": metric,
         "gate_direction": "higher" if higher else "lower", "order": list(results),
-        "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": None,
+        "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": champion,
         "prompts": {"path": str(prompts_path), "n": len(prompts),
                     "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
-        "judge_model": cfg.judge_model or "the reward model", **task.describe(),
+        "judge_model": cfg.judge_model or ("the reward model" if reward is not None else None), **task.describe(),
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     write_json(out_dir / "report.json", report)
     write_best(report, out_dir)
     write_jsonl(out_dir / "samples.jsonl", (
         {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
-         "judge": d.judged[i] if d.judged else None}
+         "judge": d.judged[i] if d.judged else None,
+         **({"violations": d.scores[i].violations, "chars": d.scores[i].chars} if d.scores else {})}
         for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
     (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
     write_evaluation_page(report, out_dir)
     print(f"evaluate: best candidate {best!r} ({metric} {results[best].get(metric)}); "
           "see report.json and report.md")
-    keys = ("judge_win_rate_vs_ref", "reward_score", "kl_to_ref", "ended_frac", "empty_frac", "heldout_ppl")
-    flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in keys
+    return chat_flat_metrics(report)
+
+
+CHAT_KEYS = ("judge_win_rate_vs_ref", "judge_win_rate_vs_champion", "reward_score", "kl_to_ref", "ended_frac",
+             "empty_frac", "heldout_ppl", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "violations_per_char",
+             "win_rate_vs_ref", "win_rate_vs_champion")
+
+
+def chat_flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """metrics.json of a conversational evaluation: `C/<metric>` of CHAT_KEYS for each candidate C and the champion
+    (finite values only), `best_candidate_index` and `n_candidates`."""
+    rows = {**report["candidates"], **({"champion": report["champion"]} if report.get("champion") else {})}
+    flat = {f"{name}/{k}": float(m[k]) for name, m in rows.items() for k in CHAT_KEYS
             if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])}
-    return {**flat, "best_candidate_index": list(results).index(best), "n_candidates": len(results)}
+    return {**flat, "best_candidate_index": report["order"].index(report["best_candidate"]),
+            "n_candidates": len(report["order"])}
+
+
+def _chat_draw(policy, rows: list[dict], sampling, cfg: Config, task, reward, judge):
+    """`policy`'s answers to the conversations of `rows` (greedy or sampled with cfg.seed), scored by the reward model,
+    the judge and the task's oracle (each answer after its row's `context`) where there is one."""
+    from alignpipe.oracle.chat_eval import sample_chat, score
+
+    prompts = [r["prompt"] for r in rows]
+    got = sample_chat(policy, prompts, sampling, cfg.seed, task, greedy=cfg.greedy)
+    return score(got, prompts, reward, judge, task.oracle(), [r["context"] for r in rows])
+
+
+def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
+    """(registry info with its measured metrics, ChatDraw) of the registered champion answering the candidates'
+    conversations (`answer(policy)`), or (None, None) when there is none; its download is removed afterwards."""
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.oracle.chat_eval import chat_metrics
+    from alignpipe.tracking.policies import champion_policy
+
+    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
+    try:
+        found = champion_policy(cfg.champion_model, cfg.champion_alias, work)
+        if found is None:
+            return None, None
+        champion, champion_dir = found
+        policy = load_policy(champion_dir)
+        got = answer(policy)
+        metrics = chat_metrics(policy, got, ref, ref_draw, judge_distinct, cfg.seed, other_tokenizer=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    champion.update(metrics)
+    return champion, got
 
 
 def chat_markdown(report: dict[str, Any]) -> str:
-    """report.md of a chat evaluation: one row per candidate (the best in bold)."""
+    """report.md of a conversational evaluation: one row per candidate (the best in bold) and the champion (measured
+    on the same conversations); accuracy columns where the task has an oracle."""
+    oracle = any("accuracy" in m for m in report["candidates"].values())
     lines = [f"# Evaluation (task {report['task']}; gate: {report['gate_metric']}, {report['gate_direction']} is "
              f"better; judge: {report['judge_model']})", "",
-             "| candidate | judge win rate vs ref | reward | KL to ref (nats) | ended | held-out ppl | guard |",
-             "|---|---|---|---|---|---|---|"]
-    for name, m in report["candidates"].items():
+             "| candidate | " + ("accuracy (95% CI) | win vs ref | win vs champion | " if oracle else "")
+             + "judge win rate vs ref | judge win vs champion | reward | KL to ref (nats) | ended | held-out ppl | "
+             "guard |", "|---" * (10 if oracle else 7) + "|"]
+    champion = report.get("champion")
+    rows = {**report["candidates"], **({f"champion v{champion['version']}": champion} if champion else {})}
+    for name, m in rows.items():
         g = m.get("guard") or {}
         verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
         label = f"**{name}**" if name == report["best_candidate"] else name
-        lines.append(f"| {label} | {_fmt(m.get('judge_win_rate_vs_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | "
-                     f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('ended_frac'), 3)} | "
-                     f"{_fmt(m.get('heldout_ppl'), 4)} | {verdict} |")
+        cells = ([f"{_fmt(m.get('accuracy'), 3)} ({_fmt(m.get('accuracy_ci_low'), 3)}-"
+                  f"{_fmt(m.get('accuracy_ci_high'), 3)})", _fmt(m.get("win_rate_vs_ref"), 3),
+                  _fmt(m.get("win_rate_vs_champion"), 3)] if oracle else [])
+        cells += [_fmt(m.get(k), d) for k, d in (("judge_win_rate_vs_ref", 3), ("judge_win_rate_vs_champion", 3),
+                                                 ("reward_score", 3), ("kl_to_ref", 3), ("ended_frac", 3),
+                                                 ("heldout_ppl", 4))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    sampling = report["sampling"]
+    lines += ["", f"{report['prompts']['n']} held-out conversations, one answer each ("
+              + ("greedy" if sampling.get("greedy") else f"temperature {sampling['temperature']}, top-p "
+                 f"{sampling['top_p']}, seed {sampling['seed']}") + f", at most {sampling['max_new_tokens']} new "
+              "tokens); champion: " + (f"`{champion['model']}` version {champion['version']}, measured on the same "
+                                       "conversations" if champion else "none registered") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,10 @@ policy judges its own answers), K answers per training conversation are also sam
 `max_new_tokens`, blank ones and identical pairs are dropped and counted. The llm judge reads the conversation and
 both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
 a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
-prefer the same answer) is reported.
+prefer the same answer) is reported. Where a conversational task has an oracle (a verifiable chat task), each sampled
+answer is also scored by it: the rows carry `oracle_chosen`/`oracle_rejected` and `judge_oracle_agreement` (over the
+pairs the oracle decides, how often the judge prefers the oracle's better answer, ties half) goes to metrics.json
+beside `judge_position_consistency`.
 """
 
 from __future__ import annotations
@@ -312,31 +315,40 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
 
 def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple[list[dict], dict[str, float]]:
     """K answers per training conversation (chat template, end of turn), all pairs of answers that ended their
-    turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties)."""
-    from alignpipe.core.io import read_jsonl
+    turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties). Where the
+    task has an oracle, each answer is also scored by it (after its prompt row's `context`): the rows carry
+    `oracle_chosen`/`oracle_rejected` and the judge's agreement with the oracle is reported."""
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.chat_eval import sample_chat
+    from alignpipe.oracle.judges import oracle_agreement
+    from alignpipe.oracle.policy_eval import load_prompts
 
     start = time.perf_counter()
-    prompts = [r["prompt"] for r in read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")]
-    prompts = prompts[:cfg.n_prompts or None]
+    rows = load_prompts(Path(inputs["data"]) / "train_prompts.jsonl")[:cfg.n_prompts or None]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     policy = load_policy(inputs["policy"])
-    got = sample_chat(policy, [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed, task)
-    pairs, n_dropped = [], 0
-    for i, prompt in enumerate(prompts):
+    got = sample_chat(policy, [r["prompt"] for r in rows for _ in range(cfg.k)], sampling, cfg.seed, task)
+    pairs, contexts, n_dropped = [], [], 0
+    for i, row in enumerate(rows):
         for a, b in index_pairs(cfg.k, cfg.pairing):
             (ta, ea), (tb, eb) = ((got.completions[i * cfg.k + j], got.ended[i * cfg.k + j]) for j in (a, b))
             if ea and eb and ta and tb and ta != tb:
-                pairs.append((prompt, ta, tb))
+                pairs.append((row["prompt"], ta, tb))
+                contexts.append(row["context"])
             else:
                 n_dropped += 1
     scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
-    rows, stats = order_chat_pairs(pairs, scores, cfg)
-    return rows, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
-                  "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
-                  "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+    oracles = None
+    if task.has_oracle():
+        oracle = task.oracle()
+        oracles = [(oracle(c, a).per_char, oracle(c, b).per_char) for c, (_, a, b) in zip(contexts, pairs)]
+        agreement, decided = oracle_agreement(scores, oracles, cfg.tie_threshold)
+        judge_stats.update(judge_oracle_agreement=agreement, oracle_decided_frac=decided)
+    labelled, stats = order_chat_pairs(pairs, scores, cfg, oracles)
+    return labelled, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
+                      "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
+                      "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
 
 
 def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
@@ -364,20 +376,26 @@ def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
                                        "judge_is_policy": float(judge_model is None)}
 
 
-def order_chat_pairs(pairs: list[tuple], scores: list[tuple[float, float]],
-                     cfg: Config) -> tuple[list[dict], dict[str, float]]:
+def order_chat_pairs(pairs: list[tuple], scores: list[tuple[float, float]], cfg: Config,
+                     oracles: list[tuple[float, float]] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Conversational preference rows of judged (conversation, a, b) pairs: the higher score chosen (a on a kept
-    tie); a pair whose scores are within `tie_threshold` is a tie, dropped unless keep_ties."""
+    tie); a pair whose scores are within `tie_threshold` is a tie, dropped unless keep_ties. `oracles`, when given:
+    the oracle's (a, b) values of each pair (lower is better), carried as oracle_chosen/oracle_rejected."""
     rows, n_ties = [], 0
-    for (prompt, a, b), (sa, sb) in zip(pairs, scores, strict=True):
+    for k, ((prompt, a, b), (sa, sb)) in enumerate(zip(pairs, scores, strict=True)):
         tie = abs(sa - sb) <= cfg.tie_threshold
         n_ties += tie
         if tie and not cfg.keep_ties:
             continue
-        (chosen, sc), (rejected, sr) = sorted(((a, sa), (b, sb)), key=lambda x: -x[1])
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
-                     "score_rejected": sr, "judge": cfg.judge, "source": "rlaif"})
+        flip = sb > sa
+        (chosen, sc), (rejected, sr) = ((b, sb), (a, sa)) if flip else ((a, sa), (b, sb))
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
+               "score_rejected": sr, "judge": cfg.judge, "source": "rlaif"}
+        if oracles is not None:
+            oa, ob = oracles[k]
+            row.update(oracle_chosen=ob if flip else oa, oracle_rejected=oa if flip else ob)
+        rows.append(row)
     gaps = [r["score_chosen"] - r["score_rejected"] for r in rows]
     return rows, {"n_judged": len(pairs), "n_ties": n_ties, "mean_score_gap": sum(gaps) / len(gaps) if gaps else 0.0}
 
