@@ -1,9 +1,8 @@
-"""Evaluate a policy on a conversational task: sample one answer per held-out conversation through the tokenizer's
-chat template (ending at the end of the assistant turn; greedy or sampled), then score the answers with the reward
-model (mean reward), with a judge against the reference's answers on the same prompts (win rate, ties count half)
-and, where the task has an oracle (a verifiable chat task), with the oracle (its summary, accuracy with a 95%
-bootstrap interval, win rates); and estimate the sampled KL to the reference. The pep8 counterpart is
-`alignpipe.oracle.policy_eval`.
+"""Evaluate a policy on the chat task, which has no oracle: sample one answer per held-out conversation through the
+tokenizer's chat template (ending at the end of the assistant turn; greedy or sampled), then score the answers with
+the reward model (mean reward) and with a judge against the reference's (and the champion's) answers on the same
+prompts (win rate, ties count half), and estimate the sampled KL to the reference. The counterpart for tasks with an
+oracle is `alignpipe.oracle.policy_eval`.
 
 The judge is a reward-model directory (`evaluate.judge_model`): a second reward model, distinct from the one ppo and
 grpo optimise, so that the reward-hacking guard (`alignpipe.oracle.guard`, with minus the judge's score in the
@@ -16,13 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignpipe.oracle.metrics import accuracy, kl_to_ref, sample_value, summarize, win_rate
+from alignpipe.oracle.metrics import kl_to_ref
 
 
 @dataclass
 class ChatDraw:
     """One sampled answer per prompt: token ids (prompt as templated, answer up to and with its end-of-turn token),
-    text, whether the turn ended within the budget, and the reward model's, the judge's and the oracle's scores."""
+    text, whether the turn ended within the budget, and the reward model's and the judge's scores."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
@@ -30,7 +29,6 @@ class ChatDraw:
     ended: list[bool]
     rewards: list[float] | None = field(default=None)
     judged: list[float] | None = field(default=None)
-    scores: list | None = field(default=None)  # the task's oracle: CompletionScore per answer
 
 
 def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task, greedy: bool = False) -> ChatDraw:
@@ -86,19 +84,15 @@ def judge_win_rate(candidate: list[float], reference: list[float]) -> float:
     return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(candidate, reference)) / len(candidate)
 
 
-def score(got: ChatDraw, prompts: list[list[dict]], reward, judge, oracle=None, contexts=None) -> ChatDraw:
-    """Fill the reward model's and the judge's scores (each (model, tokenizer) or None) of a draw's answers, and the
-    task's `oracle` scores (`oracle(context, answer)`, each answer after its prompt's context) when given."""
+def score(got: ChatDraw, prompts: list[list[dict]], reward, judge) -> ChatDraw:
+    """Fill the reward model's and the judge's scores (each (model, tokenizer) or None) of a draw's answers."""
     from alignpipe.lm.reward_model import reward_scores
-    from alignpipe.oracle.metrics import score_samples
 
     if reward is not None:
         got.rewards = reward_scores(reward[0], reward[1], prompts, got.completions)
     if judge is not None:
         got.judged = (got.rewards if judge is reward else
                       reward_scores(judge[0], judge[1], prompts, got.completions))
-    if oracle is not None:
-        got.scores = score_samples(got.completions, contexts if contexts is not None else prompts, oracle)
     return got
 
 
@@ -118,9 +112,8 @@ def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_dis
                  champion: ChatDraw | None = None, other_tokenizer: bool = False) -> dict[str, Any]:
     """A candidate's chat metrics against the reference's draw on the same prompts (and the champion's, when given):
     mean reward, the judge's win rates, the sampled KL (token level: the same tokenizer is required, unless
-    `other_tokenizer`, then no KL), answer length, ended fraction; with oracle scores their summary (violations/char
-    with its CI), `accuracy` with its CI and the oracle's win rates; and the reward-hacking guard: against the oracle
-    where there is one, else against a judge distinct from the reward model."""
+    `other_tokenizer`, then no KL), answer length, ended fraction and, with a judge distinct from the reward model,
+    the reward-hacking guard."""
     import math
 
     from alignpipe.core.errors import DataError
@@ -142,19 +135,10 @@ def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_dis
         metrics["judge_win_rate_vs_ref"] = judge_win_rate(got.judged, ref_draw.judged)
         if champion is not None:
             metrics["judge_win_rate_vs_champion"] = judge_win_rate(got.judged, champion.judged)
-    if got.scores is not None:
-        metrics.update({**summarize(got.scores, seed=seed), **accuracy(got.scores, seed=seed),
-                        "win_rate_vs_ref": win_rate(got.scores, ref_draw.scores)})
-        if champion is not None:
-            metrics["win_rate_vs_champion"] = win_rate(got.scores, champion.scores)
-    if policy is reference or got.rewards is None:
-        return metrics
-    from alignpipe.oracle.guard import guard
+    if judge_distinct and got.rewards is not None and got.judged is not None and policy is not reference:
+        from alignpipe.oracle.guard import guard
 
-    if got.scores is not None:  # the oracle: violations/char, lower is better
-        metrics["guard"] = guard(got.rewards, ref_draw.rewards, [sample_value(s) for s in got.scores],
-                                 [sample_value(s) for s in ref_draw.scores], seed=seed)
-    elif judge_distinct and got.judged is not None:  # the guard's oracle is "lower is better": minus the judge's
+        # the guard's oracle is "lower is better": minus the judge's score
         metrics["guard"] = {**guard(got.rewards, ref_draw.rewards, [-v for v in got.judged],
                                     [-v for v in ref_draw.judged], seed=seed), "judge": True}
     return metrics

@@ -73,15 +73,6 @@ def summarize(scores: Sequence[CompletionScore], seed: int = 0) -> dict[str, flo
     }
 
 
-def accuracy(scores: Sequence[CompletionScore], seed: int = 0) -> dict[str, float]:
-    """A verifiable task's accuracy: the fraction of samples the oracle finds no violation in (an empty sample is
-    wrong), with its 95% percentile bootstrap interval."""
-    right = [float(s.chars > 0 and s.violations == 0) for s in scores]
-    lo, hi = bootstrap_ci(right, seed=seed)
-    return {"accuracy": sum(right) / len(right) if right else math.nan, "accuracy_ci_low": lo,
-            "accuracy_ci_high": hi}
-
-
 def win_rate(candidate: Sequence[CompletionScore], reference: Sequence[CompletionScore]) -> float:
     """Fraction of prompts where the candidate's sample scores better (lower) than the reference's; ties 1/2."""
     if len(candidate) != len(reference) or not candidate:

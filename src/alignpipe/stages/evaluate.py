@@ -11,14 +11,15 @@ The best candidate on the gate metric is copied to best/ with candidate.json (it
 read only that). Also writes report.json, report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
 
-A conversational task (`data.task: chat` or a verifiable chat task, from the data's MANIFEST.json): `run_chat`
-samples each candidate's and the registered champion's answers through the chat template
-(`alignpipe.oracle.chat_eval`; `greedy`: greedy decoding) and reports the reward model's mean score, the judge's win
-rates against the reference and the champion (the judge is `evaluate.judge_model`, a second reward model, or the
-reward model itself), where the task has an oracle its accuracy with a 95% CI and win rates, the sampled KL and
-held-out perplexity, and the reward-hacking guard (against the oracle, or a distinct judge). The champion's row is
-measured on the same conversations and seed, so register's gate compares like with like. The gate metric is the
-task's. It writes report.json, report.md, report.html and samples.jsonl.
+`greedy` decodes every candidate and the champion greedily (as the served model answers at temperature 0).
+
+The chat task (`data.task: chat`, from the data's MANIFEST.json) has no oracle: `run_chat` samples each candidate's
+and the registered champion's answers through the chat template (`alignpipe.oracle.chat_eval`) and reports the
+reward model's mean score, the judge's win rates against the reference and the champion (the gate metric is the win
+rate against the reference, higher is better; the judge is `evaluate.judge_model`, a second reward model, or the
+reward model itself), the sampled KL and held-out perplexity, and, with a distinct judge, the reward-hacking guard.
+The champion's row is measured on the same conversations and seed, so register's gate compares like with like. It
+writes report.json, report.md, report.html and samples.jsonl.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class Config(StageConfig):
     champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
     champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
-    greedy: bool = field(False, "conversational tasks: answer greedily (temperature and top_p unused), as the served "
-                         "model answers at temperature 0")
+    greedy: bool = field(False, "decode greedily (temperature and top_p unused), as the served model answers at "
+                         "temperature 0")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
@@ -135,13 +136,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])
-    if task.conversational():  # answers through the chat template, scored by the reward model, a judge, the oracle
+    if task.oracle() is None:  # no oracle: the reward model and a judge score the candidates
         return run_chat(cfg, inputs, out_dir, task)
-    if cfg.greedy:
-        from alignpipe.core.errors import ConfigError
-
-        raise ConfigError("evaluate.greedy", f"task {task} is not conversational: its candidates are sampled "
-                          "(greedy decoding is for conversational tasks)")
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
@@ -157,7 +153,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         reward = load_reward_model(inputs["reward_model"])
 
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task)
+    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task, greedy=cfg.greedy)
     champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward, task) if cfg.compare_champion
                                else (None, None))
 
@@ -166,7 +162,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
         metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
-                                                  reward, progress=f"evaluate {name}", task=task)
+                                                  reward, progress=f"evaluate {name}", task=task, greedy=cfg.greedy)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
@@ -193,8 +189,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
     write_best(report, out_dir)
@@ -204,34 +200,32 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
 
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
-    """A conversational task's evaluation: every candidate and the registered champion answer the same
-    conversations through the chat template with the same seed; the answers are scored by the reward model, the
-    judge against the reference (and the champion) and, where the task has one, the oracle."""
+    """The chat task's evaluation (no oracle): every candidate and the registered champion answer the same
+    conversations through the chat template with the same seed, scored by the reward model and the judge against
+    the reference's (and the champion's) answers."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.hashing import prompts_sha256, weights_sha256
-    from alignpipe.core.io import write_json, write_jsonl
+    from alignpipe.core.io import read_jsonl, write_json, write_jsonl
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.lm.reward_model import load_reward_model
-    from alignpipe.oracle.chat_eval import chat_metrics
-    from alignpipe.oracle.policy_eval import load_prompts
+    from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
     from alignpipe.reports.candidates import write_best
     from alignpipe.reports.evaluation_page import write_evaluation_page
 
-    if inputs.get("reward_model") is None and not cfg.judge_model and not task.has_oracle():
+    if inputs.get("reward_model") is None and not cfg.judge_model:
         raise DataError("--reward-model", f"task {task} has no oracle: evaluate needs a reward model "
                         "(--reward-model) or evaluate.judge_model")
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
-    rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
-    prompts = [row["prompt"] for row in rows]
+    prompts = [row["prompt"] for row in read_jsonl(prompts_path)][:cfg.n_prompts or None]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     reward = load_reward_model(inputs["reward_model"]) if inputs.get("reward_model") is not None else None
     judge = load_reward_model(cfg.judge_model) if cfg.judge_model else reward
 
     def answer(policy):  # one answer per conversation, scored
-        return _chat_draw(policy, rows, sampling, cfg, task, reward, judge)
+        return score(sample_chat(policy, prompts, sampling, cfg.seed, task, cfg.greedy), prompts, reward, judge)
 
     val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
     dirs = candidate_dirs(inputs, cfg)
@@ -261,7 +255,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         "prompts": {"path": str(prompts_path), "n": len(prompts),
                     "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
-        "judge_model": cfg.judge_model or ("the reward model" if reward is not None else None), **task.describe(),
+        "judge_model": cfg.judge_model or "the reward model", **task.describe(),
         "reward_hacking": guard_verdicts(results) or None,
         "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
@@ -270,8 +264,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     write_best(report, out_dir)
     write_jsonl(out_dir / "samples.jsonl", (
         {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
-         "judge": d.judged[i] if d.judged else None,
-         **({"violations": d.scores[i].violations, "chars": d.scores[i].chars} if d.scores else {})}
+         "judge": d.judged[i] if d.judged else None}
         for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
     (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
     write_evaluation_page(report, out_dir)
@@ -281,28 +274,17 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
 
 
 CHAT_KEYS = ("judge_win_rate_vs_ref", "judge_win_rate_vs_champion", "reward_score", "kl_to_ref", "ended_frac",
-             "empty_frac", "heldout_ppl", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "violations_per_char",
-             "win_rate_vs_ref", "win_rate_vs_champion")
+             "empty_frac", "heldout_ppl")
 
 
 def chat_flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """metrics.json of a conversational evaluation: `C/<metric>` of CHAT_KEYS for each candidate C and the champion
+    """metrics.json of a chat evaluation: `C/<metric>` of CHAT_KEYS for each candidate C and the champion
     (finite values only), `best_candidate_index` and `n_candidates`."""
     rows = {**report["candidates"], **({"champion": report["champion"]} if report.get("champion") else {})}
     flat = {f"{name}/{k}": float(m[k]) for name, m in rows.items() for k in CHAT_KEYS
             if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])}
     return {**flat, "best_candidate_index": report["order"].index(report["best_candidate"]),
             "n_candidates": len(report["order"])}
-
-
-def _chat_draw(policy, rows: list[dict], sampling, cfg: Config, task, reward, judge):
-    """`policy`'s answers to the conversations of `rows` (greedy or sampled with cfg.seed), scored by the reward model,
-    the judge and the task's oracle (each answer after its row's `context`) where there is one."""
-    from alignpipe.oracle.chat_eval import sample_chat, score
-
-    prompts = [r["prompt"] for r in rows]
-    got = sample_chat(policy, prompts, sampling, cfg.seed, task, greedy=cfg.greedy)
-    return score(got, prompts, reward, judge, task.oracle(), [r["context"] for r in rows])
 
 
 def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
@@ -328,30 +310,25 @@ def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
 
 
 def chat_markdown(report: dict[str, Any]) -> str:
-    """report.md of a conversational evaluation: one row per candidate (the best in bold) and the champion (measured
-    on the same conversations); accuracy columns where the task has an oracle."""
-    oracle = any("accuracy" in m for m in report["candidates"].values())
+    """report.md of a chat evaluation: one row per candidate (the best in bold) and the champion (measured on the same
+    conversations)."""
     lines = [f"# Evaluation (task {report['task']}; gate: {report['gate_metric']}, {report['gate_direction']} is "
              f"better; judge: {report['judge_model']})", "",
-             "| candidate | " + ("accuracy (95% CI) | win vs ref | win vs champion | " if oracle else "")
-             + "judge win rate vs ref | judge win vs champion | reward | KL to ref (nats) | ended | held-out ppl | "
-             "guard |", "|---" * (10 if oracle else 7) + "|"]
+             "| candidate | judge win rate vs ref | judge win rate vs champion | reward | KL to ref (nats) | ended | "
+             "held-out ppl | guard |", "|---|---|---|---|---|---|---|---|"]
     champion = report.get("champion")
     rows = {**report["candidates"], **({f"champion v{champion['version']}": champion} if champion else {})}
     for name, m in rows.items():
         g = m.get("guard") or {}
         verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
         label = f"**{name}**" if name == report["best_candidate"] else name
-        cells = ([f"{_fmt(m.get('accuracy'), 3)} ({_fmt(m.get('accuracy_ci_low'), 3)}-"
-                  f"{_fmt(m.get('accuracy_ci_high'), 3)})", _fmt(m.get("win_rate_vs_ref"), 3),
-                  _fmt(m.get("win_rate_vs_champion"), 3)] if oracle else [])
-        cells += [_fmt(m.get(k), d) for k, d in (("judge_win_rate_vs_ref", 3), ("judge_win_rate_vs_champion", 3),
-                                                 ("reward_score", 3), ("kl_to_ref", 3), ("ended_frac", 3),
-                                                 ("heldout_ppl", 4))]
+        cells = [_fmt(m.get(k), d) for k, d in (("judge_win_rate_vs_ref", 3), ("judge_win_rate_vs_champion", 3),
+                                                ("reward_score", 3), ("kl_to_ref", 3), ("ended_frac", 3),
+                                                ("heldout_ppl", 4))]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
     sampling = report["sampling"]
     lines += ["", f"{report['prompts']['n']} held-out conversations, one answer each ("
-              + ("greedy" if sampling.get("greedy") else f"temperature {sampling['temperature']}, top-p "
+              + ("greedy" if sampling["greedy"] else f"temperature {sampling['temperature']}, top-p "
                  f"{sampling['top_p']}, seed {sampling['seed']}") + f", at most {sampling['max_new_tokens']} new "
               "tokens); champion: " + (f"`{champion['model']}` version {champion['version']}, measured on the same "
                                        "conversations" if champion else "none registered") + "."]
@@ -372,7 +349,8 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
         if found is None:
             return None, None
         champion, champion_dir = found
-        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task)
+        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task,
+                   greedy=cfg.greedy)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     champion.update(summarize(got.scores, seed=cfg.seed))

@@ -315,40 +315,49 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
 
 def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple[list[dict], dict[str, float]]:
     """K answers per training conversation (chat template, end of turn), all pairs of answers that ended their
-    turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties). Where the
-    task has an oracle, each answer is also scored by it (after its prompt row's `context`): the rows carry
-    `oracle_chosen`/`oracle_rejected` and the judge's agreement with the oracle is reported."""
+    turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties)."""
+    from alignpipe.core.io import read_jsonl
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.chat_eval import sample_chat
-    from alignpipe.oracle.judges import oracle_agreement
-    from alignpipe.oracle.policy_eval import load_prompts
 
     start = time.perf_counter()
-    rows = load_prompts(Path(inputs["data"]) / "train_prompts.jsonl")[:cfg.n_prompts or None]
+    prompts = [r["prompt"] for r in read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")]
+    prompts = prompts[:cfg.n_prompts or None]
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
     policy = load_policy(inputs["policy"])
-    got = sample_chat(policy, [r["prompt"] for r in rows for _ in range(cfg.k)], sampling, cfg.seed, task)
-    pairs, contexts, n_dropped = [], [], 0
-    for i, row in enumerate(rows):
+    got = sample_chat(policy, [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed, task)
+    pairs, n_dropped = [], 0
+    for i, prompt in enumerate(prompts):
         for a, b in index_pairs(cfg.k, cfg.pairing):
             (ta, ea), (tb, eb) = ((got.completions[i * cfg.k + j], got.ended[i * cfg.k + j]) for j in (a, b))
             if ea and eb and ta and tb and ta != tb:
-                pairs.append((row["prompt"], ta, tb))
-                contexts.append(row["context"])
+                pairs.append((prompt, ta, tb))
             else:
                 n_dropped += 1
     scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
-    oracles = None
-    if task.has_oracle():
-        oracle = task.oracle()
-        oracles = [(oracle(c, a).per_char, oracle(c, b).per_char) for c, (_, a, b) in zip(contexts, pairs)]
-        agreement, decided = oracle_agreement(scores, oracles, cfg.tie_threshold)
-        judge_stats.update(judge_oracle_agreement=agreement, oracle_decided_frac=decided)
-    labelled, stats = order_chat_pairs(pairs, scores, cfg, oracles)
-    return labelled, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
-                      "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
-                      "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+    oracles, oracle_stats = chat_oracle_agreement(cfg, task, pairs, scores)
+    rows, stats = order_chat_pairs(pairs, scores, cfg, oracles)
+    return rows, {**stats, **judge_stats, **oracle_stats, "n_dropped_unended_pairs": n_dropped,
+                  "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
+                  "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+
+
+def chat_oracle_agreement(cfg: Config, task, pairs: list[tuple],
+                          scores: list[tuple[float, float]]) -> tuple[list[tuple[float, float]] | None, dict]:
+    """Where the task has an oracle: its (a, b) values of each judged (conversation, a, b) pair (violations per
+    character after the conversation, lower is better) and, for a judge other than the oracle itself, the judge's
+    agreement with it (`alignpipe.oracle.judges.oracle_agreement`); (None, {}) without an oracle."""
+    from alignpipe.oracle.judges import oracle_agreement
+
+    if not task.has_oracle():
+        return None, {}
+    oracle = task.oracle()
+    oracles = [(oracle(p, a).per_char, oracle(p, b).per_char) for p, a, b in pairs]
+    if cfg.judge == "scorer":
+        return oracles, {}
+    agreement, decided = oracle_agreement(scores, oracles, cfg.tie_threshold)
+    return oracles, {"judge_oracle_agreement": agreement, "oracle_decided_frac": decided}
 
 
 def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
