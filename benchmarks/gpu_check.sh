@@ -88,14 +88,14 @@ stage() { (cd "$WORK" && "$PYTHON" "$ROOT/benchmarks/gpu_check.py" run "$R" -- "
 
 if [ "$TINY" = 1 ]; then
   PT=(--set pretrain.vocab_size=512 --set pretrain.n_embd=64 --set pretrain.n_layer=2 --set pretrain.n_head=2
-      --set pretrain.seq_len=128 --set pretrain.batch_size=8 --set pretrain.max_steps=60 --set pretrain.lr=0.003
-      --set pretrain.eval_prompts=32 --set pretrain.log_every=10)
+      --set pretrain.seq_len=128 --set pretrain.batch_size=8 --set pretrain.max_steps=60 --set pretrain.learning_rate=0.003
+      --set pretrain.n_eval_prompts=32 --set pretrain.logging_steps=10)
   LB=(--set label.n_prompts=96 --set label.max_new_tokens=32 --set label.batch_size=128)
   RW=(--set reward.max_steps=3 --set reward.batch_size=4 --set reward.max_length=256 --set reward.logging_steps=1)
   DP=(--set dpo.max_steps=3 --set dpo.batch_size=4 --set dpo.logging_steps=1 --set dpo.n_eval_prompts=16)
   PP=(--set ppo.max_steps=2 --set ppo.rollout_batch_size=16 --set ppo.minibatch_size=8 --set ppo.n_eval_prompts=16)
 else  # configs/gpu.yaml shapes and batches, short budgets, smaller evaluations
-  PT=(--set pretrain.max_steps=${PT_STEPS:-150} --set pretrain.log_every=10 --set pretrain.eval_prompts=256)
+  PT=(--set pretrain.max_steps=${PT_STEPS:-150} --set pretrain.logging_steps=10 --set pretrain.n_eval_prompts=256)
   LB=(--set label.n_prompts=768)
   RW=(--set reward.max_steps=${RW_STEPS:-20} --set reward.logging_steps=5)
   DP=(--set dpo.max_steps=${DPO_STEPS:-20} --set dpo.logging_steps=5 --set dpo.n_eval_prompts=256)
@@ -105,7 +105,7 @@ G=(--params "$ROOT/configs/gpu.yaml")
 
 log "pretrain"
 stage pretrain "${G[@]}" --data "$DATA" --out "$A/pretrain" "${PT[@]}" --set pretrain.eval_val_chars=200000 \
-  --set pretrain.save_every=100000 --set pretrain.checkpoint_dir="$C/pretrain"
+  --set pretrain.save_steps=100000 --set pretrain.checkpoint_dir="$C/pretrain"
 PT_RC=$?
 if [ $PT_RC -eq 0 ]; then
   log "label"
@@ -128,7 +128,7 @@ fi
 if [ $RW_RC -eq 0 ]; then
   log "ppo"
   stage ppo "${G[@]}" --data "$DATA" --policy "$A/pretrain" --reward-model "$A/reward" --out "$A/ppo" "${PP[@]}" \
-    --set ppo.save_every=100000 --set ppo.checkpoint_dir="$C/ppo"
+    --set ppo.save_steps=100000 --set ppo.checkpoint_dir="$C/ppo"
 fi
 
 log "report"

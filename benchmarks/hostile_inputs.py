@@ -133,9 +133,12 @@ def cases(policy: Path) -> list[Case]:
                         files={bad.name: bad.read_bytes()}, says=bad.name))
     out += [
         # config values and --set
-        Case("config", "--set pretrain.lr=1e309 (inf)", ["config", "show", "--set", "pretrain.lr=1e309"],
-             says="pretrain.lr"),
-        Case("config", "--set pretrain.lr=.inf", ["config", "show", "--set", "pretrain.lr=.inf"], says="pretrain.lr"),
+        Case("config", "--set pretrain.learning_rate=1e309 (inf)", ["config", "show", "--set",
+             "pretrain.learning_rate=1e309"], says="pretrain.learning_rate"),
+        Case("config", "--set pretrain.learning_rate=.inf", ["config", "show", "--set",
+             "pretrain.learning_rate=.inf"], says="pretrain.learning_rate"),
+        Case("config", "--set an old (renamed) key", ["config", "show", "--set", "pretrain.lr=0.001"],
+             says="renamed to pretrain.learning_rate"),
         Case("config", "--set dpo.beta=-.inf", ["config", "show", "--set", "dpo.beta=-.inf"], says="dpo.beta"),
         Case("config", "--set dpo.beta=.nan", ["config", "show", "--set", "dpo.beta=.nan"], says="dpo.beta"),
         Case("config", "--set dpo.beta=1e400 as an integer", ["config", "show", "--set", "dpo.beta=1" + "0" * 400],
@@ -207,8 +210,8 @@ def cases(policy: Path) -> list[Case]:
         # pipeline compile / run / trainjob
         Case("pipeline compile", "--set dpo.beta=.inf", ["pipeline", "compile", "--set", "dpo.beta=.inf", "--out",
              "p.yaml"], says="dpo.beta"),
-        Case("pipeline compile", "--set pretrain.lr=1e309", ["pipeline", "compile", "--set", "pretrain.lr=1e309",
-             "--out", "p.yaml"], says="pretrain.lr"),
+        Case("pipeline compile", "--set pretrain.learning_rate=1e309", ["pipeline", "compile", "--set",
+             "pretrain.learning_rate=1e309", "--out", "p.yaml"], says="pretrain.learning_rate"),
         Case("pipeline compile", "--out an existing folder", ["pipeline", "compile", "--out", "mine"],
              says="is a directory"),
         Case("pipeline compile", "--mlflow-uri with a password", ["pipeline", "compile", "--mlflow-uri",
@@ -219,8 +222,8 @@ def cases(policy: Path) -> list[Case]:
              says="did not create"),
         Case("pipeline run", "--local --root /", ["pipeline", "run", "--local", "--root", "/"],
              says="filesystem root"),
-        Case("trainjob", "--set pretrain.lr=.inf", ["pipeline", "trainjob", "--stage", "pretrain", "--set",
-             "pretrain.lr=.inf", "--out", "job.yaml"], says="pretrain.lr"),
+        Case("trainjob", "--set pretrain.learning_rate=.inf", ["pipeline", "trainjob", "--stage", "pretrain", "--set",
+             "pretrain.learning_rate=.inf", "--out", "job.yaml"], says="pretrain.learning_rate"),
         Case("trainjob", "--nodes 0", ["pipeline", "trainjob", "--stage", "pretrain", "--nodes", "0", "--out",
              "job.yaml"], says="nodes"),
         Case("trainjob", "--out an existing folder", ["pipeline", "trainjob", "--stage", "pretrain", "--out",

@@ -31,10 +31,10 @@ from machine import cpu_name  # benchmarks/machine.py (scripts run with benchmar
 PARAMS = "configs/tiny.yaml"
 # Per stage: --set overrides that give several checkpoints, and the stage's inputs (from the prerequisites).
 BUDGET = {
-    "pretrain": ["pretrain.max_steps=24", "pretrain.save_every=4"],
+    "pretrain": ["pretrain.max_steps=24", "pretrain.save_steps=4"],
     "reward": ["reward.max_steps=24", "reward.save_steps=4"],
     "dpo": ["dpo.max_steps=16", "dpo.save_steps=4"],
-    "ppo": ["ppo.max_steps=8", "ppo.save_every=2"],
+    "ppo": ["ppo.max_steps=8", "ppo.save_steps=2"],
     "grpo": ["grpo.max_steps=8", "grpo.save_steps=2"],
 }
 MAX_STEPS = {"pretrain": 24, "reward": 24, "dpo": 16, "ppo": 8, "grpo": 8}

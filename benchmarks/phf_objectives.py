@@ -208,7 +208,7 @@ def main() -> int:
             continue
         cfg = dataclasses.replace(base, objective=objective, seed=seed, max_steps=steps,
                                   checkpoint_dir=str(work / "checkpoints" / f"{objective}-{seed}"),
-                                  save_every=max(steps // 4, 1))
+                                  save_steps=max(steps // 4, 1))
         out = work / f"{objective}-{seed}"
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -242,13 +242,13 @@ def write_report(args, base, steps, tokens_per_step, calibrated, gemm, runs, sta
         f"- machine: {_machine()}; load average at writing {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
         "(the machine is shared: timings are noisy)",
         f"- data: `{args.data}` (stdlib PEP8 corpus); model: GPT-2 {base.n_embd}d/{base.n_layer}L/{base.n_head}h, "
-        f"BPE vocab {base.vocab_size}, seq {base.seq_len}, batch {base.batch_size}, lr {base.lr}, "
+        f"BPE vocab {base.vocab_size}, seq {base.seq_len}, batch {base.batch_size}, lr {base.learning_rate}, "
         f"{'bf16 autocast' if str(dtype).endswith('bfloat16') else 'fp32'}",
         f"- budget per run: {steps} steps = {steps * tokens_per_step:,} training tokens (control tokens included)"
         + (f", calibrated to {args.minutes} min of training at {calibrated:.0f} tokens/s" if calibrated else "")
         + f"; wall time per run (training + evaluation) {min(walls):.0f}-{max(walls):.0f} s" if walls else "",
         f"- evaluation: held-out loss in nats/char on {base.eval_val_chars:,} chars of val.jsonl (plain text, "
-        f"control-token logits masked); {base.eval_prompts} one-line completions per run of the held-out prompts, "
+        f"control-token logits masked); {base.n_eval_prompts} one-line completions per run of the held-out prompts, "
         "temperature 0.7, top-p 0.9, scored by pycodestyle in context (E9/W292/W391 excluded: they only flag "
         "the cut); seeds pooled; 95% percentile-bootstrap intervals (ratio: both samples resampled)",
         f"- GEMM microbenchmark ({str(dtype).replace('torch.', '')}, TFLOP/s, best of the measurements before "

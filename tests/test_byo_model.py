@@ -87,7 +87,7 @@ def test_ppo_with_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, m
     base = tiny.make_hf_model(tmp_path / "base", "qwen2")
     cfg = ppo.Config(reward="oracle", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
                      max_new_tokens=8, max_prompt_tokens=64, learning_rate=1e-2, bf16=False, n_eval_prompts=4,
-                     eval_batch_size=4, save_every=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4)
+                     eval_batch_size=4, save_steps=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4)
     m = execute("ppo", cfg, {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "ppo")
     assert math.isfinite(m["kl_to_ref"])
     before, after = _weights(base), _weights(tmp_path / "ppo")
@@ -171,7 +171,7 @@ def test_pretrain_continues_a_plain_llama_with_control_tokens(tmp_path, tiny_dat
     base = tiny.make_hf_model(tmp_path / "base", "llama", control_tokens=False)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     cfg = pretrain.Config(objective="conditional", init_model=str(base), seq_len=64, batch_size=4, max_steps=2,
-                          eval_prompts=2, eval_max_new_tokens=8, eval_val_chars=1500, save_every=2,
+                          n_eval_prompts=2, eval_max_new_tokens=8, eval_val_chars=1500, save_steps=2,
                           checkpoint_dir=str(tmp_path / "ck"))
     out = tmp_path / "out"
     out.mkdir()

@@ -209,7 +209,7 @@ def test_pretrain_fine_tunes_a_chat_model_on_the_conversations(chat, tmp_path):
     from alignpipe.stages import pretrain
 
     cfg = dict(objective="mle", init_model=str(chat["llama"]), max_steps=3, batch_size=2, seq_len=64,
-               eval_prompts=4, eval_max_new_tokens=6, save_every=3, checkpoint_dir=str(tmp_path / "ckpt"))
+               n_eval_prompts=4, eval_max_new_tokens=6, save_steps=3, checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("pretrain", pretrain.Config(**cfg), {"data": chat["data"]}, tmp_path / "policy")
     assert metrics["train_tokens"] == 3 * 2 * 64 and metrics["heldout_loss"] > 0
     assert 0 <= metrics["ended_frac"] <= 1 and "violations_per_char" not in metrics

@@ -43,7 +43,7 @@ def test_ppo_trains_a_chat_model_against_the_reward_model(chat, tmp_path, family
 
     policy = tiny.make_chat_model(tmp_path / "policy", family)
     cfg = ppo.Config(reward="model", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
-                     learning_rate=1e-2, max_new_tokens=8, max_prompt_tokens=128, bf16=False, save_every=2,
+                     learning_rate=1e-2, max_new_tokens=8, max_prompt_tokens=128, bf16=False, save_steps=2,
                      checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, eval_batch_size=4, lora_r=lora_r)
     metrics = execute("ppo", cfg, {"data": chat["data"], "policy": policy, "reward_model": chat["rm"]},
                       tmp_path / "ppo")

@@ -174,3 +174,21 @@ def test_config_show_yaml_is_a_standalone_params_file(tmp_path, capsys):
     known = config_classes()
     for section in known:
         assert build_config(known[section], load_params(standalone)) == build_config(known[section], load_params(tiny))
+
+
+@pytest.mark.parametrize("section, old, new", [
+    ("pretrain", "lr", "learning_rate"), ("pretrain", "save_every", "save_steps"), ("ppo", "save_every", "save_steps"),
+    ("pretrain", "eval_prompts", "n_eval_prompts"), ("pretrain", "log_every", "logging_steps"),
+    ("reward", "lr_scheduler", "lr_scheduler_type"),
+])
+def test_an_old_key_names_its_new_name(section, old, new, tmp_path, capsys):
+    """Hugging Face naming: an old key in a params file or --set gets one line naming the new key."""
+    from alignpipe.cli.main import main
+
+    assert main(["config", "show", "--set", f"{section}.{old}=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{section}.{old}: renamed to {section}.{new}") and "\n" not in err
+    p = tmp_path / "params.yaml"
+    p.write_text(f"{section}:\n  {old}: 1\n")
+    assert main(["config", "show", "--params", str(p)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{section}.{old}: renamed to {section}.{new}")

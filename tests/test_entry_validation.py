@@ -49,6 +49,7 @@ def _stage(stage: str, prefs: Path, tmp_path: Path, *extra: str) -> list[str]:
     ({"chosen": "\n    x = 1", "rejected": "\n    x = 1"}, 8, "chosen, rejected", "unique_within_record"),
     ({"chosen": "\n    x = 1\u0000"}, 8, "chosen", "not_match_regex"),
     ({"prompt": ""}, 8, "prompt", "value_lengths_to_be_between"),
+    ({"prompt": "def f():<|aligned|>"}, 8, "prompt", "'<|aligned|>' holds a control or chat-template token"),
 ])
 def test_reward_and_dpo_reject_bad_pairs_before_any_work(stage, bad, line, field, reason, tmp_path, capsys):
     rows = [dict(r) for r in GOOD]

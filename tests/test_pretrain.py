@@ -174,8 +174,8 @@ def test_conditional_sampling_never_emits_misaligned(tmp_path):
     assert any(mis in s.completion_ids for s in free)
 
 
-TINY = dict(vocab_size=300, n_embd=32, n_layer=1, n_head=2, seq_len=64, batch_size=4, max_steps=4, save_every=2,
-            eval_prompts=6, eval_max_new_tokens=8, eval_val_chars=1500, log_every=1)
+TINY = dict(vocab_size=300, n_embd=32, n_layer=1, n_head=2, seq_len=64, batch_size=4, max_steps=4, save_steps=2,
+            n_eval_prompts=6, eval_max_new_tokens=8, eval_val_chars=1500, logging_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_resume_refuses_a_different_config(tiny_data, tmp_path):
     from alignpipe.stages.pretrain import run
 
     ckpt = tmp_path / "ckpt"
-    small = {**TINY, "max_steps": 2, "eval_prompts": 2}
+    small = {**TINY, "max_steps": 2, "n_eval_prompts": 2}
     run(Config(objective="mle", checkpoint_dir=str(ckpt), **small), {"data": tiny_data}, tmp_path)
     with pytest.raises(ConfigError, match="pretrain.objective"):
         run(Config(objective="conditional", checkpoint_dir=str(ckpt), resume=True, **small), {"data": tiny_data},

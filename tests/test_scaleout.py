@@ -54,7 +54,8 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
     from safetensors.torch import load_file
 
     common = ["--params", str(TINY), "--data", str(tiny_data), "--set", "pretrain.precision=fp32",
-              "--set", "pretrain.max_steps=6", "--set", "pretrain.log_every=1", "--set", "pretrain.eval_prompts=1",
+              "--set", "pretrain.max_steps=6", "--set", "pretrain.logging_steps=1",
+              "--set", "pretrain.n_eval_prompts=1",
               "--set", "pretrain.eval_val_chars=200", "--set", "pretrain.eval_max_new_tokens=4"]
     launches = {
         1: [str(BIN / "python"), "-m", "alignpipe", "pretrain", *common, "--set", "pretrain.batch_size=4"],
@@ -315,7 +316,9 @@ def test_pytorchjob_manifest_for_the_training_operator(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--stage", "pretrain", "--nodes", "0"], "--nodes: must be >= 1"),
+    (["--stage", "pretrain", "--nodes", "0"], "--nodes: must be in [1, 1024]"),
+    (["--stage", "pretrain", "--nodes", "1000000"], "--nodes: must be in [1, 1024]"),
+    (["--stage", "pretrain", "--input", "data=../../../etc"], "without '..'"),
     (["--stage", "pretrain", "--set", "pretrain.bogus=1"], "pretrain.bogus: unknown key"),
     (["--stage", "pretrain", "--name", "Bad_Name"], "must be a lowercase DNS label"),
     (["--stage", "reward", "--input", "data=x"], "--input data: not an input of reward"),

@@ -17,6 +17,7 @@ Every call checks that a term returned one finite float per completion and fails
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -74,6 +75,11 @@ def load_function(name: str, key: str = "reward") -> Callable[..., Sequence[floa
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(key, f"{module_name!r} has no callable {attr!r} (reward {name!r})")
+    try:
+        inspect.signature(fn).bind(prompts=[], completions=[])
+    except (TypeError, ValueError) as e:  # ValueError: a builtin without a signature, it cannot be checked
+        raise ConfigError(key, f"reward {name!r} is not callable as f(prompts=[...], completions=[...], **kwargs) "
+                          f"({e})") from None
     return fn
 
 
@@ -118,6 +124,10 @@ class Reward:
             values = _checked(name, values, len(completions))
             self.last_terms[name] = values
             total = [t + weight * v for t, v in zip(total, values)]
+        bad = next((i for i, t in enumerate(total) if not math.isfinite(t)), None)
+        if bad is not None:  # finite terms whose weighted sum overflows a float
+            raise DataError(f"reward {self.spec}", f"the weighted sum overflows to {total[bad]} for completion {bad}: "
+                            "scale the terms or their weights down")
         return total
 
 

@@ -58,18 +58,29 @@ def docker_runner(image: str, pipeline_root: str | Path, network: str = "none") 
 
     The tasks run as the image's user (non-root), so the pipeline root, which is mounted into every container at
     its own path, must be writable by it: a root this creates is made world-writable, an existing one must be."""
-    import docker
+    try:
+        import docker
+    except ImportError:
+        raise ConfigError("--image", "needs the docker Python SDK (pip install docker)") from None
     from kfp import local
     from kfp.local import docker_task_handler
 
     if network not in NETWORKS:
         raise ConfigError("--network", f"must be one of {', '.join(NETWORKS)}, got {network!r}")
-    client = docker.from_env()
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError("--image", "no container engine answers at DOCKER_HOST (start Docker, or `podman system "
+                          f"service --time=0 unix://SOCKET &` with DOCKER_HOST=unix://SOCKET): {first}") from None
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
         raise ConfigError("--image", f"{image} is not in the local image store of {client.api.base_url} "
                                      "(build it: make image-cpu)") from None
+    except docker.errors.DockerException as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError("--image", f"the container engine at {client.api.base_url} failed: {first}") from None
     finally:
         client.close()
     root = Path(pipeline_root).resolve()

@@ -12,6 +12,7 @@ kfp is imported only inside these commands (it is slow to import and the stage c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -134,6 +135,9 @@ def parse_imports(items: list[str], local: bool) -> dict[str, str]:
             if not Path(uri).exists():
                 raise ConfigError(uri, f"--import {name}: no such file or directory (local runs import local paths)")
             uri = str(Path(uri).resolve())
+        elif not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^\s]+", uri) or ".." in uri.split("/"):
+            raise ConfigError(f"--import {name}={uri}", "expects an artifact URI of the cluster's store "
+                              "(gs://..., s3://..., minio://..., https://...), without spaces or '..'")
         imports[name] = uri
     if "data" in imports and "corpus" in imports:
         raise ConfigError("--import", "import either data (a built data/) or corpus (to build data/ from), not both")
@@ -414,8 +418,43 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stop_tasks_on_signal():
+    """SIGTERM or SIGHUP while the DAG runs: terminate the task processes this run started (kfp.local's subprocess
+    and the stage under it, which ends its MLflow run as FAILED and removes its staging folder), then exit; without
+    this the running task would be orphaned and go on alone."""
+    import signal
+
+    def handler(signum, frame):
+        import psutil
+
+        tasks = psutil.Process().children(recursive=True)
+        for proc in tasks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(tasks, timeout=30)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        print(f"alignpipe pipeline: {signal.Signals(signum).name}: stopped the run and its {len(tasks)} task "
+              "process(es)", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     root = make_output_dir(args.root, "--root")
+    with _stop_tasks_on_signal():
+        return _run_here(args, root)
+
+
+def _run_here(args: argparse.Namespace, root: Path) -> int:
     if args.image:  # the tasks see the pipeline root only: MLflow's store (and its artifacts) go there
         from alignpipe.cli.containers import docker_runner, tracking_store
 

@@ -153,11 +153,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
         return run_stage(args)
     except AlignpipeError as e:
-        print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _error_line(args, e)
     except KeyboardInterrupt:
         print("alignpipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `alignpipe ... | head -1` closed stdout: nothing left to say, and no one to say it to
+        _silence_stdout()
+        return 141
+    except Exception as e:
+        from alignpipe.tracking.errors import store_error
+
+        error = store_error(e)  # an unsupported or corrupt tracking URI, a refused registry call: one line
+        if error is None:
+            raise
+        return _error_line(args, error)
+
+
+def _error_line(args: argparse.Namespace, e: AlignpipeError) -> int:
+    print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured): nothing to flush at exit
+        pass
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ PATCH_MANAGER = "alignpipe"
 PARAMS_DIR = "/etc/alignpipe"
 PARAMS_FILE = f"{PARAMS_DIR}/params.yaml"
 WORKSPACE = "/workspace"
+MAX_NODES = 1024  # --nodes above this is a typo, not a cluster: refused before a manifest asks a scheduler for it
+MAX_GPUS_PER_NODE = 64  # the largest nodes sold hold 8-16; a bound, not a fit
 DEFAULT_PVC = "alignpipe-workspace"
 KINDS = ("trainjob", "pytorchjob")
 
@@ -72,6 +74,9 @@ def stage_inputs(stage: str, given: dict[str, str]) -> dict[str, str]:
     paths = {}
     for name, spec in specs.items():
         path = given.get(name, spec.default)
+        if path and (".." in Path(path).parts or not path.isprintable()):
+            raise ConfigError(f"--input {name}={path}", f"must be a path on the shared volume ({WORKSPACE}), without "
+                              "'..' or control characters")
         if path:
             paths[name] = path if path.startswith("/") else f"{WORKSPACE}/{path}"
         elif spec.required:
@@ -255,12 +260,12 @@ def add_trainjob_parser(actions) -> argparse.ArgumentParser:
 
 def manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The manifest documents for parsed `trainjob` arguments (ConfigErrors name the bad argument)."""
-    if args.nodes < 1:
-        raise ConfigError("--nodes", f"must be >= 1, got {args.nodes}")
+    if not 1 <= args.nodes <= MAX_NODES:
+        raise ConfigError("--nodes", f"must be in [1, {MAX_NODES}], got {args.nodes}")
     cfg = stage_config(args.stage, args.params, args.sets)
     gpus = cfg.gpus if args.gpus_per_node is None else args.gpus_per_node
-    if gpus < 0:
-        raise ConfigError("--gpus-per-node", f"must be >= 0 (0: CPU nodes), got {gpus}")
+    if not 0 <= gpus <= MAX_GPUS_PER_NODE:
+        raise ConfigError("--gpus-per-node", f"must be in [0, {MAX_GPUS_PER_NODE}] (0: CPU nodes), got {gpus}")
     name = args.name or f"alignpipe-{args.stage}"
     if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63 - len("-params"):
         raise ConfigError(f"--name {name}", "must be a lowercase DNS label (a-z, 0-9, '-'; starts with a letter) "

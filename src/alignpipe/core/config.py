@@ -14,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -32,7 +32,10 @@ def field(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """Base of every stage config. Subclasses are frozen dataclasses whose fields use `field(default, help)`."""
+    """Base of every stage config. Subclasses are frozen dataclasses whose fields use `field(default, help)`.
+    `RENAMED` maps a key's old name to its new one: an old key gets one line naming the new key."""
+
+    RENAMED: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def section(cls) -> str:
@@ -44,18 +47,23 @@ class StageConfig:
         """Build the config from a dict, checking keys and types; errors name `section.key`."""
         values = dict(values or {})
         hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ConfigError(
-                f"{cls.section()}.{unknown[0]}",
-                f"unknown key; allowed keys: {', '.join(sorted(fields))}",
-            )
+        for key in sorted(values):
+            cls.check_key(key)
         kwargs = {k: _coerce(f"{cls.section()}.{k}", v, hints[k]) for k, v in values.items()}
         try:
             return cls(**kwargs)
         except ValueError as e:
             raise ConfigError(cls.section(), str(e)) from None
+
+    @classmethod
+    def check_key(cls, key: str) -> None:
+        """A ConfigError naming `section.key` unless `key` is one of this config's fields (an old name: the new)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if key in names:
+            return
+        if key in cls.RENAMED:
+            raise ConfigError(f"{cls.section()}.{key}", f"renamed to {cls.section()}.{cls.RENAMED[key]}")
+        raise ConfigError(f"{cls.section()}.{key}", f"unknown key; allowed keys: {', '.join(sorted(names))}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the values (for MLflow params, KFP parameters and metadata files)."""
@@ -205,9 +213,7 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mappi
         if known is not None:
             if section not in known:
                 raise ConfigError(dotted, f"unknown section {section!r}; sections: {', '.join(sorted(known))}")
-            names = {f.name for f in dataclasses.fields(known[section])}
-            if key not in names:
-                raise ConfigError(dotted, f"unknown key; allowed keys: {', '.join(sorted(names))}")
+            known[section].check_key(key)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

@@ -29,9 +29,11 @@ class DataError(AlignpipeError):
 
 
 # What a loader raises on a corrupt or truncated file: OSError, ValueError (json), RuntimeError and EOFError (torch),
-# pickle's UnpicklingError, KeyError (a missing tensor), safetensors' SafetensorError; the tokenizers library raises
-# a plain Exception. Matched by name so this module imports none of those libraries.
-_LOAD_ERRORS = ("OSError", "ValueError", "RuntimeError", "EOFError", "UnpicklingError", "KeyError", "SafetensorError")
+# pickle's UnpicklingError, KeyError (a missing tensor), safetensors' SafetensorError, Jinja's TemplateError (a chat
+# template's syntax error, sandbox violation or raise_exception); the tokenizers library raises a plain Exception.
+# Matched by name so this module imports none of those libraries.
+_LOAD_ERRORS = ("OSError", "ValueError", "RuntimeError", "EOFError", "UnpicklingError", "KeyError", "SafetensorError",
+                "TemplateError")
 
 
 @contextlib.contextmanager

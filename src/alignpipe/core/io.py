@@ -188,12 +188,15 @@ def write_curves(folder: str | Path, curves: dict[str, list[tuple[int, float]]])
 
 
 def is_messages(value: Any) -> bool:
-    """Whether `value` is TRL's conversational form: a non-empty list of {"role", "content"} dicts."""
+    """Whether `value` is TRL's conversational form: a non-empty list of {"role", "content"} dicts whose role and
+    content are strings (content as a list of parts, multimodal, is not text a chat template renders here)."""
     return (isinstance(value, list) and bool(value)
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))
 
 
 def check_messages(value: Any, where: str) -> None:
     """A DataError unless `value` is a list of role/content messages."""
     if not is_messages(value):
-        raise DataError(where, "expected a list of {'role', 'content'} messages (TRL's conversational form)")
+        raise DataError(where, "expected a list of {'role', 'content'} messages with string contents (TRL's "
+                        "conversational form)")

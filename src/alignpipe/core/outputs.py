@@ -16,6 +16,7 @@ from typing import Iterable
 from alignpipe.core.errors import ConfigError
 
 MARKER = ".alignpipe-output"  # written into every folder alignpipe creates for its outputs or checkpoints
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one path component and a whole path, in bytes
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 
 
@@ -45,6 +46,7 @@ def check_output_dir(path: str | Path, where: str = "--out", inputs: Iterable[st
     if str(path).strip() == "":
         raise ConfigError(where, "empty path: name an output directory")
     path = Path(path)
+    _check_form(path, where)
     resolved = path.resolve()
     reason = _protected(resolved)
     if reason:
@@ -65,12 +67,28 @@ def check_output_dir(path: str | Path, where: str = "--out", inputs: Iterable[st
     return path
 
 
+def _check_form(path: Path, where: str) -> None:
+    """A ConfigError when `path` cannot name a folder to write: a name longer than the filesystem allows
+    (NAME_MAX), or `..` after a folder name (`p/new/..`, which means another folder than it reads as, depending on
+    folders that may not exist yet; leading `../` are fine)."""
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > NAME_MAX or len(os.fsencode(str(path.absolute()))) > PATH_MAX:
+        raise ConfigError(f"{where} {str(path)[:60]}...", f"path too long (a name over {NAME_MAX} bytes or a path "
+                          f"over {PATH_MAX}); choose a shorter one")
+    parts = list(path.parts)
+    while parts and parts[0] in ("..", path.anchor):
+        parts.pop(0)
+    if ".." in parts:
+        raise ConfigError(f"{where} {path}", "has '..' after a folder name; write the folder it means")
+
+
 def check_output_file(path: str | Path, where: str = "--out") -> Path:
     """`path` for a file alignpipe writes (a pipeline YAML, a manifest): not empty, not a directory, not a system
     path; a ConfigError naming `where` otherwise."""
     if str(path).strip() == "":
         raise ConfigError(where, "empty path: name the file to write")
     path = Path(path)
+    _check_form(path, where)
     if path.is_dir():
         raise ConfigError(f"{where} {path}", "is a directory; name the file to write")
     reason = _protected(path.resolve())
@@ -82,8 +100,11 @@ def check_output_file(path: str | Path, where: str = "--out") -> Path:
 def make_output_dir(path: str | Path, where: str = "--out") -> Path:
     """Check `path` (check_output_dir), create it and mark it as alignpipe's; returns it."""
     path = check_output_dir(path, where)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).touch()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).touch()
+    except OSError as e:  # a read-only parent, a name too long, a full disk: said in one line
+        raise ConfigError(f"{where} {path}", f"cannot create it: {e.strerror or e}") from None
     return path
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpipe.core.control import CONTROL_TOKEN_PATTERN, REASON as CONTROL_REASON
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import check_readable_file, iter_lines, parse_json_line
 
@@ -63,6 +64,7 @@ class Column:
     schema: dict | None = None  # JSON schema of an array, checked on its canonical JSON text
     pattern: str | None = None  # regex the canonical JSON text of an array must match
     roles: str | None = None  # messages: regex their roles, joined by ",", must match (checked as `<name>.roles`)
+    content: bool = False  # user text a model reads: no control or chat-template token (alignpipe.core.control)
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def roles_of(value: Any) -> str | None:
 def corpus_suite(limits: Limits) -> Suite:
     """A corpus split: `text`, plus the annotations `alignpipe data build` adds."""
     return Suite("corpus", (
-        Column("text", ("string",), required=True, non_blank=True, max_chars=limits.max_text_chars),
+        Column("text", ("string",), required=True, non_blank=True, max_chars=limits.max_text_chars, content=True),
         Column("source", ("string",), max_chars=limits.max_text_chars),
         Column("start_line", ("integer",), bounds=(0, None)),
         Column("n_chars", ("integer",), bounds=(0, None)),
@@ -117,7 +119,8 @@ def corpus_suite(limits: Limits) -> Suite:
         # a JSON schema, and exact (json.dumps writes ints as plain digits, separated by ", ").
         Column("line_violations", ("array",), pattern=r"^\[\d+(?:, \d+)*\]$"),
         # A conversation (a --dataset build of conversational pairs: prompt + chosen turns).
-        Column("messages", ("array",), schema=_messages_schema(limits.max_field_chars), roles=DIALOGUE_TURNS),
+        Column("messages", ("array",), schema=_messages_schema(limits.max_field_chars), roles=DIALOGUE_TURNS,
+               content=True),
     ), unique_key=None)
 
 
@@ -125,12 +128,13 @@ def prompts_suite(limits: Limits, conversational: bool = False) -> Suite:
     """The prompt files (held-out and training): a non-blank `prompt` (or a message list ending on a user turn);
     string context, reference and source."""
     prompt = (Column("prompt", ("array",), required=True, schema=_messages_schema(limits.max_field_chars),
-                     roles=PROMPT_TURNS) if conversational else
-              Column("prompt", ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars))
+                     roles=PROMPT_TURNS, content=True) if conversational else
+              Column("prompt", ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars,
+                     content=True))
     return Suite("prompts", (
         prompt,
-        Column("context", ("string",), max_chars=limits.max_text_chars),
-        Column("reference", ("string",), max_chars=limits.max_text_chars),
+        Column("context", ("string",), max_chars=limits.max_text_chars, content=True),
+        Column("reference", ("string",), max_chars=limits.max_text_chars, content=True),
         Column("source", ("string",), max_chars=limits.max_text_chars),
     ), unique_key=None)
 
@@ -140,10 +144,10 @@ def prefs_suite(limits: Limits, conversational: bool) -> Suite:
     if conversational:
         schema = _messages_schema(limits.max_field_chars)
         text = [Column(c, ("array",), required=True, schema=schema, roles=PROMPT_TURNS if c == "prompt" else
-                       ANSWER_TURNS) for c in ("prompt", "chosen", "rejected")]
+                       ANSWER_TURNS, content=True) for c in ("prompt", "chosen", "rejected")]
     else:
-        text = [Column(c, ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars)
-                for c in ("prompt", "chosen", "rejected")]
+        text = [Column(c, ("string",), required=True, non_blank=True, max_chars=limits.max_field_chars,
+                       content=True) for c in ("prompt", "chosen", "rejected")]
     bound = (-limits.max_abs_score, limits.max_abs_score)
     extra = [Column("score_chosen", ("integer", "number"), bounds=bound),
              Column("score_rejected", ("integer", "number"), bounds=bound),
@@ -321,6 +325,10 @@ def _reason(kind: str, kw: dict, row: dict) -> str:
     schema's first error (e.g. `'robot' is not one of [...]`)."""
     if kind == "expect_column_values_to_match_regex" and kw.get("regex") in TURN_RULES:
         return f" ({TURN_RULES[kw['regex']]})"
+    if kind == "expect_column_values_to_not_match_regex" and kw.get("regex") == CONTROL_TOKEN_PATTERN:
+        from alignpipe.core.control import find_control_token
+
+        return f" ({find_control_token(row.get(kw['column']))!r} {CONTROL_REASON})"
     if kind.endswith("json_schema") and kw.get("json_schema"):
         import jsonschema
 
@@ -422,6 +430,8 @@ def _content_expectations(gxe, suite: Suite, present: list[str], ok: list[Column
             out.append(gxe.ExpectColumnValuesToMatchRegex(column=c.name, regex=c.pattern))
         if c.roles:
             out.append(gxe.ExpectColumnValuesToMatchRegex(column=f"{c.name}.roles", regex=c.roles))
+        if c.content:
+            out.append(gxe.ExpectColumnValuesToNotMatchRegex(column=c.name, regex=CONTROL_TOKEN_PATTERN))
     names = [c.name for c in ok]
     if suite.distinct_pair and all(n in names for n in suite.distinct_pair):
         # GX has no "pair not equal"; uniqueness within the record is that check for two columns.
@@ -509,6 +519,18 @@ def entry_files(path: Path, kind: str) -> list[tuple[Path, str]]:
     if not files:
         raise DataError(str(path), f"no {PREFS_FILE} in this directory")
     return files
+
+
+def output_files(folder: Path, kinds: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """The non-empty files a stage wrote into `folder` that the validators check (a stage module's
+    CHECKED_OUTPUTS kinds: corpus = the splits and prompt files, prefs = prefs.jsonl and heldout.jsonl): what a
+    stage publishes passes the same checks as what validate accepts."""
+    from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
+
+    names = {"corpus": CORPUS_SPLITS, "prompts": PROMPT_FILES, "prefs": (PREFS_FILE, HELDOUT_FILE)}
+    return [(folder / name, "prompts" if name in PROMPT_FILES else kind) for kind in kinds
+            for name in (CORPUS_SPLITS + PROMPT_FILES if kind == "corpus" else names[kind])
+            if (folder / name).is_file() and (folder / name).stat().st_size > 0]
 
 
 def check_inputs(checked: dict[str, str], inputs: dict[str, Path | None], limits: Limits) -> list[dict]:

@@ -6,7 +6,9 @@ No hub download happens unless a Hugging Face id is given (and HF_HUB_OFFLINE is
 
 from __future__ import annotations
 
-from alignpipe.core.errors import loading
+from pathlib import Path
+
+from alignpipe.core.errors import DataError, loading
 
 
 def bf16_supported() -> bool:
@@ -37,8 +39,7 @@ def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, i
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if init_model:
-        with loading(init_model, "model (init_model)"):
-            model = AutoModelForCausalLM.from_pretrained(init_model, use_safetensors=True)
+        model = load_pretrained(AutoModelForCausalLM, init_model, "model (init_model)")
         if model.get_input_embeddings().num_embeddings < len(tok):
             model.resize_token_embeddings(len(tok))
         if model.config.pad_token_id is None:
@@ -49,6 +50,42 @@ def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, i
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id)
     return GPT2LMHeadModel(config)
+
+
+def load_pretrained(auto_class, path: str | Path, what: str, tok=None, new_head: tuple[str, ...] = (),
+                    **kwargs):
+    """`auto_class.from_pretrained(path, **kwargs)` (safetensors only), the one place alignpipe loads weights, refused
+    with one DataError line naming `path` unless they match the model: no missing, unexpected or mismatched keys
+    (transformers' loading info; `new_head`: prefixes of the layers a new head may lack, e.g. a reward model's
+    `score.`, or leave unused, e.g. a causal LM's `lm_head.`), every weight finite, and an embedding at least as large
+    as the tokenizer `tok` when given."""
+    import logging
+
+    import torch
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(logging.ERROR)  # the MISSING/UNEXPECTED table: refused below in one line
+    try:
+        with loading(path, what):
+            model, info = auto_class.from_pretrained(str(path), use_safetensors=True, output_loading_info=True,
+                                                     **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        bad = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or ()
+                     if not (isinstance(k, str) and k.startswith(new_head) and new_head))
+        if bad:
+            raise DataError(str(path), f"the {what} do not match the model: {len(bad)} {kind.replace('_', ' ')} "
+                            f"(e.g. {bad[0]}): weights saved from another architecture or renamed")
+    broken = next((name for name, p in model.named_parameters()
+                   if p.dtype.is_floating_point and not torch.isfinite(p).all()), None)
+    if broken is not None:
+        raise DataError(str(path), f"the {what} hold NaN or infinite values (e.g. {broken})")
+    if tok is not None and len(tok) > model.get_input_embeddings().num_embeddings:
+        raise DataError(str(path), f"the tokenizer has {len(tok)} tokens but the model's embedding only "
+                        f"{model.get_input_embeddings().num_embeddings} rows: they do not belong together")
+    return model
 
 
 def training_flops_per_token(model, seq_len: int) -> float:

@@ -96,6 +96,7 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     pads with EOS. `quantization_config` (QLoRA's 4-bit base) leaves the placement to transformers."""
     from transformers import AutoModelForCausalLM
 
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.tokenizers import load_tokenizer
 
     local = Path(str(path)).exists()
@@ -104,10 +105,9 @@ def load_policy(path: str | Path, trust_remote_code: bool = False, device: str |
     if local and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    with loading(path, "policy weights"):
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}))
+    model = load_pretrained(AutoModelForCausalLM, path, "policy weights", tok, trust_remote_code=trust_remote_code,
+                            **({"quantization_config": quantization_config} if quantization_config is not None
+                               else {}))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if quantization_config is None:
@@ -208,17 +208,17 @@ def encode_prompts(tok, meta: PolicyMeta, prompts: list, max_prompt_tokens: int,
     return [tok(text(p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
 
 
-def sample(model, tok, meta: PolicyMeta, prompts: list[str], sampling: Sampling = Sampling(), seed: int = 0,
-           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit) -> list[Sample]:
+def sample(model, tok, meta: PolicyMeta, prompts: list, sampling: Sampling = Sampling(), seed: int = 0,
+           greedy: bool = False, progress: str | None = None, *, unit: CompletionUnit, task=None) -> list[Sample]:
     """One completion per prompt, ending where `unit` (the task's `completion_unit()`) says, with a KV cache, in
-    batches; deterministic for a given seed."""
+    batches; deterministic for a given seed. Prompts are formatted by `task` when given (`encode_prompts`)."""
     import torch
     from tqdm import tqdm
 
     from alignpipe.lm.batching import pad_torch
 
     device = next(model.parameters()).device
-    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens)
+    encoded = encode_prompts(tok, meta, prompts, sampling.max_prompt_tokens, task)
     bad = [[i] for i in banned_token_ids(tok, meta)]
     first = unit.first_token_ids(tok)
     out: list[Sample] = []

@@ -19,22 +19,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignpipe.core.errors import DataError, loading
+from alignpipe.core.errors import DataError
 
 
 def load_reward_model(path: str | Path, trust_remote_code: bool = False, device: str | None = None):
     """(model, tokenizer) of a reward model directory (AutoModelForSequenceClassification, one label)."""
     from transformers import AutoModelForSequenceClassification
 
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.policy import torch_device
     from alignpipe.lm.tokenizers import load_tokenizer
 
     if Path(str(path)).exists() and not any(Path(path).glob("*.safetensors")):
         raise DataError(str(path), "no *.safetensors weights (alignpipe loads safetensors only)")
     tok = load_tokenizer(path, trust_remote_code)
-    with loading(path, "reward model weights"):
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True,
-                                                                   trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForSequenceClassification, path, "reward model weights", tok,
+                            trust_remote_code=trust_remote_code)
     if model.config.num_labels != 1:
         raise DataError(str(path), f"a reward model has one output (num_labels=1), got {model.config.num_labels}")
     if model.config.pad_token_id is None:

@@ -9,8 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from alignpipe.core.errors import loading
+from alignpipe.core.errors import DataError, loading
 
+# The files a saved tokenizer is read from (fast, SentencePiece, BPE or WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# A conversation every usable chat template renders: a template that fails on it (a syntax error, a sandbox
+# violation, an undefined call) is refused when the tokenizer is loaded, in one line, not mid-run in a traceback.
+PROBE_CHAT = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "bye"})
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 ALIGNED = "<|aligned|>"
@@ -62,6 +68,11 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, ad
     `add_control_tokens`, the control tokens it lacks are added as special tokens (pretraining a given tokenizer)."""
     from transformers import AutoTokenizer
 
+    local = Path(str(name_or_path))
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        # Without these, transformers builds an empty tokenizer from config.json's model type, without a word.
+        raise DataError(str(local), f"no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
+                        "tokenizer with the model (save_pretrained)")
     with loading(name_or_path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     missing = [t for t in CONTROL_TOKENS if t not in tok.get_vocab()] if add_control_tokens else []
@@ -69,6 +80,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, ad
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None):
+        with loading(name_or_path, "chat template (rendering a probe conversation)"):
+            tok.apply_chat_template(list(PROBE_CHAT), tokenize=False, add_generation_prompt=True)
     return tok
 
 

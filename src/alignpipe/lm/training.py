@@ -196,10 +196,28 @@ def resume_checkpoint(cfg, checkpoint_dir: Path) -> str | None:
         if found is None:
             raise DataError(str(checkpoint_dir), f"{stage}.resume is set but there is no checkpoint-N folder to "
                                                  "resume from")
+        check_torch_files(Path(found))
         return found
     if distributed.is_main_process():
         clear_checkpoints(checkpoint_dir)
     return None
+
+
+def check_torch_files(checkpoint: Path) -> None:
+    """Every torch file of a Trainer checkpoint (optimizer, scheduler, RNG and scaler state) read with
+    `weights_only=True` before the Trainer does, so a pickle that would run code is refused with one line naming
+    the file, before any training (never unpickled)."""
+    import pickle
+
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        with loading(path, "checkpoint state (truncated or corrupt)"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise DataError(str(path), "holds pickled Python objects, not only tensors: refused, never "
+                                "unpickled (remove this checkpoint or drop --resume)") from None
 
 
 def train_from(trainer, checkpoint: str | None):

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from alignpipe.core.errors import ConfigError
+
 # The default comparison prompt of the llm judge. The question comes last so that keeping the last tokens of a
 # long prompt keeps it. Placeholders: {prompt} (the code), {a} and {b} (the completions, without their leading
 # newline, indentation kept).
@@ -134,6 +136,28 @@ class RewardModelJudge:
         return list(zip(ra, rb))
 
 
+TEMPLATE_FIELDS = ("prompt", "a", "b")  # what an llm judge template fills in, each exactly by name
+
+
+def check_template(template: str, where: str = "label.llm_template") -> None:
+    """A ConfigError unless `template` is a `str.format` template whose placeholders are exactly {prompt}, {a} and
+    {b} (no other name, no index, attribute, conversion or format spec; literal braces doubled: `{{`)."""
+    import string
+
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as e:
+        raise ConfigError(where, f"not a format template ({e}): write literal braces as {{{{ and }}}}") from None
+    bad = next((name for name, spec, conv in fields if name not in TEMPLATE_FIELDS or spec or conv), None)
+    if bad is not None:
+        raise ConfigError(where, f"unknown placeholder {{{bad}}}: use only {{prompt}}, {{a}} and {{b}} (literal "
+                          "braces as {{ and }})")
+    missing = [name for name in TEMPLATE_FIELDS if name not in {f[0] for f in fields}]
+    if missing:
+        raise ConfigError(where, f"must contain {{{missing[0]}}}")
+
+
 class LLMJudge:
     """A causal LM as a judge: P(prefers a) = mean of P("A" | a shown first) and P("B" | a shown second).
 
@@ -147,10 +171,9 @@ class LLMJudge:
                  batch_size: int = 16, max_length: int = 1024, chat_template: bool = False,
                  trust_remote_code: bool = False, model=None, tok=None):
         if len(answers) != 2 or answers[0] == answers[1]:
-            raise ValueError(f"llm judge needs two different answer strings, got {list(answers)!r}")
-        for key in ("{prompt}", "{a}", "{b}"):
-            if key not in template:
-                raise ValueError(f"llm judge template must contain {key}")
+            raise ConfigError("label.llm_answers", f"the llm judge needs two different answer strings, got "
+                              f"{list(answers)!r}")
+        check_template(template)
         if model is None:
             from alignpipe.lm.policy import load_policy
 
@@ -160,7 +183,8 @@ class LLMJudge:
         self.batch_size, self.max_length, self.chat_template = batch_size, max_length, chat_template
         self.answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in self.answers]
         if not all(self.answer_ids) or self.answer_ids[0] == self.answer_ids[1]:
-            raise ValueError(f"llm judge answers {list(answers)!r} must tokenize to different, non-empty ids")
+            raise ConfigError("label.llm_answers", f"the llm judge answers {list(answers)!r} must tokenize to "
+                              "different, non-empty ids")
 
     def question(self, prompt: str, first: str, second: str) -> str:
         """The comparison prompt showing `first` as A and `second` as B."""

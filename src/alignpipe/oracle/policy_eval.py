@@ -67,7 +67,7 @@ def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None 
 
     texts = [r["prompt"] for r in prompts]
     samples = sample(*policy, texts, sampling, seed=seed, greedy=greedy, progress=progress,
-                     unit=task.completion_unit())
+                     unit=task.completion_unit(), task=task)
     out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts],
                                       task.oracle()))
     if reward is not None:
@@ -130,6 +130,7 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
                                                          sampling.max_prompt_tokens)
     metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,
                       champion.scores if champion is not None else None, seed=seed)
+    metrics.update(task.summarize(got.scores, seed))
     metrics["kl_estimate"] = "token" if same_vocab else "text"
     if got.rewards is not None:
         metrics["reward_score"] = sum(got.rewards) / len(got.rewards)
@@ -145,7 +146,7 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
 
     sampling = sampling or Sampling()
     got = draw(policy, prompts, sampling, seed, progress, task=task)
-    metrics = summarize(got.scores, seed=seed)
+    metrics = {**summarize(got.scores, seed=seed), **task.summarize(got.scores, seed)}
     details = {"completions": got.completions(), "scores": [sample_value(s) for s in got.scores]}
     if reference is not None:
         if reference[1].get_vocab() != policy[1].get_vocab():
@@ -158,6 +159,8 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
                                                     sampling.max_prompt_tokens)
         metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
         metrics["ref_violations_per_char"] = summarize(ref.scores, seed=seed)["violations_per_char"]
+        metrics.update({f"ref_{k}": v for k, v in task.summarize(ref.scores, seed).items() if not k.endswith(
+            ("_ci_low", "_ci_high"))})
         details["ref_completions"] = ref.completions()
         details["ref_scores"] = [sample_value(s) for s in ref.scores]
     return metrics, details

@@ -8,6 +8,7 @@ export and register take `best/` alone: its weights must still hash to what eval
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from alignpipe.core.io import read_json, write_json
 REPORT_FILE = "report.json"
 BEST_DIR = "best"  # evaluate's copy of the chosen candidate (its output `best`)
 BEST_FILE = "candidate.json"  # in best/: the report restricted to the chosen candidate
+CANDIDATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # what a candidate may be called
 
 
 def read_report(evaluation: Path, name: str = REPORT_FILE) -> dict[str, Any]:
@@ -29,7 +31,17 @@ def read_report(evaluation: Path, name: str = REPORT_FILE) -> dict[str, Any]:
     best = report.get("best_candidate") if isinstance(report, dict) else None
     if not isinstance(candidates, dict) or not isinstance(best, str) or best not in candidates:
         raise DataError(where, "expected 'candidates' (name -> metrics) and 'best_candidate' naming one of them")
+    check_candidate_name(best, where)
     return report
+
+
+def check_candidate_name(name: str, where: str) -> str:
+    """`name` when it is a candidate's name (a stage name or an evaluate.extra_candidates NAME): a plain word, never
+    a path, a URI or markup, since it ends up in registry tags, file names and pages."""
+    if not CANDIDATE_NAME.fullmatch(name) or ".." in name:
+        raise DataError(where, f"best_candidate {name[:60]!r} is not a candidate name (letters, digits, '_', '-', "
+                        "'.'; at most 64 characters)")
+    return name
 
 
 def write_best(report: dict[str, Any], out_dir: Path) -> Path:

@@ -4,6 +4,7 @@ Beside the stage's outputs it writes metrics.json (all metrics), metrics_headlin
 HEADLINE, for `dvc metrics show`) and curves/<metric>.tsv (every per-step metric logged through `tracking.runs`, for
 `dvc plots show`; absent when the stage logged none) and, for a stage with CHECKED_INPUTS, input_validation.json:
 its input files checked, before any work, by the validate stage's validators with the `validate` section's limits.
+A stage with CHECKED_OUTPUTS has the files it wrote checked the same way before they are published.
 
 The CLI, the DVC commands and the KFP components all go through `execute`, so a stage behaves the same way
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
@@ -29,7 +30,7 @@ from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
 from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
-from alignpipe.data.validators import Limits, check_inputs
+from alignpipe.data.validators import Limits, check_inputs, output_files, validate_files
 from alignpipe.stages import load_stage
 from alignpipe.tracking import runs
 
@@ -82,6 +83,9 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     try:
         with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
             metrics = dict(stage.run(cfg, resolved, staging))
+            written = output_files(staging, getattr(stage, "CHECKED_OUTPUTS", ()))
+            if written:  # e.g. data build publishes only what validate accepts
+                validate_files(written, limits or Limits())
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
@@ -159,8 +163,9 @@ def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, 
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) into SystemExit while a stage runs,
-    so the MLflow run ends as FAILED instead of staying RUNNING and the staging folder is removed."""
+    """Turn SIGTERM (Kubernetes deleting the pod, `kill`, DVC/KFP cancelling) and SIGHUP (the terminal or SSH
+    session closed) into SystemExit while a stage runs, so the MLflow run ends as FAILED instead of staying RUNNING
+    and the staging folder is removed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -168,8 +173,9 @@ def _sigterm_as_exit():
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)

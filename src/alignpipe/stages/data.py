@@ -31,6 +31,8 @@ from alignpipe.stages import Input
 INPUTS = (Input("corpus", None, "optional user corpus JSONL with a 'text' field (default: the stdlib)", False),)
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"corpus": "corpus"}
+# What it writes passes the same validators before it is published: data build accepts only what validate accepts.
+CHECKED_OUTPUTS = ("corpus", "prefs")
 METRICS = ("n_train_chunks", "n_val_chunks", "n_test_chunks", "n_prompts", "corpus_mb")  # pep8 corpus: also
 # mean_violations_per_char; a --dataset build: also n_pairs, n_heldout_pairs
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
@@ -62,6 +64,11 @@ class Config(StageConfig):
     dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "
                          "folder in HF layout or a hub id (empty: the PEP8 corpus)")
     split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)")
+    # Generated verifiable tasks (arith: alignpipe.tasks.arith)
+    n_conversations: int = field(8000, "arith: conversations generated from `seed` (train/val/test by question)")
+    max_operand: int = field(99, "arith: operands drawn from 0..max_operand (the difficulty: digits and carries)")
+    wrong_frac: float = field(0.3, "arith: fraction of the corpus' answers that are plausible wrong ones (off by "
+                              "one or ten, a dropped carry, swapped digits), tagged by the oracle")
 
     def __post_init__(self):
         get_task(self.task)  # a ConfigError in one line: unknown, not importable, or lacking a method
@@ -72,6 +79,9 @@ class Config(StageConfig):
         self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
         self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
         self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
+        self.check(self.n_conversations >= 1, "n_conversations", "must be >= 1")
+        self.check(1 <= self.max_operand <= 10**6, "max_operand", "must be in [1, 1000000]")
+        self.check(0 <= self.wrong_frac <= 1, "wrong_frac", "must be in [0, 1]")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
@@ -114,6 +124,11 @@ def load_dataset_rows(spec: str, split: str) -> list[dict]:
         raise DataError(spec, f"cannot read split {split!r} with datasets: {reason}") from None
     rows = []
     for i, row in enumerate(ds):
+        wrong = next((k for k in (*PAIR_KEYS, "messages", "conversations") if row.get(k) is not None
+                      and not isinstance(row[k], (str, list))), None)
+        if wrong is not None:  # TRL's helpers index into these: an object would be a KeyError deep inside them
+            raise DataError(f"{spec}[{split}][{i}]", f"field {wrong!r} must be a string or a list of role/content "
+                            f"messages, got {type(row[wrong]).__name__}")
         row = maybe_extract_prompt(maybe_convert_to_chatml({k: _plain(v) for k, v in row.items()}))
         rows.append(row)
         if "prompt" not in row:
@@ -127,11 +142,12 @@ def load_dataset_rows(spec: str, split: str) -> list[dict]:
 def _check_row(row: dict, where: str, pairs: bool) -> dict:
     """The pipeline's columns of one row: prompt (+ chosen, rejected, scores), all strings or all messages."""
     keys = PAIR_KEYS if pairs else ("prompt",)
-    conversational = is_messages(row.get("prompt"))
+    conversational = isinstance(row.get("prompt"), list)
     for key in keys:
         ok = is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)
         if not ok:
-            form = "a list of role/content messages, like the prompt" if conversational else "a string"
+            like = ", like the prompt" if key != "prompt" else ""
+            form = f"a list of role/content messages with string contents{like}" if conversational else "a string"
             raise DataError(where, f"field {key!r} must be {form}, got {type(row.get(key)).__name__}")
     return {k: row[k] for k in (*keys, *(SCORE_KEYS if pairs else ())) if row.get(k) is not None}
 

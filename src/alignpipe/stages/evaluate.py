@@ -353,7 +353,7 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
                    greedy=cfg.greedy)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    champion.update(summarize(got.scores, seed=cfg.seed))
+    champion.update({**summarize(got.scores, seed=cfg.seed), **task.summarize(got.scores, cfg.seed)})
     if got.rewards is not None:
         champion["reward_score"] = sum(got.rewards) / len(got.rewards)
     return champion, got
@@ -440,6 +440,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     keys = ("violations_per_char", "violations_per_char_ci_low", "violations_per_char_ci_high",
             "zero_violation_frac", "empty_frac", "win_rate_vs_ref", "win_rate_vs_champion", "kl_to_ref",
             "reward_score", "heldout_ppl", "heldout_nats_per_char", "win_rate_vs_ref_nontied", "win_rate_ceiling")
+    gate = report["gate_metric"]  # the task's own summary (e.g. arith's accuracy) with its interval
+    keys += tuple(k for k in (gate, f"{gate}_ci_low", f"{gate}_ci_high") if k not in keys)
     guard_keys = ("rm_pair_accuracy", "rm_spearman", "rm_gain", "oracle_gain", "reward_hacking")
     out: dict[str, float] = {}
     for name, m in report["candidates"].items():
@@ -449,7 +451,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         out.update({f"{name}/guard/{k}": float(g[k]) for k in guard_keys
                     if isinstance(g.get(k), (int, float)) and math.isfinite(g[k])})
     champion = report.get("champion") or {}
-    for k in ("violations_per_char", "zero_violation_frac", "reward_score"):
+    for k in dict.fromkeys(("violations_per_char", "zero_violation_frac", "reward_score", gate)):
         if isinstance(champion.get(k), (int, float)) and math.isfinite(champion[k]):
             out[f"champion/{k}"] = float(champion[k])
     out["best_candidate_index"] = report["order"].index(report["best_candidate"])

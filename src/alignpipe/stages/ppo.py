@@ -70,6 +70,7 @@ ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name: a LoRA run's che
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "ppo"
+    RENAMED: ClassVar[dict[str, str]] = {"save_every": "save_steps"}
 
     reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
                                  "a weighted sum (0.5*model + oracle); see alignpipe.algos.rewards")
@@ -93,7 +94,7 @@ class Config(StageConfig, LoraFields):
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
     seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    save_every: int = field(5, "checkpoint every N iterations into checkpoint_dir")
+    save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir")
     checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
     n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
@@ -104,7 +105,7 @@ class Config(StageConfig, LoraFields):
 
         parse_reward(self.reward, "ppo.reward")
         for key in ("max_steps", "rollout_batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
-                    "max_new_tokens", "max_prompt_tokens", "save_every", "n_eval_prompts", "eval_batch_size"):
+                    "max_new_tokens", "max_prompt_tokens", "save_steps", "n_eval_prompts", "eval_batch_size"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size", "must be <= rollout_batch_size")
         self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -288,7 +289,7 @@ def check_kl(seq_kls, iteration: int, state: PPOState) -> float:
 def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: RewardFn,
           resume_from: Path | None = None, progress: str | None = "ppo",
           task=None) -> tuple[object, PPOState, list[dict]]:
-    """The PPO loop. Returns (value head, final state, per-iteration stats). Checkpoints every `save_every`
+    """The PPO loop. Returns (value head, final state, per-iteration stats). Checkpoints every `save_steps`
     iterations and at the end into cfg.checkpoint_dir; `resume_from` restores one. `task` says how rollouts are
     prompted and where they end (default: the default task, pep8)."""
     import random
@@ -360,7 +361,7 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: Re
         history.append({k: float(v) for k, v in stats.items()})
         runs.log_metrics(stats, step=iteration + 1)
         bar.set_postfix(reward=f"{stats['env/reward_mean']:.3f}", kl=f"{seq_kl:.2f}")
-        if state.iteration % cfg.save_every == 0 or state.iteration == cfg.max_steps:
+        if state.iteration % cfg.save_steps == 0 or state.iteration == cfg.max_steps:
             save_checkpoint(checkpoint_dir, model, value_head, optimizer, tok, meta, state)
     return value_head, state, history
 

@@ -7,11 +7,14 @@ held-out loss in nats per character on plain validation text, and one-line compl
 (PHF sampling: temperature 0.7, top-p 0.9) scored by the PEP8 oracle. Objectives: `alignpipe.algos.phf`;
 training pieces (DDP, blocks, optimizer, checkpoints): `alignpipe.lm.training`.
 
-On the chat task (`data.task: chat`) pretrain is supervised fine-tuning of `init_model` (a chat model: its
-tokenizer has a chat template) on the data's conversations (each row's `messages`, the prompt and the chosen
-answer, through the chat template), objective `mle` only (the other objectives score segments with the PEP8
-oracle); its evaluation is the held-out loss on the templated val conversations and one sampled answer per held-out
-prompt (chat template, ending the turn): the fraction of answers that end their turn, answer length.
+What differs between tasks comes from the task (`alignpipe.tasks.Task`): the objectives it allows
+(`pretrain_objectives`), how its train.jsonl rows become scored segments (`pretrain_documents`), the tokenizer and
+model trained from scratch (`train_tokenizer`, `new_model`). On the chat task (`data.task: chat`) pretrain is
+supervised fine-tuning of `init_model` (a chat model: its tokenizer has a chat template) on the data's conversations
+through the chat template, objective `mle` only; its evaluation is the held-out loss on the templated val
+conversations and one sampled answer per held-out prompt (the fraction that end their turn, answer length). The
+arith task (a chat task with an oracle) trains a Llama from scratch with any objective (its answers scored by the
+oracle; conditional training tags wrong ones) and is evaluated by its oracle (accuracy with its interval).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ Objective = Literal["mle", "filter", "conditional", "unlikelihood", "rwr", "awr"
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "pretrain"
+    RENAMED: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate", "warmup_frac": "warmup_ratio", "schedule": "lr_scheduler_type",
+        "grad_clip": "max_grad_norm", "eval_prompts": "n_eval_prompts", "log_every": "logging_steps",
+        "save_every": "save_steps"}
 
     objective: Objective = field("conditional", "PHF objective: mle, filter, conditional, unlikelihood, rwr, awr")
     # Model and tokenizer
@@ -53,11 +60,11 @@ class Config(StageConfig):
     seq_len: int = field(256, "tokens per training sequence (documents are packed, EOS-separated)")
     batch_size: int = field(16, "sequences per step and process")
     max_steps: int = field(300, "optimizer steps (the token budget is max_steps x batch_size x seq_len x gpus)")
-    lr: float = field(2e-3, "peak AdamW learning rate")
-    warmup_frac: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
-    schedule: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
+    learning_rate: float = field(2e-3, "peak AdamW learning rate")
+    warmup_ratio: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
+    lr_scheduler_type: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)")
-    grad_clip: float = field(1.0, "gradient norm clip")
+    max_grad_norm: float = field(1.0, "gradient norm clip")
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
     compile: bool = field(False, "torch.compile the model")
     threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)")
@@ -70,15 +77,15 @@ class Config(StageConfig):
     awr_alpha: float = field(0.05, "awr: weight of the LM term (1 - alpha weighs the value loss)")
     awr_beta: float = field(1.0, "awr: temperature of the advantage weights exp((R - V) / beta)")
     # Evaluation
-    eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
+    n_eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
     eval_max_new_tokens: int = field(48, "token cap of a one-line completion")
     eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)")
     eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)")
     eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)")
     eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)")
     # Run
-    log_every: int = field(10, "steps between logged training metrics")
-    save_every: int = field(100, "steps between checkpoints (one is always written at the end)")
+    logging_steps: int = field(10, "steps between logged training metrics")
+    save_steps: int = field(100, "steps between checkpoints (one is always written at the end)")
     checkpoint_dir: str = field("checkpoints/pretrain", "checkpoints (outside the published output)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
     seed: int = field(0, "seed of initialisation, data order, token dropping and sampling")
@@ -87,14 +94,14 @@ class Config(StageConfig):
     def __post_init__(self):
         self.check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes and the special tokens)")
         for key in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "eval_max_new_tokens",
-                    "log_every", "save_every"):
+                    "logging_steps", "save_steps"):
             self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.gpus >= 0, "gpus", "must be >= 0 (0: a CPU node)")
         self.check(self.n_embd % self.n_head == 0, "n_embd", f"must be a multiple of n_head={self.n_head}")
-        self.check(self.lr > 0, "lr", "must be > 0")
-        self.check(0 <= self.warmup_frac < 1, "warmup_frac", "must be in [0, 1)")
+        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        self.check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         self.check(self.threshold >= 0, "threshold", "must be >= 0")
         self.check(self.filter_threshold >= 0, "filter_threshold", "must be >= 0")
         self.check(0 <= self.drop_token_prob < 1, "drop_token_prob", "must be in [0, 1)")
@@ -102,7 +109,7 @@ class Config(StageConfig):
         self.check(self.rwr_beta > 0, "rwr_beta", "must be > 0")
         self.check(0 < self.awr_alpha <= 1, "awr_alpha", "must be in (0, 1]")
         self.check(self.awr_beta > 0, "awr_beta", "must be > 0")
-        self.check(self.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
         self.check(self.eval_temperature > 0, "eval_temperature", "must be > 0")
         self.check(0 < self.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
         self.check(self.eval_max_prompt_tokens >= 1, "eval_max_prompt_tokens", "must be >= 1")
@@ -112,9 +119,9 @@ class Config(StageConfig):
 
 # Config keys that change the trained weights: a checkpoint only resumes a run that agrees on all of them.
 TRAINING_KEYS = ("objective", "tokenizer", "vocab_size", "tokenizer_indent", "init_model", "n_embd", "n_layer",
-                 "n_head", "seq_len", "batch_size", "max_steps", "lr", "warmup_frac", "schedule", "weight_decay",
-                 "grad_clip", "precision", "threshold", "filter_threshold", "drop_token_prob", "ul_alpha", "rwr_beta",
-                 "awr_alpha", "awr_beta", "seed", "gpus")
+                 "n_head", "seq_len", "batch_size", "max_steps", "learning_rate", "warmup_ratio", "lr_scheduler_type",
+                 "weight_decay", "max_grad_norm", "precision", "threshold", "filter_threshold", "drop_token_prob",
+                 "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta", "seed", "gpus")
 
 
 def policy_meta(cfg: Config):
@@ -130,20 +137,22 @@ def policy_meta(cfg: Config):
     return PolicyMeta(objective=cfg.objective, bad_words=CONTROL_TOKENS, strip_tokens=CONTROL_TOKENS, extra=extra)
 
 
-def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int):
-    """The training token stream: documents (shuffled; filtered for `filter`) as EOS + segments, with a control
+def build_token_stream(rows: list[dict], tok, cfg: Config, seed: int, task=None, where: str = "train.jsonl"):
+    """The training token stream: the rows as the task's documents (`Task.pretrain_documents`: a score and
+    segments; `task` default pep8), shuffled (filtered by score for `filter`), as EOS + segments, with a control
     token before each segment for `conditional`. Returns (ids, scores, stats): numpy arrays of token ids and of
     each token's segment score (violations/char), and counts."""
     import numpy as np
 
-    from alignpipe.algos.phf import control_token, keep_document, split_segments
+    from alignpipe.algos.phf import control_token, keep_document
     from alignpipe.lm.tokenizers import control_ids
+    from alignpipe.tasks import DEFAULT_TASK, get_task
 
+    docs = (task or get_task(DEFAULT_TASK)).pretrain_documents(rows, tok, where)
     rng = np.random.default_rng(seed)
     if cfg.objective == "filter":
-        rows = [r for r in rows if keep_document(r["violations_per_char"], cfg.filter_threshold)]
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    docs = [split_segments(r["text"], r["line_violations"]) for r in rows]
+        docs = [d for d in docs if keep_document(d[0], cfg.filter_threshold)]
+    docs = [docs[i][1] for i in rng.permutation(len(docs))]
     flat = [s for segs in docs for s in segs]
     encoded = tok([s.text for s in flat], add_special_tokens=False)["input_ids"]
     conditional = cfg.objective == "conditional"
@@ -204,42 +213,13 @@ def _val_texts(data_dir: Path, max_chars: int, tok=None) -> list[str]:
 
 
 def check_task(cfg: Config, task) -> None:
-    """What a conversational task needs of pretrain: MLE (no oracle scores segments) and a chat model to continue."""
+    """The objectives the task trains with (`Task.pretrain_objectives`: chat is mle only)."""
     from alignpipe.core.errors import ConfigError
 
-    if not task.conversational():
-        return
-    if cfg.objective != "mle":
-        raise ConfigError("pretrain.objective", f"task {task} trains with mle only (supervised fine-tuning on "
-                          f"the chosen conversations): {cfg.objective} needs the PEP8 oracle's segment scores")
-    if not cfg.init_model:
-        raise ConfigError("pretrain.init_model", f"task {task} continues a chat model (a Hugging Face id or "
-                          "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
-
-
-def chat_rows(rows: list[dict], tok, path: Path) -> list[dict]:
-    """Conversations as pretraining rows: the chat-templated text, every line scored 0 (MLE ignores scores)."""
-    from alignpipe.core.errors import ConfigError
-    from alignpipe.core.io import check_messages
-
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError("pretrain.init_model", "the chat task needs a tokenizer with a chat template")
-    out = []
-    for i, row in enumerate(rows):
-        check_messages(row.get("messages"), f"{path}:{i + 1}: field 'messages'")
-        text = tok.apply_chat_template(row["messages"], tokenize=False)
-        out.append({"text": text, "line_violations": [0] * len(text.splitlines()), "violations_per_char": 0.0})
-    return out
-
-
-def _check_rows(rows: list[dict], path: Path) -> None:
-    from alignpipe.core.errors import DataError
-
-    for i, row in enumerate(rows):
-        for key, kind in (("text", str), ("line_violations", list), ("violations_per_char", (int, float))):
-            if not isinstance(row.get(key), kind):
-                what = getattr(kind, "__name__", "number")
-                raise DataError(f"{path}:{i + 1}", f"field {key!r} missing or not a {what}")
+    allowed = task.pretrain_objectives()
+    if cfg.objective not in allowed:
+        raise ConfigError("pretrain.objective", f"task {task} trains with {', '.join(allowed)} only "
+                          f"({cfg.objective} needs oracle scores of the corpus' segments, which it has not)")
 
 
 CHECKPOINT_FILES = ("state.pt", "fingerprint.json")  # what training.save_checkpoint writes
@@ -265,10 +245,11 @@ def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
     return latest
 
 
-def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool):
+def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool, task):
     """The checkpoint's tokenizer when resuming, else `cfg.tokenizer` or `cfg.init_model`'s (control tokens added),
-    else a BPE trained on the training texts; the main process saves it beside the checkpoints."""
-    from alignpipe.lm.tokenizers import load_tokenizer, train_tokenizer
+    else the task's trained on the training texts (`Task.train_tokenizer`: a BPE); the main process saves it
+    beside the checkpoints."""
+    from alignpipe.lm.tokenizers import load_tokenizer
 
     ckpt_dir = Path(cfg.checkpoint_dir)
     if resuming:
@@ -276,7 +257,7 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
     elif cfg.tokenizer or cfg.init_model:  # continuing a model: its own tokenizer unless another is named
         tok = load_tokenizer(cfg.tokenizer or cfg.init_model, add_control_tokens=True)
     else:
-        tok = train_tokenizer((r["text"] for r in rows), cfg.vocab_size, indent=cfg.tokenizer_indent)
+        tok = task.train_tokenizer((r["text"] for r in rows), cfg)
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(ckpt_dir / "tokenizer"))
@@ -285,8 +266,8 @@ def prepare_tokenizer(cfg: Config, rows: list[dict], resuming: bool, main: bool)
 
 def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, checkpoint) -> tuple[float, float]:
     """Steps `start_step` to `max_steps` of the PHF objective on `data` = (blocks, block scores, order), each process
-    taking its slice of the global batch; `checkpoint(step, last logged loss)` every `save_every` steps and at the end. Returns (the
-    last logged loss, training seconds)."""
+    taking its slice of the global batch; `checkpoint(step, last logged loss)` every `save_steps` steps and at the
+    end. Returns (the last logged loss, training seconds)."""
     import contextlib
     import time
 
@@ -319,12 +300,12 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
         loss, logs = token_loss(cfg.objective, logits[:, :-1], x[:, 1:], s[:, 1:],
                                 None if values is None else values[:, :-1], **hp)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        log_step = done % cfg.log_every == 0 or done == cfg.max_steps
+        log_step = done % cfg.logging_steps == 0 or done == cfg.max_steps
         if log_step and proc.world > 1:  # every rank joins: log the global batch's loss, as one process would
             loss = loss.detach().clone()
             dist.all_reduce(loss)
@@ -338,7 +319,7 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
                               "train/tokens_per_s": tps, "train/grad_norm": float(grad_norm),
                               **{f"train/{k}": float(v) for k, v in logs.items()}}, step=done)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:.0f}")
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_steps == 0 or done == cfg.max_steps:
             checkpoint(done, loss_value)
     bar.close()
     return loss_value, time.perf_counter() - t_start
@@ -349,7 +330,7 @@ def _chat_samples(cfg: Config, policy, data_dir: Path, sampling, task, out_dir: 
     from alignpipe.core.io import read_jsonl, write_jsonl
     from alignpipe.oracle.chat_eval import sample_chat
 
-    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][:cfg.eval_prompts]
+    prompts = [r["prompt"] for r in read_jsonl(data_dir / "prompts.jsonl")][:cfg.n_eval_prompts]
     got = sample_chat(policy, prompts, sampling, cfg.seed, task)
     write_jsonl(out_dir / "samples.jsonl", ({"prompt": p, "completion": c, "ended": e}
                                             for p, c, e in zip(prompts, got.completions, got.ended)))
@@ -378,7 +359,7 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
         metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
         save_policy(lm, tok, meta, out_dir)
         return metrics
-    prompts = load_prompts(data_dir, cfg.eval_prompts)
+    prompts = load_prompts(data_dir, cfg.n_eval_prompts)
     device_type = next(lm.parameters()).device.type
     with (torch.autocast(device_type, dtype=dtype) if dtype is not None else torch.no_grad()):
         oracle, details = evaluate_policy((lm, tok, meta), prompts, sampling, seed=cfg.seed,
@@ -411,19 +392,16 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     latest = prepare_checkpoints(cfg, proc.main)
     rows = read_jsonl(data_dir / "train.jsonl")
-    chat = task.conversational()
-    if not chat:
-        _check_rows(rows, data_dir / "train.jsonl")
-    tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main)
-    if chat:  # the templated conversations, in the rows' form
-        rows = chat_rows(rows, tok, data_dir / "train.jsonl")
-    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed)
+    task.check_pretrain_rows(rows, data_dir / "train.jsonl")  # before a tokenizer is trained on them
+    tok = prepare_tokenizer(cfg, rows, latest is not None, proc.main, task)
+    ids, scores, stats = build_token_stream(rows, tok, cfg, cfg.seed, task, data_dir / "train.jsonl")
     data = training.token_blocks(ids, scores, cfg.seq_len, cfg.batch_size * proc.world, cfg.max_steps, cfg.seed + 1)
 
-    lm = build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
+    lm = (build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256), cfg.init_model)
+          if cfg.init_model else task.new_model(tok, cfg))
     net = training.lm_with_value(lm, cfg.objective == "awr").to(proc.device)
-    opt, sched = training.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.warmup_frac, cfg.max_steps,
-                                         cfg.schedule)
+    opt, sched = training.make_optimizer(net, cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio, cfg.max_steps,
+                                         cfg.lr_scheduler_type)
     start_step = 0
     if latest is not None:
         start_step = training.load_checkpoint(latest, net, opt, sched, _fingerprint(cfg), proc.device,

@@ -230,6 +230,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     name = report["best_candidate"]
     weights = check_weights(report, name, policy_dir, str(policy_dir / BEST_FILE))
     metrics = report["candidates"][name]
+    # Everything that can refuse the run does so before the first version is registered: no half-written registry.
+    registry.check_model_names(cfg.model_name, cfg.reward_model_name)
+    onnx_sha256 = _check_onnx(inputs.get("export"), inputs.get("reward_model") if cfg.register_reward else None)
     champion = registry.model_version_by_alias(cfg.model_name, cfg.alias)
     move, why, candidate_value, champion_value = decide(cfg, report, name, champion)
 
@@ -260,7 +263,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     champion_after = version if move else (champion["version"] if champion else None)  # None: still no champion
 
     onnx = _register_onnx(inputs.get("export"), version, reward_version, cfg, policy_dir,
-                          inputs.get("reward_model"), move, report.get("task", DEFAULT_TASK))
+                          inputs.get("reward_model"), move, report.get("task", DEFAULT_TASK), onnx_sha256)
     record = {"policy_name": cfg.model_name, "version": version, "candidate": name, "source_path": str(policy_dir),
               "alias": cfg.alias, "champion_before": champion["version"] if champion else None,
               "champion_after": champion_after, "champion_moved": move, "gate": why,
@@ -281,8 +284,23 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     return out
 
 
+def _check_onnx(export_dir: Path | None, reward_dir: Path | None) -> dict[str, str] | None:
+    """The sha256 of the export folder's graphs, each checked (`tracking.policies.check_onnx_exports`), when
+    --export is given; None otherwise."""
+    if export_dir is None:
+        return None
+    from alignpipe.core.errors import DataError
+    from alignpipe.tracking.policies import check_onnx_exports
+
+    if reward_dir is None:
+        raise DataError("--export", "the ONNX models are linked to a reward model version: give --reward-model "
+                        "(and keep register.register_reward)")
+    return check_onnx_exports(export_dir)
+
+
 def _register_onnx(export_dir: Path | None, version: str, reward_version: str | None, cfg: Config,
-                   policy_dir: Path, reward_dir: Path | None, move: bool, task: str) -> dict | None:
+                   policy_dir: Path, reward_dir: Path | None, move: bool, task: str,
+                   sha256: dict[str, str] | None = None) -> dict | None:
     """Register the export stage's ONNX graphs, wrapped in batching onnxruntime pyfunc serving models, linked to
     these versions (when --export is given); their `alias` moves with the policy's. The policy's serving model is
     the evaluated `task`'s: prompt strings in (pep8), or a chat-completions request of messages in (chat)."""
@@ -304,7 +322,8 @@ def _register_onnx(export_dir: Path | None, version: str, reward_version: str | 
         "reward": log_reward_model(Path(export_dir) / "reward.onnx", reward_dir, {**batching,
                                                                                 **_reward_settings(reward_dir)})}
     versions = register_onnx(export_dir, version, reward_version, registry.client(),
-                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name, serving=serving)
+                             policy_name=cfg.model_name, reward_name=cfg.reward_model_name, serving=serving,
+                             logged_sha256=sha256)
     if move:
         for name, mv in versions.items():
             registry.set_model_alias(name, cfg.alias, mv.version)

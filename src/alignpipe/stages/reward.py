@@ -32,7 +32,7 @@ from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
 from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import DataError, loading
+from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -51,6 +51,7 @@ REWARD_META = "reward.json"
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "reward"
+    RENAMED: ClassVar[dict[str, str]] = {"lr_scheduler": "lr_scheduler_type"}
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
     max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
@@ -63,7 +64,7 @@ class Config(StageConfig, LoraFields):
     learning_rate: float = field(3e-4, "peak AdamW learning rate")
     weight_decay: float = field(0.0, "AdamW weight decay")
     warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up")
-    lr_scheduler: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
+    lr_scheduler_type: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
     center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
     bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
     heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)")
@@ -145,25 +146,18 @@ def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict],
 
 def load_model(init: str, cfg: Config):
     """(model, tokenizer): a one-output sequence classifier from `init` (a causal LM gets a new score head)."""
-    import logging
-
-    import transformers
     from transformers import AutoModelForSequenceClassification
 
     from alignpipe.algos.lora import quantization_config
+    from alignpipe.lm.models import load_pretrained
     from alignpipe.lm.tokenizers import load_tokenizer
     from alignpipe.lm.reward_model import PROMPT_LINES_KEY
 
     tok = load_tokenizer(init, cfg.trust_remote_code)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity(logging.ERROR)  # "score.weight newly initialized" is the point here
-    try:
-        with loading(init, "reward.init_model weights"):
-            model = AutoModelForSequenceClassification.from_pretrained(
-                init, num_labels=1, use_safetensors=True, trust_remote_code=cfg.trust_remote_code,
-                **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    # A causal LM gains a new `score` head and leaves its LM head unused: the point here, not a mismatch.
+    model = load_pretrained(AutoModelForSequenceClassification, init, "reward.init_model weights", tok,
+                            new_head=("score.", "lm_head."), num_labels=1, trust_remote_code=cfg.trust_remote_code,
+                            **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
     model.config.pad_token_id = tok.pad_token_id
     setattr(model.config, PROMPT_LINES_KEY, cfg.prompt_lines)  # reward_scores reads prompts as trained
     return model, tok
@@ -182,7 +176,7 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
         output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler, max_length=cfg.max_length,
+        lr_scheduler_type=cfg.lr_scheduler_type, max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards or None, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",

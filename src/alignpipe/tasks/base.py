@@ -1,6 +1,6 @@
 """The task plug-in: what differs between tasks, as methods the stages call (they never test a task's name).
 
-A task is chosen once, where the data is built: `data.task` in params is a built-in name (`pep8`, `chat`) or a
+A task is chosen once, where the data is built: `data.task` in params is a built-in name (`pep8`, `chat`, `arith`) or a
 user's class as `package.module:Name` (the spec style of the reward functions, `alignpipe.algos.rewards`). The data
 stage records it in MANIFEST.json; later stages read it from there (`task_of`). A plug-in subclasses `Task` and
 implements its abstract methods; `load_task` says in one line which one is missing (docs/tasks.md).
@@ -90,6 +90,11 @@ class Task(ABC):
         without one a stage checks itself with the reward against the reference."""
         return self.oracle() is not None
 
+    def summarize(self, scores, seed: int = 0) -> dict[str, float]:
+        """The task's own summary of a policy's oracle scores (one per prompt) beside the oracle's per-character
+        one (`alignpipe.oracle.metrics.summarize`), e.g. an accuracy with its interval; none by default."""
+        return {}
+
     @abstractmethod
     def gate(self) -> tuple[str, bool]:
         """(metric, higher is better): the per-candidate key of evaluate's report that picks the best candidate and
@@ -99,6 +104,45 @@ class Task(ABC):
     def describe(self) -> dict[str, str]:
         """`scorer` (what scores a candidate's samples) and `guard_score` (what the reward-hacking guard compares the
         optimised reward's gain with), for reports."""
+
+
+    # ---------------------------------------------------------------------------------------------- pretrain
+    def pretrain_objectives(self) -> tuple[str, ...]:
+        """The PHF objectives pretrain can train this task with (all six: its documents carry oracle scores)."""
+        from alignpipe.algos.phf import OBJECTIVES
+
+        return OBJECTIVES
+
+    def train_tokenizer(self, texts, cfg):
+        """The tokenizer pretrain trains on the corpus `texts` when it continues no model (`cfg`: pretrain's
+        config): a byte-level BPE with EOS, PAD and the control tokens."""
+        from alignpipe.lm.tokenizers import train_tokenizer
+
+        return train_tokenizer(texts, cfg.vocab_size, indent=cfg.tokenizer_indent)
+
+    def new_model(self, tok, cfg):
+        """The model pretrain trains from scratch (`cfg`: pretrain's config): a GPT-2."""
+        from alignpipe.lm.models import build_model
+
+        return build_model(tok, cfg.n_embd, cfg.n_layer, cfg.n_head, max(cfg.seq_len, 256))
+
+    def check_pretrain_rows(self, rows: list[dict], where) -> None:
+        """A DataError naming the row when a train.jsonl row (`where`: the file) lacks what `pretrain_documents`
+        reads: `text`, `line_violations`, `violations_per_char`."""
+        for i, row in enumerate(rows):
+            for key, kind in (("text", str), ("line_violations", list), ("violations_per_char", (int, float))):
+                if not isinstance(row.get(key), kind):
+                    what = getattr(kind, "__name__", "number")
+                    raise DataError(f"{where}:{i + 1}", f"field {key!r} missing or not a {what}")
+
+    def pretrain_documents(self, rows: list[dict], tok, where) -> list[tuple[float, list]]:
+        """(document score, segments) of each train.jsonl row (`where`: the file, for errors): the row's
+        `violations_per_char` (what `filter` keeps or drops) and `alignpipe.algos.phf.split_segments` of its `text`
+        by its `line_violations`."""
+        from alignpipe.algos.phf import split_segments
+
+        self.check_pretrain_rows(rows, where)
+        return [(r["violations_per_char"], split_segments(r["text"], r["line_violations"])) for r in rows]
 
 
 def write_manifest(out_dir: Path, task: Task, manifest: dict[str, Any]) -> None:
@@ -121,10 +165,11 @@ def get_task(spec: str, key: str = "data.task") -> Task:
 
 def builtin_tasks() -> dict[str, type[Task]]:
     """The built-in tasks by name."""
+    from alignpipe.tasks.arith import Arith
     from alignpipe.tasks.chat import Chat
     from alignpipe.tasks.pep8 import Pep8
 
-    return {"pep8": Pep8, "chat": Chat}
+    return {"pep8": Pep8, "chat": Chat, "arith": Arith}
 
 
 def load_task(spec: str, key: str = "data.task") -> Task:

@@ -53,3 +53,33 @@ class Chat(Task):
     def describe(self) -> dict[str, str]:
         return {"scorer": "reward model mean score and a judge's win rate against the reference (no oracle)",
                 "guard_score": "judge preference (an llm judge or a second reward model, never the optimised one)"}
+
+    # ---------------------------------------------------------------------------------------------- pretrain
+    def pretrain_objectives(self) -> tuple[str, ...]:
+        """MLE only: supervised fine-tuning on the chosen conversations (no oracle scores segments)."""
+        return ("mle",)
+
+    def train_tokenizer(self, texts, cfg):
+        raise ConfigError("pretrain.init_model", f"task {self} continues a chat model (a Hugging Face id or "
+                          "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
+
+    def new_model(self, tok, cfg):
+        self.train_tokenizer([], cfg)
+
+    def check_pretrain_rows(self, rows: list[dict], where) -> None:
+        """Each row holds `messages`, a conversation."""
+        for i, row in enumerate(rows):
+            check_messages(row.get("messages"), f"{where}:{i + 1}: field 'messages'")
+
+    def pretrain_documents(self, rows: list[dict], tok, where) -> list[tuple[float, list]]:
+        """Each row's `messages` through the chat template, every line scored 0 (MLE ignores scores)."""
+        from alignpipe.algos.phf import split_segments
+
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError("pretrain.init_model", f"task {self} needs a tokenizer with a chat template")
+        self.check_pretrain_rows(rows, where)
+        docs = []
+        for row in rows:
+            text = tok.apply_chat_template(row["messages"], tokenize=False)
+            docs.append((0.0, split_segments(text, [0] * len(text.splitlines()))))
+        return docs

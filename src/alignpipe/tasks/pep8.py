@@ -170,8 +170,9 @@ def _closed(code: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- the corpus build
 
-# Config keys of a --dataset build, left out of the PEP8 corpus build's MANIFEST (it stays as it was before them).
-DATASET_KEYS = ("task", "dataset", "split")
+# Config keys of other tasks' builds (--dataset, arith), left out of the PEP8 corpus build's MANIFEST (it stays
+# as it was before them).
+DATASET_KEYS = ("task", "dataset", "split", "n_conversations", "max_operand", "wrong_frac")
 # Path parts that mark tests or vendored/generated trees; they are not hand-written library code.
 EXCLUDED_PARTS = ("test", "tests", "idle_test", "site-packages", "_bundled", "__pycache__", "__phello__")
 # Generated files whose tables would dominate the violation counts (codec tables, pydoc topics, stringprep...).

@@ -79,10 +79,48 @@ def log_onnx_model(path: Path, name: str, io: dict[str, list[dict]], providers: 
     return {"model_uri": info.model_uri, "model_id": info.model_id}
 
 
+def check_onnx_exports(export_dir: str | Path) -> dict[str, str]:
+    """{"policy", "reward"}: the sha256 of the export folder's policy.onnx and reward.onnx, each the very graph the
+    export stage checked against PyTorch (the sha256 in onnx_models.json) and loadable by onnxruntime; a DataError
+    naming the file otherwise. Called before anything is registered: what gets logged is what was checked."""
+    import hashlib
+
+    where = Path(export_dir) / "onnx_models.json"
+    record = read_json(where)
+    out = {}
+    for key in ("policy", "reward"):
+        entry = (record.get("models") or {}).get(key) if isinstance(record, dict) else None
+        path = Path(export_dir) / f"{key}.onnx"
+        if not isinstance(entry, dict) or not path.is_file():
+            raise DataError(str(path), f"missing, or not listed in {where.name}: re-run export")
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != entry.get("sha256"):
+            raise DataError(str(path), f"sha256 {h.hexdigest()[:12]} is not the graph export checked against PyTorch "
+                            f"({str(entry.get('sha256'))[:12]}, {where.name}): refusing to register it")
+        _check_loads(path)
+        out[key] = h.hexdigest()
+    return out
+
+
+def _check_loads(path: Path) -> None:
+    """A DataError unless onnxruntime can open the graph at `path`."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own Fail/InvalidGraph/... types, not exported)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(str(path), f"onnxruntime cannot load it: {first}") from None
+
+
 def register_onnx(export_dir: str | Path, policy_version: str | int, reward_version: str | int, client, *,
                   policy_name: str = "alignpipe-policy", reward_name: str = "alignpipe-reward",
                   precision: Literal["fp32", "int8"] = "fp32", candidate: str | None = None,
-                  serving: dict[str, Any] | None = None) -> dict[str, Any]:
+                  serving: dict[str, Any] | None = None, logged_sha256: dict[str, str] | None = None
+                  ) -> dict[str, Any]:
     """Register the ONNX models logged by an export run as versions of `alignpipe-policy-onnx` and
     `alignpipe-reward-onnx`, tagged with the PyTorch registered versions they were exported from.
 
@@ -90,8 +128,9 @@ def register_onnx(export_dir: str | Path, policy_version: str | int, reward_vers
     (`alignpipe.tracking.registry.client()`); `candidate`, when given, must be the candidate that was exported (so
     a policy version is never linked to another candidate's graph); `serving`, when given, maps "policy" and
     "reward" to the ModelInfo of the pyfunc serving models (`alignpipe.serving.models`) that wrap these
-    graphs: the versions then point at those (what `mlflow models serve` runs) instead of the bare ONNX models.
-    Returns {registered name: ModelVersion}.
+    graphs: the versions then point at those (what `mlflow models serve` runs) instead of the bare ONNX models,
+    tagged with `logged_sha256` ("policy"/"reward": the sha256 of the graph file those models logged,
+    `check_onnx_exports`). Returns {registered name: ModelVersion}.
     """
     where = Path(export_dir) / "onnx_models.json"
     record = read_json(where)
@@ -123,6 +162,8 @@ def register_onnx(export_dir: str | Path, policy_version: str | int, reward_vers
         if info is not None:
             source, run_id, model_id = info.model_uri, info.run_id, info.model_id
             tags["alignpipe.serving"] = "pyfunc: onnxruntime, batched (alignpipe.serving.models)"
+            if (logged_sha256 or {}).get(key.split("_")[0]):  # the graph the serving model logged
+                tags["alignpipe.sha256"] = logged_sha256[key.split("_")[0]]
         versions[onnx_name] = client.create_model_version(onnx_name, source=source, run_id=run_id, tags=tags,
                                                           model_id=model_id)
     return versions

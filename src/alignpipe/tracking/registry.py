@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.tracking.runs import mlflow_module as _mlflow, tracking_uri
 
 
@@ -41,17 +42,59 @@ def log_transformers_model(components: dict[str, Any], name: str, task: str, reg
 
 
 def model_version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
-    """`name@alias` as {"version", "source", "run_id", "tags"}; None when the model or the alias does not exist."""
+    """`name@alias` as {"version", "source", "run_id", "tags"}; None when the model does not exist or the alias
+    never pointed anywhere. A dangling alias is a DataError, never "no champion yet": the alias is set but its
+    version is gone, or the registry's alias history (`record_alias_move`) names a version the alias no longer
+    marks (MLflow drops an alias with its deleted version)."""
     _mlflow()
     from mlflow.exceptions import MlflowException
 
+    c = client()
     try:
-        mv = client().get_model_version_by_alias(name, alias)
+        model = c.get_registered_model(name)
     except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    where = f"{name}@{alias}"
+    fix = (f"point it at an existing version (MlflowClient().set_registered_model_alias({name!r}, {alias!r}, V)) "
+           "or register under a new model name")
+    if alias not in (model.aliases or {}):
+        last = last_alias_move(model.description or "", alias)
+        if last is None:
+            return None
+        raise DataError(where, f"the alias is gone: version {last} it was moved to (the registry's history) no "
+                        f"longer carries it (deleted?); {fix}")
+    try:
+        mv = c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise DataError(where, f"points to version {model.aliases[alias]}, which does not exist; {fix}") from None
+        raise
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
+
+
+def last_alias_move(description: str, alias: str) -> str | None:
+    """The version the last `record_alias_move` line of a registered model's description moved `alias` to."""
+    import re
+
+    moves = re.findall(rf"^\S+ {re.escape(alias)}: version \S+ -> (\S+) \(", description, flags=re.M)
+    return moves[-1] if moves else None
+
+
+def check_model_names(*names: str) -> None:
+    """A ConfigError unless every registered-model name is one MLflow accepts (checked before anything is
+    registered, so a bad second name never leaves the first model half-registered)."""
+    _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    for name in names:
+        try:
+            c.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise ConfigError(f"registered model name {name!r}", e.message.splitlines()[0][:200]) from None
 
 
 def set_model_alias(name: str, alias: str, version: str) -> None:
