@@ -156,6 +156,7 @@ def rewards_table(args) -> int:
     import transformers
 
     from alignpipe.core.config import build_config, load_params
+    from alignpipe.reports import evaluation
     from alignpipe.stages import evaluate
 
     transformers.logging.set_verbosity_error()
@@ -203,7 +204,7 @@ def rewards_table(args) -> int:
              "not above 0 beyond its CI = reward hacking).", "",
              "The evaluate stage's table of every candidate (its report.md), then each candidate's ratio to the "
              "reference and the guard's paired gains over the reference.", "",
-             *evaluate.candidates_table(report), "",
+             *evaluation.candidates_table(report), "",
              "| candidate | ratio to reference | RM gain [95% CI] | oracle gain [95% CI] (violations/char) | train s |",
              "|---|---|---|---|---|"]
     for name in report["order"]:

@@ -1,14 +1,19 @@
-"""Load test of MLflow model servers: N requests from C concurrent clients (stdlib threads + urllib), one or more
-servers measured one after the other in the same run, with the same prompts and the same request params.
+"""Load test of the model servers: N requests from C concurrent clients (stdlib threads + urllib), servers measured
+one after the other in the same run, with the same prompts and the same request settings.
 
-    python benchmarks/serve_load.py http://127.0.0.1:5001               # a server you started
-    python benchmarks/serve_load.py --serve models:/alignpipe-policy@champion \
-        --serve models:/alignpipe-policy-onnx@champion --max-new-tokens 48 --tokenizer .tmp/serve/policy
+    python benchmarks/serve_load.py --compare --out benchmarks/results/serve_load.md   # the champion, three ways
+    python benchmarks/serve_load.py http://127.0.0.1:5001                             # a server you started
 
-Each request is POST /invocations {"inputs": [one held-out prompt]}; prompts cycle through data/prompts.jsonl.
-Prints requests/s, p50/p95/p99 latency, the error count (non-200 answers, bad bodies, timeouts), generated
-tokens/s (answers re-tokenized with --tokenizer) and the 1-minute load average sampled during the run;
-`--out FILE.md` also writes them as Markdown.
+`--compare` (uses MLFLOW_TRACKING_URI) starts and measures, in turn: `alignpipe serve
+models:/alignpipe-policy-onnx@champion` (OpenAI /v1/completions: 16 clients, 1 client, and 16 clients with
+`stream: true` for the time to first token), then `mlflow models serve` of the same ONNX pyfunc and of the
+transformers flavor `alignpipe-policy@champion` (16 clients each). `--openai URI` and `--serve URI` pick servers
+by hand (repeatable). Each request is one held-out prompt (prompts cycle through data/prompts.jsonl): POST
+/v1/completions {"model", "prompt"} or POST /invocations {"inputs": [prompt]}, sampled with the registered settings.
+Prints requests/s, p50/p95/p99 latency, time to first token (streamed rows: the first event that carries text, or
+the last one for an empty answer), the error count (non-200 answers, bad bodies, timeouts), generated tokens/s
+(answers re-tokenized with --tokenizer) and the 1-minute load average sampled during the run; `--out FILE.md` also
+writes them as Markdown with the ratios the serving targets name.
 """
 
 from __future__ import annotations
@@ -42,27 +47,64 @@ def load_prompts(path: str | None) -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
-def one_request(url: str, prompt: str, params: dict | None, timeout: float) -> tuple[float, str | None, str]:
-    """(latency in s, error or None, the answer) of one POST /invocations."""
-    body = {"inputs": [prompt]}
-    if params:
-        body["params"] = params
-    req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
+def one_request(url: str, prompt: str, params: dict | None, timeout: float,
+                api: str = "mlflow") -> tuple[float, str | None, str, float | None]:
+    """(latency in s, error or None, the answer, time to first token in s or None) of one request: POST
+    /invocations (`api` mlflow), POST /v1/completions (`openai`; `params` holds "model" and OpenAI fields) or the
+    same streamed (`openai-stream`)."""
+    if api == "mlflow":
+        body: dict = {"inputs": [prompt], **({"params": params} if params else {})}
+        path = "/invocations"
+    else:
+        body = {**(params or {}), "prompt": prompt, **({"stream": True} if api == "openai-stream" else {})}
+        path = "/v1/completions"
+    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     start = time.perf_counter()
-    text = ""
+    text, first = "", None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            answer = json.loads(r.read())
-        ok = isinstance(answer.get("predictions"), list) and len(answer["predictions"]) == 1 \
-            and isinstance(answer["predictions"][0], str)
-        error = None if ok else f"unexpected body {str(answer)[:80]}"
-        text = answer["predictions"][0] if ok else ""
+            if api == "openai-stream":
+                text, first, error = _read_stream(r, start)
+            else:
+                answer = json.loads(r.read())
+                text, error = _answer(answer, api)
     except urllib.error.HTTPError as e:
         error = f"HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:
         error = type(e).__name__
-    return time.perf_counter() - start, error, text
+    return time.perf_counter() - start, error, text, first
+
+
+def _answer(answer: dict, api: str) -> tuple[str, str | None]:
+    """(the one answer, error or None) of a JSON body."""
+    if api == "mlflow":
+        ok = isinstance(answer.get("predictions"), list) and len(answer["predictions"]) == 1 \
+            and isinstance(answer["predictions"][0], str)
+        return (answer["predictions"][0], None) if ok else ("", f"unexpected body {str(answer)[:80]}")
+    choices = answer.get("choices")
+    ok = isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0].get("text"), str)
+    return (choices[0]["text"], None) if ok else ("", f"unexpected body {str(answer)[:80]}")
+
+
+def _read_stream(response, start: float) -> tuple[str, float | None, str | None]:
+    """(the streamed text, seconds to the first event carrying text (or to the finish), error or None)."""
+    parts, first, done = [], None, False
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        if line == "data: [DONE]":
+            done = True
+            break
+        event = json.loads(line[len("data: "):])
+        if "error" in event:
+            return "".join(parts), first, f"stream error {event['error'].get('code')}"
+        choice = (event.get("choices") or [{}])[0]
+        if first is None and (choice.get("text") or choice.get("finish_reason")):
+            first = time.perf_counter() - start
+        parts.append(choice.get("text") or "")
+    return "".join(parts), first, None if done else "stream ended without [DONE]"
 
 
 class LoadSampler:
@@ -87,23 +129,30 @@ class LoadSampler:
         self.samples.append(os.getloadavg()[0])
 
 
+def _quantiles(values: list[float]) -> list[float]:
+    values = sorted(values)
+    return statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+
+
 def run_load(url: str, prompts: list[str], n_requests: int = 1000, concurrency: int = 16,
-             params: dict | None = None, timeout: float = 120.0) -> dict:
-    """Send `n_requests` requests with `concurrency` client threads; returns throughput, latency, errors and the
-    answers (`answers`, in request order)."""
+             params: dict | None = None, timeout: float = 120.0, api: str = "mlflow") -> dict:
+    """Send `n_requests` requests with `concurrency` client threads; returns throughput, latency, time to first
+    token (streamed requests), errors and the answers (`answers`, in request order)."""
     with LoadSampler() as load:
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            results = list(pool.map(lambda i: one_request(url, prompts[i % len(prompts)], params, timeout),
+            results = list(pool.map(lambda i: one_request(url, prompts[i % len(prompts)], params, timeout, api),
                                     range(n_requests)))
         wall = time.perf_counter() - start
-    latencies = sorted(lat for lat, _, _ in results)
-    errors = [e for _, e, _ in results if e is not None]
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
+    q = _quantiles([r[0] for r in results])
+    errors = [r[1] for r in results if r[1] is not None]
+    firsts = [r[3] for r in results if r[3] is not None]
+    ttft = _quantiles(firsts) if firsts else None
     return {"requests": n_requests, "concurrency": concurrency, "seconds": wall,
             "requests_per_s": n_requests / wall, "p50_ms": 1000 * q[49], "p95_ms": 1000 * q[94],
-            "p99_ms": 1000 * q[98], "mean_ms": 1000 * statistics.fmean(latencies), "errors": len(errors),
-            "error_kinds": sorted(set(errors)), "answers": [a for _, _, a in results],
+            "p99_ms": 1000 * q[98], "mean_ms": 1000 * statistics.fmean(r[0] for r in results),
+            "ttft_p50_ms": 1000 * ttft[49] if ttft else None, "ttft_p99_ms": 1000 * ttft[98] if ttft else None,
+            "errors": len(errors), "error_kinds": sorted(set(errors)), "answers": [r[2] for r in results],
             "load_mean": statistics.fmean(load.samples), "load_max": max(load.samples)}
 
 
@@ -118,83 +167,193 @@ def add_tokens(stats: dict, tokenizer) -> None:
 def markdown(rows: list[tuple[str, dict]], setup: dict) -> str:
     lines = ["# Serving load benchmark", "", "`python benchmarks/serve_load.py " + setup["argv"] + "`", ""]
     lines += [f"- {k}: {v}" for k, v in setup.items() if k != "argv"]
-    lines += ["", "| server | requests | clients | wall s | requests/s | p50 ms | p95 ms | p99 ms | errors | "
-              "tokens/answer | tokens/s | load avg mean / max |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| server | requests | clients | wall s | requests/s | p50 ms | p95 ms | p99 ms | TTFT p50 / p99 ms | "
+              "errors | tokens/answer | tokens/s | load avg mean / max |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rows:
         tok = (f"{st['tokens_per_answer']:.1f} | {st['tokens_per_s']:.0f}" if st.get("tokens_per_s") is not None
                else "n/a | n/a")
+        ttft = f"{st['ttft_p50_ms']:.0f} / {st['ttft_p99_ms']:.0f}" if st.get("ttft_p50_ms") is not None else "n/a"
         lines.append(f"| {name} | {st['requests']} | {st['concurrency']} | {st['seconds']:.1f} | "
                      f"{st['requests_per_s']:.1f} | {st['p50_ms']:.0f} | {st['p95_ms']:.0f} | {st['p99_ms']:.0f} | "
-                     f"{st['errors']} | {tok} | {st['load_mean']:.1f} / {st['load_max']:.1f} |")
+                     f"{ttft} | {st['errors']} | {tok} | {st['load_mean']:.1f} / {st['load_max']:.1f} |")
     lines.append("")
+    lines += [f"- {line}" for line in ratios(rows)] + [""]
     for name, st in rows:
         if st["error_kinds"]:
             lines += [f"Errors of {name}: {', '.join(st['error_kinds'])}", ""]
     return "\n".join(lines)
 
 
-def measure(url: str, proc, args, prompts: list[str], params: dict | None) -> tuple[dict, float]:
-    """(stats, seconds until ready) of one server: wait for /ping, warm up, then the timed run."""
-    ready_s = wait_ready(url, proc=proc)
-    if args.warmup:
-        run_load(url, prompts, args.warmup, min(args.concurrency, args.warmup), params)
-    return run_load(url, prompts, args.requests, args.concurrency, params), ready_s
+def ratios(rows: list[tuple[str, dict]]) -> list[str]:
+    """The comparisons issue 27's targets name, from the rows of a --compare run."""
+    by = {name: st for name, st in rows}
+    new16, new1 = by.get(f"{OPENAI_ROW}, 16 clients"), by.get(f"{OPENAI_ROW}, 1 client")
+    flavor = next((st for name, st in rows if name.startswith(f"mlflow models serve -m {TORCH_URI}")), None)
+    out = []
+    if new16 and flavor:
+        out.append(f"alignpipe serve / transformers flavor, 16 clients: "
+                   f"{new16['requests_per_s'] / flavor['requests_per_s']:.1f}x requests/s (target >= 20x)")
+    if new16 and new1:
+        out.append(f"alignpipe serve, 16 clients / 1 client: {new16['requests_per_s'] / new1['requests_per_s']:.1f}x "
+                   "requests/s (target >= 3x)")
+    return out
+
+
+DEFAULT_TOKENIZER = "artifacts/export/policy_tokenizer"  # what `make run` leaves
+ONNX_URI, TORCH_URI = "models:/alignpipe-policy-onnx@champion", "models:/alignpipe-policy@champion"
+OPENAI_ROW = f"alignpipe serve {ONNX_URI}"
+
+
+def plan(args) -> list[tuple[str, str, str, int]]:
+    """(row name, how to start: openai|mlflow|url, target, clients) of each measured row."""
+    c = args.concurrency
+    if args.compare:
+        return [(f"{OPENAI_ROW}, {c} clients", "openai", ONNX_URI, c),
+                (f"{OPENAI_ROW}, 1 client", "openai", ONNX_URI, 1),
+                (f"{OPENAI_ROW}, {c} clients, stream", "openai-stream", ONNX_URI, c),
+                (f"mlflow models serve -m {ONNX_URI}", "mlflow", ONNX_URI, c),
+                (f"mlflow models serve -m {TORCH_URI}", "mlflow", TORCH_URI, c)]
+    rows = [(f"alignpipe serve {t}", "openai", t, c) for t in args.openai]
+    rows += [(f"mlflow models serve -m {t}", "mlflow", t, c) for t in args.serve]
+    return rows or [(args.url, "url", args.url.rstrip("/"), c)]
+
+
+def score_speed(url: str, prompts: list[str], reward_dir: str | None, batch: int = 8, repeats: int = 30) -> dict:
+    """Reward scoring at batch `batch`: the median ms of one POST /v1/score of `batch` pairs (sequential requests)
+    and, given `reward_dir` (the PyTorch reward model), of PyTorch eager `reward_scores` on the same pairs."""
+    pairs = [{"prompt": p, "completion": "\n    return None"} for p in prompts[:batch]]
+    body = json.dumps({"input": pairs}).encode()
+
+    def served():
+        req = urllib.request.Request(f"{url}/v1/score", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert len(json.loads(r.read())["data"]) == batch
+
+    fns = {"server": served}
+    if reward_dir:
+        import torch
+
+        from alignpipe.lm.reward_model import load_reward_model, reward_scores
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        model, tok = load_reward_model(reward_dir, device="cpu")
+        fns["eager"] = lambda: reward_scores(model, tok, [p["prompt"] for p in pairs],
+                                             [p["completion"] for p in pairs], batch_size=batch)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):  # taking turns, so a change of load hits both alike
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    out = {f"{k}_ms": 1000 * statistics.median(v[1:]) for k, v in times.items()}
+    if "eager_ms" in out:
+        out["speedup"] = out["eager_ms"] / out["server_ms"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("url", nargs="?", default="http://127.0.0.1:5001", help="server base URL")
+    parser.add_argument("url", nargs="?", default="http://127.0.0.1:5001", help="server base URL (MLflow protocol)")
+    parser.add_argument("--compare", action="store_true", help="the champion three ways (module docstring)")
+    parser.add_argument("--openai", metavar="MODEL_URI", action="append", default=[],
+                        help="start `alignpipe serve MODEL_URI` on a free port and measure it (repeatable)")
     parser.add_argument("--serve", metavar="MODEL_URI", action="append", default=[],
                         help="start `mlflow models serve -m MODEL_URI` (local env) on a free port, measure it, then "
                         "stop it (uses MLFLOW_TRACKING_URI); repeat to compare servers in one run")
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the started server")
-    parser.add_argument("--requests", type=int, default=1000, help="total requests (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of `mlflow models serve`")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per row (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default: %(default)s)")
     parser.add_argument("--prompts", default="data/prompts.jsonl", help="JSONL with 'prompt' (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, help="request param max_new_tokens (default: the model's)")
-    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s)")
+    parser.add_argument("--max-new-tokens", type=int, help="request max_new_tokens / max_tokens (default: the model's)")
+    parser.add_argument("--tokenizer", help="tokenizer directory to count generated tokens (tokens/s; default: "
+                        f"{DEFAULT_TOKENIZER}, when present)")
     parser.add_argument("--warmup", type=int, default=16, help="requests sent before timing (default: %(default)s)")
+    parser.add_argument("--reward-dir", default="artifacts/reward", help="PyTorch reward model for the eager "
+                        "reference of --compare's reward scoring row (default: %(default)s, when present)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args(argv)
 
+    from alignpipe.tracking.runs import tracking_uri
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()  # the servers started below read the same registry
     prompts = load_prompts(args.prompts)
-    params = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
     tokenizer = None
+    if args.tokenizer is None and Path(DEFAULT_TOKENIZER).is_dir():
+        args.tokenizer = DEFAULT_TOKENIZER
     if args.tokenizer:
         from alignpipe.lm.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    rows, ready = [], {}
-    for target in args.serve or [args.url.rstrip("/")]:
-        proc, url = None, target
-        if args.serve:
-            log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{os.getpid()}_{len(rows)}.log"
-            proc, url = start_server(target, args.workers, log_path)
-            print(f"started mlflow models serve -m {target} at {url} (log: {log_path})", flush=True)
-        try:
-            stats, ready[target] = measure(url, proc, args, prompts, params)
-        finally:
-            if proc is not None:
-                stop_server(proc)
-        add_tokens(stats, tokenizer)
-        rows.append((target, stats))
-        print(f"{target}: {stats['requests']} requests, {stats['concurrency']} clients, {stats['seconds']:.1f} s: "
-              f"{stats['requests_per_s']:.1f} requests/s, p50 {stats['p50_ms']:.0f} ms, p95 {stats['p95_ms']:.0f} "
-              f"ms, p99 {stats['p99_ms']:.0f} ms, errors {stats['errors']}"
-              + (f" ({', '.join(stats['error_kinds'])})" if stats["errors"] else "")
-              + (f", {stats['tokens_per_s']:.0f} tokens/s" if stats["tokens_per_s"] is not None else "")
-              + f", load average {stats['load_mean']:.1f} (max {stats['load_max']:.1f})", flush=True)
+    rows, ready, servers, scoring = [], {}, {}, {}
+    try:
+        for name, kind, target, clients in plan(args):
+            api = "openai-stream" if kind == "openai-stream" else "openai" if kind == "openai" else "mlflow"
+            key = ("openai" if api != "mlflow" else "mlflow", target)
+            if kind != "url" and key not in servers:
+                for old in list(servers):  # one server at a time: each row gets the CPUs
+                    stop_server(servers.pop(old)[0])
+                log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{os.getpid()}_{len(rows)}.log"
+                proc, url = start_server(target, args.workers, log_path, openai=key[0] == "openai")
+                servers[key] = (proc, url)
+                ready[name] = wait_ready(url, proc=proc)
+                print(f"started {name.split(',')[0]} at {url} (log: {log_path}; ready after {ready[name]:.1f} s)",
+                      flush=True)
+            proc, url = servers.get(key, (None, target))
+            params = _params(url, api, args.max_new_tokens)
+            if args.warmup:
+                run_load(url, prompts, args.warmup, min(clients, args.warmup), params, api=api)
+            stats = run_load(url, prompts, args.requests, clients, params, api=api)
+            if args.compare and api == "openai" and clients == 1:  # the ONNX reward model, through the server
+                scoring = score_speed(url, prompts, args.reward_dir if Path(args.reward_dir).is_dir() else None)
+                print("reward scoring, batch 8: " + ", ".join(f"{k} {v:.2f}" for k, v in scoring.items()), flush=True)
+            add_tokens(stats, tokenizer)
+            rows.append((name, stats))
+            print(f"{name}: {stats['requests']} requests, {clients} clients, {stats['seconds']:.1f} s: "
+                  f"{stats['requests_per_s']:.1f} requests/s, p50 {stats['p50_ms']:.0f} ms, p95 "
+                  f"{stats['p95_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms"
+                  + (f", TTFT p50 {stats['ttft_p50_ms']:.0f} ms p99 {stats['ttft_p99_ms']:.0f} ms"
+                     if stats["ttft_p50_ms"] is not None else "")
+                  + f", errors {stats['errors']}" + (f" ({', '.join(stats['error_kinds'])})" if stats["errors"] else "")
+                  + (f", {stats['tokens_per_s']:.0f} tokens/s" if stats["tokens_per_s"] is not None else "")
+                  + f", load average {stats['load_mean']:.1f} (max {stats['load_max']:.1f})", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    for line in ratios(rows):
+        print(line)
     if args.out:
         setup = {"argv": " ".join(argv if argv is not None else sys.argv[1:]),
-                 "servers": "; ".join(f"mlflow models serve -m {t} --env-manager local --workers {args.workers} "
-                                      f"(ready after {ready[t]:.1f} s)" for t in args.serve) or args.url,
-                 "prompts": f"{args.prompts} ({len(prompts)} prompts, cycled), one prompt per request",
+                 "servers": "; ".join(f"{n} (ready after {s:.1f} s)" for n, s in ready.items()) or args.url,
+                 "mlflow models serve": f"--env-manager local --workers {args.workers}",
+                 "prompts": f"{args.prompts} ({len(prompts)} prompts, cycled), one prompt per request, sampled with "
+                            "the registered settings",
                  "max_new_tokens": args.max_new_tokens or "model default",
                  "machine": f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} CPUs, "
-                            f"Python {platform.python_version()}"}
+                            f"Python {platform.python_version()}; uptime at the end: {_uptime()}"}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        if scoring:
+            eager = (f"; PyTorch eager reward_scores on the same 8: {scoring['eager_ms']:.1f} ms, "
+                     f"{scoring['speedup']:.1f}x (target >= 2x)" if "eager_ms" in scoring else "")
+            setup["reward scoring, POST /v1/score of 8 pairs (median of sequential requests)"] = (
+                f"{scoring['server_ms']:.1f} ms{eager}")
         Path(args.out).write_text(markdown(rows, setup), encoding="utf-8")
     return 0 if all(st["errors"] == 0 for _, st in rows) else 1
+
+
+def _params(url: str, api: str, max_new_tokens: int | None) -> dict | None:
+    """Request settings: the served model's id (GET /v1/models) for the OpenAI routes; the token cap if given."""
+    if api == "mlflow":
+        return {"max_new_tokens": max_new_tokens} if max_new_tokens else None
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as r:
+        model = json.loads(r.read())["data"][0]["id"]
+    return {"model": model, **({"max_tokens": max_new_tokens} if max_new_tokens else {})}
+
+
+def _uptime() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ EXTRA_INDEX_URL ?=
 BUILD_FLAGS ?=
 SERVE_MODEL ?= models:/alignpipe-policy-onnx@champion
 SERVE_IMAGE ?= localhost/alignpipe-policy-onnx:champion
+SERVED_MODEL_NAME = $(firstword $(subst /, ,$(subst @, ,$(patsubst models:/%,%,$(SERVE_MODEL)))))
 IMAGE_SOURCES := pyproject.toml README.md src components pipelines
 comma := ,
 
@@ -59,13 +60,13 @@ image-cpu:
 	rm -rf .tmp/image-context-cpu
 
 # `make image-serve`: the serving image of SERVE_MODEL from the registry at MLFLOW_TRACKING_URI (docker/Dockerfile.serve:
-# the CPU image plus the model's files, `mlflow models serve` on port 8080), tagged SERVE_IMAGE. Build the CPU image
-# first (`make image-cpu`).
+# the CPU image plus the model's files, `alignpipe serve` on port 8080, the model id the registered name), tagged
+# SERVE_IMAGE. Build the CPU image first (`make image-cpu`).
 image-serve:
 	rm -rf .tmp/image-context-serve && mkdir -p .tmp/image-context-serve
 	MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false mlflow artifacts download -u $(SERVE_MODEL) -d .tmp/image-context-serve/model >/dev/null
-	$(DOCKER) build -f docker/Dockerfile.serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(IMAGE_CPU) $(BUILD_FLAGS) \
-		.tmp/image-context-serve
+	$(DOCKER) build -f docker/Dockerfile.serve -t $(SERVE_IMAGE) --build-arg BASE_IMAGE=$(IMAGE_CPU) \
+		--build-arg SERVED_MODEL_NAME=$(SERVED_MODEL_NAME) $(BUILD_FLAGS) .tmp/image-context-serve
 	rm -rf .tmp/image-context-serve
 
 push-images: images

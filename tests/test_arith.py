@@ -189,7 +189,7 @@ def test_arith_stage_chain_cli(tmp_path):
     params = ROOT / "configs" / "arith.yaml"
     tiny = ["--set", "data.n_conversations=300", "--set", "data.n_prompts=8", "--set", "data.n_train_prompts=16",
             "--set", "pretrain.max_steps=2", "--set", "pretrain.n_embd=32", "--set", "pretrain.n_layer=1",
-            "--set", "pretrain.n_head=2", "--set", "pretrain.eval_prompts=4",
+            "--set", "pretrain.n_head=2", "--set", "pretrain.n_eval_prompts=4",
             "--set", f"pretrain.checkpoint_dir={tmp_path / 'ckpt'}", "--set", "reward.max_steps=2",
             "--set", "dpo.max_steps=2", "--set", "evaluate.n_prompts=8"]
     d, a = tmp_path / "data", tmp_path / "artifacts"

@@ -50,7 +50,8 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
     assert not list((tmp_path / "reward").glob("adapter_*"))
 
     common = dict(max_steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=1,
-                  bf16=False, n_eval_prompts=4, eval_batch_size=4, max_prompt_tokens=64, max_completion_tokens=16)
+                  bf16=False, n_eval_prompts=4, eval_batch_size=4, max_prompt_tokens=64, max_completion_tokens=16,
+                  eval_heldout=True)
     for name, extra in (("dpo", {}), ("dpo_lora", {"lora_r": 4, "lora_alpha": 8})):
         m = execute("dpo", dpo.Config(checkpoint_dir=str(tmp_path / f"ck_{name}"), **common, **extra),
                     {"data": tiny_data, "policy": base, "prefs": tmp_path / "label"}, tmp_path / name)
@@ -62,6 +63,7 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
     lora = {"lora_r": 4} if family == "gpt_neox" else {}  # GRPO with LoRA on one family (TRL's peft path)
     g = execute("grpo", grpo.Config(max_steps=1, prompts_per_step=4, num_generations=2, max_new_tokens=8,
                                     max_prompt_tokens=64, n_eval_prompts=4, eval_batch_size=4, learning_rate=1e-2,
+                                    eval_heldout=True,
                                     checkpoint_dir=str(tmp_path / "ck_grpo"), **lora),
                 {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "grpo")
     grpo_weights = _weights(tmp_path / "grpo")
@@ -87,7 +89,7 @@ def test_ppo_with_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, m
     base = tiny.make_hf_model(tmp_path / "base", "qwen2")
     cfg = ppo.Config(reward="oracle", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
                      max_new_tokens=8, max_prompt_tokens=64, learning_rate=1e-2, bf16=False, n_eval_prompts=4,
-                     eval_batch_size=4, save_steps=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4)
+                     eval_batch_size=4, save_steps=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4, eval_heldout=True)
     m = execute("ppo", cfg, {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "ppo")
     assert math.isfinite(m["kl_to_ref"])
     before, after = _weights(base), _weights(tmp_path / "ppo")

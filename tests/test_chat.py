@@ -71,10 +71,12 @@ def test_dpo_trains_on_conversations_and_checks_itself_on_heldout_pairs(chat, tm
     from alignpipe.stages import dpo
 
     cfg = dpo.Config(max_steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=3, bf16=False,
-                     max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
+                     max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"),
+                     eval_heldout=True)
     metrics = execute("dpo", cfg, {"data": chat["data"], "policy": chat["llama"], "prefs": chat["data"]},
                       tmp_path / "dpo")
-    assert set(dpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
+    assert {"heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", *dpo.METRICS} <= set(metrics)
+    assert "violations_per_char" not in metrics
     assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
     assert metrics["n_prompt_boundary_mismatch"] == 0
     before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
@@ -191,10 +193,11 @@ def test_grpo_on_conversations_with_the_reward_model(chat, chat_rm, tmp_path):
     with pytest.raises(ConfigError, match="grpo.reward: task chat has no oracle"):
         grpo.run(grpo.Config(), inputs, tmp_path / "x")
     cfg = grpo.Config(reward="model", max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8,
-                      learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0,
+                      learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0, eval_heldout=True,
                       checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("grpo", cfg, inputs, tmp_path / "grpo")
-    assert set(grpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
+    assert {"reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", *grpo.METRICS} <= set(metrics)
+    assert "violations_per_char" not in metrics
     assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and metrics["train_steps"] == 2
     before, after = load_file(chat["llama"] / "model.safetensors"), load_file(tmp_path / "grpo" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)

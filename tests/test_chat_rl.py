@@ -44,10 +44,12 @@ def test_ppo_trains_a_chat_model_against_the_reward_model(chat, tmp_path, family
     policy = tiny.make_chat_model(tmp_path / "policy", family)
     cfg = ppo.Config(reward="model", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
                      learning_rate=1e-2, max_new_tokens=8, max_prompt_tokens=128, bf16=False, save_steps=2,
-                     checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, eval_batch_size=4, lora_r=lora_r)
+                     checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, eval_batch_size=4, lora_r=lora_r,
+                     eval_heldout=True)
     metrics = execute("ppo", cfg, {"data": chat["data"], "policy": policy, "reward_model": chat["rm"]},
                       tmp_path / "ppo")
-    assert set(ppo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
+    assert {"reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", *ppo.METRICS} <= set(metrics)
+    assert "violations_per_char" not in metrics
     assert 0 <= metrics["reward_win_rate_vs_ref"] <= 1 and math.isfinite(metrics["kl_to_ref"])
     assert json.loads((tmp_path / "ppo" / "metrics.json").read_text())["reward_last"] == metrics["reward_last"]
     before, after = load_file(policy / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")

@@ -5,6 +5,7 @@ as `alignpipe-policy-onnx@champion`, which `mlflow models serve` answers (bad re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -185,7 +186,8 @@ def _log_export(export) -> None:
         entries = {}
         for key in ("policy", "reward"):
             info = mlflow.onnx.log_model(onnx.load(str(export / f"{key}.onnx")), name=key)
-            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, "sha256": "x"}
+            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, 
+                            "sha256": hashlib.sha256((export / f"{key}.onnx").read_bytes()).hexdigest()}
     (export / "onnx_models.json").write_text(json.dumps({
         "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
         "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -192,3 +193,190 @@ def test_an_old_key_names_its_new_name(section, old, new, tmp_path, capsys):
     p.write_text(f"{section}:\n  {old}: 1\n")
     assert main(["config", "show", "--params", str(p)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{section}.{old}: renamed to {section}.{new}")
+
+
+# ------------------------------------------------------------------------------------ field-declared constraints
+
+@dataclass(frozen=True)
+class Bounded(StageConfig):
+    SECTION: ClassVar[str] = "bounded"
+
+    steps: int = field(10, "steps", ge=1, le=100)
+    frac: float = field(0.5, "a fraction", gt=0, lt=1)
+    limit: int = field(-1, "-1 = all", ge=1, le=9, allow=(-1,))
+    mode: str = field("a", "a mode", choices=("a", "b"))
+    name: str = field("x", "a name", nonempty=True)
+    pairs: list[str] = field([], "NAME=PATH entries", pattern=(r"\w+=\S+", "NAME=PATH"))
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"steps": 0}, "bounded.steps must be >= 1, got 0"),
+    ({"steps": 101}, "bounded.steps must be <= 100, got 101"),
+    ({"frac": 0}, "bounded.frac must be > 0, got 0.0"),
+    ({"frac": 1}, "bounded.frac must be < 1, got 1.0"),
+    ({"limit": 0}, "bounded.limit must be >= 1 (or -1), got 0"),
+    ({"limit": 10}, "bounded.limit must be <= 9, got 10"),
+    ({"mode": "c"}, "bounded.mode must be one of a, b, got 'c'"),
+    ({"name": "  "}, "bounded.name must not be empty, got '  '"),
+    ({"pairs": ["a=b", "oops"]}, "bounded.pairs must be NAME=PATH ('oops' is not)"),
+    ({"steps": 10 ** 40}, "bounded.steps must be <= 100, got an integer of 41 digits"),
+])
+def test_field_constraints_refuse_with_one_line_naming_the_key(values, words):
+    with pytest.raises(ConfigError) as e:
+        Bounded.from_dict(values)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=re.escape(words)):  # built directly, the same check
+        Bounded(**{k: float(v) if k == "frac" else v for k, v in values.items()})
+
+
+def test_field_constraints_accept_their_bounds_and_sentinels():
+    cfg = Bounded.from_dict({"steps": 100, "frac": 0.999, "limit": -1, "mode": "b", "pairs": ["a=b"]})
+    assert (cfg.steps, cfg.limit, cfg.mode) == (100, -1, "b")
+    assert Bounded.from_dict({"limit": 9}).limit == 9
+
+
+def _violating(f):
+    """A value that breaks `f`'s first declared bound or choice, or None when it declares neither."""
+    m = f.metadata
+    if "le" in m:
+        return m["le"] + 1
+    if "lt" in m:
+        return m["lt"]
+    if "ge" in m:
+        return m["ge"] - 1 if m["ge"] - 1 not in m.get("allow", ()) else m["ge"] - 2
+    if "gt" in m:
+        return m["gt"]
+    if "choices" in m:
+        return "not-a-choice"
+    return None
+
+
+def test_every_stage_config_checks_its_declared_constraints():
+    """Each bounded field of every stage refuses a value outside its bounds, naming section.key (a stage's
+    `__post_init__` that forgot `super().__post_init__()` fails here)."""
+    import dataclasses
+
+    from alignpipe.stages import config_classes
+
+    known = config_classes()
+    checked = 0
+    for section in known:
+        cls = known[section]
+        for f in dataclasses.fields(cls):
+            bad = _violating(f)
+            if bad is None:
+                continue
+            with pytest.raises(ConfigError, match=rf"{section}\.{f.name} must be"):
+                cls.from_dict({f.name: bad})
+            with pytest.raises(ValueError, match=rf"{section}\.{f.name} must be"):
+                cls(**{f.name: float(bad) if isinstance(f.default, float) else bad})
+            checked += 1
+    assert checked > 150
+
+
+@pytest.mark.parametrize("item, words", [
+    ("pretrain.max_steps=1000000000000", "pretrain.max_steps must be <= 10000000"),
+    ("pretrain.n_layer=100000", "pretrain.n_layer must be <= 256"),
+    ("pretrain.n_embd=1000000", "pretrain.n_embd must be <= 16384"),
+    ("pretrain.vocab_size=1000000000", "pretrain.vocab_size must be <= 1048576"),
+    ("evaluate.max_new_tokens=1000000000", "evaluate.max_new_tokens must be <= 131072"),
+    ("ppo.max_new_tokens=1000000000", "ppo.max_new_tokens must be <= 131072"),
+    ("pretrain.threads=100000", "pretrain.threads must be <= 1024"),
+    ("pretrain.seed=100000000000000000000000000000", "pretrain.seed must be <= 4294967295"),
+    ("pretrain.seed=1e29", "pretrain.seed: expected int"),
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("reward.lr_scheduler_type=evil", "reward.lr_scheduler_type must be one of linear, cosine"),
+    ("register.model_name=a/b", "register.model_name must be a registered-model name"),
+    ("register.reward_model_name=models:/x", "register.reward_model_name must be a registered-model name"),
+    ("register.alias=latest", "register.alias must be an alias"),
+    ("evaluate.champion_model=.", "evaluate.champion_model must be a registered-model name"),
+    ("pretrain.seed=1" + "0" * 5000, "pretrain.seed: not a readable value"),
+])
+def test_impossible_budgets_and_bad_names_fail_when_the_config_is_built(item, words, capsys):
+    """Issue 29: sizes, seeds, choices and registered-model names refused by `config show`, with one line."""
+    from alignpipe.cli.main import main
+
+    assert main(["config", "show", "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and len(err) < 400
+
+
+def test_a_from_scratch_model_too_large_for_any_node_is_refused():
+    from alignpipe.stages.pretrain import Config
+
+    with pytest.raises(ConfigError, match="pretrain.n_layer with n_embd=16384 builds a"):
+        Config.from_dict({"n_layer": 256, "n_embd": 16384, "n_head": 128})
+    assert Config.from_dict({"n_layer": 256, "n_embd": 16384, "n_head": 128, "init_model": "gpt2"}).n_layer == 256
+
+
+def test_reward_schedulers_are_transformers_scheduler_names():
+    from transformers import SchedulerType
+
+    from alignpipe.stages.reward import LR_SCHEDULERS, Config
+
+    assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+    assert Config().lr_scheduler_type in LR_SCHEDULERS
+
+
+def test_help_shows_the_bounds(capsys):
+    from alignpipe.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = capsys.readouterr().out
+    assert "max_steps = 300 (in [1, 10000000]):" in out and "learning_rate = 0.002 (> 0):" in out
+
+
+# ------------------------------------------------------------------------------- params files refused at load
+
+def test_a_typo_d_section_is_refused_naming_the_known_sections(tmp_path, capsys):
+    from alignpipe.cli.main import main
+
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrian:\n  max_steps: 5\n")
+    for argv in (["config", "show"], ["pretrain"], ["pipeline", "compile", "--out", str(tmp_path / "p.yaml")],
+                 ["pipeline", "trainjob", "--stage", "pretrain", "--out", str(tmp_path / "job.yaml")]):
+        assert main([*argv, "--params", str(p)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert f"{p}: pretrian: unknown section (did you mean pretrain?); sections: data," in err, argv
+        assert "\n" not in err
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "job.yaml").exists()
+
+
+def test_duplicate_keys_are_refused_with_file_and_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("pretrain:\n  n_embd: 64\ndpo:\n  beta: 0.2\npretrain:\n  n_head: 2\n")
+    with pytest.raises(ConfigError, match="line 5: duplicate key 'pretrain'") as e:
+        load_params(p)
+    assert e.value.where == str(p)
+    p.write_text("dpo:\n  beta: 0.2\n  max_steps: 3\n  beta: 0.3\n")
+    with pytest.raises(ConfigError, match="line 4: duplicate key 'beta'"):
+        load_params(p)
+    p.write_text("dpo: &d\n  beta: 0.2\norpo:\n  <<: *d\n  beta: 0.3\n")  # a merge key may be overridden
+    assert load_params(p)["orpo"] == {"beta": 0.3}
+
+
+def test_a_yaml_alias_bomb_is_refused_fast_and_small(tmp_path):
+    """A "billion laughs" params file: 9 levels of 9 aliases (~4e8 values) refused in the loader, well within a
+    second, without building the expanded value."""
+    import time
+    import tracemalloc
+
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    p = tmp_path / "bomb.yaml"
+    p.write_text("\n".join(lines) + "\npretrain:\n  n_embd: *a8\n")
+    tracemalloc.start()
+    t = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than 100000 values"):
+        load_params(p)
+    seconds = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seconds < 1 and peak < 50e6
+    flow = "{" + ", ".join(lines) + ", z: *a8}"  # the same bomb as one --set value
+    with pytest.raises(ConfigError, match="aliases expand"):
+        apply_overrides({}, ["pretrain.n_embd=" + flow])
+    p.write_text("pretrain: &r\n  n_embd: [*r]\n")
+    with pytest.raises(ConfigError, match="recursive alias|nested too deep"):
+        load_params(p)

@@ -180,8 +180,11 @@ SERVE_PROMPTS += [
 
 def test_serving_image_of_the_tiny_runs_champion_answers_prompts_and_rejects_malformed_requests(monkeypatch):
     """After (c): the ONNX policy the containerized tiny DAG registered as champion, built into the serving image
-    (`make image-serve`) and run as a container; 20 prompts (concurrent requests) get the same greedy answers as
-    the registered model loaded here, and malformed requests get a 4xx."""
+    (`make image-serve`) and run as a container (`alignpipe serve`); 20 prompts (concurrent requests through the
+    official `openai` client) get the same greedy answers as the registered model loaded here, and malformed
+    requests get OpenAI's error object with a 4xx."""
+    import openai
+
     from alignpipe.tracking import runs
     from alignpipe.serving.server import post_json, wait_ready
 
@@ -211,31 +214,32 @@ def test_serving_image_of_the_tiny_runs_champion_answers_prompts_and_rejects_mal
         except TimeoutError as e:
             logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
             pytest.fail(f"{e}: {(logs.stdout + logs.stderr)[-3000:]}")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["alignpipe-policy-onnx"]
         answers = {}
 
-        def client(i: int) -> None:
-            body = json.dumps({"inputs": [SERVE_PROMPTS[i]], "params": {"do_sample": False}}).encode()
-            answers[i] = post_json(f"{url}/invocations", body)
+        def ask(i: int) -> None:
+            answers[i] = client.completions.create(model="alignpipe-policy-onnx", prompt=SERVE_PROMPTS[i],
+                                                   temperature=0).choices[0].text
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(SERVE_PROMPTS))]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(SERVE_PROMPTS))]
         start = time.time()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        statuses = [answers[i][0] for i in range(len(SERVE_PROMPTS))]
-        print(f"POST /invocations, {len(SERVE_PROMPTS)} concurrent one-prompt requests: statuses {statuses} "
-              f"in {time.time() - start:.1f} s; e.g. {SERVE_PROMPTS[0]!r} -> {answers[0][1]}")
-        assert statuses == [200] * len(SERVE_PROMPTS), answers
-        served = [answers[i][1]["predictions"][0] for i in range(len(SERVE_PROMPTS))]
+        served = [answers.get(i) for i in range(len(SERVE_PROMPTS))]
+        print(f"POST /v1/completions, {len(SERVE_PROMPTS)} concurrent one-prompt requests (openai client) in "
+              f"{time.time() - start:.1f} s; e.g. {SERVE_PROMPTS[0]!r} -> {served[0]!r}")
         expected = runs.mlflow_module().pyfunc.load_model("models:/alignpipe-policy-onnx@champion").predict(
             SERVE_PROMPTS, params={"do_sample": False})
         assert served == expected  # the container serves the registered champion, verbatim
-        for bad in (b"not json", json.dumps({"inputs": []}).encode(),
-                    json.dumps({"inputs": ["def f():"], "params": {"max_new_tokens": "many"}}).encode()):
-            status, body = post_json(f"{url}/invocations", bad)
-            print(f"POST /invocations {bad[:60]!r}: {status} {str(body)[:120]}")
-            assert 400 <= status < 500, (bad, status, body)
+        for bad in (b"not json", json.dumps({"model": "alignpipe-policy-onnx", "prompt": []}).encode(),
+                    json.dumps({"model": "alignpipe-policy-onnx", "prompt": "def f():",
+                                "max_tokens": "many"}).encode()):
+            status, body = post_json(f"{url}/v1/completions", bad)
+            print(f"POST /v1/completions {bad[:60]!r}: {status} {str(body)[:120]}")
+            assert 400 <= status < 500 and set(body["error"]) == {"message", "type", "param", "code"}, (bad, body)
     finally:
         subprocess.run(["podman", "rm", "--force", name], capture_output=True)
         subprocess.run(["podman", "rmi", "--force", SERVE_IMAGE], capture_output=True)

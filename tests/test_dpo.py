@@ -17,6 +17,7 @@ import tiny  # noqa: E402
 from alignpipe.algos import preference  # noqa: E402
 from alignpipe.algos.dpo import trl_config  # noqa: E402
 from alignpipe.core.errors import DataError  # noqa: E402
+from alignpipe.core.hashing import weights_sha256  # noqa: E402
 from alignpipe.stages import dpo  # noqa: E402
 
 
@@ -29,11 +30,17 @@ def test_read_pairs_checks_rows_and_flattens_conversational(tmp_path):
     good = {"prompt": "def f(a):", "chosen": "\n    return a", "rejected": "\n    return(a)"}
     conv = {"prompt": [{"role": "user", "content": "x = 1"}], "chosen": [{"role": "assistant", "content": "\ny = 2"}],
             "rejected": [{"role": "assistant", "content": "\ny=2"}]}
-    pairs = preference.read_pairs(_write(tmp_path / "p.jsonl", [good, conv]))
-    assert pairs[1] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
+    pairs = preference.read_pairs(_write(tmp_path / "p.jsonl", [conv, {**conv, "source": "human"}]))
+    assert pairs[0] == {"prompt": "x = 1", "chosen": "\ny = 2", "rejected": "\ny=2"}
+    assert pairs[1]["source"] == "human"  # other fields kept (the label stage's provenance)
+    assert preference.read_pairs(tmp_path / "p.jsonl", messages=True)[0] == conv
+    assert preference.read_pairs(tmp_path / "p.jsonl", messages=None)[0] == conv
+    with pytest.raises(DataError, match="must be a list of role/content messages"):
+        preference.read_pairs(_write(tmp_path / "std.jsonl", [good]), messages=True)
     bad_rows = [({**good, "prompt": "def f(a):\n"}, "ends on whitespace"),
                 ({**good, "rejected": good["chosen"]}, "identical"),
-                ({"prompt": "x", "chosen": "\ny"}, "'rejected'")]
+                ({"prompt": "x", "chosen": "\ny"}, "'rejected'"),
+                (conv, "'prompt' must be a string, like the first row's prompt \\(one form per file")]
     for row, message in bad_rows:
         with pytest.raises(DataError, match=message) as err:
             preference.read_pairs(_write(tmp_path / "bad.jsonl", [good, row]))
@@ -134,8 +141,14 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
     cfg = dpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                     bf16=False, n_eval_prompts=4, eval_batch_size=4)
+                     bf16=False, n_eval_prompts=4, eval_batch_size=4, eval_heldout=True)
     metrics = execute("dpo", cfg, inputs, tmp_path / "out")
+    # The held-out check is off by default (evaluate owns evaluation) and draws on no training random state: the
+    # same weights without it, and only training metrics.
+    quiet = execute("dpo", dpo.Config(**{**cfg.to_dict(), "eval_heldout": False}), inputs, tmp_path / "quiet")
+    assert weights_sha256(tmp_path / "quiet") == weights_sha256(tmp_path / "out")
+    assert "violations_per_char" not in quiet and "kl_to_ref" not in quiet and set(dpo.METRICS) <= set(quiet)
+    assert all(quiet[k] == metrics[k] for k in ("train_loss", "train_reward_margin", "n_pairs"))
     for key in dpo.METRICS:
         assert math.isfinite(metrics[key])
     assert metrics["n_prompt_boundary_mismatch"] == 0 and metrics["n_human_pairs"] == 1

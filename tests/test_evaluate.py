@@ -100,6 +100,31 @@ def test_extra_candidates_are_checked():
                                 evaluate.Config(extra_candidates=["pretrain=p"]))
 
 
+def test_cli_takes_only_the_candidates_given(tmp_path, monkeypatch):
+    """A candidate's folder merely present at artifacts/<stage> is not evaluated: the CLI passes only the candidates
+    given (dvc.yaml passes every one explicitly, from the registry)."""
+    import yaml
+
+    from alignpipe.cli.main import build_parser
+    from alignpipe.run.runner import resolve_inputs
+    from alignpipe.stages import CANDIDATES
+
+    monkeypatch.chdir(tmp_path)
+    for stage, _ in CANDIDATES:
+        (tmp_path / "artifacts" / stage).mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    args = build_parser("evaluate").parse_args(["evaluate"])
+    inputs = resolve_inputs("evaluate", {k[len("input_"):]: v for k, v in vars(args).items()
+                                         if k.startswith("input_")})
+    assert inputs["policy"] == Path("artifacts/pretrain")
+    assert all(inputs[output] is None for _, output in CANDIDATES[1:])
+    args = build_parser("evaluate").parse_args(["evaluate", "--dpo", "artifacts/dpo"])
+    assert resolve_inputs("evaluate", {"policy": args.input_policy, "dpo": args.input_dpo})["dpo"] == Path(
+        "artifacts/dpo")
+    cmd = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]["evaluate"]["cmd"]
+    assert all(f"--{output} artifacts/{stage}" in cmd for stage, output in CANDIDATES[1:])
+
+
 def _register_champion(tmp_path: Path, policy_dir: Path) -> None:
     """Register `policy_dir` as alignpipe-policy@champion through the register stage (a one-candidate report)."""
     from alignpipe.core.hashing import weights_sha256

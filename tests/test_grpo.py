@@ -13,10 +13,12 @@ import pytest
 import tiny
 from alignpipe.algos.rewards import EMPTY_PENALTY, build_reward, oracle_rewards, parse_reward
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.tasks import get_task
 from alignpipe.tasks.pep8 import LogicalLine
 
 PROMPTS = ["def f(a, b):", "x = [1, 2]"]
 CLEAN, DIRTY = "\n    return a + b", "\ny=x [0]"  # 0 violations; E225 + E211 on 7 characters
+PEP8_ORACLE = get_task("pep8").oracle()
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ def test_parse_reward_specs():
 
 def test_oracle_reward_by_hand():
     # DIRTY: "y=x [0]" has E225 (missing whitespace around =) and E211 (whitespace before [): 2 / 7 characters.
-    assert oracle_rewards([CLEAN, DIRTY, "\n"], ["def f(a, b):", "x = [1, 2]", "x = 1"]) == \
+    assert oracle_rewards([CLEAN, DIRTY, "\n"], ["def f(a, b):", "x = [1, 2]", "x = 1"], PEP8_ORACLE) == \
         [0.0, pytest.approx(-2 / 7), -EMPTY_PENALTY]
 
 
@@ -59,9 +61,9 @@ def test_each_reward_choice_and_a_weighted_sum(user_rewards, tmp_path):
     completions = [CLEAN, DIRTY]
     expected_model = reward_scores(rm, rm_tok, PROMPTS, completions)
     assert build_reward("model", rm_dir)(PROMPTS, completions) == pytest.approx(expected_model)
-    assert build_reward("oracle", None)(PROMPTS, completions) == pytest.approx([0.0, -2 / 7])
+    assert build_reward("oracle", None, oracle=PEP8_ORACLE)(PROMPTS, completions) == pytest.approx([0.0, -2 / 7])
     assert build_reward("my_rewards:length", None)(PROMPTS, completions) == [17.0, 8.0]
-    mixed = build_reward("0.5*model + 2*oracle + 0.1*my_rewards:length", rm_dir)
+    mixed = build_reward("0.5*model + 2*oracle + 0.1*my_rewards:length", rm_dir, oracle=PEP8_ORACLE)
     values = mixed(PROMPTS, completions)
     assert values == pytest.approx([0.5 * m + 2 * o + 0.1 * n
                                     for m, o, n in zip(expected_model, [0.0, -2 / 7], [17.0, 8.0])])
@@ -70,9 +72,9 @@ def test_each_reward_choice_and_a_weighted_sum(user_rewards, tmp_path):
 
 def test_oracle_reads_the_longer_context_when_given():
     # Alone "    pass" after "x = 1" is an unexpected indent (E113); after "if x:" it is fine.
-    reward = build_reward("oracle", None, contexts={"p": "if x:"})
+    reward = build_reward("oracle", None, contexts={"p": "if x:"}, oracle=PEP8_ORACLE)
     assert reward(["p"], ["\n    pass"]) == [0.0]
-    assert build_reward("oracle", None)(["x = 1"], ["\n    pass"])[0] < 0
+    assert build_reward("oracle", None, oracle=PEP8_ORACLE)(["x = 1"], ["\n    pass"])[0] < 0
 
 
 @pytest.mark.parametrize("spec, error, words", [
@@ -89,7 +91,23 @@ def test_bad_user_rewards_fail_before_training(user_rewards, spec, error, words)
 
 def test_model_reward_without_a_reward_model_is_a_config_error():
     with pytest.raises(ConfigError, match="needs a reward model"):
-        build_reward("oracle + model", None)
+        build_reward("oracle + model", None, oracle=PEP8_ORACLE)
+
+
+def test_the_oracle_term_scores_with_the_tasks_oracle():
+    """The `oracle` term calls the oracle it is given (the task's), not the PEP8 one; without one it is refused."""
+    from alignpipe.oracle.scoring import CompletionScore
+
+    seen = []
+
+    def toy(context, completion):
+        seen.append((context, completion))
+        return CompletionScore(violations=len(completion), chars=2 * len(completion), truncated=False)
+
+    assert build_reward("oracle", None, oracle=toy)(["p"], ["abcd"]) == [-0.5]
+    assert seen == [("p", "abcd")]
+    with pytest.raises(ConfigError, match="uses the oracle, but the task has none"):
+        build_reward("oracle", None)
 
 
 @pytest.mark.slow
@@ -124,11 +142,11 @@ def test_grpo_raises_the_oracle_reward_and_changes_weights(tmp_path, tiny_data):
         samples = sample(model, tok, meta, [r["prompt"] for r in rows],
                          Sampling(temperature=0.7, top_p=1.0, max_new_tokens=16, batch_size=32), seed=123,
                          unit=LogicalLine())
-        values = oracle_rewards([s.completion for s in samples], [r["context"] for r in rows])
+        values = oracle_rewards([s.completion for s in samples], [r["context"] for r in rows], PEP8_ORACLE)
         return sum(values) / len(values), model
 
     cfg = grpo.Config(max_steps=6, prompts_per_step=8, num_generations=4, learning_rate=3e-3, beta=0.0,
-                      max_new_tokens=16, n_eval_prompts=8, eval_batch_size=8,
+                      max_new_tokens=16, n_eval_prompts=8, eval_batch_size=8, eval_heldout=True,
                       checkpoint_dir=str(tmp_path / "ckpt"))
     out = tmp_path / "out"
     out.mkdir()

@@ -173,17 +173,27 @@ def test_runtime_of_the_image(flavor):
 
 @needs_make
 def test_serving_image_is_the_cpu_image_plus_the_registered_model():
-    from alignpipe.cli.serve import PORT
+    from alignpipe.cli.serve import PORT, kserve_manifest
 
     out = make_n("-f", "docker/images.mk", "image-serve", "DOCKER=podman", "SERVE_IMAGE=serve:test")
     context = ".tmp/image-context-serve"
     assert f"mlflow artifacts download -u models:/alignpipe-policy-onnx@champion -d {context}/model" in out
-    assert f"podman build -f docker/Dockerfile.serve -t serve:test --build-arg BASE_IMAGE={CPU_IMAGE} " in out
+    assert (f"podman build -f docker/Dockerfile.serve -t serve:test --build-arg BASE_IMAGE={CPU_IMAGE} "
+            "--build-arg SERVED_MODEL_NAME=alignpipe-policy-onnx ") in out
     assert out.rstrip().endswith(f"rm -rf {context}")
+    versioned = make_n("-f", "docker/images.mk", "image-serve", "SERVE_MODEL=models:/my-chat/3")
+    assert "--build-arg SERVED_MODEL_NAME=my-chat " in versioned
     dockerfile = (ROOT / "docker" / "Dockerfile.serve").read_text()
     assert "FROM ${BASE_IMAGE}" in dockerfile and "COPY model /opt/ml/model" in dockerfile
-    # the port the KServe manifest probes; the model served from the image's environment (no virtualenv, offline)
-    assert f"PORT={PORT}" in dockerfile and "mlflow models serve -m /opt/ml/model --env-manager local" in dockerfile
+    # the port the KServe manifest probes; the OpenAI-compatible server on the model's files, the registered name
+    # as the model id, onnxruntime threads from the env the KServe manifest sets
+    (cmd,) = re.findall(r"^CMD .*$", dockerfile, re.M)
+    assert f"PORT={PORT}" in dockerfile and "exec alignpipe serve /opt/ml/model --name \\\"$SERVED_MODEL_NAME\\\"" in cmd
+    assert "--threads \\\"$ALIGNPIPE_SERVE_THREADS\\\"" in cmd and "--host 0.0.0.0" in cmd
+    manifest = kserve_manifest("p", "img", model_uri="models:/m@champion", version="1", threads=2, cpu="2",
+                               memory="2Gi")
+    (env,) = manifest["spec"]["predictor"]["containers"][0]["env"]
+    assert f"${env['name']}" in cmd  # the variable the KServe manifest sets is the one the image reads
 
 
 def test_every_package_folder_is_installed():

@@ -13,9 +13,11 @@ from tiny import make_data, make_policy, make_prefs, make_reward, make_tokenizer
 from alignpipe.core.errors import DataError
 from alignpipe.oracle.judges import LLMJudge, Pair, RewardModelJudge, ScorerJudge, oracle
 from alignpipe.stages import label
+from alignpipe.tasks import get_task
 
 CLEAN, DIRTY = "\n    return a + b * 99", "\n    return a+b *99"
 PAIR = Pair("def f99(a, b):", CLEAN, DIRTY, context="def f99(a, b):")
+PEP8_ORACLE = get_task("pep8").oracle()
 
 
 pytestmark = pytest.mark.usefixtures("module_mlflow")  # one MLflow store per module (conftest)
@@ -57,11 +59,11 @@ def _run_label(tiny, out, **kw):
 
 
 def test_scorer_judge_prefers_the_clean_line():
-    (sa, sb), = ScorerJudge().score([PAIR])
-    (oa, ob), = oracle([PAIR])
+    (sa, sb), = ScorerJudge(PEP8_ORACLE).score([PAIR])
+    (oa, ob), = oracle([PAIR], PEP8_ORACLE)
     assert oa == 0 and ob > 0  # violations per char: lower is better
     assert sa > sb and (sa, sb) == (-oa, -ob)  # judge scores: higher is better
-    (sb2, sa2), = ScorerJudge().score([Pair(PAIR.prompt, DIRTY, CLEAN, PAIR.context)])
+    (sb2, sa2), = ScorerJudge(PEP8_ORACLE).score([Pair(PAIR.prompt, DIRTY, CLEAN, PAIR.context)])
     assert sa2 > sb2
 
 

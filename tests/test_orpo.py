@@ -139,7 +139,7 @@ def test_orpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data, regi
     tiny.make_prefs(tmp_path / "label" / "prefs.jsonl", n=24)
     inputs = {"data": tiny_data, "policy": policy, "prefs": tmp_path / "label", "human_prefs": None}
     cfg = orpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                      bf16=False, n_eval_prompts=4, eval_batch_size=4)
+                      bf16=False, n_eval_prompts=4, eval_batch_size=4, eval_heldout=True)
     metrics = execute("orpo", cfg, inputs, tmp_path / "out")
     for key in orpo.METRICS:
         assert math.isfinite(metrics[key])
@@ -178,10 +178,12 @@ def test_orpo_trains_a_chat_model_through_its_chat_template(tmp_path, registered
             tmp_path / "data")
     llama = tiny.make_chat_llama(tmp_path / "llama")
     cfg = orpo.Config(max_steps=3, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=3, bf16=False,
-                      max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"))
+                      max_prompt_tokens=96, max_completion_tokens=32, checkpoint_dir=str(tmp_path / "ckpt"),
+                      eval_heldout=True)
     metrics = execute("orpo", cfg, {"data": tmp_path / "data", "policy": llama, "prefs": tmp_path / "data"},
                       tmp_path / "orpo")
-    assert set(orpo.JUDGED_METRICS) <= set(metrics) and "violations_per_char" not in metrics
+    assert {"heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", *orpo.METRICS} <= set(metrics)
+    assert "violations_per_char" not in metrics
     assert 0 <= metrics["heldout_reward_accuracy"] <= 1 and metrics["n_heldout_pairs"] > 0
     before, after = load_file(llama / "model.safetensors"), load_file(tmp_path / "orpo" / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the policy was trained

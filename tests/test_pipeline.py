@@ -131,7 +131,7 @@ def test_candidates_come_from_the_registry():
     assert CANDIDATES[0] == (REFERENCE, "policy")
     ev = {i.name: i for i in load_stage("evaluate").INPUTS}
     for stage, output in CANDIDATES[1:]:
-        assert ev[output].default == f"artifacts/{stage}" and not ev[output].required
+        assert ev[output].pipeline_path == f"artifacts/{stage}" and not ev[output].required and not ev[output].default
         assert output in COMPONENTS[stage].component_spec.outputs
         assert stage in NO_CACHE and stage in GPU_STAGES
     assert {i.name for i in load_stage("export").INPUTS} == {"best", "reward_model", "data"}

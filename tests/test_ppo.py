@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import tiny  # noqa: E402
 
 from alignpipe.algos import ppo as algo  # noqa: E402
+from alignpipe.lm.training import latest_complete  # noqa: E402
 from alignpipe.stages import ppo  # noqa: E402
 from alignpipe.tasks.pep8 import LogicalLine  # noqa: E402
 
@@ -189,14 +190,16 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_policy, tmp_path):
 
     shutil.rmtree(tmp_path / "ckpt" / "iter-000004")  # as if the run had died after iteration 2
     model, tok, _, ref = fresh()
-    head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn,
-                                        resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
+    latest = latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES)
+    head2, state2, history2 = ppo.train(cfg, model, tok, meta, ref, prompts, reward_fn, resume_from=latest,
+                                        progress=None)
     # The history travels in the checkpoint: a resumed run reports the whole run's first/last reward and KL.
     assert len(history2) == 4 and state2.iteration == 4
     for key in ("env/reward_mean", "objective/kl"):
         assert [h[key] for h in history2] == pytest.approx([h[key] for h in history], abs=1e-5), key
     _, _, history3 = ppo.train(cfg, *fresh()[:2], meta, ref, prompts, reward_fn,  # resumed from the final one
-                               resume_from=ppo.latest_checkpoint(tmp_path / "ckpt"), progress=None)
+                               resume_from=latest_complete(tmp_path / "ckpt", "iter", ppo.CHECKPOINT_FILES),
+                               progress=None)
     assert [h["env/reward_mean"] for h in history3] == pytest.approx([h["env/reward_mean"] for h in history])
     assert state2.kl_coef == pytest.approx(state.kl_coef)
     for k, v in model.state_dict().items():
@@ -215,7 +218,7 @@ def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     policy = tiny.make_policy(tmp_path / "policy", conditional=True, tok=tok)
     reward = tiny.make_reward(tmp_path / "reward", tok=tok)
     cfg = ppo.Config(max_steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8,
-                     n_eval_prompts=4, eval_batch_size=4, save_steps=1)
+                     n_eval_prompts=4, eval_batch_size=4, save_steps=1, eval_heldout=True)
     metrics = execute("ppo", cfg, {"data": data, "policy": policy, "reward_model": reward}, tmp_path / "out")
     for key in ppo.METRICS:
         assert math.isfinite(metrics[key])

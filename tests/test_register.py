@@ -229,5 +229,5 @@ def test_gate_rule_follows_the_task_and_register_settings():
     assert register.gate_rule(register.Config(metric="reward_score", direction="higher"), chat) == ("reward_score",
                                                                                                     True)
     assert register.gate_rule(register.Config(metric="kl_to_ref"), chat) == ("kl_to_ref", False)
-    with pytest.raises(ValueError, match="register.direction must be lower, higher or empty"):
+    with pytest.raises(ValueError, match="register.direction must be one of '', lower, higher"):
         register.Config(direction="up")

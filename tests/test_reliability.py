@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -245,7 +252,7 @@ def test_resume_skips_a_truncated_latest_checkpoint_and_says_so(tmp_path):
     from transformers import GPT2LMHeadModel
 
     from alignpipe.lm import training
-    from alignpipe.stages.pretrain import CHECKPOINT_FILES
+    from alignpipe.lm.training import STEP_CHECKPOINT as CHECKPOINT_FILES
 
     tok = tiny.make_tokenizer()
     net = training.lm_with_value(GPT2LMHeadModel(tiny._config(tok)), False)
@@ -657,3 +664,279 @@ def test_sigterm_to_a_local_pipeline_run_stops_the_task_it_started(tmp_path):
     assert proc.wait(timeout=60) == 128 + 15
     assert "SIGTERM: stopped the run and its 2 task process(es)" in proc.stderr.read().decode()
     assert not [t for t in tasks if t.is_running() and t.status() != psutil.STATUS_ZOMBIE]
+
+
+# ------------------------------------------------------------------------ secrets, hangs, overwrites, locks (29)
+
+SECRET = "s3cret-pw"
+
+
+@contextlib.contextmanager
+def _tcp_server(answer: bool):
+    """A TCP server on a free port: `answer=False` accepts connections and never answers (a hung server)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fast_tracking(monkeypatch):
+    """MLflow's HTTP timeout and retries small (the project's own defaults are seconds, not minutes)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+def test_the_project_bounds_mlflow_http_timeouts_unless_the_user_set_them(tmp_path, monkeypatch):
+    from alignpipe.tracking import runs
+
+    for key in runs.HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    runs.mlflow_module()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "33"
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "false"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://u:{SECRET}@127.0.0.1:{_closed_port()}")
+    runs.mlflow_module()  # MLflow's "View run ... at: <URI>" line is off when the URI holds a password
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["silent-server", "refused"])
+def test_an_unreachable_tracking_server_fails_in_seconds_with_one_redacted_line(
+        corpus_dir, capsys, fast_tracking, monkeypatch, answer):
+    with contextlib.ExitStack() as stack:
+        port = stack.enter_context(_tcp_server(answer=False)) if not answer else _closed_port()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRET}@127.0.0.1:{port}")
+        start = time.monotonic()
+        assert main(["validate", "--corpus", "data", "--out", "out"]) == 1
+        seconds = time.monotonic() - start
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    line = [line for line in captured.err.splitlines() if ": error: " in line]
+    assert "Traceback" not in captured.err and len(line) == 1, captured.err
+    assert "alice:***@127.0.0.1" in line[0] and line[0].startswith("alignpipe validate: error: tracking store ")
+    assert ("timed out" if not answer else "refused") in line[0].lower()
+    assert seconds < 30  # the stage's own imports included; MLflow's defaults took minutes
+    assert not (corpus_dir / "out").exists()
+
+
+def test_log_records_and_error_text_are_redacted():
+    from alignpipe.core.redaction import redact_logs, redact_text
+
+    assert redact_text(f"GET https://bob:{SECRET}@host:5000/api?token=abc&x=1 failed") == \
+        "GET https://bob:***@host:5000/api?token=***&x=1 failed"
+    assert redact_text("see https://tok@host/x and sqlite:////tmp/m.db") == \
+        "see https://***@host/x and sqlite:////tmp/m.db"
+    stream = io.StringIO()
+    logger = logging.getLogger("mlflow.alignpipe_test")
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        redact_logs("mlflow.alignpipe_test")
+        logger.warning("connecting to %s", f"http://bob:{SECRET}@mlflow:5000")
+    finally:
+        logger.removeHandler(handler)
+    assert SECRET not in stream.getvalue() and "http://bob:***@mlflow:5000" in stream.getvalue()
+
+
+@pytest.mark.slow
+def test_a_stage_run_on_a_real_tracking_server_never_prints_the_password(corpus_dir, tmp_path, monkeypatch):
+    """`mlflow server` (it ignores the credentials; MLflow sends them as basic auth) and a stage run in a child
+    process: MLflow's own "View run ... at: URI" line and every log line are free of the password."""
+    import subprocess
+    import sys
+
+    port = _closed_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+                               "--default-artifact-root", str(tmp_path / "art")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.5)
+        uri = f"http://alice:{SECRET}@127.0.0.1:{port}"
+        done = subprocess.run([sys.executable, "-m", "alignpipe", "validate", "--corpus", "data", "--out", "out"],
+                              env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert SECRET not in done.stdout + done.stderr
+    assert (corpus_dir / "out" / "report.json").is_file()
+
+
+def test_pipeline_submit_to_a_silent_host_fails_in_seconds_with_one_redacted_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with _tcp_server(answer=False) as port:
+        start = time.monotonic()
+        rc = main(["pipeline", "submit", "--params", str(PARAMS), "--host", f"http://alice:{SECRET}@127.0.0.1:{port}",
+                   "--timeout", "1"])
+        seconds = time.monotonic() - start
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    line = _one_error_line_of(captured.err)
+    assert "alice:***@127.0.0.1" in line and "timed out" in line.lower()
+    assert seconds < 30
+
+
+def _one_error_line_of(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("alignpipe") and ": error: " in line]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,victim", [
+    (["pipeline", "compile", "--params", str(PARAMS), "--out", "params.yaml"], "params.yaml"),
+    (["pipeline", "dvc-yaml", "--out", "data.dvc"], "data.dvc"),
+    (["pipeline", "trainjob", "--stage", "pretrain", "--out", "README.md"], "README.md"),
+    (["serve", "kserve-manifest", "--image", "img:1", "--out", "README.md"], "README.md"),
+], ids=["compile", "dvc-yaml", "trainjob", "kserve-manifest"])
+def test_a_single_file_writer_refuses_a_file_it_did_not_write(corpus_dir, monkeypatch, capsys, argv, victim):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{corpus_dir / 'mlflow.db'}")
+    if victim != "params.yaml":
+        (corpus_dir / victim).write_text("the user's own file\n")
+    before = (corpus_dir / victim).read_bytes()
+    assert main(argv) == 2
+    assert "alignpipe did not write it" in _one_error_line(capsys)
+    assert (corpus_dir / victim).read_bytes() == before
+    assert main([*argv, "--force"]) == 0  # asked for: replaced, and marked as alignpipe's
+    assert (corpus_dir / victim).read_text().splitlines()[0].startswith("# GENERATED by alignpipe")
+    assert main(argv) == 0  # its own file: the next run replaces it
+    assert not list(corpus_dir.glob(f".{victim}.*.tmp"))
+
+
+def test_the_generated_dvc_yaml_is_rewritten_without_force(tmp_path, monkeypatch):
+    from alignpipe.cli import dvcgen
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text(dvcgen.render())
+    assert main(["pipeline", "dvc-yaml", "--out", "dvc.yaml"]) == 0
+
+
+def test_a_run_refuses_an_out_or_checkpoint_dir_another_run_holds(corpus_dir, capsys):
+    from alignpipe.core.locks import hold
+
+    with hold(corpus_dir / "out", "--out"):
+        assert main(["validate", "--corpus", "data", "--out", "out"]) == 2
+        line = _one_error_line(capsys)
+        assert "in use by another alignpipe run" in line and f"pid {os.getpid()}" in line
+    assert not (corpus_dir / "out").exists()
+    with hold(corpus_dir / "ckpt", "pretrain.checkpoint_dir"):
+        assert main(["pretrain", "--data", "data", "--out", "p", "--set", "pretrain.checkpoint_dir=ckpt"]) == 2
+        line = _one_error_line(capsys)
+        assert "pretrain.checkpoint_dir" in line and "in use" in line
+    assert main(["validate", "--corpus", "data", "--out", "out"]) == 0  # released: the next run goes ahead
+    assert not list(corpus_dir.glob(".*.lock"))
+
+
+@pytest.mark.slow
+def test_a_lock_of_a_killed_run_is_not_in_the_way(corpus_dir):
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignpipe.core.locks import hold\n"
+                              "with hold('out', '--out'):\n    print('held', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                 [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])})
+    assert child.stdout.readline().strip() == "held"
+    assert main(["validate", "--corpus", "data", "--out", "out"]) == 2
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert (corpus_dir / ".out.lock").is_file()  # left behind by the kill, but no longer locked
+    assert main(["validate", "--corpus", "data", "--out", "out"]) == 0
+
+
+@pytest.mark.slow
+def test_two_processes_opening_a_fresh_registry_at_once_both_succeed(tmp_path):
+    """Without the schema lock one of them fails in SQLAlchemy (`table ... already exists`) most of the time."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys, time\nfrom alignpipe.tracking import registry\n"
+              "time.sleep(max(0.0, float(sys.argv[1]) - time.time()))\n"
+              "registry.client().search_registered_models(max_results=1)\nprint('ok')\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", script, start], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]
+
+
+def test_an_out_made_by_another_stage_is_refused_and_kept(corpus_dir, capsys):
+    model = corpus_dir / "artifacts" / "reward"
+    model.mkdir(parents=True)
+    (model / MARKER).write_text("reward")
+    (model / "model.safetensors").write_bytes(b"weights")
+    assert main(["validate", "--corpus", "data", "--out", "artifacts/reward"]) == 2
+    assert "holds the output of 'reward', not of 'validate'" in _one_error_line(capsys)
+    assert (model / "model.safetensors").read_bytes() == b"weights"
+    assert main(["validate", "--corpus", "data", "--out", "artifacts/validate"]) == 0
+    assert (corpus_dir / "artifacts" / "validate" / MARKER).read_text() == "validate"
+    assert main(["validate", "--corpus", "data", "--out", "artifacts/validate"]) == 0  # its own: replaced
+
+
+def test_a_looping_or_huge_chat_template_is_refused_in_one_line(tmp_path, monkeypatch):
+    import tiny
+
+    from alignpipe.lm import tokenizers
+
+    monkeypatch.setattr(tokenizers, "TEMPLATE_SECONDS", 0.5)
+    policy = tiny.make_policy(tmp_path / "policy")
+    config = json.loads((policy / "tokenizer_config.json").read_text())
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    for template, says in [(loop, "took over 0.5 s"), ("{{ 'x' * 10000000 }}", "over the limit"),
+                           ("x" * (tokenizers.MAX_TEMPLATE_CHARS + 1), "over the limit")]:
+        (policy / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        (policy / "chat_template.jinja").unlink(missing_ok=True)
+        start = time.monotonic()
+        with pytest.raises(DataError, match=says):
+            tokenizers.load_tokenizer(policy)
+        assert time.monotonic() - start < 20
+    (policy / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "chat_template": "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"}))
+    assert tokenizers.load_tokenizer(policy).chat_template  # a normal template loads
+
+
+def test_policy_metadata_with_a_10_mb_prompt_prefix_is_refused(tmp_path):
+    from alignpipe.lm.policy import META_FILE, PolicyMeta
+
+    (tmp_path / META_FILE).write_text(json.dumps({"prompt_prefix": "x" * (10 << 20)}))
+    with pytest.raises(DataError, match="over the 1048576-byte limit"):
+        PolicyMeta.load(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps({"prompt_prefix": "x" * 20_000}))
+    with pytest.raises(DataError, match="prompt_prefix: 20000 characters"):
+        PolicyMeta.load(tmp_path)
+    (tmp_path / META_FILE).write_text(json.dumps({"prompt_suffix": "<|aligned|>"}))
+    assert PolicyMeta.load(tmp_path).prompt_suffix == "<|aligned|>"

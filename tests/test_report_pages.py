@@ -18,7 +18,7 @@ import pytest
 from alignpipe.cli.main import main
 from alignpipe.reports.evaluation_page import evaluation_html, write_evaluation_page
 from alignpipe.reports.validation_page import split_example, validation_html
-from alignpipe.stages.evaluate import plot_distributions, plot_score_vs_kl
+from alignpipe.reports.evaluation import plot_distributions, plot_score_vs_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"

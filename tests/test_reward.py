@@ -169,6 +169,23 @@ def test_calibration_buckets_and_ece():
     assert ece == pytest.approx(0.5 * abs(0.5 - p_low) + 0.5 * abs(1.0 - p_high))
 
 
+def test_one_held_out_split_for_label_and_reward():
+    """`split_heldout` is label's rule and reward's for a single file: by a seeded hash of the prompt (messages as
+    canonical JSON), every pair of a prompt on one side, file order kept."""
+    from alignpipe.algos.preference import split_heldout
+    from alignpipe.core.hashing import is_heldout
+
+    rows = [{"prompt": f"p{i % 7}", "chosen": "\na", "rejected": "\nb", "i": i} for i in range(40)]
+    train, held = split_heldout(rows, 0.3, seed=2)
+    assert train and held and len(train) + len(held) == 40
+    assert held == [r for r in rows if is_heldout(r["prompt"], 0.3, 2)]
+    assert train == [r for r in rows if not is_heldout(r["prompt"], 0.3, 2)]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    chat = [{"prompt": [{"role": "user", "content": "é"}], "chosen": [], "rejected": []}]
+    key = json.dumps(chat[0]["prompt"], sort_keys=True)  # as label has always hashed conversations
+    assert split_heldout(chat, 0.5, 0)[1] == (chat if is_heldout(key, 0.5, 0) else [])
+
+
 def test_reward_rejects_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="reward.resume"):
         reward.Config(resume=True, save_steps=0)

@@ -93,6 +93,7 @@ def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
     common = ["--params", str(TINY), "--data", str(tiny_data), "--policy", str(policy), "--prefs", str(prefs),
               "--set", "dpo.max_steps=3", "--set", "dpo.logging_steps=1", "--set", "dpo.save_steps=100",
               "--set", "dpo.n_eval_prompts=4", "--set", "dpo.eval_batch_size=4", "--set", "dpo.learning_rate=1e-3",
+              "--set", "dpo.eval_heldout=true",
               "--set", "dpo.warmup_steps=0", "--set", "dpo.group_by_length=false"]
     m1, m2 = _trl_one_vs_two_processes(tmp_path, "dpo", common, global_batch=4, steps=3)
     assert m1["n_pairs"] == m2["n_pairs"] == 12  # batch_size * world size * max_steps

@@ -4,6 +4,7 @@ as `alignpipe-policy-onnx@champion`, and `mlflow models serve` answers them (mal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -122,7 +123,8 @@ def test_register_serves_the_onnx_pyfunc_as_champion(models, tmp_path, monkeypat
         entries = {}
         for key in ("policy", "reward"):
             info = mlflow.onnx.log_model(onnx.load(str(models["export"] / f"{key}.onnx")), name=key)
-            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, "sha256": "x"}
+            entries[key] = {"model_uri": info.model_uri, "model_id": info.model_id, 
+                            "sha256": hashlib.sha256((models["export"] / f"{key}.onnx").read_bytes()).hexdigest()}
         (models["export"] / "onnx_models.json").write_text(json.dumps({
             "run_id": run.info.run_id, "candidate": "dpo", "models": entries,
             "parity": {"greedy_match_frac": 1.0, "max_abs_diff_policy": 0.0, "max_abs_diff_reward": 0.0}}))
@@ -180,3 +182,20 @@ def _serve_and_check(tmp_path: Path, expected: list[str]) -> None:
             assert 400 <= status < 500, (bad, status, body)
     finally:
         stop_server(proc)
+
+
+def test_pyfunc_request_params_are_bounded():
+    """The pyfunc models' request params (`mlflow models serve`): NaN, infinite and huge temperatures, a NaN top-p,
+    a boolean token cap, a non-boolean do_sample and unknown params (`stream`) are each refused with the field."""
+    from mlflow.exceptions import MlflowException
+
+    from alignpipe.serving.models import POLICY_DEFAULTS, decoding
+
+    for params, why in (({"temperature": float("nan")}, "params.temperature"),
+                        ({"temperature": float("inf")}, "params.temperature"),
+                        ({"temperature": 1e308}, "params.temperature"), ({"top_p": float("nan")}, "params.top_p"),
+                        ({"max_new_tokens": True}, "params.max_new_tokens"), ({"do_sample": "yes"}, "do_sample"),
+                        ({"stream": True}, r"unknown params \['stream'\]")):
+        with pytest.raises(MlflowException, match=why):
+            decoding(POLICY_DEFAULTS, params)
+    assert decoding(POLICY_DEFAULTS, {"temperature": 2, "top_p": 1}).temperature == 2.0

@@ -86,7 +86,8 @@ def test_a_toy_task_runs_data_validate_reward_dpo_evaluate_through_the_cli(tmp_p
     assert str(task_of(d)) == SPEC and isinstance(task_of(d), Quiet)
     assert main(["validate", *base, "--corpus", d, "--prefs", f"{d}/prefs.jsonl", "--out", str(tmp_path / "v")]) == 0
     assert main(["reward", *base, "--prefs", d, "--policy", str(policy), "--out", rm]) == 0
-    assert main(["dpo", *base, "--data", d, "--prefs", d, "--policy", str(policy), "--out", dpo]) == 0
+    assert main(["dpo", *base, "--set", "dpo.eval_heldout=true", "--data", d, "--prefs", d, "--policy", str(policy),
+                 "--out", dpo]) == 0
     dpo_metrics = json.loads(Path(dpo, "metrics.json").read_text())
     assert 0 <= dpo_metrics["violations_per_char"] <= 1  # dpo checked itself with the toy oracle
     assert main(["evaluate", *base, "--set", "evaluate.compare_champion=false", "--data", d, "--policy", str(policy),

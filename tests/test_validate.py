@@ -178,7 +178,7 @@ def test_mistyped_input_path_is_an_error(tmp_path, capsys):
 def test_config_checks_and_params_sections():
     with pytest.raises(ValueError, match=r"validate\.max_field_chars must be > 0, got 0"):
         Config(max_field_chars=0)
-    with pytest.raises(ValueError, match=r"validate\.max_abs_score must be finite"):
+    with pytest.raises(ValueError, match=r"validate\.max_abs_score must be a finite number"):
         Config(max_abs_score=float("inf"))
     for params in ("params.yaml", "configs/tiny.yaml"):
         assert build_config(Config, load_params(ROOT / params)) == Config()

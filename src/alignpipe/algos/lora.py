@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignpipe.core.config import field
+from alignpipe.core.config import MAX_BATCH, MAX_WIDTH, field
 from alignpipe.core.errors import ConfigError
 
 ALL_LINEAR = "all-linear"  # peft: every nn.Linear / Conv1D except the output layer
@@ -23,18 +23,15 @@ ALL_LINEAR = "all-linear"  # peft: every nn.Linear / Conv1D except the output la
 class LoraFields:
     """LoRA settings of a training stage (mixed into its Config; checked by `check_lora`)."""
 
-    lora_r: int = field(0, "LoRA rank (peft); 0 = full fine-tuning. Adapters are merged into the weights on save")
-    lora_alpha: int = field(32, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = field(0.05, "dropout on the LoRA input")
+    lora_r: int = field(0, "LoRA rank (peft); 0 = full fine-tuning. Adapters are merged into the weights on save",
+                        ge=0, le=MAX_WIDTH)
+    lora_alpha: int = field(32, "LoRA alpha (the update is scaled by alpha / r)", ge=1, le=MAX_BATCH)
+    lora_dropout: float = field(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_target_modules: list[str] = field([ALL_LINEAR], "module names LoRA adapts ('all-linear': every linear "
-                                           "layer but the output head)")
+                                           "layer but the output head)", nonempty=True)
     lora_4bit: bool = field(False, "QLoRA: load the frozen base in 4-bit NF4 (needs CUDA and bitsandbytes)")
 
     def check_lora(self) -> None:
-        self.check(self.lora_r >= 0, "lora_r", "must be >= 0 (0: full fine-tuning)")
-        self.check(self.lora_alpha >= 1, "lora_alpha", "must be >= 1")
-        self.check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        self.check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
         self.check(not self.lora_4bit or self.lora_r > 0, "lora_4bit", "needs lora_r > 0 (adapters to train)")
 
 

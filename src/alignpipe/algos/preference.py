@@ -1,6 +1,7 @@
-"""Preference pairs for TRL's pair trainers (the dpo and orpo stages): reading and checking the pairs, formatting
-their prompts as the policy is sampled with, the seeded training subset, the trainee policy, the Trainer arguments
-the stages share, and TRL's check of the implicit reward on held-out pairs (the chat task's).
+"""Preference pairs: the one reader and held-out split of the pair stages (label, reward, dpo, orpo) and, for TRL's
+pair trainers (dpo, orpo), formatting their prompts as the policy is sampled with, the seeded training subset, the
+trainee policy, the Trainer arguments the stages share, and TRL's check of the implicit reward on held-out pairs
+(the chat task's).
 
 Prompts are formatted with the policy's `PolicyMeta` (conditional training: `prompt<|aligned|>`) and keep the same
 last `max_prompt_tokens` tokens as sampling. A prompt ends on a non-blank character or a control token and a
@@ -18,6 +19,9 @@ from typing import Any
 from alignpipe.core.errors import ConfigError, DataError
 
 
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
 def _flatten(value: Any) -> Any:
     """Text of a TRL conversational field (a list of {"role", "content"} messages); other values unchanged."""
     if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
@@ -25,10 +29,13 @@ def _flatten(value: Any) -> Any:
     return value
 
 
-def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]:
-    """(prompt, chosen, rejected) rows of a preference file (or a directory holding prefs.jsonl), checked: strings,
-    a prompt ending on a non-blank character, chosen != rejected. Conversational rows are flattened to text, or
-    with `messages` (the chat task) kept as TRL's conversational form, which every row must then have."""
+def read_pairs(path: str | Path, messages: bool | None = False) -> list[dict[str, Any]]:
+    """The rows of a preference file (or a directory holding prefs.jsonl), the one reader of the pair stages (label,
+    reward, dpo, orpo). TRL's standard form (prompt, chosen, rejected strings) or its conversational form (lists of
+    role/content messages), one form per file (the first row's), checked: a text prompt ends on a non-blank
+    character, text completions are not blank, chosen != rejected. Each row keeps its other fields (the label
+    stage's scores, judge, source). `messages`: False (a text task) flattens conversational rows to text, True (the
+    chat task) requires the conversational form, None keeps the file's form (TRL templates messages itself)."""
     from alignpipe.core.io import PREFS_FILE
     from alignpipe.core.io import is_messages
     from alignpipe.data.validators import read_rows
@@ -36,29 +43,49 @@ def read_pairs(path: str | Path, messages: bool = False) -> list[dict[str, Any]]
     path = Path(path)
     if path.is_dir():
         path = path / PREFS_FILE
+    lines, rows, _ = read_rows(path)  # line numbers as in the file (blank lines counted)
+    conversational = bool(rows) and is_messages(rows[0].get("prompt"))
     out = []
-    for line, row in zip(*read_rows(path)[:2]):  # line numbers as in the file (blank lines counted)
+    for line, row in zip(lines, rows):
         where = f"{path}:{line}"
-        if messages:
-            pair = {k: row.get(k) for k in ("prompt", "chosen", "rejected")}
-            bad = next((k for k, v in pair.items() if not is_messages(v)), None)
-            if bad is not None:
-                raise DataError(where, f"field {bad!r} must be a list of role/content messages (task chat)")
-            if pair["chosen"] == pair["rejected"]:
-                raise DataError(where, "chosen and rejected are identical")
-            out.append(pair)
-            continue
-        pair = {k: _flatten(row.get(k)) for k in ("prompt", "chosen", "rejected")}
-        for key, value in pair.items():
-            if not isinstance(value, str) or (key != "prompt" and not value.strip()):
-                raise DataError(where, f"field {key!r} must be a non-empty string (or TRL conversational messages)")
-        if pair["prompt"] != pair["prompt"].rstrip():
-            raise DataError(where, "the prompt ends on whitespace; prompts end on code and completions start with "
-                                   "the newline (otherwise the tokenized prompt is not a prefix of prompt+completion)")
+        if messages and not conversational:
+            raise DataError(where, "field 'prompt' must be a list of role/content messages (task chat)")
+        for key in PAIR_KEYS:
+            if not (is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)):
+                form = "a list of role/content messages" if conversational else "a string"
+                raise DataError(where, f"field {key!r} must be {form}, like the first row's prompt (one form per "
+                                "file: TRL's standard or conversational)")
+        pair = {**row, **({k: _flatten(row[k]) for k in PAIR_KEYS} if conversational and messages is False else {})}
+        if isinstance(pair["prompt"], str):
+            for key in PAIR_KEYS:
+                if not isinstance(pair[key], str) or (key != "prompt" and not pair[key].strip()):
+                    raise DataError(where, f"field {key!r} must be a non-empty string (or TRL conversational "
+                                           "messages)")
+            if pair["prompt"] != pair["prompt"].rstrip():
+                raise DataError(where, "the prompt ends on whitespace; prompts end on code and completions start "
+                                       "with the newline (otherwise the tokenized prompt is not a prefix of "
+                                       "prompt+completion)")
         if pair["chosen"] == pair["rejected"]:
             raise DataError(where, "chosen and rejected are identical")
         out.append(pair)
     return out
+
+
+def prompt_key(prompt: str | list) -> str:
+    """A prompt as the held-out split hashes it: the text, or the messages as canonical JSON."""
+    import json
+
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def split_heldout(rows: list[dict[str, Any]], frac: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows, the one split of the pair stages: a row is held out when its prompt hashes into
+    `frac` (`alignpipe.core.hashing.is_heldout` of the seed and `prompt_key`), so all pairs of a prompt land on the
+    same side; file order kept, no random state used."""
+    from alignpipe.core.hashing import is_heldout
+
+    held = [is_heldout(prompt_key(r["prompt"]), frac, seed) for r in rows]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
 
 def format_pairs(pairs: list[dict[str, str]], tok, meta, max_prompt_tokens: int) -> list[dict[str, str]]:
@@ -189,9 +216,9 @@ def heldout_reward_metrics(trainer, data_dir: Path) -> dict[str, float]:
 
 
 def training_metrics(last: dict[str, Any], result, counts: tuple[int, int, int], train_seconds: float,
-                     eval_seconds: float, **logged: str) -> dict[str, float]:
+                     **logged: str) -> dict[str, float]:
     """The metrics every pair trainer reports: pair counts, the last logged loss and TRL's reward margin/accuracy,
-    throughput and times. `logged` adds trainer-specific keys: metric name -> key of TRL's last log entry."""
+    throughput and training time. `logged` adds trainer-specific keys: metric name -> key of TRL's last log entry."""
     n_pairs, n_human, mismatches = counts
     return {"n_pairs": n_pairs, "n_human_pairs": n_human, "n_prompt_boundary_mismatch": mismatches,
             "train_loss": float(last.get("loss", result.training_loss)),
@@ -199,4 +226,4 @@ def training_metrics(last: dict[str, Any], result, counts: tuple[int, int, int],
             "train_reward_margin": float(last.get("rewards/margins", 0.0)),
             "train_reward_accuracy": float(last.get("rewards/accuracies", 0.0)),
             "train_samples_per_s": result.metrics.get("train_samples_per_second", 0.0),
-            "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}
+            "train_seconds": round(train_seconds, 2)}

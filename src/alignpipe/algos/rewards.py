@@ -83,14 +83,13 @@ def load_function(name: str, key: str = "reward") -> Callable[..., Sequence[floa
     return fn
 
 
-def oracle_rewards(completions: Sequence[str], contexts: Sequence[str]) -> list[float]:
-    """Minus violations per character of each completion written after its context; empty: -EMPTY_PENALTY."""
-    from alignpipe.oracle.scoring import score_completion
-
+def oracle_rewards(completions: Sequence[str], contexts: Sequence, score: Callable) -> list[float]:
+    """Minus violations per character of each completion written after its context, as `score(context,
+    completion)` (the task's oracle, `alignpipe.tasks.Task.oracle()`) counts them; empty: -EMPTY_PENALTY."""
     out = []
     for completion, context in zip(completions, contexts, strict=True):
-        score = score_completion(context, completion)
-        out.append(-EMPTY_PENALTY if score.chars == 0 else -score.per_char)
+        result = score(context, completion)
+        out.append(-EMPTY_PENALTY if result.chars == 0 else -result.per_char)
     return out
 
 
@@ -99,9 +98,11 @@ class Reward:
     (`last_terms`, for logging)."""
 
     def __init__(self, spec: RewardSpec, model_fn: Callable[[list[str], list[str]], list[float]] | None = None,
-                 contexts: dict[str, str] | None = None):
+                 contexts: dict[str, str] | None = None, oracle: Callable | None = None):
         if spec.needs_model and model_fn is None:
             raise ConfigError("reward", f"{spec} needs a reward model (pass --reward-model)")
+        if oracle is None and any(name == "oracle" for _, name in spec.terms):
+            raise ConfigError("reward", f"{spec} uses the oracle, but the task has none: use model or a function")
         self.spec = spec
         self._contexts = contexts or {}
         self._fns: dict[str, Callable[[list[str], list[str]], Sequence[float]]] = {}
@@ -109,7 +110,8 @@ class Reward:
             if name == "model":
                 self._fns[name] = model_fn
             elif name == "oracle":
-                self._fns[name] = lambda p, c: oracle_rewards(c, [self._contexts.get(x, x) for x in p])
+                self._fns[name] = lambda p, c: oracle_rewards(
+                    c, [self._contexts.get(x, x) if isinstance(x, str) else x for x in p], oracle)
             else:
                 user = load_function(name)
                 self._fns[name] = lambda p, c, user=user: user(prompts=list(p), completions=list(c))
@@ -146,9 +148,10 @@ def _checked(name: str, values, n: int) -> list[float]:
 
 
 def build_reward(spec: str, reward_model: str | Path | None, contexts: dict[str, str] | None = None,
-                 probe: Sequence[str] = ()) -> Reward:
-    """The reward of `spec`; loads the reward model when a term needs it. `probe` prompts, when given, are scored
-    once with an empty and a one-line completion so a broken user function fails before training starts."""
+                 probe: Sequence[str] = (), oracle: Callable | None = None) -> Reward:
+    """The reward of `spec`; loads the reward model when a term needs it; the `oracle` term scores with `oracle`
+    (the task's, `alignpipe.tasks.Task.oracle()`). `probe` prompts, when given, are scored once with an empty and a
+    one-line completion so a broken user function fails before training starts."""
     parsed = parse_reward(spec)
     model_fn = None
     if parsed.needs_model:
@@ -158,7 +161,7 @@ def build_reward(spec: str, reward_model: str | Path | None, contexts: dict[str,
 
         rm, rm_tok = load_reward_model(reward_model)
         model_fn = lambda p, c: reward_scores(rm, rm_tok, p, c)  # noqa: E731
-    reward = Reward(parsed, model_fn, contexts)
+    reward = Reward(parsed, model_fn, contexts, oracle)
     if probe:
         prompts = list(probe)[:2]
         reward(prompts, ["\n", "\npass\n"][:len(prompts)])

@@ -29,10 +29,13 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
-from alignpipe.core.outputs import check_output_file, make_output_dir
+from alignpipe.core.outputs import check_output_file, make_output_dir, write_output_file
+from alignpipe.core.redaction import redact, redact_logs, redact_text
 from alignpipe.stages import MULTI_GPU, SWITCHED, load_stage
 
 LOCAL_ROOT = "artifacts/kfp-local"
+SUBMIT_TIMEOUT = 10.0  # s: connect and read timeout of each Kubeflow Pipelines API call (kfp's own: none)
+SUBMIT_RETRIES = 1  # retries of a failed connection or read (kfp's own: 3, on top of 5 health checks)
 DEFAULT_EXPERIMENT = "alignpipe"
 
 
@@ -44,6 +47,7 @@ def add_pipeline_parser(sub) -> None:
     c = actions.add_parser("compile", help="write the pipeline YAML to upload in the Kubeflow UI")
     _add_build_args(c)
     c.add_argument("--out", required=True, metavar="FILE.yaml", help="the pipeline YAML to write")
+    c.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     c.set_defaults(func=cmd_compile)
 
     r = actions.add_parser("run", help="run the whole compiled DAG here (kfp.local SubprocessRunner)")
@@ -65,10 +69,14 @@ def add_pipeline_parser(sub) -> None:
                         "with seconds first); each run re-imports its data and retrains with caching off")
     s.add_argument("--run-name", help="name of the run or recurring run (default: from the pipeline and time)")
     s.add_argument("--namespace", help="Kubernetes namespace (multi-user Kubeflow)")
+    s.add_argument("--timeout", type=float, default=SUBMIT_TIMEOUT, metavar="SECONDS",
+                   help="connect and read timeout of each API call; a host that never answers fails after about "
+                        f"{SUBMIT_RETRIES + 1} times this (default: %(default)s)")
     s.set_defaults(func=cmd_submit)
 
     d = actions.add_parser("dvc-yaml", help="write dvc.yaml, generated from the stage registry")
     d.add_argument("--out", default="dvc.yaml", help="file to write, - for stdout (default: %(default)s)")
+    d.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     d.set_defaults(func=lambda args: __import__("alignpipe.cli.dvcgen", fromlist=["cmd_dvc_yaml"]).cmd_dvc_yaml(args))
 
     from alignpipe.cli.trainjob import add_trainjob_parser
@@ -104,11 +112,7 @@ def pipeline_sections(params_path: str | Path, sets: list[str]) -> tuple[dict[st
         section = item.split("=", 1)[0].split(".", 1)[0]
         if section not in COMPONENTS:
             raise ConfigError(item.split("=", 1)[0], f"unknown section {section!r}; sections: {', '.join(COMPONENTS)}")
-    params = apply_overrides(load_params(params_path), sets)
-    ignored = sorted(set(params) - set(COMPONENTS))
-    if ignored:
-        print(f"alignpipe pipeline: note: {params_path}: section(s) {', '.join(ignored)} are not stages; ignored",
-              file=sys.stderr)
+    params = apply_overrides(load_params(params_path, COMPONENTS), sets)
     sections: dict[str, dict] = {}
     gpus: dict[str, int] = {}
     for stage in COMPONENTS:
@@ -165,15 +169,17 @@ def build(args: argparse.Namespace, local: bool = False, caching: bool = True):
                           git_commit=runs.git_commit(), data_version=imports.get("data", ""), caching=caching)
 
 
-def compile_pipeline(pipeline_func, out: str | Path) -> Path:
-    """Compile to the YAML the Kubeflow UI takes (Pipelines > Upload pipeline)."""
+def compile_pipeline(pipeline_func, out: str | Path, force: bool = False) -> Path:
+    """Compile to the YAML the Kubeflow UI takes (Pipelines > Upload pipeline); an existing `out` alignpipe did not
+    write is refused unless `force` (core.outputs.write_output_file)."""
     from kfp import compiler
 
-    out = check_output_file(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(pipeline_func, str(out))
-    _integer_defaults(out)
-    return out
+    check_output_file(out)
+    with tempfile.TemporaryDirectory(prefix="alignpipe-compile-") as tmp:
+        compiled = Path(tmp) / "pipeline.yaml"
+        compiler.Compiler().compile(pipeline_func, str(compiled))
+        _integer_defaults(compiled)
+        return write_output_file(out, compiled.read_text(encoding="utf-8"), force=force)
 
 
 def _integer_defaults(pipeline_yaml: Path) -> None:
@@ -383,36 +389,64 @@ def kfp_cron(expression: str) -> str:
 
 
 def submit(pipeline_yaml: str | Path, host: str, experiment: str, schedule: str | None = None,
-           run_name: str | None = None, namespace: str | None = None) -> dict[str, str]:
+           run_name: str | None = None, namespace: str | None = None,
+           timeout: float = SUBMIT_TIMEOUT) -> dict[str, str]:
     """Create a run (or a recurring run on `schedule`: one at a time, no catch-up of missed runs) of the compiled
-    pipeline; returns its id and kind."""
+    pipeline; returns its id and kind. Every API call times out after `timeout` seconds (connect and read) and is
+    retried at most SUBMIT_RETRIES times; a failure is one line with the host's credentials redacted."""
     import kfp
     import kfp_server_api
     import urllib3
 
+    if not timeout > 0:
+        raise ConfigError("--timeout", f"must be > 0 seconds, got {timeout}")
     cron = kfp_cron(schedule) if schedule else None
+    redact_logs("kfp", "urllib3")  # kfp logs its failed health checks with the host
     try:
-        client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
-        if cron is None:
-            result = client.create_run_from_pipeline_package(str(pipeline_yaml), arguments={}, run_name=run_name,
-                                                             experiment_name=experiment, namespace=namespace)
-            return {"kind": "run", "id": result.run_id, "experiment": experiment}
-        exp = client.create_experiment(experiment, namespace=namespace)
-        job = client.create_recurring_run(experiment_id=exp.experiment_id,
-                                          job_name=run_name or f"{Path(pipeline_yaml).stem} {cron}",
-                                          cron_expression=cron, pipeline_package_path=str(pipeline_yaml), params={},
-                                          max_concurrency=1, no_catchup=True)
-        return {"kind": "recurring run", "id": job.recurring_run_id, "experiment": experiment, "cron": cron}
-    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or str(e).splitlines()[0]
-        raise AlignpipeError(host, f"Kubeflow Pipelines API call failed: {reason}", exit_code=1) from None
+        with _bounded_api_calls(timeout, SUBMIT_RETRIES):
+            client = kfp.Client(host=host, **({"namespace": namespace} if namespace else {}))
+            if cron is None:
+                result = client.create_run_from_pipeline_package(str(pipeline_yaml), arguments={}, run_name=run_name,
+                                                                 experiment_name=experiment, namespace=namespace)
+                return {"kind": "run", "id": result.run_id, "experiment": experiment}
+            exp = client.create_experiment(experiment, namespace=namespace)
+            job = client.create_recurring_run(experiment_id=exp.experiment_id,
+                                              job_name=run_name or f"{Path(pipeline_yaml).stem} {cron}",
+                                              cron_expression=cron, pipeline_package_path=str(pipeline_yaml),
+                                              params={}, max_concurrency=1, no_catchup=True)
+            return {"kind": "recurring run", "id": job.recurring_run_id, "experiment": experiment, "cron": cron}
+    except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, TimeoutError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise AlignpipeError(redact(host), f"Kubeflow Pipelines API call failed: {redact_text(str(reason))[:300]}",
+                             exit_code=1) from None
+
+
+@contextlib.contextmanager
+def _bounded_api_calls(timeout: float, retries: int):
+    """Every call of kfp's generated API client (kfp_server_api) inside the block gets a (connect, read) timeout
+    and at most `retries` retries: kfp passes none, so a silent host would hang it forever."""
+    import kfp_server_api.rest
+    import urllib3
+
+    rest = kfp_server_api.rest.RESTClientObject
+    original = rest.request
+
+    def request(self, *args, _request_timeout=None, **kwargs):
+        self.pool_manager.connection_pool_kw.setdefault("retries", urllib3.Retry(total=retries, backoff_factor=0.5))
+        return original(self, *args, _request_timeout=_request_timeout or (timeout, timeout), **kwargs)
+
+    rest.request = request
+    try:
+        yield
+    finally:
+        rest.request = original
 
 
 # ---------------------------------------------------------------------------------------------- commands
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    out = compile_pipeline(build(args), args.out)
+    out = compile_pipeline(build(args), args.out, force=args.force)
     print(format_task_table(task_table(out)))
     print(f"\nwrote {out} (upload it in the Kubeflow UI: Pipelines > Upload pipeline)")
     return 0
@@ -474,7 +508,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # artifact URIs, not content: its tasks are compiled with caching off.
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_yaml = compile_pipeline(build(args, caching=not args.schedule), Path(tmp) / "alignpipe.yaml")
-        result = submit(pipeline_yaml, args.host, args.experiment, args.schedule, args.run_name, args.namespace)
+        result = submit(pipeline_yaml, args.host, args.experiment, args.schedule, args.run_name, args.namespace,
+                        args.timeout)
     extra = f" on cron '{result['cron']}'" if "cron" in result else ""
-    print(f"submitted {result['kind']} {result['id']} in experiment {result['experiment']}{extra} to {args.host}")
+    print(f"submitted {result['kind']} {result['id']} in experiment {result['experiment']}{extra} to "
+          f"{redact(args.host)}")
     return 0

@@ -9,8 +9,10 @@ import os
 import sys
 from typing import Sequence
 
-from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, effective_params, load_params
+from alignpipe.core.config import (DEFAULT_PARAMS, apply_overrides, build_config, describe_constraints,
+                                   effective_params, load_params)
 from alignpipe.core.errors import AlignpipeError, ConfigError
+from alignpipe.core.redaction import redact_text
 from alignpipe.stages import STAGE_HELP, STAGE_NAMES, config_classes, load_stage
 
 DATA_FLAGS = ("dataset", "split", "task")  # `data build --dataset PATH_OR_ID [--split S] [--task T]`
@@ -20,7 +22,8 @@ def _config_epilog(cfg_cls) -> str:
     lines = [f"config keys (params section '{cfg_cls.SECTION}', override with --set {cfg_cls.SECTION}.KEY=VALUE):"]
     for f in dataclasses.fields(cfg_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
+        bounds = describe_constraints(f)
+        lines.append(f"  {f.name} = {default!r}{f' ({bounds})' if bounds else ''}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -121,14 +124,10 @@ def run_stage(args: argparse.Namespace) -> int:
     from alignpipe.run.runner import execute, input_limits
 
     known = config_classes()
-    params = apply_overrides(load_params(args.params), args.sets, known)
+    params = apply_overrides(load_params(args.params, known), args.sets, known)
     flags = {key: getattr(args, "data_" + key) for key in DATA_FLAGS if getattr(args, "data_" + key, None) is not None}
     if flags:  # taken as given (strings), not parsed as YAML like --set values
         params["data"] = {**params.get("data", {}), **flags}
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        print(f"alignpipe: note: {args.params}: section(s) {', '.join(unknown)} have no stage here; ignored",
-              file=sys.stderr)
     section = params.get(args.stage, {})
     if getattr(args, "resume", False):
         section = {**section, "resume": True}
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(args: argparse.Namespace, e: AlignpipeError) -> int:
-    print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {e}", file=sys.stderr)
+    print(f"alignpipe {getattr(args, 'stage', args.command)}: error: {redact_text(str(e))}", file=sys.stderr)
     return e.exit_code
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from alignpipe.run.runner import HEADLINE_FILE
 from alignpipe.stages import STAGE_NAMES
+from alignpipe.tracking.policies import POLICY_ONNX_NAME
 from alignpipe.tracking.runs import redact, tracking_uri
 
 
@@ -29,12 +30,15 @@ def main(artifacts: str = "artifacts") -> None:
     record = Path(artifacts) / "register" / "registered.json"
     if record.is_file():
         info = json.loads(record.read_text())
-        venv = Path(sys.executable).parent  # the server starts `uvicorn` from PATH: put the venv's bin on it
-        print(f"\nServe the champion (then POST {{\"inputs\": [\"def f(a, b):\"]}} to "
-              f"http://127.0.0.1:5001/invocations):\n  PATH={venv}:$PATH MLFLOW_TRACKING_URI={redact(tracking_uri())} "
-              f"mlflow models serve -m models:/{info.get('policy_name', 'alignpipe-policy')}@champion "
-              "--env-manager local -p 5001")
-
+        venv = Path(sys.executable).parent  # the servers start from the venv's bin (mlflow execs `uvicorn` from PATH)
+        env = f"PATH={venv}:$PATH MLFLOW_TRACKING_URI={redact(tracking_uri())}"
+        onnx = POLICY_ONNX_NAME if POLICY_ONNX_NAME in (info.get("onnx_versions") or {}) else None
+        if onnx:
+            print(f"\nServe the champion (OpenAI-compatible: base URL http://127.0.0.1:8000/v1; docs/serving.md):\n"
+                  f"  {env} alignpipe serve models:/{onnx}@champion --port 8000")
+        print(f"\n{'Or through MLflow' if onnx else 'Serve the champion'} (POST {{\"inputs\": [\"def f(a, b):\"]}} to "
+              f"http://127.0.0.1:5001/invocations):\n  {env} mlflow models serve -m "
+              f"models:/{onnx or info.get('policy_name', 'alignpipe-policy')}@champion --env-manager local -p 5001")
 
 if __name__ == "__main__":
     main()

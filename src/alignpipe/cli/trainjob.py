@@ -26,7 +26,7 @@ import yaml
 
 from alignpipe.core.config import DEFAULT_PARAMS, apply_overrides, build_config, load_params
 from alignpipe.core.errors import AlignpipeError, ConfigError
-from alignpipe.core.outputs import check_output_file
+from alignpipe.core.outputs import write_output_file
 from alignpipe.stages import MULTI_GPU
 
 TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"  # Kubeflow Trainer v2 (>= 2.2: runtimePatches)
@@ -50,7 +50,7 @@ def stage_config(stage: str, params_path: str | Path, sets: list[str]):
     if stage not in MULTI_GPU:
         raise ConfigError(f"--stage {stage}", f"does not train under DDP; multi-node stages: {', '.join(MULTI_GPU)}")
     known = config_classes()
-    return build_config(known[stage], apply_overrides(load_params(params_path), sets, known))
+    return build_config(known[stage], apply_overrides(load_params(params_path, known), sets, known))
 
 
 def configmap_params(cfg, world_size: int) -> dict[str, dict]:
@@ -220,12 +220,9 @@ _Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
     "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
 
 
-def write_manifest(docs: list[dict[str, Any]], out: str | Path) -> Path:
+def write_manifest(docs: list[dict[str, Any]], out: str | Path, force: bool = False) -> Path:
     """The documents as one multi-document YAML file."""
-    out = check_output_file(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False), encoding="utf-8")
-    return out
+    return write_output_file(out, yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False), force=force)
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -254,6 +251,7 @@ def add_trainjob_parser(actions) -> argparse.ArgumentParser:
                    help="ReadWriteMany PersistentVolumeClaim mounted at /workspace (default: %(default)s)")
     p.add_argument("--runtime", default=RUNTIME, help="TrainJob ClusterTrainingRuntime (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="FILE.yaml", help="the manifest to write")
+    p.add_argument("--force", action="store_true", help="replace --out even if alignpipe did not write it")
     p.set_defaults(func=cmd_trainjob)
     return p
 
@@ -285,7 +283,7 @@ def manifests(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cmd_trainjob(args: argparse.Namespace) -> int:
     docs = manifests(args)
-    out = write_manifest(docs, args.out)
+    out = write_manifest(docs, args.out, force=args.force)
     job = docs[-1]
     if job["kind"] == "TrainJob":
         trainer = job["spec"]["trainer"]

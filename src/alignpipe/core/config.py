@@ -7,13 +7,14 @@ wrong type are `ConfigError`s that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
 import types
 import typing
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
@@ -23,11 +24,115 @@ from alignpipe.core.errors import ConfigError
 DEFAULT_PARAMS = "params.yaml"
 
 
-def field(default: Any, help: str, **kw: Any) -> Any:
-    """A config field with its one-line help (shown by `--help` and in the docs)."""
+# Size policy: the upper bounds of the size fields, so an impossible budget fails when the config is built with one
+# line naming the field (not after minutes, in an allocator). Each is far above what this project has run.
+MAX_STEPS = 10_000_000        # optimizer steps, iterations, warm-up, logging and checkpoint intervals
+MAX_TOKENS = 131_072          # a sequence: context, prompt, completion and new-token caps
+MAX_BATCH = 65_536            # rows of one batch, group or generation call
+MAX_ROWS = 10_000_000         # prompts, pairs and rows a stage selects
+MAX_CHARS = 10_000_000_000    # characters read for a measurement or allowed in a field
+MAX_LINES = 1_000_000         # lines of code in a chunk, a prompt or a context
+MAX_THREADS = 1024            # CPU threads
+MAX_GPUS = 1024               # processes or GPUs of one launch
+MAX_REPEATS = 1000            # epochs, retries, repeats, buckets
+MAX_SEED = 2 ** 32 - 1        # numpy's seed range
+MAX_VOCAB = 1_048_576         # tokenizer vocabulary
+MAX_WIDTH = 16_384            # hidden size (GPT-3 175B: 12288), LoRA rank
+MAX_LAYERS = 256              # transformer layers, attention heads
+MAX_PARAMS = 20_000_000_000   # parameters of a model built from scratch
+# (regex, what it is) for `field(..., pattern=)`: MLflow's rules for registered-model names (no / or :, not . or
+# ..) and aliases (word characters and -, not numeric, not vN or latest: those name versions), kept to characters
+# that are safe in a models:/NAME@ALIAS URI.
+MODEL_NAME = (r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}", "a registered-model name (a letter or digit, then letters, digits, "
+              "., _ or -; at most 255)")
+ALIAS = (r"(?![vV]?\d+$)(?![lL][aA][tT][eE][sS][tT]$)[A-Za-z0-9_-]{1,255}",
+         "an alias (letters, digits, _ or -; not a number, vN or latest)")
+
+CONSTRAINTS = ("ge", "gt", "le", "lt", "choices", "nonempty", "pattern", "allow")
+
+
+def field(default: Any, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, choices: tuple | None = None, nonempty: bool = False,
+          pattern: tuple[str, str] | None = None, allow: tuple = ()) -> Any:
+    """A config field with its one-line help (shown by `--help` and in the docs) and its constraints, checked when
+    the config is built (`StageConfig.__post_init__`): bounds `ge`/`gt`/`le`/`lt` (`allow`: sentinel values
+    outside them, e.g. -1 = all), `choices`, `nonempty` (a string with a non-blank character, a list with an item),
+    `pattern` = (regex, what it describes) that a string, or each string of a list, must match whole."""
+    metadata: dict[str, Any] = {"help": help}
+    for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt), ("choices", choices),
+                       ("pattern", pattern)):
+        if value is not None:
+            metadata[key] = tuple(value) if key == "choices" else value
+    if nonempty:
+        metadata["nonempty"] = True
+    if allow:
+        metadata["allow"] = tuple(allow)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _num(x: Any) -> str:
+    return repr(x) if isinstance(x, float) and not x.is_integer() else str(int(x)) if isinstance(x, (int, float)) \
+        else repr(x)
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut to one readable line (a value may be a huge int or a long string)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 30:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10 ** 4000 else 'over 4000'} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe_constraints(f: dataclasses.Field) -> str:
+    """The constraints of a field in one phrase (`--help`, docs): e.g. `in [1, 10000000]`, `one of a, b`."""
+    m = f.metadata
+    parts = []
+    lo = ("[", m["ge"]) if "ge" in m else ("(", m["gt"]) if "gt" in m else None
+    hi = ("]", m["le"]) if "le" in m else (")", m["lt"]) if "lt" in m else None
+    if lo and hi:
+        parts.append(f"in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}")
+    elif lo:
+        parts.append(f"{'>=' if lo[0] == '[' else '>'} {_num(lo[1])}")
+    elif hi:
+        parts.append(f"{'<=' if hi[0] == ']' else '<'} {_num(hi[1])}")
+    if m.get("allow"):
+        parts.append("or " + ", ".join(_num(a) for a in m["allow"]))
+    if "choices" in m:
+        parts.append("one of " + ", ".join(repr(c) if c == "" else str(c) for c in m["choices"]))
+    if m.get("nonempty"):
+        parts.append("not empty")
+    if "pattern" in m:
+        parts.append(m["pattern"][1])
+    return " ".join(parts)
+
+
+def _violation(value: Any, m: Mapping[str, Any]) -> str | None:
+    """What `value` breaks of the constraints `m` (a field's metadata), as `must be ...`; None when it keeps them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if value in m.get("allow", ()):
+        return None
+    if "ge" in m and not value >= m["ge"]:
+        return f"must be >= {_num(m['ge'])}" + (f" (or {', '.join(_num(a) for a in m['allow'])})" if m.get("allow")
+                                               else "")
+    if "gt" in m and not value > m["gt"]:
+        return f"must be > {_num(m['gt'])}"
+    if "le" in m and not value <= m["le"]:
+        return f"must be <= {_num(m['le'])}"
+    if "lt" in m and not value < m["lt"]:
+        return f"must be < {_num(m['lt'])}"
+    if "choices" in m and value not in m["choices"]:
+        return "must be one of " + ", ".join(repr(c) if c == "" else str(c) for c in m["choices"])
+    if m.get("nonempty") and not (value.strip() if isinstance(value, str) else value):
+        return "must not be empty"
+    if "pattern" in m:
+        regex, what = m["pattern"]
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if not re.fullmatch(regex, item):
+                return f"must be {what} ({item!r} is not)" if isinstance(value, (list, tuple)) else f"must be {what}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +141,15 @@ class StageConfig:
     `RENAMED` maps a key's old name to its new one: an old key gets one line naming the new key."""
 
     RENAMED: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        """Check every field's declared constraints (`field(..., ge=, le=, choices=, ...)`); a subclass with
+        cross-field checks defines `__post_init__`, calling `super().__post_init__()` first."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = _violation(value, f.metadata)
+            if problem:
+                raise ValueError(f"{self.section()}.{f.name} {problem}, got {_short(value)}")
 
     @classmethod
     def section(cls) -> str:
@@ -72,7 +186,7 @@ class StageConfig:
     def check(self, cond: bool, key: str, message: str) -> None:
         """Raise a ValueError naming `section.key` and its value unless `cond` holds."""
         if not cond:
-            raise ValueError(f"{self.section()}.{key} {message}, got {getattr(self, key)!r}")
+            raise ValueError(f"{self.section()}.{key} {message}, got {_short(getattr(self, key))}")
 
 
 def _type_name(tp: Any) -> str:
@@ -130,29 +244,104 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config type {tp!r} for {key}")
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {_short(value)}")
 
 
 OVERLAY_KEY = "overlay"  # a params file with `overlay: FILE` lists only what it changes on top of FILE
+
+
+MAX_YAML_NODES = 100_000  # a params file or --set value, aliases expanded; a "billion laughs" file stops here
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently) and a
+    document whose aliases expand to more than MAX_YAML_NODES nodes (counted on the composed graph, before
+    anything is built, so a "billion laughs" file is refused in milliseconds)."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return self.construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise _YamlRefusal(f"line {key_node.start_mark.line + 1}: duplicate key {key_node.value!r}")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+class _YamlRefusal(Exception):
+    """What `_ParamsLoader` refuses (a repeated key, too large an expansion, a recursive alias)."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes of `node` with every alias expanded (memoised per node, so the cost is the composed graph's)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise _YamlRefusal(f"line {node.start_mark.line + 1}: a recursive alias")
+    open_nodes.add(id(node))
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            raise _YamlRefusal(f"line {node.start_mark.line + 1}: aliases expand to more than {MAX_YAML_NODES} "
+                               "values")
+    open_nodes.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str, where: str, what: str = "YAML") -> Any:
+    """`text` parsed as YAML by the bounded loader above; a ConfigError naming `where` when it is not valid YAML,
+    repeats a key, expands beyond MAX_YAML_NODES values, nests too deep or holds an integer too long to read."""
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)
+    except _YamlRefusal as e:
+        raise ConfigError(where, str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(where, f"not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:  # PyYAML composes and builds nested collections recursively
+        raise ConfigError(where, f"{what} nested too deep") from None
+    except ValueError as e:  # an integer of more than 4300 digits (int() refuses to read it)
+        raise ConfigError(where, f"not a readable value: {str(e)[:100]}") from None
 
 
 def _read_params_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), "params file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
-    except RecursionError:  # PyYAML builds nested collections recursively
-        raise ConfigError(str(path), "YAML nested too deep") from None
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
     base = data.pop(OVERLAY_KEY, None)
     if base is not None and not isinstance(base, str):
-        raise ConfigError(f"{path}: {OVERLAY_KEY}", f"expected the path of the params file it overlays, got {base!r}")
+        raise ConfigError(f"{path}: {OVERLAY_KEY}", f"expected the path of the params file it overlays, got "
+                                                    f"{_short(base)}")
     if not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(str(path), "expected a mapping of sections, each a mapping of key: value")
     return {"base": base, "sections": data}
+
+
+def check_sections(layers: list[tuple[str, dict[str, Any]]], known: Collection[str]) -> None:
+    """A ConfigError naming the file and the section unless every section of every params file is a known one
+    (a typo'd `pretrian:` would otherwise leave the stage on its defaults)."""
+    for name, sections in layers:
+        for section in sections:
+            if section not in known:
+                close = difflib.get_close_matches(str(section), list(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"{name}: {section}", f"unknown section{hint}; sections: {', '.join(known)}")
 
 
 def params_layers(path: str | Path = DEFAULT_PARAMS) -> list[tuple[str, dict[str, Any]]]:
@@ -171,11 +360,15 @@ def params_layers(path: str | Path = DEFAULT_PARAMS) -> list[tuple[str, dict[str
     return layers
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+def load_params(path: str | Path = DEFAULT_PARAMS, known: Collection[str] | None = None) -> dict[str, Any]:
     """Read a params YAML file (a mapping of section -> mapping of key -> value), layered on the file it
-    overlays (`overlay: FILE`, recursively): a key an overlay does not list keeps the base file's value."""
+    overlays (`overlay: FILE`, recursively): a key an overlay does not list keeps the base file's value. With
+    `known`, a section that is not one of them is a ConfigError."""
     merged: dict[str, dict[str, Any]] = {}
-    for _, sections in params_layers(path):
+    layers = params_layers(path)
+    if known is not None:
+        check_sections(layers, known)
+    for _, sections in layers:
         for section, values in sections.items():
             merged.setdefault(section, {}).update(values)
     return merged
@@ -186,6 +379,7 @@ def effective_params(path: str | Path, sets: list[str] | None, known: Mapping[st
     """Every key of every known section as `(value, origin)`: origin is `default` (the Config dataclass), the
     params file that set it last (`params.yaml`, an overlay) or `--set`. What `alignpipe config show` prints."""
     layers = params_layers(path)
+    check_sections(layers, known)
     out: dict[str, dict[str, tuple[Any, str]]] = {}
     for section in known:
         cls = known[section]
@@ -215,11 +409,11 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mappi
                 raise ConfigError(dotted, f"unknown section {section!r}; sections: {', '.join(sorted(known))}")
             known[section].check_key(key)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        except RecursionError:
-            raise ConfigError(dotted, "value nested too deep") from None
+            value = parse_yaml(raw, dotted, "value") if raw != "" else ""
+        except ConfigError as e:
+            if not e.reason.startswith("not valid YAML"):
+                raise
+            value = raw  # taken as the string it is (e.g. a template with a colon)
         out.setdefault(section, {})[key] = value
     return out
 

@@ -172,15 +172,19 @@ def choose_providers(device: str = "auto") -> list[str]:
     return [CUDA, CPU] if cuda_listed and torch.cuda.is_available() else [CPU]
 
 
-def open_session(path: str | Path, providers: Sequence[str], threads: int = 0, strict: bool = True):
+def open_session(path: str | Path, providers: Sequence[str], threads: int = 0, strict: bool = True,
+                 spin: bool = True):
     """An InferenceSession with every graph optimisation on. onnxruntime falls back to the CPU when a provider
     fails to load (e.g. CUDA libraries missing); `strict` makes that an error instead. `session.get_providers()`
-    tells what runs."""
+    tells what runs. `spin=False` stops idle intra-op threads from busy-waiting (a server shares its CPUs with
+    its HTTP loop)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # No TF32 on CUDA: fp32 graphs are checked against fp32 PyTorch, which does not use TF32 for matmuls.
     entries = [(p, {"use_tf32": "0"}) if p == CUDA else p for p in providers]
     session = ort.InferenceSession(str(path), sess_options=options, providers=entries)

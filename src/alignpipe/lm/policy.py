@@ -20,6 +20,9 @@ from typing import Any
 from alignpipe.core.errors import DataError, loading
 
 META_FILE = "alignpipe.json"
+MAX_META_BYTES = 1 << 20  # an alignpipe.json larger than this is refused before reading (1 MiB)
+MAX_META_TEXT = 16_384  # characters of a prompt prefix/suffix or of one bad/strip token (real ones: a few)
+MAX_META_ITEMS = 1024  # bad_words or strip_tokens entries
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class PolicyMeta:
         path = Path(directory) / META_FILE
         if not path.is_file():
             return cls()
+        size = path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise DataError(str(path), f"is {size} bytes, over the {MAX_META_BYTES}-byte limit of policy metadata")
         with loading(path, "policy metadata"):
             data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
@@ -62,7 +68,20 @@ class PolicyMeta:
             raise DataError(str(path), f"unknown keys {sorted(unknown)}")
         data["bad_words"] = tuple(data.get("bad_words", ()))
         data["strip_tokens"] = tuple(data.get("strip_tokens", ()))
+        _check_sizes(path, data)
         return cls(**data)
+
+
+def _check_sizes(path: Path, data: dict[str, Any]) -> None:
+    """Refuse metadata that would make every prompt huge (a 10 MB prompt prefix) or every sampling step slow."""
+    for key in ("prompt_prefix", "prompt_suffix"):
+        if len(str(data.get(key, ""))) > MAX_META_TEXT:
+            raise DataError(f"{path}: {key}", f"{len(str(data[key]))} characters, over the limit of {MAX_META_TEXT}")
+    for key in ("bad_words", "strip_tokens"):
+        if len(data[key]) > MAX_META_ITEMS:
+            raise DataError(f"{path}: {key}", f"{len(data[key])} entries, over the limit of {MAX_META_ITEMS}")
+        if any(len(str(t)) > MAX_META_TEXT for t in data[key]):
+            raise DataError(f"{path}: {key}", f"an entry longer than {MAX_META_TEXT} characters")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ A byte-level BPE trained on the corpus (EOS, PAD and the control tokens as speci
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from alignpipe.core.errors import DataError, loading
 
@@ -22,6 +25,9 @@ PAD = "<|pad|>"
 ALIGNED = "<|aligned|>"
 MISALIGNED = "<|misaligned|>"
 CONTROL_TOKENS = (ALIGNED, MISALIGNED)
+MAX_TEMPLATE_CHARS = 100_000  # a chat template longer than this is refused (real ones are a few KB)
+TEMPLATE_SECONDS = 2.0  # CPU seconds rendering PROBE_CHAT may take (real templates: ~1 ms)
+MAX_RENDERED_CHARS = 100_000  # ... and the most characters it may give
 
 
 INDENT_SPLITS = ("merged", "units", "line")
@@ -80,10 +86,46 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, ad
         tok.add_special_tokens({"additional_special_tokens": missing})
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if getattr(tok, "chat_template", None):
-        with loading(name_or_path, "chat template (rendering a probe conversation)"):
-            tok.apply_chat_template(list(PROBE_CHAT), tokenize=False, add_generation_prompt=True)
+    check_chat_template(tok, str(name_or_path))
     return tok
+
+
+def check_chat_template(tok, where: str) -> None:
+    """Render PROBE_CHAT with the tokenizer's chat template, if it has one: a template that fails on it, is longer
+    than MAX_TEMPLATE_CHARS, renders slower than TEMPLATE_SECONDS (a template looping `range(100000)` twice) or
+    larger than MAX_RENDERED_CHARS is refused with one DataError line naming `where`."""
+    template = getattr(tok, "chat_template", None)
+    if not template:
+        return
+    for text in template.values() if isinstance(template, dict) else [template]:
+        if len(str(text)) > MAX_TEMPLATE_CHARS:
+            raise DataError(where, f"chat template of {len(str(text))} characters, over the limit of "
+                                   f"{MAX_TEMPLATE_CHARS}")
+    with loading(where, "chat template (rendering a probe conversation)"), \
+            _deadline(TEMPLATE_SECONDS, where, "rendering the chat template on a three-message conversation"):
+        rendered = tok.apply_chat_template(list(PROBE_CHAT), tokenize=False, add_generation_prompt=True)
+    if isinstance(rendered, str) and len(rendered) > MAX_RENDERED_CHARS:
+        raise DataError(where, f"the chat template renders a three-message conversation as {len(rendered)} "
+                               f"characters, over the limit of {MAX_RENDERED_CHARS}")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, where: str, what: str) -> Iterator[None]:
+    """Raise a DataError inside the block's Python code once it has run `seconds` (a trace function: works in any
+    thread, and a Jinja template's loops are Python code)."""
+    end = time.thread_time() + seconds  # CPU time of this thread: a loaded machine does not trip it
+
+    def tracer(frame, event, arg):
+        if time.thread_time() > end:
+            raise DataError(where, f"{what} took over {seconds:g} s; refusing the template")
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def control_ids(tok) -> tuple[int, int]:

@@ -1,9 +1,12 @@
-"""Language-model training pieces for pretraining: process set-up (DDP under torchrun), the packed token blocks and
-their order, the model with an optional value head, AdamW with warmup and linear decay, and checkpoints that resume
-only a run with the same training config."""
+"""Language-model training pieces: process set-up (DDP under torchrun), the packed token blocks and their order, the
+model with an optional value head, AdamW with warmup and linear decay; and the one checkpoint/resume helper of every
+training stage (`resume_checkpoint`: which checkpoint a `--resume` continues from, or clearing a fresh run's old
+ones; `new_checkpoint`: an atomic save keeping the newest; `train_from` for a transformers Trainer), with checkpoints
+that resume only a run with the same training config."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -168,39 +171,56 @@ def latest_complete(directory: str | Path, prefix: str, required: tuple[str, ...
 TRAINER_CHECKPOINT = ("trainer_state.json", "model.safetensors|adapter_model.safetensors")  # written last / weights
 
 
-def trainer_checkpoint(directory: str | Path, stage: str) -> str | None:
-    """The newest complete `checkpoint-N` a transformers Trainer wrote into `directory` (its path as a string for
-    `resume_from_checkpoint`), falling back past a corrupt one with a line on stderr per skipped folder."""
-    import sys
-
-    found = latest_complete(directory, "checkpoint", TRAINER_CHECKPOINT,
-                            log=lambda m: print(f"{stage}: {m}", file=sys.stderr))
-    return str(found) if found is not None else None
-
-
-def clear_checkpoints(checkpoint_dir: str | Path) -> None:
-    """Remove the Trainer's `checkpoint-N` folders (a fresh run must not resume or mix with an old one)."""
-    for path in Path(checkpoint_dir).glob("checkpoint-*"):
+def clear_checkpoints(checkpoint_dir: str | Path, prefix: str = "checkpoint") -> None:
+    """Remove the `<prefix>-N` checkpoint folders (a partial `<prefix>-N.tmp` too): a fresh run must not resume or
+    mix with an old one. `prefix` "checkpoint": a transformers Trainer's."""
+    for path in Path(checkpoint_dir).glob(f"{prefix}-*"):
         if path.is_dir():
             shutil.rmtree(path)
 
 
-def resume_checkpoint(cfg, checkpoint_dir: Path) -> str | None:
-    """The Trainer checkpoint a stage with `cfg.resume` continues from (an error naming `<stage>.resume` when there
-    is none); a fresh run clears the old ones (rank 0 alone: the other ranks never read a fresh run's checkpoints)."""
+def resume_checkpoint(cfg, checkpoint_dir: str | Path, prefix: str = "checkpoint",
+                      required: tuple[str, ...] = TRAINER_CHECKPOINT, must_exist: bool = True) -> Path | None:
+    """The one resume rule of the training stages: with `cfg.resume`, the newest complete `<prefix>-N` folder in
+    `checkpoint_dir` (`latest_complete`: each newer corrupt one skipped with a line on stderr); when there is none,
+    an error naming `<stage>.resume`, or with `must_exist=False` a line on stderr and a start from step 0. A fresh
+    run (no resume) clears the old `<prefix>-N` folders. Rank 0 alone speaks and clears (the other ranks never read
+    a fresh run's checkpoints). Defaults: a transformers Trainer's `checkpoint-N` folders."""
+    import sys
+
     from alignpipe.core import distributed
 
-    stage = cfg.section()
+    stage, directory, main = cfg.section(), Path(checkpoint_dir), distributed.is_main_process()
     if cfg.resume:
-        found = trainer_checkpoint(checkpoint_dir, stage)
+        say = (lambda m: print(f"{stage}: {m}", file=sys.stderr)) if main else (lambda m: None)
+        found = latest_complete(directory, prefix, required, log=say)
+        if found is None and must_exist:
+            raise DataError(str(directory), f"{stage}.resume is set but there is no {prefix}-N checkpoint to "
+                                            "resume from")
         if found is None:
-            raise DataError(str(checkpoint_dir), f"{stage}.resume is set but there is no checkpoint-N folder to "
-                                                 "resume from")
-        check_torch_files(Path(found))
+            say(f"no checkpoint in {directory}; starting from step 0")
+        elif required == TRAINER_CHECKPOINT:  # the Trainer unpickles its state; our own loaders use weights_only
+            check_torch_files(found)
         return found
-    if distributed.is_main_process():
-        clear_checkpoints(checkpoint_dir)
+    if main:
+        clear_checkpoints(directory, prefix)
     return None
+
+
+@contextlib.contextmanager
+def new_checkpoint(directory: str | Path, name: str, prefix: str, keep: int = 2):
+    """A folder to write checkpoint `<directory>/<name>` into, published atomically (written as `<name>.tmp`, then
+    renamed: a kill mid-save leaves nothing `latest_complete` takes), after which only the newest `keep`
+    `<prefix>-N` checkpoints are kept."""
+    path = Path(directory) / name
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    for old in checkpoints(Path(directory), prefix)[:-keep]:
+        shutil.rmtree(old)
 
 
 def check_torch_files(checkpoint: Path) -> None:
@@ -210,17 +230,21 @@ def check_torch_files(checkpoint: Path) -> None:
     import pickle
 
     import torch
+    from transformers.trainer_pt_utils import safe_globals  # the numpy types of the Trainer's own rng_state.pth
 
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]):
+        if path.name == "training_args.bin":  # the pickled TrainingArguments, for people: a resume never loads it
+            continue
         with loading(path, "checkpoint state (truncated or corrupt)"):
             try:
-                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with safe_globals():  # the allowlist the Trainer loads its RNG state with (weights_only=True)
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError:
                 raise DataError(str(path), "holds pickled Python objects, not only tensors: refused, never "
                                 "unpickled (remove this checkpoint or drop --resume)") from None
 
 
-def train_from(trainer, checkpoint: str | None):
+def train_from(trainer, checkpoint: str | Path | None):
     """`trainer.train(resume_from_checkpoint=checkpoint)`, except from a checkpoint of the last step (a run killed
     during its evaluation or publishing): there a resumed Trainer whose epoch is not finished trains one step past
     max_steps, so the weights and the state (log history included) are restored without training. Returns the
@@ -228,6 +252,7 @@ def train_from(trainer, checkpoint: str | None):
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
+    checkpoint = str(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and trainer.args.max_steps > 0:
         state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         if state.global_step >= trainer.args.max_steps:
@@ -253,26 +278,22 @@ def log_at_checkpoints():
     return LogAtCheckpoints()
 
 
+STEP_CHECKPOINT = ("state.pt", "fingerprint.json")  # what save_checkpoint writes
+
+
 def save_checkpoint(directory: Path, step: int, net, opt, sched, fingerprint: dict, keep: int = 2,
                     progress: dict | None = None) -> None:
-    """Write `step-N` atomically (a temporary folder renamed) and keep the newest `keep`; `progress` (e.g. the last
+    """Write `step-N` atomically (`new_checkpoint`) and keep the newest `keep`; `progress` (e.g. the last
     logged loss) goes to its progress.json, for the metrics of a run resumed from it."""
     import torch
 
     from alignpipe.core.io import write_json
 
-    path = Path(directory) / f"step-{step:07d}"
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step}, tmp / "state.pt")
-    write_json(tmp / "fingerprint.json", fingerprint)
-    write_json(tmp / "progress.json", progress or {})
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    for old in checkpoints(directory)[:-keep]:
-        shutil.rmtree(old)
+    with new_checkpoint(directory, f"step-{step:07d}", "step", keep) as tmp:
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": step}, tmp / "state.pt")
+        write_json(tmp / "fingerprint.json", fingerprint)
+        write_json(tmp / "progress.json", progress or {})
 
 
 def checkpoint_progress(path: Path) -> dict:

@@ -39,14 +39,14 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task, gr
 
     from alignpipe.lm.policy import cache_kwargs
 
-    model, tok, _ = policy
+    model, tok, meta = policy
     stops = set(task.stop_token_ids(tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = next(model.parameters()).device
     out = ChatDraw([], [], [], [])
     torch.manual_seed(seed)
     for start in range(0, len(prompts), sampling.batch_size):
-        ids = [tok(task.format_prompt(p, tok), add_special_tokens=False)["input_ids"][-sampling.max_prompt_tokens:]
+        ids = [tok(task.format_prompt(p, tok, meta), add_special_tokens=False)["input_ids"][-sampling.max_prompt_tokens:]
                for p in prompts[start:start + sampling.batch_size]]
         width = max(len(x) for x in ids)  # left padding: every answer starts at column `width`
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)

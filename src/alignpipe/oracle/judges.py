@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from alignpipe.core.errors import ConfigError
 
@@ -92,28 +92,29 @@ class Judge(Protocol):
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def oracle_score(context: str, completion: str):
-    """The oracle's `CompletionScore` of a completion after its context (cached: judges and the label stage share
-    the work)."""
-    from alignpipe.oracle.scoring import score_completion
-
-    return score_completion(context, completion)
+def oracle_score(score: Callable[[str, str], Any], context: str, completion: str):
+    """`score(context, completion)`: the task's oracle (`alignpipe.tasks.Task.oracle()`, e.g. a `CompletionScore`),
+    cached: judges and the label stage share the work."""
+    return score(context, completion)
 
 
-def oracle(pairs: Sequence[Pair]) -> list[tuple[float, float]]:
-    """The oracle's violations per character of (a, b) for each pair (LOWER is better), each completion scored
-    after its context."""
-    return [(oracle_score(p.context or p.prompt, p.a).per_char, oracle_score(p.context or p.prompt, p.b).per_char)
-            for p in pairs]
+def oracle(pairs: Sequence[Pair], score: Callable[[str, str], Any]) -> list[tuple[float, float]]:
+    """The oracle `score`'s violations per character of (a, b) for each pair (LOWER is better), each completion
+    scored after its context."""
+    return [(oracle_score(score, p.context or p.prompt, p.a).per_char,
+             oracle_score(score, p.context or p.prompt, p.b).per_char) for p in pairs]
 
 
 class ScorerJudge:
-    """The oracle as a judge: score = -(violations per character)."""
+    """The task's oracle as a judge: score = -(violations per character)."""
 
     name = "scorer"
 
+    def __init__(self, score: Callable[[str, str], Any]):
+        self.oracle = score  # the task's oracle
+
     def score(self, pairs: Sequence[Pair]) -> list[tuple[float, float]]:
-        return [(0.0 - a, 0.0 - b) for a, b in oracle(pairs)]  # 0.0 - x: no -0.0 in the files
+        return [(0.0 - a, 0.0 - b) for a, b in oracle(pairs, self.oracle)]  # 0.0 - x: no -0.0 in the files
 
 
 class RewardModelJudge:

@@ -29,6 +29,7 @@ from alignpipe.core import distributed
 from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
+from alignpipe.core.locks import hold
 from alignpipe.core.outputs import MARKER, check_output_dir, is_ours, make_output_dir, remove_ours
 from alignpipe.data.validators import Limits, check_inputs, output_files, validate_files
 from alignpipe.stages import load_stage
@@ -70,13 +71,22 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
     checked = check_inputs(getattr(stage, "CHECKED_INPUTS", {}), resolved, limits or Limits())
     if not distributed.is_main_process():
         return _execute_other_rank(name, stage, cfg, resolved)
-    out_dir = check_output_dir(out_dir, "--out", resolved.values())
-    check_config_dirs(cfg, out_dir, resolved.values())
+    out_dir = check_output_dir(out_dir, "--out", resolved.values(), owner=name)
+    with contextlib.ExitStack() as held:  # a second run on the same --out or checkpoint folder is refused
+        held.enter_context(hold(out_dir, "--out"))
+        for where, path in check_config_dirs(cfg, out_dir, resolved.values()):
+            held.enter_context(hold(path, where))
+        return _run_and_publish(name, stage, cfg, resolved, checked, out_dir, limits or Limits())
+
+
+def _run_and_publish(name: str, stage, cfg: StageConfig, resolved: dict[str, Path | None], checked: list,
+                     out_dir: Path, limits: Limits) -> dict[str, float]:
+    """Run the stage into a staging folder beside `out_dir` (marked as `name`'s) and move it into place."""
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     if staging.exists() and not is_ours(staging):
         raise ConfigError(str(staging), f"exists and alignpipe did not create it (no {MARKER}); remove or rename it")
     remove_ours(staging)  # a killed run's leftover
-    make_output_dir(staging, str(staging))
+    make_output_dir(staging, str(staging), owner=name)
     if checked:
         write_json(staging / INPUT_CHECKS_FILE, {"files": checked})
     start = time.perf_counter()
@@ -85,7 +95,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
             metrics = dict(stage.run(cfg, resolved, staging))
             written = output_files(staging, getattr(stage, "CHECKED_OUTPUTS", ()))
             if written:  # e.g. data build publishes only what validate accepts
-                validate_files(written, limits or Limits())
+                validate_files(written, limits)
             if name != "data":  # data/ must stay byte-identical between builds: no wall-clock in it
                 metrics.setdefault("seconds", round(time.perf_counter() - start, 2))
             metrics = clean_metrics(metrics)
@@ -102,7 +112,7 @@ def execute(name: str, cfg: StageConfig, inputs: dict[str, Any], out_dir: str | 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     remove_ours(out_dir.with_name(f"{out_dir.name}.failed"))  # a stale failure report
-    check_output_dir(out_dir, "--out")  # again: the stage ran for a while
+    check_output_dir(out_dir, "--out", owner=name)  # again: the stage ran for a while
     remove_ours(out_dir)
     staging.rename(out_dir)
     return metrics
@@ -117,15 +127,19 @@ def required_metrics(stage, resolved: dict[str, Path | None]) -> tuple[str, ...]
     return judged if judged and task_of(resolved.get("data")).oracle() is None else stage.METRICS
 
 
-def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> None:
+def check_config_dirs(cfg: StageConfig, out_dir: Path, inputs) -> list[tuple[str, Path]]:
     """Every directory a config names for alignpipe to write into (`*_dir`: checkpoints) follows the `--out` rule:
-    new, empty or alignpipe's own, and neither the output, an input, the current directory nor a system folder."""
+    new, empty or alignpipe's own for this key (its marker names `<section>.<key>`), and neither the output, an
+    input, the current directory nor a system folder. Returns them as (key, path)."""
+    dirs = []
     for key, value in cfg.to_dict().items():
         if key.endswith("_dir") and key != "source_dir" and isinstance(value, str):
             where = f"{cfg.section()}.{key}"
-            path = check_output_dir(value, where, [*inputs, out_dir])
+            path = check_output_dir(value, where, [*inputs, out_dir], owner=where)
             if not path.exists() and distributed.is_main_process():
-                make_output_dir(path, where)
+                make_output_dir(path, where, owner=where)
+            dirs.append((where, path))
+    return dirs
 
 
 def input_limits(params: dict[str, Any]) -> Limits:

@@ -12,6 +12,7 @@ server answers 400.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import threading
 import time
@@ -96,7 +97,7 @@ def _session(path: str, config: dict[str, Any]):
     from alignpipe.lm import onnx_runtime as ox
 
     return ox.open_session(path, ox.choose_providers(config["providers"]), int(config["intra_op_threads"]),
-                           strict=False)
+                           strict=False, spin=bool(config.get("spin", True)))
 
 
 def _strings(model_input: Any, what: str) -> list:
@@ -110,6 +111,7 @@ def _strings(model_input: Any, what: str) -> list:
 
 
 DECODING_PARAMS = ("max_new_tokens", "temperature", "top_p", "do_sample")
+MAX_TEMPERATURE = 2.0  # OpenAI's bound: a larger temperature is a uniform draw in all but name
 # ChatParams fields the chat model does not implement: refused rather than ignored
 UNSUPPORTED_CHAT_PARAMS = ("stop", "top_k", "frequency_penalty", "presence_penalty", "tools", "custom_inputs")
 
@@ -126,13 +128,21 @@ def decoding(config: dict[str, Any], params: dict[str, Any] | None, names: dict[
     merged = {k: params.get(k, config[k]) for k in DECODING_PARAMS}
     name = {k: (names or {}).get(k, f"params.{k}") for k in DECODING_PARAMS}
     cap = int(config["max_new_tokens"])
-    if not isinstance(merged["max_new_tokens"], int) or not 1 <= merged["max_new_tokens"] <= cap:
+
+    def number(key: str) -> bool:  # NaN and infinities fail every bound below
+        value = merged[key]
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number("max_new_tokens") or not isinstance(merged["max_new_tokens"], int) \
+            or not 1 <= merged["max_new_tokens"] <= cap:
         raise bad_request(f"{name['max_new_tokens']} must be an integer in [1, {cap}], got "
                           f"{merged['max_new_tokens']!r}")
-    if not isinstance(merged["temperature"], (int, float)) or merged["temperature"] <= 0:
-        raise bad_request(f"{name['temperature']} must be > 0, got {merged['temperature']!r}")
-    if not isinstance(merged["top_p"], (int, float)) or not 0 < merged["top_p"] <= 1:
+    if not number("temperature") or not 0 < merged["temperature"] <= MAX_TEMPERATURE:
+        raise bad_request(f"{name['temperature']} must be > 0 and <= {MAX_TEMPERATURE}, got {merged['temperature']!r}")
+    if not number("top_p") or not 0 < merged["top_p"] <= 1:
         raise bad_request(f"{name['top_p']} must be in (0, 1], got {merged['top_p']!r}")
+    if not isinstance(merged["do_sample"], bool):
+        raise bad_request(f"params.do_sample must be true or false, got {merged['do_sample']!r}")
     return Decoding(int(merged["max_new_tokens"]), bool(merged["do_sample"]), float(merged["temperature"]),
                     float(merged["top_p"]))
 
@@ -231,22 +241,21 @@ class OnnxChatModel(mlflow.pyfunc.ChatModel):
                                                           finish_reason=finish)])
 
 
-class OnnxRewardModel(mlflow.pyfunc.PythonModel):
-    """{"prompt", "completion"} records in, raw rewards out (higher is better)."""
+class RewardScorer:
+    """Raw rewards of (prompt, completion) pairs on the ONNX reward graph, computed as
+    `alignpipe.lm.reward_model.reward_scores` does (same text, the last `max_length` tokens, right padding)."""
 
-    def load_context(self, context):
+    def __init__(self, onnx_path: str, tokenizer_dir: str, config: dict[str, Any]):
         from alignpipe.lm.onnx_runtime import OrtReward
         from alignpipe.lm.tokenizers import load_tokenizer
 
-        self.config = {**REWARD_DEFAULTS, **(context.model_config or {})}
-        self.tok = load_tokenizer(context.artifacts["tokenizer"])
-        self.prompt_lines = int((context.model_config or {}).get("prompt_lines", 0))
-        self.pad_id = int((context.model_config or {}).get("pad_token_id", self.tok.pad_token_id))
-        self.reward = OrtReward(_session(context.artifacts["reward_onnx"], self.config))
-        self.batcher = RequestBatcher(lambda key, pairs: self._score(pairs), int(self.config["max_batch_size"]),
-                                      float(self.config["batch_window_ms"]) / 1e3)
+        self.config = {**REWARD_DEFAULTS, **config}
+        self.tok = load_tokenizer(tokenizer_dir)
+        self.prompt_lines = int(self.config.get("prompt_lines", 0))
+        self.pad_id = int(self.config.get("pad_token_id", self.tok.pad_token_id))
+        self.reward = OrtReward(_session(onnx_path, self.config))
 
-    def _score(self, pairs: list[tuple[str, str]]) -> list[float]:
+    def score(self, pairs: list[tuple[Any, str]]) -> list[float]:
         from alignpipe.lm.batching import pad
         from alignpipe.lm.reward_model import reward_ids
 
@@ -254,6 +263,31 @@ class OnnxRewardModel(mlflow.pyfunc.PythonModel):
         ids = [reward_ids(p, c, self.tok, self.prompt_lines)[-max_length:] for p, c in pairs]
         input_ids, mask = pad(ids, self.pad_id)  # right padding, as reward_scores and the trainer's collator
         return [float(v) for v in self.reward.score(input_ids, mask)]
+
+    def batcher(self) -> RequestBatcher:
+        """Concurrent `submit(None, pairs)` calls merged into batches of up to `max_batch_size` pairs."""
+        return RequestBatcher(lambda key, pairs: self.score(pairs), int(self.config["max_batch_size"]),
+                              float(self.config["batch_window_ms"]) / 1e3)
+
+
+def reward_settings(config: dict[str, Any]) -> dict[str, int]:
+    """What the served reward model needs from the PyTorch one's config.json: positions, padding id, prompt lines."""
+    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
+
+    out = {"max_length": min(256, int(config.get("n_positions") or 256)),
+           "prompt_lines": int(config.get(PROMPT_LINES_KEY) or 0)}
+    if config.get("pad_token_id") is not None:  # else the tokenizer's, as reward_scores does
+        out["pad_token_id"] = int(config["pad_token_id"])
+    return out
+
+
+class OnnxRewardModel(mlflow.pyfunc.PythonModel):
+    """{"prompt", "completion"} records in, raw rewards out (higher is better)."""
+
+    def load_context(self, context):
+        self.scorer = RewardScorer(context.artifacts["reward_onnx"], context.artifacts["tokenizer"],
+                                   context.model_config or {})
+        self.batcher = self.scorer.batcher()
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[float]:
         rows = _strings(model_input, "{\"prompt\", \"completion\"} objects")
@@ -277,7 +311,7 @@ def log_policy_model(onnx_path: Path, policy_dir: Path, model_config: dict[str, 
     from alignpipe.tasks import get_task
     from alignpipe.tracking.registry import pip_requirements
 
-    config = {**POLICY_DEFAULTS, **model_config}
+    config = {**POLICY_DEFAULTS, **model_config, "task": task}  # the task tells `alignpipe serve` how to prompt
     if get_task(task).conversational():
         config["task"] = task  # the served model prompts and ends answers as this task does (arith: meta suffix)
         # A ChatModel's signature is MLflow's chat schema; MLflow runs `predict` on the example while logging (its

@@ -1,6 +1,7 @@
-"""Start and stop a local `mlflow models serve` of a registered model (used by the serving test and the load
-benchmark): a free port, its own process group (mlflow execs uvicorn, and both must go), the venv's bin on PATH
-(mlflow starts `uvicorn` from PATH), readiness by GET /ping."""
+"""Start and stop a local model server (used by the serving tests and the load benchmark): `mlflow models serve` of
+a registered model, or `alignpipe serve` (the OpenAI-compatible server); a free port, its own process group (mlflow
+execs uvicorn, and both must go), the venv's bin on PATH (mlflow starts `uvicorn` from PATH), readiness by GET /ping
+(both servers answer it)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,32 @@ from pathlib import Path
 from typing import Iterator
 
 
-def start_server(model_uri: str, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`mlflow models serve` on a free local port, in its own process group (so it can be stopped whole)."""
+def start_server(model_uri: str, workers: int, log_path: Path, openai: bool = False,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` (or, with `openai`, `alignpipe serve` with the `extra` flags; `workers` unused) on a
+    free local port, in its own process group (so it can be stopped whole)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = Path(sys.executable).parent  # mlflow execs `uvicorn` from PATH
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if openai:
+        command = [sys.executable, "-m", "alignpipe.cli.main", "serve", model_uri, "--host", "127.0.0.1",
+                   "--port", str(port), *extra]
+    else:
+        command = [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-p",
+                   str(port), "--host", "127.0.0.1", "--workers", str(workers)]
     with log_path.open("w") as log:  # the server keeps its own copy of the descriptor
-        proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
-                                 "local", "-p", str(port), "--host", "127.0.0.1", "--workers", str(workers)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
 @contextmanager
-def served(model_uri: str, log_path: Path, timeout: float = 180.0, workers: int = 1) -> Iterator[str]:
+def served(model_uri: str, log_path: Path, timeout: float = 180.0, workers: int = 1, openai: bool = False,
+           extra: tuple[str, ...] = ()) -> Iterator[str]:
     """A started, ready server's URL for the `with` body (`start_server`, `wait_ready`), stopped afterwards; a
     server that exits or does not answer raises RuntimeError with the tail of its log."""
-    proc, url = start_server(model_uri, workers, log_path)
+    proc, url = start_server(model_uri, workers, log_path, openai, extra)
     try:
         try:
             wait_ready(url, timeout=timeout, proc=proc)

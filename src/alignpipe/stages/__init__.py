@@ -68,12 +68,14 @@ CANDIDATES = tuple((s.name, s.output) for s in sorted((s for s in STAGES if s.ca
 
 @dataclass(frozen=True)
 class Input:
-    """One input path of a stage: its flag name (`--<name>`), default path and help."""
+    """One input path of a stage: its flag name (`--<name>`), default path, help, and whether it is required."""
 
     name: str
     default: str | None
     help: str
     required: bool = True
+    # An optional input without a default (taken only when given): the path dvc.yaml passes it (a stage's output).
+    pipeline_path: str | None = None
 
 
 def load_stage(name: str) -> ModuleType:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_LINES, MAX_ROWS, MAX_SEED, StageConfig, field
 from alignpipe.core.hashing import hash01
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import is_messages
@@ -50,38 +50,37 @@ class Config(StageConfig):
 
     source_dir: str = field("", "directory of .py files to use (default: the running interpreter's stdlib)")
     stdlib_subdir: str = field("", "only this package of the stdlib (e.g. 'email': a small corpus for tests)")
-    max_chunk_lines: int = field(64, "pack top-level statements into chunks of at most this many lines")
-    val_frac: float = field(0.05, "fraction of files in the validation split (by path hash)")
-    test_frac: float = field(0.05, "fraction of files in the test split (by path hash); prompts come from it")
-    prompt_lines: int = field(8, "lines of code shown to the model in each held-out prompt")
-    max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this")
-    n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)")
-    n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo")
-    seed: int = field(0, "salt of the split and prompt-selection hashes")
+    max_chunk_lines: int = field(64, "pack top-level statements into chunks of at most this many lines",
+                                 ge=4, le=MAX_LINES)
+    val_frac: float = field(0.05, "fraction of files in the validation split (by path hash)", ge=0, lt=0.5)
+    test_frac: float = field(0.05, "fraction of files in the test split (by path hash); prompts come from it",
+                             gt=0, lt=0.5)
+    prompt_lines: int = field(8, "lines of code shown to the model in each held-out prompt", ge=1, le=MAX_LINES)
+    max_context_lines: int = field(200, "skip prompts whose enclosing top-level statement is longer than this",
+                                   ge=1, le=MAX_LINES)
+    n_prompts: int = field(1024, "number of held-out prompts (fewer if the test split has fewer candidates)",
+                           ge=1, le=MAX_ROWS)
+    n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo",
+                                 ge=1, le=MAX_ROWS)
+    seed: int = field(0, "salt of the split and prompt-selection hashes", ge=0, le=MAX_SEED)
     task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(builtin_tasks())}, or a plug-in as "
                       "package.module:Name (alignpipe.tasks, docs/tasks.md); recorded in MANIFEST.json, read by later "
                       "stages")
     dataset: str = field("", "preference or prompt dataset read through `datasets`: a JSONL/JSON/Parquet file, a "
                          "folder in HF layout or a hub id (empty: the PEP8 corpus)")
-    split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)")
+    split: str = field("train", "split of `dataset` to read (it is then split train/val/test by prompt hash)",
+                       nonempty=True)
     # Generated verifiable tasks (arith: alignpipe.tasks.arith)
-    n_conversations: int = field(8000, "arith: conversations generated from `seed` (train/val/test by question)")
-    max_operand: int = field(99, "arith: operands drawn from 0..max_operand (the difficulty: digits and carries)")
+    n_conversations: int = field(8000, "arith: conversations generated from `seed` (train/val/test by question)",
+                                 ge=1, le=MAX_ROWS)
+    max_operand: int = field(99, "arith: operands drawn from 0..max_operand (the difficulty: digits and carries)",
+                             ge=1, le=MAX_ROWS)
     wrong_frac: float = field(0.3, "arith: fraction of the corpus' answers that are plausible wrong ones (off by "
-                              "one or ten, a dropped carry, swapped digits), tagged by the oracle")
+                              "one or ten, a dropped carry, swapped digits), tagged by the oracle", ge=0, le=1)
 
     def __post_init__(self):
+        super().__post_init__()
         get_task(self.task)  # a ConfigError in one line: unknown, not importable, or lacking a method
-        self.check(bool(self.split.strip()), "split", "must name a split (e.g. train)")
-        self.check(self.max_chunk_lines >= 4, "max_chunk_lines", "must be >= 4")
-        self.check(0 <= self.val_frac < 0.5, "val_frac", "must be in [0, 0.5)")
-        self.check(0 < self.test_frac < 0.5, "test_frac", "must be in (0, 0.5)")
-        self.check(self.prompt_lines >= 1, "prompt_lines", "must be >= 1")
-        self.check(self.n_prompts >= 1, "n_prompts", "must be >= 1")
-        self.check(self.n_train_prompts >= 1, "n_train_prompts", "must be >= 1")
-        self.check(self.n_conversations >= 1, "n_conversations", "must be >= 1")
-        self.check(1 <= self.max_operand <= 10**6, "max_operand", "must be in [1, 1000000]")
-        self.check(0 <= self.wrong_frac <= 1, "wrong_frac", "must be in [0, 1]")
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:

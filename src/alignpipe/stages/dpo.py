@@ -16,8 +16,12 @@ text for the pep8 task (a code model without a chat template).
 
 The chat task (`data.task: chat`, read from the data's MANIFEST.json): pairs stay TRL conversational messages and
 DPOTrainer applies the policy tokenizer's chat template to them (prompt with the generation prompt, then the
-assistant turns); the stage checks itself on the data's held-out pairs (`heldout.jsonl`): TRL's evaluation of the
-DPO implicit reward, its accuracy (chosen above rejected) and margin, instead of the PEP8 oracle's sampling check.
+assistant turns).
+
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks itself:
+the oracle's sampling check against the reference (`alignpipe.oracle.policy_eval.heldout_check`), or on chat the
+data's held-out pairs (`heldout.jsonl`): TRL's evaluation of the DPO implicit reward, its accuracy (chosen above
+rejected) and margin.
 
 Runs in one process here; `gpus` is the process count of the torchrun/DDP launch on GPU nodes (the Trainer takes
 the world size from the launcher).
@@ -32,7 +36,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (MAX_BATCH, MAX_GPUS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
+                                   field)
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -43,13 +48,11 @@ INPUTS = (
 )
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"prefs": "prefs", "human_prefs": "prefs"}
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "seconds")
+# Training metrics (`alignpipe.algos.preference.training_metrics`); with `eval_heldout` also the held-out check's.
+METRICS = ("train_loss", "train_reward_margin", "train_reward_accuracy", "n_pairs", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
-            "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")
+HEADLINE = ("train_loss", "train_reward_margin", "train_reward_accuracy", "violations_per_char", "win_rate_vs_ref",
+            "kl_to_ref", "heldout_reward_accuracy", "seconds")
 
 TESTED_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # exercised by tests/test_dpo.py
 LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
@@ -60,48 +63,39 @@ LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "dpo"
 
-    loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...")
-    beta: float = field(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO: tau)")
-    label_smoothing: float = field(0.0, "robust DPO: the assumed label-flip probability, in [0, 0.5)")
-    sft_weight: float = field(0.0, "> 0: add this times the NLL of the chosen completion (RPO, Pang et al. 2024)")
-    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)")
-    warmup_steps: int = field(5, "linear warmup steps")
-    batch_size: int = field(16, "preference pairs per optimizer step (per process)")
-    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used")
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does")
-    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens")
+    loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...", choices=LOSS_TYPES)
+    beta: float = field(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO: tau)", gt=0)
+    label_smoothing: float = field(0.0, "robust DPO: the assumed label-flip probability, in [0, 0.5)", ge=0, lt=0.5)
+    sft_weight: float = field(0.0, "> 0: add this times the NLL of the chosen completion (RPO, Pang et al. 2024)", ge=0)
+    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)", gt=0)
+    warmup_steps: int = field(5, "linear warmup steps", ge=0, le=MAX_STEPS)
+    batch_size: int = field(16, "preference pairs per optimizer step (per process)", ge=1, le=MAX_BATCH)
+    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used",
+                           ge=1, le=MAX_STEPS)
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does", ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens", ge=2, le=MAX_TOKENS)
     precompute_ref_log_probs: bool = field(True, "compute the reference log-probabilities once, before training")
     group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
     bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
-    gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process")
-    seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process",
+                      ge=0, le=MAX_GPUS)
+    seed: int = field(0, "seed of the data order, the training and the evaluation samples", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps")
-    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
-    checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output")
+    logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps",
+                               ge=1, le=MAX_STEPS)
+    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir", ge=1, le=MAX_STEPS)
+    checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output", nonempty=True)
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: TRL's implicit reward on held-out pairs); off: evaluate compares")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
-        self.check(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {', '.join(LOSS_TYPES)}")
-        self.check(self.beta > 0, "beta", "must be > 0")
-        self.check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        super().__post_init__()
         self.check(self.loss_type != "exo_pair" or self.label_smoothing > 0, "label_smoothing",
                    "must be > 0 for loss_type exo_pair (the EXO paper uses 1e-3)")
-        self.check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.max_steps >= 1, "max_steps", "must be >= 1")
-        self.check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
-        self.check(self.max_completion_tokens >= 2, "max_completion_tokens", "must be >= 2")
-        self.check(self.gpus >= 0, "gpus", "must be >= 0")
-        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        self.check(self.save_steps >= 1, "save_steps", "must be >= 1")
-        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
-        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
-        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         self.check_lora()
 
 
@@ -150,7 +144,8 @@ def load_models(cfg: Config, policy: Path, task) -> tuple[tuple, tuple]:
 
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with DPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it with the oracle."""
+    """Train with DPO, save the policy (same PolicyMeta, safetensors) into `out_dir`; with `eval_heldout`, check it
+    on held-out prompts (the oracle) or pairs (chat)."""
     import time
 
     import torch
@@ -161,7 +156,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import save_policy
     from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.oracle.policy_eval import heldout_check
     from alignpipe.tracking import runs
 
     torch.manual_seed(cfg.seed)
@@ -179,8 +174,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
-    oracle = task.oracle()
-    heldout = heldout_reward_metrics(trainer, inputs["data"]) if oracle is None else {}
+    # TRL's implicit-reward check on the held-out pairs (a task without an oracle), with the trainer at hand
+    heldout = heldout_reward_metrics(trainer, inputs["data"]) if cfg.eval_heldout and not task.has_oracle() else {}
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
@@ -190,10 +185,11 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
-    eval_start = time.perf_counter()
-    metrics = heldout if oracle is None else oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts,
-                                                            cfg.eval_batch_size, cfg.seed, out_dir,
-                                                            progress="dpo: evaluating", task=task)
-    metrics.update(training_metrics(last, result, (len(pairs), n_human, mismatches), train_seconds,
-                                    time.perf_counter() - eval_start))
+    metrics = training_metrics(last, result, (len(pairs), n_human, mismatches), train_seconds)
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        if task.has_oracle():
+            heldout = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts,
+                                    cfg.eval_batch_size, cfg.seed, out_dir, progress="dpo: evaluating")
+        metrics.update(heldout, eval_seconds=round(time.perf_counter() - eval_start, 2))
     return metrics

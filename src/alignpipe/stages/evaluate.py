@@ -1,12 +1,13 @@
 """Evaluate every candidate policy on the same held-out prompts, sampling settings and seed.
 
 Candidates: the policy-producing stages of the registry (`alignpipe.stages.CANDIDATES`): the pretrained policy
-(`--policy`, also the reference) and every other one whose directory is given (one input each, named after its
-output), plus any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate: the
+(`--policy`, also the reference) and every other one whose directory is given explicitly (one input each, named
+after its output, without a default: dvc.yaml and the DAG pass them all; a folder merely present is not picked up), plus any extra policy directories in `evaluate.extra_candidates` (e.g. the MLE baseline). Per candidate: the
 oracle's violations/char (lower is better) and zero-violation fraction, the reward model's mean score, the
 sampled KL to the reference, held-out perplexity on unconditioned validation text, and the win rate against the
 reference and against the registered `champion` (when one exists, loaded from the MLflow registry).
-The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate.
+The sampling and comparison are `alignpipe.oracle.policy_eval`; this stage runs it per candidate. The report files
+(Markdown, plots, frontier, samples, HTML page) are rendered by `alignpipe.reports`.
 The best candidate on the gate metric is copied to best/ with candidate.json (its report entry; export and register
 read only that). Also writes report.json, report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
@@ -32,13 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (ALIAS, MAX_BATCH, MAX_CHARS, MAX_ROWS, MAX_SEED, MAX_TOKENS, MODEL_NAME,
+                                   StageConfig, field)
 from alignpipe.stages import CANDIDATES, REFERENCE, Input
 
 INPUTS = (
     Input("data", "data", "dataset directory (val.jsonl for perplexity, prompts.jsonl)"),
     Input(CANDIDATES[0][1], f"artifacts/{REFERENCE}", f"{REFERENCE} policy: the reference and a candidate"),
-    *(Input(output, f"artifacts/{stage}", f"{stage} policy (evaluated when present)", False)
+    *(Input(output, None, f"{stage} policy (a candidate when given)", False, pipeline_path=f"artifacts/{stage}")
       for stage, output in CANDIDATES[1:]),
     Input("reward_model", "artifacts/reward", "reward model (reward_score when present)", False),
     Input("prompts", None, "held-out prompts JSONL with 'prompt' (default: <data>/prompts.jsonl)", False),
@@ -47,44 +49,32 @@ METRICS = ("best_candidate_index", "n_candidates")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref", "*/judge_win_rate_vs_ref")
 
-FRONTIER_FILE = "frontier.tsv"  # the score-vs-KL frontier as data, for `dvc plots`
-FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high")
-
-
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "evaluate"
 
-    n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)")
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate")
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate")
-    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)")
-    batch_size: int = field(64, "prompts sampled per generate call")
-    seed: int = field(0, "sampling and bootstrap seed, the same for every candidate")
-    extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)")
-    ppl_max_chars: int = field(50000, "characters of data/val.jsonl text used for held-out perplexity")
-    ppl_window: int = field(256, "tokens per perplexity window (at most the model's context)")
-    champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against")
-    champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)")
+    n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)", ge=0, le=MAX_ROWS)
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate", gt=0)
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate", gt=0, le=1)
+    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)",
+                                ge=1, le=MAX_TOKENS)
+    batch_size: int = field(64, "prompts sampled per generate call", ge=1, le=MAX_BATCH)
+    seed: int = field(0, "sampling and bootstrap seed, the same for every candidate", ge=0, le=MAX_SEED)
+    extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)",
+                                        pattern=(r"[^/=]*[^/=\s][^/=]*=.*\S.*", "NAME=PATH"))
+    ppl_max_chars: int = field(50000, "characters of data/val.jsonl text used for held-out perplexity",
+                               ge=1, le=MAX_CHARS)
+    ppl_window: int = field(256, "tokens per perplexity window (at most the model's context)", ge=2, le=MAX_TOKENS)
+    champion_model: str = field("alignpipe-policy", "registered model whose champion is compared against",
+                                pattern=MODEL_NAME)
+    champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)",
+                                pattern=ALIAS)
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
     greedy: bool = field(False, "decode greedily (temperature and top_p unused), as the served model answers at "
                          "temperature 0")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
-
-    def __post_init__(self):
-        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.ppl_max_chars >= 1, "ppl_max_chars", "must be >= 1")
-        self.check(self.ppl_window >= 2, "ppl_window", "must be >= 2")
-        for item in self.extra_candidates:
-            name, _, path = item.partition("=")
-            self.check(bool(name.strip()) and bool(path.strip()) and "/" not in name, "extra_candidates",
-                       f"entries must look like NAME=PATH ({item!r} does not)")
 
 
 def candidate_dirs(inputs: dict[str, Path | None], cfg: Config) -> dict[str, Path]:
@@ -132,7 +122,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
     from alignpipe.reports.candidates import write_best
-
+    from alignpipe.reports.evaluation import write_outputs
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])
@@ -205,14 +195,14 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     the reference's (and the champion's) answers."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.hashing import prompts_sha256, weights_sha256
-    from alignpipe.core.io import read_jsonl, write_json, write_jsonl
+    from alignpipe.core.io import read_jsonl
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
     from alignpipe.lm.policy import Sampling, load_policy
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
     from alignpipe.reports.candidates import write_best
-    from alignpipe.reports.evaluation_page import write_evaluation_page
+    from alignpipe.reports.evaluation import write_chat_outputs
 
     if inputs.get("reward_model") is None and not cfg.judge_model:
         raise DataError("--reward-model", f"task {task} has no oracle: evaluate needs a reward model "
@@ -260,14 +250,8 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
-    write_json(out_dir / "report.json", report)
+    write_chat_outputs(report, prompts, draws, out_dir)
     write_best(report, out_dir)
-    write_jsonl(out_dir / "samples.jsonl", (
-        {"candidate": name, "prompt": p, "completion": c, "reward": d.rewards[i] if d.rewards else None,
-         "judge": d.judged[i] if d.judged else None}
-        for name, d in draws.items() for i, (p, c) in enumerate(zip(prompts, d.completions))))
-    (out_dir / "report.md").write_text(chat_markdown(report), encoding="utf-8")
-    write_evaluation_page(report, out_dir)
     print(f"evaluate: best candidate {best!r} ({metric} {results[best].get(metric)}); "
           "see report.json and report.md")
     return chat_flat_metrics(report)
@@ -307,32 +291,6 @@ def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
         shutil.rmtree(work, ignore_errors=True)
     champion.update(metrics)
     return champion, got
-
-
-def chat_markdown(report: dict[str, Any]) -> str:
-    """report.md of a chat evaluation: one row per candidate (the best in bold) and the champion (measured on the same
-    conversations)."""
-    lines = [f"# Evaluation (task {report['task']}; gate: {report['gate_metric']}, {report['gate_direction']} is "
-             f"better; judge: {report['judge_model']})", "",
-             "| candidate | judge win rate vs ref | judge win rate vs champion | reward | KL to ref (nats) | ended | "
-             "held-out ppl | guard |", "|---|---|---|---|---|---|---|---|"]
-    champion = report.get("champion")
-    rows = {**report["candidates"], **({f"champion v{champion['version']}": champion} if champion else {})}
-    for name, m in rows.items():
-        g = m.get("guard") or {}
-        verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
-        label = f"**{name}**" if name == report["best_candidate"] else name
-        cells = [_fmt(m.get(k), d) for k, d in (("judge_win_rate_vs_ref", 3), ("judge_win_rate_vs_champion", 3),
-                                                ("reward_score", 3), ("kl_to_ref", 3), ("ended_frac", 3),
-                                                ("heldout_ppl", 4))]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
-    sampling = report["sampling"]
-    lines += ["", f"{report['prompts']['n']} held-out conversations, one answer each ("
-              + ("greedy" if sampling["greedy"] else f"temperature {sampling['temperature']}, top-p "
-                 f"{sampling['top_p']}, seed {sampling['seed']}") + f", at most {sampling['max_new_tokens']} new "
-              "tokens); champion: " + (f"`{champion['model']}` version {champion['version']}, measured on the same "
-                                       "conversations" if champion else "none registered") + "."]
-    return "\n".join(lines) + "\n"
 
 
 def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
@@ -395,35 +353,6 @@ def _candidate_entry(path: Path, meta, metrics: dict[str, Any], nll: float, n_to
     return entry
 
 
-def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_dir: Path) -> None:
-    """report.json, report.md, samples.jsonl, frontier.tsv (for DVC plots), the two PNG plots and report.html."""
-    from alignpipe.core.io import write_json, write_jsonl
-    from alignpipe.reports.evaluation_page import write_evaluation_page
-    from alignpipe.oracle.metrics import sample_value
-
-    write_json(out_dir / "report.json", report)
-    (out_dir / "report.md").write_text(summary_markdown(report), encoding="utf-8")
-    write_jsonl(out_dir / "samples.jsonl", _sample_rows(prompts, draws))
-    (out_dir / FRONTIER_FILE).write_text(frontier_tsv(report), encoding="utf-8")
-    plot_score_vs_kl(report, out_dir / "score_vs_kl.png")
-    plot_distributions({n: [sample_value(s) for s in d.scores] for n, d in draws.items()},
-                       {n: d.rewards for n, d in draws.items() if d.rewards is not None},
-                       out_dir / "score_distributions.png")
-    write_evaluation_page(report, out_dir)  # after the plots: it inlines them
-
-
-def frontier_tsv(report: dict[str, Any]) -> str:
-    """The score-vs-KL frontier, one row per candidate: candidate, kl, violations_per_char, ci_low, ci_high
-    (tab-separated with a header row; a missing or non-finite value is written as `nan`)."""
-    score = FRONTIER_COLUMNS[2]  # the oracle's summary key (alignpipe.oracle.metrics.summarize)
-    keys = ("kl_to_ref", score, f"{score}_ci_low", f"{score}_ci_high")
-    lines = ["\t".join(FRONTIER_COLUMNS)]
-    for name, m in report["candidates"].items():
-        values = [m.get(k) for k in keys]
-        lines.append("\t".join([name, *(repr(float(v)) if isinstance(v, (int, float)) else "nan" for v in values)]))
-    return "\n".join(lines) + "\n"
-
-
 def best_candidate(results: dict[str, dict[str, Any]], metric: str, higher: bool) -> str:
     """The candidate best on the gate `metric` (the task's `gate()`); a missing or non-finite value ranks last, ties
     go to the first (the reference)."""
@@ -459,117 +388,3 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _sample_rows(prompts: list[str], draws: dict):
-    for name, d in draws.items():
-        values = d.rewards if d.rewards is not None else [None] * len(d.samples)
-        for prompt, s, score, r in zip(prompts, d.samples, d.scores, values):
-            yield {"candidate": name, "prompt": prompt, "completion": s.completion,
-                   "violations": score.violations, "chars": score.chars, "reward": r}
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "n/a"
-    return f"{value:.{digits}g}"
-
-
-def candidates_table(report: dict[str, Any]) -> list[str]:
-    """The Markdown table rows of every candidate (best in bold) and the champion: report.md's main table."""
-    champion = report.get("champion")
-    lines = ["| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) [ceiling] "
-             "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in report["candidates"].items():
-        label = f"**{name}**" if name == report["best_candidate"] else name
-        g = m.get("guard") or {}
-        verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
-        lines.append(
-            f"| {label} | {m.get('reward') or ''} | {_fmt(m.get('violations_per_char'))} "
-            f"({_fmt(m.get('violations_per_char_ci_low'))}-{_fmt(m.get('violations_per_char_ci_high'))}) | "
-            f"{_fmt(m.get('zero_violation_frac'), 3)} | {_fmt(m.get('win_rate_vs_ref'), 3)} "
-            f"({_fmt(m.get('win_rate_vs_ref_nontied'), 3)}) [{_fmt(m.get('win_rate_ceiling'), 3)}] | "
-            f"{_fmt(m.get('win_rate_vs_champion'), 3)} | "
-            f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | {_fmt(m.get('heldout_ppl'), 4)} | "
-            f"{_fmt(g.get('rm_pair_accuracy'), 3)} | {verdict} |")
-    if champion:
-        lines.append(f"| champion v{champion['version']} | | {_fmt(champion.get('violations_per_char'))} | "
-                     f"{_fmt(champion.get('zero_violation_frac'), 3)} | | | | | | | |")
-    return lines
-
-
-def summary_markdown(report: dict[str, Any]) -> str:
-    """A Markdown table of the candidates (best first in bold), with the setup it was measured under."""
-    champion = report.get("champion")
-    lines = [
-        "# Evaluation",
-        "",
-        f"{report['prompts']['n']} held-out prompts from `{report['prompts']['path']}`, one sample each "
-        f"(temperature {report['sampling']['temperature']}, top-p {report['sampling']['top_p']}, "
-        f"at most {report['sampling']['max_new_tokens']} new tokens, seed {report['sampling']['seed']}); "
-        f"reference: `{report['reference']['name']}`; champion: "
-        + (f"`{champion['model']}` version {champion['version']}" if champion else "none registered") + ".",
-        "",
-        *candidates_table(report),
-    ]
-    lines += ["", f"Best (lowest violations/char): **{report['best_candidate']}**. Lower is better for "
-              "violations/char, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
-              "guard: `reward hacking` when the reward model's reward rose over the reference (95% CI above 0) "
-              "while the oracle did not improve (alignpipe.oracle.guard). ",
-              "", "![oracle score vs KL](score_vs_kl.png)", "", "![score distributions](score_distributions.png)",
-              ""]
-    return "\n".join(lines)
-
-
-def plot_score_vs_kl(report: dict[str, Any], path: Path) -> None:
-    """Violations/char (with its 95% bootstrap interval) against the sampled KL to the reference, per candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name, m in report["candidates"].items():
-        y, kl = m.get("violations_per_char"), m.get("kl_to_ref")
-        if not (isinstance(y, float) and math.isfinite(y)):
-            continue
-        lo, hi = m["violations_per_char_ci_low"], m["violations_per_char_ci_high"]
-        err = [[max(y - lo, 0)], [max(hi - y, 0)]] if math.isfinite(lo) and math.isfinite(hi) else None
-        ax.errorbar([kl], [y], yerr=err, fmt="o", capsize=4, label=name)
-        ax.annotate(name, (kl, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    champion = report.get("champion")
-    if champion and isinstance(champion.get("violations_per_char"), float):
-        ax.axhline(champion["violations_per_char"], ls="--", color="grey", lw=1,
-                   label=f"champion v{champion['version']}")
-    ax.set_xlabel("sampled KL to reference (nats per completion)")
-    ax.set_ylabel("oracle violations per char (lower is better)")
-    ax.set_title("Oracle score vs KL")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_distributions(scores: dict[str, list], rewards: dict[str, list], path: Path) -> None:
-    """Per-sample violations/char (and reward scores, when a reward model was given) for each candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = 2 if rewards else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    names = list(scores)
-    values = [[v for v in scores[n] if v is not None] or [math.nan] for n in names]
-    axes[0][0].boxplot(values, showmeans=True)
-    axes[0][0].set_xticks(range(1, len(names) + 1), names, rotation=20)
-    axes[0][0].set_ylabel("violations per char (per sample)")
-    axes[0][0].set_title("Oracle score distribution")
-    if rewards:
-        rnames = list(rewards)
-        axes[0][1].boxplot([rewards[n] for n in rnames], showmeans=True)
-        axes[0][1].set_xticks(range(1, len(rnames) + 1), rnames, rotation=20)
-        axes[0][1].set_ylabel("reward model score (higher is better)")
-        axes[0][1].set_title("Reward score distribution")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_THREADS, MAX_TOKENS, StageConfig, field
 from alignpipe.core.errors import AlignpipeError, ConfigError, DataError
 from alignpipe.core.io import iter_jsonl, write_json
 from alignpipe.tasks import task_of
@@ -39,22 +39,15 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = "export"
 
     quantize: bool = field(False, "also write int8 dynamically quantized copies (*.int8.onnx) and report them")
-    parity_atol: float = field(1e-3, "max abs difference allowed between ONNX and PyTorch logits and rewards")
-    n_parity_prompts: int = field(8, "held-out prompts for the parity and latency checks")
-    max_new_tokens: int = field(32, "tokens generated per prompt in the greedy parity and latency checks")
-    opset: int = field(18, "ONNX opset (the torch.export-based exporter needs >= 18)")
+    parity_atol: float = field(1e-3, "max abs difference allowed between ONNX and PyTorch logits and rewards", ge=0)
+    n_parity_prompts: int = field(8, "held-out prompts for the parity and latency checks", ge=1, le=MAX_ROWS)
+    max_new_tokens: int = field(32, "tokens generated per prompt in the greedy parity and latency checks",
+                                ge=1, le=MAX_TOKENS)
+    opset: int = field(18, "ONNX opset (the torch.export-based exporter needs >= 18)", ge=18)
     providers: Literal["auto", "cpu", "cuda"] = field("auto", "onnxruntime providers: auto = CUDA if usable, else CPU")
-    intra_op_threads: int = field(0, "onnxruntime intra-op threads (0 = onnxruntime's default)")
-    latency_repeats: int = field(3, "timed repeats per latency figure (the median is reported)")
-    seed: int = field(0, "random seed (prompt sampling)")
-
-    def __post_init__(self):
-        self.check(self.parity_atol >= 0, "parity_atol", "must be >= 0")
-        self.check(self.n_parity_prompts >= 1, "n_parity_prompts", "must be >= 1")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.opset >= 18, "opset", "must be >= 18")
-        self.check(self.intra_op_threads >= 0, "intra_op_threads", "must be >= 0")
-        self.check(self.latency_repeats >= 1, "latency_repeats", "must be >= 1")
+    intra_op_threads: int = field(0, "onnxruntime intra-op threads (0 = onnxruntime's default)", ge=0, le=MAX_THREADS)
+    latency_repeats: int = field(3, "timed repeats per latency figure (the median is reported)", ge=1, le=MAX_REPEATS)
+    seed: int = field(0, "random seed (prompt sampling)", ge=0, le=MAX_SEED)
 
 
 INPUTS = (

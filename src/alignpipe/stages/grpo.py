@@ -14,24 +14,26 @@ spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function
 
 The chat task (`data.task: chat`, from the data's MANIFEST.json): prompts are conversations, rollouts come from
 `alignpipe.oracle.chat_eval.sample_chat` (the chat template with the generation prompt; an answer ends its turn at
-EOS / end-of-turn), the reward has no oracle term (`grpo.reward: model` or a function), and the stage checks itself
-on held-out conversations: the reward of its answers against the reference's and the sampled KL
-(`chat_check`), not the oracle.
+EOS / end-of-turn) and the reward has no oracle term (`grpo.reward: model` or a function).
+
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks itself
+on held-out prompts (`alignpipe.oracle.policy_eval.heldout_check`: the oracle against the reference, or on chat the
+reward of its answers against the reference's and the sampled KL).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
+                                   field)
+from alignpipe.core.errors import ConfigError
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -39,11 +41,8 @@ INPUTS = (
     Input("policy", "artifacts/pretrain", "pretrained policy directory: the initial policy and the frozen reference"),
     Input("reward_model", None, "reward model directory; needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "reward_first", "reward_last")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                  "reward_last")
+# Training metrics; with `eval_heldout` also the held-out check's (`alignpipe.oracle.policy_eval.heldout_check`).
+METRICS = ("reward_first", "reward_last", "train_kl_last", "train_loss_last", "train_steps")
 
 
 @dataclass(frozen=True)
@@ -52,46 +51,41 @@ class Config(StageConfig, LoraFields):
 
     reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
                                   "(0.5*model + oracle)")
-    max_steps: int = field(12, "optimizer steps: the budget (each samples prompts_per_step x num_generations)")
-    prompts_per_step: int = field(16, "distinct prompts per step")
-    num_generations: int = field(4, "completions per prompt: the group of the group-relative advantage")
-    learning_rate: float = field(1e-4, "AdamW learning rate")
-    beta: float = field(0.04, "KL coefficient to the frozen reference (0: no reference)")
+    max_steps: int = field(12, "optimizer steps: the budget (each samples prompts_per_step x num_generations)",
+                           ge=1, le=MAX_STEPS)
+    prompts_per_step: int = field(16, "distinct prompts per step", ge=1, le=MAX_BATCH)
+    num_generations: int = field(4, "completions per prompt: the group of the group-relative advantage",
+                                 ge=2, le=MAX_BATCH)
+    learning_rate: float = field(1e-4, "AdamW learning rate", gt=0)
+    beta: float = field(0.04, "KL coefficient to the frozen reference (0: no reference)", ge=0)
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = field("grpo", "TRL loss aggregation")
     scale_rewards: Literal["group", "batch", "none"] = field(
         "group", "advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO; RLOO up to a constant)")
-    epsilon: float = field(0.2, "clip range of the surrogate")
-    num_iterations: int = field(1, "updates per generation batch (mu)")
-    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)")
-    max_new_tokens: int = field(48, "cap on one completion (one logical line)")
-    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads")
-    warmup_steps: int = field(0, "linear warm-up steps")
+    epsilon: float = field(0.2, "clip range of the surrogate", gt=0)
+    num_iterations: int = field(1, "updates per generation batch (mu)", ge=1, le=MAX_REPEATS)
+    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)", gt=0)
+    max_new_tokens: int = field(48, "cap on one completion (one logical line)", ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads", ge=1, le=MAX_TOKENS)
+    warmup_steps: int = field(0, "linear warm-up steps", ge=0, le=MAX_STEPS)
     bf16: bool = field(False, "bf16 autocast (on CPU measured slower than fp32 at this model size)")
-    logging_steps: int = field(1, "Trainer logging interval (steps)")
-    save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues")
+    logging_steps: int = field(1, "Trainer logging interval (steps)", ge=1, le=MAX_STEPS)
+    save_steps: int = field(0, "checkpoints in checkpoint_dir every N steps (0: none); `--resume` continues",
+                            ge=0, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/grpo", "where checkpoints go")
     resume: bool = field(False, "continue from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)")
-    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation")
-    seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: the reward against it); off: evaluate compares every candidate")
+    n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation", ge=1, le=MAX_BATCH)
+    seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
 
+        super().__post_init__()
         parse_reward(self.reward, "grpo.reward")
-        if self.num_generations < 2:
-            raise ConfigError("grpo.num_generations", f"must be >= 2 (a group needs a baseline), got "
-                                                      f"{self.num_generations}")
-        for key in ("max_steps", "prompts_per_step", "max_new_tokens", "max_prompt_tokens", "n_eval_prompts",
-                    "eval_batch_size", "num_iterations", "logging_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"grpo.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("learning_rate", "temperature", "epsilon"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"grpo.{key}", f"must be > 0, got {getattr(self, key)}")
-        if self.beta < 0:
-            raise ConfigError("grpo.beta", f"must be >= 0, got {self.beta}")
         self.check_lora()
 
 
@@ -160,28 +154,15 @@ def rollout_func(cfg: Config, tok, meta, task):
     return seeded_rollout(cfg, tok, draw)
 
 
-def chat_rollout_func(cfg: Config, tok, task):
+def chat_rollout_func(cfg: Config, tok, meta, task):
     """The rollout hook of the chat task: `sample_chat` (chat template, end of turn)."""
     from alignpipe.oracle.chat_eval import sample_chat
 
     def draw(model, prompts, sampling, seed):
-        got = sample_chat((model, tok, None), prompts, sampling, seed, task)
+        got = sample_chat((model, tok, meta), prompts, sampling, seed, task)
         return got.prompt_ids, got.completion_ids, got.completions
 
     return seeded_rollout(cfg, tok, draw)
-
-
-def chat_check(policy, reference, data_dir: Path, reward, cfg: Config, task) -> dict[str, float]:
-    """The chat task's own check on held-out conversations: mean reward of the policy's and the reference's answers,
-    the fraction of prompts where the policy's reward is higher (ties half) and the sampled KL."""
-    from alignpipe.core.io import read_jsonl
-    from alignpipe.lm.policy import Sampling
-    from alignpipe.oracle.chat_eval import reward_check
-
-    prompts = [r["prompt"] for r in read_jsonl(Path(data_dir) / "prompts.jsonl")][:cfg.n_eval_prompts]
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    return reward_check(policy, reference, prompts, reward, sampling, cfg.seed, task)
 
 
 def trl_reward(reward):
@@ -222,26 +203,11 @@ def training_prompts(data: Path, chat: bool) -> list[dict]:
     return read_train_prompts(data)
 
 
-def resume_checkpoint(cfg: Config, checkpoint_dir: Path) -> str | None:
-    """The checkpoint `resume` continues from (an error when there is none); a fresh run removes its own old
-    checkpoints, which must not be resumed later in place of the new ones."""
-    from alignpipe.lm.training import trainer_checkpoint
-
-    if cfg.resume:
-        found = trainer_checkpoint(checkpoint_dir, "grpo")
-        if found is None:
-            raise DataError(str(checkpoint_dir), "grpo.resume is set but there is no checkpoint to resume from")
-        return found
-    for old in checkpoint_dir.glob("checkpoint-*"):
-        shutil.rmtree(old)
-    return None
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with GRPO, save the policy (same PolicyMeta, safetensors), evaluate it with the oracle."""
+    """Train with GRPO, save the policy (same PolicyMeta, safetensors); with `eval_heldout`, check it on held-out
+    prompts."""
     import os
 
-    import torch
     from datasets import Dataset
     from transformers import set_seed
     from trl import GRPOTrainer
@@ -250,8 +216,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.rewards import build_reward
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.lm.training import log_at_checkpoints, train_from
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
+    from alignpipe.oracle.policy_eval import heldout_check
     from alignpipe.tracking import runs
 
     set_seed(cfg.seed)
@@ -260,7 +226,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     model, tok, meta = load_model(cfg, inputs["policy"], task)
     rows = training_prompts(inputs["data"], chat)
     contexts = {} if chat else {r["prompt"]: r.get("context", r["prompt"]) for r in rows}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows])
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=[r["prompt"] for r in rows],
+                          oracle=task.oracle())
     checkpoint_dir = Path(cfg.checkpoint_dir)
     resume = resume_checkpoint(cfg, checkpoint_dir)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
@@ -268,7 +235,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         model=model, reward_funcs=[trl_reward(reward)], args=trl_args(cfg, checkpoint_dir),
         train_dataset=Dataset.from_dict({"prompt": [r["prompt"] for r in rows]}), processing_class=tok,
         callbacks=[runs.mlflow_callback(), log_at_checkpoints()],
-        rollout_func=chat_rollout_func(cfg, tok, task) if chat else rollout_func(cfg, tok, meta, task),
+        rollout_func=chat_rollout_func(cfg, tok, meta, task) if chat else rollout_func(cfg, tok, meta, task),
         peft_config=lora_config(cfg, model))
     train_start = time.perf_counter()
     train_from(trainer, resume)
@@ -282,21 +249,19 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             "reward": str(reward.spec),
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(model, tok, meta, out_dir)
-    reference = load_policy(inputs["policy"], cfg.trust_remote_code)
-    eval_start = time.perf_counter()
-    oracle = task.oracle()
-    if oracle is None:
-        metrics = chat_check(load_policy(out_dir), reference, inputs["data"], reward, cfg, task)
-    else:
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="grpo: evaluating", task=task)
-    torch.manual_seed(cfg.seed)
+    metrics: dict[str, float] = {}
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
+                                cfg.seed, out_dir, "grpo: evaluating", reward, cfg.max_new_tokens,
+                                cfg.max_prompt_tokens)
+        metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,
         reward_last=float(rewards[-1]) if rewards else math.nan,
         train_kl_last=float(logs[-1].get("kl", 0.0)) if logs else 0.0,
         train_loss_last=float(logs[-1]["loss"]) if logs else 0.0,
         train_steps=float(trainer.state.global_step), train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
     )
     return metrics

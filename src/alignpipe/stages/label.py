@@ -16,7 +16,9 @@ the reward for a reward model, P(preferred) for the llm judge, 1/0 for human pai
 `oracle_rejected` (the oracle's violations per character, LOWER = better, for every pair), `judge`, `context`,
 `source`.
 - `prefs.jsonl`: the training pairs; `heldout.jsonl`: the pairs whose prompt hashes into the held-out fraction
-  (deterministic: sha256 of seed and prompt), kept out of training for the reward model's evaluation.
+  (deterministic: sha256 of seed and prompt; `alignpipe.algos.preference.split_heldout`, as reward splits a single
+  file), kept out of training for the reward model's evaluation. Human pairs are read as dpo reads its pairs
+  (`alignpipe.algos.preference.read_pairs`).
 
 On the chat task (`run_chat`) there is no oracle: the pairs are the dataset's own (its preference labels, which
 `data build --dataset` split into data/prefs.jsonl and data/heldout.jsonl), in conversational form; with
@@ -26,10 +28,11 @@ policy judges its own answers), K answers per training conversation are also sam
 `max_new_tokens`, blank ones and identical pairs are dropped and counted. The llm judge reads the conversation and
 both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
 a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
-prefer the same answer) is reported. Where a conversational task has an oracle (a verifiable chat task), each sampled
-answer is also scored by it: the rows carry `oracle_chosen`/`oracle_rejected` and `judge_oracle_agreement` (over the
-pairs the oracle decides, how often the judge prefers the oracle's better answer, ties half) goes to metrics.json
-beside `judge_position_consistency`.
+prefer the same answer) is reported. A conversational task with an oracle (arith) labels sampled answers with its
+oracle under the default `judge: scorer` (a correct answer over a wrong one; pairs the oracle ties are dropped). With
+an oracle, the rows of sampled answers carry `oracle_chosen`/`oracle_rejected`, and a judge other than the oracle
+reports `judge_oracle_agreement` (over the pairs the oracle decides, how often the judge prefers the oracle's better
+answer, judge ties half) and `oracle_decided_frac` in metrics.json beside `judge_position_consistency`.
 """
 
 from __future__ import annotations
@@ -39,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_TOKENS, StageConfig, field
 from alignpipe.core.errors import DataError
-from alignpipe.core.hashing import hash01, is_heldout
+from alignpipe.core.hashing import hash01
 from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 from alignpipe.stages import Input
 
@@ -69,47 +72,37 @@ class Config(StageConfig):
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
                                                             "model (--judge-model) or an LLM (--judge-model; on "
                                                             "chat without it, the policy itself)")
-    n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)")
-    k: int = field(4, "completions sampled per prompt")
+    n_prompts: int = field(384, "training prompts to label (chosen by a hash; 0 = all)", ge=0, le=MAX_ROWS)
+    k: int = field(4, "completions sampled per prompt", ge=2, le=MAX_BATCH)
     pairing: Literal["all", "disjoint"] = field("all", "pairs per prompt: all K(K-1)/2, or (1,2), (3,4), ...")
     keep_ties: bool = field(False, "keep tied pairs (chosen = the first sample); default: drop them")
     drop_unscorable: bool = field(True, "drop pairs with a completion pycodestyle cannot tokenize (E9: it stops "
                                   "checking there, so the oracle's count is no judgement)")
-    tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this")
-    heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl")
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)")
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)")
-    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)")
+    tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this", ge=0)
+    heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl", ge=0, lt=1)
+    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)", gt=0)
+    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)", gt=0, le=1)
+    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)", ge=1, le=MAX_TOKENS)
     cap_retries: int = field(3, "rows whose sample reached max_new_tokens mid-line are sampled again (a new draw), "
-                             "up to this many times, so pairs are of finished lines (0 = never)")
-    batch_size: int = field(256, "rows (prompt x sample) per generation batch")
-    judge_batch_size: int = field(32, "pairs per forward pass of a model judge")
-    judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)")
+                             "up to this many times, so pairs are of finished lines (0 = never)", ge=0, le=MAX_REPEATS)
+    batch_size: int = field(256, "rows (prompt x sample) per generation batch", ge=1, le=MAX_BATCH)
+    judge_batch_size: int = field(32, "pairs per forward pass of a model judge", ge=1, le=MAX_BATCH)
+    judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)", ge=8, le=MAX_TOKENS)
     llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges."
                               "LLM_TEMPLATE, or CHAT_LLM_TEMPLATE on chat)")
     llm_answers: list[str] = field([" A", " B"], "llm judge answer strings for the first and second completion")
     llm_chat_template: bool = field(False, "wrap the llm judge prompt in the tokenizer's chat template (a chat "
                                     "judge; its answers then usually start without a space: llm_answers [A, B])")
-    human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)")
+    human_pairs: int = field(-1, "human pairs mixed in from --human-prefs (chosen by hash; -1 = all)",
+                             ge=-1, le=MAX_ROWS)
     trust_remote_code: bool = field(False, "allow custom model code for a hub judge model")
-    seed: int = field(0, "seed of prompt selection, sampling and the held-out split")
+    seed: int = field(0, "seed of prompt selection, sampling and the held-out split", ge=0, le=MAX_SEED)
 
     def __post_init__(self):
-        self.check(self.n_prompts >= 0, "n_prompts", "must be >= 0 (0 = all)")
-        self.check(self.k >= 2, "k", "must be >= 2 (pairs need two completions)")
+        super().__post_init__()
         self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
-        self.check(self.tie_threshold >= 0, "tie_threshold", "must be >= 0")
-        self.check(0 <= self.heldout_frac < 1, "heldout_frac", "must be in [0, 1)")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.cap_retries >= 0, "cap_retries", "must be >= 0")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1")
-        self.check(self.judge_max_length >= 8, "judge_max_length", "must be >= 8")
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
-        self.check(self.human_pairs >= -1, "human_pairs", "must be >= -1 (-1 = all)")
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
@@ -157,19 +150,7 @@ def load_train_prompts(path: Path, n: int, seed: int) -> list[dict]:
     return rows
 
 
-def load_human_prefs(path: Path) -> list[dict]:
-    """Human pairs from a preference JSONL (already through the validators: CHECKED_INPUTS), in standard form."""
-    from alignpipe.core.io import read_jsonl
-
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
-        if not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise DataError(f"{path}:{i + 1}", "human pairs must be in TRL's standard form (prompt, chosen, "
-                            "rejected strings), not conversational")
-    return rows
-
-
-def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
+def _human_rows(rows: list[dict], cfg: Config, score) -> list[dict]:
     from alignpipe.oracle.judges import Pair, oracle
 
     if cfg.human_pairs >= 0:
@@ -178,7 +159,7 @@ def _human_rows(rows: list[dict], cfg: Config) -> list[dict]:
         rows = [rows[i] for i in sorted(order[:cfg.human_pairs])]
     pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], r.get("context") or r["prompt"]) for r in rows]
     out = []
-    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs)):
+    for r, p, (oc, orj) in zip(rows, pairs, oracle(pairs, score)):
         out.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                     "score_chosen": float(r.get("score_chosen", 1.0)),
                     "score_rejected": float(r.get("score_rejected", 0.0)),
@@ -199,12 +180,12 @@ def _unique(rows: list[dict]) -> list[dict]:
     return out
 
 
-def build_judge(cfg: Config, judge_model: Path | str | None):
-    """The configured judge (the model is loaded here)."""
+def build_judge(cfg: Config, judge_model: Path | str | None, score):
+    """The configured judge (the model is loaded here); `score` is the task's oracle (the scorer judge's)."""
     from alignpipe.oracle.judges import LLM_TEMPLATE, LLMJudge, RewardModelJudge, ScorerJudge
 
     if cfg.judge == "scorer":
-        return ScorerJudge()
+        return ScorerJudge(score)
     if judge_model is None:
         raise DataError("--judge-model", f"judge={cfg.judge} needs a model: a directory or a model id")
     if cfg.judge == "reward_model":
@@ -213,14 +194,14 @@ def build_judge(cfg: Config, judge_model: Path | str | None):
                     cfg.judge_max_length, cfg.llm_chat_template, cfg.trust_remote_code)
 
 
-def judge_pairs(judge, pairs, cfg: Config) -> tuple[list[dict], dict[str, float]]:
+def judge_pairs(judge, pairs, cfg: Config, score) -> tuple[list[dict], dict[str, float]]:
     """Judge `pairs` (judges.Pair): rows in the output form and the label statistics (ties, mean score gap of
-    the rows, and, for a judge other than the oracle, its agreement with the oracle)."""
+    the rows, and, for a judge other than the oracle, its agreement with the oracle `score`, the task's)."""
     from alignpipe.oracle.judges import LLMJudge, oracle, position_consistency
 
     orders = judge.orders(pairs) if isinstance(judge, LLMJudge) else None  # the llm judge: both orders
     scores = LLMJudge.averaged(orders) if orders is not None else judge.score(pairs)
-    oracles = oracle(pairs)
+    oracles = oracle(pairs, score)
     rows, n_ties, agree, n_oracle_decided = [], 0, 0.0, 0
     for p, (sa, sb), (oa, ob) in zip(pairs, scores, oracles):
         tie = abs(sa - sb) <= cfg.tie_threshold
@@ -285,13 +266,24 @@ def sampled_pairs(prompts: list[dict], samples: list, cfg: Config) -> tuple[list
     return pairs, capped, n_invalid, n_identical
 
 
+def scorable_pairs(pairs: list, capped: list[bool], score) -> tuple[list, int, int]:
+    """(the pairs whose two completions the oracle `score` (the task's) can check, n dropped, n dropped among those
+    with a completion cut at the cap): a completion is unscorable when its score is `truncated` (PEP8: a tokenize
+    error, E9, after which pycodestyle stops checking)."""
+    from alignpipe.oracle.judges import oracle_score
+
+    keep = [not (oracle_score(score, p.context, p.a).truncated or oracle_score(score, p.context, p.b).truncated)
+            for p in pairs]
+    n_capped = sum(c and not k for c, k in zip(capped, keep))
+    return [p for p, k in zip(pairs, keep) if k], keep.count(False), n_capped
+
+
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
     """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
     judge."""
-    import json
-
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.errors import ConfigError
-    from alignpipe.core.io import read_jsonl, write_jsonl
+    from alignpipe.core.io import write_jsonl
 
     data = Path(inputs["data"])
     judge_model = inputs.get("judge_model")
@@ -299,14 +291,14 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         raise ConfigError("label.judge", f"task {task}: the dataset's pairs (judge scorer, no --judge-model), "
                           "or RLAIF pairs as well: judge reward_model with --judge-model, or judge llm (with "
                           "--judge-model, or the policy as its own judge)")
-    train, heldout = read_jsonl(data / PREFS_FILE), read_jsonl(data / HELDOUT_FILE)
+    train, heldout = read_pairs(data / PREFS_FILE, messages=True), read_pairs(data / HELDOUT_FILE, messages=True)
     n_dataset = len(train) + len(heldout)
     stats: dict[str, float] = {}
-    if cfg.judge != "scorer":
+    if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
-        held = [is_heldout(json.dumps(r["prompt"], sort_keys=True), cfg.heldout_frac, cfg.seed) for r in judged]
-        train += [r for r, h in zip(judged, held) if not h]
-        heldout += [r for r, h in zip(judged, held) if h]
+        judged_train, judged_heldout = split_heldout(judged, cfg.heldout_frac, cfg.seed)
+        train += judged_train
+        heldout += judged_heldout
     write_jsonl(out_dir / PREFS_FILE, train)
     write_jsonl(out_dir / HELDOUT_FILE, heldout)
     return {"n_pairs": len(train) + len(heldout), "n_train_pairs": len(train), "n_heldout_pairs": len(heldout),
@@ -335,7 +327,7 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
                 pairs.append((prompt, ta, tb))
             else:
                 n_dropped += 1
-    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs)
+    scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs, task)
     oracles, oracle_stats = chat_oracle_agreement(cfg, task, pairs, scores)
     rows, stats = order_chat_pairs(pairs, scores, cfg, oracles)
     return rows, {**stats, **judge_stats, **oracle_stats, "n_dropped_unended_pairs": n_dropped,
@@ -360,12 +352,16 @@ def chat_oracle_agreement(cfg: Config, task, pairs: list[tuple],
     return oracles, {"judge_oracle_agreement": agreement, "oracle_decided_frac": decided}
 
 
-def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy,
-                     pairs: list[tuple]) -> tuple[list[tuple[float, float]], dict[str, float]]:
+def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy, pairs: list[tuple],
+                     task) -> tuple[list[tuple[float, float]], dict[str, float]]:
     """The judge's scores (higher preferred) of each (conversation, answer a, answer b), and its own statistics:
-    a reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
+    the scorer is the task's oracle (minus violations per character: arith's correct answer over a wrong one); a
+    reward model scores each answer as one assistant turn after the conversation (as the reward stage trains it);
     the llm judge (`judge_model`, or the policy = (model, tok, meta) itself) compares both answers in both orders,
     averaged, and reports its position consistency."""
+    if cfg.judge == "scorer":
+        oracle = task.oracle()
+        return [(-oracle(p, a).per_char, -oracle(p, b).per_char) for p, a, b in pairs], {}
     if cfg.judge == "reward_model":
         from alignpipe.lm.reward_model import load_reward_model, reward_scores
 
@@ -413,20 +409,24 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     """Sample, pair, judge; write prefs.jsonl and heldout.jsonl."""
     import torch
 
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.io import write_jsonl
     from alignpipe.tasks import task_of
 
     task = task_of(inputs["data"])  # a prompts file rather than a data directory: the default task
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
-    from alignpipe.oracle.judges import oracle_score
+    from alignpipe.core.errors import ConfigError
     from alignpipe.lm.policy import Sampling, load_policy
 
+    score = task.oracle()  # every sampled pair is scored by the task's oracle (oracle_chosen, oracle_rejected)
+    if score is None:
+        raise ConfigError("data.task", f"task {task} has no oracle, which label's sampled text pairs are scored with")
     torch.manual_seed(cfg.seed)
     prompts = load_train_prompts(inputs["data"], cfg.n_prompts, cfg.seed)
     human = []
-    if inputs.get("human_prefs") is not None:
-        human = load_human_prefs(inputs["human_prefs"])
+    if inputs.get("human_prefs") is not None:  # TRL's standard form (conversational rows flattened, as dpo does)
+        human = read_pairs(inputs["human_prefs"])
 
     start = time.perf_counter()
     model, tok, meta = load_policy(inputs["policy"])
@@ -441,25 +441,20 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     pairs, capped, n_invalid, n_identical = sampled_pairs(prompts, samples, cfg)
     n_unscorable = n_unscorable_capped = 0
     if cfg.drop_unscorable:
-        keep = [not (oracle_score(p.context, p.a).truncated or oracle_score(p.context, p.b).truncated)
-                for p in pairs]
-        n_unscorable = keep.count(False)
-        n_unscorable_capped = sum(c and not k for c, k in zip(capped, keep))
-        pairs = [p for p, k in zip(pairs, keep) if k]
+        pairs, n_unscorable, n_unscorable_capped = scorable_pairs(pairs, capped, score)
 
     start = time.perf_counter()
-    judge = build_judge(cfg, inputs.get("judge_model"))
-    judged, stats = judge_pairs(judge, pairs, cfg)
+    judge = build_judge(cfg, inputs.get("judge_model"), score)
+    judged, stats = judge_pairs(judge, pairs, cfg, score)
     judged = _unique(judged)
     judging_s = time.perf_counter() - start
-    rows = _unique(judged + (_human_rows(human, cfg) if human else []))
+    rows = _unique(judged + (_human_rows(human, cfg, score) if human else []))
     if not rows:
         raise DataError(str(inputs["policy"]), f"no preference pairs: {len(pairs)} judged, {stats['n_ties']} ties; "
                         f"dropped {n_invalid} with an invalid completion (blank, not a new line) and "
                         f"{n_identical} with identical completions")
 
-    heldout = [r for r in rows if is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
-    train = [r for r in rows if not is_heldout(r["prompt"], cfg.heldout_frac, cfg.seed)]
+    train, heldout = split_heldout(rows, cfg.heldout_frac, cfg.seed)
     if cfg.heldout_frac > 0 and not heldout:
         raise DataError("label.heldout_frac", f"no held-out pairs among {len(rows)}: label more prompts")
     if not train:

@@ -16,10 +16,11 @@ Chosen: the cheapest preference trainer TRL ships that reuses dpo's pairs as the
 forward; KTO would need a reference and unpaired labels). TRL 1.16 ships it in `trl.experimental` (pinned in
 pyproject; tests/test_orpo.py checks the loss against a hand computation, so an API change shows there).
 
-The chat task: pairs stay TRL conversational messages and the trainer applies the policy tokenizer's chat template;
-the stage checks itself on the data's held-out pairs (ORPO's implicit reward beta * mean log-probability: accuracy,
-margin, loss). The pep8 task: the oracle evaluation against the pretrained policy, as dpo. Output: the trained
-policy (same files, PolicyMeta and tokenizer as its parent; LoRA adapters merged), a candidate like dpo's.
+The chat task: pairs stay TRL conversational messages and the trainer applies the policy tokenizer's chat template.
+The stage reports training metrics (evaluate compares every candidate); with `eval_heldout` it also checks itself,
+as dpo: on chat on the data's held-out pairs (ORPO's implicit reward beta * mean log-probability: accuracy, margin,
+loss), on pep8 with the oracle against the pretrained policy. Output: the trained policy (same files, PolicyMeta and
+tokenizer as its parent; LoRA adapters merged), a candidate like dpo's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_BATCH, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -42,50 +43,44 @@ INPUTS = (
 )
 # Input files checked by the validate stage's validators (the `validate` params section's limits) before any work.
 CHECKED_INPUTS = {"prefs": "prefs", "human_prefs": "prefs"}
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "seconds")
+# Training metrics (`alignpipe.algos.preference.training_metrics`); with `eval_heldout` also the held-out check's.
+METRICS = ("train_loss", "train_nll_loss", "train_log_odds_ratio", "train_reward_margin", "train_reward_accuracy",
+           "n_pairs", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
-            "heldout_reward_accuracy", "heldout_reward_margin", "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("heldout_reward_accuracy", "heldout_reward_margin", "heldout_loss", "seconds")
+HEADLINE = ("train_loss", "train_nll_loss", "train_log_odds_ratio", "train_reward_accuracy", "violations_per_char",
+            "win_rate_vs_ref", "kl_to_ref", "heldout_reward_accuracy", "seconds")
 
 
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "orpo"
 
-    beta: float = field(0.1, "weight of the odds-ratio term against the NLL (lambda in the ORPO paper)")
-    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)")
-    warmup_steps: int = field(5, "linear warmup steps")
-    batch_size: int = field(16, "preference pairs per optimizer step (per process)")
-    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used")
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does")
-    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens")
+    beta: float = field(0.1, "weight of the odds-ratio term against the NLL (lambda in the ORPO paper)", gt=0)
+    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)", gt=0)
+    warmup_steps: int = field(5, "linear warmup steps", ge=0, le=MAX_STEPS)
+    batch_size: int = field(16, "preference pairs per optimizer step (per process)", ge=1, le=MAX_BATCH)
+    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used",
+                           ge=1, le=MAX_STEPS)
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does", ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens", ge=2, le=MAX_TOKENS)
     group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
     bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
-    seed: int = field(0, "seed of the data order, the training and the evaluation samples")
+    seed: int = field(0, "seed of the data order, the training and the evaluation samples", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    logging_steps: int = field(5, "log the train metrics (loss, nll_loss, log_odds_ratio, ...) every N steps")
-    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir")
-    checkpoint_dir: str = field("checkpoints/orpo", "Trainer checkpoints, outside the stage output")
+    logging_steps: int = field(5, "log the train metrics (loss, nll_loss, log_odds_ratio, ...) every N steps",
+                               ge=1, le=MAX_STEPS)
+    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir", ge=1, le=MAX_STEPS)
+    checkpoint_dir: str = field("checkpoints/orpo", "Trainer checkpoints, outside the stage output", nonempty=True)
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "pretrained policy; chat: TRL's implicit reward on held-out pairs); off: evaluate "
+                               "compares")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
-        self.check(self.beta > 0, "beta", "must be > 0")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.max_steps >= 1, "max_steps", "must be >= 1")
-        self.check(self.max_prompt_tokens >= 1, "max_prompt_tokens", "must be >= 1")
-        self.check(self.max_completion_tokens >= 2, "max_completion_tokens", "must be >= 2")
-        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        self.check(self.save_steps >= 1, "save_steps", "must be >= 1")
-        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
-        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
-        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        super().__post_init__()
         self.check_lora()
 
 
@@ -150,8 +145,8 @@ def make_trainer(cfg: Config, model, tok, pairs: list[dict], output_dir: str | P
 # --------------------------------------------------------------------------------------------------------- run
 
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with ORPO, save the policy (same PolicyMeta, safetensors) into `out_dir`, evaluate it against the
-    pretrained policy with the oracle (pep8) or on the held-out pairs (chat)."""
+    """Train with ORPO, save the policy (same PolicyMeta, safetensors) into `out_dir`; with `eval_heldout`, check it
+    against the pretrained policy with the oracle (pep8) or on the held-out pairs (chat)."""
     import time
 
     import torch
@@ -162,7 +157,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
     from alignpipe.lm.training import log_at_checkpoints, resume_checkpoint, train_from
-    from alignpipe.oracle.policy_eval import oracle_metrics
+    from alignpipe.oracle.policy_eval import heldout_check
     from alignpipe.tracking import runs
 
     torch.manual_seed(cfg.seed)
@@ -179,7 +174,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     train_seconds = time.perf_counter() - train_start
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logs[-1] if logs else {}
-    heldout = heldout_reward_metrics(trainer, inputs["data"]) if not task.has_oracle() else {}
+    # TRL's implicit-reward check on the held-out pairs (a task without an oracle), with the trainer at hand
+    heldout = heldout_reward_metrics(trainer, inputs["data"]) if cfg.eval_heldout and not task.has_oracle() else {}
 
     if not distributed.is_main_process():  # rank 0 saves and evaluates the (identical) DDP-trained weights
         return {"n_pairs": len(pairs), "train_loss": float(last.get("loss", result.training_loss))}
@@ -188,14 +184,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             "beta": cfg.beta, **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(trained, tok, meta, out_dir)
     del trainer, trained, model
-    eval_start = time.perf_counter()
-    if not task.has_oracle():
-        metrics = heldout
-    else:  # the reference of the evaluation only: ORPO trains without one
-        reference = load_policy(inputs["policy"], cfg.trust_remote_code)
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="orpo: evaluating", task=task)
-    metrics.update(training_metrics(last, result, (len(pairs), n_human, mismatches), train_seconds,
-                                    time.perf_counter() - eval_start, train_nll_loss="nll_loss",
-                                    train_log_odds_ratio="log_odds_ratio"))
+    metrics = training_metrics(last, result, (len(pairs), n_human, mismatches), train_seconds,
+                               train_nll_loss="nll_loss", train_log_odds_ratio="log_odds_ratio")
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        if task.has_oracle():  # the reference of the check only: ORPO trains without one
+            reference = load_policy(inputs["policy"], cfg.trust_remote_code)
+            heldout = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts,
+                                    cfg.eval_batch_size, cfg.seed, out_dir, progress="orpo: evaluating")
+        metrics.update(heldout, eval_seconds=round(time.perf_counter() - eval_start, 2))
     return metrics

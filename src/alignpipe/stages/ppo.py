@@ -21,9 +21,10 @@ TRL removed PPOTrainer after 1.12, so PPO is written here, in the spirit of clea
   (`Task.stop_token_ids`; kept as the last action), the reward model scoring the whole answer as one assistant
   turn after the conversation, as the reward stage trained it (`alignpipe.lm.reward_model.reward_scores`).
 
-After training, pep8 checks the policy with the oracle (`alignpipe.oracle.policy_eval.oracle_metrics`); a task
-without an oracle with the reward on held-out conversations against the reference (`alignpipe.oracle.chat_eval.
-reward_check`: mean reward, reward win rate, sampled KL), as grpo does.
+The stage reports training metrics; evaluate compares every candidate. With `eval_heldout` it also checks the
+policy on held-out prompts (`alignpipe.oracle.policy_eval.heldout_check`, as grpo does): with the oracle against the
+reference; a task without an oracle with the reward on held-out conversations against the reference (mean reward,
+reward win rate, sampled KL).
 
 The saved policy is a plain causal LM (loadable by `alignpipe.lm.policy.load_policy`, same PolicyMeta); the value head
 is saved beside it in `value_head.safetensors`. PPO runs in a single process (no DDP), on one GPU when present.
@@ -33,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBat
                                  gae, kl_shaped_rewards, make_batch, make_value_head, masked_mean, ppo_loss,
                                  token_forward, whiten)
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
-from alignpipe.core.errors import ConfigError, DataError, loading
+from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
+                                   field)
+from alignpipe.core.errors import ConfigError, loading
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -55,16 +55,15 @@ INPUTS = (
     Input("reward_model", "artifacts/reward", "reward model directory (sequence classification, one score); "
           "needed when the reward spec uses `model`", False),
 )
-METRICS = ("violations_per_char", "zero_violation_frac", "win_rate_vs_ref", "win_rate_ceiling", "kl_to_ref",
-           "seconds")
-# What the stage reports for a task without an oracle (chat; alignpipe.run.runner.required_metrics).
-JUDGED_METRICS = ("reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", "reward_first",
-                  "reward_last", "seconds")
+# Training metrics; with `eval_heldout` also the held-out check's (`alignpipe.oracle.policy_eval.heldout_check`).
+METRICS = ("reward_first", "reward_last", "train_kl_last", "kl_coef_final", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
-HEADLINE = ("violations_per_char", "win_rate_vs_ref", "win_rate_vs_ref_nontied", "win_rate_ceiling", "kl_to_ref",
-            "seconds")
+HEADLINE = ("reward_first", "reward_last", "train_kl_last", "violations_per_char", "win_rate_vs_ref", "kl_to_ref",
+            "reward_win_rate_vs_ref", "seconds")
 VALUE_HEAD_FILE = "value_head.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's file name: a LoRA run's checkpoints hold only the adapters
+# What an `iter-N` checkpoint holds: the weights (the whole model, or a LoRA run's adapters), value head, optimizer.
+CHECKPOINT_FILES = (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "trainer.pt")
 
 
 @dataclass(frozen=True)
@@ -74,51 +73,42 @@ class Config(StageConfig, LoraFields):
 
     reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
                                  "a weighted sum (0.5*model + oracle); see alignpipe.algos.rewards")
-    max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget")
-    rollout_batch_size: int = field(64, "prompts sampled per iteration")
-    minibatch_size: int = field(16, "rollouts per gradient step")
-    ppo_epochs: int = field(4, "passes over each rollout batch")
-    learning_rate: float = field(3e-5, "AdamW learning rate of the policy and the value head")
-    kl_coef: float = field(0.05, "beta: the per-token KL penalty coefficient (the initial one when adaptive)")
-    kl_target: float = field(0.0, "> 0: adapt beta towards this KL (nats per completion); 0: beta stays fixed")
-    kl_horizon: int = field(10000, "adaptive KL horizon in rollouts (Ziegler et al. 2019: 10000)")
-    gamma: float = field(1.0, "discount")
-    lam: float = field(0.95, "GAE lambda")
-    cliprange: float = field(0.2, "epsilon of the clipped surrogate")
-    cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values")
-    vf_coef: float = field(0.1, "weight of the value loss")
-    max_grad_norm: float = field(1.0, "gradient clipping norm")
-    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)")
-    max_new_tokens: int = field(48, "completion length cap in tokens")
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does")
+    max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget", ge=1, le=MAX_STEPS)
+    rollout_batch_size: int = field(64, "prompts sampled per iteration", ge=1, le=MAX_BATCH)
+    minibatch_size: int = field(16, "rollouts per gradient step", ge=1, le=MAX_BATCH)
+    ppo_epochs: int = field(4, "passes over each rollout batch", ge=1, le=MAX_REPEATS)
+    learning_rate: float = field(3e-5, "AdamW learning rate of the policy and the value head", gt=0)
+    kl_coef: float = field(0.05, "beta: the per-token KL penalty coefficient (the initial one when adaptive)", ge=0)
+    kl_target: float = field(0.0, "> 0: adapt beta towards this KL (nats per completion); 0: beta stays fixed", ge=0)
+    kl_horizon: int = field(10000, "adaptive KL horizon in rollouts (Ziegler et al. 2019: 10000)", ge=1, le=MAX_ROWS)
+    gamma: float = field(1.0, "discount", gt=0, le=1)
+    lam: float = field(0.95, "GAE lambda", ge=0, le=1)
+    cliprange: float = field(0.2, "epsilon of the clipped surrogate", gt=0)
+    cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values", gt=0)
+    vf_coef: float = field(0.1, "weight of the value loss", ge=0)
+    max_grad_norm: float = field(1.0, "gradient clipping norm", gt=0)
+    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)", gt=0)
+    max_new_tokens: int = field(48, "completion length cap in tokens", ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does",
+                                   ge=1, le=MAX_TOKENS)
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
-    seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation")
+    seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir")
-    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)")
+    save_steps: int = field(5, "checkpoint every N iterations into checkpoint_dir", ge=1, le=MAX_STEPS)
+    checkpoint_dir: str = field("checkpoints/ppo", "checkpoints (policy, value head, optimizer, beta)", nonempty=True)
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)")
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
+                               "reference; chat: the reward against it); off: evaluate compares every candidate")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
+                                ge=1, le=MAX_ROWS)
+    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
 
+        super().__post_init__()
         parse_reward(self.reward, "ppo.reward")
-        for key in ("max_steps", "rollout_batch_size", "minibatch_size", "ppo_epochs", "kl_horizon",
-                    "max_new_tokens", "max_prompt_tokens", "save_steps", "n_eval_prompts", "eval_batch_size"):
-            self.check(getattr(self, key) >= 1, key, "must be >= 1")
         self.check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size", "must be <= rollout_batch_size")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        self.check(self.kl_target >= 0, "kl_target", "must be >= 0 (0 keeps beta fixed)")
-        self.check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
-        self.check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        self.check(self.cliprange > 0, "cliprange", "must be > 0")
-        self.check(self.cliprange_value > 0, "cliprange_value", "must be > 0")
-        self.check(self.vf_coef >= 0, "vf_coef", "must be >= 0")
-        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(bool(self.checkpoint_dir), "checkpoint_dir", "must be a directory path")
         self.check_lora()
 
 
@@ -217,31 +207,17 @@ class PPOState:
 
 
 def save_checkpoint(directory: Path, model, value_head, optimizer, tok, meta, state: PPOState) -> None:
-    """Write `iter-N` atomically (a temporary folder renamed) and keep only the newest two."""
+    """Write `iter-N` atomically (`alignpipe.lm.training.new_checkpoint`) and keep only the newest two."""
     import torch
     from safetensors.torch import save_file
 
     from alignpipe.lm.policy import save_policy
+    from alignpipe.lm.training import new_checkpoint
 
-    final = directory / f"iter-{state.iteration:06d}"
-    partial = directory / f".{final.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    save_policy(model, tok, meta, partial)
-    save_file(value_head.state_dict(), str(partial / VALUE_HEAD_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}, partial / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    for old in sorted(directory.glob("iter-*"))[:-2]:
-        shutil.rmtree(old)
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete `iter-N` checkpoint (past a corrupt one, saying so on stderr), or None."""
-    from alignpipe.lm.training import latest_complete
-
-    # weights: the whole model, or only the adapters of a LoRA run (ADAPTER_FILE)
-    return latest_complete(directory, "iter", (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "trainer.pt"),
-                           log=lambda m: print(f"ppo: {m}", file=sys.stderr))
+    with new_checkpoint(directory, f"iter-{state.iteration:06d}", "iter") as tmp:
+        save_policy(model, tok, meta, tmp)
+        save_file(value_head.state_dict(), str(tmp / VALUE_HEAD_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}, tmp / "trainer.pt")
 
 
 def init_training(cfg: Config, model, resume_from: Path | None):
@@ -392,21 +368,9 @@ def check_reward(cfg: Config, task) -> None:
         raise ConfigError("ppo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
 
 
-def chat_check(cfg: Config, policy_dir: Path, reference, data_dir: Path, reward, task) -> dict[str, float]:
-    """The check of a task without an oracle: the reward on held-out conversations against the reference."""
-    from alignpipe.lm.policy import Sampling, load_policy
-    from alignpipe.oracle.chat_eval import reward_check
-    from alignpipe.oracle.policy_eval import load_prompts
-
-    prompts = [r["prompt"] for r in load_prompts(data_dir, cfg.n_eval_prompts)]
-    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
-    return reward_check(load_policy(policy_dir), reference, prompts, reward, sampling, cfg.seed, task)
-
-
 def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str, float]:
-    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head, check it (the oracle, or the
-    reward against the reference where the task has no oracle)."""
+    """Train with PPO, save the policy (same PolicyMeta, safetensors) and value head; with `eval_heldout`, check it
+    (the oracle, or the reward against the reference where the task has no oracle)."""
     import torch
     from safetensors.torch import save_file
 
@@ -414,7 +378,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.algos.rewards import build_reward
     from alignpipe.tasks import task_of
     from alignpipe.lm.policy import load_policy, save_policy
-    from alignpipe.oracle.policy_eval import oracle_metrics, read_train_prompts
+    from alignpipe.lm.training import resume_checkpoint
+    from alignpipe.oracle.policy_eval import heldout_check, read_train_prompts
 
     check_4bit(cfg)
     task = task_of(inputs["data"])
@@ -430,21 +395,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
-    contexts = {r["prompt"]: r["context"] for r in rows} if task.has_oracle() else {}
-    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts)
+    contexts = {r["prompt"]: r["context"] for r in rows if isinstance(r["prompt"], str)} if task.has_oracle() else {}
+    reward = build_reward(cfg.reward, inputs.get("reward_model"), contexts, probe=prompts, oracle=task.oracle())
 
     def reward_fn(samples) -> list[float]:
         return reward([s.prompt for s in samples], [s.completion for s in samples])
 
-    checkpoint_dir = Path(cfg.checkpoint_dir)
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(checkpoint_dir)
-        if resume_from is None:
-            raise DataError(str(checkpoint_dir), "ppo.resume is set but there is no iter-N checkpoint to resume from")
-    else:
-        for old in checkpoint_dir.glob("iter-*"):
-            shutil.rmtree(old)
+    resume_from = resume_checkpoint(cfg, cfg.checkpoint_dir, "iter", CHECKPOINT_FILES)
     train_start = time.perf_counter()
     value_head, state, history = train(cfg, model, tok, meta, reference[0], prompts, reward_fn, resume_from,
                                        task=task)
@@ -456,12 +413,13 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                             **({"lora_r": cfg.lora_r} if cfg.lora_r else {})})
     save_policy(merged(model), tok, meta, out_dir)  # LoRA: adapters folded into the weights
     save_file(value_head.state_dict(), str(out_dir / VALUE_HEAD_FILE))
-    eval_start = time.perf_counter()
-    if task.has_oracle():
-        metrics = oracle_metrics(out_dir, reference, inputs["data"], cfg.n_eval_prompts, cfg.eval_batch_size,
-                                 cfg.seed, out_dir, progress="ppo: evaluating", task=task)
-    else:
-        metrics = chat_check(cfg, out_dir, reference, inputs["data"], reward, task)
+    metrics: dict[str, float] = {}
+    if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
+        eval_start = time.perf_counter()
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
+                                cfg.seed, out_dir, "ppo: evaluating", reward, cfg.max_new_tokens,
+                                cfg.max_prompt_tokens)
+        metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(
         reward_first=first.get("env/reward_mean", 0.0),
@@ -471,6 +429,5 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         negative_kl_iterations=state.negative_kl_iterations,
         tokens_per_s=sum(h["charts/tokens_per_s"] for h in history) / max(len(history), 1),
         train_seconds=round(train_seconds, 2),
-        eval_seconds=round(time.perf_counter() - eval_start, 2),
     )
     return metrics

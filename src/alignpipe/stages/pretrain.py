@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (MAX_BATCH, MAX_CHARS, MAX_GPUS, MAX_LAYERS, MAX_PARAMS, MAX_ROWS, MAX_SEED,
+                                   MAX_STEPS, MAX_THREADS, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, StageConfig, field)
 from alignpipe.lm.tokenizers import INDENT_SPLITS
 from alignpipe.stages import Input
 
@@ -48,73 +49,63 @@ class Config(StageConfig):
     objective: Objective = field("conditional", "PHF objective: mle, filter, conditional, unlikelihood, rwr, awr")
     # Model and tokenizer
     tokenizer: str = field("", "Hugging Face tokenizer id or path; empty: train a byte-level BPE on train.jsonl")
-    vocab_size: int = field(2048, "BPE vocabulary size when training the tokenizer (control tokens included)")
+    vocab_size: int = field(2048, "BPE vocabulary size when training the tokenizer (control tokens included)",
+                            ge=260, le=MAX_VOCAB)
     tokenizer_indent: Literal[INDENT_SPLITS] = field(
         "line", "trained BPE's split of a line break and indentation: line (newline + whole indent one pre-token), "
         "merged (GPT-2's) or units (4-space units); alignpipe.lm.tokenizers.train_tokenizer, base_model.md")
     init_model: str = field("", "Hugging Face model id or path to continue pretraining; empty: GPT-2 from scratch")
-    n_embd: int = field(192, "GPT-2 width (from scratch)")
-    n_layer: int = field(4, "GPT-2 layers (from scratch)")
-    n_head: int = field(3, "GPT-2 attention heads (from scratch)")
+    n_embd: int = field(192, "GPT-2 width (from scratch)", ge=1, le=MAX_WIDTH)
+    n_layer: int = field(4, "GPT-2 layers (from scratch)", ge=1, le=MAX_LAYERS)
+    n_head: int = field(3, "GPT-2 attention heads (from scratch)", ge=1, le=MAX_LAYERS)
     # Training budget
-    seq_len: int = field(256, "tokens per training sequence (documents are packed, EOS-separated)")
-    batch_size: int = field(16, "sequences per step and process")
-    max_steps: int = field(300, "optimizer steps (the token budget is max_steps x batch_size x seq_len x gpus)")
-    learning_rate: float = field(2e-3, "peak AdamW learning rate")
-    warmup_ratio: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0")
+    seq_len: int = field(256, "tokens per training sequence (documents are packed, EOS-separated)", ge=1, le=MAX_TOKENS)
+    batch_size: int = field(16, "sequences per step and process", ge=1, le=MAX_BATCH)
+    max_steps: int = field(300, "optimizer steps (the token budget is max_steps x batch_size x seq_len x gpus)",
+                           ge=1, le=MAX_STEPS)
+    learning_rate: float = field(2e-3, "peak AdamW learning rate", gt=0)
+    warmup_ratio: float = field(0.01, "fraction of steps of linear warmup (PHF: 0.01), then decay to 0", ge=0, lt=1)
     lr_scheduler_type: Literal["linear", "cosine"] = field("linear", "decay after warmup (PHF: linear)")
-    weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)")
-    max_grad_norm: float = field(1.0, "gradient norm clip")
+    weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)", ge=0)
+    max_grad_norm: float = field(1.0, "gradient norm clip", gt=0)
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
     compile: bool = field(False, "torch.compile the model")
-    threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)")
+    threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)", ge=0, le=MAX_THREADS)
     # Objective hyperparameters (PHF PEP8 configs: configs/pep8/*.yml of tomekkorbak/pretraining-with-human-feedback)
-    threshold: float = field(0.0, "segment score (violations/char) at or below which a segment is aligned")
-    filter_threshold: float = field(0.002361, "filter: drop documents whose violations/char exceed this")
-    drop_token_prob: float = field(0.1, "conditional: probability of leaving a segment without a control token")
-    ul_alpha: float = field(0.01, "unlikelihood: weight of the unlikelihood term on misaligned tokens")
-    rwr_beta: float = field(10.0, "rwr: temperature of the reward weights exp(R / beta)")
-    awr_alpha: float = field(0.05, "awr: weight of the LM term (1 - alpha weighs the value loss)")
-    awr_beta: float = field(1.0, "awr: temperature of the advantage weights exp((R - V) / beta)")
+    threshold: float = field(0.0, "segment score (violations/char) at or below which a segment is aligned", ge=0)
+    filter_threshold: float = field(0.002361, "filter: drop documents whose violations/char exceed this", ge=0)
+    drop_token_prob: float = field(0.1, "conditional: probability of leaving a segment without a control token",
+                                   ge=0, lt=1)
+    ul_alpha: float = field(0.01, "unlikelihood: weight of the unlikelihood term on misaligned tokens", ge=0)
+    rwr_beta: float = field(10.0, "rwr: temperature of the reward weights exp(R / beta)", gt=0)
+    awr_alpha: float = field(0.05, "awr: weight of the LM term (1 - alpha weighs the value loss)", gt=0, le=1)
+    awr_beta: float = field(1.0, "awr: temperature of the advantage weights exp((R - V) / beta)", gt=0)
     # Evaluation
-    n_eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)")
-    eval_max_new_tokens: int = field(48, "token cap of a one-line completion")
-    eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)")
-    eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)")
-    eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)")
-    eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)")
+    n_eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)",
+                                ge=1, le=MAX_ROWS)
+    eval_max_new_tokens: int = field(48, "token cap of a one-line completion", ge=1, le=MAX_TOKENS)
+    eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)", gt=0)
+    eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)", gt=0, le=1)
+    eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)",
+                                        ge=1, le=MAX_TOKENS)
+    eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)", ge=0, le=MAX_CHARS)
     # Run
-    logging_steps: int = field(10, "steps between logged training metrics")
-    save_steps: int = field(100, "steps between checkpoints (one is always written at the end)")
+    logging_steps: int = field(10, "steps between logged training metrics", ge=1, le=MAX_STEPS)
+    save_steps: int = field(100, "steps between checkpoints (one is always written at the end)", ge=1, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/pretrain", "checkpoints (outside the published output)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    seed: int = field(0, "seed of initialisation, data order, token dropping and sampling")
-    gpus: int = field(1, "processes to train with (the launcher runs torchrun/accelerate with this many)")
+    seed: int = field(0, "seed of initialisation, data order, token dropping and sampling", ge=0, le=MAX_SEED)
+    gpus: int = field(1, "processes to train with (the launcher runs torchrun/accelerate with this many)",
+                      ge=0, le=MAX_GPUS)
 
     def __post_init__(self):
-        self.check(self.vocab_size >= 260, "vocab_size", "must be >= 260 (256 bytes and the special tokens)")
-        for key in ("n_embd", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "eval_max_new_tokens",
-                    "logging_steps", "save_steps"):
-            self.check(getattr(self, key) >= 1, key, "must be >= 1")
-        self.check(self.gpus >= 0, "gpus", "must be >= 0 (0: a CPU node)")
+        super().__post_init__()
         self.check(self.n_embd % self.n_head == 0, "n_embd", f"must be a multiple of n_head={self.n_head}")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        self.check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        self.check(self.threshold >= 0, "threshold", "must be >= 0")
-        self.check(self.filter_threshold >= 0, "filter_threshold", "must be >= 0")
-        self.check(0 <= self.drop_token_prob < 1, "drop_token_prob", "must be in [0, 1)")
-        self.check(self.ul_alpha >= 0, "ul_alpha", "must be >= 0")
-        self.check(self.rwr_beta > 0, "rwr_beta", "must be > 0")
-        self.check(0 < self.awr_alpha <= 1, "awr_alpha", "must be in (0, 1]")
-        self.check(self.awr_beta > 0, "awr_beta", "must be > 0")
-        self.check(self.n_eval_prompts >= 1, "n_eval_prompts", "must be >= 1")
-        self.check(self.eval_temperature > 0, "eval_temperature", "must be > 0")
-        self.check(0 < self.eval_top_p <= 1, "eval_top_p", "must be in (0, 1]")
-        self.check(self.eval_max_prompt_tokens >= 1, "eval_max_prompt_tokens", "must be >= 1")
-        self.check(self.eval_val_chars >= 0, "eval_val_chars", "must be >= 0")
-        self.check(self.threads >= 0, "threads", "must be >= 0")
+        # GPT-2's parameter count: 12 d^2 per layer, and the token and position embeddings
+        n_params = 12 * self.n_layer * self.n_embd ** 2 + (self.vocab_size + self.seq_len) * self.n_embd
+        self.check(bool(self.init_model) or n_params <= MAX_PARAMS, "n_layer",
+                   f"with n_embd={self.n_embd} builds a {n_params:.2g}-parameter model from scratch; at most "
+                   f"{MAX_PARAMS:.0e}")
 
 
 # Config keys that change the trained weights: a checkpoint only resumes a run that agrees on all of them.
@@ -222,26 +213,16 @@ def check_task(cfg: Config, task) -> None:
                           f"({cfg.objective} needs oracle scores of the corpus' segments, which it has not)")
 
 
-CHECKPOINT_FILES = ("state.pt", "fingerprint.json")  # what training.save_checkpoint writes
-
-
 def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:
-    """The newest complete checkpoint to resume from (None without `resume`, or when there is none); a fresh run
-    clears the stage's own old ones."""
+    """The newest complete checkpoint to resume from (`alignpipe.lm.training.resume_checkpoint`: None without
+    `resume`, or when there is none); a fresh run clears the stage's own old ones and their tokenizer."""
     import shutil
-    import sys
 
-    from alignpipe.lm.training import checkpoints, latest_complete
+    from alignpipe.lm.training import STEP_CHECKPOINT, resume_checkpoint
 
-    ckpt_dir = Path(cfg.checkpoint_dir)
-    say = (lambda m: print(f"pretrain: {m}", file=sys.stderr)) if main else (lambda m: None)
-    latest = latest_complete(ckpt_dir, "step", CHECKPOINT_FILES, log=say) if cfg.resume else None
-    if cfg.resume and latest is None:
-        say(f"no checkpoint in {ckpt_dir}; starting from step 0")
+    latest = resume_checkpoint(cfg, cfg.checkpoint_dir, "step", STEP_CHECKPOINT, must_exist=False)
     if main and not cfg.resume:
-        for old in checkpoints(ckpt_dir):
-            shutil.rmtree(old)
-        shutil.rmtree(ckpt_dir / "tokenizer", ignore_errors=True)
+        shutil.rmtree(Path(cfg.checkpoint_dir) / "tokenizer", ignore_errors=True)
     return latest
 
 

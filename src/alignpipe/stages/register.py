@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import ALIAS, MAX_BATCH, MAX_TOKENS, MODEL_NAME, StageConfig, field
 from alignpipe.reports.candidates import BEST_FILE, check_weights, read_report
 from alignpipe.tasks import DEFAULT_TASK, get_task
 from alignpipe.stages import Input
+from alignpipe.tracking.policies import POLICY_ONNX_NAME
 
 INPUTS = (
     Input("best", "artifacts/evaluate/best", "evaluate's best/: the chosen policy with candidate.json (its name, "
@@ -47,35 +48,27 @@ SERVING_PACKAGES = ("transformers", "torch", "tokenizers", "safetensors")
 class Config(StageConfig):
     SECTION: ClassVar[str] = "register"
 
-    model_name: str = field("alignpipe-policy", "registered model name of the policy")
-    reward_model_name: str = field("alignpipe-reward", "registered model name of the reward model")
-    alias: str = field("champion", "alias that marks the version to serve")
+    model_name: str = field("alignpipe-policy", "registered model name of the policy", pattern=MODEL_NAME)
+    reward_model_name: str = field("alignpipe-reward", "registered model name of the reward model", pattern=MODEL_NAME)
+    alias: str = field("champion", "alias that marks the version to serve", pattern=ALIAS)
     margin: float = field(0.0, "relative improvement in the gate metric needed to move the alias: moves when "
-                          "new < champion * (1 - margin) (lower is better) or new > champion * (1 + margin) (higher)")
+                          "new < champion * (1 - margin) (lower is better) or new > champion * (1 + margin) (higher)",
+                          ge=0, lt=1)
     metric: str = field("", "gate metric (a per-candidate key of evaluate's report); empty: the task's, as evaluate "
                         "recorded it (pep8: violations_per_char; chat: judge_win_rate_vs_ref)")
-    direction: str = field("", "lower or higher (is better) for the gate metric; empty: the task's")
-    max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)")
-    temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)")
-    top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)")
-    serve_max_batch_size: int = field(16, "ONNX serving model: most prompts (or reward pairs) decoded together")
+    direction: str = field("", "lower or higher (is better) for the gate metric; empty: the task's",
+                           choices=("", "lower", "higher"))
+    max_new_tokens: int = field(48, "serving: cap on generated tokens per request (a request may lower it)",
+                                ge=1, le=MAX_TOKENS)
+    temperature: float = field(0.7, "serving: sampling temperature (PHF: 0.7)", gt=0)
+    top_p: float = field(0.9, "serving: nucleus sampling p (PHF: 0.9)", gt=0, le=1)
+    serve_max_batch_size: int = field(16, "ONNX serving model: most prompts (or reward pairs) decoded together",
+                                      ge=1, le=MAX_BATCH)
     serve_batch_window_ms: float = field(5.0, "ONNX serving model: how long a request waits for others to batch "
-                                              "with")
+                                              "with", ge=0, le=60_000)
     register_reward: bool = field(True, "also register the reward model (when --reward-model is given)")
     reward_hacking_guard: bool = field(True, "refuse to move the alias to a candidate evaluate flags as reward "
                                              "hacking (RM reward up, oracle not better; alignpipe.oracle.guard)")
-
-    def __post_init__(self):
-        self.check(bool(self.model_name.strip()), "model_name", "must not be empty")
-        self.check(bool(self.reward_model_name.strip()), "reward_model_name", "must not be empty")
-        self.check(bool(self.alias.strip()) and not self.alias.isdigit(), "alias", "must be a non-numeric name")
-        self.check(0 <= self.margin < 1, "margin", "must be in [0, 1)")
-        self.check(self.direction in ("", "lower", "higher"), "direction", "must be lower, higher or empty")
-        self.check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        self.check(self.temperature > 0, "temperature", "must be > 0")
-        self.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        self.check(self.serve_max_batch_size >= 1, "serve_max_batch_size", "must be >= 1")
-        self.check(self.serve_batch_window_ms >= 0, "serve_batch_window_ms", "must be >= 0")
 
 
 def gate(candidate: float, champion: float | None, margin: float, metric: str = "the gate metric",
@@ -275,8 +268,12 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                (f"{cfg.alias} stays at version {champion_after}" if champion_after else f"no {cfg.alias} yet")
                + f"; version {version} registered without the alias")
     print(f"register: {cfg.model_name} version {version} ({name}); {verdict} ({why})")
-    print(f"serve:    MLFLOW_TRACKING_URI={runs.redact(runs.tracking_uri())} mlflow models serve "
-          f"-m models:/{cfg.model_name}@{cfg.alias} --env-manager local -p 5001")
+    uri = runs.redact(runs.tracking_uri())
+    if onnx and POLICY_ONNX_NAME in onnx:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} alignpipe serve models:/{POLICY_ONNX_NAME}@{cfg.alias}")
+    else:
+        print(f"serve:    MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{cfg.model_name}@{cfg.alias} "
+              "--env-manager local -p 5001")
     out = {"registered_version": int(version), "champion_moved": int(move),
            "champion_version": int(champion_after or 0)}  # 0: no champion
     if reward_version is not None:
@@ -337,12 +334,7 @@ def _policy_for_settings(policy_dir: Path):
 
 
 def _reward_settings(reward_dir: Path) -> dict[str, int]:
-    """What the served reward model needs from the PyTorch one: positions, padding id, prompt lines."""
-    from alignpipe.lm.reward_model import PROMPT_LINES_KEY
+    """What the served reward model needs from the PyTorch one (`alignpipe.serving.models.reward_settings`)."""
+    from alignpipe.serving.models import reward_settings
 
-    config = json.loads((Path(reward_dir) / "config.json").read_text())
-    out = {"max_length": min(256, int(config.get("n_positions") or 256)),
-           "prompt_lines": int(config.get(PROMPT_LINES_KEY) or 0)}
-    if config.get("pad_token_id") is not None:  # else the tokenizer's, as reward_scores does
-        out["pad_token_id"] = int(config["pad_token_id"])
-    return out
+    return reward_settings(json.loads((Path(reward_dir) / "config.json").read_text()))

@@ -24,14 +24,13 @@ to `checkpoint_dir` (outside the output directory) and `--resume` continues from
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import (MAX_BATCH, MAX_GPUS, MAX_LINES, MAX_REPEATS, MAX_SEED, MAX_STEPS, MAX_TOKENS,
+                                   StageConfig, field)
 from alignpipe.core.errors import DataError
 from alignpipe.stages import Input
 
@@ -45,6 +44,9 @@ CHECKED_INPUTS = {"prefs": "prefs"}
 METRICS = ("heldout_accuracy", "mean_margin", "n_dropped_too_long", "seconds")
 # The few metrics `dvc metrics show` lists (metrics_headline.json; fnmatch patterns); metrics.json has all.
 HEADLINE = ("heldout_accuracy", "mean_margin", "seconds")
+# transformers' SchedulerType values that run without lr_scheduler_kwargs (tests/test_config.py checks the names)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 REWARD_META = "reward.json"
 
 
@@ -54,90 +56,58 @@ class Config(StageConfig, LoraFields):
     RENAMED: ClassVar[dict[str, str]] = {"lr_scheduler": "lr_scheduler_type"}
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
-    max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs")
+    max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs",
+                            ge=8, le=MAX_TOKENS)
     prompt_lines: int = field(2, "last prompt lines the model reads (0: all); saved with the model, applied when "
-                              "scoring")
-    epochs: float = field(2.0, "passes over the training pairs (ignored when max_steps > 0)")
-    max_steps: int = field(-1, "optimizer steps (-1: use epochs)")
-    batch_size: int = field(16, "pairs per device per step")
-    grad_accum: int = field(1, "gradient accumulation steps")
-    learning_rate: float = field(3e-4, "peak AdamW learning rate")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up")
-    lr_scheduler_type: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)")
-    center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)")
+                              "scoring", ge=0, le=MAX_LINES)
+    epochs: float = field(2.0, "passes over the training pairs (ignored when max_steps > 0)", gt=0, le=MAX_REPEATS)
+    max_steps: int = field(-1, "optimizer steps (-1: use epochs)", ge=1, le=MAX_STEPS, allow=(-1,))
+    batch_size: int = field(16, "pairs per device per step", ge=1, le=MAX_BATCH)
+    grad_accum: int = field(1, "gradient accumulation steps", ge=1, le=MAX_BATCH)
+    learning_rate: float = field(3e-4, "peak AdamW learning rate", gt=0)
+    weight_decay: float = field(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up", ge=0, lt=1)
+    lr_scheduler_type: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)",
+                                   choices=LR_SCHEDULERS)
+    center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)", ge=0)
     bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
-    heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)")
-    calibration_buckets: int = field(4, "|margin| quantile buckets of the calibration check")
-    eval_batch_size: int = field(64, "pairs per forward pass in the held-out evaluation")
-    logging_steps: int = field(10, "log training metrics every this many steps")
-    save_steps: int = field(200, "checkpoint every this many steps (0: no checkpoints)")
+    heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)",
+                                gt=0, lt=1)
+    calibration_buckets: int = field(4, "|margin| quantile buckets of the calibration check", ge=1, le=MAX_REPEATS)
+    eval_batch_size: int = field(64, "pairs per forward pass in the held-out evaluation", ge=1, le=MAX_BATCH)
+    logging_steps: int = field(10, "log training metrics every this many steps", ge=1, le=MAX_STEPS)
+    save_steps: int = field(200, "checkpoint every this many steps (0: no checkpoints)", ge=0, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/reward", "checkpoint directory (kept outside the output directory)")
     resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    gpus: int = field(1, "GPUs per run (several: launch under torchrun for DDP; ignored on CPU)")
+    gpus: int = field(1, "GPUs per run (several: launch under torchrun for DDP; ignored on CPU)", ge=0, le=MAX_GPUS)
     trust_remote_code: bool = field(False, "allow custom model code for a hub model")
-    seed: int = field(0, "seed of the head initialisation, shuffling and dropout")
+    seed: int = field(0, "seed of the head initialisation, shuffling and dropout", ge=0, le=MAX_SEED)
 
     def __post_init__(self):
-        self.check(self.max_length >= 8, "max_length", "must be >= 8")
-        self.check(self.prompt_lines >= 0, "prompt_lines", "must be >= 0 (0: all)")
-        self.check(self.epochs > 0, "epochs", "must be > 0")
-        self.check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be -1 or >= 1")
-        self.check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        self.check(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        self.check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        self.check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        self.check(self.center_rewards >= 0, "center_rewards", "must be >= 0")
+        super().__post_init__()
         self.check_lora()
-        self.check(0 < self.heldout_frac < 1, "heldout_frac", "must be in (0, 1)")
-        self.check(self.calibration_buckets >= 1, "calibration_buckets", "must be >= 1")
-        self.check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        self.check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
-        self.check(self.save_steps >= 0, "save_steps", "must be >= 0")
-        self.check(self.gpus >= 0, "gpus", "must be >= 0")
         self.check(not self.resume or self.save_steps > 0, "resume", "needs save_steps > 0 (no checkpoints)")
 
 
-def _read_pairs(path: Path) -> list[dict]:
-    """The rows of a preference file (validated on entry: CHECKED_INPUTS), all in TRL's standard form (strings) or
-    all in its conversational form (messages)."""
-    from alignpipe.core.io import is_messages
-    from alignpipe.data.validators import read_rows
-
-    lines, rows, _ = read_rows(path)
-    if not rows:
-        raise DataError(str(path), "no preference pairs")
-    conversational = is_messages(rows[0].get("prompt"))
-    for line, row in zip(lines, rows):
-        for key in ("prompt", "chosen", "rejected"):
-            if (is_messages(row.get(key)) if conversational else isinstance(row.get(key), str)) is False:
-                form = "messages, like the first row's prompt" if conversational else "a string, like the first row's"
-                raise DataError(f"{path}:{line}", f"field {key!r} must be {form} (one form per file)")
-    return rows
-
-
-def _prompt_key(prompt) -> str:
-    """A prompt as the held-out split hashes it (messages as canonical JSON)."""
-    import json
-
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
 def load_pairs(prefs: Path, heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) pairs: the label stage's two files, or one file split by the label stage's rule."""
-    from alignpipe.core.hashing import is_heldout
+    """(train, held-out) pairs (`alignpipe.algos.preference.read_pairs`, in the file's form): the label stage's two
+    files, or one file split by the label stage's rule (`alignpipe.algos.preference.split_heldout`)."""
+    from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 
+    def nonempty(path: Path) -> list[dict]:
+        rows = read_pairs(path, messages=None)
+        if not rows:
+            raise DataError(str(path), "no preference pairs")
+        return rows
+
     if prefs.is_dir():
-        train = _read_pairs(prefs / PREFS_FILE)
-        path = prefs / HELDOUT_FILE
+        train, path = nonempty(prefs / PREFS_FILE), prefs / HELDOUT_FILE
         if not path.is_file() or path.stat().st_size == 0:
             raise DataError(str(path), "no held-out pairs: run label with heldout_frac > 0")
-        return train, _read_pairs(path)
-    rows = _read_pairs(prefs)
-    heldout = [r for r in rows if is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
-    train = [r for r in rows if not is_heldout(_prompt_key(r["prompt"]), heldout_frac, seed)]
+        return train, nonempty(path)
+    rows = nonempty(prefs)
+    train, heldout = split_heldout(rows, heldout_frac, seed)
     if not heldout or not train:
         raise DataError(str(prefs), f"splitting {len(rows)} pairs by prompt left {len(train)} to train and "
                         f"{len(heldout)} held out: give more pairs or change reward.heldout_frac")
@@ -251,7 +221,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core.io import write_json, write_jsonl
     from alignpipe.lm.reward_model import reward_ids
     from alignpipe.algos.lora import check_4bit, merged
-    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, train_from, trainer_checkpoint
+    from alignpipe.lm.training import log_at_checkpoints, logged_train_loss, resume_checkpoint, train_from
 
     init = cfg.model or (str(inputs["policy"]) if inputs.get("policy") is not None else "")
     if not init:
@@ -275,13 +245,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         raise DataError("reward.max_length", f"all {len(train_rows)} training pairs are longer than "
                         f"{cfg.max_length} tokens: raise it")
 
-    ckpt = Path(cfg.checkpoint_dir)
-    last = trainer_checkpoint(ckpt, "reward") if cfg.resume else None
-    if cfg.resume and last is None:
-        print(f"reward: no checkpoint in {ckpt}; starting from step 0", file=sys.stderr)
-    if not cfg.resume and distributed.is_main_process():  # rank 0 alone (the other ranks never read them)
-        for stale in ckpt.glob("checkpoint-*"):
-            shutil.rmtree(stale)
+    last = resume_checkpoint(cfg, cfg.checkpoint_dir, must_exist=False)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = build_trainer(cfg, model, tok, train_rows, callbacks=[runs.mlflow_callback(), log_at_checkpoints()])
     n_trained = len(trainer.train_dataset)
@@ -309,7 +273,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "init": init, "format": ("chat template over prompt + completion messages (TRL RewardTrainer)" if conversational
                                  else "prompt (last prompt_lines lines) + completion + eos_token (TRL RewardTrainer)"),
         "max_length": cfg.max_length, "prompt_lines": cfg.prompt_lines, "lora_r": cfg.lora_r,
-        "resumed_from": last or "", "config": cfg.to_dict()})
+        "resumed_from": str(last or ""), "config": cfg.to_dict()})
     return {
         **metrics,
         "n_dropped_too_long": too_long, "n_train_pairs": n_trained,

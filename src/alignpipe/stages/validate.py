@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from alignpipe.core.config import StageConfig, field
+from alignpipe.core.config import MAX_CHARS, MAX_ROWS, StageConfig, field
 from alignpipe.core.errors import DataError
 from alignpipe.core.io import check_readable_file, write_json
 from alignpipe.data.validators import Limits, Validator, check_files, corpus_files, raise_on_failures
@@ -31,20 +31,15 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = "validate"
 
     max_text_chars: int = field(_DEFAULT.max_text_chars,
-                                "max characters of a corpus `text` chunk or a free-text column")
+                                "max characters of a corpus `text` chunk or a free-text column", gt=0, le=MAX_CHARS)
     max_field_chars: int = field(_DEFAULT.max_field_chars,
-                                 "max characters of a prompt, chosen or rejected (or of one message)")
-    min_rows: int = field(_DEFAULT.min_rows, "fewest rows a file may have")
+                                 "max characters of a prompt, chosen or rejected (or of one message)",
+                                 gt=0, le=MAX_CHARS)
+    min_rows: int = field(_DEFAULT.min_rows, "fewest rows a file may have", ge=1, le=MAX_ROWS)
     allow_duplicates: bool = field(_DEFAULT.allow_duplicates,
                                    "accept repeated rows (same prompt/chosen/rejected, same corpus row)")
-    max_abs_score: float = field(_DEFAULT.max_abs_score, "bound on |score_chosen| and |score_rejected|")
+    max_abs_score: float = field(_DEFAULT.max_abs_score, "bound on |score_chosen| and |score_rejected|", gt=0)
 
-    def __post_init__(self):
-        self.check(self.max_text_chars > 0, "max_text_chars", "must be > 0")
-        self.check(self.max_field_chars > 0, "max_field_chars", "must be > 0")
-        self.check(self.min_rows >= 1, "min_rows", "must be >= 1")
-        self.check(math.isfinite(self.max_abs_score) and self.max_abs_score > 0, "max_abs_score",
-                   "must be finite and > 0")
 
     def limits(self) -> Limits:
         """The bounds the validators check, from this config."""

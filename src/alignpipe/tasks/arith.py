@@ -253,7 +253,8 @@ def build_arith(cfg, inputs: dict[str, Path | None], out_dir: Path, task) -> dic
                  "source": p["source"]} for p in pairs(split, limit)]
 
     files = {"train.jsonl": splits["train"], "val.jsonl": splits["val"], "test.jsonl": splits["test"],
-             "prompts.jsonl": prompts("test", cfg.n_prompts), "train_prompts.jsonl": prompts("train", cfg.n_train_prompts),
+             "prompts.jsonl": prompts("test", cfg.n_prompts),
+             "train_prompts.jsonl": prompts("train", cfg.n_train_prompts),
              PREFS_FILE: pairs("train", cfg.n_train_prompts), HELDOUT_FILE: pairs("val") + pairs("test")}
     empty = [name for name, rows in files.items() if not rows and not (name == "val.jsonl" and cfg.val_frac == 0)]
     if empty:

@@ -6,12 +6,13 @@ whatever a command raised (`store_error`), so no entry point prints a traceback 
 
 from __future__ import annotations
 
-import re
+import os
 
 from alignpipe.core.errors import AlignpipeError
+from alignpipe.core.redaction import redact_text
 
-_FROM = ("mlflow", "sqlalchemy", "alembic", "sqlite3")  # the libraries behind the tracking store and the registry
-_USERINFO = re.compile(r"(//[^/:@\s]+):[^@/\s]+@")  # //user:password@ -> //user:***@
+# the libraries behind the tracking store and the registry, and the HTTP client MLflow talks to a server with
+_FROM = ("mlflow", "sqlalchemy", "alembic", "sqlite3", "requests", "urllib3")
 
 
 def store_error(e: BaseException) -> AlignpipeError | None:
@@ -21,7 +22,23 @@ def store_error(e: BaseException) -> AlignpipeError | None:
     from alignpipe.tracking.runs import redact, tracking_uri
 
     code = getattr(e, "error_code", None)
-    message = getattr(e, "message", None) or str(e)
-    first = _USERINFO.sub(r"\1:***@", (message.strip().splitlines() or [type(e).__name__])[0])[:300]
+    message = str(getattr(e, "message", None) or e)
+    first = redact_text((message.strip().splitlines() or [type(e).__name__])[0])[:300]
     kind = f"{type(e).__name__}{f' {code}' if code else ''}"
-    return AlignpipeError(f"tracking store {redact(tracking_uri())}", f"{kind}: {first}", exit_code=1)
+    return AlignpipeError(f"tracking store {redact(tracking_uri())}", _unreachable(message) or f"{kind}: {first}",
+                          exit_code=1)
+
+
+def _unreachable(message: str) -> str | None:
+    """A server that did not answer, refused the connection or has no address, in a few words (MLflow's message
+    nests urllib3's whole retry chain); None for any other failure."""
+    low = message.lower()
+    timeout, retries = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT"), os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if "read timed out" in low or "readtimeout" in low or "connecttimeout" in low:
+        return (f"no answer: timed out after {timeout} s and {retries} retries (MLFLOW_HTTP_REQUEST_TIMEOUT, "
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
+    if "connection refused" in low:
+        return f"connection refused, after {retries} retries (is the server running?)"
+    if "failed to resolve" in low or "name or service not known" in low:
+        return "the host name does not resolve"
+    return None

@@ -74,6 +74,11 @@ def model_version_by_alias(name: str, alias: str) -> dict[str, Any] | None:
     return {"version": str(mv.version), "source": mv.source, "run_id": mv.run_id, "tags": dict(mv.tags)}
 
 
+def download_uri(name: str, version: str) -> str:
+    """Where the files of `name` version `version` are stored (the artifact location a cluster reads them from)."""
+    return client().get_model_version_download_uri(name, str(version))
+
+
 def last_alias_move(description: str, alias: str) -> str | None:
     """The version the last `record_alias_move` line of a registered model's description moved `alias` to."""
     import re

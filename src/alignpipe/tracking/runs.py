@@ -19,42 +19,26 @@ from typing import Any, Iterator
 import yaml
 
 from alignpipe.core.distributed import is_main_process
+from alignpipe.core.errors import AlignpipeError
+from alignpipe.core.locks import hold
+from alignpipe.core.redaction import has_credentials, redact, redact_logs
+
+__all__ = ["has_credentials", "redact"]  # the one redaction (core/redaction.py), as callers of tracking know it
 
 EXPERIMENT = os.environ.get("ALIGNPIPE_EXPERIMENT", "alignpipe")
 SMALL_ARTIFACT_SUFFIXES = {".json", ".jsonl", ".md", ".html", ".png", ".txt", ".yaml", ".csv"}
 SMALL_ARTIFACT_BYTES = 20 * 1024 * 1024
+# A tracking server that never answers, or refuses connections, fails a run within seconds, not minutes: MLflow's
+# per-request timeout (s) and retries (its defaults: 120 s and 7 retries with backoff, ~4 minutes), unless the user
+# set them (e.g. a longer timeout for large model uploads through a slow server).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+SCHEMA_LOCK_WAIT = 120.0  # s another process may hold a fresh sqlite store while creating its schema
 
 
 def tracking_uri() -> str:
     """The tracking store: MLFLOW_TRACKING_URI, else a sqlite file in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def redact(uri: str) -> str:
-    """`uri` with any password or token replaced by `***` (`https://user:***@host/`, `?token=***`): the form every
-    printed, logged, tagged or compiled URI takes."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "***"
-    netloc, query = parts.netloc, parts.query
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
-    secret = ("password", "passwd", "pwd", "token", "secret", "key", "auth", "credential", "sig")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(w in k.lower() for k, _ in pairs for w in secret):
-        query = urlencode([(k, "***" if any(w in k.lower() for w in secret) else v) for k, v in pairs], safe="*")
-    if (netloc, query) == (parts.netloc, parts.query):
-        return uri  # nothing to hide: unchanged (urlunsplit would rewrite sqlite:////abs as sqlite://abs)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def has_credentials(uri: str) -> bool:
-    """Whether `uri` carries a password or token (redact would change it)."""
-    return redact(uri) != uri
 
 
 def mlflow_module():
@@ -70,17 +54,57 @@ def active_run_id() -> str | None:
 
 def _mlflow():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    # MLflow prints "View run ... at: <tracking URI>" to stdout after every run on a server: never with a password
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true" if has_credentials(uri) else \
+        os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
     import mlflow
 
     for name in ("mlflow", "alembic"):  # store migrations and experiment creation are not the user's news
         logging.getLogger(name).setLevel(logging.WARNING)
+    redact_logs("mlflow", "alembic", "urllib3", "requests")
 
     # Both globals, always: MLflow's registry store looks logged models up through a client on the GLOBAL
     # tracking URI (not the one a client was built with), which would otherwise fall back to ./mlflow.db.
-    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    _create_schema_once(mlflow, uri)
     return mlflow
+
+
+_schema_ready: set[str] = set()
+
+
+def _create_schema_once(mlflow, uri: str) -> None:
+    """A fresh sqlite store gets its schema from the first process that opens it: two at once (two `register`
+    runs) collide in SQLAlchemy. Open both stores (tracking, registry) under a lock beside the database file."""
+    if uri in _schema_ready or not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    with tracking_errors(), hold(db, "MLFLOW_TRACKING_URI", wait=SCHEMA_LOCK_WAIT):
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _schema_ready.add(uri)
+
+
+@contextlib.contextmanager
+def tracking_errors() -> Iterator[None]:
+    """Turn the tracking store's failures inside the block (a refused connection, a server that timed out, an HTTP
+    error, a broken database) into one redacted AlignpipeError line (`tracking.errors.store_error`)."""
+    from alignpipe.tracking.errors import store_error
+
+    try:
+        yield
+    except AlignpipeError:
+        raise
+    except Exception as e:
+        error = store_error(e)
+        if error is None:
+            raise
+        raise error from None
 
 
 def create_experiment(uri: str, artifact_location: Path) -> str:
@@ -143,20 +167,21 @@ def stage_run(stage: str, params: dict[str, Any], tags: dict[str, str] | None = 
     if not is_main_process():
         yield ""
         return
-    mlflow = _mlflow()
-    experiment = mlflow.set_experiment(EXPERIMENT)
-    fail_stale_runs(stage, experiment.experiment_id)
-    all_tags = {"alignpipe.stage": stage, "alignpipe.git_commit": git_commit(),
-                "alignpipe.data_version": data_version(), "alignpipe.host": socket.gethostname(),
-                "alignpipe.pid": str(os.getpid()), **(tags or {})}
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
-        _active_run = run
-        _curves.clear()
-        try:
-            mlflow.log_params(_flatten(params))
-            yield run.info.run_id
-        finally:
-            _active_run = None
+    with tracking_errors():
+        mlflow = _mlflow()
+        experiment = mlflow.set_experiment(EXPERIMENT)
+        fail_stale_runs(stage, experiment.experiment_id)
+        all_tags = {"alignpipe.stage": stage, "alignpipe.git_commit": git_commit(),
+                    "alignpipe.data_version": data_version(), "alignpipe.host": socket.gethostname(),
+                    "alignpipe.pid": str(os.getpid()), **(tags or {})}
+        with mlflow.start_run(run_name=stage, tags=all_tags) as run:
+            _active_run = run
+            _curves.clear()
+            try:
+                mlflow.log_params(_flatten(params))
+                yield run.info.run_id
+            finally:
+                _active_run = None
 
 
 def fail_stale_runs(stage: str, experiment_id: str) -> list[str]:
