@@ -633,7 +633,7 @@ def _replaceable(cwd: Path, target: str | None) -> str | None:
     """The snapshot prefix a successful command may replace: the --out folder or file alignpipe made before."""
     from alignpipe.core.outputs import is_our_file, is_ours
 
-    if not target:
+    if not target or len(os.fsencode(target)) > 255:  # a name too long to stat: nothing there to replace
         return None
     if is_ours(cwd / target):
         return f"{target}/"
