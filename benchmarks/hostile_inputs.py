@@ -635,10 +635,13 @@ def _replaceable(cwd: Path, target: str | None) -> str | None:
 
     if not target or len(os.fsencode(target)) > 255:  # a name too long to stat: nothing there to replace
         return None
-    if is_ours(cwd / target):
-        return f"{target}/"
-    return target if (cwd / target).is_file() and (cwd / target).stat().st_size and is_our_file(cwd / target) \
-        else None
+    try:
+        if is_ours(cwd / target):
+            return f"{target}/"
+        return target if (cwd / target).is_file() and (cwd / target).stat().st_size and is_our_file(cwd / target) \
+            else None
+    except OSError:  # a name too long for the filesystem: nothing there to replace
+        return None
 
 
 def _fill(text: str) -> str:

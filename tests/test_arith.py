@@ -108,7 +108,7 @@ def test_data_build_heldout_questions_and_pairs(tmp_path):
             assert p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
             assert score_answer(p["prompt"], p["chosen"][0]["content"]).violations == 0
             assert score_answer(p["prompt"], p["rejected"][0]["content"]).violations == 1
-            assert int(p["chosen"][0]["content"]) == sums(p["prompt"])
+            assert parse_answer(p["chosen"][0]["content"]) == sums(p["prompt"])
     # the same seed builds the same files
     again = tmp_path / "again"
     again.mkdir()
