@@ -46,7 +46,8 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task, gr
     out = ChatDraw([], [], [], [])
     torch.manual_seed(seed)
     for start in range(0, len(prompts), sampling.batch_size):
-        ids = [tok(task.format_prompt(p, tok, meta), add_special_tokens=False)["input_ids"][-sampling.max_prompt_tokens:]
+        ids = [tok(task.format_prompt(p, tok, meta),
+                   add_special_tokens=False)["input_ids"][-sampling.max_prompt_tokens:]
                for p in prompts[start:start + sampling.batch_size]]
         width = max(len(x) for x in ids)  # left padding: every answer starts at column `width`
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)

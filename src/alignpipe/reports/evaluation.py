@@ -134,7 +134,14 @@ def summary_markdown(report: dict[str, Any]) -> str:
         "",
         *candidates_table(report),
     ]
-    lines += ["", f"Best (lowest violations/char): **{report['best_candidate']}**. Lower is better for "
+    gate = report.get("gate_metric", "violations_per_char")
+    best = "lowest violations/char"
+    if gate != "violations_per_char":  # the task's own gate (arith: accuracy) with its interval, per candidate
+        best = f"{'highest' if report['gate_direction'] == 'higher' else 'lowest'} {gate}"
+        lines += ["", f"| candidate | {gate} (95% CI) |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(m.get(gate), 3)} ({_fmt(m.get(f'{gate}_ci_low'), 3)}-"
+                  f"{_fmt(m.get(f'{gate}_ci_high'), 3)}) |" for name, m in report["candidates"].items()]
+    lines += ["", f"Best ({best}): **{report['best_candidate']}**. Lower is better for "
               "violations/char, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
               "guard: `reward hacking` when the reward model's reward rose over the reference (95% CI above 0) "
               "while the oracle did not improve (alignpipe.oracle.guard). ",

@@ -2,8 +2,8 @@
 
 Each generated sequence (a `Job`: one choice of one prompt) joins the running batch at the next step and leaves it
 when it ends, so a short answer never waits for a long one and a new request never waits for a batch to finish
-(vLLM's "iteration-level scheduling", Yu et al. 2022, Orca). A joining group is prefilled on its own (its prompts
-left-padded), then its KV cache is left-padded to the running batch's length and concatenated on the batch axis; the
+(iteration-level scheduling: Yu et al. 2022, Orca; vLLM). Each joining prompt is prefilled on its own, then its KV
+cache is left-padded to the running batch's length and concatenated on the batch axis; the
 graph computes positions from the attention mask (`alignpipe.lm.onnx_runtime.position_ids_from_mask`), so padding
 columns change nothing but cost. Finished rows are sliced out and all-padding columns trimmed.
 
@@ -23,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 
-from alignpipe.lm.batching import pad
 from alignpipe.lm.ort_sampling import Decoding, OrtCompleter
 
 
@@ -155,26 +154,33 @@ class Engine:
         return True
 
     def _join(self, jobs: list[Job]) -> None:
-        """Prefill `jobs` (left-padded), choose their first tokens, and merge their cache into the running batch's
-        live rows (one copy)."""
+        """Prefill `jobs` one by one (a batched prefill pads every prompt to the longest, and onnxruntime gains
+        nothing from batching it here: 3 prompts of 80 tokens cost 3 times one), choose their first tokens, and merge
+        their caches with the running batch's live rows (one copy)."""
         policy = self.policy
-        ids, mask = pad([j.prompt_ids for j in jobs], self.completer.tok.pad_token_id, side="left")
-        logits, past = policy._step(policy.session.io_binding(), ids, mask, policy._empty_past(len(jobs)))
-        self._advance(jobs, logits[:, -1, :], first=True)
+        groups = []  # (mask, cache arrays) of the live rows: the running batch's, then each new job's
         keep = [i for i, j in enumerate(self.running) if _live(j)]
+        if keep:
+            groups.append((self.mask[keep], [_numpy(p)[keep] for p in self.past]))
+        last = []
+        for job in jobs:
+            ids = np.array([job.prompt_ids], dtype=np.int64)
+            mask = np.ones_like(ids)
+            logits, past = policy._step(policy.session.io_binding(), ids, mask, policy._empty_past(1))
+            last.append(logits[0, -1])
+            groups.append((mask, past))
+        self._advance(jobs, np.stack(last), first=True)
         new = [i for i, j in enumerate(jobs) if _live(j)]
-        if not new:
-            return self._compact()
-        if not keep:
-            self.running, self.mask = [jobs[i] for i in new], mask[new]
-            self.past = past if len(new) == len(jobs) else [_ortvalue(_numpy(p)[new]) for p in past]
-            return
-        width = max(mask.shape[1], self.mask.shape[1])
-        old_mask, old_past = _left_pad(self.mask[keep], [_numpy(p)[keep] for p in self.past], width)
-        new_mask, new_past = _left_pad(mask[new], [_numpy(p)[new] for p in past], width)
+        prefilled = groups[len(groups) - len(jobs):]
+        groups = groups[:len(groups) - len(jobs)] + [prefilled[i] for i in new]
         self.running = [self.running[i] for i in keep] + [jobs[i] for i in new]
-        self.mask = np.concatenate([old_mask, new_mask], axis=0)
-        self.past = [np.concatenate([a, b], axis=0) for a, b in zip(old_past, new_past)]
+        if not groups:
+            self.mask, self.past = None, []
+            return
+        width = max(m.shape[1] for m, _ in groups)
+        padded = [_left_pad(m, p, width) for m, p in groups]
+        self.mask = np.concatenate([m for m, _ in padded], axis=0)
+        self.past = [np.concatenate([p[k] for _, p in padded], axis=0) for k in range(len(padded[0][1]))]
         self._trim()
 
     def _compact(self) -> None:

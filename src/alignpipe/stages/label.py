@@ -103,6 +103,10 @@ class Config(StageConfig):
         self.check(self.pairing == "all" or self.k % 2 == 0, "k", "must be even with pairing=disjoint")
         self.check(len(self.llm_answers) == 2 and len(set(self.llm_answers)) == 2, "llm_answers",
                    "must be two different strings")
+        if self.llm_template:  # a template the judge cannot fill: refused when the config is built, not after sampling
+            from alignpipe.oracle.judges import check_template
+
+            check_template(self.llm_template)
 
 
 def index_pairs(k: int, pairing: str) -> list[tuple[int, int]]:
@@ -281,6 +285,8 @@ def scorable_pairs(pairs: list, capped: list[bool], score) -> tuple[list, int, i
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
     """The chat task: the dataset's pairs, plus (judge reward_model or llm) sampled answer pairs labelled by the
     judge."""
+    import json
+
     from alignpipe.algos.preference import read_pairs, split_heldout
     from alignpipe.core.errors import ConfigError
     from alignpipe.core.io import write_jsonl
@@ -296,6 +302,11 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     stats: dict[str, float] = {}
     if cfg.judge != "scorer" or task.has_oracle():  # a judge, or the task's oracle as the scorer
         judged, stats = rlaif_chat_pairs(cfg, inputs, task)
+        def key(r):
+            return json.dumps([r["prompt"], r["chosen"], r["rejected"]], sort_keys=True)
+
+        seen = {key(r) for r in train + heldout}  # a judged pair the dataset (or another sample) already holds
+        judged = [r for r in judged if key(r) not in seen and not seen.add(key(r))]
         judged_train, judged_heldout = split_heldout(judged, cfg.heldout_frac, cfg.seed)
         train += judged_train
         heldout += judged_heldout

@@ -6,9 +6,10 @@ whatever a command raised (`store_error`), so no entry point prints a traceback 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-from alignpipe.core.errors import AlignpipeError
+from alignpipe.core.errors import AlignpipeError, ConfigError
 from alignpipe.core.redaction import redact_text
 
 # the libraries behind the tracking store and the registry, and the HTTP client MLflow talks to a server with
@@ -42,3 +43,26 @@ def _unreachable(message: str) -> str | None:
     if "failed to resolve" in low or "name or service not known" in low:
         return "the host name does not resolve"
     return None
+
+
+# SQLAlchemy's database drivers MLflow's SQL stores need (`postgresql+psycopg2://` names one explicitly).
+SQL_DRIVERS = {"postgresql": ("psycopg2", "psycopg"), "mysql": ("MySQLdb", "pymysql"), "mssql": ("pyodbc",)}
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A ConfigError naming MLFLOW_TRACKING_URI (redacted) when `uri` cannot even be parsed, or names a SQL database
+    whose driver is not installed (the two ways a store fails outside MLflow's own exceptions)."""
+    from urllib.parse import urlsplit
+
+    from alignpipe.tracking.runs import redact
+
+    where = f"MLFLOW_TRACKING_URI {redact(uri)}"
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError as e:
+        raise ConfigError(where, f"not a valid URI: {e}") from None
+    dialect, _, driver = parts.scheme.partition("+")
+    wanted = (driver,) if driver else SQL_DRIVERS.get(dialect, ())
+    if wanted and not any(importlib.util.find_spec(name) for name in wanted):
+        raise ConfigError(where, f"a {dialect} store needs its database driver installed ({' or '.join(wanted)})")
