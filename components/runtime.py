@@ -14,8 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -34,36 +32,18 @@ def run_stage(stage: str, config: dict, inputs: dict[str, Any], out: Any, metric
     from alignpipe.stages import load_stage
 
     cfg_cls = load_stage(stage).Config
-    config = restore_ints(cfg_cls, config)
     paths = {name: (artifact.path if artifact is not None else None) for name, artifact in inputs.items()}
     if launcher:
         result = launch(list(launcher), stage, config, paths, out.path, input_limits)
     else:
         from alignpipe.run.runner import execute, input_limits as limits_of
 
-        result = execute(stage, cfg_cls.from_dict(config), paths, out.path,
-                         limits_of({"validate": restore_ints(load_stage("validate").Config, input_limits or {})}))
+        result = execute(stage, cfg_cls.from_dict(config), paths, out.path, limits_of({"validate": input_limits or {}}))
     for key, value in result.items():
         metrics.log_metric(key, value)
     for artifact, relative in (extra_outputs or {}).values():
         copy_output(Path(out.path) / relative, artifact.path)
     return result
-
-
-def restore_ints(cfg_cls: type, config: dict) -> dict:
-    """KFP hands dict parameters over as protobuf Structs, whose numbers are all doubles (`n_prompts: 64.0`):
-    give the fields typed int (int | None, list[int]) their integers back before the Config checks types."""
-    hints = typing.get_type_hints(cfg_cls)
-    return {key: _int_back(value, hints[key]) if key in hints else value for key, value in config.items()}
-
-
-def _int_back(value: Any, tp: Any) -> Any:
-    if typing.get_origin(tp) is list and isinstance(value, list):
-        return [_int_back(v, typing.get_args(tp)[0]) for v in value]
-    allowed = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
-    if isinstance(value, float) and value.is_integer() and int in allowed and float not in allowed:
-        return int(value)
-    return value
 
 
 def cli_command(launcher: list[str], stage: str, params_file: str, paths: dict[str, str | None],

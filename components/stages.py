@@ -1,9 +1,11 @@
 """One KFP v2 lightweight component per stage, generated from the stage registry (`alignpipe.stages`): the same
 `run(cfg, inputs, out_dir)` as the CLI and DVC.
 
-Each component's signature is its stage's: `config` (the stage's params.yaml section), `env` (MLflow URI, git
-commit, data version; empty values are skipped), `launcher` for the stages that scale to several GPUs ([] = in
-process, else e.g. torchrun), `input_limits` (the `validate` section) for the stages that validate input files,
+Each component's signature is its stage's: one typed parameter per key of its params.yaml section
+(`<stage>__<key>`: int, float, bool, str or list, so KFP keeps ints as ints; a dict parameter would be a protobuf
+Struct, whose numbers are all doubles), `env` (MLflow URI, git commit, data version; empty values are skipped),
+`launcher` for the stages that scale to several GPUs ([] = in process, else e.g. torchrun), the `validate__<key>`
+parameters (the input limits) for the stages that validate input files,
 one input artifact per entry of the stage module's INPUTS (optional where the stage can do without it), its main
 output (named as the stages downstream call it: `alignpipe.stages.OUTPUTS`), `metrics`, and the EXTRA_OUTPUTS.
 Its body, serialized into the compiled YAML and run in the pinned image (components/image.py), imports inside the
@@ -11,8 +13,11 @@ function, as KFP requires, and hands over to `alignpipe.components.runtime.run_s
 are set in pipelines/, not here.
 """
 
+import dataclasses
 import json
 import linecache
+import types
+import typing
 
 from kfp import dsl
 
@@ -31,18 +36,51 @@ EXTRA_OUTPUTS = {
 }
 
 
+SEP = "__"  # a config parameter's name: <stage>__<key> (stage names and keys hold no double underscore)
+
+
+def _kfp_type(tp) -> type:
+    """The KFP parameter type of a Config field's annotation: int, float, bool, str (a Literal too) or list."""
+    if typing.get_origin(tp) is typing.Literal:
+        kinds = {type(a) for a in typing.get_args(tp)}
+        if kinds == {str}:
+            return str
+    elif typing.get_origin(tp) is list:
+        return list
+    elif tp in (int, float, bool, str):
+        return tp
+    raise TypeError(f"no KFP parameter type for the config annotation {tp!r}")
+
+
+def config_parameters(stage: str) -> list[tuple[str, str, type]]:
+    """(parameter name, config key, KFP type) for each field of `stage`'s Config, in field order."""
+    cls = load_stage(stage).Config
+    hints = typing.get_type_hints(cls)
+    return [(f"{stage}{SEP}{f.name}", f.name, _kfp_type(hints[f.name])) for f in dataclasses.fields(cls)]
+
+
+def uses_limits(stage: str) -> bool:
+    """Whether `stage` validates input files with the `validate` section's limits (its validate__ parameters)."""
+    return bool(getattr(load_stage(stage), "CHECKED_INPUTS", None))
+
+
 def component_source(stage: str) -> str:
     """The Python source of `stage`'s component function."""
     q = json.dumps  # a double-quoted string literal
     module = load_stage(stage)
     output = OUTPUTS[stage]
-    params = ["config: dict", "env: dict"]
+    own = config_parameters(stage)
+    params = [f"{name}: {tp.__name__}" for name, _, tp in own] + ["env: dict"]
+    lines = ["    config = {" + ", ".join(f"{q(key)}: {name}" for name, key, _ in own) + "}"]
     call = {}
     if stage in MULTI_GPU:
         params.append("launcher: list")
         call["launcher"] = "launcher"
-    if getattr(module, "CHECKED_INPUTS", None):
-        params.append("input_limits: dict")
+    if uses_limits(stage):
+        limits = config_parameters("validate") if stage != "validate" else own
+        if stage != "validate":
+            params += [f"{name}: {tp.__name__}" for name, _, tp in limits]
+        lines.append("    input_limits = {" + ", ".join(f"{q(key)}: {name}" for name, key, _ in limits) + "}")
         call["input_limits"] = "input_limits"
     params += [f"{i.name}: Input[{ARTIFACT_TYPES.get(i.name, 'Model')}]" for i in module.INPUTS if i.required]
     params += [f"{output}: Output[{ARTIFACT_TYPES.get(output, 'Model')}]", "metrics: Output[Metrics]"]
@@ -57,6 +95,7 @@ def component_source(stage: str) -> str:
     return (f"def {stage}({', '.join(params)}):\n"
             f"    {q(STAGE_HELP[stage].split(' (')[0])}\n"
             f"    from alignpipe.components.runtime import run_stage\n\n"
+            + "".join(line + "\n" for line in lines) +
             f"    run_stage({args})\n")
 
 

@@ -20,6 +20,7 @@ the MLflow secret. The stage logic is in alignpipe.stages, the components in com
   the stage starts under torchrun, one process per GPU; 0 runs it on a CPU node.
 """
 
+import dataclasses
 import inspect
 import itertools
 
@@ -28,7 +29,7 @@ from kfp.dsl import Dataset, Input, Model
 
 from alignpipe.components import stages as c
 from alignpipe.components.stages import CPU_STAGES
-from alignpipe.stages import CANDIDATES, MULTI_GPU, SWITCHED
+from alignpipe.stages import CANDIDATES, MULTI_GPU, SWITCHED, load_stage
 
 PIPELINE_NAME = "alignpipe"
 STAGES = tuple(c.COMPONENTS)  # data, then the registry's stages in DAG order
@@ -52,6 +53,7 @@ MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW
 # Artifacts a pipeline can import instead of producing (compile-time choice; the URI is a run parameter).
 IMPORTS = {"data": Dataset, "corpus": Dataset, "human_prefs": Dataset, "judge_model": Model}
 RUN_INFO = ("mlflow_tracking_uri", "git_commit", "data_version")
+RELEASE = ("evaluate", "export", "register")  # the stages of the release sub-pipeline
 
 
 def launcher(gpus: int) -> list[str]:
@@ -70,6 +72,15 @@ def _configure(task: dsl.PipelineTask, stage: str, caching: bool, gpus: int = 1)
     kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS},
                                  optional=True)
     return task
+
+
+def _config(p: dict, stage: str) -> dict:
+    """The typed config parameters of `stage`'s component (`<stage>__<key>`), and the `validate__<key>` input
+    limits of a stage that validates input files, from the pipeline's parameters `p`."""
+    names = [name for name, _, _ in c.config_parameters(stage)]
+    if stage != "validate" and c.uses_limits(stage):
+        names += [name for name, _, _ in c.config_parameters("validate")]
+    return {name: p[name] for name in names}
 
 
 def _given(**artifacts) -> dict:
@@ -95,16 +106,18 @@ def _release_pipelines(caching: bool) -> dict[tuple[str, ...], object]:
             p = tail.__signature__.bind(*args, **kwargs).arguments
             env = _env(**{k: p[k] for k in RUN_INFO})
             policies = {output: p[output] for output in outputs}
-            ev = _configure(c.COMPONENTS["evaluate"](config=p["evaluate"], env=env, data=p["data"],
+            ev = _configure(c.COMPONENTS["evaluate"](**_config(p, "evaluate"), env=env, data=p["data"],
                                                      reward_model=p["reward_model"], **policies), "evaluate", caching)
             best = ev.outputs["best"]
-            ex = _configure(c.COMPONENTS["export"](config=p["export"], env=env, best=best, data=p["data"],
+            ex = _configure(c.COMPONENTS["export"](**_config(p, "export"), env=env, best=best, data=p["data"],
                                                    reward_model=p["reward_model"]), "export", caching)
-            _configure(c.COMPONENTS["register"](config=p["register"], env=env, best=best, export=ex.outputs["export"],
-                                                reward_model=p["reward_model"]), "register", caching)
+            _configure(c.COMPONENTS["register"](**_config(p, "register"), env=env, best=best,
+                                                export=ex.outputs["export"], reward_model=p["reward_model"]),
+                       "register", caching)
 
         artifacts = [("data", Input[Dataset]), ("reward_model", Input[Model]), *((o, Input[Model]) for o in outputs)]
-        params = [*((s, dict) for s in ("evaluate", "export", "register")), *((k, str) for k in RUN_INFO)]
+        params = [*((name, tp) for s in RELEASE for name, _, tp in c.config_parameters(s)),
+                  *((k, str) for k in RUN_INFO)]
         tail.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=t)
                                                 for n, t in [*artifacts, *params]])
         tail.__name__ = "release" + "".join(f"_with_{s}" for s in present)
@@ -122,14 +135,12 @@ def _trainer(stage: str, p: dict, env: dict, artifacts: dict, gpus: dict[str, in
     spec = component.component_spec.inputs
     kwargs = {name: artifacts[name] for name in spec if name in artifacts}
     missing = [name for name, s in spec.items() if name not in kwargs and not s.optional
-               and name not in ("config", "env", "launcher", "input_limits")]
+               and name not in ("env", "launcher") and c.SEP not in name]
     if missing:
         raise ValueError(f"{stage}: no artifact in the DAG for its input(s) {', '.join(missing)}")
     if "launcher" in spec:
         kwargs["launcher"] = launcher(gpus[stage])
-    if "input_limits" in spec:
-        kwargs["input_limits"] = p["validate"]
-    return _configure(component(config=p[stage], env=env, **kwargs), stage, caching, gpus.get(stage, 1))
+    return _configure(component(**_config(p, stage), env=env, **kwargs), stage, caching, gpus.get(stage, 1))
 
 
 def _branches(p: dict, switched: tuple[str, ...], present: tuple[str, ...], tail: dict, artifacts: dict,
@@ -159,26 +170,26 @@ def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool
     if "data" in imported:
         data = imported["data"]
     else:
-        data = _configure(components["data"](config=p["data"], env=env, input_limits=p["validate"],
-                                             **_given(corpus=imported.get("corpus"))), "data", caching).outputs["data"]
+        data = _configure(components["data"](**_config(p, "data"), env=env, **_given(corpus=imported.get("corpus"))),
+                          "data", caching).outputs["data"]
     human_prefs = imported.get("human_prefs")
-    validate = _configure(components["validate"](config=p["validate"], env=env, corpus=data,
+    validate = _configure(components["validate"](**_config(p, "validate"), env=env, corpus=data,
                                                  **_given(prefs=human_prefs)), "validate", caching)
-    pretrain = _configure(components["pretrain"](config=p["pretrain"], env=env, launcher=launcher(gpus["pretrain"]),
+    pretrain = _configure(components["pretrain"](**_config(p, "pretrain"), env=env, launcher=launcher(gpus["pretrain"]),
                                                  data=data), "pretrain", caching, gpus["pretrain"]).after(validate)
     policy = pretrain.outputs["policy"]
-    label = _configure(components["label"](config=p["label"], env=env, input_limits=p["validate"], data=data,
+    label = _configure(components["label"](**_config(p, "label"), env=env, data=data,
                                            policy=policy, **_given(judge_model=imported.get("judge_model"),
                                                                    human_prefs=human_prefs)), "label", caching)
     prefs = label.outputs["prefs"]
-    reward = _configure(components["reward"](config=p["reward"], env=env, input_limits=p["validate"],
-                                             launcher=launcher(gpus["reward"]), prefs=prefs, policy=policy),
+    reward = _configure(components["reward"](**_config(p, "reward"), env=env, launcher=launcher(gpus["reward"]),
+                                             prefs=prefs, policy=policy),
                         "reward", caching, gpus["reward"])
     reward_model = reward.outputs["reward_model"]
     artifacts = {"data": data, "policy": policy, "prefs": prefs, "reward_model": reward_model,
                  **_given(human_prefs=human_prefs)}
-    tail = dict(data=data, reward_model=reward_model, policy=policy, evaluate=p["evaluate"], export=p["export"],
-                register=p["register"], **run_info)
+    tail = dict(data=data, reward_model=reward_model, policy=policy, **run_info,
+                **{name: p[name] for s in RELEASE for name, _, _ in c.config_parameters(s)})
     for stage in TRAINERS:
         if stage not in SWITCHED:
             output = dict(CANDIDATES)[stage]
@@ -186,12 +197,27 @@ def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool
     _branches(p, SWITCHED, (), tail, artifacts, gpus, caching, releases)
 
 
+def _field(stage: str, key: str):
+    return next(f for f in dataclasses.fields(load_stage(stage).Config) if f.name == key)
+
+
+def _default(stage: str, key: str):
+    """The Config default of `stage.key` (a stage section given without it)."""
+    f = _field(stage, key)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _help(stage: str, key: str) -> str:
+    return " ".join(_field(stage, key).metadata.get("help", "").split())
+
+
 def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = None,
                    imports: dict[str, str] | None = None, run: dict[str, bool] | None = None,
                    mlflow_tracking_uri: str = "", git_commit: str = "", data_version: str = "", caching: bool = True):
     """The pipeline function, its parameters' defaults taken from here (KFP reads them when compiling):
 
-    `stage_params`: stage -> its params.yaml section (one dict parameter per stage); `gpus`: GPUs for the
+    `stage_params`: stage -> its params.yaml section (one typed parameter `<stage>__<key>` per key, its default
+    the section's value, else the Config's); `gpus`: GPUs for the
     MULTI_GPU stages (default 1); `imports`: artifact name (see IMPORTS) -> URI to import instead of building it;
     `run`: a SWITCHED stage -> the default of its `run_<stage>` parameter (default true);
     `caching=False` turns the KFP cache off for every task (recurring runs), else it is off only for NO_CACHE.
@@ -204,7 +230,8 @@ def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = 
         raise ValueError("import either data (a built data/) or corpus (to build data/ from), not both")
     stages = [s for s in STAGES if not (s == "data" and "data" in imports)]
     params = [
-        *[(s, dict, dict(stage_params.get(s, {})), f"the `{s}` section of params.yaml") for s in stages],
+        *[(name, tp, (stage_params.get(s) or {}).get(key, _default(s, key)),
+           f"{s}.{key} (params.yaml): {_help(s, key)}") for s in stages for name, key, tp in c.config_parameters(s)],
         *[(f"run_{stage}", bool, bool((run or {}).get(stage, True)),
            f"run the {stage} stage and offer its policy as a candidate") for stage in SWITCHED],
         ("mlflow_tracking_uri", str, mlflow_tracking_uri,

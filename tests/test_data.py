@@ -119,3 +119,41 @@ def test_user_corpus(tmp_path):
     assert metrics["n_train_chunks"] + metrics["n_val_chunks"] + metrics["n_test_chunks"] == 50
     assert metrics["mean_violations_per_char"] > 0  # a=={i} lacks spaces: E225 on every row
     assert Path(out / "MANIFEST.json").is_file()
+
+
+def test_corrupt_frac_rewrites_that_share_of_train_chunks_and_they_score_worse(tmp_path, tiny_data):
+    """data.corrupt_frac: about that fraction of the train chunks is rewritten (the fraction recorded in MANIFEST),
+    each rewritten chunk scores worse under the oracle than the same chunk clean, and everything else is
+    byte-identical to the clean build (val/test, prompts, the untouched train rows)."""
+    from alignpipe.tasks.pep8_style import is_corrupted
+
+    manifest = json.loads((tiny_data / "MANIFEST.json").read_text())
+    assert "corrupt_frac" not in manifest["config"] and "corruption" not in manifest  # 0: the build as before
+    out = tmp_path / "mixed"
+    out.mkdir()
+    metrics = run(Config(**{**manifest["config"], "corrupt_frac": 0.4}), {"corpus": None}, out)
+    clean = {(r["source"], r["start_line"]): r for r in map(json.loads, (tiny_data / "train.jsonl").open())}
+    mixed = [json.loads(x) for x in (out / "train.jsonl").open()]
+    assert [(r["source"], r["start_line"]) for r in mixed] == list(clean)
+    rewritten = [r for r in mixed if "corruption" in r]
+    recorded = json.loads((out / "MANIFEST.json").read_text())["corruption"]
+    assert recorded["corrupt_frac"] == 0.4 and recorded["n_corrupted"] == len(rewritten) == metrics["n_corrupted_chunks"]
+    assert abs(len(rewritten) / len(mixed) - 0.4) < 0.1, len(rewritten) / len(mixed)
+    assert sum(recorded["habits"].values()) >= len(rewritten) and len(recorded["habits"]) >= 5  # several habits
+    worse = 0
+    for r in mixed:
+        before = clean[(r["source"], r["start_line"])]
+        if "corruption" not in r:
+            assert r == before
+            continue
+        assert r["text"] != before["text"] and len(r["line_violations"]) == len(r["text"].splitlines())
+        assert r["violations"] == sum(r["line_violations"])
+        worse += r["violations_per_char"] > before["violations_per_char"]
+    assert worse >= 0.9 * len(rewritten), (worse, len(rewritten))
+    mean = sum(r["violations_per_char"] for r in rewritten) / len(rewritten)
+    assert mean > 3 * sum(clean[(r["source"], r["start_line"])]["violations_per_char"] for r in rewritten) / len(rewritten)
+    for name in ("val.jsonl", "test.jsonl", "prompts.jsonl", "train_prompts.jsonl"):
+        assert (out / name).read_bytes() == (tiny_data / name).read_bytes(), name
+    # a larger fraction rewrites a superset of the chunks (one hash per chunk, compared with the fraction)
+    keys = [f"{s}:{line}" for s, line in clean]
+    assert {k for k in keys if is_corrupted(k, 0.2, 0)} <= {k for k in keys if is_corrupted(k, 0.4, 0)}

@@ -37,7 +37,7 @@ from alignpipe.pipelines.align import GPU_STAGES, MLFLOW_SECRET, NO_CACHE, STAGE
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 EMAIL = Path(sysconfig.get_paths()["stdlib"]) / "email"
-PARAMETERS = {"config", "env", "launcher", "input_limits"}  # component inputs that are not artifacts
+PARAMETERS = {"env", "launcher"}  # component inputs that are not artifacts, beside the <stage>__<key> config ones
 def is_timing(key: str) -> bool:
     """Metrics measured with a clock (durations, throughputs, latencies, speedups): they differ run to run."""
     return key.endswith(("seconds", "_per_s", "tflops", "_ms", "_ms_ort", "_ms_torch")) or "speedup" in key \
@@ -46,7 +46,8 @@ def is_timing(key: str) -> bool:
 
 def artifact_inputs(component) -> dict[str, bool]:
     """name -> optional, for the artifact inputs of a component."""
-    return {k: bool(v.optional) for k, v in component.component_spec.inputs.items() if k not in PARAMETERS}
+    return {k: bool(v.optional) for k, v in component.component_spec.inputs.items()
+            if k not in PARAMETERS and "__" not in k}
 
 
 def compile_cli(tmp_path: Path, *argv: str, params: Path | None = None) -> tuple[Path, list[dict]]:
@@ -213,15 +214,16 @@ def test_parameter_defaults_come_from_the_params_file_and_set(tmp_path):
                          "--mlflow-uri", "http://mlflow:5000", "--no-ppo", params=params)
     inputs = pipeline_inputs(out)
     data_cfg = load_stage("data").Config
-    got = runtime.restore_ints(data_cfg, inputs["data"]["defaultValue"])
+    got = {key: inputs[f"data__{key}"].get("defaultValue", "") for key in data_cfg().to_dict()}
     assert got == data_cfg(n_prompts=7, val_frac=0.1, seed=5).to_dict()  # complete: every key, typed
-    assert inputs["validate"]["defaultValue"]["min_rows"] == 3
-    assert inputs["validate"]["defaultValue"]["allow_duplicates"] is True
+    assert inputs["data__n_prompts"]["parameterType"] == "NUMBER_INTEGER"
+    assert inputs["validate__min_rows"]["defaultValue"] == 3
+    assert inputs["validate__allow_duplicates"]["defaultValue"] is True
     assert inputs["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow:5000"
     assert inputs["run_ppo"]["defaultValue"] is False
     assert inputs["git_commit"]["defaultValue"]  # the commit that compiled it (or "unknown")
-    assert set(STAGES) <= set(inputs)
-    assert "the `pretrain` section of params.yaml" in inputs["pretrain"]["description"]
+    assert {name.split("__")[0] for name in inputs if "__" in name} == set(STAGES)
+    assert inputs["pretrain__max_steps"]["description"].startswith("pretrain.max_steps (params.yaml): ")
 
 
 def test_repo_params_yaml_compiles(tmp_path):
@@ -230,7 +232,7 @@ def test_repo_params_yaml_compiles(tmp_path):
     repo = load_params(ROOT / "params.yaml")
     for stage, section in repo.items():
         for key, value in section.items():
-            assert inputs[stage]["defaultValue"][key] == value, f"{stage}.{key}"
+            assert inputs[f"{stage}__{key}"]["defaultValue"] == value, f"{stage}.{key}"
 
 
 def test_gpus_request_and_torchrun_launch(tmp_path):
@@ -285,23 +287,6 @@ def test_run_needs_local(capsys):
 
 
 # ------------------------------------------------------------------------------------------- runtime
-
-
-def test_restore_ints_undoes_protobuf_doubles():
-    @dataclass(frozen=True)
-    class Cfg(StageConfig):
-        SECTION: ClassVar[str] = "x"
-        n: int = field(1, "")
-        lr: float = field(1.0, "")
-        cap: int | None = field(None, "")
-        sizes: list[int] = field([1], "")
-        name: str = field("", "")
-
-    got = runtime.restore_ints(Cfg, {"n": 3.0, "lr": 2.0, "cap": 4.0, "sizes": [1.0, 2.0], "name": "a"})
-    assert got == {"n": 3, "lr": 2.0, "cap": 4, "sizes": [1, 2], "name": "a"}
-    assert type(got["n"]) is int and type(got["lr"]) is float
-    assert Cfg.from_dict(got).n == 3
-    assert runtime.restore_ints(Cfg, {"n": 2.5})["n"] == 2.5  # not an integer: left for the Config to reject
 
 
 def test_torchrun_command_line():
@@ -389,7 +374,7 @@ def test_submit_creates_a_run_in_the_experiment(kfp_server, tmp_path, capsys):
     assert run["experiment_id"] == "experiments-1" and run["display_name"] == "try-1"
     spec = run["pipeline_spec"]
     assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "alignpipe"
-    assert spec["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]["data"]["defaultValue"]["n_prompts"] == 8
+    assert spec["pipeline_spec"]["root"]["inputDefinitions"]["parameters"]["data__n_prompts"]["defaultValue"] == 8
     executors = spec["pipeline_spec"]["deploymentSpec"]["executors"]
     assert executors["exec-pretrain"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
     assert "nodeSelector" in spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-dpo"]
@@ -453,6 +438,10 @@ class Config(StageConfig):
     SECTION: ClassVar[str] = NAME
     seed: int = field(0, "seed")
 
+    @classmethod
+    def from_dict(cls, values):  # the component hands over every key of the real stage's section: one int kept
+        return super().from_dict({"seed": values[INT_KEY]})
+
 INPUTS = tuple(Input(n, None, n, r) for n, r in SPEC)
 METRICS = ("seed",)
 
@@ -472,7 +461,7 @@ class Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         name = module.__name__.rsplit(".", 1)[1]
-        module.__dict__.update(NAME=name, SPEC=STUBS[name])
+        module.__dict__.update(NAME=name, SPEC=STUBS[name][0], INT_KEY=STUBS[name][1])
         exec(SOURCE, module.__dict__)
 
 
@@ -489,12 +478,17 @@ sys.meta_path.insert(0, Finder())
 REAL_IN_WIRING_TEST = ("data", "validate")  # fast real stages; the others are stand-ins
 
 
+def stub_int_key(stage: str) -> str:
+    """An int key of the real stage's config, handed over by its component: the stand-in reports it as `seed`."""
+    return "seed" if "seed" in load_stage(stage).Config().to_dict() else "max_new_tokens"
+
+
 @pytest.fixture
 def stub_stages(tmp_path, monkeypatch):
     site = tmp_path / "stub_site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(STUB_SITE)
-    stubs = {name: [[k, not optional] for k, optional in artifact_inputs(comp).items()]
+    stubs = {name: [[[k, not optional] for k, optional in artifact_inputs(comp).items()], stub_int_key(name)]
              for name, comp in COMPONENTS.items() if name not in REAL_IN_WIRING_TEST}
     monkeypatch.setenv("ALIGNPIPE_STUBS", json.dumps(stubs))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
@@ -516,7 +510,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
     Every input reaches its stage from the right upstream task, each stage gets its own params section (ints
     intact), metrics reach the KFP Metrics artifact, HTML/Markdown outputs are written, and MLflow runs land in the
     store given by the pipeline parameter."""
-    sections = {name: {"seed": 100 + i} for i, name in enumerate(STAGES) if name not in REAL_IN_WIRING_TEST}
+    sections = {name: {stub_int_key(name): 100 + i} for i, name in enumerate(STAGES) if name not in REAL_IN_WIRING_TEST}
     source = shutil.copytree(EMAIL, tmp_path / "email")  # not under .../python3.11/: see test_python3_in_a_path...
     sections["data"] = {"source_dir": str(source), "test_frac": 0.3, "val_frac": 0.1, "n_prompts": 8}
     sections["validate"] = {"min_rows": 1}
@@ -560,7 +554,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
         kfp_metrics = executor_output["artifacts"]["metrics"]["artifacts"][0]["metadata"]
         assert kfp_metrics == pytest.approx(metrics), name
         if name in stub_stages:
-            assert metrics["seed"] == sections[name]["seed"] and type(metrics["seed"]) is int, name
+            assert metrics["seed"] == sections[name][stub_int_key(name)] and type(metrics["seed"]) is int, name
     assert (Path(path["data"]) / "prompts.jsonl").is_file()
     validation = json.loads(Path(path["validate"], "report.json").read_text())
     assert validation["n_failed_expectations"] == 0
@@ -581,7 +575,7 @@ def test_local_run_of_the_whole_dag(run_ppo, stub_stages, tmp_path, monkeypatch)
 def test_python3_in_a_path_is_refused_for_local_runs(tmp_path):
     func = build_pipeline({"data": {"source_dir": str(EMAIL)}})
     yaml_path = pipeline_cli.compile_pipeline(func, tmp_path / "pipeline.yaml")
-    with pytest.raises(ConfigError, match="^data: contains 'python3'"):
+    with pytest.raises(ConfigError, match="^data__source_dir: contains 'python3'"):
         pipeline_cli.run_local(yaml_path, tmp_path / "root")
     assert not (tmp_path / "root").exists()
 

@@ -710,13 +710,15 @@ def fast_tracking(monkeypatch):
     """MLflow's HTTP timeout and retries small (the project's own defaults are seconds, not minutes)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")  # restored after the test
 
 
 def test_the_project_bounds_mlflow_http_timeouts_unless_the_user_set_them(tmp_path, monkeypatch):
     from alignpipe.tracking import runs
 
-    for key in runs.HTTP_DEFAULTS:
-        monkeypatch.delenv(key, raising=False)
+    for key in [*runs.HTTP_DEFAULTS, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"]:
+        monkeypatch.setenv(key, "")  # so that the test's end restores it
+        monkeypatch.delenv(key)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "33")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
     runs.mlflow_module()

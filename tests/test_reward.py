@@ -11,7 +11,7 @@ import pytest
 
 from tiny import make_policy, make_prefs, make_tokenizer
 
-from alignpipe.core.errors import DataError
+from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.oracle.judges import Pair, RewardModelJudge
 from alignpipe.lm.reward_model import reward_ids, reward_text
 from alignpipe.stages import reward
@@ -72,6 +72,35 @@ def test_training_changes_weights_and_learns_separable_pairs(trained):
     assert sa > sb  # the reward_model judge picks the clean line
     calib = json.loads((trained["out"] / "calibration.json").read_text())
     assert sum(b["n"] for b in calib["buckets"]) == 8
+
+
+@pytest.mark.slow
+def test_rerun_gives_the_same_bytes_whatever_thread_count_the_process_inherited(trained, monkeypatch):
+    """The runner pins torch's thread count (`core.determinism`): a rerun from a process whose threads were set
+    otherwise (OMP_NUM_THREADS, taskset, torchrun) writes the same model bytes; ALIGNPIPE_THREADS chooses the count."""
+    import torch
+
+    from alignpipe.core import determinism
+    from alignpipe.run.runner import execute
+
+    monkeypatch.delenv(determinism.THREADS_ENV, raising=False)
+    root, before = trained["root"], torch.get_num_threads()
+    cfg = reward.Config(max_steps=20, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=0,
+                        prompt_lines=1, checkpoint_dir=str(root / "ckpt"))
+    inputs = {"prefs": root / "label", "policy": trained["policy"]}
+    try:
+        torch.set_num_threads(1 if determinism.machine_threads() > 1 else 2)
+        execute("reward", cfg, inputs, root / "rerun")
+        for name in ("model.safetensors", "heldout_scores.jsonl", "calibration.json", "reward.json"):
+            assert (root / "rerun" / name).read_bytes() == (trained["out"] / name).read_bytes(), name
+        assert torch.get_num_threads() == determinism.machine_threads()
+        monkeypatch.setenv(determinism.THREADS_ENV, "1")
+        assert determinism.pin()["alignpipe.torch_threads"] == "1" and torch.get_num_threads() == 1
+        monkeypatch.setenv(determinism.THREADS_ENV, "two")
+        with pytest.raises(ConfigError, match="ALIGNPIPE_THREADS: must be a whole number >= 1, got .two."):
+            determinism.threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_reward_text_is_what_reward_trainer_trains_on(tmp_path):

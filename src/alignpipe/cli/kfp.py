@@ -1,7 +1,7 @@
 """`alignpipe pipeline compile|run|submit`: the Kubeflow pipeline (pipelines/align.py) from the command line.
 
-- compile: params.yaml (with --params/--set) becomes the defaults of the pipeline's per-stage dict parameters in
-  the YAML you upload in the Kubeflow UI; prints the task list with images, resources and caching.
+- compile: params.yaml (with --params/--set) becomes the defaults of the pipeline's typed `<stage>__<key>`
+  parameters in the YAML you upload in the Kubeflow UI; prints the task list with images, resources and caching.
 - run --local: compiles the same YAML and runs its whole DAG on this machine with kfp.local's SubprocessRunner
   (one subprocess per task, the same components); prints where every artifact landed.
 - submit: compiles, then creates a run, or with --schedule a recurring run, on a KFP endpoint via kfp.Client.
@@ -178,27 +178,7 @@ def compile_pipeline(pipeline_func, out: str | Path, force: bool = False) -> Pat
     with tempfile.TemporaryDirectory(prefix="alignpipe-compile-") as tmp:
         compiled = Path(tmp) / "pipeline.yaml"
         compiler.Compiler().compile(pipeline_func, str(compiled))
-        _integer_defaults(compiled)
         return write_output_file(out, compiled.read_text(encoding="utf-8"), force=force)
-
-
-def _integer_defaults(pipeline_yaml: Path) -> None:
-    """Give the int fields of each stage's dict parameter their integers back in the compiled YAML (protobuf
-    Structs hold doubles: the Kubeflow run form would show `n_prompts: 1024.0`), then rewrite it as KFP does."""
-    from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
-
-    from alignpipe.components.runtime import restore_ints
-    from alignpipe.components.stages import COMPONENTS
-
-    spec, *platform = yaml.safe_load_all(pipeline_yaml.read_text(encoding="utf-8"))
-    for name, param in spec["root"]["inputDefinitions"]["parameters"].items():
-        if name in COMPONENTS and isinstance(param.get("defaultValue"), dict):
-            param["defaultValue"] = restore_ints(load_stage(name).Config, param["defaultValue"])
-    header = extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description"))
-    pipeline_yaml.write_text(header + yaml.dump_all([spec, *platform], sort_keys=True), encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------- task table
 
 
 def task_table(pipeline_yaml: str | Path) -> list[dict[str, Any]]:
@@ -489,15 +469,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_here(args: argparse.Namespace, root: Path) -> int:
+    # root is alignpipe's own folder (make_output_dir): the pipeline.yaml in it is ours to replace
     if args.image:  # the tasks see the pipeline root only: MLflow's store (and its artifacts) go there
         from alignpipe.cli.containers import docker_runner, tracking_store
 
         with docker_runner(args.image, root, args.network) as runner:
             args.mlflow_uri = args.mlflow_uri or tracking_store(root)
-            pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+            pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml", force=True)
             run = run_local(pipeline_yaml, root, runner=runner)
     else:
-        pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml")
+        pipeline_yaml = compile_pipeline(build(args, local=True), root / "pipeline.yaml", force=True)
         run = run_local(pipeline_yaml, root)
     print(format_local_run(run))
     return 0

@@ -141,7 +141,18 @@ def run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def pin_hash_seed() -> None:
+    """Run this program again with PYTHONHASHSEED=0 when it is unset (before any work: the process is replaced).
+    Python salts str hashes per process, so a library that lists a set of strings writes them in another order
+    every run (TRL's model-card tags in the checkpoints); a fixed seed makes reruns write the same bytes."""
+    if os.environ.get("PYTHONHASHSEED") is None:
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None and os.path.basename(sys.argv[0]) == "alignpipe":  # the console script (`python -m`: __main__)
+        pin_hash_seed()
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     argv = list(sys.argv[1:] if argv is None else argv)

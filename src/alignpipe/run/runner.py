@@ -10,7 +10,9 @@ The CLI, the DVC commands and the KFP components all go through `execute`, so a 
 everywhere. Outputs are written to a hidden staging folder beside `out_dir` and moved into place only when the
 stage succeeded: a failed stage leaves nothing half-written (only the report.html/json saying why, moved to
 `<out_dir>.failed/`). Under torchrun every rank runs the stage (its collectives need them all); only rank 0
-opens the MLflow run, writes metrics.json and publishes `out_dir`.
+opens the MLflow run, writes metrics.json and publishes `out_dir`. Every stage runs under `core.determinism.pin()`
+(a fixed torch thread count, deterministic kernels): the same inputs and params give the same output bytes on one
+machine (docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignpipe.core import distributed
+from alignpipe.core import determinism, distributed
 from alignpipe.core.config import StageConfig
 from alignpipe.core.errors import ConfigError, DataError
 from alignpipe.core.io import clean_metrics, headline, write_curves, write_json
@@ -89,9 +91,10 @@ def _run_and_publish(name: str, stage, cfg: StageConfig, resolved: dict[str, Pat
     make_output_dir(staging, str(staging), owner=name)
     if checked:
         write_json(staging / INPUT_CHECKS_FILE, {"files": checked})
+    numerics = determinism.pin()  # the same thread count and kernels on every run on this machine
     start = time.perf_counter()
     try:
-        with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict()):
+        with _sigterm_as_exit(), runs.stage_run(name, cfg.to_dict(), tags=numerics):
             metrics = dict(stage.run(cfg, resolved, staging))
             written = output_files(staging, getattr(stage, "CHECKED_OUTPUTS", ()))
             if written:  # e.g. data build publishes only what validate accepts
@@ -169,6 +172,7 @@ def _execute_other_rank(name: str, stage, cfg: StageConfig, resolved: dict[str, 
     """A rank > 0 of a distributed launch: run the stage into a throwaway folder (removed afterwards) and return
     its metrics; rank 0 alone writes metrics.json, logs to MLflow and publishes."""
     scratch = Path(tempfile.mkdtemp(prefix=f"alignpipe-{name}-rank{distributed.process_rank()}-"))
+    determinism.pin()
     try:
         return clean_metrics(dict(stage.run(cfg, resolved, scratch)))
     finally:

@@ -62,7 +62,10 @@ class Config(StageConfig):
                            ge=1, le=MAX_ROWS)
     n_train_prompts: int = field(4096, "number of training prompts (train split) for label, dpo and ppo",
                                  ge=1, le=MAX_ROWS)
-    seed: int = field(0, "salt of the split and prompt-selection hashes", ge=0, le=MAX_SEED)
+    seed: int = field(0, "salt of the split, prompt-selection and corruption hashes", ge=0, le=MAX_SEED)
+    corrupt_frac: float = field(0.0, "fraction of the training chunks rewritten with style violations (PHF's mix; "
+                                "the task's `build_data` does it: pep8 rewrites indentation, spacing, line length, "
+                                "blank lines, trailing whitespace, names); val/test stay as they are", ge=0, le=1)
     task: str = field(DEFAULT_TASK, f"the task the data is for: {' or '.join(builtin_tasks())}, or a plug-in as "
                       "package.module:Name (alignpipe.tasks, docs/tasks.md); recorded in MANIFEST.json, read by later "
                       "stages")
@@ -90,6 +93,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
             from alignpipe.core.errors import ConfigError
 
             raise ConfigError("--corpus", "give either --corpus (a PEP8 code corpus) or --dataset, not both")
+        if cfg.corrupt_frac:
+            from alignpipe.core.errors import ConfigError
+
+            raise ConfigError("data.corrupt_frac", "rewrites the task's own corpus build, not a --dataset: set it to 0")
         return build_from_dataset(cfg, out_dir)
     return get_task(cfg.task).build_data(cfg, inputs, out_dir)
 

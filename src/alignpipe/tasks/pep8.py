@@ -287,21 +287,28 @@ def build_corpus(cfg, inputs: dict[str, Path | None], out_dir: Path) -> dict[str
     candidates: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     n_files = 0
     docs = list(_documents(cfg, inputs.get("corpus")))
+    kinds: dict[str, int] = {}
     for rel, text in tqdm(docs, desc="data: scoring files", unit="file", mininterval=2):
         lines = text.splitlines()
         per_line = line_violations(text)
         split = split_of(rel, cfg)
         ranges = chunk_ranges(text, cfg.max_chunk_lines) if inputs.get("corpus") is None else [(1, len(lines))]
         n_files += bool(ranges)
+        frac = cfg.corrupt_frac if split == "train" else 0.0
+        styled = corrupt_file(lines, ranges, rel, frac, cfg.seed)
         for start, end in ranges:
             chunk = "\n".join(lines[start - 1:end]) + "\n"
             if not chunk.strip():
                 continue
-            counts = per_line[start - 1:end]
+            counts, habits = per_line[start - 1:end], []
+            if start in styled:  # the rewritten chunk, scored in its rewritten file (`corrupt_file`)
+                chunk, counts, habits = styled[start]
+                for habit in habits:
+                    kinds[habit] = kinds.get(habit, 0) + 1
             splits[split].append({
                 "text": chunk, "source": rel, "start_line": start, "n_chars": len(chunk),
                 "violations": sum(counts), "violations_per_char": sum(counts) / len(chunk),
-                "line_violations": counts,
+                "line_violations": counts, **({"corruption": habits} if habits else {}),
             })
         if split != "val":
             candidates[split].extend(_prompt_candidates(rel, text, lines, cfg))
@@ -321,10 +328,19 @@ def build_corpus(cfg, inputs: dict[str, Path | None], out_dir: Path) -> dict[str
         write_jsonl(out_dir / name, rows)
     scores = [r["violations_per_char"] for r in splits["train"]]
     total_chars = sum(r["n_chars"] for rows in splits.values() for r in rows)
+    n_corrupted = sum("corruption" in r for r in splits["train"])
+    left_out = DATASET_KEYS + (() if cfg.corrupt_frac else ("corrupt_frac",))  # 0: byte-identical to before it
     manifest = {
         "python_version": sys.version.split()[0],
         "source": str(inputs.get("corpus") or cfg.source_dir or "stdlib"),
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in DATASET_KEYS},  # byte-identical to before
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in left_out},
+        **({"corruption": {
+            "what": "train chunks rewritten with style violations (alignpipe.tasks.pep8_style), chosen by a hash of "
+                    "source:start_line and data.seed; their rows hold `corruption` (the habits) and are scored as "
+                    "rewritten; val/test chunks are not rewritten",
+            "corrupt_frac": cfg.corrupt_frac, "n_corrupted": n_corrupted,
+            "corrupted_frac": n_corrupted / max(len(splits["train"]), 1),
+            "habits": dict(sorted(kinds.items()))}} if cfg.corrupt_frac else {}),
         "n_files": n_files,
         "counts": {name: len(rows) for name, rows in files.items()},
         "chars": total_chars,
@@ -342,4 +358,52 @@ def build_corpus(cfg, inputs: dict[str, Path | None], out_dir: Path) -> dict[str
         "n_train_prompts": len(files["train_prompts.jsonl"]),
         "corpus_mb": round(total_chars / 1e6, 3),
         "mean_violations_per_char": round(manifest["train_scores"]["mean_violations_per_char"], 8),
+        **({"n_corrupted_chunks": n_corrupted} if cfg.corrupt_frac else {}),
     }
+
+
+def corrupt_file(lines: list[str], ranges: list[tuple[int, int]], rel: str, frac: float,
+                 seed: int) -> dict[int, tuple[str, list[int], list[str]]]:
+    """The chunks of one file that `data.corrupt_frac` rewrites (`alignpipe.tasks.pep8_style`), by start line:
+    (chunk text, violations per line, habits). The rewritten chunks are put back into the file and the file is scored
+    again, so each is scored in its context as every chunk is; the other chunks keep the original file's scores. A
+    rewrite that would stop a parsing file from parsing (pycodestyle then stops checking it) is left out."""
+    from alignpipe.oracle.scoring import line_violations
+    from alignpipe.tasks.pep8_style import is_corrupted
+
+    chosen = [(s, e) for s, e in ranges if is_corrupted(f"{rel}:{s}", frac, seed)]
+    if not chosen:
+        return {}
+    out, placed = _rewrite(lines, chosen, rel, seed)
+    if not _parses(out) and _parses(lines):
+        chosen = [c for c in chosen if _parses(_rewrite(lines, [c], rel, seed)[0])]
+        out, placed = _rewrite(lines, chosen, rel, seed)
+    per_line = line_violations("\n".join(out) + "\n")
+    return {start: ("\n".join(out[s - 1:e]) + "\n", per_line[s - 1:e], habits)
+            for start, (s, e, habits) in placed.items()}
+
+
+def _rewrite(lines: list[str], chosen: list[tuple[int, int]], rel: str,
+             seed: int) -> tuple[list[str], dict[int, tuple[int, int, list[str]]]]:
+    """The file's lines with the `chosen` chunks rewritten, and start -> (new start, new end, habits)."""
+    from alignpipe.tasks.pep8_style import corrupt
+
+    out: list[str] = []
+    placed: dict[int, tuple[int, int, list[str]]] = {}
+    done = 0  # original lines copied so far
+    for start, end in chosen:
+        out.extend(lines[done:start - 1])
+        new, habits = corrupt(lines[start - 1:end], f"{rel}:{start}", seed)
+        placed[start] = (len(out) + 1, len(out) + len(new), habits)
+        out.extend(new)
+        done = end
+    out.extend(lines[done:])
+    return out, placed
+
+
+def _parses(lines: list[str]) -> bool:
+    try:
+        ast.parse("\n".join(lines) + "\n")
+    except (SyntaxError, ValueError):
+        return False
+    return True

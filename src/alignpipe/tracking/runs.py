@@ -53,13 +53,8 @@ def active_run_id() -> str | None:
 
 
 def _mlflow():
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     uri = tracking_uri()
-    # MLflow prints "View run ... at: <tracking URI>" to stdout after every run on a server: never with a password
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true" if has_credentials(uri) else \
-        os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
+    _client_settings(uri)
     import mlflow
 
     for name in ("mlflow", "alembic"):  # store migrations and experiment creation are not the user's news
@@ -75,6 +70,16 @@ def _mlflow():
     mlflow.set_registry_uri(uri)
     _create_schema_once(mlflow, uri)
     return mlflow
+
+
+def _client_settings(uri: str) -> None:
+    """MLflow's client settings for talking to `uri`: bounded HTTP timeouts and retries (HTTP_DEFAULTS, unless
+    set), no telemetry, and no "View run ... at: <URI>" line on stdout when the URI holds a password."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true" if has_credentials(uri) else \
+        os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")
 
 
 _schema_ready: set[str] = set()
@@ -113,6 +118,7 @@ def tracking_errors() -> Iterator[None]:
 def create_experiment(uri: str, artifact_location: Path) -> str:
     """Create the EXPERIMENT in the store at `uri` with its artifacts under `artifact_location` (a folder), unless it
     exists; returns its id. MLflow's default artifact root is `./mlruns` of whichever process first creates it."""
+    _client_settings(uri)
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
