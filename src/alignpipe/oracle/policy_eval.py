@@ -59,14 +59,15 @@ class Draw:
 
 
 def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None = None, reward=None, *,
-         task) -> Draw:
-    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed` (ending each completion where `task`,
-    an `alignpipe.tasks.Task`, says), score each completion with the task's oracle (after the prompt's context) and,
-    given `reward` = (model, tokenizer), with the reward model."""
+         task, greedy: bool = False) -> Draw:
+    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed` (`greedy`: decode greedily; ending each
+    completion where `task`, an `alignpipe.tasks.Task`, says), score each completion with the task's oracle (after
+    the prompt's context) and, given `reward` = (model, tokenizer), with the reward model."""
     from alignpipe.lm.policy import sample
 
     texts = [r["prompt"] for r in prompts]
-    samples = sample(*policy, texts, sampling, seed=seed, progress=progress, unit=task.completion_unit(), task=task)
+    samples = sample(*policy, texts, sampling, seed=seed, greedy=greedy, progress=progress,
+                     unit=task.completion_unit(), task=task)
     out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts],
                                       task.oracle()))
     if reward is not None:
@@ -81,10 +82,11 @@ def reward_values(reward, prompts: list[str], completions: list[str]) -> list[fl
     return reward_scores(reward[0], reward[1], prompts, completions)
 
 
-def sampled_logprobs(policy, samples, reference, texts: list[str],
-                     max_prompt_tokens: int) -> tuple[list[float], list[float], bool]:
-    """(log p_policy, log p_ref, same tokenizer?) of each sampled completion. With different tokenizers the
-    reference scores the completion text re-tokenized by its own tokenizer (a text-level estimate)."""
+def sampled_logprobs(policy, samples, reference, texts: list,
+                     max_prompt_tokens: int, task=None) -> tuple[list[float], list[float], bool]:
+    """(log p_policy, log p_ref, same tokenizer?) of each sampled completion, the reference prompted as `task`
+    formats prompts (a chat template). With different tokenizers the reference scores the completion text
+    re-tokenized by its own tokenizer (a text-level estimate)."""
     from alignpipe.lm.policy import encode_prompts, sequence_logprobs
 
     model, tok, _ = policy
@@ -93,7 +95,7 @@ def sampled_logprobs(policy, samples, reference, texts: list[str],
     same_vocab = tok.get_vocab() == ref_tok.get_vocab()
     ref_completion_ids = ([s.completion_ids for s in samples] if same_vocab else
                           [ref_tok(s.completion, add_special_tokens=False)["input_ids"] for s in samples])
-    logp_ref = sequence_logprobs(ref_model, encode_prompts(ref_tok, ref_meta, texts, max_prompt_tokens),
+    logp_ref = sequence_logprobs(ref_model, encode_prompts(ref_tok, ref_meta, texts, max_prompt_tokens, task),
                                  ref_completion_ids)
     return logp_policy, logp_ref, same_vocab
 
@@ -114,7 +116,7 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
 
 def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, reference, ref_draw: Draw,
                        champion: Draw | None = None, reward=None, progress: str | None = None, *,
-                       task) -> tuple[dict[str, Any], Draw]:
+                       task, greedy: bool = False) -> tuple[dict[str, Any], Draw]:
     """(metrics, draw) of one candidate against the reference (drawn once, `ref_draw`) and the champion: the
     oracle summary, win rates, the sampled KL (`kl_estimate`: token, or text with another tokenizer) and the mean
     reward score. The reference itself (`policy is reference`) reuses `ref_draw`."""
@@ -124,9 +126,9 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
         if reward is not None:
             got.rewards = reward_values(reward, texts, got.completions())
     else:
-        got = draw(policy, prompts, sampling, seed, progress, reward, task=task)
+        got = draw(policy, prompts, sampling, seed, progress, reward, task=task, greedy=greedy)
     logp_policy, logp_ref, same_vocab = sampled_logprobs(policy, got.samples, reference, texts,
-                                                         sampling.max_prompt_tokens)
+                                                         sampling.max_prompt_tokens, task)
     metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,
                       champion.scores if champion is not None else None, seed=seed)
     metrics.update(task.summarize(got.scores, seed))
@@ -155,7 +157,7 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
         metrics["win_rate_vs_ref_nontied"] = win_rate_nontied(got.scores, ref.scores)
         metrics["win_rate_ceiling"] = win_rate_ceiling(ref.scores)
         logp_policy, logp_ref, _ = sampled_logprobs(policy, got.samples, reference, [r["prompt"] for r in prompts],
-                                                    sampling.max_prompt_tokens)
+                                                    sampling.max_prompt_tokens, task)
         metrics["kl_to_ref"] = kl_to_ref(logp_policy, logp_ref)
         metrics["ref_violations_per_char"] = summarize(ref.scores, seed=seed)["violations_per_char"]
         metrics.update({f"ref_{k}": v for k, v in task.summarize(ref.scores, seed).items() if not k.endswith(

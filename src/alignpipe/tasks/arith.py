@@ -1,5 +1,6 @@
 """The arith task: a verifiable chat task. A user asks for the sum of two small integers; the assistant answers with
-one number; an exact oracle parses the answer and compares it with the sum.
+the sum restated and its result (`47 + 85 = 132`); an exact oracle parses the answer and compares it with the
+sum.
 
 Why addition: every question has exactly one answer an oracle checks without a model (no judge to fool), the
 difficulty is one knob (`data.max_operand`: larger operands, more digits and carries), and its mistakes come in
@@ -105,10 +106,15 @@ def wrong_answer(a: int, b: int, rng: random.Random) -> int:
     return c + 1
 
 
+def answer_text(a: int, b: int, answer: int) -> str:
+    """The assistant's answer: the sum restated, then the result (`A + B = C`; the oracle reads the last integer)."""
+    return f"{a} + {b} = {answer}"
+
+
 def conversation(a: int, b: int, phrasing: int, answer: int) -> dict[str, list[dict]]:
     """(prompt, answer) messages of one question."""
     return {"prompt": [{"role": "user", "content": QUESTIONS[phrasing].format(a=a, b=b)}],
-            "answer": [{"role": "assistant", "content": str(answer)}]}
+            "answer": [{"role": "assistant", "content": answer_text(a, b, answer)}]}
 
 
 class Arith(Chat):
@@ -152,6 +158,9 @@ class Arith(Chat):
         from alignpipe.algos.phf import OBJECTIVES
 
         return OBJECTIVES
+
+    def pretrain_needs_init_model(self) -> bool:
+        return False  # trained from scratch here
 
     def train_tokenizer(self, texts, cfg):
         return train_chat_tokenizer(texts, cfg.vocab_size)
@@ -231,7 +240,7 @@ def build_arith(cfg, inputs: dict[str, Path | None], out_dir: Path, task) -> dic
         answer = wrong_answer(a, b, rng) if i in wrong else a + b
         conv = conversation(a, b, phrasing, answer)
         score = score_answer(conv["prompt"], conv["answer"][0]["content"])
-        splits[split].append({"text": conv["prompt"][0]["content"] + "\n\n" + str(answer),
+        splits[split].append({"text": conv["prompt"][0]["content"] + "\n\n" + conv["answer"][0]["content"],
                               "messages": conv["prompt"] + conv["answer"], "correct": not score.violations,
                               "violations": score.violations, "violations_per_char": float(score.violations),
                               "source": f"conv{i}"})
@@ -245,7 +254,8 @@ def build_arith(cfg, inputs: dict[str, Path | None], out_dir: Path, task) -> dic
             conv = conversation(a, b, phrasing, a + b)
             bad = wrong_answer(a, b, random.Random(f"{cfg.seed}:{a}+{b}"))
             out.append({"prompt": conv["prompt"], "chosen": conv["answer"],
-                        "rejected": [{"role": "assistant", "content": str(bad)}], "source": f"{a}+{b}"})
+                        "rejected": [{"role": "assistant", "content": answer_text(a, b, bad)}],
+                        "score_chosen": 0.0, "score_rejected": -1.0, "judge": "scorer", "source": f"{a}+{b}"})
         return out
 
     def prompts(split: str, limit: int) -> list[dict]:
