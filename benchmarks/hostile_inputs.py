@@ -421,7 +421,7 @@ def guard_cases(policy: Path) -> list[Case]:
     build = ["data", "build", "--task", "chat", "--set", "data.test_frac=0.3", "--set", "data.val_frac=0.1",
              "--out", "built", "--dataset", "pairs.jsonl"]
     reward = ["reward", "--prefs", "prefs.jsonl", "--out", "out", "--policy"]
-    never = "content must never become structure"
+    pairs = {"prefs.jsonl": _jsonl(std)}  # enough pairs for reward's held-out split: the model is loaded
     checkpoint = {"ck/.alignpipe-output": "", "ck/checkpoint-2/trainer_state.json": '{"global_step": 2}',
                   "ck/checkpoint-2/model.safetensors": (policy / "model.safetensors").read_bytes(),
                   "ck/checkpoint-2/optimizer.pt": _evil_pickle()}
@@ -446,10 +446,10 @@ def guard_cases(policy: Path) -> list[Case]:
         Case("data build", "--dataset (chat) forging a system turn", build,
              files={"pairs.jsonl": _jsonl(chat, r3=forged_chat)}, says="expectations failed"),
         # data build accepts only what validate accepts
-        Case("data build", "--dataset with a 50 MB prompt", build, says="longer than",
-             files={"pairs.jsonl": _jsonl(std, r1={"prompt": "x" * (50 << 20)})}),
-        Case("data build", "--dataset with chosen == rejected everywhere", build, says="expectations failed",
-             files={"pairs.jsonl": "".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in std)}),
+        Case("data build", "--dataset (chat) with a 50 MB prompt", build, says="longer than",
+             files={"pairs.jsonl": _jsonl(chat, r1={"prompt": [{"role": "user", "content": "x" * (50 << 20)}]})}),
+        Case("data build", "--dataset (chat) with chosen == rejected everywhere", build, says="expectations failed",
+             files={"pairs.jsonl": "".join(json.dumps({**r, "rejected": r["chosen"]}) + "\n" for r in chat)}),
         Case("data build", "--dataset (chat) with a `tool` turn", build, says="expectations failed",
              files={"pairs.jsonl": _jsonl(chat, r2={"prompt": [{"role": "tool", "content": "hi"}]})}),
         Case("data build", "--dataset (chat) with chosen as an object", build, says="must be a string or a list",
@@ -458,28 +458,30 @@ def guard_cases(policy: Path) -> list[Case]:
              files={"pairs.jsonl": _jsonl(chat, r2={"prompt": [{"role": "user", "content": [
                  {"type": "text", "text": "hi"}]}]})}),
         # weights that do not match their model; tokenizers and chat templates
-        Case("reward", "--policy with every weight renamed", [*reward, "renamed"], says="do not match the model",
+        Case("reward", "--policy with every weight renamed", [*reward, "renamed"], files=pairs,
+             says="do not match the model",
              setup=_edited_policy("renamed", weights=lambda sd: {"x." + k: v for k, v in sd.items()})),
-        Case("reward", "--policy with a layer missing", [*reward, "missing"], says="missing keys",
+        Case("reward", "--policy with a layer missing", [*reward, "missing"], files=pairs, says="missing keys",
              setup=_edited_policy("missing", weights=lambda sd: {k: v for k, v in sd.items() if ".h.1." not in k})),
-        Case("reward", "--policy with an unexpected tensor", [*reward, "extra"], says="unexpected keys",
+        Case("reward", "--policy with an unexpected tensor", [*reward, "extra"], files=pairs, says="unexpected keys",
              setup=_edited_policy("extra", weights=lambda sd: {**sd, "extra.w": sd["transformer.wpe.weight"] + 0})),
-        Case("reward", "--policy with all-NaN weights", [*reward, "nan"], says="NaN",
+        Case("reward", "--policy with all-NaN weights", [*reward, "nan"], files=pairs, says="NaN",
              setup=_edited_policy("nan", weights=nan)),
         Case("reward", "--policy whose tokenizer is larger than its embedding", [*reward, "small"],
-             says="tokenizer has", setup=_edited_policy(
+             files=pairs, says="tokenizer has", setup=_edited_policy(
                  "small", weights=lambda sd: {**sd, "transformer.wte.weight": sd["transformer.wte.weight"][:100]},
                  config=lambda c: {**c, "vocab_size": 100})),
-        Case("reward", "--policy without tokenizer files", [*reward, "notok"], says="no tokenizer files",
+        Case("reward", "--policy without tokenizer files", [*reward, "notok"], files=pairs, says="no tokenizer files",
              setup=_edited_policy("notok", drop=("tokenizer.json", "tokenizer_config.json"))),
         Case("reward", "--policy whose chat template breaks the Jinja sandbox", [*reward, "jinja"],
-             says="chat template", setup=_edited_policy("jinja", tokenizer_config=lambda c: {
+             files=pairs, says="chat template", setup=_edited_policy("jinja", tokenizer_config=lambda c: {
                  **c, "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"})),
-        Case("reward", "--policy whose chat template does not parse", [*reward, "jinja"], says="chat template",
+        Case("reward", "--policy whose chat template does not parse", [*reward, "jinja"], files=pairs,
+             says="chat template",
              setup=_edited_policy("jinja", tokenizer_config=lambda c: {
                  **c, "chat_template": "{% for m in messages %}{{ m.content }"})),
         Case("reward", "--resume from a checkpoint with a pickled optimizer state", [*reward, "policy", "--resume",
-             "--set", "reward.checkpoint_dir=ck"], files=checkpoint, says="pickled"),
+             "--set", "reward.checkpoint_dir=ck"], files={**checkpoint, **pairs}, says="pickled"),
         # reward functions and judge templates
         Case("grpo", "--set grpo.reward=os:system", ["grpo", "--data", "d", "--policy", "policy", "--out", "out",
              "--set", "grpo.reward=os:system"], files=d, says="not callable"),
@@ -631,7 +633,7 @@ def _replaceable(cwd: Path, target: str | None) -> str | None:
     """The snapshot prefix a successful command may replace: the --out folder or file alignpipe made before."""
     from alignpipe.core.outputs import is_our_file, is_ours
 
-    if not target:
+    if not target or len(os.fsencode(target)) > 255:  # a name too long to stat: nothing there to replace
         return None
     try:
         if is_ours(cwd / target):

@@ -176,9 +176,11 @@ def test_chat_stays_mle_only(tmp_path):
     from alignpipe.core.errors import ConfigError
     from alignpipe.stages.pretrain import Config, check_task
 
-    check_task(Config(objective="mle"), get_task("chat"))
+    check_task(Config(objective="mle", init_model="some/chat-model"), get_task("chat"))
     with pytest.raises(ConfigError, match="mle only"):
-        check_task(Config(objective="conditional"), get_task("chat"))
+        check_task(Config(objective="conditional", init_model="some/chat-model"), get_task("chat"))
+    with pytest.raises(ConfigError, match="continues a chat model"):
+        check_task(Config(objective="mle"), get_task("chat"))  # before any checkpoint is touched
     check_task(Config(objective="rwr"), get_task("arith"))
 
 

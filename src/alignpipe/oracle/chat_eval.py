@@ -1,7 +1,8 @@
 """Evaluate a policy on the chat task, which has no oracle: sample one answer per held-out conversation through the
-tokenizer's chat template (ending at the end of the assistant turn), then score the answers with the reward model
-(mean reward) and with a judge against the reference's answers on the same prompts (win rate, ties count half),
-and estimate the sampled KL to the reference. The pep8 counterpart is `alignpipe.oracle.policy_eval`.
+tokenizer's chat template (ending at the end of the assistant turn; greedy or sampled), then score the answers with
+the reward model (mean reward) and with a judge against the reference's (and the champion's) answers on the same
+prompts (win rate, ties count half), and estimate the sampled KL to the reference. The counterpart for tasks with an
+oracle is `alignpipe.oracle.policy_eval`.
 
 The judge is a reward-model directory (`evaluate.judge_model`): a second reward model, distinct from the one ppo and
 grpo optimise, so that the reward-hacking guard (`alignpipe.oracle.guard`, with minus the judge's score in the
@@ -30,9 +31,10 @@ class ChatDraw:
     judged: list[float] | None = field(default=None)
 
 
-def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) -> ChatDraw:
+def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task, greedy: bool = False) -> ChatDraw:
     """Sample `policy` = (model, tokenizer, meta) once per conversation, prompted with its chat template and the
-    generation prompt; an answer ends at EOS or the template's end-of-turn token (`task.stop_token_ids`)."""
+    generation prompt (`greedy`: the most likely token each step, as the served model answers at temperature 0); an
+    answer ends at EOS or the template's end-of-turn token (`task.stop_token_ids`)."""
     import torch
 
     from alignpipe.lm.policy import cache_kwargs
@@ -50,9 +52,10 @@ def sample_chat(policy, prompts: list[list[dict]], sampling, seed: int, task) ->
         width = max(len(x) for x in ids)  # left padding: every answer starts at column `width`
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
         attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        decoding = ({"do_sample": False} if greedy else
+                    {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0})
         with torch.no_grad():
-            gen = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+            gen = model.generate(input_ids=input_ids, attention_mask=attention, **decoding,
                                  max_new_tokens=sampling.max_new_tokens, eos_token_id=sorted(stops),
                                  pad_token_id=pad, **cache_kwargs(model, sampling.cache))
         for prompt, row in zip(ids, gen[:, width:].tolist()):
@@ -106,28 +109,33 @@ def reward_check(policy, reference, prompts: list[list[dict]], reward, sampling,
             "reward_win_rate_vs_ref": judge_win_rate(got.rewards, ref.rewards)}
 
 
-def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_distinct: bool,
-                 seed: int) -> dict[str, Any]:
-    """A candidate's chat metrics against the reference's draw on the same prompts: mean reward, the judge's win
-    rate, the sampled KL (token level: the same tokenizer is required), answer length, ended fraction and, with a
-    judge distinct from the reward model, the reward-hacking guard."""
+def chat_metrics(policy, got: ChatDraw, reference, ref_draw: ChatDraw, judge_distinct: bool, seed: int,
+                 champion: ChatDraw | None = None, other_tokenizer: bool = False) -> dict[str, Any]:
+    """A candidate's chat metrics against the reference's draw on the same prompts (and the champion's, when given):
+    mean reward, the judge's win rates, the sampled KL (token level: the same tokenizer is required, unless
+    `other_tokenizer`, then no KL), answer length, ended fraction and, with a judge distinct from the reward model,
+    the reward-hacking guard."""
+    import math
+
     from alignpipe.core.errors import DataError
     from alignpipe.lm.policy import sequence_logprobs
 
-    if policy[1].get_vocab() != reference[1].get_vocab():
-        raise DataError("evaluate", "chat candidates must share the reference's tokenizer (token-level KL)")
-    logp = sequence_logprobs(policy[0], got.prompt_ids, got.completion_ids)
-    logp_ref = sequence_logprobs(reference[0], got.prompt_ids, got.completion_ids)
     n = len(got.completions)
-    metrics: dict[str, Any] = {
-        "kl_to_ref": kl_to_ref(logp, logp_ref), "kl_estimate": "token",
-        "ended_frac": sum(got.ended) / n, "empty_frac": sum(not c for c in got.completions) / n,
-        "mean_answer_tokens": sum(len(c) for c in got.completion_ids) / n,
-    }
+    metrics: dict[str, Any] = {"kl_to_ref": math.nan, "kl_estimate": "none"}
+    if policy[1].get_vocab() == reference[1].get_vocab():
+        logp = sequence_logprobs(policy[0], got.prompt_ids, got.completion_ids)
+        logp_ref = sequence_logprobs(reference[0], got.prompt_ids, got.completion_ids)
+        metrics.update(kl_to_ref=kl_to_ref(logp, logp_ref), kl_estimate="token")
+    elif not other_tokenizer:
+        raise DataError("evaluate", "chat candidates must share the reference's tokenizer (token-level KL)")
+    metrics.update({"ended_frac": sum(got.ended) / n, "empty_frac": sum(not c for c in got.completions) / n,
+                    "mean_answer_tokens": sum(len(c) for c in got.completion_ids) / n})
     if got.rewards is not None:
         metrics["reward_score"] = sum(got.rewards) / n
     if got.judged is not None:
         metrics["judge_win_rate_vs_ref"] = judge_win_rate(got.judged, ref_draw.judged)
+        if champion is not None:
+            metrics["judge_win_rate_vs_champion"] = judge_win_rate(got.judged, champion.judged)
     if judge_distinct and got.rewards is not None and got.judged is not None and policy is not reference:
         from alignpipe.oracle.guard import guard
 

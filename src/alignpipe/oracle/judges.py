@@ -55,6 +55,21 @@ def position_consistency(orders: Sequence[tuple[float, float]]) -> float:
     return sum((p1 - 0.5) * (p2 - 0.5) > 0 for p1, p2 in orders) / len(orders)
 
 
+def oracle_agreement(scores: Sequence[tuple[float, float]], oracles: Sequence[tuple[float, float]],
+                     tie_threshold: float) -> tuple[float, float]:
+    """(agreement, decided fraction) of a judge with the oracle: over the pairs the oracle decides (its two values
+    differ; lower is better), the fraction where the judge's higher score is on the oracle's better answer (a judge
+    tie, |score gap| <= `tie_threshold`, counts half; 0.5 when the oracle decides none), and the fraction of pairs
+    the oracle decides."""
+    agree, decided = 0.0, 0
+    for (sa, sb), (oa, ob) in zip(scores, oracles, strict=True):
+        if oa == ob:
+            continue
+        decided += 1
+        agree += 0.5 if abs(sa - sb) <= tie_threshold else float((sa > sb) == (oa < ob))
+    return (agree / decided if decided else 0.5), decided / max(len(scores), 1)
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two completions of one prompt. `context` is the code the oracle scores them after (default: the prompt);

@@ -59,14 +59,15 @@ class Draw:
 
 
 def draw(policy, prompts: list[dict], sampling, seed: int, progress: str | None = None, reward=None, *,
-         task) -> Draw:
-    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed` (ending each completion where `task`,
-    an `alignpipe.tasks.Task`, says), score each completion with the task's oracle (after the prompt's context) and,
-    given `reward` = (model, tokenizer), with the reward model."""
+         task, greedy: bool = False) -> Draw:
+    """Sample `policy` = (model, tokenizer, meta) once per prompt with `seed` (`greedy`: decode greedily; ending each
+    completion where `task`, an `alignpipe.tasks.Task`, says), score each completion with the task's oracle (after
+    the prompt's context) and, given `reward` = (model, tokenizer), with the reward model."""
     from alignpipe.lm.policy import sample
 
     texts = [r["prompt"] for r in prompts]
-    samples = sample(*policy, texts, sampling, seed=seed, progress=progress, unit=task.completion_unit(), task=task)
+    samples = sample(*policy, texts, sampling, seed=seed, greedy=greedy, progress=progress,
+                     unit=task.completion_unit(), task=task)
     out = Draw(samples, score_samples([s.completion for s in samples], [r["context"] for r in prompts],
                                       task.oracle()))
     if reward is not None:
@@ -115,7 +116,7 @@ def compare(scores, ref_scores, logp_policy: Sequence[float], logp_ref: Sequence
 
 def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, reference, ref_draw: Draw,
                        champion: Draw | None = None, reward=None, progress: str | None = None, *,
-                       task) -> tuple[dict[str, Any], Draw]:
+                       task, greedy: bool = False) -> tuple[dict[str, Any], Draw]:
     """(metrics, draw) of one candidate against the reference (drawn once, `ref_draw`) and the champion: the
     oracle summary, win rates, the sampled KL (`kl_estimate`: token, or text with another tokenizer) and the mean
     reward score. The reference itself (`policy is reference`) reuses `ref_draw`."""
@@ -125,7 +126,7 @@ def evaluate_candidate(policy, prompts: list[dict], sampling, seed: int, referen
         if reward is not None:
             got.rewards = reward_values(reward, texts, got.completions())
     else:
-        got = draw(policy, prompts, sampling, seed, progress, reward, task=task)
+        got = draw(policy, prompts, sampling, seed, progress, reward, task=task, greedy=greedy)
     logp_policy, logp_ref, same_vocab = sampled_logprobs(policy, got.samples, reference, texts,
                                                          sampling.max_prompt_tokens, task)
     metrics = compare(got.scores, ref_draw.scores, logp_policy, logp_ref,

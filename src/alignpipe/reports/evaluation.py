@@ -57,18 +57,28 @@ def write_chat_outputs(report: dict[str, Any], prompts: list, draws: dict, out_d
 
 
 def chat_markdown(report: dict[str, Any]) -> str:
-    """report.md of a chat evaluation: one row per candidate (the best in bold)."""
+    """report.md of a chat evaluation: one row per candidate (the best in bold) and the champion (measured on the same
+    conversations)."""
     lines = [f"# Evaluation (task {report['task']}; gate: {report['gate_metric']}, {report['gate_direction']} is "
              f"better; judge: {report['judge_model']})", "",
-             "| candidate | judge win rate vs ref | reward | KL to ref (nats) | ended | held-out ppl | guard |",
-             "|---|---|---|---|---|---|---|"]
-    for name, m in report["candidates"].items():
+             "| candidate | judge win rate vs ref | judge win rate vs champion | reward | KL to ref (nats) | ended | "
+             "held-out ppl | guard |", "|---|---|---|---|---|---|---|---|"]
+    champion = report.get("champion")
+    rows = {**report["candidates"], **({f"champion v{champion['version']}": champion} if champion else {})}
+    for name, m in rows.items():
         g = m.get("guard") or {}
         verdict = "" if not g else ("**reward hacking**" if g["reward_hacking"] else "ok")
         label = f"**{name}**" if name == report["best_candidate"] else name
-        lines.append(f"| {label} | {_fmt(m.get('judge_win_rate_vs_ref'), 3)} | {_fmt(m.get('reward_score'), 3)} | "
-                     f"{_fmt(m.get('kl_to_ref'), 3)} | {_fmt(m.get('ended_frac'), 3)} | "
-                     f"{_fmt(m.get('heldout_ppl'), 4)} | {verdict} |")
+        cells = [_fmt(m.get(k), d) for k, d in (("judge_win_rate_vs_ref", 3), ("judge_win_rate_vs_champion", 3),
+                                                ("reward_score", 3), ("kl_to_ref", 3), ("ended_frac", 3),
+                                                ("heldout_ppl", 4))]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {verdict} |")
+    sampling = report["sampling"]
+    lines += ["", f"{report['prompts']['n']} held-out conversations, one answer each ("
+              + ("greedy" if sampling.get("greedy") else f"temperature {sampling['temperature']}, top-p "
+                 f"{sampling['top_p']}, seed {sampling['seed']}") + f", at most {sampling['max_new_tokens']} new "
+              "tokens); champion: " + (f"`{champion['model']}` version {champion['version']}, measured on the same "
+                                       "conversations" if champion else "none registered") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -221,8 +221,8 @@ class OnnxChatModel(mlflow.pyfunc.ChatModel):
     """A conversation ({"role", "content"} messages ending on a user turn) in, the assistant's answer out (its
     turn decoded without special tokens, stripped), through the tokenizer's chat template."""
 
-    def load_context(self, context):
-        _load_policy(self, context, "chat", self._answer)
+    def load_context(self, context):  # the task it was logged for (arith, ...; chat before it was recorded)
+        _load_policy(self, context, (context.model_config or {}).get("task", "chat"), self._answer)
 
     def __getstate__(self):  # MLflow pickles the model after a trial predict: the session is rebuilt on load
         return {}
@@ -313,6 +313,7 @@ def log_policy_model(onnx_path: Path, policy_dir: Path, model_config: dict[str, 
 
     config = {**POLICY_DEFAULTS, **model_config, "task": task}  # the task tells `alignpipe serve` how to prompt
     if get_task(task).conversational():
+        config["task"] = task  # the served model prompts and ends answers as this task does (arith: meta suffix)
         # A ChatModel's signature is MLflow's chat schema; MLflow runs `predict` on the example while logging (its
         # default example asks for `stop`, which this model refuses).
         served = {"python_model": OnnxChatModel(),

@@ -1,6 +1,8 @@
 """The stages. Each module `alignpipe.stages.<name>` defines, with only light imports at module level:
 
-- `Config`: a frozen `StageConfig` dataclass whose `SECTION` is the stage name (its params.yaml section);
+- `Config`: a frozen `StageConfig` dataclass whose `SECTION` is the stage name (its params.yaml section), each
+  field `field(default, help, ...)` with its constraints (`ge=`, `le=`, `choices=`, ...; core/config.py), only
+  cross-field checks in `__post_init__` (after `super().__post_init__()`), old key names in `RENAMED`;
 - `INPUTS`: the input paths it reads, as `Input`s (their defaults match dvc.yaml);
 - `METRICS`: the metric keys it must write (docs/METRICS.md);
 - `run(cfg, inputs, out_dir) -> dict[str, float]`: the stage's whole logic; writes its outputs into `out_dir`

@@ -12,11 +12,15 @@ The best candidate on the gate metric is copied to best/ with candidate.json (it
 read only that). Also writes report.json, report.md, samples.jsonl, report.html (the report and plots as one
 self-contained page), frontier.tsv (the score-vs-KL frontier for `dvc plots`) and two PNG plots.
 
+`greedy` decodes every candidate and the champion greedily (as the served model answers at temperature 0).
+
 The chat task (`data.task: chat`, from the data's MANIFEST.json) has no oracle: `run_chat` samples each candidate's
-answers through the chat template (`alignpipe.oracle.chat_eval`) and reports the reward model's mean score, the
-judge's win rate against the reference (the gate metric, higher is better; the judge is `evaluate.judge_model`, a
-second reward model, or the reward model itself), the sampled KL and held-out perplexity, and, with a distinct
-judge, the reward-hacking guard. It writes report.json, report.md and samples.jsonl (no champion comparison yet).
+and the registered champion's answers through the chat template (`alignpipe.oracle.chat_eval`) and reports the
+reward model's mean score, the judge's win rates against the reference and the champion (the gate metric is the win
+rate against the reference, higher is better; the judge is `evaluate.judge_model`, a second reward model, or the
+reward model itself), the sampled KL and held-out perplexity, and, with a distinct judge, the reward-hacking guard.
+The champion's row is measured on the same conversations and seed, so register's gate compares like with like. It
+writes report.json, report.md, report.html and samples.jsonl.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class Config(StageConfig):
     champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)",
                                 pattern=ALIAS)
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
+    greedy: bool = field(False, "decode greedily (temperature and top_p unused), as the served model answers at "
+                         "temperature 0")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
@@ -137,7 +143,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         reward = load_reward_model(inputs["reward_model"])
 
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task)
+    ref_draw = draw(ref, rows, sampling, cfg.seed, f"evaluate {REFERENCE}", task=task, greedy=cfg.greedy)
     champion, champion_draw = (_draw_champion(cfg, rows, sampling, reward, task) if cfg.compare_champion
                                else (None, None))
 
@@ -146,7 +152,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
         metrics, draws[name] = evaluate_candidate(policy, rows, sampling, cfg.seed, ref, ref_draw, champion_draw,
-                                                  reward, progress=f"evaluate {name}", task=task)
+                                                  reward, progress=f"evaluate {name}", task=task, greedy=cfg.greedy)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = _candidate_entry(path, policy[2], metrics, nll, n_tokens, val_chars)
@@ -173,8 +179,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
     write_best(report, out_dir)
@@ -184,8 +190,9 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
 
 def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -> dict[str, float]:
-    """The chat task's evaluation (no oracle): every candidate sampled through the chat template on the same
-    conversations and seed, scored by the reward model and the judge against the reference."""
+    """The chat task's evaluation (no oracle): every candidate and the registered champion answer the same
+    conversations through the chat template with the same seed, scored by the reward model and the judge against
+    the reference's (and the champion's) answers."""
     from alignpipe.core.errors import DataError
     from alignpipe.core.hashing import prompts_sha256, weights_sha256
     from alignpipe.core.io import read_jsonl
@@ -206,44 +213,84 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
                         batch_size=cfg.batch_size)
     reward = load_reward_model(inputs["reward_model"]) if inputs.get("reward_model") is not None else None
     judge = load_reward_model(cfg.judge_model) if cfg.judge_model else reward
+
+    def answer(policy):  # one answer per conversation, scored
+        return score(sample_chat(policy, prompts, sampling, cfg.seed, task, cfg.greedy), prompts, reward, judge)
+
     val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
     dirs = candidate_dirs(inputs, cfg)
     ref = load_policy(dirs[REFERENCE])
-    ref_draw = score(sample_chat(ref, prompts, sampling, cfg.seed, task), prompts, reward, judge)
+    ref_draw = answer(ref)
+    champion, champion_draw = (_chat_champion(cfg, answer, ref, ref_draw, judge is not reward)
+                               if cfg.compare_champion else (None, None))
     results, draws = {}, {}
     for name, path in dirs.items():
         policy = ref if name == REFERENCE else load_policy(path)
-        got = ref_draw if name == REFERENCE else score(sample_chat(policy, prompts, sampling, cfg.seed, task),
-                                                       prompts, reward, judge)
-        metrics = chat_metrics(policy, got, ref, ref_draw, judge is not reward, cfg.seed)
+        got = ref_draw if name == REFERENCE else answer(policy)
+        metrics = chat_metrics(policy, got, ref, ref_draw, judge is not reward, cfg.seed, champion=champion_draw)
         window = min(cfg.ppl_window, context_length(policy[0]) or cfg.ppl_window)
         nll, n_tokens = heldout_nll(policy[0], policy[1], val_texts, window)
         results[name] = {"path": str(path), "objective": policy[2].objective, "reward": trained_reward(policy[2]),
                          **metrics, "heldout_ppl": math.exp(nll / max(n_tokens, 1)),
                          "weights_sha256": weights_sha256(path)}
         draws[name] = got
+    if champion_draw is not None:
+        draws["champion"] = champion_draw
     metric, higher = task.gate()
     best = best_candidate(results, metric, higher)
     report = {
         "best_candidate": best, "task": str(task), "gate_metric": metric,
         "gate_direction": "higher" if higher else "lower", "order": list(results),
-        "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": None,
+        "candidates": results, "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])}, "champion": champion,
         "prompts": {"path": str(prompts_path), "n": len(prompts),
                     "sha256": prompts_sha256([json.dumps(p, sort_keys=True) for p in prompts])},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "judge_model": cfg.judge_model or "the reward model", **task.describe(),
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-                     "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
     }
     write_chat_outputs(report, prompts, draws, out_dir)
     write_best(report, out_dir)
     print(f"evaluate: best candidate {best!r} ({metric} {results[best].get(metric)}); "
           "see report.json and report.md")
-    keys = ("judge_win_rate_vs_ref", "reward_score", "kl_to_ref", "ended_frac", "empty_frac", "heldout_ppl")
-    flat = {f"{name}/{k}": float(m[k]) for name, m in results.items() for k in keys
+    return chat_flat_metrics(report)
+
+
+CHAT_KEYS = ("judge_win_rate_vs_ref", "judge_win_rate_vs_champion", "reward_score", "kl_to_ref", "ended_frac",
+             "empty_frac", "heldout_ppl")
+
+
+def chat_flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """metrics.json of a chat evaluation: `C/<metric>` of CHAT_KEYS for each candidate C and the champion
+    (finite values only), `best_candidate_index` and `n_candidates`."""
+    rows = {**report["candidates"], **({"champion": report["champion"]} if report.get("champion") else {})}
+    flat = {f"{name}/{k}": float(m[k]) for name, m in rows.items() for k in CHAT_KEYS
             if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])}
-    return {**flat, "best_candidate_index": list(results).index(best), "n_candidates": len(results)}
+    return {**flat, "best_candidate_index": report["order"].index(report["best_candidate"]),
+            "n_candidates": len(report["order"])}
+
+
+def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
+    """(registry info with its measured metrics, ChatDraw) of the registered champion answering the candidates'
+    conversations (`answer(policy)`), or (None, None) when there is none; its download is removed afterwards."""
+    from alignpipe.lm.policy import load_policy
+    from alignpipe.oracle.chat_eval import chat_metrics
+    from alignpipe.tracking.policies import champion_policy
+
+    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
+    try:
+        found = champion_policy(cfg.champion_model, cfg.champion_alias, work)
+        if found is None:
+            return None, None
+        champion, champion_dir = found
+        policy = load_policy(champion_dir)
+        got = answer(policy)
+        metrics = chat_metrics(policy, got, ref, ref_draw, judge_distinct, cfg.seed, other_tokenizer=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    champion.update(metrics)
+    return champion, got
 
 
 def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
@@ -260,7 +307,8 @@ def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
         if found is None:
             return None, None
         champion, champion_dir = found
-        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task)
+        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task,
+                   greedy=cfg.greedy)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     champion.update({**summarize(got.scores, seed=cfg.seed), **task.summarize(got.scores, cfg.seed)})

@@ -29,7 +29,10 @@ policy judges its own answers), K answers per training conversation are also sam
 both answers in `llm_template` (default `alignpipe.oracle.judges.CHAT_LLM_TEMPLATE`), in both orders, averaged;
 a pair is a tie when the averaged scores are within `tie_threshold`; its position consistency (both orders
 prefer the same answer) is reported. A conversational task with an oracle (arith) labels sampled answers with its
-oracle under the default `judge: scorer` (a correct answer over a wrong one; pairs the oracle ties are dropped).
+oracle under the default `judge: scorer` (a correct answer over a wrong one; pairs the oracle ties are dropped). With
+an oracle, the rows of sampled answers carry `oracle_chosen`/`oracle_rejected`, and a judge other than the oracle
+reports `judge_oracle_agreement` (over the pairs the oracle decides, how often the judge prefers the oracle's better
+answer, judge ties half) and `oracle_decided_frac` in metrics.json beside `judge_position_consistency`.
 """
 
 from __future__ import annotations
@@ -336,10 +339,28 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
             else:
                 n_dropped += 1
     scores, judge_stats = chat_pair_scores(cfg, inputs.get("judge_model"), policy, pairs, task)
-    rows, stats = order_chat_pairs(pairs, scores, cfg)
-    return rows, {**stats, **judge_stats, "n_dropped_unended_pairs": n_dropped,
+    oracles, oracle_stats = chat_oracle_agreement(cfg, task, pairs, scores)
+    rows, stats = order_chat_pairs(pairs, scores, cfg, oracles)
+    return rows, {**stats, **judge_stats, **oracle_stats, "n_dropped_unended_pairs": n_dropped,
                   "cap_reached_frac": 1 - sum(got.ended) / max(len(got.ended), 1),
                   "sampling_and_judging_seconds": round(time.perf_counter() - start, 2)}
+
+
+def chat_oracle_agreement(cfg: Config, task, pairs: list[tuple],
+                          scores: list[tuple[float, float]]) -> tuple[list[tuple[float, float]] | None, dict]:
+    """Where the task has an oracle: its (a, b) values of each judged (conversation, a, b) pair (violations per
+    character after the conversation, lower is better) and, for a judge other than the oracle itself, the judge's
+    agreement with it (`alignpipe.oracle.judges.oracle_agreement`); (None, {}) without an oracle."""
+    from alignpipe.oracle.judges import oracle_agreement
+
+    if not task.has_oracle():
+        return None, {}
+    oracle = task.oracle()
+    oracles = [(oracle(p, a).per_char, oracle(p, b).per_char) for p, a, b in pairs]
+    if cfg.judge == "scorer":
+        return oracles, {}
+    agreement, decided = oracle_agreement(scores, oracles, cfg.tie_threshold)
+    return oracles, {"judge_oracle_agreement": agreement, "oracle_decided_frac": decided}
 
 
 def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy, pairs: list[tuple],
@@ -371,20 +392,26 @@ def chat_pair_scores(cfg: Config, judge_model: Path | str | None, policy, pairs:
                                        "judge_is_policy": float(judge_model is None)}
 
 
-def order_chat_pairs(pairs: list[tuple], scores: list[tuple[float, float]],
-                     cfg: Config) -> tuple[list[dict], dict[str, float]]:
+def order_chat_pairs(pairs: list[tuple], scores: list[tuple[float, float]], cfg: Config,
+                     oracles: list[tuple[float, float]] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Conversational preference rows of judged (conversation, a, b) pairs: the higher score chosen (a on a kept
-    tie); a pair whose scores are within `tie_threshold` is a tie, dropped unless keep_ties."""
+    tie); a pair whose scores are within `tie_threshold` is a tie, dropped unless keep_ties. `oracles`, when given:
+    the oracle's (a, b) values of each pair (lower is better), carried as oracle_chosen/oracle_rejected."""
     rows, n_ties = [], 0
-    for (prompt, a, b), (sa, sb) in zip(pairs, scores, strict=True):
+    for k, ((prompt, a, b), (sa, sb)) in enumerate(zip(pairs, scores, strict=True)):
         tie = abs(sa - sb) <= cfg.tie_threshold
         n_ties += tie
         if tie and not cfg.keep_ties:
             continue
-        (chosen, sc), (rejected, sr) = sorted(((a, sa), (b, sb)), key=lambda x: -x[1])
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
-                     "score_rejected": sr, "judge": cfg.judge, "source": "rlaif"})
+        flip = sb > sa
+        (chosen, sc), (rejected, sr) = ((b, sb), (a, sa)) if flip else ((a, sa), (b, sb))
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+               "rejected": [{"role": "assistant", "content": rejected}], "score_chosen": sc,
+               "score_rejected": sr, "judge": cfg.judge, "source": "rlaif"}
+        if oracles is not None:
+            oa, ob = oracles[k]
+            row.update(oracle_chosen=ob if flip else oa, oracle_rejected=oa if flip else ob)
+        rows.append(row)
     gaps = [r["score_chosen"] - r["score_rejected"] for r in rows]
     return rows, {"n_judged": len(pairs), "n_ties": n_ties, "mean_score_gap": sum(gaps) / len(gaps) if gaps else 0.0}
 

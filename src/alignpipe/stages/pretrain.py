@@ -211,6 +211,9 @@ def check_task(cfg: Config, task) -> None:
     if cfg.objective not in allowed:
         raise ConfigError("pretrain.objective", f"task {task} trains with {', '.join(allowed)} only "
                           f"({cfg.objective} needs oracle scores of the corpus' segments, which it has not)")
+    if task.pretrain_needs_init_model() and not cfg.init_model:
+        raise ConfigError("pretrain.init_model", f"task {task} continues a chat model (a Hugging Face id or "
+                          "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
 
 
 def prepare_checkpoints(cfg: Config, main: bool) -> Path | None:

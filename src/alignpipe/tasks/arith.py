@@ -159,6 +159,9 @@ class Arith(Chat):
 
         return OBJECTIVES
 
+    def pretrain_needs_init_model(self) -> bool:
+        return False  # trained from scratch here
+
     def train_tokenizer(self, texts, cfg):
         return train_chat_tokenizer(texts, cfg.vocab_size)
 

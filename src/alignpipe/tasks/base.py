@@ -113,6 +113,10 @@ class Task(ABC):
 
         return OBJECTIVES
 
+    def pretrain_needs_init_model(self) -> bool:
+        """Whether pretrain must continue a given model (`pretrain.init_model`) rather than train one from scratch."""
+        return False
+
     def train_tokenizer(self, texts, cfg):
         """The tokenizer pretrain trains on the corpus `texts` when it continues no model (`cfg`: pretrain's
         config): a byte-level BPE with EOS, PAD and the control tokens."""

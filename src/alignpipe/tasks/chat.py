@@ -59,6 +59,9 @@ class Chat(Task):
         """MLE only: supervised fine-tuning on the chosen conversations (no oracle scores segments)."""
         return ("mle",)
 
+    def pretrain_needs_init_model(self) -> bool:
+        return True
+
     def train_tokenizer(self, texts, cfg):
         raise ConfigError("pretrain.init_model", f"task {self} continues a chat model (a Hugging Face id or "
                           "directory whose tokenizer has a chat template); a GPT-2 from scratch has none")
