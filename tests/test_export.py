@@ -79,7 +79,7 @@ def test_stage_reports_parity_within_tolerance_and_equal_greedy_generation(expor
     assert m["ort_speedup_reward"] > 0 and m["ort_speedup_generate"] > 0
     report = json.loads((exported["out"] / "report.json").read_text())
     assert report["candidate"] == "dpo" and report["policy_dir"] == str(sources["best"])
-    assert report["prompt_format"] == "{prompt}<|aligned|>"  # the conditional policy's control suffix
+    assert report["prompt_template"] == "{prompt}<|aligned|>"  # the conditional policy's control suffix
     assert all(p["greedy_equal"] for p in report["parity"]["prompts"])
     assert json.loads((exported["out"] / "metrics.json").read_text()) == pytest.approx(m)
 

@@ -128,7 +128,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     write_json(out_dir / "report.json", {
         "candidate": candidate, "policy_dir": str(policy_dir), "reward_dir": str(inputs["reward_model"]),
         "providers": ort_policy.session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
-        "opset": cfg.opset, "prompt_format": meta.format_prompt("{prompt}"),
+        "opset": cfg.opset, "prompt_template": meta.format_prompt("{prompt}"),
         "bad_token_ids": ref.gen_kw["bad_token_ids"],
         "parity": {"atol": cfg.parity_atol, **{k: v for k, v in fp32.items() if k not in ("seqs", "matches")},
                    "prompts": [{"prompt": p, "completion": c, "greedy_equal": m}
