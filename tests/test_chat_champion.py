@@ -179,7 +179,7 @@ def test_arith_base_as_its_own_llm_judge_reports_agreement_with_the_oracle(arith
     agreement with the oracle and its position consistency."""
     from alignpipe.stages import label
 
-    cfg = label.Config(judge="llm", k=4, n_prompts=32, max_new_tokens=6, keep_ties=True)
+    cfg = label.Config(judge="llm", k=4, n_prompts=32, max_new_tokens=12, keep_ties=True)
     got = execute("label", cfg, {"data": arith["data"], "policy": arith["base"]}, tmp_path / "label")
     assert got["judge_is_policy"] == 1.0 and got["n_judged"] > 0
     assert 0 <= got["judge_oracle_agreement"] <= 1 and 0 < got["oracle_decided_frac"] <= 1

@@ -641,10 +641,18 @@ def test_sighup_ends_a_stage_like_sigterm():
 
     from alignpipe.run.runner import _sigterm_as_exit
 
-    with pytest.raises(SystemExit) as e, _sigterm_as_exit():
-        os.kill(os.getpid(), signal.SIGHUP)
-    assert e.value.code == 128 + signal.SIGHUP
-    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # the test may itself run under nohup (SIG_IGN)
+    try:
+        with pytest.raises(SystemExit) as e, _sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert e.value.code == 128 + signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # under nohup a hangup is ignored, stage or not
+        with _sigterm_as_exit():
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_sigterm_to_a_local_pipeline_run_stops_the_task_it_started(tmp_path):

@@ -191,7 +191,9 @@ def _sigterm_as_exit():
     def handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal the caller chose to ignore (`nohup` ignores SIGHUP) stays ignored
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -126,7 +126,7 @@ def load_model(init: str, cfg: Config):
     tok = load_tokenizer(init, cfg.trust_remote_code)
     # A causal LM gains a new `score` head and leaves its LM head unused: the point here, not a mismatch.
     model = load_pretrained(AutoModelForSequenceClassification, init, "reward.init_model weights", tok,
-                            new_head=("score.", "lm_head."), num_labels=1, trust_remote_code=cfg.trust_remote_code,
+                            new_head=("score.",), unused_head=True, num_labels=1, trust_remote_code=cfg.trust_remote_code,
                             **({"quantization_config": quantization_config(cfg)} if cfg.lora_4bit else {}))
     model.config.pad_token_id = tok.pad_token_id
     setattr(model.config, PROMPT_LINES_KEY, cfg.prompt_lines)  # reward_scores reads prompts as trained
