@@ -52,14 +52,18 @@ def build_model(tok, n_embd: int, n_layer: int, n_head: int, n_positions: int, i
     return GPT2LMHeadModel(config)
 
 
+# The weight prefixes of causal LMs' output heads as checkpoints name them (GPT-NeoX saves its head as embed_out):
+# what a reward model built on a causal LM leaves unused.
+LM_HEADS = ("lm_head.", "embed_out.")
+
+
 def load_pretrained(auto_class, path: str | Path, what: str, tok=None, new_head: tuple[str, ...] = (),
                     unused_head: bool = False, **kwargs):
     """`auto_class.from_pretrained(path, **kwargs)` (safetensors only), the one place alignpipe loads weights, refused
     with one DataError line naming `path` unless they match the model: no missing, unexpected or mismatched keys
     (transformers' loading info; `new_head`: prefixes of the layers a new head may lack, e.g. a reward model's
-    `score.`; `unused_head`: the checkpoint's weights outside the base model, e.g. a causal LM's output head
-    (`lm_head.`, GPT-NeoX's `embed_out.`), may be left unused), every weight finite, and an embedding at least as
-    large as the tokenizer `tok` when given."""
+    `score.`; `unused_head`: a causal LM's output head (`LM_HEADS`) may be left unused), every weight finite, and
+    an embedding at least as large as the tokenizer `tok` when given."""
     import logging
 
     import torch
@@ -73,11 +77,10 @@ def load_pretrained(auto_class, path: str | Path, what: str, tok=None, new_head:
                                                      **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    base = f"{model.base_model_prefix}."
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         bad = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or ()
                      if not (isinstance(k, str) and k.startswith(new_head) and new_head)
-                     and not (kind == "unexpected_keys" and unused_head and not k.startswith(base)))
+                     and not (kind == "unexpected_keys" and unused_head and k.startswith(LM_HEADS)))
         if bad:
             raise DataError(str(path), f"the {what} do not match the model: {len(bad)} {kind.replace('_', ' ')} "
                             f"(e.g. {bad[0]}): weights saved from another architecture or renamed")
