@@ -271,11 +271,10 @@ def chat_flat_metrics(report: dict[str, Any]) -> dict[str, float]:
             "n_candidates": len(report["order"])}
 
 
-def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
-    """(registry info with its measured metrics, ChatDraw) of the registered champion answering the candidates'
-    conversations (`answer(policy)`), or (None, None) when there is none; its download is removed afterwards."""
+def _with_champion(cfg: Config, use):
+    """(registry info, `use(policy)`) of the registered champion, or (None, None) when there is none; its download
+    is removed afterwards."""
     from alignpipe.lm.policy import load_policy
-    from alignpipe.oracle.chat_eval import chat_metrics
     from alignpipe.tracking.policies import champion_policy
 
     work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
@@ -284,33 +283,38 @@ def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
         if found is None:
             return None, None
         champion, champion_dir = found
-        policy = load_policy(champion_dir)
-        got = answer(policy)
-        metrics = chat_metrics(policy, got, ref, ref_draw, judge_distinct, cfg.seed, other_tokenizer=True)
+        return champion, use(load_policy(champion_dir))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _chat_champion(cfg: Config, answer, ref, ref_draw, judge_distinct: bool):
+    """(registry info with its measured metrics, ChatDraw) of the registered champion answering the candidates'
+    conversations (`answer(policy)`), or (None, None) when there is none."""
+    from alignpipe.oracle.chat_eval import chat_metrics
+
+    def use(policy):
+        got = answer(policy)
+        return got, chat_metrics(policy, got, ref, ref_draw, judge_distinct, cfg.seed, other_tokenizer=True)
+
+    champion, used = _with_champion(cfg, use)
+    if champion is None:
+        return None, None
+    got, metrics = used
     champion.update(metrics)
     return champion, got
 
 
 def _draw_champion(cfg: Config, rows: list[dict], sampling, reward, task):
     """(registry info with its oracle summary, Draw) of the registered champion, or (None, None) when there is
-    none; its download is removed afterwards."""
-    from alignpipe.lm.policy import load_policy
+    none."""
     from alignpipe.oracle.metrics import summarize
     from alignpipe.oracle.policy_eval import draw
-    from alignpipe.tracking.policies import champion_policy
 
-    work = Path(tempfile.mkdtemp(prefix="evaluate-champion-"))
-    try:
-        found = champion_policy(cfg.champion_model, cfg.champion_alias, work)
-        if found is None:
-            return None, None
-        champion, champion_dir = found
-        got = draw(load_policy(champion_dir), rows, sampling, cfg.seed, "evaluate champion", reward, task=task,
-                   greedy=cfg.greedy)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    champion, got = _with_champion(cfg, lambda policy: draw(policy, rows, sampling, cfg.seed, "evaluate champion",
+                                                            reward, task=task, greedy=cfg.greedy))
+    if champion is None:
+        return None, None
     champion.update({**summarize(got.scores, seed=cfg.seed), **task.summarize(got.scores, cfg.seed)})
     if got.rewards is not None:
         champion["reward_score"] = sum(got.rewards) / len(got.rewards)
