@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -461,11 +463,14 @@ def build_server(served, threads: int, max_batch_size: int, max_queue: int, limi
     from alignpipe.lm.ort_sampling import OrtCompleter
     from alignpipe.lm.policy import PolicyMeta
     from alignpipe.lm.tokenizers import load_tokenizer
+    from alignpipe.serving.graph import serving_graph
     from alignpipe.serving.models import RewardScorer, _session
     from alignpipe.tasks import get_task
 
     session_config = {**served.config, "intra_op_threads": threads, "spin": False}
-    completer = OrtCompleter(OrtPolicy(_session(str(served.policy_onnx), session_config)),
+    workdir = Path(served.workdir.name if served.workdir is not None else tempfile.mkdtemp(prefix="alignpipe-"))
+    graph = serving_graph(served.policy_onnx, workdir)  # logits of the last position only
+    completer = OrtCompleter(OrtPolicy(_session(str(graph), session_config)),
                              load_tokenizer(served.tokenizer), PolicyMeta.load(served.tokenizer),
                              int(served.config["max_prompt_tokens"]), get_task(served.task))
     scorer = None
