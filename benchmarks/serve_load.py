@@ -213,7 +213,7 @@ def plan(args) -> list[tuple[str, str, str, int]]:
                 (f"{OPENAI_ROW}, 1 client", "openai", ONNX_URI, 1),
                 (f"{OPENAI_ROW}, {c} clients, stream", "openai-stream", ONNX_URI, c),
                 (f"mlflow models serve -m {ONNX_URI}", "mlflow", ONNX_URI, c),
-                (f"mlflow models serve -m {TORCH_URI}", "mlflow", TORCH_URI, c)]
+                (f"mlflow models serve -m {TORCH_URI}", "mlflow", TORCH_URI, c)][:3 if args.no_mlflow else 5]
     rows = [(f"alignpipe serve {t}", "openai", t, c) for t in args.openai]
     rows += [(f"mlflow models serve -m {t}", "mlflow", t, c) for t in args.serve]
     return rows or [(args.url, "url", args.url.rstrip("/"), c)]
@@ -271,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=16, help="requests sent before timing (default: %(default)s)")
     parser.add_argument("--reward-dir", default="artifacts/reward", help="PyTorch reward model for the eager "
                         "reference of --compare's reward scoring row (default: %(default)s, when present)")
+    parser.add_argument("--no-mlflow", action="store_true", help="with --compare: only the `alignpipe serve` rows "
+                        "(and reward scoring), not the two `mlflow models serve` rows")
+    parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
+                        help="extra flag for the started `alignpipe serve` (repeatable, e.g. --serve-flag=--workers=1)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args(argv)
 
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 for old in list(servers):  # one server at a time: each row gets the CPUs
                     stop_server(servers.pop(old)[0])
                 log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{os.getpid()}_{len(rows)}.log"
-                proc, url = start_server(target, args.workers, log_path, openai=key[0] == "openai")
+                proc, url = start_server(target, args.workers, log_path, openai=key[0] == "openai",
+                                         extra=tuple(args.serve_flag) if key[0] == "openai" else ())
                 servers[key] = (proc, url)
                 ready[name] = wait_ready(url, proc=proc)
                 print(f"started {name.split(',')[0]} at {url} (log: {log_path}; ready after {ready[name]:.1f} s)",

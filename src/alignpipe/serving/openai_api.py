@@ -456,9 +456,11 @@ def create_app(server: Server):
 
 
 
-def build_server(served, threads: int, max_batch_size: int, max_queue: int, limits: Limits = Limits()) -> Server:
-    """The engine (ORT session with `threads` intra-op threads, no spinning), the reward scorer when `served` has a
-    reward model, and the Server over them."""
+def build_server(served, threads: int, max_batch_size: int, max_queue: int, limits: Limits = Limits(),
+                 graph: Path | None = None) -> Server:
+    """The engine (ORT session with `threads` intra-op threads, no spinning) over `graph` (default: the policy's
+    graph with last-position logits, `alignpipe.serving.graph`), the reward scorer when `served` has a reward
+    model, and the Server over them."""
     from alignpipe.lm.onnx_runtime import OrtPolicy
     from alignpipe.lm.ort_sampling import OrtCompleter
     from alignpipe.lm.policy import PolicyMeta
@@ -468,8 +470,9 @@ def build_server(served, threads: int, max_batch_size: int, max_queue: int, limi
     from alignpipe.tasks import get_task
 
     session_config = {**served.config, "intra_op_threads": threads, "spin": False}
-    workdir = Path(served.workdir.name if served.workdir is not None else tempfile.mkdtemp(prefix="alignpipe-"))
-    graph = serving_graph(served.policy_onnx, workdir)  # logits of the last position only
+    if graph is None:  # logits of the last position only
+        workdir = served.workdir.name if served.workdir is not None else tempfile.mkdtemp(prefix="alignpipe-")
+        graph = serving_graph(served.policy_onnx, Path(workdir))
     completer = OrtCompleter(OrtPolicy(_session(str(graph), session_config)),
                              load_tokenizer(served.tokenizer), PolicyMeta.load(served.tokenizer),
                              int(served.config["max_prompt_tokens"]), get_task(served.task))
@@ -479,3 +482,32 @@ def build_server(served, threads: int, max_batch_size: int, max_queue: int, limi
                               {**served.reward_config, "intra_op_threads": threads, "spin": False,
                                "max_batch_size": max_batch_size, "batch_window_ms": 2.0}).batcher()
     return Server(served, Engine(completer, max_batch_size, max_queue), scorer, limits)
+
+
+SPEC_ENV = "ALIGNPIPE_SERVE_SPEC"  # what each worker process of `alignpipe serve --workers N` builds (JSON)
+
+
+def worker_spec(served, graph: Path, threads: int, max_batch_size: int, max_queue: int, limits: Limits) -> str:
+    """The JSON a worker process reads (`app_from_env`) to serve what the parent resolved and checked: the
+    files (downloaded once, kept by the parent), settings and limits."""
+    from dataclasses import asdict, fields
+
+    keep = {f.name: getattr(served, f.name) for f in fields(served) if f.name != "workdir"}
+    return json.dumps({"served": {k: str(v) if isinstance(v, Path) else v for k, v in keep.items()},
+                       "graph": str(graph), "threads": threads, "max_batch_size": max_batch_size,
+                       "max_queue": max_queue, "limits": asdict(limits)})
+
+
+def app_from_env():
+    """The app of one worker process (uvicorn's factory): the server `worker_spec` describes, in `SPEC_ENV`."""
+    import os
+
+    from alignpipe.serving.loading import Served
+
+    spec = json.loads(os.environ[SPEC_ENV])
+    data = spec["served"]
+    for key in ("policy_onnx", "tokenizer", "reward_onnx", "reward_tokenizer"):
+        data[key] = Path(data[key]) if data[key] is not None else None
+    server = build_server(Served(**data), spec["threads"], spec["max_batch_size"], spec["max_queue"],
+                          Limits(**spec["limits"]), graph=Path(spec["graph"]))
+    return create_app(server)  # the decoder thread is a daemon: it ends with the worker
