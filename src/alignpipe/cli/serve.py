@@ -217,7 +217,7 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=opts.max_body_bytes, max_prompts=opts.max_prompts,
                     max_prompt_chars=opts.max_prompt_chars, timeout_s=opts.timeout)
     graph = serving_graph(served.policy_onnx, Path(served.workdir.name))
-    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits, graph)  # loads, or fails here
+    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits, graph, cpus)  # or fails here
     print(f"serving {served.name} ({served.task}, {served.policy_onnx.name}) on http://{opts.host}:{opts.port}/v1 "
           f"with {workers} worker(s) of {threads} onnxruntime thread(s); reward scoring: "
           f"{'POST /v1/score' if server.scorer else 'none (' + served.no_reward + ')'}", flush=True)
@@ -227,7 +227,8 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
             uvicorn.run(create_app(server), **run)
         else:  # each worker builds its own server from the files resolved here (kept until the workers end)
             server.engine.close()
-            os.environ[SPEC_ENV] = worker_spec(served, graph, threads, opts.max_batch_size, opts.max_queue, limits)
+            os.environ[SPEC_ENV] = worker_spec(served, graph, threads, opts.max_batch_size, opts.max_queue, limits,
+                                               cpus)
             uvicorn.run("alignpipe.serving.openai_api:app_from_env", factory=True, workers=workers, **run)
     finally:
         server.engine.close()
