@@ -191,6 +191,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.target, opts)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by the cgroup's CPU quota (a pod's CPU limit)."""
+    import math
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def run_server(uri: str, opts: argparse.Namespace) -> int:
     """Load MODEL_URI, start the decoder loop, serve until interrupted."""
     import os
@@ -209,7 +224,7 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
             raise ConfigError(flag, f"must be >= {low}, got {value}")
     if not 0 < opts.timeout <= 3600:
         raise ConfigError("--timeout", f"must be in (0, 3600] seconds, got {opts.timeout}")
-    cpus = len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
     workers = opts.workers or cpus
     threads = opts.threads or max(1, cpus // workers)
     served = resolve(uri, opts.reward)
