@@ -44,5 +44,6 @@ def test_bad_user_corpus_is_one_line_exit_1(tmp_path, capsys):
     # the validators every entry runs (alignpipe.data.validators): one line per failed check, then the error line
     fails = [line for line in err.splitlines() if line.startswith("validate: FAIL ")]
     assert len(fails) == 1 and f"{corpus}: expect_lines_to_be_json" in fails[0] and "Traceback" not in err
-    assert err.splitlines()[-1].endswith(f"{corpus}: 1 of 4 expectations failed (listed above)")
+    # the error line itself names the file, the failed check and its example: readable without the lines above
+    assert f"{corpus}: 1 of 4 expectations failed: expect_lines_to_be_json (line), e.g. line 2" in err.splitlines()[-1]
     assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.partial"))

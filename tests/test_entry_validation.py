@@ -30,7 +30,8 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     err = capsys.readouterr().err
     fails = [line for line in err.splitlines() if line.startswith("validate: FAIL ")]
     assert len(fails) == 1 and "Traceback" not in err, err
-    assert " expectations failed (listed above)" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert " expectations failed: " in last and fails[0].split(": ", 2)[2].split(" (")[0] in last, last
     return code, fails[0]
 
 

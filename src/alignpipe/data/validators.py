@@ -513,8 +513,8 @@ def entry_files(path: Path, kind: str) -> list[tuple[Path, str]]:
     splits and prompt files (corpus) or its prefs.jsonl and heldout.jsonl (prefs, the label stage's output)."""
     from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
 
-    if kind == "corpus" or path.is_file():
-        return corpus_files(path) if kind == "corpus" else [(path, kind)]
+    if kind == "corpus" or not path.is_dir():
+        return corpus_files(path) if kind == "corpus" else [(check_readable_file(path), kind)]
     files = [(path / name, kind) for name in (PREFS_FILE, HELDOUT_FILE) if (path / name).is_file()]
     if not files:
         raise DataError(str(path), f"no {PREFS_FILE} in this directory")
@@ -551,4 +551,7 @@ def raise_on_failures(entries: list[dict]) -> None:
     if failed:
         bad_files = sorted({path for path, _ in failed})
         where = bad_files[0] if len(bad_files) == 1 else f"{len(bad_files)} files"
-        raise DataError(where, f"{len(failed)} of {len(checks)} expectations failed (listed above)")
+        first = Check(**failed[0][1])
+        more = f"; {len(failed) - 1} more listed above" if len(failed) > 1 else ""
+        raise DataError(where, f"{len(failed)} of {len(checks)} expectations failed: {first.expectation} "
+                               f"({first.column}), e.g. {first.example}{more}")

@@ -157,13 +157,15 @@ def latest_complete(directory: str | Path, prefix: str, required: tuple[str, ...
     """The newest `<prefix>-N` checkpoint in `directory` that `checkpoint_problem` finds complete; each newer one is
     skipped, saying why through `log`. None when there is no checkpoint; a DataError when none is complete."""
     found = checkpoints(Path(directory), prefix)
+    newest = None
     for path in reversed(found):
         problem = checkpoint_problem(path, required)
         if problem is None:
             return path
+        newest = newest or f"{path.name}: {problem}"
         log(f"resume: skipping {path}: {problem}")
     if found:
-        raise DataError(str(directory), f"none of the {len(found)} checkpoints is complete (listed above); "
+        raise DataError(str(directory), f"none of the {len(found)} checkpoints is complete (the newest, {newest}); "
                         "drop --resume to start over")
     return None
 
