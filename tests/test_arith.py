@@ -210,5 +210,6 @@ def test_arith_stage_chain_cli(tmp_path):
           "--reward-model", str(a / "reward"), "--out", str(a / "evaluate"))
     report = json.loads((a / "evaluate" / "report.json").read_text())
     assert report["task"] == "arith" and report["gate_metric"] == "accuracy"
+    assert "| error rate (non-empty answers) (95% CI) | correct |" in (a / "evaluate" / "report.md").read_text()
     for m in report["candidates"].values():
         assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
