@@ -47,7 +47,7 @@ def score(policy_dir: Path, run: Path, data: Path) -> dict:
     from alignpipe.core.config import load_params
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.oracle.guard import guard, verdict_line
     from alignpipe.oracle.metrics import sample_value
@@ -64,8 +64,7 @@ def score(policy_dir: Path, run: Path, data: Path) -> dict:
     if [r["prompt"] for r in ref] != [r["prompt"] for r in rows]:
         raise SystemExit(f"{run}/evaluate/samples.jsonl: not evaluate's prompts at params.yaml's settings")
     ref_scores = [CompletionScore(r["violations"], r["chars"], False) for r in ref]
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size)
+    sampling = cfg.sampling
     policy = load_policy(policy_dir)
     got = draw(policy, rows, sampling, cfg.seed, None, load_reward_model(run / "reward"), task=task)
     logp, logp_ref, _ = sampled_logprobs(policy, got.samples, load_policy(run / "pretrain"),

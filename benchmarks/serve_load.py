@@ -19,6 +19,7 @@ writes them as Markdown with the ratios the serving targets name.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,31 +48,60 @@ def load_prompts(path: str | None) -> list[str]:
         return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
+_local = threading.local()  # each client thread's open connections (HTTP keep-alive, as OpenAI's client keeps them)
+
+
+def _connection(url: str, timeout: float) -> http.client.HTTPConnection:
+    parts = urllib.parse.urlsplit(url)
+    conns = _local.__dict__.setdefault("conns", {})
+    key = (parts.hostname, parts.port, timeout)
+    if key not in conns:
+        conns[key] = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    return conns[key]
+
+
+def post(url: str, path: str, body: bytes, timeout: float) -> http.client.HTTPResponse:
+    """POST `body` (JSON) on this thread's kept-alive connection to `url`; a connection the server closed while
+    idle is reopened once (nothing of the request was answered)."""
+    for attempt in (0, 1):
+        conn = _connection(url, timeout)
+        reused = conn.sock is not None
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            return conn.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            conn.close()
+            if not reused or attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
 def one_request(url: str, prompt: str, params: dict | None, timeout: float,
                 api: str = "mlflow") -> tuple[float, str | None, str, float | None]:
     """(latency in s, error or None, the answer, time to first token in s or None) of one request: POST
     /invocations (`api` mlflow), POST /v1/completions (`openai`; `params` holds "model" and OpenAI fields) or the
-    same streamed (`openai-stream`)."""
+    same streamed (`openai-stream`), on the client thread's kept-alive connection."""
     if api == "mlflow":
         body: dict = {"inputs": [prompt], **({"params": params} if params else {})}
         path = "/invocations"
     else:
         body = {**(params or {}), "prompt": prompt, **({"stream": True} if api == "openai-stream" else {})}
         path = "/v1/completions"
-    req = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     text, first = "", None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            if api == "openai-stream":
-                text, first, error = _read_stream(r, start)
-            else:
-                answer = json.loads(r.read())
-                text, error = _answer(answer, api)
-    except urllib.error.HTTPError as e:
-        error = f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        r = post(url, path, json.dumps(body).encode(), timeout)
+        if r.status >= 400:
+            r.read()
+            error = f"HTTP {r.status}"
+        elif api == "openai-stream":
+            text, first, error = _read_stream(r, start)
+            r.read()  # the rest of the chunked body, so the connection can be reused
+        else:
+            answer = json.loads(r.read())
+            text, error = _answer(answer, api)
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        _connection(url, timeout).close()
         error = type(e).__name__
     return time.perf_counter() - start, error, text, first
 
@@ -134,16 +164,38 @@ def _quantiles(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
 
 
+def session_cpu_seconds(sid: int | None) -> float | None:
+    """CPU seconds (user + system) used so far by the live processes of session `sid` (a server started in its
+    own session: its workers included), from /proc; None without /proc or `sid`."""
+    if sid is None or not Path("/proc/self/stat").is_file():
+        return None
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state, ppid, pgrp, session, ..., utime (12), stime (13)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def run_load(url: str, prompts: list[str], n_requests: int = 1000, concurrency: int = 16,
-             params: dict | None = None, timeout: float = 120.0, api: str = "mlflow") -> dict:
+             params: dict | None = None, timeout: float = 120.0, api: str = "mlflow",
+             server_sid: int | None = None) -> dict:
     """Send `n_requests` requests with `concurrency` client threads; returns throughput, latency, time to first
-    token (streamed requests), errors and the answers (`answers`, in request order)."""
+    token (streamed requests), errors, the answers (`answers`, in request order) and the CPU milliseconds per
+    request of the server (the processes of session `server_sid`) and of this client."""
     with LoadSampler() as load:
+        server_cpu, client_cpu = session_cpu_seconds(server_sid), time.process_time()
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             results = list(pool.map(lambda i: one_request(url, prompts[i % len(prompts)], params, timeout, api),
                                     range(n_requests)))
         wall = time.perf_counter() - start
+        client_cpu = time.process_time() - client_cpu
+        if server_cpu is not None:
+            server_cpu = session_cpu_seconds(server_sid) - server_cpu
     q = _quantiles([r[0] for r in results])
     errors = [r[1] for r in results if r[1] is not None]
     firsts = [r[3] for r in results if r[3] is not None]
@@ -153,7 +205,9 @@ def run_load(url: str, prompts: list[str], n_requests: int = 1000, concurrency: 
             "p99_ms": 1000 * q[98], "mean_ms": 1000 * statistics.fmean(r[0] for r in results),
             "ttft_p50_ms": 1000 * ttft[49] if ttft else None, "ttft_p99_ms": 1000 * ttft[98] if ttft else None,
             "errors": len(errors), "error_kinds": sorted(set(errors)), "answers": [r[2] for r in results],
-            "load_mean": statistics.fmean(load.samples), "load_max": max(load.samples)}
+            "load_mean": statistics.fmean(load.samples), "load_max": max(load.samples),
+            "server_cpu_ms": 1000 * server_cpu / n_requests if server_cpu is not None else None,
+            "client_cpu_ms": 1000 * client_cpu / n_requests}
 
 
 def add_tokens(stats: dict, tokenizer) -> None:
@@ -168,15 +222,17 @@ def markdown(rows: list[tuple[str, dict]], setup: dict) -> str:
     lines = ["# Serving load benchmark", "", "`python benchmarks/serve_load.py " + setup["argv"] + "`", ""]
     lines += [f"- {k}: {v}" for k, v in setup.items() if k != "argv"]
     lines += ["", "| server | requests | clients | wall s | requests/s | p50 ms | p95 ms | p99 ms | TTFT p50 / p99 ms | "
-              "errors | tokens/answer | tokens/s | load avg mean / max |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "errors | tokens/answer | tokens/s | CPU ms/request server / client | load avg mean / max |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, st in rows:
         tok = (f"{st['tokens_per_answer']:.1f} | {st['tokens_per_s']:.0f}" if st.get("tokens_per_s") is not None
                else "n/a | n/a")
         ttft = f"{st['ttft_p50_ms']:.0f} / {st['ttft_p99_ms']:.0f}" if st.get("ttft_p50_ms") is not None else "n/a"
+        cpu = (f"{st['server_cpu_ms']:.1f}" if st.get("server_cpu_ms") is not None else "n/a") + \
+            (f" / {st['client_cpu_ms']:.1f}" if st.get("client_cpu_ms") is not None else "")
         lines.append(f"| {name} | {st['requests']} | {st['concurrency']} | {st['seconds']:.1f} | "
                      f"{st['requests_per_s']:.1f} | {st['p50_ms']:.0f} | {st['p95_ms']:.0f} | {st['p99_ms']:.0f} | "
-                     f"{ttft} | {st['errors']} | {tok} | {st['load_mean']:.1f} / {st['load_max']:.1f} |")
+                     f"{ttft} | {st['errors']} | {tok} | {cpu} | {st['load_mean']:.1f} / {st['load_max']:.1f} |")
     lines.append("")
     lines += [f"- {line}" for line in ratios(rows)] + [""]
     for name, st in rows:
@@ -213,7 +269,7 @@ def plan(args) -> list[tuple[str, str, str, int]]:
                 (f"{OPENAI_ROW}, 1 client", "openai", ONNX_URI, 1),
                 (f"{OPENAI_ROW}, {c} clients, stream", "openai-stream", ONNX_URI, c),
                 (f"mlflow models serve -m {ONNX_URI}", "mlflow", ONNX_URI, c),
-                (f"mlflow models serve -m {TORCH_URI}", "mlflow", TORCH_URI, c)]
+                (f"mlflow models serve -m {TORCH_URI}", "mlflow", TORCH_URI, c)][:3 if args.no_mlflow else 5]
     rows = [(f"alignpipe serve {t}", "openai", t, c) for t in args.openai]
     rows += [(f"mlflow models serve -m {t}", "mlflow", t, c) for t in args.serve]
     return rows or [(args.url, "url", args.url.rstrip("/"), c)]
@@ -226,9 +282,8 @@ def score_speed(url: str, prompts: list[str], reward_dir: str | None, batch: int
     body = json.dumps({"input": pairs}).encode()
 
     def served():
-        req = urllib.request.Request(f"{url}/v1/score", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            assert len(json.loads(r.read())["data"]) == batch
+        r = post(url, "/v1/score", body, 60.0)
+        assert r.status == 200 and len(json.loads(r.read())["data"]) == batch
 
     fns = {"server": served}
     if reward_dir:
@@ -271,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=16, help="requests sent before timing (default: %(default)s)")
     parser.add_argument("--reward-dir", default="artifacts/reward", help="PyTorch reward model for the eager "
                         "reference of --compare's reward scoring row (default: %(default)s, when present)")
+    parser.add_argument("--no-mlflow", action="store_true", help="with --compare: only the `alignpipe serve` rows "
+                        "(and reward scoring), not the two `mlflow models serve` rows")
+    parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
+                        help="extra flag for the started `alignpipe serve` (repeatable, e.g. --serve-flag=--workers=1)")
     parser.add_argument("--out", help="also write the results as Markdown to this file")
     args = parser.parse_args(argv)
 
@@ -294,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                 for old in list(servers):  # one server at a time: each row gets the CPUs
                     stop_server(servers.pop(old)[0])
                 log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_load_{os.getpid()}_{len(rows)}.log"
-                proc, url = start_server(target, args.workers, log_path, openai=key[0] == "openai")
+                proc, url = start_server(target, args.workers, log_path, openai=key[0] == "openai",
+                                         extra=tuple(args.serve_flag) if key[0] == "openai" else ())
                 servers[key] = (proc, url)
                 ready[name] = wait_ready(url, proc=proc)
                 print(f"started {name.split(',')[0]} at {url} (log: {log_path}; ready after {ready[name]:.1f} s)",
@@ -303,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             params = _params(url, api, args.max_new_tokens)
             if args.warmup:
                 run_load(url, prompts, args.warmup, min(clients, args.warmup), params, api=api)
-            stats = run_load(url, prompts, args.requests, clients, params, api=api)
+            stats = run_load(url, prompts, args.requests, clients, params, api=api, server_sid=proc and proc.pid)
             if args.compare and api == "openai" and clients == 1:  # the ONNX reward model, through the server
                 scoring = score_speed(url, prompts, args.reward_dir if Path(args.reward_dir).is_dir() else None)
                 print("reward scoring, batch 8: " + ", ".join(f"{k} {v:.2f}" for k, v in scoring.items()), flush=True)
@@ -316,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                      if stats["ttft_p50_ms"] is not None else "")
                   + f", errors {stats['errors']}" + (f" ({', '.join(stats['error_kinds'])})" if stats["errors"] else "")
                   + (f", {stats['tokens_per_s']:.0f} tokens/s" if stats["tokens_per_s"] is not None else "")
+                  + (f", server CPU {stats['server_cpu_ms']:.1f} ms/request" if stats["server_cpu_ms"] is not None
+                     else "") + f", client CPU {stats['client_cpu_ms']:.1f} ms/request"
                   + f", load average {stats['load_mean']:.1f} (max {stats['load_max']:.1f})", flush=True)
     finally:
         for proc, _ in servers.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -158,8 +159,10 @@ def _server_parser() -> argparse.ArgumentParser:
                    "or the folder's name)")
     p.add_argument("--reward", metavar="URI", help="reward serving model for /v1/score (default: "
                    "alignpipe-reward-onnx at the policy's alias, or the export folder's reward.onnx)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (default: the CPUs this "
-                   "process may use)")
+    p.add_argument("--workers", type=int, default=0, help="server processes, each with its own decoder loop and "
+                   "model copy, sharing the port (default: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per worker (default: the "
+                   "CPUs this process may use, divided among the workers)")
     p.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together (default: "
                    "%(default)s)")
     p.add_argument("--max-queue", type=int, default=256, help="sequences waiting to join the batch; more: 503 "
@@ -188,6 +191,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.target, opts)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by the cgroup's CPU quota (a pod's CPU limit)."""
+    import math
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def run_server(uri: str, opts: argparse.Namespace) -> int:
     """Load MODEL_URI, start the decoder loop, serve until interrupted."""
     import os
@@ -195,9 +213,10 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
     import uvicorn
 
     from alignpipe.serving.loading import resolve
-    from alignpipe.serving.openai_api import Limits, build_server, create_app
+    from alignpipe.serving.graph import serving_graph
+    from alignpipe.serving.openai_api import SPEC_ENV, Limits, build_server, create_app, worker_spec
 
-    for flag, value, low in (("--port", opts.port, 0), ("--threads", opts.threads, 0),
+    for flag, value, low in (("--port", opts.port, 0), ("--threads", opts.threads, 0), ("--workers", opts.workers, 0),
                              ("--max-batch-size", opts.max_batch_size, 1), ("--max-queue", opts.max_queue, 1),
                              ("--max-body-bytes", opts.max_body_bytes, 1), ("--max-prompts", opts.max_prompts, 1),
                              ("--max-prompt-chars", opts.max_prompt_chars, 1)):
@@ -205,17 +224,27 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
             raise ConfigError(flag, f"must be >= {low}, got {value}")
     if not 0 < opts.timeout <= 3600:
         raise ConfigError("--timeout", f"must be in (0, 3600] seconds, got {opts.timeout}")
-    threads = opts.threads or len(os.sched_getaffinity(0))
+    cpus = usable_cpus()
+    workers = opts.workers or cpus
+    threads = opts.threads or max(1, cpus // workers)
     served = resolve(uri, opts.reward)
     served.name = opts.name or served.name
     limits = Limits(max_body_bytes=opts.max_body_bytes, max_prompts=opts.max_prompts,
                     max_prompt_chars=opts.max_prompt_chars, timeout_s=opts.timeout)
-    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits)
+    graph = serving_graph(served.policy_onnx, Path(served.workdir.name))
+    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits, graph, cpus)  # or fails here
     print(f"serving {served.name} ({served.task}, {served.policy_onnx.name}) on http://{opts.host}:{opts.port}/v1 "
-          f"with {threads} onnxruntime threads; reward scoring: "
+          f"with {workers} worker(s) of {threads} onnxruntime thread(s); reward scoring: "
           f"{'POST /v1/score' if server.scorer else 'none (' + served.no_reward + ')'}", flush=True)
+    run = {"host": opts.host, "port": opts.port, "log_level": "warning", "access_log": False}
     try:
-        uvicorn.run(create_app(server), host=opts.host, port=opts.port, log_level="warning", access_log=False)
+        if workers == 1:
+            uvicorn.run(create_app(server), **run)
+        else:  # each worker builds its own server from the files resolved here (kept until the workers end)
+            server.engine.close()
+            os.environ[SPEC_ENV] = worker_spec(served, graph, threads, opts.max_batch_size, opts.max_queue, limits,
+                                               cpus)
+            uvicorn.run("alignpipe.serving.openai_api:app_from_env", factory=True, workers=workers, **run)
     finally:
         server.engine.close()
     return 0

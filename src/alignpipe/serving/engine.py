@@ -158,30 +158,19 @@ class Engine:
         nothing from batching it here: 3 prompts of 80 tokens cost 3 times one), choose their first tokens, and merge
         their caches with the running batch's live rows (one copy)."""
         policy = self.policy
-        groups = []  # (mask, cache arrays) of the live rows: the running batch's, then each new job's
-        keep = [i for i, j in enumerate(self.running) if _live(j)]
-        if keep:
-            groups.append((self.mask[keep], [_numpy(p)[keep] for p in self.past]))
-        last = []
+        prefilled = []
         for job in jobs:
             ids = np.array([job.prompt_ids], dtype=np.int64)
             mask = np.ones_like(ids)
             logits, past = policy._step(policy.session.io_binding(), ids, mask, policy._empty_past(1))
-            last.append(logits[0, -1])
-            groups.append((mask, past))
-        self._advance(jobs, np.stack(last), first=True)
+            prefilled.append((logits[0, -1], mask, past))
+        self._advance(jobs, np.stack([x[0] for x in prefilled]), first=True)
+        keep = [i for i, j in enumerate(self.running) if _live(j)]
         new = [i for i, j in enumerate(jobs) if _live(j)]
-        prefilled = groups[len(groups) - len(jobs):]
-        groups = groups[:len(groups) - len(jobs)] + [prefilled[i] for i in new]
+        groups = [(self.mask, self.past, keep)] if keep else []
+        groups += [(prefilled[i][1], prefilled[i][2], [0]) for i in new]
         self.running = [self.running[i] for i in keep] + [jobs[i] for i in new]
-        if not groups:
-            self.mask, self.past = None, []
-            return
-        width = max(m.shape[1] for m, _ in groups)
-        padded = [_left_pad(m, p, width) for m, p in groups]
-        self.mask = np.concatenate([m for m, _ in padded], axis=0)
-        self.past = [np.concatenate([p[k] for _, p in padded], axis=0) for k in range(len(padded[0][1]))]
-        self._trim()
+        self._rebuild(groups)
 
     def _compact(self) -> None:
         """Drop the ended rows from the batch and its cache."""
@@ -189,18 +178,34 @@ class Engine:
         if len(keep) == len(self.running):
             return
         self.running = [self.running[i] for i in keep]
-        if not keep:
+        self._rebuild([(self.mask, self.past, keep)] if keep else [])
+
+    def _rebuild(self, groups: list[tuple[np.ndarray, list, list[int]]]) -> None:
+        """The batch's mask and cache from `groups` of (mask, cache, rows to take), stacked in order, in one copy:
+        each group's columns no kept row attends to are dropped, and every group is left-padded (mask 0, cache
+        zeros) to the widest."""
+        if not groups:
             self.mask, self.past = None, []
             return
-        self.mask = self.mask[keep]
-        self.past = [_numpy(p)[keep] for p in self.past]
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop the cache columns no row attends to (the left padding of rows that left); cache as OrtValues."""
-        first = int(np.argmax(self.mask.any(axis=0)))
-        self.mask = self.mask[:, first:]
-        self.past = [_ortvalue(_numpy(p)[:, :, first:]) for p in self.past]
+        firsts = [int(np.argmax(m[rows].any(axis=0))) for m, _, rows in groups]
+        width = max(m.shape[1] - f for (m, _, _), f in zip(groups, firsts))
+        n = sum(len(rows) for _, _, rows in groups)
+        heads, dim = self.policy.n_head, self.policy.head_dim
+        mask = np.zeros((n, width), dtype=np.int64)
+        arrays = [np.empty((n, heads, width, dim), dtype=np.float32) for _ in groups[0][1]]
+        r = 0
+        for (m, past, rows), first in zip(groups, firsts):
+            cols = m.shape[1] - first
+            off = width - cols
+            sources = [_numpy(p) for p in past]
+            for row in rows:
+                mask[r, off:] = m[row, first:]
+                for out, src in zip(arrays, sources):
+                    if off:
+                        out[r, :, :off] = 0.0
+                    out[r, :, off:] = src[row, :, first:]
+                r += 1
+        self.mask, self.past = mask, [_ortvalue(a) for a in arrays]
 
     def _step(self) -> None:
         """One token for every live row (ended rows are fed their last token; their outputs are unused)."""
@@ -270,34 +275,46 @@ def _live(job: Job) -> bool:
 def _choose(scores: np.ndarray, jobs: list[Job], k: int = 128) -> np.ndarray:
     """Each row's token: greedy argmax, or a draw from its own generator after its temperature and top-p
     (`alignpipe.lm.ort_sampling._draw`'s distribution, for all sampled rows at once). The nucleus is looked for
-    among the `k` likeliest tokens first (sorting the whole vocabulary costs most of a step); a row whose top-p mass
-    lies beyond them is sorted whole."""
+    among the `k` likeliest tokens first (sorting the whole vocabulary costs most of a step); only the rows whose
+    top-p mass lies beyond them (or top_p 1) are sorted whole."""
     tokens = scores.argmax(-1)
     sampled = [r for r, j in enumerate(jobs) if j.decoding.do_sample]
     if not sampled:
         return tokens
     temperature = np.array([[jobs[r].decoding.temperature] for r in sampled], dtype=np.float32)
-    top_p = np.array([[jobs[r].decoding.top_p] for r in sampled])
+    top_p = np.array([jobs[r].decoding.top_p for r in sampled])
     x = scores[sampled] / temperature
     probs = np.exp(x - x.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
+    u = np.array([jobs[r].rng.random() for r in sampled])  # one draw per sampled job and step, in job order
     vocab = probs.shape[-1]
+    whole = np.ones(len(sampled), dtype=bool)
+    picked = np.empty(len(sampled), dtype=tokens.dtype)
     if k < vocab:
         ids = np.argpartition(-probs, k, axis=-1)[:, :k]
-        if not (np.take_along_axis(probs, ids, -1).sum(-1) >= top_p[:, 0]).all() or (top_p >= 1.0).any():
-            ids = np.broadcast_to(np.arange(vocab), probs.shape)
-    else:
-        ids = np.broadcast_to(np.arange(vocab), probs.shape)
-    cand = np.take_along_axis(probs, ids, -1)
+        cand = np.take_along_axis(probs, ids, -1)
+        whole = (cand.sum(-1) < top_p) | (top_p >= 1.0)
+        part = ~whole
+        if part.any():
+            picked[part] = _nucleus(ids[part], cand[part], top_p[part], u[part])
+    if whole.any():
+        rows = probs[whole]
+        picked[whole] = _nucleus(np.broadcast_to(np.arange(vocab), rows.shape), rows, top_p[whole], u[whole])
+    tokens[sampled] = picked
+    return tokens
+
+
+def _nucleus(ids: np.ndarray, cand: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The token each row's uniform draw `u` picks among candidate tokens `ids` with probabilities `cand`, after
+    top-p: the smallest prefix of the sorted candidates whose mass reaches top_p (the token that crosses it
+    included), renormalized."""
     order = np.argsort(-cand, axis=-1, kind="stable")
     ids, sorted_p = np.take_along_axis(ids, order, -1), np.take_along_axis(cand, order, -1)
-    # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+    top_p = top_p[:, None]
     sorted_p[((sorted_p.cumsum(-1) - sorted_p) >= top_p) & (top_p < 1.0)] = 0.0
     sorted_p /= sorted_p.sum(-1, keepdims=True)
-    u = np.array([[jobs[r].rng.random()] for r in sampled])
-    pick = np.minimum((sorted_p.cumsum(-1) < u).sum(-1), sorted_p.shape[-1] - 1)
-    tokens[sampled] = ids[np.arange(len(sampled)), pick]
-    return tokens
+    pick = np.minimum((sorted_p.cumsum(-1) < u[:, None]).sum(-1), sorted_p.shape[-1] - 1)
+    return ids[np.arange(len(ids)), pick]
 
 
 def _numpy(value) -> np.ndarray:
@@ -308,14 +325,3 @@ def _ortvalue(array: np.ndarray):
     import onnxruntime as ort
 
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-
-
-def _left_pad(mask: np.ndarray, past: list, width: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The mask and cache widened on the left to `width` columns (mask 0, cache zeros)."""
-    extra = width - mask.shape[1]
-    arrays = [_numpy(p) for p in past]
-    if extra == 0:
-        return mask, arrays
-    mask = np.concatenate([np.zeros((len(mask), extra), dtype=mask.dtype), mask], axis=1)
-    return mask, [np.concatenate([np.zeros(a.shape[:2] + (extra,) + a.shape[3:], a.dtype), a], axis=2)
-                  for a in arrays]

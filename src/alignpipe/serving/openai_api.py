@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -454,23 +456,61 @@ def create_app(server: Server):
 
 
 
-def build_server(served, threads: int, max_batch_size: int, max_queue: int, limits: Limits = Limits()) -> Server:
-    """The engine (ORT session with `threads` intra-op threads, no spinning), the reward scorer when `served` has a
-    reward model, and the Server over them."""
+def build_server(served, threads: int, max_batch_size: int, max_queue: int, limits: Limits = Limits(),
+                 graph: Path | None = None, reward_threads: int = 0) -> Server:
+    """The engine (ORT session with `threads` intra-op threads, no spinning) over `graph` (default: the policy's
+    graph with last-position logits, `alignpipe.serving.graph`), the reward scorer when `served` has a reward
+    model, and the Server over them."""
     from alignpipe.lm.onnx_runtime import OrtPolicy
     from alignpipe.lm.ort_sampling import OrtCompleter
     from alignpipe.lm.policy import PolicyMeta
     from alignpipe.lm.tokenizers import load_tokenizer
+    from alignpipe.serving.graph import serving_graph
     from alignpipe.serving.models import RewardScorer, _session
     from alignpipe.tasks import get_task
 
     session_config = {**served.config, "intra_op_threads": threads, "spin": False}
-    completer = OrtCompleter(OrtPolicy(_session(str(served.policy_onnx), session_config)),
+    if graph is None:  # logits of the last position only
+        workdir = served.workdir.name if served.workdir is not None else tempfile.mkdtemp(prefix="alignpipe-")
+        graph = serving_graph(served.policy_onnx, Path(workdir))
+    completer = OrtCompleter(OrtPolicy(_session(str(graph), session_config)),
                              load_tokenizer(served.tokenizer), PolicyMeta.load(served.tokenizer),
                              int(served.config["max_prompt_tokens"]), get_task(served.task))
     scorer = None
     if served.reward_onnx is not None:
+        # No batching window: a request runs at once, and those that arrive meanwhile share the next run. The
+        # session gets every CPU (scoring requests are short bursts beside the decoder's steady ones).
         scorer = RewardScorer(str(served.reward_onnx), str(served.reward_tokenizer),
-                              {**served.reward_config, "intra_op_threads": threads, "spin": False,
-                               "max_batch_size": max_batch_size, "batch_window_ms": 2.0}).batcher()
+                              {**served.reward_config, "intra_op_threads": reward_threads or threads, "spin": False,
+                               "max_batch_size": max_batch_size, "batch_window_ms": 0.0}).batcher()
     return Server(served, Engine(completer, max_batch_size, max_queue), scorer, limits)
+
+
+SPEC_ENV = "ALIGNPIPE_SERVE_SPEC"  # what each worker process of `alignpipe serve --workers N` builds (JSON)
+
+
+def worker_spec(served, graph: Path, threads: int, max_batch_size: int, max_queue: int, limits: Limits,
+                reward_threads: int = 0) -> str:
+    """The JSON a worker process reads (`app_from_env`) to serve what the parent resolved and checked: the
+    files (downloaded once, kept by the parent), settings and limits."""
+    from dataclasses import asdict, fields
+
+    keep = {f.name: getattr(served, f.name) for f in fields(served) if f.name != "workdir"}
+    return json.dumps({"served": {k: str(v) if isinstance(v, Path) else v for k, v in keep.items()},
+                       "graph": str(graph), "threads": threads, "max_batch_size": max_batch_size,
+                       "max_queue": max_queue, "limits": asdict(limits), "reward_threads": reward_threads})
+
+
+def app_from_env():
+    """The app of one worker process (uvicorn's factory): the server `worker_spec` describes, in `SPEC_ENV`."""
+    import os
+
+    from alignpipe.serving.loading import Served
+
+    spec = json.loads(os.environ[SPEC_ENV])
+    data = spec["served"]
+    for key in ("policy_onnx", "tokenizer", "reward_onnx", "reward_tokenizer"):
+        data[key] = Path(data[key]) if data[key] is not None else None
+    server = build_server(Served(**data), spec["threads"], spec["max_batch_size"], spec["max_queue"],
+                          Limits(**spec["limits"]), graph=Path(spec["graph"]), reward_threads=spec["reward_threads"])
+    return create_app(server)  # the decoder thread is a daemon: it ends with the worker
