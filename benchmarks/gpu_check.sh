@@ -90,7 +90,7 @@ if [ "$TINY" = 1 ]; then
   PT=(--set pretrain.vocab_size=512 --set pretrain.n_embd=64 --set pretrain.n_layer=2 --set pretrain.n_head=2
       --set pretrain.seq_len=128 --set pretrain.batch_size=8 --set pretrain.max_steps=60 --set pretrain.learning_rate=0.003
       --set pretrain.n_eval_prompts=32 --set pretrain.logging_steps=10)
-  LB=(--set label.n_prompts=96 --set label.max_new_tokens=32 --set label.batch_size=128)
+  LB=(--set label.n_prompts=96 --set label.sampling.max_new_tokens=32 --set label.sampling.batch_size=128)
   RW=(--set reward.max_steps=3 --set reward.batch_size=4 --set reward.max_length=256 --set reward.logging_steps=1)
   DP=(--set dpo.max_steps=3 --set dpo.batch_size=4 --set dpo.logging_steps=1 --set dpo.n_eval_prompts=16)
   PP=(--set ppo.max_steps=2 --set ppo.rollout_batch_size=16 --set ppo.minibatch_size=8 --set ppo.n_eval_prompts=16)

@@ -182,7 +182,7 @@ def cases(policy: Path) -> list[Case]:
         *[Case("config", f"--set {item} (an impossible budget)", ["config", "show", "--set", item],
                says=item.split("=")[0]) for item in
           ("pretrain.max_steps=1000000000000", "pretrain.n_layer=100000", "pretrain.n_embd=1000000",
-           "pretrain.vocab_size=1000000000", "evaluate.max_new_tokens=1000000000", "pretrain.threads=100000")],
+           "pretrain.vocab_size=1000000000", "evaluate.sampling.max_new_tokens=1000000000", "pretrain.threads=100000")],
         Case("config", "--set a seed of 1e29", ["config", "show", "--set", "pretrain.seed=" + "1" + "0" * 29],
              says="pretrain.seed"),
         Case("config", "--set reward.lr_scheduler_type=evil", ["config", "show", "--set",

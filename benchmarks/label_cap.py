@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = load_train_prompts(Path(args.data), args.prompts, args.seed)
     model, tok, meta = load_policy(Path(args.policy))
     room = context_length(model) - Sampling.max_prompt_tokens
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=room, batch_size=128)
+    sampling = dataclasses.replace(cfg.sampling, max_new_tokens=room, batch_size=128)
     samples = sample(model, tok, meta, [r["prompt"] for r in prompts for _ in range(args.k)], sampling,
                      seed=args.seed, unit=get_task("pep8").completion_unit())
     n = len(samples)

@@ -25,7 +25,7 @@ def variants(base: str, others: dict[str, str], n_train: int) -> list[tuple[str,
     rows += [(f"base: {name}", path, [], 0) for name, path in others.items()]
     rows += [(f"pairs: {frac:.0%}", base, [], int(n_train * frac)) for frac in (0.25, 0.5)]
     rows += [(f"prompt_lines={n}", base, [f"reward.prompt_lines={n}"], 0) for n in (1, 4, 0)]
-    rows += [(f"epochs={e}", base, [f"reward.epochs={e}"], 0) for e in (1, 4)]
+    rows += [(f"epochs={e}", base, [f"reward.num_train_epochs={e}"], 0) for e in (1, 4)]
     return rows
 
 

@@ -2,8 +2,9 @@
 `run(cfg, inputs, out_dir)` as the CLI and DVC.
 
 Each component's signature is its stage's: one typed parameter per key of its params.yaml section
-(`<stage>__<key>`: int, float, bool, str or list, so KFP keeps ints as ints; a dict parameter would be a protobuf
-Struct, whose numbers are all doubles), `env` (MLflow URI, git commit, data version; empty values are skipped),
+(`<stage>__<key>`, a group's key `<stage>__<group>__<key>`, e.g. `evaluate__sampling__temperature`: int, float,
+bool, str or list, so KFP keeps ints as ints; a dict parameter would be a protobuf Struct, whose numbers are all
+doubles), `env` (MLflow URI, git commit, data version; empty values are skipped),
 `launcher` for the stages that scale to several GPUs ([] = in process, else e.g. torchrun), the `validate__<key>`
 parameters (the input limits) for the stages that validate input files,
 one input artifact per entry of the stage module's INPUTS (optional where the stage can do without it), its main
@@ -13,15 +14,14 @@ function, as KFP requires, and hands over to `alignpipe.components.runtime.run_s
 are set in pipelines/, not here.
 """
 
-import dataclasses
 import json
 import linecache
-import types
 import typing
 
 from kfp import dsl
 
 from alignpipe.components.image import CPU_IMAGE, GPU_IMAGE
+from alignpipe.core.config import config_keys
 from alignpipe.reports.candidates import BEST_DIR
 from alignpipe.stages import MULTI_GPU, OUTPUTS, STAGE_HELP, load_stage
 
@@ -36,7 +36,7 @@ EXTRA_OUTPUTS = {
 }
 
 
-SEP = "__"  # a config parameter's name: <stage>__<key> (stage names and keys hold no double underscore)
+SEP = "__"  # a config parameter's name: <stage>__<key>, <stage>__<group>__<key> (names hold no double underscore)
 
 
 def _kfp_type(tp) -> type:
@@ -53,10 +53,27 @@ def _kfp_type(tp) -> type:
 
 
 def config_parameters(stage: str) -> list[tuple[str, str, type]]:
-    """(parameter name, config key, KFP type) for each field of `stage`'s Config, in field order."""
-    cls = load_stage(stage).Config
-    hints = typing.get_type_hints(cls)
-    return [(f"{stage}{SEP}{f.name}", f.name, _kfp_type(hints[f.name])) for f in dataclasses.fields(cls)]
+    """(parameter name, config key, KFP type) for each key of `stage`'s Config in field order (a group's keys as
+    `group.key`, named `<stage>__<group>__<key>`)."""
+    return [(f"{stage}{SEP}{key.replace('.', SEP)}", key, _kfp_type(tp))
+            for key, _, tp, _ in config_keys(load_stage(stage).Config)]
+
+
+def _config_literal(params: list[tuple[str, str, type]]) -> str:
+    """The source of the config dict a component hands its stage: `{"key": <param>, "group": {"key": <param>}}`."""
+    q = json.dumps
+    nested: dict = {}
+    for name, key, _ in params:
+        *groups, last = key.split(".")
+        inner = nested
+        for g in groups:
+            inner = inner.setdefault(g, {})
+        inner[last] = name
+
+    def literal(d: dict) -> str:
+        return "{" + ", ".join(f"{q(k)}: {literal(v) if isinstance(v, dict) else v}" for k, v in d.items()) + "}"
+
+    return literal(nested)
 
 
 def uses_limits(stage: str) -> bool:
@@ -71,7 +88,7 @@ def component_source(stage: str) -> str:
     output = OUTPUTS[stage]
     own = config_parameters(stage)
     params = [f"{name}: {tp.__name__}" for name, _, tp in own] + ["env: dict"]
-    lines = ["    config = {" + ", ".join(f"{q(key)}: {name}" for name, key, _ in own) + "}"]
+    lines = ["    config = " + _config_literal(own)]
     call = {}
     if stage in MULTI_GPU:
         params.append("launcher: list")
@@ -80,7 +97,7 @@ def component_source(stage: str) -> str:
         limits = config_parameters("validate") if stage != "validate" else own
         if stage != "validate":
             params += [f"{name}: {tp.__name__}" for name, _, tp in limits]
-        lines.append("    input_limits = {" + ", ".join(f"{q(key)}: {name}" for name, key, _ in limits) + "}")
+        lines.append("    input_limits = " + _config_literal(limits))
         call["input_limits"] = "input_limits"
     params += [f"{i.name}: Input[{ARTIFACT_TYPES.get(i.name, 'Model')}]" for i in module.INPUTS if i.required]
     params += [f"{output}: Output[{ARTIFACT_TYPES.get(output, 'Model')}]", "metrics: Output[Metrics]"]

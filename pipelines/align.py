@@ -20,7 +20,6 @@ the MLflow secret. The stage logic is in alignpipe.stages, the components in com
   the stage starts under torchrun, one process per GPU; 0 runs it on a CPU node.
 """
 
-import dataclasses
 import inspect
 import itertools
 
@@ -29,6 +28,7 @@ from kfp.dsl import Dataset, Input, Model
 
 from alignpipe.components import stages as c
 from alignpipe.components.stages import CPU_STAGES
+from alignpipe.core.config import config_keys, flatten
 from alignpipe.stages import CANDIDATES, MULTI_GPU, SWITCHED, load_stage
 
 PIPELINE_NAME = "alignpipe"
@@ -197,18 +197,18 @@ def _wire(p: dict, gpus: dict[str, int], imports: tuple[str, ...], caching: bool
     _branches(p, SWITCHED, (), tail, artifacts, gpus, caching, releases)
 
 
-def _field(stage: str, key: str):
-    return next(f for f in dataclasses.fields(load_stage(stage).Config) if f.name == key)
+def _key(stage: str, key: str) -> tuple:
+    """(key, field, annotation, default) of `stage.key` (`group.key` for a group's key)."""
+    return next(k for k in config_keys(load_stage(stage).Config) if k[0] == key)
 
 
 def _default(stage: str, key: str):
     """The Config default of `stage.key` (a stage section given without it)."""
-    f = _field(stage, key)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return _key(stage, key)[3]
 
 
 def _help(stage: str, key: str) -> str:
-    return " ".join(_field(stage, key).metadata.get("help", "").split())
+    return " ".join(_key(stage, key)[1].metadata.get("help", "").split())
 
 
 def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = None,
@@ -230,7 +230,7 @@ def build_pipeline(stage_params: dict[str, dict], gpus: dict[str, int] | None = 
         raise ValueError("import either data (a built data/) or corpus (to build data/ from), not both")
     stages = [s for s in STAGES if not (s == "data" and "data" in imports)]
     params = [
-        *[(name, tp, (stage_params.get(s) or {}).get(key, _default(s, key)),
+        *[(name, tp, flatten(stage_params.get(s) or {}).get(key, _default(s, key)),
            f"{s}.{key} (params.yaml): {_help(s, key)}") for s in stages for name, key, tp in c.config_parameters(s)],
         *[(f"run_{stage}", bool, bool((run or {}).get(stage, True)),
            f"run the {stage} stage and offer its policy as a candidate") for stage in SWITCHED],

@@ -161,7 +161,7 @@ def test_pretrain_from_scratch_on_arith(tmp_path, objective):
 
     data = build(tmp_path, n=200)
     cfg = Config(objective=objective, n_embd=32, n_layer=1, n_head=2, vocab_size=300, seq_len=64, batch_size=4,
-                 max_steps=2, n_eval_prompts=6, eval_max_new_tokens=4, eval_val_chars=500,
+                 max_steps=2, n_eval_prompts=6, sampling=dict(max_new_tokens=4), eval_val_chars=500,
                  checkpoint_dir=str(tmp_path / "ckpt"), precision="fp32")
     (tmp_path / "policy").mkdir()
     metrics = run(cfg, {"data": data}, tmp_path / "policy")
@@ -210,5 +210,6 @@ def test_arith_stage_chain_cli(tmp_path):
           "--reward-model", str(a / "reward"), "--out", str(a / "evaluate"))
     report = json.loads((a / "evaluate" / "report.json").read_text())
     assert report["task"] == "arith" and report["gate_metric"] == "accuracy"
+    assert "| error rate (non-empty answers) (95% CI) | correct |" in (a / "evaluate" / "report.md").read_text()
     for m in report["candidates"].values():
         assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]

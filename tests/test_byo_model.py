@@ -50,8 +50,8 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
     assert not list((tmp_path / "reward").glob("adapter_*"))
 
     common = dict(max_steps=2, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=1,
-                  bf16=False, n_eval_prompts=4, eval_batch_size=4, max_prompt_tokens=64, max_completion_tokens=16,
-                  eval_heldout=True)
+                  bf16=False, n_eval_prompts=4, sampling=dict(batch_size=4), max_prompt_tokens=64,
+                  max_completion_tokens=16, eval_heldout=True)
     for name, extra in (("dpo", {}), ("dpo_lora", {"lora_r": 4, "lora_alpha": 8})):
         m = execute("dpo", dpo.Config(checkpoint_dir=str(tmp_path / f"ck_{name}"), **common, **extra),
                     {"data": tiny_data, "policy": base, "prefs": tmp_path / "label"}, tmp_path / name)
@@ -61,16 +61,17 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
         assert not list((tmp_path / name).glob("adapter_*"))
 
     lora = {"lora_r": 4} if family == "gpt_neox" else {}  # GRPO with LoRA on one family (TRL's peft path)
-    g = execute("grpo", grpo.Config(max_steps=1, prompts_per_step=4, num_generations=2, max_new_tokens=8,
-                                    max_prompt_tokens=64, n_eval_prompts=4, eval_batch_size=4, learning_rate=1e-2,
-                                    eval_heldout=True,
+    g = execute("grpo", grpo.Config(max_steps=1, prompts_per_step=4, num_generations=2,
+                                    sampling=dict(max_new_tokens=8, max_prompt_tokens=64, batch_size=4),
+                                    n_eval_prompts=4, learning_rate=1e-2, eval_heldout=True,
                                     checkpoint_dir=str(tmp_path / "ck_grpo"), **lora),
                 {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "grpo")
     grpo_weights = _weights(tmp_path / "grpo")
     assert g["train_steps"] == 1 and set(grpo_weights) == set(base_weights)
     assert _changed(base_weights, grpo_weights) > 0
 
-    ev = execute("evaluate", evaluate.Config(n_prompts=4, max_new_tokens=8, batch_size=4, ppl_max_chars=500),
+    ev = execute("evaluate", evaluate.Config(n_prompts=4, sampling=dict(max_new_tokens=8, batch_size=4),
+                                             ppl_max_chars=500),
                  {"data": tiny_data, "policy": base, "dpo": tmp_path / "dpo_lora", "grpo": tmp_path / "grpo",
                   "reward_model": tmp_path / "reward"}, tmp_path / "evaluate")
     report = json.loads((tmp_path / "evaluate" / "report.json").read_text())
@@ -87,9 +88,10 @@ def test_plain_hf_model_through_reward_dpo_grpo_evaluate_export(family, tmp_path
 def test_ppo_with_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     base = tiny.make_hf_model(tmp_path / "base", "qwen2")
-    cfg = ppo.Config(reward="oracle", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
-                     max_new_tokens=8, max_prompt_tokens=64, learning_rate=1e-2, bf16=False, n_eval_prompts=4,
-                     eval_batch_size=4, save_steps=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4, eval_heldout=True)
+    cfg = ppo.Config(reward="oracle", max_steps=2, rollout_batch_size=4, minibatch_size=2, num_ppo_epochs=1,
+                     sampling=dict(max_new_tokens=8, max_prompt_tokens=64, batch_size=4), learning_rate=1e-2,
+                     bf16=False, n_eval_prompts=4, save_steps=1, checkpoint_dir=str(tmp_path / "ck"), lora_r=4,
+                     eval_heldout=True)
     m = execute("ppo", cfg, {"data": tiny_data, "policy": base, "reward_model": None}, tmp_path / "ppo")
     assert math.isfinite(m["kl_to_ref"])
     before, after = _weights(base), _weights(tmp_path / "ppo")
@@ -173,7 +175,7 @@ def test_pretrain_continues_a_plain_llama_with_control_tokens(tmp_path, tiny_dat
     base = tiny.make_hf_model(tmp_path / "base", "llama", control_tokens=False)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     cfg = pretrain.Config(objective="conditional", init_model=str(base), seq_len=64, batch_size=4, max_steps=2,
-                          n_eval_prompts=2, eval_max_new_tokens=8, eval_val_chars=1500, save_steps=2,
+                          n_eval_prompts=2, sampling=dict(max_new_tokens=8), eval_val_chars=1500, save_steps=2,
                           checkpoint_dir=str(tmp_path / "ck"))
     out = tmp_path / "out"
     out.mkdir()

@@ -108,8 +108,8 @@ def test_evaluate_and_register_gate_on_the_chat_task(chat, chat_rm, tmp_path):
                                     checkpoint_dir=str(tmp_path / "c2")), {"prefs": chat["data"],
                                                                            "policy": chat["llama"]}, judge)
     other = tiny.make_chat_llama(tmp_path / "other", seed=3)
-    cfg = evaluate.Config(n_prompts=6, max_new_tokens=8, batch_size=6, ppl_max_chars=500, compare_champion=False,
-                          judge_model=str(judge), extra_candidates=[f"other={other}"])
+    cfg = evaluate.Config(n_prompts=6, sampling=dict(max_new_tokens=8, batch_size=6), ppl_max_chars=500,
+                          compare_champion=False, judge_model=str(judge), extra_candidates=[f"other={other}"])
     metrics = execute("evaluate", cfg, {"data": chat["data"], "policy": chat["llama"], "reward_model": rm},
                       tmp_path / "eval")
     report = read_report(tmp_path / "eval")
@@ -192,8 +192,9 @@ def test_grpo_on_conversations_with_the_reward_model(chat, chat_rm, tmp_path):
     inputs = {"data": chat["data"], "policy": chat["llama"], "reward_model": rm}
     with pytest.raises(ConfigError, match="grpo.reward: task chat has no oracle"):
         grpo.run(grpo.Config(), inputs, tmp_path / "x")
-    cfg = grpo.Config(reward="model", max_steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8,
-                      learning_rate=1e-3, n_eval_prompts=4, eval_batch_size=4, save_steps=0, eval_heldout=True,
+    cfg = grpo.Config(reward="model", max_steps=2, prompts_per_step=2, num_generations=2,
+                      sampling=dict(max_new_tokens=8, batch_size=4),
+                      learning_rate=1e-3, n_eval_prompts=4, save_steps=0, eval_heldout=True,
                       checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("grpo", cfg, inputs, tmp_path / "grpo")
     assert {"reward_score", "reward_score_ref", "reward_win_rate_vs_ref", "kl_to_ref", *grpo.METRICS} <= set(metrics)
@@ -212,7 +213,7 @@ def test_pretrain_fine_tunes_a_chat_model_on_the_conversations(chat, tmp_path):
     from alignpipe.stages import pretrain
 
     cfg = dict(objective="mle", init_model=str(chat["llama"]), max_steps=3, batch_size=2, seq_len=64,
-               n_eval_prompts=4, eval_max_new_tokens=6, save_steps=3, checkpoint_dir=str(tmp_path / "ckpt"))
+               n_eval_prompts=4, sampling=dict(max_new_tokens=6), save_steps=3, checkpoint_dir=str(tmp_path / "ckpt"))
     metrics = execute("pretrain", pretrain.Config(**cfg), {"data": chat["data"]}, tmp_path / "policy")
     assert metrics["train_tokens"] == 3 * 2 * 64 and metrics["heldout_loss"] > 0
     assert 0 <= metrics["ended_frac"] <= 1 and "violations_per_char" not in metrics
@@ -241,7 +242,7 @@ def test_label_on_chat_passes_the_datasets_pairs_and_adds_reward_model_labelled_
     judge, tok = reward.load_model(str(chat["llama"]), reward.Config())
     judge.save_pretrained(tmp_path / "judge")
     tok.save_pretrained(tmp_path / "judge")
-    cfg = label.Config(judge="reward_model", k=4, n_prompts=6, max_new_tokens=16, keep_ties=True)
+    cfg = label.Config(judge="reward_model", k=4, n_prompts=6, sampling=dict(max_new_tokens=16), keep_ties=True)
     ending = tiny.make_chat_llama(tmp_path / "ending", end_logit=2.0)  # a random Llama never ends its turn
     got = execute("label", cfg, {"data": chat["data"], "policy": ending, "judge_model": tmp_path / "judge"},
                   tmp_path / "rlaif")

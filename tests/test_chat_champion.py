@@ -90,7 +90,7 @@ def test_evaluate_on_chat_measures_the_registered_champion(tmp_path):
     tags = registry.client().get_model_version("alignpipe-policy", str(version)).tags
     assert tags["eval.judge_win_rate_vs_ref"] == "0.987"  # what a copied row would say
 
-    cfg = evaluate.Config(n_prompts=6, max_new_tokens=8, batch_size=6, ppl_max_chars=500,
+    cfg = evaluate.Config(n_prompts=6, sampling=dict(max_new_tokens=8, batch_size=6), ppl_max_chars=500,
                           extra_candidates=[f"other={other}"])
     metrics = execute("evaluate", cfg, {"data": data, "policy": policy, "reward_model": _reward_model(tmp_path / "rm")},
                       tmp_path / "eval")
@@ -127,7 +127,8 @@ def test_label_llm_judge_reports_its_agreement_with_the_oracle(quiet, tmp_path):
     from alignpipe.stages import label
 
     policy = tiny.make_chat_llama(tmp_path / "policy", end_logit=2.0)
-    cfg = label.Config(judge="llm", k=4, n_prompts=8, max_new_tokens=12, keep_ties=True, tie_threshold=0.001)
+    cfg = label.Config(judge="llm", k=4, n_prompts=8, sampling=dict(max_new_tokens=12), keep_ties=True,
+                       tie_threshold=0.001)
     got = execute("label", cfg, {"data": quiet["data"], "policy": policy}, tmp_path / "label")
     rows = [json.loads(x) for f in ("prefs.jsonl", "heldout.jsonl")
             for x in (tmp_path / "label" / f).read_text().splitlines()]
@@ -167,7 +168,7 @@ def arith(tmp_path_factory, module_mlflow):
                                 n_prompts=50, n_train_prompts=32), {}, root / "data")
     execute("pretrain", pretrain.Config(
         objective="mle", n_embd=48, n_layer=2, n_head=2, vocab_size=300, seq_len=64, batch_size=16, max_steps=150,
-        learning_rate=3e-3, warmup_ratio=0.05, n_eval_prompts=8, eval_max_new_tokens=4, eval_val_chars=500,
+        learning_rate=3e-3, warmup_ratio=0.05, n_eval_prompts=8, sampling=dict(max_new_tokens=4), eval_val_chars=500,
         save_steps=150, checkpoint_dir=str(root / "ckpt"), precision="fp32"), {"data": root / "data"},
         root / "base")
     return {"root": root, "data": root / "data", "base": root / "base"}
@@ -179,7 +180,7 @@ def test_arith_base_as_its_own_llm_judge_reports_agreement_with_the_oracle(arith
     agreement with the oracle and its position consistency."""
     from alignpipe.stages import label
 
-    cfg = label.Config(judge="llm", k=4, n_prompts=32, max_new_tokens=12, keep_ties=True)
+    cfg = label.Config(judge="llm", k=4, n_prompts=32, sampling=dict(max_new_tokens=12), keep_ties=True)
     got = execute("label", cfg, {"data": arith["data"], "policy": arith["base"]}, tmp_path / "label")
     assert got["judge_is_policy"] == 1.0 and got["n_judged"] > 0
     assert 0 <= got["judge_oracle_agreement"] <= 1 and 0 < got["oracle_decided_frac"] <= 1
@@ -199,7 +200,7 @@ def test_the_served_champion_answers_50_questions_with_evaluates_greedy_accuracy
     from alignpipe.tasks import get_task
 
     base, rm, task = arith["base"], _reward_model(tmp_path / "rm"), get_task("arith")
-    cfg = evaluate.Config(greedy=True, n_prompts=50, max_new_tokens=6, batch_size=25, ppl_max_chars=500)
+    cfg = evaluate.Config(greedy=True, n_prompts=50, sampling=dict(max_new_tokens=6, batch_size=25), ppl_max_chars=500)
     execute("evaluate", cfg, {"data": arith["data"], "policy": base}, tmp_path / "eval")
     report = read_report(tmp_path / "eval")
     assert report["sampling"]["greedy"] and report["gate_metric"] == "accuracy"

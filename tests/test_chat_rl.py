@@ -42,9 +42,10 @@ def test_ppo_trains_a_chat_model_against_the_reward_model(chat, tmp_path, family
     from alignpipe.stages import ppo
 
     policy = tiny.make_chat_model(tmp_path / "policy", family)
-    cfg = ppo.Config(reward="model", max_steps=2, rollout_batch_size=4, minibatch_size=2, ppo_epochs=1,
-                     learning_rate=1e-2, max_new_tokens=8, max_prompt_tokens=128, bf16=False, save_steps=2,
-                     checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, eval_batch_size=4, lora_r=lora_r,
+    cfg = ppo.Config(reward="model", max_steps=2, rollout_batch_size=4, minibatch_size=2, num_ppo_epochs=1,
+                     learning_rate=1e-2, sampling=dict(max_new_tokens=8, max_prompt_tokens=128, batch_size=4),
+                     bf16=False, save_steps=2,
+                     checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4, lora_r=lora_r,
                      eval_heldout=True)
     metrics = execute("ppo", cfg, {"data": chat["data"], "policy": policy, "reward_model": chat["rm"]},
                       tmp_path / "ppo")
@@ -76,7 +77,7 @@ def test_ppo_rollouts_end_at_the_end_of_turn_and_start_at_kl_zero(chat, tmp_path
     model, tok, meta = load_policy(policy)
     task = task_of(chat["data"])
     prompts = [r["prompt"] for r in read_jsonl(chat["data"] / "train_prompts.jsonl")][:8]
-    cfg = ppo.Config(max_new_tokens=12, rollout_batch_size=8, minibatch_size=4, bf16=False)
+    cfg = ppo.Config(sampling=dict(max_new_tokens=12), rollout_batch_size=8, minibatch_size=4, bf16=False)
     dist = ppo.token_distribution(cfg, tok, meta, autocast=False, task=task)
     assert dist.first_ids is None and not dist.banned_ids
     batch = ppo.rollout(cfg, model, make_value_head(model), load_policy(policy)[0], tok, meta, prompts,
@@ -152,7 +153,7 @@ def test_label_llm_judge_on_chat_labels_sampled_answer_pairs(chat, tmp_path, fam
 
     policy = tiny.make_chat_llama(tmp_path / "policy", end_logit=2.0)
     judge_dir = tiny.make_chat_model(tmp_path / "judge", family, seed=5) if family else None
-    cfg = label.Config(judge="llm", k=4, n_prompts=6, max_new_tokens=16, keep_ties=True,
+    cfg = label.Config(judge="llm", k=4, n_prompts=6, sampling=dict(max_new_tokens=16), keep_ties=True,
                        llm_chat_template=family == "qwen2")
     inputs = {"data": chat["data"], "policy": policy, **({"judge_model": judge_dir} if judge_dir else {})}
     got = execute("label", cfg, inputs, tmp_path / "label")

@@ -180,7 +180,14 @@ def test_config_show_yaml_is_a_standalone_params_file(tmp_path, capsys):
 @pytest.mark.parametrize("section, old, new", [
     ("pretrain", "lr", "learning_rate"), ("pretrain", "save_every", "save_steps"), ("ppo", "save_every", "save_steps"),
     ("pretrain", "eval_prompts", "n_eval_prompts"), ("pretrain", "log_every", "logging_steps"),
-    ("reward", "lr_scheduler", "lr_scheduler_type"),
+    ("reward", "lr_scheduler", "lr_scheduler_type"), ("reward", "epochs", "num_train_epochs"),
+    ("reward", "grad_accum", "gradient_accumulation_steps"), ("reward", "center_rewards", "center_rewards_coefficient"),
+    ("ppo", "ppo_epochs", "num_ppo_epochs"), ("evaluate", "temperature", "sampling.temperature"),
+    ("evaluate", "batch_size", "sampling.batch_size"), ("label", "max_new_tokens", "sampling.max_new_tokens"),
+    ("pretrain", "eval_top_p", "sampling.top_p"), ("pretrain", "eval_max_new_tokens", "sampling.max_new_tokens"),
+    ("ppo", "temperature", "sampling.temperature"), ("grpo", "max_prompt_tokens", "sampling.max_prompt_tokens"),
+    ("dpo", "eval_batch_size", "sampling.batch_size"), ("orpo", "eval_batch_size", "sampling.batch_size"),
+    ("pretrain", "compile", "torch_compile"),
 ])
 def test_an_old_key_names_its_new_name(section, old, new, tmp_path, capsys):
     """Hugging Face naming: an old key in a params file or --set gets one line naming the new key."""
@@ -193,6 +200,49 @@ def test_an_old_key_names_its_new_name(section, old, new, tmp_path, capsys):
     p.write_text(f"{section}:\n  {old}: 1\n")
     assert main(["config", "show", "--params", str(p)]) == 2
     assert capsys.readouterr().err.strip().endswith(f"{section}.{old}: renamed to {section}.{new}")
+
+
+
+def test_a_nested_sampling_key_through_set_yaml_and_overlay(tmp_path, capsys):
+    """One sampling group shared by the stages that sample: `section.sampling.key` through --set, a params file
+    and an overlay (which changes only the keys it lists), on each stage's own defaults."""
+    from alignpipe.cli.main import main
+    from alignpipe.lm.policy import Sampling
+    from alignpipe.stages import config_classes, evaluate, label, ppo, pretrain
+
+    base = tmp_path / "base.yaml"
+    base.write_text("evaluate:\n  sampling:\n    temperature: 0.5\n    batch_size: 8\nlabel:\n  sampling:\n"
+                    "    top_p: 0.8\n")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("overlay: base.yaml\nevaluate:\n  sampling:\n    max_new_tokens: 12\n")
+    params = apply_overrides(load_params(overlay), ["evaluate.sampling.top_p=0.95"], config_classes())
+    cfg = build_config(evaluate.Config, params)
+    assert cfg.sampling == Sampling(temperature=0.5, top_p=0.95, max_new_tokens=12, batch_size=8)
+    assert isinstance(cfg.sampling.max_new_tokens, int) and isinstance(cfg.sampling.temperature, float)
+    assert build_config(label.Config, params).sampling == Sampling(top_p=0.8, max_new_tokens=32, batch_size=256)
+    assert build_config(pretrain.Config, params).sampling == Sampling()  # the defaults, written once
+    assert build_config(ppo.Config, params).sampling == Sampling(top_p=1.0)
+    assert evaluate.Config(**cfg.to_dict()) == cfg  # a group's mapping is built on the stage's default
+    assert label.Config(sampling={"temperature": 1.0}).sampling == Sampling(temperature=1.0, max_new_tokens=32,
+                                                                             batch_size=256)
+
+    assert main(["config", "show", "--params", str(overlay), "--set", "evaluate.sampling.seed=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("evaluate.sampling.seed: unknown key; allowed keys: batch_size, cache, max_new_tokens, "
+                        "max_prompt_tokens, temperature, top_p") and "\n" not in err
+    for item, words in (("evaluate.sampling.top_p=1.5", "evaluate.sampling.top_p must be <= 1, got 1.5"),
+                        ("evaluate.sampling=3", "evaluate.sampling: expected a mapping of key: value, got 3"),
+                        ("evaluate.sampling.cache=paged", "evaluate.sampling.cache must be one of static, dynamic"),
+                        ("ppo.sampling.top_p=0.9", "ppo.sampling.top_p must be 1")):
+        assert main(["config", "show", "--set", item]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+    assert main(["config", "show", "--params", str(overlay), "--section", "evaluate"]) == 0
+    shown = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[2:] for line in shown.splitlines()}
+    assert rows["evaluate.sampling.max_new_tokens"] == ["12", f"({overlay})"]
+    assert rows["evaluate.sampling.temperature"] == ["0.5", f"({base})"]
+    assert rows["evaluate.sampling.top_p"] == ["0.9", "(default)"]
 
 
 # ------------------------------------------------------------------------------------ field-declared constraints
@@ -279,8 +329,8 @@ def test_every_stage_config_checks_its_declared_constraints():
     ("pretrain.n_layer=100000", "pretrain.n_layer must be <= 256"),
     ("pretrain.n_embd=1000000", "pretrain.n_embd must be <= 16384"),
     ("pretrain.vocab_size=1000000000", "pretrain.vocab_size must be <= 1048576"),
-    ("evaluate.max_new_tokens=1000000000", "evaluate.max_new_tokens must be <= 131072"),
-    ("ppo.max_new_tokens=1000000000", "ppo.max_new_tokens must be <= 131072"),
+    ("evaluate.sampling.max_new_tokens=1000000000", "evaluate.sampling.max_new_tokens must be <= 131072"),
+    ("ppo.sampling.max_new_tokens=1000000000", "ppo.sampling.max_new_tokens must be <= 131072"),
     ("pretrain.threads=100000", "pretrain.threads must be <= 1024"),
     ("pretrain.seed=100000000000000000000000000000", "pretrain.seed must be <= 4294967295"),
     ("pretrain.seed=1e29", "pretrain.seed: expected int"),

@@ -141,7 +141,7 @@ def test_dpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     inputs = _stage_inputs(tmp_path, tiny_data)
     cfg = dpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                     bf16=False, n_eval_prompts=4, eval_batch_size=4, eval_heldout=True)
+                     bf16=False, n_eval_prompts=4, sampling=dict(batch_size=4), eval_heldout=True)
     metrics = execute("dpo", cfg, inputs, tmp_path / "out")
     # The held-out check is off by default (evaluate owns evaluation) and draws on no training random state: the
     # same weights without it, and only training metrics.

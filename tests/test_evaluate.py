@@ -149,7 +149,7 @@ def test_report_has_every_candidate_and_the_champion(tmp_path, tiny_data):
     prompts = tmp_path / "prompts.jsonl"  # --prompts: any JSONL with a `prompt` field
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                ["def add(a, b):", "x = [1, 2,", "import os", "class A:", "for i in range(3):"]))
-    cfg = evaluate.Config(n_prompts=0, max_new_tokens=8, batch_size=8, ppl_max_chars=1500,
+    cfg = evaluate.Config(n_prompts=0, sampling=dict(max_new_tokens=8, batch_size=8), ppl_max_chars=1500,
                           extra_candidates=[f"mle={dirs['mle']}"])
     from alignpipe.run.runner import execute
 

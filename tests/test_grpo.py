@@ -146,7 +146,7 @@ def test_grpo_raises_the_oracle_reward_and_changes_weights(tmp_path, tiny_data):
         return sum(values) / len(values), model
 
     cfg = grpo.Config(max_steps=6, prompts_per_step=8, num_generations=4, learning_rate=3e-3, beta=0.0,
-                      max_new_tokens=16, n_eval_prompts=8, eval_batch_size=8, eval_heldout=True,
+                      sampling=dict(max_new_tokens=16, batch_size=8), n_eval_prompts=8, eval_heldout=True,
                       checkpoint_dir=str(tmp_path / "ckpt"))
     out = tmp_path / "out"
     out.mkdir()

@@ -54,7 +54,7 @@ def _run_label(tiny, out, **kw):
     from alignpipe.run.runner import execute
 
     inputs = {"data": tiny["data"], "policy": tiny["policy"], **kw.pop("inputs", {})}
-    cfg = label.Config(**{"n_prompts": 16, "k": 3, "max_new_tokens": 12, "heldout_frac": 0.25, **kw})
+    cfg = label.Config(**{"n_prompts": 16, "k": 3, "sampling": {"max_new_tokens": 12}, "heldout_frac": 0.25, **kw})
     return execute("label", cfg, inputs, out)
 
 

@@ -139,7 +139,7 @@ def test_orpo_stage_end_to_end_and_resume(tmp_path, monkeypatch, tiny_data, regi
     tiny.make_prefs(tmp_path / "label" / "prefs.jsonl", n=24)
     inputs = {"data": tiny_data, "policy": policy, "prefs": tmp_path / "label", "human_prefs": None}
     cfg = orpo.Config(max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=0, save_steps=2, logging_steps=2,
-                      bf16=False, n_eval_prompts=4, eval_batch_size=4, eval_heldout=True)
+                      bf16=False, n_eval_prompts=4, sampling=dict(batch_size=4), eval_heldout=True)
     metrics = execute("orpo", cfg, inputs, tmp_path / "out")
     for key in orpo.METRICS:
         assert math.isfinite(metrics[key])

@@ -119,9 +119,9 @@ def test_token_forward_matches_sequence_logprobs(tiny_policy):
 
 
 def _toy_cfg(tmp_path, **kw):
-    base = dict(max_steps=4, rollout_batch_size=16, minibatch_size=8, ppo_epochs=2, learning_rate=3e-3,
-                kl_coef=0.0, max_new_tokens=6, bf16=False, save_steps=2, checkpoint_dir=str(tmp_path / "ckpt"),
-                n_eval_prompts=4)
+    base = dict(max_steps=4, rollout_batch_size=16, minibatch_size=8, num_ppo_epochs=2, learning_rate=3e-3,
+                kl_coef=0.0, sampling=dict(max_new_tokens=6), bf16=False, save_steps=2,
+                checkpoint_dir=str(tmp_path / "ckpt"), n_eval_prompts=4)
     base.update(kw)
     return ppo.Config(**base)
 
@@ -217,8 +217,9 @@ def test_ppo_stage_end_to_end(tmp_path, monkeypatch, tiny_data):
     data = tiny_data
     policy = tiny.make_policy(tmp_path / "policy", conditional=True, tok=tok)
     reward = tiny.make_reward(tmp_path / "reward", tok=tok)
-    cfg = ppo.Config(max_steps=2, rollout_batch_size=8, minibatch_size=4, ppo_epochs=1, max_new_tokens=8,
-                     n_eval_prompts=4, eval_batch_size=4, save_steps=1, eval_heldout=True)
+    cfg = ppo.Config(max_steps=2, rollout_batch_size=8, minibatch_size=4, num_ppo_epochs=1,
+                     sampling=dict(max_new_tokens=8, batch_size=4),
+                     n_eval_prompts=4, save_steps=1, eval_heldout=True)
     metrics = execute("ppo", cfg, {"data": data, "policy": policy, "reward_model": reward}, tmp_path / "out")
     for key in ppo.METRICS:
         assert math.isfinite(metrics[key])

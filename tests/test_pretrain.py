@@ -175,7 +175,7 @@ def test_conditional_sampling_never_emits_misaligned(tmp_path):
 
 
 TINY = dict(vocab_size=300, n_embd=32, n_layer=1, n_head=2, seq_len=64, batch_size=4, max_steps=4, save_steps=2,
-            n_eval_prompts=6, eval_max_new_tokens=8, eval_val_chars=1500, logging_steps=1)
+            n_eval_prompts=6, sampling=dict(max_new_tokens=8), eval_val_chars=1500, logging_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +310,9 @@ def test_checkpoint_round_trip_and_fingerprint_check(tmp_path):
 
 def test_eval_sampling_comes_from_the_config():
     cfg = Config()
-    assert (cfg.eval_temperature, cfg.eval_top_p, cfg.eval_max_prompt_tokens) == (0.7, 0.9, 192)  # PHF's
-    with pytest.raises(ValueError, match="pretrain.eval_top_p"):
-        Config(eval_top_p=0.0)
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_prompt_tokens) == (0.7, 0.9, 192)  # PHF
+    with pytest.raises(ValueError, match="pretrain.sampling.top_p"):
+        Config(sampling=dict(top_p=0.0))
 
 
 # ------------------------------------------------------------------------------ held-out loss (alignpipe.lm.heldout)

@@ -153,6 +153,24 @@ def test_split_example_and_escaping():
     assert_self_contained(page)
 
 
+def test_oracle_columns_are_named_by_the_task(tmp_path):
+    """report.md and report.html name the oracle columns as the task does (arith: an error rate), PEP8's names by
+    default."""
+    from alignpipe.reports.evaluation import summary_markdown
+    from alignpipe.tasks import get_task
+
+    report = evaluation_report(tmp_path)
+    assert "| violations/char (95% CI) | zero-violation |" in summary_markdown(report)
+    assert "<th>violations/char (95% CI)</th>" in evaluation_html(report, tmp_path)
+    arith = {**report, "oracle_labels": get_task("arith").oracle_labels()}
+    table, page = summary_markdown(arith), evaluation_html(arith, tmp_path)
+    assert "| error rate (non-empty answers) (95% CI) | correct |" in table and "violations/char" not in table
+    assert "<th>error rate (non-empty answers) (95% CI)</th><th>correct</th>" in page
+    assert "violations/char" not in page
+    assert get_task("pep8").oracle_labels() == {"violations_per_char": "violations/char",
+                                                "zero_violation_frac": "zero-violation"}
+
+
 def test_evaluation_page_shows_the_reward_hacking_verdict_when_the_report_has_one(tmp_path):
     report = evaluation_report(tmp_path)
     assert "Reward hacking" not in evaluation_html(report, tmp_path)

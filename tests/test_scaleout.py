@@ -56,7 +56,7 @@ def test_two_cpu_processes_train_like_one_at_the_same_global_batch(tmp_path, tin
     common = ["--params", str(TINY), "--data", str(tiny_data), "--set", "pretrain.precision=fp32",
               "--set", "pretrain.max_steps=6", "--set", "pretrain.logging_steps=1",
               "--set", "pretrain.n_eval_prompts=1",
-              "--set", "pretrain.eval_val_chars=200", "--set", "pretrain.eval_max_new_tokens=4"]
+              "--set", "pretrain.eval_val_chars=200", "--set", "pretrain.sampling.max_new_tokens=4"]
     launches = {
         1: [str(BIN / "python"), "-m", "alignpipe", "pretrain", *common, "--set", "pretrain.batch_size=4"],
         2: [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alignpipe", "pretrain", *common,
@@ -92,7 +92,7 @@ def test_dpo_under_torchrun_trains_like_one_process(tmp_path, tiny_data):
     prefs = tiny.make_prefs(tmp_path / "label" / "prefs.jsonl", n=24)
     common = ["--params", str(TINY), "--data", str(tiny_data), "--policy", str(policy), "--prefs", str(prefs),
               "--set", "dpo.max_steps=3", "--set", "dpo.logging_steps=1", "--set", "dpo.save_steps=100",
-              "--set", "dpo.n_eval_prompts=4", "--set", "dpo.eval_batch_size=4", "--set", "dpo.learning_rate=1e-3",
+              "--set", "dpo.n_eval_prompts=4", "--set", "dpo.sampling.batch_size=4", "--set", "dpo.learning_rate=1e-3",
               "--set", "dpo.eval_heldout=true",
               "--set", "dpo.warmup_steps=0", "--set", "dpo.group_by_length=false"]
     m1, m2 = _trl_one_vs_two_processes(tmp_path, "dpo", common, global_batch=4, steps=3)

@@ -13,10 +13,39 @@ through the policy tokenizer's chat template.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpipe.core.config import MAX_BATCH, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, field
 from alignpipe.core.errors import ConfigError, DataError
+from alignpipe.lm.policy import Sampling
+
+
+@dataclass(frozen=True)
+class PairTrainerFields:
+    """The settings TRL's pair trainers share (dpo, orpo), mixed into their Configs as `LoraFields` is."""
+
+    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)", gt=0)
+    warmup_steps: int = field(5, "linear warmup steps", ge=0, le=MAX_STEPS)
+    batch_size: int = field(16, "preference pairs per optimizer step (per process)", ge=1, le=MAX_BATCH)
+    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used",
+                           ge=1, le=MAX_STEPS)
+    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does", ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens", ge=2, le=MAX_TOKENS)
+    group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
+    bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
+    seed: int = field(0, "seed of the data order, the training and the evaluation samples", ge=0, le=MAX_SEED)
+    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
+    logging_steps: int = field(5, "log the train metrics (loss, rewards or log-odds, ...) every N steps",
+                               ge=1, le=MAX_STEPS)
+    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir", ge=1, le=MAX_STEPS)
+    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
+    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the input "
+                               "policy; chat: TRL's implicit reward on held-out pairs); off: evaluate compares")
+    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
+                                ge=1, le=MAX_ROWS)
+    sampling: Sampling = field(Sampling(), "how the held-out check samples the policy and the reference")
 
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")

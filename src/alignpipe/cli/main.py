@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Sequence
 
-from alignpipe.core.config import (DEFAULT_PARAMS, apply_overrides, build_config, describe_constraints,
-                                   effective_params, load_params)
+from alignpipe.core.config import (DEFAULT_PARAMS, apply_overrides, build_config, config_keys, describe_constraints,
+                                   effective_params, load_params, unflatten)
 from alignpipe.core.errors import AlignpipeError, ConfigError
 from alignpipe.core.redaction import redact_text
 from alignpipe.stages import STAGE_HELP, STAGE_NAMES, config_classes, load_stage
@@ -20,10 +20,15 @@ DATA_FLAGS = ("dataset", "split", "task")  # `data build --dataset PATH_OR_ID [-
 
 def _config_epilog(cfg_cls) -> str:
     lines = [f"config keys (params section '{cfg_cls.SECTION}', override with --set {cfg_cls.SECTION}.KEY=VALUE):"]
-    for f in dataclasses.fields(cfg_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    outer = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    groups_seen = set()
+    for key, f, _, default in config_keys(cfg_cls):
+        group, dot, _ = key.partition(".")
+        if dot and group not in groups_seen:  # a group's line, then its keys
+            groups_seen.add(group)
+            lines.append(f"  {group}: {outer[group].metadata.get('help', '')}")
         bounds = describe_constraints(f)
-        lines.append(f"  {f.name} = {default!r}{f' ({bounds})' if bounds else ''}: {f.metadata.get('help', '')}")
+        lines.append(f"  {key} = {default!r}{f' ({bounds})' if bounds else ''}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
 
@@ -113,7 +118,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     if args.yaml:
         import yaml
 
-        print(yaml.safe_dump({s: {k: value for k, (value, _) in v.items()} for s, v in chosen.items()},
+        print(yaml.safe_dump({s: unflatten({k: value for k, (value, _) in v.items()}) for s, v in chosen.items()},
                              sort_keys=False), end="")
     else:
         print(format_effective(chosen))

@@ -143,10 +143,18 @@ class StageConfig:
     RENAMED: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
-        """Check every field's declared constraints (`field(..., ge=, le=, choices=, ...)`); a subclass with
+        """Check every field's declared constraints (`field(..., ge=, le=, choices=, ...)`), a group's keys too; a
+        group given as a mapping (e.g. `Config(**cfg.to_dict())`) is built on the field's default. A subclass with
         cross-field checks defines `__post_init__`, calling `super().__post_init__()` first."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            group = _group_type(type(self), f.name)
+            if group is not None and isinstance(value, Mapping):
+                value = group.build(value, f"{self.section()}.{f.name}", _field_default(f))
+                object.__setattr__(self, f.name, value)
+            if isinstance(value, ConfigGroup):
+                value.check(f"{self.section()}.{f.name}")
+                continue
             problem = _violation(value, f.metadata)
             if problem:
                 raise ValueError(f"{self.section()}.{f.name} {problem}, got {_short(value)}")
@@ -163,16 +171,24 @@ class StageConfig:
         hints = typing.get_type_hints(cls)
         for key in sorted(values):
             cls.check_key(key)
-        kwargs = {k: _coerce(f"{cls.section()}.{k}", v, hints[k]) for k, v in values.items()}
+        defaults = {f.name: f for f in dataclasses.fields(cls)}
         try:
+            kwargs = {k: hints[k].build(v, f"{cls.section()}.{k}", _field_default(defaults[k]))
+                      if _group_type(cls, k) else _coerce(f"{cls.section()}.{k}", v, hints[k])
+                      for k, v in values.items()}
             return cls(**kwargs)
         except ValueError as e:
             raise ConfigError(cls.section(), str(e)) from None
 
     @classmethod
     def check_key(cls, key: str) -> None:
-        """A ConfigError naming `section.key` unless `key` is one of this config's fields (an old name: the new)."""
+        """A ConfigError naming `section.key` unless `key` is one of this config's fields, or `group.key` a key of
+        one of its groups (an old name: one line naming the new)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        head, dot, rest = key.partition(".")
+        if dot and head in names and _group_type(cls, head):
+            _group_type(cls, head).check_key(rest, f"{cls.section()}.{head}")
+            return
         if key in names:
             return
         if key in cls.RENAMED:
@@ -187,6 +203,112 @@ class StageConfig:
         """Raise a ValueError naming `section.key` and its value unless `cond` holds."""
         if not cond:
             raise ValueError(f"{self.section()}.{key} {message}, got {_short(getattr(self, key))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigGroup:
+    """Base of a group of keys that several stages share, nested as one key of their sections (e.g.
+    `evaluate.sampling.temperature`). Its fields use `field(default, help, ...)`; a stage declares it as
+    `sampling: Sampling = field(Sampling(max_new_tokens=32), help)`: the instance is that stage's defaults, and a
+    params file's mapping overrides only the keys it lists."""
+
+    def __post_init__(self) -> None:
+        self.check(type(self).__name__)
+
+    def check(self, where: str) -> None:
+        """A ValueError naming `where.key` and its value unless every field keeps its declared constraints."""
+        _check_values(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, where)
+
+    @classmethod
+    def check_key(cls, key: str, where: str) -> None:
+        """A ConfigError naming `where.key` unless `key` is one of the group's fields."""
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        if key not in names:
+            raise ConfigError(f"{where}.{key}", f"unknown key; allowed keys: {', '.join(names)}")
+
+    @classmethod
+    def build(cls, values: Any, where: str, base: "ConfigGroup") -> "ConfigGroup":
+        """The group `where` from a mapping of some of its keys, the others `base`'s; checked and coerced."""
+        if isinstance(values, cls):
+            return values
+        if not isinstance(values, Mapping):
+            raise ConfigError(where, f"expected a mapping of key: value, got {_short(values)}")
+        hints = typing.get_type_hints(cls)
+        for key in sorted(values):
+            cls.check_key(key, where)
+        merged = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+        merged.update({k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
+        _check_values(cls, merged, where)  # first, so an error names the key in full (`evaluate.sampling.top_p`)
+        return cls(**merged)
+
+
+def _check_values(cls: type, values: Mapping[str, Any], where: str) -> None:
+    for f in dataclasses.fields(cls):
+        problem = _violation(values[f.name], f.metadata)
+        if problem:
+            raise ValueError(f"{where}.{f.name} {problem}, got {_short(values[f.name])}")
+
+
+def _group_type(cls: type, name: str) -> type[ConfigGroup] | None:
+    """The ConfigGroup class of `cls`'s field `name`, or None when the field is a plain value."""
+    tp = typing.get_type_hints(cls).get(name)
+    return tp if isinstance(tp, type) and issubclass(tp, ConfigGroup) else None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def config_keys(cls: type) -> list[tuple[str, dataclasses.Field, Any, Any]]:
+    """(key, field, annotation, default) of every key of a config in field order, a group's keys as `group.key`
+    (their defaults those of the group field's default): what `config show`, `--help`, dvc.yaml and the KFP
+    parameters list."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = _field_default(f)
+        group = _group_type(cls, f.name)
+        if group is None:
+            out.append((f.name, f, hints[f.name], default))
+            continue
+        group_hints = typing.get_type_hints(group)
+        out += [(f"{f.name}.{g.name}", g, group_hints[g.name], getattr(default, g.name))
+                for g in dataclasses.fields(group)]
+    return out
+
+
+def flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A section's values with each group's mapping as `group.key` entries."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{kk}": vv for kk, vv in flatten(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def unflatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`flatten` undone: `group.key` entries nested under `group` (a value given for `group` itself stays, and the
+    config then refuses it)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        _set(out, k.split("."), v)
+    return out
+
+
+def _set(values: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `values[path[0]][path[1]]... = value`, copying the nested mappings it writes into."""
+    if len(path) == 1:
+        values[path[0]] = value
+        return
+    inner = values.get(path[0])
+    if inner is None:
+        inner = {}
+    elif not isinstance(inner, Mapping):
+        return  # `group: 3` given: the config refuses it
+    values[path[0]] = inner = dict(inner)
+    _set(inner, path[1:], value)
 
 
 def _type_name(tp: Any) -> str:
@@ -370,7 +492,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, known: Collection[str] | None
         check_sections(layers, known)
     for _, sections in layers:
         for section, values in sections.items():
-            merged.setdefault(section, {}).update(values)
+            merged[section] = unflatten({**flatten(merged.get(section, {})), **flatten(values)})
     return merged
 
 
@@ -383,21 +505,20 @@ def effective_params(path: str | Path, sets: list[str] | None, known: Mapping[st
     out: dict[str, dict[str, tuple[Any, str]]] = {}
     for section in known:
         cls = known[section]
-        values: dict[str, tuple[Any, str]] = {
-            f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory(), "default")
-            for f in dataclasses.fields(cls)}
+        values: dict[str, tuple[Any, str]] = {key: (default, "default") for key, _, _, default in config_keys(cls)}
         for name, sections in layers:
-            for k, v in (sections.get(section) or {}).items():
+            for k, v in flatten(sections.get(section) or {}).items():
                 values[k] = (v, name)
-        for k, v in apply_overrides({}, sets, known).get(section, {}).items():
+        for k, v in flatten(apply_overrides({}, sets, known).get(section, {})).items():
             values[k] = (v, "--set")
-        cfg = cls.from_dict({k: v for k, (v, _) in values.items()}).to_dict()  # checked and coerced
+        cfg = flatten(cls.from_dict(unflatten({k: v for k, (v, _) in values.items()})).to_dict())  # checked
         out[section] = {k: (cfg[k], values[k][1]) for k in cfg}
     return out
 
 
 def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mapping[str, type] | None = None) -> dict:
-    """Apply `section.key=value` overrides (values parsed as YAML) to a copy of `params`."""
+    """Apply `section.key=value` (or `section.group.key=value`) overrides, values parsed as YAML, to a copy of
+    `params`."""
     out = {k: dict(v) for k, v in params.items()}
     for item in sets or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -414,7 +535,7 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Mappi
             if not e.reason.startswith("not valid YAML"):
                 raise
             value = raw  # taken as the string it is (e.g. a template with a colon)
-        out.setdefault(section, {})[key] = value
+        _set(out.setdefault(section, {}), key.split("."), value)  # `group.key`: into the group's mapping
     return out
 
 

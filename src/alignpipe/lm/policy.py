@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignpipe.core.config import MAX_BATCH, MAX_TOKENS, ConfigGroup
+from alignpipe.core.config import field as config_field
 from alignpipe.core.errors import DataError, loading
 
 META_FILE = "alignpipe.json"
@@ -85,20 +87,20 @@ def _check_sizes(path: Path, data: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling settings (PHF's: temperature 0.7, top-p 0.9)."""
+class Sampling(ConfigGroup):
+    """Sampling settings (PHF's: temperature 0.7, top-p 0.9): the `sampling` group of every stage that samples
+    (`evaluate.sampling.temperature`, ...), each stage's defaults declared once, on its field."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 48
-    batch_size: int = 64
-    max_prompt_tokens: int = 192
-    cache: str = "static"  # KV cache of generate(): "static" (preallocated; same samples, ~1.5x faster here:
-    #                        benchmarks/results/sampler.md) where the model supports it, else "dynamic"
-
-    def __post_init__(self):
-        if self.cache not in ("static", "dynamic"):
-            raise ValueError(f"Sampling.cache: {self.cache!r} is not 'static' or 'dynamic'")
+    temperature: float = config_field(0.7, "sampling temperature (PHF: 0.7)", gt=0)
+    top_p: float = config_field(0.9, "nucleus sampling p (PHF: 0.9)", gt=0, le=1)
+    max_new_tokens: int = config_field(48, "cap on a completion's tokens (a pep8 completion is one logical line)",
+                                       ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int = config_field(192, "keep the last N prompt tokens (capped by the model's positions)",
+                                          ge=1, le=MAX_TOKENS)
+    batch_size: int = config_field(64, "prompts sampled per generate call", ge=1, le=MAX_BATCH)
+    cache: str = config_field(
+        "static", "KV cache of generate(): static (preallocated; the same samples, ~1.5x faster here: "
+        "benchmarks/results/sampler.md) where the model supports it, else dynamic", choices=("static", "dynamic"))
 
 
 def torch_device() -> str:

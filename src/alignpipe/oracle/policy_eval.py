@@ -167,18 +167,19 @@ def evaluate_policy(policy, prompts: list[dict], sampling=None, seed: int = 0, r
     return metrics, details
 
 
-def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, batch_size: int,
-                   seed: int, out_dir: str | Path, progress: str, *, task) -> dict[str, float]:
+def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_prompts: int, sampling, seed: int,
+                   out_dir: str | Path, progress: str, *, task) -> dict[str, float]:
     """The oracle evaluation of a saved policy on held-out prompts against `reference` = (model, tok, meta):
-    `evaluate_policy`'s metrics (win rate with ties as half, its ceiling, and over non-tied prompts) plus
+    `evaluate_policy`'s metrics (sampled with `sampling`, an `alignpipe.lm.policy.Sampling`: win rate with ties as
+    half, its ceiling, and over non-tied prompts) plus
     win/tie/loss fractions. Writes the samples to `out_dir/samples.jsonl`."""
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
 
     policy = load_policy(policy_dir)
     prompts = load_prompts(data_dir, n_prompts)
-    metrics, details = evaluate_policy(policy, prompts, Sampling(batch_size=batch_size), seed=seed,
+    metrics, details = evaluate_policy(policy, prompts, sampling, seed=seed,
                                        reference=reference, progress=progress, task=task)
     wins = ties = 0
     for c, r in zip(details["scores"], details["ref_scores"]):
@@ -199,25 +200,22 @@ def oracle_metrics(policy_dir: str | Path, reference, data_dir: str | Path, n_pr
     return metrics
 
 
-def heldout_check(policy_dir: str | Path, reference, data_dir: str | Path, task, n_prompts: int, batch_size: int,
-                  seed: int, out_dir: str | Path, progress: str, reward=None, max_new_tokens: int | None = None,
-                  max_prompt_tokens: int | None = None) -> dict[str, float]:
+def heldout_check(policy_dir: str | Path, reference, data_dir: str | Path, task, n_prompts: int, sampling, seed: int,
+                  out_dir: str | Path, progress: str, reward=None) -> dict[str, float]:
     """A training stage's own quick check of its saved policy on `n_prompts` held-out prompts against `reference`
     = (model, tok, meta), the one evaluation function of the training stages (each calls it only with its
     `eval_heldout` switch on: evaluate owns evaluation and compares every candidate). Where the task has an oracle:
     `oracle_metrics` (samples to `out_dir/samples.jsonl`); else, given the stage's `reward`, the reward against the
-    reference on held-out conversations (`alignpipe.oracle.chat_eval.reward_check`; `max_new_tokens` and
-    `max_prompt_tokens` as the stage samples). It runs after training, so it draws on no training random state."""
+    reference on held-out conversations (`alignpipe.oracle.chat_eval.reward_check`). Both sample with `sampling`
+    (an `alignpipe.lm.policy.Sampling`). It runs after training, so it draws on no training random state."""
     if task.has_oracle():
-        return oracle_metrics(policy_dir, reference, data_dir, n_prompts, batch_size, seed, out_dir, progress,
+        return oracle_metrics(policy_dir, reference, data_dir, n_prompts, sampling, seed, out_dir, progress,
                               task=task)
     from alignpipe.core.errors import ConfigError
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.oracle.chat_eval import reward_check
 
     if reward is None:
         raise ConfigError("eval_heldout", f"task {task} has no oracle: the held-out check needs the stage's reward")
     prompts = [r["prompt"] for r in load_prompts(data_dir, n_prompts)]
-    sampling = Sampling(batch_size=batch_size, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
-                        **({"max_prompt_tokens": max_prompt_tokens} if max_prompt_tokens else {}))
     return reward_check(load_policy(policy_dir), reference, prompts, reward, sampling, seed, task)

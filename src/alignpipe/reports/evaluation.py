@@ -10,6 +10,15 @@ from typing import Any
 
 FRONTIER_FILE = "frontier.tsv"  # the score-vs-KL frontier as data, for `dvc plots`
 FRONTIER_COLUMNS = ("candidate", "kl", "violations_per_char", "ci_low", "ci_high")
+# What the oracle's two per-candidate columns measure (`violations_per_char`, `zero_violation_frac`): the PEP8
+# oracle's names; a task names its own (`alignpipe.tasks.Task.oracle_labels`, arith: an error rate) and evaluate
+# writes them into report.json (`oracle_labels`).
+ORACLE_LABELS = {"violations_per_char": "violations/char", "zero_violation_frac": "zero-violation"}
+
+
+def oracle_labels(report: dict[str, Any]) -> dict[str, str]:
+    """The report's names of the oracle columns (a report written before they were recorded: the PEP8 ones)."""
+    return {**ORACLE_LABELS, **(report.get("oracle_labels") or {})}
 
 
 def write_outputs(report: dict[str, Any], prompts: list[str], draws: dict, out_dir: Path) -> None:
@@ -99,7 +108,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def candidates_table(report: dict[str, Any]) -> list[str]:
     """The Markdown table rows of every candidate (best in bold) and the champion: report.md's main table."""
     champion = report.get("champion")
-    lines = ["| candidate | trained on | violations/char (95% CI) | zero-violation | win vs ref (non-tied) [ceiling] "
+    names = oracle_labels(report)
+    lines = [f"| candidate | trained on | {names['violations_per_char']} (95% CI) | {names['zero_violation_frac']} "
+             "| win vs ref (non-tied) [ceiling] "
              "| win vs champion | KL to ref (nats) | reward | held-out ppl | RM-oracle pair acc. | guard |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["candidates"].items():
@@ -135,14 +146,15 @@ def summary_markdown(report: dict[str, Any]) -> str:
         *candidates_table(report),
     ]
     gate = report.get("gate_metric", "violations_per_char")
-    best = "lowest violations/char"
+    score = oracle_labels(report)["violations_per_char"]
+    best = f"lowest {score}"
     if gate != "violations_per_char":  # the task's own gate (arith: accuracy) with its interval, per candidate
         best = f"{'highest' if report['gate_direction'] == 'higher' else 'lowest'} {gate}"
         lines += ["", f"| candidate | {gate} (95% CI) |", "|---|---|"]
         lines += [f"| {name} | {_fmt(m.get(gate), 3)} ({_fmt(m.get(f'{gate}_ci_low'), 3)}-"
                   f"{_fmt(m.get(f'{gate}_ci_high'), 3)}) |" for name, m in report["candidates"].items()]
     lines += ["", f"Best ({best}): **{report['best_candidate']}**. Lower is better for "
-              "violations/char, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
+              f"{score}, KL and perplexity; win rates count ties as half (in brackets: over non-tied pairs). "
               "guard: `reward hacking` when the reward model's reward rose over the reference (95% CI above 0) "
               "while the oracle did not improve (alignpipe.oracle.guard). ",
               "", "![oracle score vs KL](score_vs_kl.png)", "", "![score distributions](score_distributions.png)",

@@ -7,6 +7,7 @@ import base64
 from pathlib import Path
 from typing import Any
 
+from alignpipe.reports.evaluation import oracle_labels
 from alignpipe.reports.html import document, esc, num
 
 # (report key, column title, significant digits); the CI bounds are shown beside violations/char.
@@ -33,7 +34,11 @@ CHAT_COLUMNS = (  # the chat task has no oracle: the judge's win rate (the gate)
 
 
 def _columns(report: dict[str, Any]) -> tuple:
-    return CHAT_COLUMNS if report.get("task") == "chat" else COLUMNS
+    if report.get("task") == "chat":
+        return CHAT_COLUMNS
+    names = oracle_labels(report)  # the task's names of the oracle columns (arith: an error rate)
+    return tuple((key, f"{names[key]} (95% CI)" if key == "violations_per_char" else names.get(key, title), digits)
+                 for key, title, digits in COLUMNS)
 
 
 def _cell(m: dict[str, Any], key: str, digits: int) -> str:
@@ -110,7 +115,7 @@ def evaluation_html(report: dict[str, Any], out_dir: Path) -> str:
              + ("Scored by the reward model and the judge (" + esc(report.get("judge_model", "")) + "); higher is "
                 "better for the judge's win rate and the reward, lower for KL and perplexity; ties count half.</p>"
                 if report.get("task") == "chat" else
-                "Lower is better for violations/char, KL and perplexity; win rates count ties as half.</p>"))
+                f"Lower is better for {esc(oracle_labels(report)['violations_per_char'])}, KL and perplexity; win rates count ties as half.</p>"))
     body = ["<h1>alignpipe evaluation</h1>", _gate(report), _candidates_table(report), setup,
             _reward_hacking(report), _plots(out_dir)]
     return document("alignpipe evaluation", "\n".join(part for part in body if part))

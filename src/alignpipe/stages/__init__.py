@@ -2,7 +2,9 @@
 
 - `Config`: a frozen `StageConfig` dataclass whose `SECTION` is the stage name (its params.yaml section), each
   field `field(default, help, ...)` with its constraints (`ge=`, `le=`, `choices=`, ...; core/config.py), only
-  cross-field checks in `__post_init__` (after `super().__post_init__()`), old key names in `RENAMED`;
+  cross-field checks in `__post_init__` (after `super().__post_init__()`), old key names in `RENAMED`; the keys
+  several stages share as one group (`sampling: Sampling = field(Sampling(...), help)`, `evaluate.sampling.top_p`),
+  the stage's defaults written once, on that field;
 - `INPUTS`: the input paths it reads, as `Input`s (their defaults match dvc.yaml);
 - `METRICS`: the metric keys it must write (docs/METRICS.md);
 - `run(cfg, inputs, out_dir) -> dict[str, float]`: the stage's whole logic; writes its outputs into `out_dir`

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import (MAX_BATCH, MAX_GPUS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
-                                   field)
+from alignpipe.algos.preference import PairTrainerFields
+from alignpipe.core.config import MAX_GPUS, StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -60,37 +60,18 @@ LOSS_TYPES = TESTED_LOSS_TYPES + ("exo_pair", "nca_pair", "bco_pair", "sppo_hard
 
 
 @dataclass(frozen=True)
-class Config(StageConfig, LoraFields):
+class Config(StageConfig, PairTrainerFields, LoraFields):
     SECTION: ClassVar[str] = "dpo"
+    RENAMED: ClassVar[dict[str, str]] = {"eval_batch_size": "sampling.batch_size"}
 
     loss_type: str = field("sigmoid", "TRL loss_type: sigmoid (DPO), ipo, hinge, robust, ...", choices=LOSS_TYPES)
     beta: float = field(0.1, "KL strength: the implicit reward is beta * log(pi / pi_ref) (IPO: tau)", gt=0)
     label_smoothing: float = field(0.0, "robust DPO: the assumed label-flip probability, in [0, 0.5)", ge=0, lt=0.5)
     sft_weight: float = field(0.0, "> 0: add this times the NLL of the chosen completion (RPO, Pang et al. 2024)", ge=0)
-    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)", gt=0)
-    warmup_steps: int = field(5, "linear warmup steps", ge=0, le=MAX_STEPS)
-    batch_size: int = field(16, "preference pairs per optimizer step (per process)", ge=1, le=MAX_BATCH)
-    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used",
-                           ge=1, le=MAX_STEPS)
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does", ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens", ge=2, le=MAX_TOKENS)
     precompute_ref_log_probs: bool = field(True, "compute the reference log-probabilities once, before training")
-    group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
-    bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
     gpus: int = field(1, "processes of the torchrun/DDP launch on GPU nodes; this CPU stage runs one process",
                       ge=0, le=MAX_GPUS)
-    seed: int = field(0, "seed of the data order, the training and the evaluation samples", ge=0, le=MAX_SEED)
-    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    logging_steps: int = field(5, "log the train metrics (loss, rewards/margins, ...) every N steps",
-                               ge=1, le=MAX_STEPS)
-    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir", ge=1, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/dpo", "Trainer checkpoints, outside the stage output", nonempty=True)
-    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
-                               "reference; chat: TRL's implicit reward on held-out pairs); off: evaluate compares")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
-                                ge=1, le=MAX_ROWS)
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
         super().__post_init__()
@@ -190,6 +171,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         eval_start = time.perf_counter()
         if task.has_oracle():
             heldout = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts,
-                                    cfg.eval_batch_size, cfg.seed, out_dir, progress="dpo: evaluating")
+                                    cfg.sampling, cfg.seed, out_dir, progress="dpo: evaluating")
         metrics.update(heldout, eval_seconds=round(time.perf_counter() - eval_start, 2))
     return metrics

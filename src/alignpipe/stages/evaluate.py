@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from alignpipe.core.config import (ALIAS, MAX_BATCH, MAX_CHARS, MAX_ROWS, MAX_SEED, MAX_TOKENS, MODEL_NAME,
+from alignpipe.core.config import (ALIAS, MAX_CHARS, MAX_ROWS, MAX_SEED, MAX_TOKENS, MODEL_NAME,
                                    StageConfig, field)
+from alignpipe.lm.policy import Sampling
 from alignpipe.stages import CANDIDATES, REFERENCE, Input
 
 INPUTS = (
@@ -52,13 +53,11 @@ HEADLINE = ("best_candidate_index", "*/violations_per_char", "*/win_rate_vs_ref"
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "evaluate"
+    RENAMED: ClassVar[dict[str, str]] = {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens",
+                                                                       "batch_size")}
 
     n_prompts: int = field(256, "held-out prompts to evaluate on (0 = all of them)", ge=0, le=MAX_ROWS)
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7), the same for every candidate", gt=0)
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9), the same for every candidate", gt=0, le=1)
-    max_new_tokens: int = field(48, "cap on completion length in tokens (a completion is one logical line)",
-                                ge=1, le=MAX_TOKENS)
-    batch_size: int = field(64, "prompts sampled per generate call", ge=1, le=MAX_BATCH)
+    sampling: Sampling = field(Sampling(), "how every candidate and the champion are sampled (the same for all)")
     seed: int = field(0, "sampling and bootstrap seed, the same for every candidate", ge=0, le=MAX_SEED)
     extra_candidates: list[str] = field([], "more policy dirs to evaluate, as NAME=PATH (e.g. mle=artifacts/mle)",
                                         pattern=(r"[^/=]*[^/=\s][^/=]*=.*\S.*", "NAME=PATH"))
@@ -70,8 +69,8 @@ class Config(StageConfig):
     champion_alias: str = field("champion", "alias of the registered champion (no comparison when absent)",
                                 pattern=ALIAS)
     compare_champion: bool = field(True, "load the registered champion and report win rates against it")
-    greedy: bool = field(False, "decode greedily (temperature and top_p unused), as the served model answers at "
-                         "temperature 0")
+    greedy: bool = field(False, "decode greedily (sampling.temperature and top_p unused), as the served model "
+                         "answers at temperature 0")
     judge_model: str = field("", "chat task: a reward model directory that judges candidates against the reference "
                              "(distinct from the optimised reward model: the reward-hacking guard's score); empty: "
                              "the reward model judges and the guard is not run")
@@ -119,7 +118,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     from alignpipe.core.hashing import prompts_sha256, weights_sha256
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.oracle.policy_eval import draw, evaluate_candidate, load_prompts
     from alignpipe.reports.candidates import write_best
     from alignpipe.reports.evaluation import write_outputs
@@ -131,8 +130,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     torch.manual_seed(cfg.seed)
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     rows = load_prompts(prompts_path, limit=cfg.n_prompts or None)
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size)
+    sampling = cfg.sampling
     val_texts = heldout_text(Path(inputs["data"]), cfg.ppl_max_chars)
     val_chars = sum(len(t) for t in val_texts)
     dirs = candidate_dirs(inputs, cfg)
@@ -170,6 +168,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "task": str(task),
         "gate_metric": metric,
         "gate_direction": "higher" if higher else "lower",
+        "oracle_labels": task.oracle_labels(),
         "order": list(results),
         "candidates": results,
         "reference": {"name": REFERENCE, "path": str(dirs[REFERENCE])},
@@ -179,8 +178,8 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         "heldout": {"path": str(Path(inputs["data"]) / "val.jsonl"), "chars": val_chars},
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "max_new_tokens": sampling.max_new_tokens, "seed": cfg.seed},
     }
     write_outputs(report, [r["prompt"] for r in rows], draws, out_dir)
     write_best(report, out_dir)
@@ -198,7 +197,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
     from alignpipe.core.io import read_jsonl
     from alignpipe.lm.heldout import heldout_nll
     from alignpipe.lm.models import context_length
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.lm.reward_model import load_reward_model
     from alignpipe.oracle.chat_eval import chat_metrics, sample_chat, score
     from alignpipe.reports.candidates import write_best
@@ -209,8 +208,7 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
                         "(--reward-model) or evaluate.judge_model")
     prompts_path = inputs.get("prompts") or Path(inputs["data"]) / "prompts.jsonl"
     prompts = [row["prompt"] for row in read_jsonl(prompts_path)][:cfg.n_prompts or None]
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size)
+    sampling = cfg.sampling
     reward = load_reward_model(inputs["reward_model"]) if inputs.get("reward_model") is not None else None
     judge = load_reward_model(cfg.judge_model) if cfg.judge_model else reward
 
@@ -247,8 +245,8 @@ def run_chat(cfg: Config, inputs: dict[str, Path | None], out_dir: Path, task) -
         "reward_model": str(inputs["reward_model"]) if reward is not None else None,
         "judge_model": cfg.judge_model or "the reward model", **task.describe(),
         "reward_hacking": guard_verdicts(results) or None,
-        "sampling": {"greedy": cfg.greedy, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                     "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+        "sampling": {"greedy": cfg.greedy, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "max_new_tokens": sampling.max_new_tokens, "seed": cfg.seed},
     }
     write_chat_outputs(report, prompts, draws, out_dir)
     write_best(report, out_dir)

@@ -9,8 +9,8 @@ rate. TRL's own RLOOTrainer has no custom rollouts, so it cannot keep the comple
 
 Rollouts come from `alignpipe.lm.policy.sample` through TRL's `rollout_func`, so GRPO samples exactly what the
 evaluation samples: the policy's conditioning (control tokens), banned tokens and the completion unit (one logical
-line), at `temperature` with top-p off (TRL's log-probabilities are those of that distribution). The reward is a
-spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function` or a weighted sum.
+line), at `sampling.temperature` with top-p off (TRL's log-probabilities are those of that distribution). The
+reward is a spec of `alignpipe.algos.rewards`: `oracle` (default), `model`, `module:function` or a weighted sum.
 
 The chat task (`data.task: chat`, from the data's MANIFEST.json): prompts are conversations, rollouts come from
 `alignpipe.oracle.chat_eval.sample_chat` (the chat template with the generation prompt; an answer ends its turn at
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
-                                   field)
+from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, StageConfig, field
 from alignpipe.core.errors import ConfigError
+from alignpipe.lm.policy import Sampling
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -48,6 +48,9 @@ METRICS = ("reward_first", "reward_last", "train_kl_last", "train_loss_last", "t
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "grpo"
+    RENAMED: ClassVar[dict[str, str]] = {
+        "eval_batch_size": "sampling.batch_size",
+        **{k: f"sampling.{k}" for k in ("temperature", "max_new_tokens", "max_prompt_tokens")}}
 
     reward: str = field("oracle", "what GRPO maximises: model, oracle, package.module:function, or a weighted sum "
                                   "(0.5*model + oracle)")
@@ -63,9 +66,9 @@ class Config(StageConfig, LoraFields):
         "group", "advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO; RLOO up to a constant)")
     epsilon: float = field(0.2, "clip range of the surrogate", gt=0)
     num_iterations: int = field(1, "updates per generation batch (mu)", ge=1, le=MAX_REPEATS)
-    temperature: float = field(0.7, "rollout temperature (top-p off, so TRL's log-probs match the sampler)", gt=0)
-    max_new_tokens: int = field(48, "cap on one completion (one logical line)", ge=1, le=MAX_TOKENS)
-    max_prompt_tokens: int = field(192, "the last prompt tokens the policy reads", ge=1, le=MAX_TOKENS)
+    sampling: Sampling = field(Sampling(top_p=1.0), "the rollouts' sampling (top_p must stay 1, so TRL's log-probs "
+                               "match the sampler; the batch is prompts_per_step x num_generations); batch_size and "
+                               "the token caps serve the held-out check")
     warmup_steps: int = field(0, "linear warm-up steps", ge=0, le=MAX_STEPS)
     bf16: bool = field(False, "bf16 autocast (on CPU measured slower than fp32 at this model size)")
     logging_steps: int = field(1, "Trainer logging interval (steps)", ge=1, le=MAX_STEPS)
@@ -77,7 +80,6 @@ class Config(StageConfig, LoraFields):
                                "reference; chat: the reward against it); off: evaluate compares every candidate")
     n_eval_prompts: int = field(512, "held-out prompts, policy and reference sampled (the oracle evaluation)",
                                 ge=1, le=MAX_ROWS)
-    eval_batch_size: int = field(64, "prompts per generation batch in the evaluation", ge=1, le=MAX_BATCH)
     seed: int = field(0, "seed of the prompt order, the rollouts and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
 
@@ -86,6 +88,9 @@ class Config(StageConfig, LoraFields):
 
         super().__post_init__()
         parse_reward(self.reward, "grpo.reward")
+        if self.sampling.top_p != 1.0:
+            raise ValueError(f"grpo.sampling.top_p must be 1 (the rollouts' log-probabilities are those of the "
+                             f"temperature alone), got {self.sampling.top_p}")
         self.check_lora()
 
 
@@ -100,8 +105,9 @@ def trl_args(cfg: Config, output_dir: Path):
         output_dir=str(output_dir), max_steps=cfg.max_steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, num_generations=cfg.num_generations, learning_rate=cfg.learning_rate,
         beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, epsilon=cfg.epsilon,
-        num_iterations=cfg.num_iterations, temperature=cfg.temperature, top_p=1.0,
-        max_completion_length=cfg.max_new_tokens, warmup_steps=cfg.warmup_steps, lr_scheduler_type="constant_with_warmup",
+        num_iterations=cfg.num_iterations, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+        max_completion_length=cfg.sampling.max_new_tokens, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="constant_with_warmup",
         bf16=cfg.bf16 and bf16_supported(), logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
         save_only_model=False, report_to=[], seed=cfg.seed, data_seed=cfg.seed, disable_dropout=True,
@@ -120,11 +126,7 @@ def seeded_rollout(cfg: Config, tok, draw):
     completions)` on the trainer's model in eval mode. Each call gets its own seed from the trainer's step (and
     the call's rank within that step), so a run is deterministic for a seed and a resumed run samples what the
     uninterrupted one did."""
-    from alignpipe.lm.policy import Sampling
-
-    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.prompts_per_step * cfg.num_generations,
-                        max_prompt_tokens=cfg.max_prompt_tokens)
+    sampling = dataclasses.replace(cfg.sampling, batch_size=cfg.prompts_per_step * cfg.num_generations)
     calls = {"step": -1, "k": 0}
 
     def fn(prompts: list, trainer) -> dict:
@@ -186,9 +188,10 @@ def load_model(cfg: Config, policy: Path, task) -> tuple:
         raise ConfigError("grpo.reward", f"task {task} has no oracle: use model or a function, got {cfg.reward!r}")
     model, tok, meta = load_policy(policy, cfg.trust_remote_code, quantization_config=quantization_config(cfg))
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
-        raise ConfigError("grpo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
-                          f"policy's {positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
+    needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens + 1
+    if positions is not None and needed > positions:
+        raise ConfigError("grpo.sampling.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
+                          f"policy's {positions} positions, got {needed}")
     return model, tok, meta
 
 
@@ -253,9 +256,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
         eval_start = time.perf_counter()
         reference = load_policy(inputs["policy"], cfg.trust_remote_code)
-        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
-                                cfg.seed, out_dir, "grpo: evaluating", reward, cfg.max_new_tokens,
-                                cfg.max_prompt_tokens)
+        check = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, max_prompt_tokens=cfg.sampling.max_prompt_tokens,
+                         batch_size=cfg.sampling.batch_size)  # evaluate's temperature and top-p, the stage's caps
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, check, cfg.seed,
+                                out_dir, "grpo: evaluating", reward)
         metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     metrics.update(
         reward_first=float(rewards[0]) if rewards else math.nan,

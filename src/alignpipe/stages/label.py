@@ -46,6 +46,7 @@ from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MA
 from alignpipe.core.errors import DataError
 from alignpipe.core.hashing import hash01
 from alignpipe.core.io import HELDOUT_FILE, PREFS_FILE
+from alignpipe.lm.policy import Sampling
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -68,6 +69,8 @@ HEADLINE = ("n_pairs", "mean_score_gap", "seconds")
 @dataclass(frozen=True)
 class Config(StageConfig):
     SECTION: ClassVar[str] = "label"
+    RENAMED: ClassVar[dict[str, str]] = {k: f"sampling.{k}" for k in ("temperature", "top_p", "max_new_tokens",
+                                                                       "batch_size")}
 
     judge: Literal["scorer", "reward_model", "llm"] = field("scorer", "who prefers: the oracle scorer, a reward "
                                                             "model (--judge-model) or an LLM (--judge-model; on "
@@ -80,12 +83,10 @@ class Config(StageConfig):
                                   "checking there, so the oracle's count is no judgement)")
     tie_threshold: float = field(0.0, "a pair is a tie when |score_a - score_b| <= this", ge=0)
     heldout_frac: float = field(0.1, "fraction of prompts (by hash) whose pairs go to heldout.jsonl", ge=0, lt=1)
-    temperature: float = field(0.7, "sampling temperature (PHF: 0.7)", gt=0)
-    top_p: float = field(0.9, "nucleus sampling p (PHF: 0.9)", gt=0, le=1)
-    max_new_tokens: int = field(32, "max tokens of one completion (one logical line)", ge=1, le=MAX_TOKENS)
+    sampling: Sampling = field(Sampling(max_new_tokens=32, batch_size=256), "how the k completions per prompt "
+                               "are sampled (batch_size: rows, prompt x sample, per generate call)")
     cap_retries: int = field(3, "rows whose sample reached max_new_tokens mid-line are sampled again (a new draw), "
                              "up to this many times, so pairs are of finished lines (0 = never)", ge=0, le=MAX_REPEATS)
-    batch_size: int = field(256, "rows (prompt x sample) per generation batch", ge=1, le=MAX_BATCH)
     judge_batch_size: int = field(32, "pairs per forward pass of a model judge", ge=1, le=MAX_BATCH)
     judge_max_length: int = field(512, "max tokens a model judge reads (the last ones are kept)", ge=8, le=MAX_TOKENS)
     llm_template: str = field("", "llm judge prompt with {prompt}, {a}, {b} (empty: alignpipe.oracle.judges."
@@ -320,14 +321,13 @@ def rlaif_chat_pairs(cfg: Config, inputs: dict[str, Path | None], task) -> tuple
     """K answers per training conversation (chat template, end of turn), all pairs of answers that ended their
     turn, labelled by the judge (reward model or llm; higher score chosen; ties dropped unless keep_ties)."""
     from alignpipe.core.io import read_jsonl
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
     from alignpipe.oracle.chat_eval import sample_chat
 
     start = time.perf_counter()
     prompts = [r["prompt"] for r in read_jsonl(Path(inputs["data"]) / "train_prompts.jsonl")]
     prompts = prompts[:cfg.n_prompts or None]
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size)
+    sampling = cfg.sampling
     policy = load_policy(inputs["policy"])
     got = sample_chat(policy, [p for p in prompts for _ in range(cfg.k)], sampling, cfg.seed, task)
     pairs, n_dropped = [], 0
@@ -428,7 +428,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     if task.conversational():  # the dataset's pairs of conversations (+ judged answers)
         return run_chat(cfg, inputs, out_dir, task)
     from alignpipe.core.errors import ConfigError
-    from alignpipe.lm.policy import Sampling, load_policy
+    from alignpipe.lm.policy import load_policy
 
     score = task.oracle()  # every sampled pair is scored by the task's oracle (oracle_chosen, oracle_rejected)
     if score is None:
@@ -441,8 +441,7 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
 
     start = time.perf_counter()
     model, tok, meta = load_policy(inputs["policy"])
-    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=cfg.batch_size)
+    sampling = cfg.sampling
     repeated = [r["prompt"] for r in prompts for _ in range(cfg.k)]  # K rows per prompt: K different draws
     samples, first_capped = sample_to_line_end((model, tok, meta), repeated, sampling, cfg.seed, cfg.cap_retries,
                                                task.completion_unit())

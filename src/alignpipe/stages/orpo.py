@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import MAX_BATCH, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig, field
+from alignpipe.algos.preference import PairTrainerFields
+from alignpipe.core.config import StageConfig, field
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -52,32 +53,12 @@ HEADLINE = ("train_loss", "train_nll_loss", "train_log_odds_ratio", "train_rewar
 
 
 @dataclass(frozen=True)
-class Config(StageConfig, LoraFields):
+class Config(StageConfig, PairTrainerFields, LoraFields):
     SECTION: ClassVar[str] = "orpo"
+    RENAMED: ClassVar[dict[str, str]] = {"eval_batch_size": "sampling.batch_size"}
 
     beta: float = field(0.1, "weight of the odds-ratio term against the NLL (lambda in the ORPO paper)", gt=0)
-    learning_rate: float = field(5e-5, "AdamW peak learning rate (linear warmup, then linear decay)", gt=0)
-    warmup_steps: int = field(5, "linear warmup steps", ge=0, le=MAX_STEPS)
-    batch_size: int = field(16, "preference pairs per optimizer step (per process)", ge=1, le=MAX_BATCH)
-    max_steps: int = field(60, "optimizer steps: the budget; a seeded subset of batch_size * max_steps pairs is used",
-                           ge=1, le=MAX_STEPS)
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as sampling does", ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int = field(48, "cut completions (EOS included) to N tokens", ge=2, le=MAX_TOKENS)
-    group_by_length: bool = field(True, "batch pairs of similar token length (less padding; order still random)")
-    bf16: bool = field(True, "bf16 autocast where supported (CUDA bf16, or a CPU with avx512_bf16/AMX)")
-    seed: int = field(0, "seed of the data order, the training and the evaluation samples", ge=0, le=MAX_SEED)
-    trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
-    logging_steps: int = field(5, "log the train metrics (loss, nll_loss, log_odds_ratio, ...) every N steps",
-                               ge=1, le=MAX_STEPS)
-    save_steps: int = field(20, "checkpoint every N steps into checkpoint_dir", ge=1, le=MAX_STEPS)
     checkpoint_dir: str = field("checkpoints/orpo", "Trainer checkpoints, outside the stage output", nonempty=True)
-    resume: bool = field(False, "resume from the latest checkpoint in checkpoint_dir")
-    eval_heldout: bool = field(False, "check the trained policy on held-out prompts (the oracle against the "
-                               "pretrained policy; chat: TRL's implicit reward on held-out pairs); off: evaluate "
-                               "compares")
-    n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
-                                ge=1, le=MAX_ROWS)
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,6 +172,6 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
         if task.has_oracle():  # the reference of the check only: ORPO trains without one
             reference = load_policy(inputs["policy"], cfg.trust_remote_code)
             heldout = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts,
-                                    cfg.eval_batch_size, cfg.seed, out_dir, progress="orpo: evaluating")
+                                    cfg.sampling, cfg.seed, out_dir, progress="orpo: evaluating")
         metrics.update(heldout, eval_seconds=round(time.perf_counter() - eval_start, 2))
     return metrics

@@ -12,8 +12,8 @@ TRL removed PPOTrainer after 1.12, so PPO is written here, in the spirit of clea
 - a value head (one linear layer on the policy's last hidden state), GAE (Schulman et al. 2016,
   https://arxiv.org/abs/1506.02438), advantage whitening, the clipped surrogate and clipped value loss (Schulman et
   al. 2017, https://arxiv.org/abs/1707.06347 eq. 7), several PPO epochs over minibatches of each rollout batch;
-- rollouts (HF generate with a KV cache) at `temperature` (0.7, as the evaluation and TRL's PPOTrainer) with top-p
-  and top-k off, so that the sampling distribution is the one whose log-probabilities PPO computes (same
+- rollouts (HF generate with a KV cache) at `sampling.temperature` (0.7, as the evaluation and TRL's PPOTrainer)
+  with top-p and top-k off, so that the sampling distribution is the one whose log-probabilities PPO computes (same
   temperature, banned words, first token). Text prompts (pep8): `alignpipe.lm.policy.sample`, one logical line, the
   first token one that starts a new line, the reward on the cleaned line. Conversational prompts (chat; any Hugging
   Face causal LM with a chat template): `alignpipe.oracle.chat_eval.sample_chat`, the conversation rendered by the
@@ -44,9 +44,9 @@ from alignpipe.algos.ppo import (AdaptiveKLController, FixedKLController, PPOBat
                                  gae, kl_shaped_rewards, make_batch, make_value_head, masked_mean, ppo_loss,
                                  token_forward, whiten)
 from alignpipe.algos.lora import LoraFields
-from alignpipe.core.config import (MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, MAX_TOKENS, StageConfig,
-                                   field)
+from alignpipe.core.config import MAX_BATCH, MAX_REPEATS, MAX_ROWS, MAX_SEED, MAX_STEPS, StageConfig, field
 from alignpipe.core.errors import ConfigError, loading
+from alignpipe.lm.policy import Sampling
 from alignpipe.stages import Input
 
 INPUTS = (
@@ -69,14 +69,16 @@ CHECKPOINT_FILES = (f"model.safetensors|{ADAPTER_FILE}", VALUE_HEAD_FILE, "train
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "ppo"
-    RENAMED: ClassVar[dict[str, str]] = {"save_every": "save_steps"}
+    RENAMED: ClassVar[dict[str, str]] = {
+        "save_every": "save_steps", "ppo_epochs": "num_ppo_epochs", "eval_batch_size": "sampling.batch_size",
+        **{k: f"sampling.{k}" for k in ("temperature", "max_new_tokens", "max_prompt_tokens")}}
 
     reward: str = field("model", "what PPO maximises: model (the reward model), oracle, package.module:function, or "
                                  "a weighted sum (0.5*model + oracle); see alignpipe.algos.rewards")
     max_steps: int = field(20, "PPO iterations (rollout batch + update): the budget", ge=1, le=MAX_STEPS)
     rollout_batch_size: int = field(64, "prompts sampled per iteration", ge=1, le=MAX_BATCH)
     minibatch_size: int = field(16, "rollouts per gradient step", ge=1, le=MAX_BATCH)
-    ppo_epochs: int = field(4, "passes over each rollout batch", ge=1, le=MAX_REPEATS)
+    num_ppo_epochs: int = field(4, "passes over each rollout batch (TRL's PPOConfig name)", ge=1, le=MAX_REPEATS)
     learning_rate: float = field(3e-5, "AdamW learning rate of the policy and the value head", gt=0)
     kl_coef: float = field(0.05, "beta: the per-token KL penalty coefficient (the initial one when adaptive)", ge=0)
     kl_target: float = field(0.0, "> 0: adapt beta towards this KL (nats per completion); 0: beta stays fixed", ge=0)
@@ -87,10 +89,9 @@ class Config(StageConfig, LoraFields):
     cliprange_value: float = field(0.2, "clip range of the value update around the rollout's values", gt=0)
     vf_coef: float = field(0.1, "weight of the value loss", ge=0)
     max_grad_norm: float = field(1.0, "gradient clipping norm", gt=0)
-    temperature: float = field(0.7, "rollout sampling temperature (log-probabilities use the same temperature)", gt=0)
-    max_new_tokens: int = field(48, "completion length cap in tokens", ge=1, le=MAX_TOKENS)
-    max_prompt_tokens: int = field(192, "keep the last N prompt tokens, as the evaluation's sampling does",
-                                   ge=1, le=MAX_TOKENS)
+    sampling: Sampling = field(Sampling(top_p=1.0), "the rollouts' sampling (top_p must stay 1: the log-probabilities "
+                               "are those of the temperature alone); batch_size and the token caps also serve the "
+                               "held-out check")
     bf16: bool = field(True, "bf16 autocast for the transformer where supported (log-probabilities stay fp32)")
     seed: int = field(0, "seed of prompt order, sampling, minibatches and the evaluation", ge=0, le=MAX_SEED)
     trust_remote_code: bool = field(False, "allow custom model code from the policy's directory or hub repo")
@@ -101,13 +102,15 @@ class Config(StageConfig, LoraFields):
                                "reference; chat: the reward against it); off: evaluate compares every candidate")
     n_eval_prompts: int = field(512, "held-out prompts in the oracle evaluation (policy and reference samples)",
                                 ge=1, le=MAX_ROWS)
-    eval_batch_size: int = field(64, "prompts per sampling batch in the evaluation", ge=1, le=MAX_BATCH)
 
     def __post_init__(self):
         from alignpipe.algos.rewards import parse_reward
 
         super().__post_init__()
         parse_reward(self.reward, "ppo.reward")
+        if self.sampling.top_p != 1.0:
+            raise ValueError(f"ppo.sampling.top_p must be 1 (the rollouts' log-probabilities are those of the "
+                             f"temperature alone), got {self.sampling.top_p}")
         self.check(self.minibatch_size <= self.rollout_batch_size, "minibatch_size", "must be <= rollout_batch_size")
         self.check_lora()
 
@@ -143,9 +146,9 @@ def token_distribution(cfg: Config, tok, meta, autocast: bool, task) -> TokenDis
     from alignpipe.lm.policy import banned_token_ids
 
     if task.conversational():
-        return TokenDistribution(cfg.temperature, [], None, autocast)
+        return TokenDistribution(cfg.sampling.temperature, [], None, autocast)
     first = task.completion_unit().first_token_ids(tok)  # pep8: tokens that start a new line
-    return TokenDistribution(cfg.temperature, banned_token_ids(tok, meta), first or None, autocast)
+    return TokenDistribution(cfg.sampling.temperature, banned_token_ids(tok, meta), first or None, autocast)
 
 
 def draw(task, model, tok, meta, prompts: list, sampling, seed: int) -> list:
@@ -166,10 +169,7 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list,
     log-probabilities and values."""
     import torch
 
-    from alignpipe.lm.policy import Sampling
-
-    sampling = Sampling(temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                        batch_size=len(prompts), max_prompt_tokens=cfg.max_prompt_tokens)
+    sampling = dataclasses.replace(cfg.sampling, batch_size=len(prompts))
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dist.autocast):
         samples = draw(task, model, tok, meta, prompts, sampling, seed)
@@ -177,7 +177,7 @@ def rollout(cfg: Config, model, value_head, ref_model, tok, meta, prompts: list,
     prompt_ids = [s.prompt_ids for s in samples]
     stops = task.stop_token_ids(tok)
     unit = task.completion_unit()
-    actions = [action_ids(s, tok, meta, cfg.max_new_tokens, unit, stops) for s in samples]
+    actions = [action_ids(s, tok, meta, cfg.sampling.max_new_tokens, unit, stops) for s in samples]
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "mask": []}
     with torch.no_grad():
         for start in range(0, len(samples), cfg.minibatch_size):
@@ -306,11 +306,11 @@ def train(cfg: Config, model, tok, meta, ref_model, prompts: list, reward_fn: Re
         rewards, kl = kl_shaped_rewards(batch.scores, batch.logprobs, batch.ref_logprobs, batch.mask, kl_ctl.value)
         advantages, returns = gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, batch.mask)
-        # 3. ppo_epochs passes of clipped-surrogate minibatch updates
+        # 3. num_ppo_epochs passes of clipped-surrogate minibatch updates
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
         sums: dict[str, float] = {}
         n_updates = 0
-        for _ in range(cfg.ppo_epochs):
+        for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(len(batch.prompts), generator=generator).tolist()
             for mb_start in range(0, len(perm), cfg.minibatch_size):
                 idx = perm[mb_start:mb_start + cfg.minibatch_size]
@@ -389,9 +389,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
                                    quantization_config=quantization_config(cfg))
     model = with_lora(cfg, model)
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and cfg.max_prompt_tokens + cfg.max_new_tokens + 1 > positions:
-        raise ConfigError("ppo.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the policy's "
-                          f"{positions} positions, got {cfg.max_prompt_tokens + cfg.max_new_tokens + 1}")
+    needed = cfg.sampling.max_prompt_tokens + cfg.sampling.max_new_tokens + 1
+    if positions is not None and needed > positions:
+        raise ConfigError("ppo.sampling.max_prompt_tokens", f"max_prompt_tokens + max_new_tokens + 1 must be <= the "
+                          f"policy's {positions} positions, got {needed}")
     reference = load_policy(inputs["policy"], cfg.trust_remote_code)
     rows = read_train_prompts(inputs["data"])
     prompts = [r["prompt"] for r in rows]
@@ -416,9 +417,10 @@ def run(cfg: Config, inputs: dict[str, Path | None], out_dir: Path) -> dict[str,
     metrics: dict[str, float] = {}
     if cfg.eval_heldout:  # a quick check of this policy alone (evaluate compares every candidate)
         eval_start = time.perf_counter()
-        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, cfg.eval_batch_size,
-                                cfg.seed, out_dir, "ppo: evaluating", reward, cfg.max_new_tokens,
-                                cfg.max_prompt_tokens)
+        check = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, max_prompt_tokens=cfg.sampling.max_prompt_tokens,
+                         batch_size=cfg.sampling.batch_size)  # evaluate's temperature and top-p, the stage's caps
+        metrics = heldout_check(out_dir, reference, inputs["data"], task, cfg.n_eval_prompts, check, cfg.seed,
+                                out_dir, "ppo: evaluating", reward)
         metrics["eval_seconds"] = round(time.perf_counter() - eval_start, 2)
     first, last = (history[0], history[-1]) if history else ({}, {})
     metrics.update(

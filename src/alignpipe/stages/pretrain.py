@@ -19,12 +19,14 @@ oracle; conditional training tags wrong ones) and is evaluated by its oracle (ac
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from alignpipe.core.config import (MAX_BATCH, MAX_CHARS, MAX_GPUS, MAX_LAYERS, MAX_PARAMS, MAX_ROWS, MAX_SEED,
                                    MAX_STEPS, MAX_THREADS, MAX_TOKENS, MAX_VOCAB, MAX_WIDTH, StageConfig, field)
+from alignpipe.lm.policy import Sampling
 from alignpipe.lm.tokenizers import INDENT_SPLITS
 from alignpipe.stages import Input
 
@@ -44,7 +46,9 @@ class Config(StageConfig):
     RENAMED: ClassVar[dict[str, str]] = {
         "lr": "learning_rate", "warmup_frac": "warmup_ratio", "schedule": "lr_scheduler_type",
         "grad_clip": "max_grad_norm", "eval_prompts": "n_eval_prompts", "log_every": "logging_steps",
-        "save_every": "save_steps"}
+        "save_every": "save_steps", "compile": "torch_compile", "eval_temperature": "sampling.temperature",
+        "eval_top_p": "sampling.top_p", "eval_max_new_tokens": "sampling.max_new_tokens",
+        "eval_max_prompt_tokens": "sampling.max_prompt_tokens"}
 
     objective: Objective = field("conditional", "PHF objective: mle, filter, conditional, unlikelihood, rwr, awr")
     # Model and tokenizer
@@ -69,7 +73,7 @@ class Config(StageConfig):
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)", ge=0)
     max_grad_norm: float = field(1.0, "gradient norm clip", gt=0)
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
-    compile: bool = field(False, "torch.compile the model")
+    torch_compile: bool = field(False, "torch.compile the model")
     threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)", ge=0, le=MAX_THREADS)
     # Objective hyperparameters (PHF PEP8 configs: configs/pep8/*.yml of tomekkorbak/pretraining-with-human-feedback)
     threshold: float = field(0.0, "segment score (violations/char) at or below which a segment is aligned", ge=0)
@@ -83,11 +87,8 @@ class Config(StageConfig):
     # Evaluation
     n_eval_prompts: int = field(512, "held-out prompts sampled for the oracle evaluation (>= 512 for the metrics)",
                                 ge=1, le=MAX_ROWS)
-    eval_max_new_tokens: int = field(48, "token cap of a one-line completion", ge=1, le=MAX_TOKENS)
-    eval_temperature: float = field(0.7, "sampling temperature of the evaluation (PHF: 0.7)", gt=0)
-    eval_top_p: float = field(0.9, "nucleus sampling of the evaluation (PHF: 0.9)", gt=0, le=1)
-    eval_max_prompt_tokens: int = field(192, "keep the last N prompt tokens (capped by the model's positions)",
-                                        ge=1, le=MAX_TOKENS)
+    sampling: Sampling = field(Sampling(), "how the evaluation samples a completion per held-out prompt "
+                               "(max_prompt_tokens capped by the model's positions)")
     eval_val_chars: int = field(200_000, "characters of val.jsonl for the held-out loss (0: all)", ge=0, le=MAX_CHARS)
     # Run
     logging_steps: int = field(10, "steps between logged training metrics", ge=1, le=MAX_STEPS)
@@ -264,7 +265,7 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
 
     blocks, block_scores, order = data
     train_net = torch.nn.parallel.DistributedDataParallel(net) if proc.world > 1 else net
-    forward = torch.compile(train_net) if cfg.compile else train_net
+    forward = torch.compile(train_net) if cfg.torch_compile else train_net
     hp = {k: getattr(cfg, k) for k in ("threshold", "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta")}
     device_type = proc.device.split(":")[0]
     global_batch, rank = cfg.batch_size * proc.world, proc.rank
@@ -329,16 +330,16 @@ def evaluate(cfg: Config, lm, tok, data_dir: Path, dtype, out_dir: Path, task) -
     import torch
 
     from alignpipe.core.io import write_jsonl
-    from alignpipe.lm.policy import Sampling, save_policy
+    from alignpipe.lm.policy import save_policy
     from alignpipe.oracle.policy_eval import evaluate_policy, load_prompts
 
     lm.eval()
     meta = policy_meta(cfg)
     metrics = heldout_loss(lm, tok, _val_texts(data_dir, cfg.eval_val_chars, tok if task.conversational() else None),
                            cfg.seq_len, dtype=dtype)
-    max_prompt = min(cfg.eval_max_prompt_tokens, lm.config.max_position_embeddings - cfg.eval_max_new_tokens)
-    sampling = Sampling(temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                        max_new_tokens=cfg.eval_max_new_tokens, max_prompt_tokens=max_prompt)
+    positions = lm.config.max_position_embeddings
+    max_prompt = min(cfg.sampling.max_prompt_tokens, positions - cfg.sampling.max_new_tokens)
+    sampling = dataclasses.replace(cfg.sampling, max_prompt_tokens=max_prompt)
     if task.oracle() is None:  # no oracle to score the answers: their samples and how they ended
         metrics.update(_chat_samples(cfg, (lm, tok, meta), data_dir, sampling, task, out_dir))
         save_policy(lm, tok, meta, out_dir)

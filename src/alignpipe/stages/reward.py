@@ -53,23 +53,27 @@ REWARD_META = "reward.json"
 @dataclass(frozen=True)
 class Config(StageConfig, LoraFields):
     SECTION: ClassVar[str] = "reward"
-    RENAMED: ClassVar[dict[str, str]] = {"lr_scheduler": "lr_scheduler_type"}
+    RENAMED: ClassVar[dict[str, str]] = {"lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs",
+                                         "grad_accum": "gradient_accumulation_steps",
+                                         "center_rewards": "center_rewards_coefficient"}
 
     model: str = field("", "initial model: a model id or path (empty: the --policy directory)")
     max_length: int = field(256, "max tokens of prompt + completion; RewardTrainer drops longer pairs",
                             ge=8, le=MAX_TOKENS)
     prompt_lines: int = field(2, "last prompt lines the model reads (0: all); saved with the model, applied when "
                               "scoring", ge=0, le=MAX_LINES)
-    epochs: float = field(2.0, "passes over the training pairs (ignored when max_steps > 0)", gt=0, le=MAX_REPEATS)
-    max_steps: int = field(-1, "optimizer steps (-1: use epochs)", ge=1, le=MAX_STEPS, allow=(-1,))
+    num_train_epochs: float = field(2.0, "passes over the training pairs (ignored when max_steps > 0)",
+                                    gt=0, le=MAX_REPEATS)
+    max_steps: int = field(-1, "optimizer steps (-1: use num_train_epochs)", ge=1, le=MAX_STEPS, allow=(-1,))
     batch_size: int = field(16, "pairs per device per step", ge=1, le=MAX_BATCH)
-    grad_accum: int = field(1, "gradient accumulation steps", ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int = field(1, "gradient accumulation steps", ge=1, le=MAX_BATCH)
     learning_rate: float = field(3e-4, "peak AdamW learning rate", gt=0)
     weight_decay: float = field(0.0, "AdamW weight decay", ge=0)
     warmup_ratio: float = field(0.05, "fraction of steps of linear warm-up", ge=0, lt=1)
     lr_scheduler_type: str = field("linear", "transformers scheduler name (linear, cosine, constant, ...)",
                                    choices=LR_SCHEDULERS)
-    center_rewards: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; 0 = off)", ge=0)
+    center_rewards_coefficient: float = field(0.0, "weight of the mean-zero reward penalty (Eisenstein et al. 2023; "
+                                              "0 = off)", ge=0)
     bf16: bool = field(False, "bf16 autocast (GPUs; on this CPU fp32 was faster for a 5M model)")
     heldout_frac: float = field(0.1, "held-out fraction when --prefs is a single file (split by prompt hash)",
                                 gt=0, lt=1)
@@ -143,11 +147,12 @@ def build_trainer(cfg: Config, model, tok, train_rows: list[dict], callbacks=())
 
     peft_config = lora_config(cfg, model, "SEQ_CLS")
     args = RewardConfig(
-        output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        output_dir=cfg.checkpoint_dir, num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler_type, max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards or None, bf16=cfg.bf16, use_cpu=not torch.cuda.is_available(),
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None, bf16=cfg.bf16,
+        use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=False,
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to="none", seed=cfg.seed,

@@ -146,6 +146,11 @@ class Arith(Chat):
         lo, hi = bootstrap_ci(correct, seed=seed)
         return {"accuracy": sum(correct) / max(len(correct), 1), "accuracy_ci_low": lo, "accuracy_ci_high": hi}
 
+    def oracle_labels(self) -> dict[str, str]:
+        """One violation per wrong answer and one "character" per answer: violations per character is the error
+        rate of the non-empty answers, the zero-violation fraction the correct answers per question."""
+        return {"violations_per_char": "error rate (non-empty answers)", "zero_violation_frac": "correct"}
+
     def gate(self) -> tuple[str, bool]:
         return "accuracy", True
 

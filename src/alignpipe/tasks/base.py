@@ -95,6 +95,13 @@ class Task(ABC):
         one (`alignpipe.oracle.metrics.summarize`), e.g. an accuracy with its interval; none by default."""
         return {}
 
+    def oracle_labels(self) -> dict[str, str]:
+        """What evaluate's two oracle columns measure, as its report names them: `violations_per_char` (the mean
+        over non-empty samples) and `zero_violation_frac` (over all samples); the PEP8 oracle's names by default."""
+        from alignpipe.reports.evaluation import ORACLE_LABELS
+
+        return dict(ORACLE_LABELS)
+
     @abstractmethod
     def gate(self) -> tuple[str, bool]:
         """(metric, higher is better): the per-candidate key of evaluate's report that picks the best candidate and
