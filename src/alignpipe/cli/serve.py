@@ -31,7 +31,7 @@ def kserve_manifest(name: str, image: str, *, model_uri: str, version: str | Non
     container = {
         "name": "kserve-container", "image": image,
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
-        # one decoder loop per pod, its onnxruntime threads the pod's CPUs
+        # one worker (decoder loop) per CPU of the pod's limit, each with this many onnxruntime threads
         "env": [{"name": "ALIGNPIPE_SERVE_THREADS", "value": str(threads)}],
         "readinessProbe": {"httpGet": {"path": "/ping", "port": PORT}, "initialDelaySeconds": 5, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": PORT}, "initialDelaySeconds": 30,
@@ -137,8 +137,8 @@ def _manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="serving image (default: REGISTRY/MODEL:vVERSION)")
     p.add_argument("--registry", default="registry.example.internal/alignpipe",
                    help="image registry for the default image name (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the pod's server: its CPUs "
-                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of each server worker (the server "
+                   "starts one worker per CPU of the pod's limit; default: %(default)s)")
     p.add_argument("--cpu", default="2", help="CPU request and limit (default: %(default)s)")
     p.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
     p.add_argument("--gpu", type=int, help="nvidia.com/gpu limit (default: 0; 1 with --runtime huggingface)")
