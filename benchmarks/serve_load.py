@@ -12,8 +12,10 @@ by hand (repeatable). Each request is one held-out prompt (prompts cycle through
 /v1/completions {"model", "prompt"} or POST /invocations {"inputs": [prompt]}, sampled with the registered settings.
 Prints requests/s, p50/p95/p99 latency, time to first token (streamed rows: the first event that carries text, or
 the last one for an empty answer), the error count (non-200 answers, bad bodies, timeouts), generated tokens/s
-(answers re-tokenized with --tokenizer) and the 1-minute load average sampled during the run; `--out FILE.md` also
-writes them as Markdown with the ratios the serving targets name.
+(answers re-tokenized with --tokenizer), the server's and the client's CPU ms per request and the 1-minute load
+average sampled during the run; `--out FILE.md` also writes them as Markdown with the ratios the serving targets
+name. Each client thread keeps its connection alive, as the `openai` client does; `--no-mlflow` skips the two
+`mlflow models serve` rows of --compare.
 """
 
 from __future__ import annotations

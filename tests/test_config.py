@@ -187,6 +187,7 @@ def test_config_show_yaml_is_a_standalone_params_file(tmp_path, capsys):
     ("pretrain", "eval_top_p", "sampling.top_p"), ("pretrain", "eval_max_new_tokens", "sampling.max_new_tokens"),
     ("ppo", "temperature", "sampling.temperature"), ("grpo", "max_prompt_tokens", "sampling.max_prompt_tokens"),
     ("dpo", "eval_batch_size", "sampling.batch_size"), ("orpo", "eval_batch_size", "sampling.batch_size"),
+    ("pretrain", "compile", "torch_compile"),
 ])
 def test_an_old_key_names_its_new_name(section, old, new, tmp_path, capsys):
     """Hugging Face naming: an old key in a params file or --set gets one line naming the new key."""

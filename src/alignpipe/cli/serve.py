@@ -31,7 +31,7 @@ def kserve_manifest(name: str, image: str, *, model_uri: str, version: str | Non
     container = {
         "name": "kserve-container", "image": image,
         "ports": [{"containerPort": PORT, "protocol": "TCP"}],
-        # one decoder loop per pod, its onnxruntime threads the pod's CPUs
+        # one worker (decoder loop) per CPU of the pod's limit, each with this many onnxruntime threads
         "env": [{"name": "ALIGNPIPE_SERVE_THREADS", "value": str(threads)}],
         "readinessProbe": {"httpGet": {"path": "/ping", "port": PORT}, "initialDelaySeconds": 5, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": PORT}, "initialDelaySeconds": 30,
@@ -137,8 +137,8 @@ def _manifest_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="serving image (default: REGISTRY/MODEL:vVERSION)")
     p.add_argument("--registry", default="registry.example.internal/alignpipe",
                    help="image registry for the default image name (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the pod's server: its CPUs "
-                   "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of each server worker (the server "
+                   "starts one worker per CPU of the pod's limit; default: %(default)s)")
     p.add_argument("--cpu", default="2", help="CPU request and limit (default: %(default)s)")
     p.add_argument("--memory", default="2Gi", help="memory request and limit (default: %(default)s)")
     p.add_argument("--gpu", type=int, help="nvidia.com/gpu limit (default: 0; 1 with --runtime huggingface)")
@@ -214,7 +214,8 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
 
     from alignpipe.serving.loading import resolve
     from alignpipe.serving.graph import serving_graph
-    from alignpipe.serving.openai_api import SPEC_ENV, Limits, build_server, create_app, worker_spec
+    from alignpipe.serving.openai_api import (SPEC_ENV, Limits, build_server, create_app, freeze_heap,
+                                              worker_spec)
 
     for flag, value, low in (("--port", opts.port, 0), ("--threads", opts.threads, 0), ("--workers", opts.workers, 0),
                              ("--max-batch-size", opts.max_batch_size, 1), ("--max-queue", opts.max_queue, 1),
@@ -232,18 +233,19 @@ def run_server(uri: str, opts: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=opts.max_body_bytes, max_prompts=opts.max_prompts,
                     max_prompt_chars=opts.max_prompt_chars, timeout_s=opts.timeout)
     graph = serving_graph(served.policy_onnx, Path(served.workdir.name))
-    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits, graph, cpus)  # or fails here
+    server = build_server(served, threads, opts.max_batch_size, opts.max_queue, limits, graph)  # or fails here
     print(f"serving {served.name} ({served.task}, {served.policy_onnx.name}) on http://{opts.host}:{opts.port}/v1 "
           f"with {workers} worker(s) of {threads} onnxruntime thread(s); reward scoring: "
           f"{'POST /v1/score' if server.scorer else 'none (' + served.no_reward + ')'}", flush=True)
     run = {"host": opts.host, "port": opts.port, "log_level": "warning", "access_log": False}
     try:
         if workers == 1:
-            uvicorn.run(create_app(server), **run)
+            app = create_app(server)
+            freeze_heap()
+            uvicorn.run(app, **run)
         else:  # each worker builds its own server from the files resolved here (kept until the workers end)
             server.engine.close()
-            os.environ[SPEC_ENV] = worker_spec(served, graph, threads, opts.max_batch_size, opts.max_queue, limits,
-                                               cpus)
+            os.environ[SPEC_ENV] = worker_spec(served, graph, threads, opts.max_batch_size, opts.max_queue, limits)
             uvicorn.run("alignpipe.serving.openai_api:app_from_env", factory=True, workers=workers, **run)
     finally:
         server.engine.close()

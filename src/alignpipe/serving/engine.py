@@ -59,12 +59,13 @@ class Engine:
     """The decoder loop (a daemon thread) and its bounded queue.
 
     Waiting jobs join when the batch is empty, when `join_min` of them wait, or after `join_wait_steps` decoding
-    steps: prefilling a few prompts together costs about as much as one alone. Ended rows stay in the batch
-    (their outputs unused) until the next join or until they are half the batch, so the cache is copied once for
-    both."""
+    steps (default: at the next step; a join copies the batch's cache once, about a tenth of a step, and waiting
+    for company doubled the time to the first token: benchmarks/results/serve_load.md). Ended rows stay in the
+    batch (their outputs unused) until the next join or until they are half the batch, so the cache is copied once
+    for both."""
 
     def __init__(self, completer: OrtCompleter, max_batch_size: int = 32, max_queue: int = 256,
-                 join_min: int = 4, join_wait_steps: int = 3):
+                 join_min: int = 1, join_wait_steps: int = 1):
         self.completer, self.max_batch_size, self.max_queue = completer, max_batch_size, max_queue
         self.join_min, self.join_wait_steps = join_min, join_wait_steps
         self.policy = completer.policy

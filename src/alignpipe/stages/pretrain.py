@@ -46,8 +46,9 @@ class Config(StageConfig):
     RENAMED: ClassVar[dict[str, str]] = {
         "lr": "learning_rate", "warmup_frac": "warmup_ratio", "schedule": "lr_scheduler_type",
         "grad_clip": "max_grad_norm", "eval_prompts": "n_eval_prompts", "log_every": "logging_steps",
-        "save_every": "save_steps", "eval_temperature": "sampling.temperature", "eval_top_p": "sampling.top_p",
-        "eval_max_new_tokens": "sampling.max_new_tokens", "eval_max_prompt_tokens": "sampling.max_prompt_tokens"}
+        "save_every": "save_steps", "compile": "torch_compile", "eval_temperature": "sampling.temperature",
+        "eval_top_p": "sampling.top_p", "eval_max_new_tokens": "sampling.max_new_tokens",
+        "eval_max_prompt_tokens": "sampling.max_prompt_tokens"}
 
     objective: Objective = field("conditional", "PHF objective: mle, filter, conditional, unlikelihood, rwr, awr")
     # Model and tokenizer
@@ -72,7 +73,7 @@ class Config(StageConfig):
     weight_decay: float = field(0.1, "AdamW weight decay on matrices (PHF: 0.1)", ge=0)
     max_grad_norm: float = field(1.0, "gradient norm clip", gt=0)
     precision: Literal["auto", "bf16", "fp32"] = field("auto", "auto: bf16 autocast where the hardware has it")
-    compile: bool = field(False, "torch.compile the model")
+    torch_compile: bool = field(False, "torch.compile the model")
     threads: int = field(0, "CPU threads for torch (0: torch's default, one per core)", ge=0, le=MAX_THREADS)
     # Objective hyperparameters (PHF PEP8 configs: configs/pep8/*.yml of tomekkorbak/pretraining-with-human-feedback)
     threshold: float = field(0.0, "segment score (violations/char) at or below which a segment is aligned", ge=0)
@@ -264,7 +265,7 @@ def train(cfg: Config, net, opt, sched, data, proc, dtype, start_step: int, chec
 
     blocks, block_scores, order = data
     train_net = torch.nn.parallel.DistributedDataParallel(net) if proc.world > 1 else net
-    forward = torch.compile(train_net) if cfg.compile else train_net
+    forward = torch.compile(train_net) if cfg.torch_compile else train_net
     hp = {k: getattr(cfg, k) for k in ("threshold", "ul_alpha", "rwr_beta", "awr_alpha", "awr_beta")}
     device_type = proc.device.split(":")[0]
     global_batch, rank = cfg.batch_size * proc.world, proc.rank
