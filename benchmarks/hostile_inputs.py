@@ -74,6 +74,17 @@ def _tiny_policy(folder: Path) -> Path:
     return tiny.make_policy(folder / "policy")
 
 
+def _zip_bytes() -> bytes:
+    """A well-formed zip archive (what a torch .pt file is) with one member: a checkpoint file that passes the
+    integrity scan, so a case can break one other file alone."""
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("state/data.pkl", b"\x80\x02N.")
+    return buffer.getvalue()
+
+
 def _truncated(path: Path, n: int) -> bytes:
     return path.read_bytes()[:n]
 
@@ -212,7 +223,8 @@ def cases(policy: Path) -> list[Case]:
              "--policy", "policy", "--out", "out", "--set", "reward.checkpoint_dir=policy"], says="overlaps"),
         Case("pretrain", "--resume with a truncated tokenizer in the checkpoint", ["pretrain", "--data", "data",
              "--out", "out", "--resume", "--set", "pretrain.checkpoint_dir=ckpt"],
-             files={**ours, "ckpt/tokenizer/tokenizer.json": '{"version": "1.0", "trunc'}, says="tokenizer"),
+             files={**ours, "ckpt/step-0000001/state.pt": _zip_bytes(),  # only the tokenizer is broken
+                    "ckpt/tokenizer/tokenizer.json": '{"version": "1.0", "trunc'}, says="tokenizer"),
         # corrupt models
         Case("export", "--best with truncated safetensors", ["export", "--best", "bad_policy", "--reward-model",
              "policy", "--out", "out"], files=corrupt_weights, says="bad_policy"),
