@@ -21,14 +21,45 @@ import sys
 import time
 from pathlib import Path
 
-TARGETS = ("reward accuracy >= 0.85; conditional <= 0.5x MLE violations/char (CI upper < 1) at held-out loss <= "
-           "1.05x MLE; champion <= 0.33x MLE; dpo and ppo/grpo with the learned reward model <= 0.6x the reference")
+TARGETS = ("a champion registered, guard passing, <= 0.5x the reference and <= 0.33x MLE; reward model >= 0.85; "
+           "conditional (pretrain) <= 0.5x MLE violations/char (CI upper < 1) at held-out loss <= 1.05x MLE")
+
+
+def targets(ev: dict, reward: dict, registered: dict) -> list[str]:
+    """Issue 28's quality-budget targets, each with its figure and whether it holds."""
+    cands, guard = ev["candidates"], ev.get("reward_hacking", {})
+    ref = cands[ev["order"][0]]
+    mle = cands.get("mle")
+    held = lambda ok: "holds" if ok else "missed"  # noqa: E731
+    lines = []
+    champ = registered.get("candidate") if registered.get("champion_after") else None
+    if champ and champ in cands:
+        v = cands[champ]["violations_per_char"]
+        ok_guard = "no reward hacking" in guard.get(champ, "no reward hacking")
+        ratio_mle = v / mle["violations_per_char"] if mle else float("nan")
+        lines.append(f"- champion `{champ}` (version {registered.get('champion_after')}): guard "
+                     f"{'passes' if ok_guard else 'flags'}, {v / ref['violations_per_char']:.2f}x the reference, "
+                     f"{ratio_mle:.2f}x MLE: "
+                     f"{held(ok_guard and v <= 0.5 * ref['violations_per_char'] and ratio_mle <= 0.33)}")
+    else:
+        lines.append(f"- no champion registered ({registered.get('gate', 'register did not run')}): missed")
+    acc = reward.get("heldout_accuracy")
+    lines.append(f"- reward model held-out accuracy {fmt(acc, 3)}: {held(acc is not None and acc >= 0.85)}")
+    if mle:
+        cond, m = ref, mle["violations_per_char"]
+        loss = cond.get("heldout_nats_per_char", float("nan")) / mle.get("heldout_nats_per_char", float("nan"))
+        upper = cond.get("violations_per_char_ci_high", float("nan")) / m
+        ratio = cond["violations_per_char"] / m
+        lines.append(f"- conditional {ratio:.2f}x MLE (upper {upper:.2f}) at held-out loss {loss:.3f}x MLE: "
+                     f"{held(ratio <= 0.5 and upper < 1 and loss <= 1.05)}")
+    return lines
 
 
 def commands(params: str, w: Path) -> list[tuple[str, list[str]]]:
     """(name, argv) for each stage, in DAG order; every path inside the work dir."""
     ck = lambda stage: f"--set={stage}.checkpoint_dir={w}/checkpoints/{stage}"  # noqa: E731
-    models = ["--policy", f"{w}/pretrain", "--dpo", f"{w}/dpo", "--ppo", f"{w}/ppo", "--grpo", f"{w}/grpo"]
+    models = ["--policy", f"{w}/pretrain", "--dpo", f"{w}/dpo", "--orpo", f"{w}/orpo", "--ppo", f"{w}/ppo",
+              "--grpo", f"{w}/grpo"]
     return [
         ("data", ["data", "build", "--out", f"{w}/data"]),
         ("validate", ["validate", "--corpus", f"{w}/data", "--out", f"{w}/validate"]),
@@ -40,6 +71,8 @@ def commands(params: str, w: Path) -> list[tuple[str, list[str]]]:
                     ck("reward")]),
         ("dpo", ["dpo", "--data", f"{w}/data", "--policy", f"{w}/pretrain", "--prefs", f"{w}/label",
                  "--out", f"{w}/dpo", ck("dpo")]),
+        ("orpo", ["orpo", "--data", f"{w}/data", "--policy", f"{w}/pretrain", "--prefs", f"{w}/label",
+                  "--out", f"{w}/orpo", ck("orpo")]),
         ("ppo", ["ppo", "--data", f"{w}/data", "--policy", f"{w}/pretrain", "--reward-model", f"{w}/reward",
                  "--out", f"{w}/ppo", ck("ppo")]),
         ("grpo", ["grpo", "--data", f"{w}/data", "--policy", f"{w}/pretrain", "--reward-model", f"{w}/reward",
@@ -83,12 +116,14 @@ def report(params: str, w: Path, out: Path, command: str) -> str:
     ev = json.loads((w / "evaluate" / "report.json").read_text())
     reward = json.loads((w / "reward" / "metrics.json").read_text())
     label = json.loads((w / "label" / "metrics.json").read_text())
+    reg_file = w / "register" / "registered.json"
+    registered = json.loads(reg_file.read_text()) if reg_file.is_file() else {}
     cands = ev["candidates"]
     mle = cands.get("mle", {}).get("violations_per_char")
     ref = cands[ev["order"][0]]["violations_per_char"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Quality budget: one full run (issue 15)", "",
+        "# Quality budget: one full run (issues 15 and 28)", "",
         f"Command: `{command}` at commit {commit}, {os.cpu_count()} CPU cores; params `{params}` (an overlay of "
         f"params.yaml). Work dir `{w}`. Load average at the end: {os.getloadavg()[0]:.1f} (a loaded machine makes "
         "every second below longer; the idle target is 80 minutes in all).", "",
@@ -119,7 +154,8 @@ def report(params: str, w: Path, out: Path, command: str) -> str:
               "| metric | value |", "|---|---|",
               *[f"| reward {k} | {fmt(reward.get(k), 3)} |" for k in keys if k in reward],
               *[f"| label {k} | {fmt(v, 3)} |" for k, v in label.items() if k.startswith(("dropped", "n_", "capped"))],
-              "", f"Targets: {TARGETS}.", ""]
+              "", "## Targets (issue 28)", "", f"Targets: {TARGETS}.", "",
+              *targets(ev, reward, registered), ""]
     text = "\n".join(lines)
     out.write_text(text, encoding="utf-8")
     return text
