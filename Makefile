@@ -49,7 +49,7 @@ PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: setup
 	mkdir -p .tmp
-	$(BIN)/python -m pytest -q $(PYTEST_XDIST) --basetemp=.tmp/pytest
+	$(BIN)/python -m pytest -q $(PYTEST_XDIST) --durations=15 --basetemp=.tmp/pytest
 
 # The edit-test loop: every test not marked `slow` (end-to-end runs, subprocess launches); `make test` runs all.
 test-fast: setup

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -185,9 +183,12 @@ def test_chat_stays_mle_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_arith_stage_chain_cli(tmp_path):
-    """data -> validate -> pretrain -> reward -> dpo -> evaluate through the CLI at a tiny budget."""
-    env_cmd = [sys.executable, "-m", "alignpipe"]
+def test_arith_stage_chain_cli(tmp_path, monkeypatch):
+    """data -> validate -> pretrain -> reward -> dpo -> evaluate through the CLI's main() at a tiny budget (in one
+    process: each stage's own process would add its imports' start-up, not coverage)."""
+    from alignpipe.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
     params = ROOT / "configs" / "arith.yaml"
     tiny = ["--set", "data.n_conversations=300", "--set", "data.n_prompts=8", "--set", "data.n_train_prompts=16",
             "--set", "pretrain.max_steps=2", "--set", "pretrain.n_embd=32", "--set", "pretrain.n_layer=1",
@@ -197,9 +198,7 @@ def test_arith_stage_chain_cli(tmp_path):
     d, a = tmp_path / "data", tmp_path / "artifacts"
 
     def stage(*args):
-        got = subprocess.run([*env_cmd, *args, "--params", str(params), *tiny], cwd=tmp_path, capture_output=True,
-                             text=True)
-        assert got.returncode == 0, got.stderr[-3000:]
+        assert main([*args, "--params", str(params), *tiny]) == 0, args
 
     stage("data", "build", "--out", str(d))
     stage("validate", "--corpus", str(d), "--prefs", str(d / "prefs.jsonl"), "--out", str(a / "validate"))
