@@ -58,8 +58,10 @@ def targets(ev: dict, reward: dict, registered: dict) -> list[str]:
 def commands(params: str, w: Path) -> list[tuple[str, list[str]]]:
     """(name, argv) for each stage, in DAG order; every path inside the work dir."""
     ck = lambda stage: f"--set={stage}.checkpoint_dir={w}/checkpoints/{stage}"  # noqa: E731
-    models = ["--policy", f"{w}/pretrain", "--dpo", f"{w}/dpo", "--orpo", f"{w}/orpo", "--ppo", f"{w}/ppo",
-              "--grpo", f"{w}/grpo"]
+    from alignpipe.stages import CANDIDATES
+
+    # evaluate's candidates from the registry (the reference first), so a new trainer stage is compared here too
+    models = [arg for stage, output in CANDIDATES for arg in (f"--{output.replace('_', '-')}", f"{w}/{stage}")]
     return [
         ("data", ["data", "build", "--out", f"{w}/data"]),
         ("validate", ["validate", "--corpus", f"{w}/data", "--out", f"{w}/validate"]),
