@@ -39,7 +39,7 @@ def targets(ev: dict, reward: dict, registered: dict) -> list[str]:
         ratio_mle = v / mle["violations_per_char"] if mle else float("nan")
         lines.append(f"- champion `{champ}` (version {registered.get('champion_after')}): guard "
                      f"{'passes' if ok_guard else 'flags'}, {v / ref['violations_per_char']:.2f}x the reference, "
-                     f"{ratio_mle:.2f}x MLE: "
+                     f"{f'{ratio_mle:.2f}x MLE' if mle else 'no MLE baseline'}: "
                      f"{held(ok_guard and v <= 0.5 * ref['violations_per_char'] and ratio_mle <= 0.33)}")
     else:
         lines.append(f"- no champion registered ({registered.get('gate', 'register did not run')}): missed")
